@@ -1,0 +1,200 @@
+"""Entry points.
+
+- ``train.py``: the Hydra app (@hydra.main). ``setup()`` registers the schemas and resolvers and installs an
+  error reporter that turns every refusal (ours or Hydra's compose errors) into one line on stderr, exit 2.
+- ``finetune`` (console script): helper commands (``check``, ``summarize``, ``reproduce``, ``setup-collie``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from typing import Any, Callable, List
+
+from finetune.errors import ConfigError, RunError, suggest
+
+
+def _known_keys() -> List[str]:
+    from finetune.config import schema
+
+    keys = [f.name for f in dataclasses.fields(schema.RootConfig)]
+    for group, options in schema.SCHEMAS.items():
+        for node in options.values():
+            keys += [f"{group}.{f.name}" for f in dataclasses.fields(node)]
+    return sorted(set(keys))
+
+
+def _groups() -> dict:
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in conf.iterdir() if d.is_dir()}
+
+
+def explain_hydra_error(ex: BaseException) -> str:
+    """One line for Hydra/OmegaConf compose errors."""
+    text = str(ex)
+    cause = ex.__cause__
+    full = text + ("\n" + str(cause) if cause else "")
+    m = re.search(r"Could not find '([^']+)/([^']+)'", full)
+    if m:
+        group, option = m.group(1).strip("/"), m.group(2)
+        options = _groups().get(group.split("/")[-1], [])
+        allowed = ("one of " + ", ".join(options)) if options else f"no options in conf/{group}/"
+        return str(ConfigError(group, option, allowed, suggest(option, options)))
+    m = re.search(r"Could not (?:override|append to|delete) '([^']+)'", full) or re.search(r"Key '([^']+)' is not in struct", full)
+    if m and re.search(r"not in struct|not in '\w+'|No match in the defaults|Key not found", full):
+        key = m.group(1)
+        hint = suggest(key, _known_keys()) or "see `python train.py --cfg job` for every key"
+        return f"{key}: unknown key ({hint})"
+    m = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", full)
+    if m:
+        key = re.search(r"full_key: (\S+)", full)
+        return str(ConfigError(key.group(1) if key else "value", m.group(1), f"must be {m.group(2).lower()}"))
+    m = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", full)
+    if m:
+        key = re.search(r"full_key: (\S+)", full)
+        return str(ConfigError(key.group(1) if key else "value", m.group(1), f"one of {m.group(2)}"))
+    m = re.search(r"Missing mandatory value: (\S+)", full)
+    if m:
+        return f"{m.group(1)}: required value is missing (set {m.group(1)}=...)"
+    if "while parsing" in full or "while scanning" in full or "mapping values are not allowed" in full:
+        where = re.search(r'in "([^"]+)", line (\d+)', full)
+        loc = f"{where.group(1)} line {where.group(2)}" if where else "a config file"
+        first = full.strip().splitlines()[0]
+        return f"{loc}: malformed YAML ({first})"
+    m = re.search(r"Error parsing override '([^']*)'", full)
+    if m:
+        return f"override {m.group(1)!r}: cannot be parsed (KEY=VALUE; quote values with special characters)"
+    first = next((ln.strip() for ln in full.splitlines() if ln.strip()), type(ex).__name__)
+    return first
+
+
+def _report(func: Callable[[], Any]) -> Any:
+    """Replacement for hydra._internal.utils.run_and_report: one line and exit 2 for bad input."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return func()
+    except ConfigError as e:
+        _die(str(e), 2)
+    except RunError as e:
+        _die(f"run failed: {e}", 1)
+    except (HydraException, OmegaConfBaseException) as e:
+        inner = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
+        if inner is None and isinstance(e.__context__, ConfigError):
+            inner = e.__context__
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        _die(str(inner) if inner else explain_hydra_error(e), 2)
+    except Exception as e:  # noqa: BLE001
+        # a ConfigError raised inside an interpolation resolver arrives wrapped
+        if isinstance(e.__cause__, ConfigError):
+            _die(str(e.__cause__), 2)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        _die(f"{type(e).__name__}: {e} (set HYDRA_FULL_ERROR=1 for the traceback)", 1)
+
+
+def _die(msg: str, code: int) -> None:
+    sys.stdout.flush()
+    first, *rest = str(msg).splitlines() or [""]
+    prefix = "error: " if code == 2 else ""
+    sys.stderr.write(f"{prefix}{first}\n" + "".join(f"{r}\n" for r in rest))
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def task(cfg) -> Any:
+    """The body of train.py's @hydra.main. In a single run, a refusal or a failed step ends the process here
+    (one line, exit 2 or 1) rather than as a Hydra job error; in a sweep the job fails and the others go on."""
+    from finetune.run import run
+
+    multirun = False
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        return run(cfg)
+    except ConfigError as e:
+        if multirun:
+            raise
+        _die(str(e), 2)
+    except RunError as e:
+        if multirun:
+            raise
+        _die(f"run failed: {e}", 1)
+    except KeyboardInterrupt:
+        if multirun:
+            raise
+        _die("interrupted", 130)
+    except Exception as e:  # noqa: BLE001
+        if multirun or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        from omegaconf.errors import OmegaConfBaseException
+
+        if isinstance(e, OmegaConfBaseException):      # e.g. a missing mandatory value (model.path=???)
+            _die(explain_hydra_error(e), 2)
+        import traceback
+
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        _die(f"internal error: {type(e).__name__}: {e} (at {where.filename}:{where.lineno}; "
+             "set HYDRA_FULL_ERROR=1 for the traceback)", 1)
+
+
+def setup() -> None:
+    """Register schemas and resolvers; route Hydra's error reporting through ours."""
+    import hydra._internal.utils as hutils
+
+    from finetune.config import resolvers, schema
+
+    schema.register()
+    resolvers.register()
+    hutils.run_and_report = _report
+
+
+# ------------------------------------------------------------------------------------------ finetune command
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="finetune", description="finetune helper commands "
+                                     "(training itself: python train.py ...)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("summarize", help="rebuild a sweep's summary (table, CSV, Markdown, plots)")
+    p.add_argument("folder")
+    p = sub.add_parser("reproduce", help="replay a run's recorded overrides into a new folder and compare")
+    p.add_argument("run_dir")
+    p.add_argument("--allow-different", action="store_true", help="run even if code or versions differ")
+    sub.add_parser("setup-collie", help="create Collie's own virtual environment (.venv-collie)")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "summarize":
+            from finetune.report.summary import summarize
+
+            summarize(args.folder, echo=True)
+            return 0
+        if args.cmd == "reproduce":
+            from finetune.report.reproduce import reproduce
+
+            return reproduce(args.run_dir, allow_different=args.allow_different)
+        if args.cmd == "setup-collie":
+            import subprocess
+            from pathlib import Path
+
+            script = Path(__file__).resolve().parents[1] / "scripts" / "setup_collie_env.sh"
+            return subprocess.call(["bash", str(script)])
+    except ConfigError as e:
+        _die(str(e), 2)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("finetune."):
+            _die(f"'finetune {args.cmd}' is not available in this version", 2)
+        raise
+    return 0

@@ -1,0 +1,62 @@
+"""OmegaConf resolvers usable in any config value.
+
+- ``${eval:2*${lora_r}}``   arithmetic on numbers (pairs lora_alpha to lora_r in sweeps). Only numbers and
+                             + - * / // % ** ( ) are accepted: it is parsed with ``ast``, never ``eval``'d.
+- ``${repo_root:}``          the folder holding conf/ (so shipped data paths work from any working folder).
+- ``${pkg_path:NAME}``       the folder of an installed Python package, found without importing it.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import operator
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+_OPS = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+    ast.USub: operator.neg, ast.UAdd: operator.pos,
+}
+
+
+def safe_eval(expr: str):
+    """Evaluate an arithmetic expression of numbers. Raises ValueError for anything else."""
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            left, right = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 64:
+                raise ValueError("exponent too large")
+            return _OPS[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.operand))
+        raise ValueError(f"only numbers and + - * / // % ** are allowed, got {ast.dump(node)[:40]}")
+
+    try:
+        value = ev(ast.parse(str(expr), mode="eval"))
+    except SyntaxError as e:
+        raise ValueError(f"not an arithmetic expression: {expr!r}") from e
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value
+
+
+def _pkg_path(name: str) -> str:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return f"<package {name} is not installed>"
+    return str(Path(list(spec.submodule_search_locations)[0]))
+
+
+def register() -> None:
+    for name, fn in (("eval", safe_eval), ("repo_root", lambda: str(REPO_ROOT)), ("pkg_path", _pkg_path)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

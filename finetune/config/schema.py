@@ -1,0 +1,344 @@
+"""Structured-config schemas: one dataclass per config-group option, registered in Hydra's ConfigStore.
+
+Only the standard library and omegaconf/hydra are imported here, so composing and validating stay fast.
+
+Layout of the composed config:
+  top-level short keys (lora_r, learning_rate, ...)   -- the keys users type; groups read them by interpolation
+  backend.*   model.*   method.*   hardware.*   data.*   launcher.*
+
+Each group option's YAML file (conf/<group>/<option>.yaml) starts with a defaults entry naming its schema,
+e.g. ``- /schema/method/lora@_here_``, so a typo or a wrong type in that file or in an override fails at
+compose time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+# --------------------------------------------------------------------------------------------------- root
+
+
+@dataclass
+class RootConfig:
+    """Top-level keys. Backends set their own defaults for these (conf/backend/*.yaml, package _global_)."""
+
+    name: str = "run"
+    seed: int = 42
+    # --- optimisation
+    learning_rate: float = 5e-4
+    num_epochs: float = 2.0
+    max_steps: int = -1                      # > 0 overrides num_epochs
+    batch_size: int = 64                     # global batch (all ranks, after accumulation)
+    micro_batch_size: int = 4                # per rank, per forward pass
+    cutoff_len: int = 1030
+    val_set_size: float = 200                # >= 1: number of held-out rows; in (0, 1): fraction; 0: none
+    warmup_ratio: float = 0.1
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    gradient_checkpointing: bool = False
+    # --- LoRA family (used by method=lora/loraplus/rslora/dora/pissa)
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: Any = "${model.lora_target_modules}"
+    modules_to_save: Any = None
+    # --- data / prompt
+    prompt_template_name: str = "alpaca"
+    train_on_inputs: bool = True
+    max_samples: Optional[int] = None
+    # --- logging / checkpoints
+    logging_steps: int = 10
+    eval_steps: int = 0                      # 0: evaluate once per epoch
+    save_steps: int = 0                      # 0: no intermediate checkpoints
+    save_total_limit: int = 2
+    report_to: str = "tensorboard"
+    # --- outputs and run control
+    output_dir: Optional[str] = None         # run folder; default outputs/runs/<date>/<time>-<name>
+    target_path: Optional[str] = None        # adapter folder; default <run>/lazyllm_lora
+    merge_path: Optional[str] = None         # merged model folder; default <run>/lazyllm_merge
+    allow_outside_outputs: bool = True       # false: refuse run folders outside outputs/
+    merge: bool = True
+    resume: bool = False
+    dry_run: bool = False
+    explain: bool = False
+    trust_remote_code: bool = False
+    timeout_min: float = 0.0                 # 0: no limit; else a step running longer is killed and fails
+    metric: str = "eval_loss"                # what train.py returns to a sweeper
+    fail_fast: bool = False                  # in a sweep: stop at the first failed job
+
+    backend: Any = MISSING
+    model: Any = MISSING
+    method: Any = MISSING
+    hardware: Any = MISSING
+    data: Any = MISSING
+    launcher: Any = MISSING
+
+
+# --------------------------------------------------------------------------------------------------- backend
+
+
+@dataclass
+class BackendBase:
+    name: str = MISSING
+    methods: List[str] = field(default_factory=list)   # method names this backend can run
+    model_kinds: List[str] = field(default_factory=lambda: ["causal_lm"])
+    data_formats: List[str] = field(default_factory=lambda: ["alpaca", "sharegpt"])
+
+
+@dataclass
+class DummyBackend(BackendBase):
+    steps: int = 3                    # how many fake training steps the placeholder process logs
+    fail: bool = False                # make the placeholder process exit non-zero (plumbing tests)
+    sleep_s: float = 0.0              # per step
+
+
+@dataclass
+class AlpacaloraBackend(BackendBase):
+    python: str = "python"            # interpreter for the recipe process ("python" = this interpreter)
+    deepspeed: Optional[str] = None   # path to a DeepSpeed JSON; default: generated from hardware.deepspeed_stage
+    group_by_length: bool = True
+    packing: bool = False
+    dataloader_num_workers: int = 0
+    show_prompt: bool = False
+    torch_threads: int = 0            # 0: let torch decide (torchrun sets OMP_NUM_THREADS per rank)
+
+
+@dataclass
+class LlamafactoryBackend(BackendBase):
+    stage: str = "sft"                       # pt | sft | rm | dpo | kto
+    template: Optional[str] = "${model.template}"
+    preprocessing_num_workers: int = 1
+    overwrite_cache: bool = True
+    plot_loss: bool = True
+    per_device_eval_batch_size: int = 1
+    eval_strategy: str = "steps"
+    ddp_timeout: int = 180000000
+    pref_beta: float = 0.1
+    pref_loss: str = "sigmoid"
+    extra: Any = field(default_factory=dict)   # more LLaMA-Factory keys, checked against a known list
+
+
+@dataclass
+class FlagembeddingBackend(BackendBase):
+    task: str = "embedder"                   # embedder | reranker
+    train_group_size: int = 8
+    query_max_len: int = 512
+    passage_max_len: int = 512
+    pad_to_multiple_of: int = 8
+    query_instruction_for_retrieval: Optional[str] = "Represent this sentence for searching relevant passages: "
+    query_instruction_for_rerank: Optional[str] = None
+    query_instruction_format: str = "{}{}"
+    dataloader_drop_last: bool = True
+    temperature: float = 0.02
+    sentence_pooling_method: str = "cls"
+    normalize_embeddings: bool = True
+    kd_loss_type: str = "kl_div"
+    negatives_cross_device: bool = True
+    eval_k: List[int] = field(default_factory=lambda: [1, 5, 10])
+
+
+@dataclass
+class CollieBackend(BackendBase):
+    venv: str = "${oc.env:FINETUNE_COLLIE_VENV,.venv-collie}"
+    dp_size: int = 1
+    pp_size: int = 1
+    tp_size: int = 1
+
+
+@dataclass
+class AutoBackend(BackendBase):
+    candidates: List[str] = field(default_factory=lambda: ["alpacalora", "llamafactory", "collie"])
+    prefer: str = "fastest"                  # fastest | least_memory
+
+
+# --------------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: str = MISSING                       # folder with config.json (+ tokenizer, weights)
+    family: str = "llama"                     # llama | qwen2 | internlm2 | chatglm3 | bert
+    kind: str = "causal_lm"                   # causal_lm | encoder
+    builder: Optional[str] = None             # tiny models: built on first use by finetune.tools.tiny_models
+    lora_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    all_linear_modules: List[str] = field(default_factory=list)
+    embedding_modules: List[str] = field(default_factory=list)   # what "modules_to_save" means for this family
+    template: Optional[str] = "default"       # LLaMA-Factory chat template name
+    needs_remote_code: bool = False
+    num_params: Optional[float] = None        # informative; the estimator reads config.json
+
+
+# --------------------------------------------------------------------------------------------------- method
+
+
+@dataclass
+class MethodBase:
+    name: str = MISSING
+    finetuning_type: str = MISSING            # full | freeze | lora
+    uses_lora: bool = False
+
+
+@dataclass
+class FullMethod(MethodBase):
+    name: str = "full"
+    finetuning_type: str = "full"
+
+
+@dataclass
+class FreezeMethod(MethodBase):
+    name: str = "freeze"
+    finetuning_type: str = "freeze"
+    freeze_trainable_layers: int = 2          # > 0: last n layers trainable; < 0: first n
+    freeze_trainable_modules: str = "all"     # comma-separated module names inside a layer, or all
+    freeze_extra_modules: Optional[str] = None   # comma-separated modules outside the layers (e.g. embed_tokens)
+
+
+@dataclass
+class LoraMethod(MethodBase):
+    name: str = "lora"
+    finetuning_type: str = "lora"
+    uses_lora: bool = True
+    lora_r: int = "${lora_r}"                 # type: ignore[assignment]
+    lora_alpha: int = "${lora_alpha}"         # type: ignore[assignment]
+    lora_dropout: float = "${lora_dropout}"   # type: ignore[assignment]
+    lora_target_modules: Any = "${lora_target_modules}"
+    modules_to_save: Any = "${modules_to_save}"
+    use_rslora: bool = False
+    use_dora: bool = False
+    loraplus_lr_ratio: Optional[float] = None
+    loraplus_lr_embedding: float = 1e-6
+    pissa_init: bool = False
+    pissa_iter: int = 16
+    pissa_convert: bool = False
+    create_new_adapter: bool = False
+
+
+@dataclass
+class GaloreMethod(MethodBase):
+    name: str = "galore"
+    finetuning_type: str = "full"
+    use_galore: bool = True
+    galore_target: str = "all"
+    galore_rank: int = 16
+    galore_update_interval: int = 200
+    galore_scale: float = 0.25
+    galore_proj_type: str = "std"
+    galore_layerwise: bool = False
+
+
+@dataclass
+class BadamMethod(MethodBase):
+    name: str = "badam"
+    finetuning_type: str = "full"
+    use_badam: bool = True
+    badam_mode: str = "layer"
+    badam_start_block: Optional[int] = None
+    badam_switch_mode: str = "ascending"
+    badam_switch_interval: int = 50
+    badam_update_ratio: float = 0.05
+    badam_mask_mode: str = "adjacent"
+    badam_verbose: int = 0
+
+
+@dataclass
+class AutoMethod(MethodBase):
+    name: str = "auto"
+    finetuning_type: str = "auto"
+
+
+# --------------------------------------------------------------------------------------------------- hardware
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    device: str = "cpu"                       # cpu | cuda | auto
+    gpu_type: Optional[str] = None
+    gpus_per_node: int = 0
+    gpu_memory_gb: float = 0.0
+    nnodes: int = 1
+    cpus: int = 0                             # 0: detect
+    memory_gb: float = 0.0                    # 0: detect
+    precision: str = "fp32"                   # fp32 | bf16 | fp16
+    deepspeed_stage: Optional[int] = None     # None: no DeepSpeed; 0, 1, 2 or 3
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    gpu_tflops: float = 0.0                   # for the auto planner's speed estimate
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    path: str = MISSING                       # file (.json/.jsonl) or folder of them
+    format: str = "auto"                      # auto | alpaca | sharegpt | embedding | preference | kto | text
+    eval_path: Optional[str] = None           # held-out file for embedding evaluation / explicit eval set
+    corpus_path: Optional[str] = None         # retrieval corpus (embedding evaluation)
+
+
+# --------------------------------------------------------------------------------------------------- launcher
+
+
+@dataclass
+class LauncherConfig:
+    name: str = MISSING                       # local | torchrun | slurm
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0                      # 0: pick a free port
+    rdzv_backend: str = "c10d"
+    rdzv_id: Optional[str] = None
+    omp_num_threads: int = 0                  # 0: cores / nproc_per_node
+    # slurm (submitit)
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_min: int = 60
+    cpus_per_task: int = 2
+    gpus_per_node: int = 0
+    mem_gb: float = 4.0
+    additional_parameters: Any = field(default_factory=dict)
+    poll_s: float = 2.0
+
+
+SCHEMAS = {
+    "backend": {
+        "dummy": DummyBackend,
+        "alpacalora": AlpacaloraBackend,
+        "llamafactory": LlamafactoryBackend,
+        "flagembedding": FlagembeddingBackend,
+        "collie": CollieBackend,
+        "auto": AutoBackend,
+    },
+    "method": {
+        "full": FullMethod,
+        "freeze": FreezeMethod,
+        "lora": LoraMethod,
+        "galore": GaloreMethod,
+        "badam": BadamMethod,
+        "auto": AutoMethod,
+    },
+    "model": {"model": ModelConfig},
+    "hardware": {"hardware": HardwareConfig},
+    "data": {"data": DataConfig},
+    "launcher": {"launcher": LauncherConfig},
+}
+
+
+def register() -> None:
+    """Register every schema under schema/<group>/<name> and the root under `base_config`."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RootConfig)
+    for group, options in SCHEMAS.items():
+        for name, node in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)

@@ -1,0 +1,262 @@
+"""Cross-field rules, run once right after compose. Standard library + omegaconf only.
+
+Every refusal is a ConfigError: one line naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.errors import ConfigError, one_of, suggest
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
+OPTIMS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adafactor", "sgd", "adagrad", "rmsprop", "adamw_8bit")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("cpu", "cuda", "auto")
+REPORT_TO = ("tensorboard", "none")
+LORA_ONLY_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "modules_to_save")
+LORA_METHOD_KEYS = ("method.lora_r", "method.lora_alpha", "method.lora_dropout", "method.lora_target_modules",
+                    "method.use_rslora", "method.use_dora", "method.loraplus_lr_ratio", "method.loraplus_lr_embedding",
+                    "method.pissa_init", "method.pissa_iter", "method.pissa_convert", "method.modules_to_save")
+ALL_METHODS = ("full", "freeze", "lora", "loraplus", "rslora", "dora", "pissa", "galore", "badam", "auto")
+
+
+def _choice(key: str, value, choices: Iterable[str]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(key, value, one_of(choices), suggest(value, choices))
+
+
+def _positive(cfg: DictConfig, *keys: str, allow_zero: bool = False) -> None:
+    for key in keys:
+        v = OmegaConf.select(cfg, key)
+        if v is None:
+            continue
+        if (v < 0) if allow_zero else (v <= 0):
+            raise ConfigError(key, v, "must be >= 0" if allow_zero else "must be > 0")
+
+
+def _typed_keys(overrides: List[str]) -> List[str]:
+    """Keys the user typed on the command line (group choices excluded)."""
+    keys = []
+    for o in overrides:
+        k = o.split("=", 1)[0].lstrip("+~")
+        keys.append(k)
+    return keys
+
+
+def world_size(cfg: DictConfig) -> int:
+    return int(cfg.launcher.nproc_per_node) * int(cfg.launcher.nnodes)
+
+
+def check_model(cfg: DictConfig) -> None:
+    m = cfg.model
+    path = Path(str(m.path))
+    if m.builder and not path.exists():
+        return                                       # a tiny model the project builds on first use
+    if not path.exists():
+        raise ConfigError("model.path", str(path), "no such folder (a model folder with config.json)")
+    if not path.is_dir():
+        raise ConfigError("model.path", str(path), "must be a folder holding config.json, not a file")
+    conf = path / "config.json"
+    if not conf.is_file():
+        raise ConfigError("model.path", str(path), "has no config.json: not a Hugging Face model folder")
+    try:
+        meta = json.loads(conf.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError("model.path", str(conf), f"config.json is not valid JSON ({e})")
+    if not isinstance(meta, dict):
+        raise ConfigError("model.path", str(conf), "config.json must hold an object")
+    remote = bool(meta.get("auto_map")) or bool(m.needs_remote_code)
+    if remote and not cfg.trust_remote_code:
+        raise ConfigError("trust_remote_code", False,
+                          f"model {path.name} needs its own code (auto_map in config.json); "
+                          "set trust_remote_code=true if you trust that folder")
+    has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                                "vocab.txt", "vocab.json", "sentencepiece.bpe.model"))
+    if not has_tok:
+        raise ConfigError("model.path", str(path), "has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                          "tokenizer.model or vocab.txt)")
+    tc = path / "tokenizer_config.json"
+    if tc.is_file():
+        try:
+            json.loads(tc.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError("model.path", str(tc), f"tokenizer_config.json is not valid JSON ({e.msg})")
+
+
+def check_method(cfg: DictConfig, typed: List[str]) -> None:
+    meth = cfg.method
+    _choice("method", meth.name, ALL_METHODS)
+    if meth.name not in cfg.backend.methods:
+        raise ConfigError("method", meth.name, f"backend {cfg.backend.name} can run {', '.join(cfg.backend.methods)}")
+    if not meth.uses_lora:
+        bad = [k for k in typed if k in LORA_ONLY_KEYS or k in LORA_METHOD_KEYS]
+        if bad:
+            raise ConfigError(bad[0], OmegaConf.select(cfg, bad[0]),
+                              f"LoRA options do not apply to method={meth.name}; use method=lora (or loraplus, "
+                              "rslora, dora, pissa), or drop the option")
+        return
+    r, alpha, dropout = meth.lora_r, meth.lora_alpha, meth.lora_dropout
+    if not isinstance(r, int) or r <= 0:
+        raise ConfigError("lora_r", r, "must be an integer > 0")
+    if alpha <= 0:
+        raise ConfigError("lora_alpha", alpha, "must be > 0")
+    if not 0 <= dropout < 1:
+        raise ConfigError("lora_dropout", dropout, "must be in [0, 1)")
+    targets = meth.lora_target_modules
+    if isinstance(targets, str):
+        targets = [t for t in targets.split(",") if t]
+    if not targets:
+        raise ConfigError("lora_target_modules", targets, "needs at least one module name (or 'all')")
+    if meth.loraplus_lr_ratio is not None and meth.loraplus_lr_ratio <= 0:
+        raise ConfigError("method.loraplus_lr_ratio", meth.loraplus_lr_ratio, "must be > 0 (or null)")
+    if meth.pissa_init and meth.use_dora:
+        raise ConfigError("method.use_dora", True, "PiSSA and DoRA cannot be combined; choose method=pissa or method=dora")
+    if meth.pissa_iter < -1 or meth.pissa_iter == 0:
+        raise ConfigError("method.pissa_iter", meth.pissa_iter, "must be -1 (exact SVD) or > 0")
+
+
+def check_optimizer_rules(cfg: DictConfig) -> None:
+    meth, hw = cfg.method, cfg.hardware
+    ws = world_size(cfg)
+    accum = cfg.batch_size // max(1, cfg.micro_batch_size * ws)
+    if meth.name == "galore":
+        _choice("method.galore_proj_type", meth.galore_proj_type, ("std", "reverse_std", "right", "left", "full"))
+        _positive(cfg, "method.galore_rank", "method.galore_update_interval", "method.galore_scale")
+        if meth.galore_layerwise and accum > 1:
+            raise ConfigError("method.galore_layerwise", True,
+                              f"layer-wise GaLore does not support gradient accumulation (batch_size {cfg.batch_size} / "
+                              f"micro_batch_size {cfg.micro_batch_size} = {accum} steps); make them equal")
+        if meth.galore_layerwise and ws > 1:
+            raise ConfigError("method.galore_layerwise", True, "layer-wise GaLore does not support distributed training")
+        if hw.deepspeed_stage is not None:
+            raise ConfigError("hardware.deepspeed_stage", hw.deepspeed_stage, "GaLore is incompatible with DeepSpeed; "
+                              "use hardware.deepspeed_stage=null")
+    if meth.name == "badam":
+        _choice("method.badam_mode", meth.badam_mode, ("layer", "ratio"))
+        _choice("method.badam_switch_mode", meth.badam_switch_mode, ("ascending", "descending", "random", "fixed"))
+        _choice("method.badam_mask_mode", meth.badam_mask_mode, ("adjacent", "scatter"))
+        if not 0 < meth.badam_update_ratio <= 1:
+            raise ConfigError("method.badam_update_ratio", meth.badam_update_ratio, "must be in (0, 1]")
+        if meth.badam_mode == "ratio" and ws > 1:
+            raise ConfigError("method.badam_mode", "ratio", f"ratio-wise BAdam runs on one process only (world size {ws})")
+        if meth.badam_mode == "layer" and ws > 1 and hw.deepspeed_stage != 3:
+            raise ConfigError("method.badam_mode", "layer", "layer-wise BAdam on several processes needs "
+                              "hardware.deepspeed_stage=3")
+    if meth.name == "freeze":
+        if meth.freeze_trainable_layers == 0:
+            raise ConfigError("method.freeze_trainable_layers", 0, "must be non-zero (n > 0: last n layers; n < 0: first n)")
+
+
+def check_hardware(cfg: DictConfig) -> None:
+    hw = cfg.hardware
+    _choice("hardware.device", hw.device, DEVICES)
+    _choice("hardware.precision", hw.precision, PRECISIONS)
+    if hw.device == "cpu" and hw.precision == "fp16":
+        raise ConfigError("hardware.precision", "fp16", "fp16 needs a GPU; on hardware=cpu use fp32 or bf16")
+    if hw.deepspeed_stage is not None and hw.deepspeed_stage not in (0, 1, 2, 3):
+        raise ConfigError("hardware.deepspeed_stage", hw.deepspeed_stage, "one of null, 0, 1, 2, 3")
+    if (hw.offload_optimizer or hw.offload_param) and (hw.deepspeed_stage or 0) < 2:
+        raise ConfigError("hardware.offload_optimizer", True, "offloading needs hardware.deepspeed_stage=2 or 3")
+    if hw.offload_param and hw.deepspeed_stage != 3:
+        raise ConfigError("hardware.offload_param", True, "parameter offload needs hardware.deepspeed_stage=3")
+    if hw.device == "cuda" and hw.gpus_per_node <= 0:
+        raise ConfigError("hardware.gpus_per_node", hw.gpus_per_node, "must be > 0 with hardware.device=cuda")
+
+
+def check_sizes(cfg: DictConfig) -> None:
+    _positive(cfg, "batch_size", "micro_batch_size", "cutoff_len", "learning_rate", "num_epochs", "logging_steps",
+              "launcher.nproc_per_node", "launcher.nnodes")
+    _positive(cfg, "val_set_size", "save_steps", "eval_steps", "weight_decay", "max_grad_norm", "timeout_min",
+              "save_total_limit", allow_zero=True)
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise ConfigError("max_steps", cfg.max_steps, "must be -1 (use num_epochs) or > 0")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ConfigError("warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
+    if cfg.max_samples is not None and cfg.max_samples <= 0:
+        raise ConfigError("max_samples", cfg.max_samples, "must be > 0 (or null for all)")
+    if cfg.launcher.node_rank < 0 or cfg.launcher.node_rank >= cfg.launcher.nnodes:
+        raise ConfigError("launcher.node_rank", cfg.launcher.node_rank, f"must be in [0, {cfg.launcher.nnodes})")
+    _choice("lr_scheduler_type", cfg.lr_scheduler_type, LR_SCHEDULERS)
+    _choice("optim", cfg.optim, OPTIMS)
+    _choice("report_to", cfg.report_to, REPORT_TO)
+    ws = world_size(cfg)
+    dp = ws // max(1, _model_parallel(cfg))
+    if cfg.batch_size % (cfg.micro_batch_size * dp) != 0:
+        raise ConfigError("batch_size", cfg.batch_size,
+                          f"must be a multiple of micro_batch_size x data-parallel size = {cfg.micro_batch_size} x {dp} "
+                          f"= {cfg.micro_batch_size * dp}")
+
+
+def _model_parallel(cfg: DictConfig) -> int:
+    if cfg.backend.name == "collie":
+        return int(cfg.backend.tp_size) * int(cfg.backend.pp_size)
+    return 1
+
+
+def check_paths(cfg: DictConfig) -> None:
+    from finetune.run_dir import OUTPUTS_ROOT
+    if cfg.output_dir:
+        out = Path(str(cfg.output_dir)).expanduser().resolve()
+        if not cfg.allow_outside_outputs and OUTPUTS_ROOT.resolve() not in (out, *out.parents):
+            raise ConfigError("output_dir", str(cfg.output_dir), f"must be inside {OUTPUTS_ROOT} "
+                              "(allow_outside_outputs=false)")
+        if out.exists() and not cfg.resume and not cfg.dry_run:
+            if not out.is_dir() or any(out.iterdir()):
+                raise ConfigError("output_dir", str(cfg.output_dir), "exists and is not empty; a run folder is never "
+                                  "overwritten: pass resume=true to continue it, or choose a new folder")
+    if cfg.resume and not cfg.output_dir:
+        raise ConfigError("resume", True, "needs output_dir=<the run folder to continue>")
+    for key in ("target_path", "merge_path"):
+        v = cfg.get(key)
+        if v and not cfg.allow_outside_outputs:
+            p = Path(str(v)).expanduser().resolve()
+            if OUTPUTS_ROOT.resolve() not in p.parents:
+                raise ConfigError(key, str(v), f"must be inside {OUTPUTS_ROOT} (allow_outside_outputs=false)")
+
+
+def check_data(cfg: DictConfig) -> dict:
+    from finetune import data_check
+    allowed = list(cfg.backend.data_formats)
+    stage_formats = {"sft": ["alpaca", "sharegpt"], "pt": ["text", "alpaca"], "rm": ["preference"],
+                     "dpo": ["preference"], "kto": ["kto"]}
+    if cfg.backend.name == "llamafactory":
+        _choice("backend.stage", cfg.backend.stage, stage_formats)
+        allowed = stage_formats[cfg.backend.stage]
+    fmt = cfg.data.format
+    _choice("data.format", fmt, ("auto",) + data_check.FORMATS)
+    info = data_check.check_data(str(cfg.data.path), fmt, allowed)
+    if cfg.data.eval_path:
+        data_check.check_data(str(cfg.data.eval_path), info["format"], [], key="data.eval_path")
+    return info
+
+
+def check_kind(cfg: DictConfig) -> None:
+    _choice("model.kind", cfg.model.kind, ("causal_lm", "encoder"))
+    if cfg.model.kind not in cfg.backend.model_kinds:
+        raise ConfigError("model", cfg.model.name, f"is a {cfg.model.kind} model; backend {cfg.backend.name} trains "
+                          f"{' or '.join(cfg.backend.model_kinds)} models")
+
+
+def validate(cfg: DictConfig, overrides: Optional[List[str]] = None) -> dict:
+    """All rules. Returns facts learned on the way (data format, row count, data hashes)."""
+    from finetune.backends import get_backend
+
+    overrides = list(overrides or [])
+    typed = _typed_keys(overrides)
+    backend = get_backend(cfg.backend.name)         # raises ConfigError for unknown backends
+    check_sizes(cfg)
+    check_hardware(cfg)
+    check_kind(cfg)
+    check_method(cfg, typed)
+    check_optimizer_rules(cfg)
+    check_paths(cfg)
+    check_model(cfg)
+    facts = {"data": check_data(cfg)}
+    backend.check(cfg)
+    return facts

@@ -1,0 +1,87 @@
+"""End of a run: metrics.json, a loss-curve PNG and TensorBoard events, the same for every backend.
+
+Backends return their own numbers from collect(); this adds what can be derived from history.jsonl
+(first/final/min loss, final eval loss) and writes the files. Imported only after training.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+from finetune.report.history import loss_series, read_history
+from finetune.run_dir import atomic_write_json
+
+
+def summarize_history(rows) -> Dict:
+    out = {}
+    _, loss = loss_series(rows, "loss")
+    if loss:
+        out.update(first_train_loss=float(loss[0]), train_loss=float(loss[-1]), min_train_loss=float(min(loss)))
+        k = max(1, len(loss) // 5)
+        out["first_train_loss_avg"] = float(sum(loss[:k]) / k)
+        out["final_train_loss_avg"] = float(sum(loss[-k:]) / k)
+    _, ev = loss_series(rows, "eval_loss")
+    if ev:
+        out.update(first_eval_loss=float(ev[0]), eval_loss=float(ev[-1]))
+    steps = [r["step"] for r in rows if "step" in r]
+    if steps:
+        out["steps"] = int(max(steps))
+    return out
+
+
+def plot_loss(run_dir: Path, rows) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for key, style in (("loss", "-"), ("eval_loss", "o--")):
+        x, y = loss_series(rows, key)
+        if x:
+            ax.plot(x, y, style, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / "loss.png"
+    tmp = out.with_name(".loss.png.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(out)
+    return str(out)
+
+
+def write_tensorboard(run_dir: Path, rows) -> str:
+    """Write scalars from history.jsonl unless the backend already wrote event files."""
+    tb = Path(run_dir) / "tensorboard"
+    if tb.exists() and any(tb.rglob("events.out.tfevents.*")):
+        return str(tb)
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    import time
+
+    writer = EventFileWriter(str(tb))
+    for r in rows:
+        step = int(r.get("step", 0))
+        values = [Summary.Value(tag=f"train/{k}" if k != "eval_loss" else "eval/loss", simple_value=float(v))
+                  for k, v in r.items() if k not in ("step", "epoch") and isinstance(v, (int, float))]
+        if values:
+            writer.add_event(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
+    writer.flush()
+    writer.close()
+    return str(tb)
+
+
+def finalize(run_dir, metrics: Dict) -> Dict:
+    run_dir = Path(run_dir)
+    rows = read_history(run_dir)
+    merged = {**summarize_history(rows), **{k: v for k, v in (metrics or {}).items() if v is not None}}
+    if rows:
+        merged["loss_png"] = plot_loss(run_dir, rows)
+        merged["tensorboard"] = write_tensorboard(run_dir, rows)
+    atomic_write_json(run_dir / "metrics.json", merged)
+    return merged

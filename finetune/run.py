@@ -1,0 +1,139 @@
+"""The driver: validated config -> backend plan -> run folder + manifest -> launcher runs the steps -> metrics.
+
+Called by train.py (inside @hydra.main) once per run or sweep job. Heavy libraries are never imported here.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from finetune.backends import get_backend
+from finetune.config.validate import validate, world_size
+from finetune.errors import RunError
+from finetune.plan import Plan, Step
+from finetune.run_dir import Manifest, atomic_write, atomic_write_json, create_run_dir, default_run_dir, redact
+from launchers import get_launcher
+from launchers.process import free_port
+
+
+def _hydra_facts():
+    """(overrides as typed, group choices, multirun job folder or None, argv) from Hydra, when running under it."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except Exception:  # noqa: BLE001 - not under Hydra (tests calling run() directly)
+        return [], {}, None, sys.argv[:]
+    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/") and not k.startswith("schema/")}
+    job_dir = hc.runtime.output_dir if hc.mode == RunMode.MULTIRUN else None
+    return list(hc.overrides.task), choices, job_dir, [sys.executable, *sys.argv]
+
+
+def model_build_step(cfg: DictConfig) -> Optional[Step]:
+    """Tiny models are built on first use, into their own folder (a cache shared by runs), atomically."""
+    if not cfg.model.builder or (Path(str(cfg.model.path)) / "config.json").exists():
+        return None
+    return Step(name="build_model", argv=[sys.executable, "-m", "finetune.tools.tiny_models", str(cfg.model.builder),
+                                          str(cfg.model.path)])
+
+
+def prepare(cfg: DictConfig, overrides: Optional[List[str]] = None):
+    """Validate, resolve the launcher port, choose the run folder and build the plan. Writes nothing."""
+    facts = validate(cfg, overrides)
+    with open_dict(cfg):
+        if int(cfg.launcher.master_port) == 0 and world_size(cfg) > 1:
+            cfg.launcher.master_port = free_port()
+    backend = get_backend(cfg.backend.name)
+    launcher = get_launcher(cfg.launcher.name)
+    return facts, backend, launcher
+
+
+def run(cfg: DictConfig) -> Optional[float]:
+    overrides, choices, job_dir, command = _hydra_facts()
+    facts, backend, launcher = prepare(cfg, overrides)
+
+    run_dir = Path(str(cfg.output_dir)) if cfg.output_dir else Path(job_dir) if job_dir else default_run_dir(cfg.name)
+    run_dir = run_dir.expanduser().absolute()
+    ctx = {"data": facts["data"], "world_size": world_size(cfg), "run_dir": str(run_dir)}
+    plan: Plan = backend.plan(cfg, run_dir, ctx)
+    build = model_build_step(cfg)
+    if build:
+        plan.steps.insert(0, build)
+
+    if cfg.dry_run:
+        print(plan.render(str(run_dir), lambda s: launcher.argv(s, cfg)))
+        print("dry run: nothing was written")
+        return None
+
+    run_dir = create_run_dir(run_dir, resume=bool(cfg.resume))
+    ctx["run_dir"] = str(run_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resumed = (run_dir / "manifest.json").exists()
+    if resumed:
+        manifest = Manifest.load(run_dir)
+        manifest.data.setdefault("resumes", []).append(_dt.datetime.now().isoformat(timespec="seconds"))
+    else:
+        manifest = Manifest.new(run_dir, config=resolved, overrides=overrides, choices=choices,
+                                data_facts=facts["data"], seed=int(cfg.seed), command=command)
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(redact(resolved))))
+    atomic_write_json(run_dir / "resolved_config.json", {**resolved, "_run_dir": str(run_dir), "_ctx": ctx})
+    atomic_write(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    for rel, text in plan.files.items():
+        atomic_write(run_dir / rel, text)
+    manifest.update(status="running", plan=plan.to_dict(), outputs=plan.outputs)
+    print(f"[finetune] backend={cfg.backend.name} run folder: {run_dir}", flush=True)
+
+    timeout_s = float(cfg.timeout_min) * 60 or None
+    try:
+        for step in plan.steps:
+            print(f"[finetune] step {step.name}: {' '.join(launcher.argv(step, cfg))}", flush=True)
+            result = launcher.run_step(step, cfg, run_dir, timeout_s)
+            manifest.add_step(result.record())
+            if result.status == "interrupted":
+                manifest.update(status="interrupted", error=result.reason())
+                raise KeyboardInterrupt
+            if not result.ok and not step.optional:
+                tail = "\n".join("    " + t for t in result.tail[-15:])
+                manifest.update(status="failed", error=result.reason(), log_tail=result.tail[-15:])
+                _write_result(run_dir, cfg, "failed", {}, result.reason())
+                raise RunError(f"{result.reason()} (log: {result.log})\n  last lines:\n{tail}")
+        metrics = backend.collect(cfg, run_dir, ctx)
+        from finetune.report.metrics import finalize
+
+        metrics = finalize(run_dir, metrics)
+    except KeyboardInterrupt:
+        if manifest.data.get("status") != "interrupted":
+            manifest.update(status="interrupted", error="interrupted by the user")
+        _write_result(run_dir, cfg, "interrupted", {}, "interrupted")
+        raise
+    except RunError:
+        raise
+    except Exception as e:  # noqa: BLE001 - collect/report failures fail the run with their message
+        manifest.update(status="failed", error=f"{type(e).__name__}: {e}")
+        _write_result(run_dir, cfg, "failed", {}, f"{type(e).__name__}: {e}")
+        raise
+    manifest.update(status="completed", metrics=metrics, finished=_dt.datetime.now().isoformat(timespec="seconds"))
+    _write_result(run_dir, cfg, "completed", metrics, None)
+    value = metrics.get(str(cfg.metric))
+    if value is None and cfg.metric == "eval_loss":
+        value = metrics.get("train_loss")
+    print(f"[finetune] completed: {run_dir}  " + "  ".join(
+        f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k.endswith("loss")), flush=True)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _write_result(run_dir: Path, cfg: DictConfig, status: str, metrics: dict, error: Optional[str]) -> None:
+    """result.json: what a sweep summary reads for this job (Hydra's callbacks do not see job results)."""
+    overrides, _, _, _ = _hydra_facts()
+    atomic_write_json(run_dir / "result.json", {
+        "status": status, "error": error, "metric_name": str(cfg.metric),
+        "metric": metrics.get(str(cfg.metric)), "metrics": metrics, "overrides": overrides,
+        "backend": cfg.backend.name, "method": cfg.method.name, "time": time.time(),
+    })

@@ -1,0 +1,100 @@
+"""Make the shipped sample datasets, deterministically (python -m finetune.tools.make_samples [out_dir]).
+
+Synthetic tasks a tiny model can visibly learn: copy, reverse, sort and add, written as alpaca rows and as
+sharegpt / messages conversations, plus preference (dpo/rm), kto, plain-text and a tiny retrieval set.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+WORDS = ("red green blue cat dog sun moon tree bird fish star rock leaf rain snow wind lake hill road ship "
+         "gold iron salt milk corn rice bean apple pear plum lime").split()
+
+
+def _task(rng: random.Random):
+    kind = rng.choice(["copy", "reverse", "sort", "add"])
+    if kind == "add":
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        return kind, "Add the two numbers.", f"{a} {b}", str(a + b)
+    n = rng.randint(2, 5)
+    items = [rng.choice(WORDS) for _ in range(n)]
+    if kind == "copy":
+        return kind, "Copy the words.", " ".join(items), " ".join(items)
+    if kind == "reverse":
+        return kind, "Reverse the words.", " ".join(items), " ".join(reversed(items))
+    return kind, "Sort the words.", " ".join(items), " ".join(sorted(items))
+
+
+def _wrong(rng: random.Random, kind: str, inp: str, out: str) -> str:
+    if kind == "add":
+        return str(int(out) + rng.choice([-3, -2, -1, 1, 2, 3]))
+    words = out.split()
+    rng.shuffle(words)
+    cand = " ".join(words)
+    return cand if cand != out else " ".join(words + [rng.choice(WORDS)])
+
+
+def make(out_dir: Path, n: int = 320, seed: int = 1234) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = [_task(rng) for _ in range(n)]
+    alpaca = [{"instruction": ins, "input": inp, "output": out} for _, ins, inp, out in rows]
+    (out_dir / "tiny_alpaca.json").write_text(json.dumps(alpaca, indent=1) + "\n")
+    share = [{"conversations": [{"from": "human", "value": f"{ins}\n{inp}"}, {"from": "gpt", "value": out}]}
+             for _, ins, inp, out in rows]
+    (out_dir / "tiny_sharegpt.json").write_text(json.dumps(share, indent=1) + "\n")
+    with open(out_dir / "tiny_messages.jsonl", "w") as f:
+        for _, ins, inp, out in rows:
+            f.write(json.dumps({"messages": [{"role": "system", "content": "You follow instructions exactly."},
+                                             {"role": "user", "content": f"{ins}\n{inp}"},
+                                             {"role": "assistant", "content": out}]}) + "\n")
+    pref = [{"instruction": ins, "input": inp, "chosen": out, "rejected": _wrong(rng, k, inp, out)}
+            for k, ins, inp, out in rows[:128]]
+    (out_dir / "tiny_preference.json").write_text(json.dumps(pref, indent=1) + "\n")
+    kto = []
+    for k, ins, inp, out in rows[:128]:
+        good = rng.random() < 0.5
+        kto.append({"instruction": ins, "input": inp, "output": out if good else _wrong(rng, k, inp, out),
+                    "kto_tag": good})
+    (out_dir / "tiny_kto.json").write_text(json.dumps(kto, indent=1) + "\n")
+    with open(out_dir / "tiny_text.jsonl", "w") as f:
+        for _, ins, inp, out in rows[:200]:
+            f.write(json.dumps({"text": f"{ins} {inp} => {out}"}) + "\n")
+    _retrieval(out_dir, rng)
+
+
+def _retrieval(out_dir: Path, rng: random.Random) -> None:
+    """A tiny retrieval set: each topic word has a few passages; a query asks about one passage's facts."""
+    topics = WORDS[:24]
+    colours = ["red", "green", "blue", "gold", "iron", "salt"]
+    corpus, queries = [], []
+    for t_i, topic in enumerate(topics):
+        for j in range(3):
+            pid = f"p{t_i}_{j}"
+            attr = colours[(t_i + j) % len(colours)]
+            place = WORDS[(t_i * 3 + j + 5) % len(WORDS)]
+            corpus.append({"id": pid, "text": f"the {topic} near the {place} is {attr}"})
+            queries.append({"query": f"what colour is the {topic} near the {place}", "pos_id": pid, "topic": t_i})
+    rng.shuffle(queries)
+    by_id = {c["id"]: c["text"] for c in corpus}
+    n_eval = len(queries) // 4
+    eval_q, train_q = queries[:n_eval], queries[n_eval:]
+    with open(out_dir / "tiny_embedding_corpus.jsonl", "w") as f:
+        for c in corpus:
+            f.write(json.dumps(c) + "\n")
+    with open(out_dir / "tiny_embedding_train.jsonl", "w") as f:
+        for q in train_q:
+            negs = rng.sample([c["text"] for c in corpus if c["id"] != q["pos_id"]], 7)
+            f.write(json.dumps({"query": q["query"], "pos": [by_id[q["pos_id"]]], "neg": negs}) + "\n")
+    with open(out_dir / "tiny_embedding_eval.jsonl", "w") as f:
+        for q in eval_q:
+            negs = rng.sample([c["text"] for c in corpus if c["id"] != q["pos_id"]], 7)
+            f.write(json.dumps({"query": q["query"], "pos": [by_id[q["pos_id"]]], "neg": negs,
+                                "pos_id": q["pos_id"]}) + "\n")
+
+
+if __name__ == "__main__":
+    make(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "data" / "samples")

@@ -1,0 +1,26 @@
+"""Launchers: where and how a Plan's steps run. They know nothing of backends.
+
+Each launcher module has:
+    argv(step, cfg) -> list[str]                       the final command for a step (dry runs show it)
+    env(step, cfg) -> dict                             environment added for that step
+    run_step(step, cfg, run_dir, timeout_s) -> StepResult
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from finetune.errors import ConfigError, one_of, suggest
+
+LAUNCHERS = ("local", "torchrun", "slurm")
+
+
+def get_launcher(name: str) -> ModuleType:
+    if name not in LAUNCHERS:
+        raise ConfigError("launcher", name, one_of(LAUNCHERS), suggest(name, LAUNCHERS))
+    try:
+        return importlib.import_module(f"launchers.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"launchers.{name}":
+            raise ConfigError("launcher", name, "is not available in this version") from None
+        raise

@@ -1,0 +1,79 @@
+"""Local launcher: one process, or ``launcher.nproc_per_node`` processes through torchrun on this machine.
+
+Environment set deliberately per step: OMP_NUM_THREADS (cores / processes), a free MASTER_PORT, and on GPU
+machines CUDA_VISIBLE_DEVICES limited to the processes asked for.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List
+
+from finetune.config.resolvers import REPO_ROOT
+from launchers.process import StepResult, free_port, run_process
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def world(cfg) -> Dict[str, int]:
+    return {"nproc_per_node": int(cfg.launcher.nproc_per_node), "nnodes": int(cfg.launcher.nnodes),
+            "node_rank": int(cfg.launcher.node_rank)}
+
+
+def _port(cfg) -> int:
+    """The rendezvous port. The driver fills launcher.master_port with a free port once, before planning,
+    so that the dry run, the manifest and the real run agree."""
+    return int(cfg.launcher.master_port) or free_port()
+
+
+def env(step, cfg) -> Dict[str, str]:
+    w = world(cfg)
+    e = dict(step.env)
+    nproc = w["nproc_per_node"] if step.distributed != "none" else 1
+    threads = int(cfg.launcher.omp_num_threads) or max(1, _cores() // max(1, nproc))
+    e.setdefault("OMP_NUM_THREADS", str(threads))
+    e.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the worker modules live in this repository; make them importable from the run folder (cwd)
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), e.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))) if p)
+    if cfg.hardware.device == "cuda" and int(cfg.hardware.gpus_per_node) > 0 and "CUDA_VISIBLE_DEVICES" not in e:
+        n = nproc if step.distributed != "none" else 1
+        e["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
+    if step.distributed == "env":
+        e.update({"NNODES": str(w["nnodes"]), "NODE_RANK": str(w["node_rank"]),
+                  "NPROC_PER_NODE": str(w["nproc_per_node"]), "MASTER_ADDR": str(cfg.launcher.master_addr),
+                  "MASTER_PORT": str(_port(cfg))})
+        if w["nproc_per_node"] * w["nnodes"] > 1:
+            e["FORCE_TORCHRUN"] = "1"
+    return e
+
+
+def torchrun_args(cfg) -> List[str]:
+    w = world(cfg)
+    args = ["-m", "torch.distributed.run", f"--nproc_per_node={w['nproc_per_node']}", f"--nnodes={w['nnodes']}"]
+    if w["nnodes"] == 1:
+        args += [f"--master_addr={cfg.launcher.master_addr}", f"--master_port={_port(cfg)}"]
+    else:
+        rdzv_id = cfg.launcher.rdzv_id or "finetune"
+        args += [f"--node_rank={w['node_rank']}", f"--rdzv_backend={cfg.launcher.rdzv_backend}",
+                 f"--rdzv_endpoint={cfg.launcher.master_addr}:{_port(cfg)}", f"--rdzv_id={rdzv_id}"]
+    return args
+
+
+def argv(step, cfg) -> List[str]:
+    w = world(cfg)
+    if step.distributed == "torchrun" and w["nproc_per_node"] * w["nnodes"] > 1:
+        return [step.argv[0], *torchrun_args(cfg), *step.argv[1:]]
+    return list(step.argv)
+
+
+def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
+    w = world(cfg)
+    if step.rank0_only and w["node_rank"] != 0:
+        return StepResult(step.name, [], 0, 0.0, "", "completed", extra={"skipped": "node_rank != 0"})
+    return run_process(step.name, argv(step, cfg), env(step, cfg), step.cwd or str(run_dir),
+                       Path(run_dir) / step.log, timeout_s)

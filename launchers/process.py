@@ -1,0 +1,145 @@
+"""Run one process: argv list (no shell), output streamed to the terminal and a log file, timeout, signals.
+
+Shared by every launcher that ends in a local process (local, torchrun, and the Slurm job body).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+
+@dataclass
+class StepResult:
+    name: str
+    argv: List[str]
+    exit_code: Optional[int]
+    duration_s: float
+    log: str
+    status: str                      # completed | failed | timeout | killed | interrupted
+    tail: List[str] = field(default_factory=list)
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+    def record(self) -> dict:
+        return {"name": self.name, "argv": self.argv, "exit_code": self.exit_code, "status": self.status,
+                "duration_s": round(self.duration_s, 3), "log": self.log, **self.extra}
+
+    def reason(self) -> str:
+        if self.status == "timeout":
+            return f"step {self.name!r} timed out after {self.duration_s:.0f} s"
+        if self.status == "killed":
+            return f"step {self.name!r} was killed by signal {-(self.exit_code or 0)}"
+        if self.status == "interrupted":
+            return f"step {self.name!r} was interrupted"
+        return f"step {self.name!r} exited with code {self.exit_code}"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail_of(path: Path, n: int = 20) -> List[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        return lines[-n:]
+    except OSError:
+        return []
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def run_process(name: str, argv: List[str], env: Dict[str, str], cwd: Optional[str], log_path: Path,
+                timeout_s: Optional[float] = None, echo: bool = True) -> StepResult:
+    """Start argv in its own process group; copy its output to log_path (and our stdout when echo)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, **env}
+    start = time.monotonic()
+    tail: deque = deque(maxlen=20)
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(argv)}\n".encode())
+        log.flush()
+        try:
+            proc = subprocess.Popen(argv, env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as e:
+            log.write(f"cannot start: {e}\n".encode())
+            return StepResult(name, argv, 127, 0.0, str(log_path), "failed", [f"cannot start {argv[0]!r}: {e.strerror}"])
+
+        def pump():
+            for line in iter(proc.stdout.readline, b""):
+                log.write(line)
+                log.flush()
+                text = line.decode("utf-8", "replace").rstrip("\n")
+                tail.append(text)
+                if echo:
+                    try:
+                        sys.stdout.write(text + "\n")
+                        sys.stdout.flush()
+                    except (OSError, ValueError):
+                        pass
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        status = None
+        old_int = old_term = None
+
+        def on_signal(signum, frame):
+            raise _Interrupted(signum)
+
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            old_int = signal.signal(signal.SIGINT, on_signal)
+            old_term = signal.signal(signal.SIGTERM, on_signal)
+        try:
+            try:
+                proc.wait(timeout=timeout_s if timeout_s else None)
+            except subprocess.TimeoutExpired:
+                status = "timeout"
+                _kill_group(proc)
+        except _Interrupted:
+            status = "interrupted"
+            _kill_group(proc, first=signal.SIGINT)
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, old_int)
+                signal.signal(signal.SIGTERM, old_term)
+        reader.join(timeout=10)
+        code = proc.returncode
+    if status is None:
+        status = "completed" if code == 0 else ("killed" if code is not None and code < 0 else "failed")
+    return StepResult(name, argv, code, time.monotonic() - start, str(log_path), status, list(tail))
+
+
+def _kill_group(proc: subprocess.Popen, first: int = signal.SIGTERM, grace: float = 10.0) -> None:
+    try:
+        os.killpg(proc.pid, first)
+    except (ProcessLookupError, PermissionError):
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
