@@ -4,6 +4,9 @@ Each launcher module has:
     argv(step, cfg) -> list[str]                       the final command for a step (dry runs show it)
     env(step, cfg) -> dict                             environment added for that step
     run_step(step, cfg, run_dir, timeout_s) -> StepResult
+and optionally:
+    check(cfg)                                         launcher rules (ConfigError), run by validation
+    plan_files(plan, cfg, run_dir) -> {path: text}     extra files for the run folder (k8s manifests)
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from types import ModuleType
 
 from finetune.errors import ConfigError, one_of, suggest
 
-LAUNCHERS = ("local", "torchrun", "slurm")
+LAUNCHERS = ("local", "torchrun", "slurm", "k8s")
 
 
 def get_launcher(name: str) -> ModuleType:
@@ -24,3 +27,10 @@ def get_launcher(name: str) -> ModuleType:
         if e.name == f"launchers.{name}":
             raise ConfigError("launcher", name, "is not available in this version") from None
         raise
+
+
+def check_launcher(cfg) -> None:
+    """The launcher's own rules (called by finetune.config.validate, before anything is written)."""
+    mod = get_launcher(str(cfg.launcher.name))
+    if hasattr(mod, "check"):
+        mod.check(cfg)

@@ -20,6 +20,14 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def check(cfg) -> None:
+    from finetune.errors import ConfigError
+
+    if int(cfg.launcher.nnodes) > 1:
+        raise ConfigError("launcher.nnodes", int(cfg.launcher.nnodes), "launcher=local runs on this machine only; "
+                          "use launcher=torchrun (or launcher=slurm) for several nodes")
+
+
 def world(cfg) -> Dict[str, int]:
     return {"nproc_per_node": int(cfg.launcher.nproc_per_node), "nnodes": int(cfg.launcher.nnodes),
             "node_rank": int(cfg.launcher.node_rank)}

@@ -288,7 +288,7 @@ class DataConfig:
 
 @dataclass
 class LauncherConfig:
-    name: str = MISSING                       # local | torchrun | slurm
+    name: str = MISSING                       # local | torchrun | slurm | k8s
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0
@@ -305,8 +305,18 @@ class LauncherConfig:
     cpus_per_task: int = 2
     gpus_per_node: int = 0
     mem_gb: float = 4.0
-    additional_parameters: Any = field(default_factory=dict)
+    additional_parameters: Any = field(default_factory=dict)   # more sbatch options: {key: value} (no "--")
+    setup: List[str] = field(default_factory=list)    # shell lines run in the job before the step (module load ...)
+    cluster: Optional[str] = None             # submitit cluster: null = slurm; "local"/"debug" run without Slurm
+    job_name: Optional[str] = None            # default: finetune-<run name>-<step>
     poll_s: float = 2.0
+    # k8s (manifest generation: a batch/v1 Job, or a Kubeflow PyTorchJob when nnodes > 1)
+    image: str = "finetune:latest"
+    namespace: str = "default"
+    pvc: Optional[str] = None                 # PersistentVolumeClaim mounted at mount_path (run folder, models, data)
+    mount_path: str = "/workspace"
+    service_account: Optional[str] = None
+    apply: bool = False                       # true: kubectl apply the manifest and wait; false: write it only
 
 
 SCHEMAS = {

@@ -259,4 +259,7 @@ def validate(cfg: DictConfig, overrides: Optional[List[str]] = None) -> dict:
     check_model(cfg)
     facts = {"data": check_data(cfg)}
     backend.check(cfg)
+    from launchers import check_launcher
+
+    check_launcher(cfg)              # the launcher's own rules (launchers/<name>.py: check)
     return facts
