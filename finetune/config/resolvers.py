@@ -1,7 +1,11 @@
 """OmegaConf resolvers usable in any config value.
 
-- ``${eval:2*${lora_r}}``   arithmetic on numbers (pairs lora_alpha to lora_r in sweeps). Only numbers and
-                             + - * / // % ** ( ) are accepted: it is parsed with ``ast``, never ``eval``'d.
+- ``${eval:2*lora_r}``      arithmetic on numbers and config keys (pairs lora_alpha to lora_r in sweeps):
+                             ``python train.py -m lora_r=4,8,16 'lora_alpha=${eval:2*lora_r}'``. Names are
+                             top-level or dotted keys (``method.lora_r``). In YAML files the nested form
+                             ``${eval:2*${lora_r}}`` works too (Hydra's command-line grammar refuses nested
+                             interpolations unless quoted again, hence the plain-name form). Only numbers, names and
+                             + - * / // % ** ( ) are accepted: parsed with ``ast``, never ``eval``'d.
 - ``${repo_root:}``          the folder holding conf/ (so shipped data paths work from any working folder).
 - ``${pkg_path:NAME}``       the folder of an installed Python package, found without importing it.
 """
@@ -23,10 +27,23 @@ _OPS = {
 }
 
 
-def safe_eval(expr: str):
-    """Evaluate an arithmetic expression of numbers. Raises ValueError for anything else."""
+def safe_eval(expr: str, lookup=None):
+    """Evaluate an arithmetic expression of numbers (and names, through ``lookup``). ValueError otherwise."""
+
+    def name_of(node):
+        if isinstance(node, ast.Name):
+            return node.id
+        if isinstance(node, ast.Attribute):
+            return f"{name_of(node.value)}.{node.attr}"
+        raise ValueError("not a name")
 
     def ev(node):
+        if isinstance(node, (ast.Name, ast.Attribute)) and lookup is not None:
+            key = name_of(node)
+            value = lookup(key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"{key} is {value!r}, not a number")
+            return value
         if isinstance(node, ast.Expression):
             return ev(node.body)
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
@@ -56,7 +73,19 @@ def _pkg_path(name: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]))
 
 
+def _eval_resolver(expr, _root_):
+    def lookup(key):
+        from omegaconf import OmegaConf as OC
+
+        value = OC.select(_root_, key, default=None)
+        if value is None:
+            raise ValueError(f"${{eval:{expr}}}: no config key {key!r}")
+        return value
+
+    return safe_eval(str(expr), lookup)
+
+
 def register() -> None:
-    for name, fn in (("eval", safe_eval), ("repo_root", lambda: str(REPO_ROOT)), ("pkg_path", _pkg_path)):
+    for name, fn in (("eval", _eval_resolver), ("repo_root", lambda: str(REPO_ROOT)), ("pkg_path", _pkg_path)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
