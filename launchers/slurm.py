@@ -1,0 +1,264 @@
+"""Slurm launcher, through submitit (no hand-written sbatch templates).
+
+Each step of the plan becomes one Slurm job: ``launcher.nnodes`` nodes, one task per node, and on each node the
+job body (``_job_body``, below) runs the step's command with ``launchers.process.run_process`` - under torchrun
+with ``nproc_per_node`` ranks for distributed steps, node N of the rendezvous being Slurm's node N, node 0's
+host the rendezvous endpoint. Steps that are not distributed run on node 0 only.
+
+While the job runs, the driver polls its state (sacct, through submitit) and prints every change; the job id,
+its state and submitit's stdout/stderr paths are written to ``<run>/slurm/jobs.json`` as they change and end up
+in the manifest's step record. A job that fails, is cancelled, times out or runs out of memory fails the run
+with the tail of its logs. Ctrl-C while waiting cancels the job.
+
+The run folder must be on a file system the compute nodes share with the submitting machine (as usual on
+Slurm clusters): the job reads ``<run>/resolved_config.json`` and writes its outputs there.
+
+Options (launcher.*): partition, account, qos, time_min, cpus_per_task (per node), gpus_per_node, mem_gb (per
+node), nnodes, nproc_per_node, additional_parameters ({sbatch option: value}), setup (shell lines run first),
+cluster (submitit cluster; null = slurm, "local" runs the same code without Slurm), job_name, poll_s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from finetune.config.resolvers import REPO_ROOT
+from finetune.errors import ConfigError
+from launchers.process import StepResult, run_process, tail_of
+
+CLUSTERS = (None, "slurm", "local", "debug")
+FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE")
+# sbatch options we set from dedicated keys: refuse them in additional_parameters to keep one source of truth
+OWN_SBATCH = ("partition", "account", "qos", "time", "nodes", "ntasks_per_node", "cpus_per_task", "gpus_per_node",
+              "mem", "job_name", "output", "error")
+
+
+def check(cfg) -> None:
+    lc = cfg.launcher
+    if lc.cluster not in CLUSTERS:
+        raise ConfigError("launcher.cluster", lc.cluster, "one of null (slurm), slurm, local, debug")
+    for key in ("time_min", "cpus_per_task", "mem_gb", "poll_s"):
+        if float(lc[key]) <= 0:
+            raise ConfigError(f"launcher.{key}", lc[key], "must be > 0")
+    if int(lc.gpus_per_node) < 0:
+        raise ConfigError("launcher.gpus_per_node", lc.gpus_per_node, "must be >= 0")
+    if int(lc.node_rank) != 0:
+        raise ConfigError("launcher.node_rank", int(lc.node_rank), "Slurm assigns node ranks; leave it 0")
+    if cfg.hardware.device == "cuda" and int(lc.gpus_per_node) and int(lc.nproc_per_node) > int(lc.gpus_per_node):
+        raise ConfigError("launcher.nproc_per_node", int(lc.nproc_per_node),
+                          f"at most launcher.gpus_per_node={int(lc.gpus_per_node)} ranks per node on GPUs")
+    extra = lc.additional_parameters or {}
+    if not hasattr(extra, "items"):
+        raise ConfigError("launcher.additional_parameters", extra, "must be a mapping {sbatch option: value}")
+    for k in extra:
+        if str(k).replace("-", "_") in OWN_SBATCH:
+            raise ConfigError(f"launcher.additional_parameters.{k}", extra[k],
+                              f"set it with its own key (launcher.{_own_key(str(k))}), not as an extra sbatch option")
+    if isinstance(lc.setup, str) or not all(isinstance(s, str) for s in (lc.setup or [])):
+        raise ConfigError("launcher.setup", lc.setup, "must be a list of shell lines")
+
+
+def _own_key(k: str) -> str:
+    return {"time": "time_min", "mem": "mem_gb", "nodes": "nnodes", "ntasks_per_node": "nproc_per_node"}.get(
+        k.replace("-", "_"), k.replace("-", "_"))
+
+
+def _world(cfg) -> Dict[str, int]:
+    return {"nproc_per_node": int(cfg.launcher.nproc_per_node), "nnodes": int(cfg.launcher.nnodes)}
+
+
+def env(step, cfg) -> Dict[str, str]:
+    """Environment for the step on the compute node. GPUs: Slurm sets CUDA_VISIBLE_DEVICES from the allocation."""
+    lc = cfg.launcher
+    nproc = int(lc.nproc_per_node) if step.distributed != "none" else 1
+    e = dict(step.env)
+    e.setdefault("OMP_NUM_THREADS", str(int(lc.omp_num_threads) or max(1, int(lc.cpus_per_task) // max(1, nproc))))
+    e.setdefault("TOKENIZERS_PARALLELISM", "false")
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), e.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))) if p)
+    return e
+
+
+def node_argv(step, w: Dict[str, int], node: int, master_addr: str, master_port: int) -> List[str]:
+    """The command node ``node`` runs for the step (torchrun arguments filled in for distributed steps)."""
+    if step["distributed"] != "torchrun" or w["nproc_per_node"] * w["nnodes"] == 1:
+        return list(step["argv"])                      # one rank: no torchrun needed
+    args = ["-m", "torch.distributed.run", f"--nproc_per_node={w['nproc_per_node']}", f"--nnodes={w['nnodes']}"]
+    if w["nnodes"] == 1:
+        args.append("--standalone")
+    else:
+        args += [f"--node_rank={node}", f"--master_addr={master_addr}", f"--master_port={master_port}"]
+    return [step["argv"][0], *args, *step["argv"][1:]]
+
+
+def argv(step, cfg) -> List[str]:
+    """What the dry run shows: the command node 0 runs inside the Slurm job."""
+    d = {"argv": step.argv, "distributed": step.distributed}
+    return node_argv(d, _world(cfg), 0, "$(first host of the job)", "$(29500 + job id % 20000)")
+
+
+def _job_body(spec: dict) -> dict:
+    """Runs on every node of the Slurm job (one task per node). Raises when the step fails: Slurm marks the job
+    FAILED and submitit hands the error (with the log tail) back to the driver."""
+    import submitit
+
+    jenv = submitit.JobEnvironment()
+    node, hosts = jenv.node, list(jenv.hostnames) or [jenv.hostname]
+    w = spec["world"]
+    if spec["distributed"] == "none" and node > 0:
+        return {"node": node, "skipped": "not distributed: node 0 only"}
+    port = 29500 + int(str(jenv.job_id).split("_")[0]) % 20000
+    cmd = node_argv(spec, w, node, hosts[0], port)
+    env = dict(spec["env"])
+    if spec["distributed"] == "env":
+        env.update({"NNODES": str(w["nnodes"]), "NODE_RANK": str(node), "NPROC_PER_NODE": str(w["nproc_per_node"]),
+                    "MASTER_ADDR": hosts[0], "MASTER_PORT": str(port)})
+        if w["nnodes"] * w["nproc_per_node"] > 1:
+            env["FORCE_TORCHRUN"] = "1"
+    log = Path(spec["log"])
+    if node > 0:
+        log = log.with_name(f"{log.stem}.node{node}{log.suffix}")
+    print(f"[slurm job {jenv.job_id}] node {node}/{w['nnodes']} on {jenv.hostname}: {' '.join(cmd)}", flush=True)
+    res = run_process(spec["name"], cmd, env, spec["cwd"], log, spec["timeout_s"])
+    if not res.ok:
+        tail = "\n".join(res.tail[-15:])
+        raise RuntimeError(f"{res.reason()} on node {node} ({jenv.hostname}); log {res.log}; last lines:\n{tail}")
+    return {"node": node, "host": jenv.hostname, **res.record()}
+
+
+class SlurmStepResult(StepResult):
+    def reason(self) -> str:
+        job = self.extra.get("slurm_job_id")
+        state = self.extra.get("slurm_state")
+        if self.status == "interrupted":
+            return f"step {self.name!r} was interrupted (slurm job {job} cancelled)"
+        return f"step {self.name!r}: slurm job {job} ended {state}" + (
+            f" (exit code {self.exit_code})" if self.exit_code not in (None, 0) else "")
+
+
+def _executor(cfg, folder: Path, step_name: str, timeout_s: Optional[float]):
+    import submitit
+
+    lc = cfg.launcher
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=lc.cluster or "slurm")
+    time_min = int(lc.time_min)
+    if timeout_s:
+        time_min = min(time_min, max(1, int(timeout_s // 60) + 1))
+    params = {"name": lc.job_name or f"finetune-{cfg.name}-{step_name}", "timeout_min": time_min,
+              "nodes": int(lc.nnodes), "tasks_per_node": 1, "cpus_per_task": int(lc.cpus_per_task),
+              "mem_gb": float(lc.mem_gb)}
+    if int(lc.gpus_per_node):
+        params["gpus_per_node"] = int(lc.gpus_per_node)
+    if ex.cluster == "slurm":
+        for key in ("partition", "account", "qos"):
+            if lc[key]:
+                params[f"slurm_{key}"] = str(lc[key])
+        extra = {str(k).replace("-", "_"): v for k, v in (lc.additional_parameters or {}).items()}
+        if extra:
+            params["slurm_additional_parameters"] = extra
+        setup = [f"export PYTHONPATH={REPO_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}", *(lc.setup or [])]
+        params["slurm_setup"] = setup
+    ex.update_parameters(**params)
+    return ex
+
+
+def _state(job) -> str:
+    try:
+        return str(job.watcher.get_state(job.job_id, mode="force"))
+    except Exception as e:  # noqa: BLE001 - sacct hiccups: report and keep polling
+        return f"UNKNOWN ({type(e).__name__})"
+
+
+def _record(path: Path, jobs: dict) -> None:
+    from finetune.run_dir import atomic_write_json
+
+    atomic_write_json(path, jobs)
+
+
+def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
+    run_dir = Path(run_dir)
+    folder = run_dir / "slurm"
+    spec = {"name": step.name, "argv": list(step.argv), "distributed": step.distributed, "env": env(step, cfg),
+            "cwd": step.cwd or str(run_dir), "log": str(run_dir / step.log), "timeout_s": timeout_s,
+            "world": _world(cfg) if step.distributed != "none" else {"nproc_per_node": 1, "nnodes": 1}}
+    ex = _executor(cfg, folder, step.name, timeout_s)
+    start = time.monotonic()
+    job = ex.submit(_job_body, spec)
+    jobs_file = folder / "jobs.json"
+    try:
+        jobs = json.loads(jobs_file.read_text())
+    except (OSError, ValueError):
+        jobs = {}
+    info = {"slurm_job_id": str(job.job_id), "slurm_state": "SUBMITTED", "slurm_cluster": ex.cluster,
+            "slurm_stdout": str(job.paths.stdout), "slurm_stderr": str(job.paths.stderr),
+            "slurm_submission_file": str(job.paths.submission_file)}
+    jobs[step.name] = info
+    _record(jobs_file, jobs)
+    print(f"[slurm] step {step.name}: submitted job {job.job_id} ({ex.cluster}); logs {job.paths.stdout}", flush=True)
+    status, last = None, None
+    try:
+        while True:
+            state = _state(job) if ex.cluster == "slurm" else str(job.state)
+            if state != last and not (last is None and state.startswith("UNKNOWN")):   # sacct lags the submission
+                print(f"[slurm] job {job.job_id} {state}  ({time.monotonic() - start:.0f} s)", flush=True)
+                info["slurm_state"] = last = state
+                _record(jobs_file, jobs)
+            if job.done() or state.split()[0] in FAILED_STATES + ("COMPLETED",):
+                break
+            if timeout_s and time.monotonic() - start > timeout_s:
+                status = "timeout"
+                job.cancel(check=False)
+                break
+            time.sleep(float(cfg.launcher.poll_s))
+    except KeyboardInterrupt:
+        job.cancel(check=False)
+        info["slurm_state"] = "CANCELLED (interrupted)"
+        _record(jobs_file, jobs)
+        return SlurmStepResult(step.name, [], None, time.monotonic() - start, str(run_dir / step.log), "interrupted",
+                               extra=dict(info))
+    error, results = None, []
+    if status is None:
+        try:
+            results = job.results()
+        except Exception as e:  # noqa: BLE001 - FailedJobError / UncompletedJobError: the job did not succeed
+            error = f"{type(e).__name__}: {e}"
+    final = _state(job) if ex.cluster == "slurm" else str(job.state)
+    if ex.cluster == "slurm" and error is None and status is None:
+        # sacct may lag a second behind the result file: wait for the final state to be recorded
+        for _ in range(10):
+            if final.split()[0] not in ("RUNNING", "PENDING", "COMPLETING", "UNKNOWN"):
+                break
+            time.sleep(0.5)
+            final = _state(job)
+    if final != last:
+        print(f"[slurm] job {job.job_id} {final}  ({time.monotonic() - start:.0f} s)", flush=True)
+    info["slurm_state"] = final
+    _record(jobs_file, jobs)
+    duration = time.monotonic() - start
+    code = None
+    for r in results:
+        if isinstance(r, dict) and r.get("exit_code") is not None:
+            code = r["exit_code"]
+    if status is None:
+        status = "completed" if error is None else "failed"
+    tail = []
+    if status != "completed":
+        tail = tail_of(run_dir / step.log, 15) or []
+        err_tail = tail_of(Path(job.paths.stderr), 10)
+        if err_tail:
+            tail += [f"--- {job.paths.stderr}"] + err_tail
+        if error and not tail:
+            tail = error.splitlines()[-15:]
+        info["error"] = (error or "")[-2000:]
+    return SlurmStepResult(step.name, [str(a) for a in node_argv(spec, spec["world"], 0, "<node0>", 0)],
+                           code if code is not None else (0 if status == "completed" else None), duration,
+                           str(run_dir / step.log), status, tail,
+                           extra={**info, "nodes": [r for r in results if isinstance(r, dict)]})
+
+
+if __name__ == "__main__":
+    print(__doc__)
+    sys.exit(0)
