@@ -1,16 +1,163 @@
-"""collie backend adapter (being built; see its issue)."""
+"""collie: Collie (collie-lm 1.0.7, OpenMOSS) in its own virtual environment, dp/tp/pp, runnable on CPU.
+
+Collie needs transformers <= 4.50, protobuf 3.20.1 and megatron-core 0.2.0, so it lives in .venv-collie
+(``bash scripts/setup_collie_env.sh`` or ``finetune setup-collie``; pinned in requirements-collie.lock).
+The plan has three steps:
+
+  1. collie_prepare  (Collie's python)  a ``.bin`` copy of a safetensors-only model (Collie reads only *.bin)
+  2. collie_train    (Collie's python, torchrun when world size > 1)  finetune.recipes.collie_worker: Collie's
+                     model class + Trainer; without a GPU the five CPU patches (collie_cpu_patch) are applied
+  3. collie_merge    (this environment)  adapter + base -> logits must equal Collie's own; merge_and_unload
+                     -> lazyllm_merge (full fine-tuning: the saved model is checked the same way)
+
+Standard library + omegaconf only at import.
+"""
 from __future__ import annotations
 
-from finetune.errors import ConfigError
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from finetune.config.resolvers import REPO_ROOT
+from finetune.config.validate import world_size
+from finetune.errors import ConfigError, one_of
+from finetune.plan import Plan, Step
+from finetune.report.history import read_history
+
+SETUP_CMD = "bash scripts/setup_collie_env.sh (or: finetune setup-collie)"
+LOCK = REPO_ROOT / "requirements-collie.lock"
+FAMILIES = ("llama", "internlm2", "chatglm3")          # model.family values with a Collie model class
+PROMPT_TEMPLATES = ("alpaca", "alpaca_short")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+OPTIMS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
+
+
+def venv_dir(cfg) -> Path:
+    p = Path(str(cfg.backend.venv)).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def venv_python(cfg) -> Path:
+    return venv_dir(cfg) / "bin" / "python"
+
+
+def check_venv(cfg) -> None:
+    venv = venv_dir(cfg)
+    if not venv_python(cfg).exists():
+        raise ConfigError("backend.venv", str(venv), f"Collie's environment is missing; create it with: {SETUP_CMD}")
+    stamp = venv / ".finetune-lock.sha256"
+    if not stamp.exists():
+        raise ConfigError("backend.venv", str(venv), f"Collie's environment is incomplete (no install stamp); "
+                          f"finish it with: {SETUP_CMD}")
+    if LOCK.exists() and stamp.read_text().strip() != hashlib.sha256(LOCK.read_bytes()).hexdigest():
+        raise ConfigError("backend.venv", str(venv), f"Collie's environment does not match {LOCK.name}; "
+                          f"update it with: {SETUP_CMD}")
 
 
 def check(cfg) -> None:
-    pass
+    b, meth, hw = cfg.backend, cfg.method, cfg.hardware
+    dp, tp, pp = int(b.dp_size), int(b.tp_size), int(b.pp_size)
+    ws = world_size(cfg)
+    if dp * tp * pp != ws:
+        raise ConfigError("backend.dp_size", dp, f"dp_size x tp_size x pp_size = {dp} x {tp} x {pp} = {dp * tp * pp} "
+                          f"must equal the launcher's world size {ws} (launcher.nproc_per_node "
+                          f"{cfg.launcher.nproc_per_node} x launcher.nnodes {cfg.launcher.nnodes})")
+    for key, v in (("backend.dp_size", dp), ("backend.tp_size", tp), ("backend.pp_size", pp)):
+        if v < 1:
+            raise ConfigError(key, v, "must be >= 1")
+    if meth.uses_lora and tp > 1:
+        raise ConfigError("backend.tp_size", tp, "Collie's tensor parallelism does not support LoRA "
+                          "(collie/config.py valid_config); use tp_size=1, or method=full")
+    if pp > 1 and hw.deepspeed_stage == 3:
+        raise ConfigError("hardware.deepspeed_stage", 3, "Collie's pipeline parallelism is not compatible with ZeRO-3")
+    if cfg.model.family not in FAMILIES:
+        raise ConfigError("model.family", cfg.model.family, f"Collie has model classes for {', '.join(FAMILIES)}")
+    if cfg.max_steps != -1:
+        raise ConfigError("max_steps", cfg.max_steps, "Collie trains whole epochs; use num_epochs (max_steps=-1)")
+    if float(cfg.num_epochs) != int(cfg.num_epochs):
+        raise ConfigError("num_epochs", cfg.num_epochs, "Collie trains whole epochs: must be an integer")
+    if cfg.prompt_template_name not in PROMPT_TEMPLATES:
+        raise ConfigError("prompt_template_name", cfg.prompt_template_name, one_of(PROMPT_TEMPLATES))
+    if cfg.lr_scheduler_type not in SCHEDULERS:
+        raise ConfigError("lr_scheduler_type", cfg.lr_scheduler_type, f"the collie backend implements {one_of(SCHEDULERS)}")
+    if cfg.optim not in OPTIMS:
+        raise ConfigError("optim", cfg.optim, f"the collie backend uses torch AdamW: {one_of(OPTIMS)}")
+    if hw.precision == "fp16" and hw.device != "cuda":
+        raise ConfigError("hardware.precision", "fp16", "fp16 needs a GPU")
+    _check_model_shape(cfg, tp, pp)
+    check_venv(cfg)
 
 
-def plan(cfg, run_dir, ctx):
-    raise ConfigError("backend", "collie", "is not implemented yet in this checkout")
+def _check_model_shape(cfg, tp: int, pp: int) -> None:
+    conf = Path(str(cfg.model.path)) / "config.json"
+    if not conf.is_file():
+        return                                  # a tiny model built on first use
+    try:
+        meta = json.loads(conf.read_text(encoding="utf-8"))
+    except ValueError:
+        return                                  # validate.check_model reports it
+    heads = int(meta.get("num_attention_heads") or 0)
+    kv = int(meta.get("num_key_value_heads") or heads)
+    if tp > 1 and heads and (heads % tp or kv % tp):
+        raise ConfigError("backend.tp_size", tp, f"must divide the model's attention heads ({heads}) and key/value "
+                          f"heads ({kv})")
+    layers = int(meta.get("num_hidden_layers") or 0)
+    if pp > 1 and layers and pp > layers:
+        raise ConfigError("backend.pp_size", pp, f"must be at most the model's {layers} layers")
 
 
-def collect(cfg, run_dir, ctx) -> dict:
-    return {}
+def outputs(cfg, run_dir: Path) -> dict:
+    out = {}
+    if cfg.method.uses_lora:
+        out["adapter"] = str(cfg.target_path or Path(run_dir) / "lazyllm_lora")
+    if cfg.merge or not cfg.method.uses_lora:
+        out["merged"] = str(cfg.merge_path or Path(run_dir) / "lazyllm_merge")
+    return out
+
+
+def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
+    rc = str(Path(run_dir) / "resolved_config.json")
+    py = str(venv_python(cfg))
+    env = {"PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1"}
+    dp, tp, pp = int(cfg.backend.dp_size), int(cfg.backend.tp_size), int(cfg.backend.pp_size)
+    accum = int(cfg.batch_size) // (dp * int(cfg.micro_batch_size))
+    steps = [
+        Step(name="collie_prepare", argv=[py, "-m", "finetune.recipes.collie_worker", "prepare", "--config", rc], env=env),
+        Step(name="collie_train", argv=[py, "-m", "finetune.recipes.collie_worker", "train", "--config", rc], env=env,
+             distributed="torchrun"),
+        Step(name="collie_merge", argv=[sys.executable, "-m", "finetune.recipes.collie_merge", "--config", rc]),
+    ]
+    notes = [f"Collie runs in its own environment: {venv_dir(cfg)}",
+             f"dp={dp} tp={tp} pp={pp}; global batch {cfg.batch_size} = micro_batch_size {cfg.micro_batch_size} x "
+             f"dp {dp} x gradient accumulation {accum}",
+             "without a GPU the worker applies five CPU patches before importing collie (gloo, no .cuda()); "
+             "on a GPU none apply",
+             "safetensors-only models get a .bin copy in <run>/collie_base (Collie's loader reads only *.bin)"]
+    if cfg.method.uses_lora:
+        notes.append("the adapter is exported in Hugging Face layout (Collie permutes q/k rows at load); "
+                     "collie_merge checks base+adapter and merged logits against Collie's own")
+    return Plan(backend="collie", steps=steps, outputs=outputs(cfg, run_dir), notes=notes)
+
+
+def collect(cfg, run_dir: Path, ctx: dict) -> dict:
+    run_dir = Path(run_dir)
+    summary_file = run_dir / "collie_summary.json"
+    if not summary_file.exists():
+        raise RuntimeError(f"the Collie worker wrote no {summary_file.name}")
+    s = json.loads(summary_file.read_text())
+    hist = read_history(run_dir)
+    losses = [r["loss"] for r in hist if r.get("loss") is not None]
+    evals = [r["eval_loss"] for r in hist if r.get("eval_loss") is not None]
+    m = {"train_loss": losses[-1] if losses else None, "first_train_loss": losses[0] if losses else None,
+         "eval_loss": evals[-1] if evals else None}
+    for k in ("total_params", "trainable_params", "tokens_per_s", "peak_rss_mb", "train_runtime_s", "optimizer_steps",
+              "gradient_accumulation_steps", "dp_size", "tp_size", "pp_size", "train_rows", "eval_rows"):
+        m[k] = s.get(k)
+    m["collie_cpu_patches"] = len(s.get("cpu_patches") or [])
+    check = run_dir / "merge_check.json"
+    if check.exists():
+        for k, v in json.loads(check.read_text()).items():
+            if k.endswith("_vs_collie") or k.endswith("_vs_adapter"):
+                m[f"logits_maxdiff_{k}"] = v
+    return m

@@ -186,7 +186,7 @@ def check_sizes(cfg: DictConfig) -> None:
     _choice("optim", cfg.optim, OPTIMS)
     _choice("report_to", cfg.report_to, REPORT_TO)
     ws = world_size(cfg)
-    dp = ws // max(1, _model_parallel(cfg))
+    dp = max(1, ws // max(1, _model_parallel(cfg)))   # collie: a bad dp x tp x pp is refused by its check
     if cfg.batch_size % (cfg.micro_batch_size * dp) != 0:
         raise ConfigError("batch_size", cfg.batch_size,
                           f"must be a multiple of micro_batch_size x data-parallel size = {cfg.micro_batch_size} x {dp} "

@@ -1,0 +1,74 @@
+"""Monkeypatches that let collie-lm 1.0.7 run on a machine without a GPU (CPU torch, gloo).
+
+Runs inside Collie's own environment (.venv-collie), imported by collie_worker.py BEFORE ``import collie``.
+``apply()`` does nothing when CUDA is available: on a GPU machine Collie runs unpatched (nccl, cuda).
+Each patch names the Collie line it works around (notes/collie-on-cpu.md); removing any one brings back an error.
+No file in site-packages is edited.
+"""
+from __future__ import annotations
+
+import functools
+
+APPLIED = []
+
+
+def apply() -> list:
+    """Apply the five patches when no GPU is present. Returns the names of the patches applied."""
+    import torch
+
+    if torch.cuda.is_available() or APPLIED:
+        return APPLIED
+
+    # 1) collie/utils/dist_utils.py setup_distribution: deepspeed.init_distributed(dist_backend="nccl", ...)
+    #    -> "Distributed package doesn't have NCCL built in". Use gloo.
+    import deepspeed
+
+    _orig_init_distributed = deepspeed.init_distributed
+
+    @functools.wraps(_orig_init_distributed)
+    def _init_distributed(*args, **kwargs):
+        kwargs["dist_backend"] = "gloo"
+        return _orig_init_distributed(*args, **kwargs)
+
+    deepspeed.init_distributed = _init_distributed
+    APPLIED.append("init_distributed:gloo")
+
+    # 2) collie/utils/dist_utils.py: torch.cuda.set_device(torch.device("cuda:<LOCAL_RANK>"))
+    torch.cuda.set_device = lambda *a, **k: None
+    APPLIED.append("cuda.set_device:noop")
+
+    # 3) set_seed -> megatron model_parallel_cuda_manual_seed -> CudaRNGStatesTracker.add -> torch.cuda.get_rng_state()
+    #    (tracker.fork() at weight init uses it too): serve the CPU generator's state.
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    APPLIED.append("cuda.get_rng_state:cpu")
+
+    # 4) collie/models/llama/model.py: megatron VocabParallelEmbedding allocates on torch.cuda.current_device()
+    #    unless use_cpu_initialization=True; with low_cpu_mem_usage=True (Collie's default) the weight is on
+    #    'meta', so the CPU init must be skipped there (from_pretrained loads the real weights afterwards).
+    from megatron.core import tensor_parallel as _tp
+    from megatron.core.tensor_parallel import layers as _mlayers
+
+    _orig_vpe_init = _tp.VocabParallelEmbedding.__init__
+
+    @functools.wraps(_orig_vpe_init)
+    def _vpe_init(self, *args, **kwargs):
+        kwargs["use_cpu_initialization"] = True
+        return _orig_vpe_init(self, *args, **kwargs)
+
+    _tp.VocabParallelEmbedding.__init__ = _vpe_init
+    _orig_init_cpu = _mlayers._initialize_affine_weight_cpu
+
+    @functools.wraps(_orig_init_cpu)
+    def _init_cpu(weight, *args, **kwargs):
+        if weight.is_meta:
+            return None
+        return _orig_init_cpu(weight, *args, **kwargs)
+
+    _mlayers._initialize_affine_weight_cpu = _init_cpu
+    APPLIED.append("VocabParallelEmbedding:cpu_init")
+
+    # 5) Collie calls tensor.cuda() unconditionally: utils/padder.py (every batch), controller/evaluator.py,
+    #    utils/dist_utils.py broadcast helpers, models/base.py (TP gather), ... -> make it return the tensor.
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    APPLIED.append("Tensor.cuda:noop")
+    return APPLIED

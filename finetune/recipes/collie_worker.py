@@ -1,0 +1,436 @@
+"""The collie backend's worker: runs INSIDE Collie's own environment (.venv-collie), one process per rank.
+
+    <venv-collie>/bin/python -m finetune.recipes.collie_worker prepare --config <run>/resolved_config.json
+    <venv-collie>/bin/python [-m torch.distributed.run ...] -m finetune.recipes.collie_worker train --config ...
+
+Imports only what that environment has (torch, transformers 4.50, peft, deepspeed, megatron-core, collie,
+safetensors): no hydra, no omegaconf, nothing else from this repository but collie_cpu_patch. The resolved
+config is read with json.
+
+prepare  Collie's Llama loader reads only ``*.bin`` weights: when the model folder holds safetensors only (what
+         transformers 5 writes), write a ``.bin`` copy to <run>/collie_base (config.json made readable by
+         transformers 4.50, tokenizer files copied). Records the folder to load in <run>/collie_model.json.
+train    Collie's own model class, CollieDatasetForTraining, Trainer (DeepSpeed engine), dp/tp/pp from the config.
+         On a machine without a GPU, collie_cpu_patch is applied first (gloo, no .cuda()).
+         Writes <run>/history.jsonl (rank 0: loss, learning_rate, grad_norm, tokens_per_s, eval_loss per epoch),
+         the adapter in HF layout (target_path) or the full model (merge_path), <run>/collie_probe.json (Collie's
+         own logits on fixed inputs, used to verify the exported weights) and <run>/collie_summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+PROMPTS = {
+    # alpaca-lora's templates/alpaca.json and alpaca_short.json
+    "alpaca": {
+        "prompt_input": "Below is an instruction that describes a task, paired with an input that provides further "
+                        "context. Write a response that appropriately completes the request.\n\n"
+                        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "prompt_no_input": "Below is an instruction that describes a task. Write a response that appropriately "
+                           "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n",
+    },
+    "alpaca_short": {
+        "prompt_input": "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "prompt_no_input": "### Instruction:\n{instruction}\n\n### Response:\n",
+    },
+}
+# model.family -> Collie's model class (chatglm3 has ChatGLM2's architecture)
+MODEL_CLASSES = {"llama": "LlamaForCausalLM", "internlm": "InternLMForCausalLM", "internlm2": "InternLM2ForCausalLM",
+                 "chatglm2": "ChatGLM2ForCausalLM", "chatglm3": "ChatGLM2ForCausalLM", "moss": "MossForCausalLM"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+PROBE_ROWS = 2
+
+
+def log(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[collie_worker] {msg}", flush=True)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------- prepare
+
+
+def prepare(cfg: dict, run_dir: Path) -> int:
+    src = Path(cfg["model"]["path"])
+    meta = json.loads((src / "config.json").read_text())
+    out = {"source": str(src), "path": str(src), "converted": False}
+    if not list(src.glob("*.bin")):
+        import torch
+        from safetensors.torch import load_file
+
+        shards = sorted(src.glob("*.safetensors"))
+        if not shards:
+            print(f"collie: {src} has neither *.bin nor *.safetensors weights", file=sys.stderr)
+            return 1
+        dst = run_dir / "collie_base"
+        dst.mkdir(parents=True, exist_ok=True)
+        state = {}
+        for shard in shards:
+            state.update(load_file(str(shard)))
+        torch.save(state, dst / "pytorch_model.bin")
+        for name in TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, dst / name)
+        out.update(path=str(dst), converted=True, tensors=len(state))
+    else:
+        dst = None
+    # transformers >= 5 writes "dtype" and "rope_parameters"; 4.50 reads "torch_dtype" and "rope_theta".
+    rope = meta.get("rope_parameters") or {}
+    theta = meta.get("rope_theta", rope.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", "default")
+    if meta.get("model_type") == "llama" and (float(theta) != 10000.0 or rope_type != "default" or meta.get("rope_scaling")):
+        # collie/models/llama/model.py RotaryPositionEmbedding hard-codes base 10000 and no scaling
+        print(f"collie: model {src.name} uses rope_theta={theta} rope_type={rope_type}; Collie 1.0.7's Llama "
+              "hard-codes rope base 10000 without scaling and would train a different model", file=sys.stderr)
+        return 1
+    if dst is not None:
+        meta = dict(meta)
+        meta.setdefault("rope_theta", float(theta))
+        if "dtype" in meta:
+            meta.setdefault("torch_dtype", meta["dtype"])
+        meta.pop("rope_parameters", None)
+        (dst / "config.json").write_text(json.dumps(meta, indent=2))
+    write_json(run_dir / "collie_model.json", out)
+    log(f"model for Collie: {out['path']} (converted from safetensors: {out['converted']})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def load_rows(cfg: dict) -> list:
+    path = Path(cfg["data"]["path"])
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl")) if path.is_dir() else [path]
+    rows = []
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        if f.suffix == ".jsonl":
+            rows += [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows += json.loads(text)
+    if cfg.get("max_samples"):
+        rows = rows[: int(cfg["max_samples"])]
+    return rows
+
+
+def split_rows(cfg: dict, rows: list):
+    v = float(cfg.get("val_set_size") or 0)
+    n_eval = int(v) if v >= 1 else int(round(v * len(rows)))
+    n_eval = min(n_eval, len(rows) // 2)
+    order = list(range(len(rows)))
+    random.Random(int(cfg["seed"])).shuffle(order)
+    eval_rows = [rows[i] for i in order[:n_eval]]
+    train_rows = [rows[i] for i in order[n_eval:]]
+    return train_rows, eval_rows
+
+
+def to_collie(rows: list, template: dict, eos: str, train_on_inputs: bool) -> list:
+    """Alpaca rows -> CollieDatasetForTraining rows: {"text"} (loss on all tokens) or {"input", "output"}."""
+    out = []
+    for r in rows:
+        key = "prompt_input" if r.get("input") else "prompt_no_input"
+        prompt = template[key].format(instruction=r.get("instruction", ""), input=r.get("input", ""))
+        answer = str(r.get("output", "")) + eos
+        out.append({"text": prompt + answer} if train_on_inputs else {"input": prompt, "output": answer})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+def _lr_lambda(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))   # cosine
+    return f
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _collie_to_hf_rows(w, heads: int):
+    """Undo Collie's load-time q/k row permutation: Collie stores rows as (h t two), HF Llama as (h two t)."""
+    from einops import rearrange
+
+    return rearrange(w, "(h t two) r -> (h two t) r", h=heads, two=2).contiguous()
+
+
+def train(cfg: dict, run_dir: Path) -> int:
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+    from finetune.recipes import collie_cpu_patch
+
+    patches = collie_cpu_patch.apply()
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    import collie
+    from collie import CollieConfig, CollieDatasetForTraining, Trainer
+    from collie.callbacks.callback import Callback
+
+    rank = int(os.environ["RANK"])
+    b, meth, hw = cfg["backend"], cfg["method"], cfg["hardware"]
+    if patches:
+        log(f"no GPU: applied CPU patches {patches}")
+    model_info = json.loads((run_dir / "collie_model.json").read_text())
+    model_path = model_info["path"]
+    dp, tp, pp = int(b["dp_size"]), int(b["tp_size"]), int(b["pp_size"])
+    micro = int(cfg["micro_batch_size"])
+    accum = max(1, int(cfg["batch_size"]) // (dp * micro))
+
+    config = CollieConfig.from_pretrained(model_path, trust_remote_code=bool(cfg.get("trust_remote_code")))
+    config.dp_size, config.tp_size, config.pp_size = dp, tp, pp
+    config.train_epochs = int(cfg["num_epochs"])
+    config.train_micro_batch_size = micro
+    config.gradient_accumulation_steps = accum
+    config.eval_batch_size = micro
+    config.checkpointing = bool(cfg.get("gradient_checkpointing"))
+    config.use_flash = bool(b.get("use_flash")) and torch.cuda.is_available()
+    config.seed = int(cfg["seed"])
+    ds = {"steps_per_print": 10 ** 9, "zero_optimization": {"stage": int(hw.get("deepspeed_stage") or 0)}}
+    if float(cfg.get("max_grad_norm") or 0) > 0:
+        ds["gradient_clipping"] = float(cfg["max_grad_norm"])
+    if hw.get("precision") == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif hw.get("precision") == "fp16":
+        ds["fp16"] = {"enabled": True}
+    config.ds_config = ds
+    if meth["uses_lora"]:
+        from peft import LoraConfig, TaskType
+
+        targets = meth["lora_target_modules"]
+        targets = [t for t in targets.split(",") if t] if isinstance(targets, str) else list(targets)
+        if targets == ["all"]:
+            targets = list(cfg["model"].get("all_linear_modules") or [])
+        mts = meth.get("modules_to_save")
+        mts = [m for m in mts.split(",") if m] if isinstance(mts, str) else (list(mts) if mts else None)
+        config.peft_config = LoraConfig(r=int(meth["lora_r"]), lora_alpha=meth["lora_alpha"],
+                                        lora_dropout=float(meth["lora_dropout"]), target_modules=targets,
+                                        modules_to_save=mts, bias="none", task_type=TaskType.CAUSAL_LM)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=bool(cfg.get("trust_remote_code")))
+    template = PROMPTS[cfg.get("prompt_template_name") or "alpaca"]
+    train_rows, eval_rows = split_rows(cfg, load_rows(cfg))
+    eos = tokenizer.eos_token or ""
+    cutoff = int(cfg.get("cutoff_len") or -1)
+    train_ds = CollieDatasetForTraining(to_collie(train_rows, template, eos, bool(cfg.get("train_on_inputs", True))),
+                                        tokenizer, max_length=cutoff)
+    eval_ds = CollieDatasetForTraining(to_collie(eval_rows, template, eos, bool(cfg.get("train_on_inputs", True))),
+                                       tokenizer, max_length=cutoff) if eval_rows else None
+
+    model_cls = getattr(collie, MODEL_CLASSES[cfg["model"].get("family", "llama")])
+    model = model_cls.from_pretrained(model_path, config=config)
+    if hasattr(model, "set_cache"):
+        model.set_cache(False)
+    if meth["uses_lora"] and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"model {type(model).__name__}: {total} parameters on this rank, {trainable} trainable; "
+        f"dp={dp} tp={tp} pp={pp} micro_batch={micro} accumulation={accum}")
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(cfg["learning_rate"]),
+                                  weight_decay=float(cfg.get("weight_decay") or 0.0))
+    micro_per_epoch = math.ceil(len(train_ds) / (micro * dp))
+    if pp == 1:     # DeepSpeed counts micro-batches across epochs and steps every `accum` of them
+        total_steps = max(1, micro_per_epoch * config.train_epochs // accum)
+    else:           # under pipeline parallelism one Collie batch is a whole optimizer step
+        total_steps = max(1, math.ceil(len(train_ds) / (micro * accum * dp)) * config.train_epochs)
+    warmup = int(float(cfg.get("warmup_ratio") or 0) * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg["lr_scheduler_type"], warmup, total_steps))
+
+    history = run_dir / "history.jsonl"
+    logging_steps = max(1, int(cfg.get("logging_steps") or 1))
+
+    class History(Callback):
+        """history.jsonl rows per optimizer step (loss averaged over its micro-batches) and per-epoch eval loss."""
+
+        def __init__(self):
+            self.window, self.tokens, self.win_tokens, self.last_step = [], 0, 0, 0
+            self.t0 = self.t_last = time.time()
+            self.rows = []
+
+        def write(self, row):
+            self.rows.append(row)
+            if rank == 0:
+                with open(history, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+        def on_train_begin(self, trainer):
+            self.t0 = self.t_last = time.time()
+
+        def on_train_batch_begin(self, trainer, batch):
+            n = int((batch["labels"][..., 1:] != -100).sum()) if "labels" in batch else int(batch["input_ids"].numel())
+            self.tokens += n
+            self.win_tokens += n
+
+        def on_train_batch_end(self, trainer, loss):
+            self.window.append(float(loss))
+            step = int(trainer.engine.global_steps)
+            if step == self.last_step:
+                return
+            self.last_step = step
+            now = time.time()
+            row = {"step": step, "epoch": round(trainer.epoch_idx + (trainer.batch_idx + 1) / trainer.steps_per_epoch, 4),
+                   "loss": sum(self.window) / len(self.window), "learning_rate": float(trainer.lr),
+                   "tokens_per_s": self.win_tokens * dp / max(1e-9, now - self.t_last)}
+            try:
+                gn = trainer.engine.get_global_grad_norm()
+                if gn is not None:
+                    row["grad_norm"] = float(gn)
+            except Exception:  # noqa: BLE001 - not every engine computes it
+                pass
+            self.window, self.win_tokens, self.t_last = [], 0, now
+            if step % logging_steps == 0 or step == total_steps:
+                self.write(row)
+            print(f"[collie_worker] rank {rank} step {step} loss {row['loss']:.4f} lr {row['learning_rate']:.3g}",
+                  flush=True) if rank == 0 else None
+
+        def on_train_epoch_end(self, trainer):
+            if eval_ds is None or pp > 1:
+                return
+            value = eval_loss(trainer)
+            self.write({"step": int(trainer.engine.global_steps), "epoch": trainer.epoch_idx + 1, "eval_loss": value})
+            log(f"epoch {trainer.epoch_idx + 1} eval_loss {value:.4f}")
+
+    def eval_loss(trainer) -> float:
+        """Token-weighted loss over the whole held-out set, on every rank (tp ranks compute together)."""
+        engine = trainer.engine
+        engine.eval()
+        tot, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(eval_ds), micro):
+                batch = trainer.train_dataset_collate_fn([eval_ds[j] for j in range(i, min(i + micro, len(eval_ds)))])
+                out = engine(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+                n = int((batch["labels"][..., 1:] != -100).sum())
+                tot += float(trainer.loss_fn(out["logits"], batch["labels"])) * n
+                count += n
+        engine.train()
+        return tot / max(1, count)
+
+    hist_cb = History()
+    trainer = Trainer(model=model, config=config, tokenizer=tokenizer, optimizer=optimizer, lr_scheduler=scheduler,
+                      train_dataset=train_ds, callbacks=[hist_cb])
+    t0 = time.time()
+    trainer.train()
+    runtime = time.time() - t0
+
+    # Collie's own logits on fixed inputs: the exported adapter / model must reproduce them.
+    probe = None
+    if pp == 1:
+        rows = (eval_rows or train_rows)[:PROBE_ROWS]
+        texts = [to_collie([r], template, "", True)[0]["text"] for r in rows]
+        trainer.engine.eval()
+        logits = []
+        with torch.no_grad():
+            for t in texts:
+                ids = tokenizer(t, return_tensors="pt")["input_ids"]
+                logits.append((ids[0].tolist(), trainer.engine(input_ids=ids)["logits"][0].float().tolist()))
+        probe = {"input_ids": [x[0] for x in logits], "logits": [x[1] for x in logits]}
+
+    target = Path(cfg.get("target_path") or run_dir / "lazyllm_lora")
+    merge = Path(cfg.get("merge_path") or run_dir / "lazyllm_merge")
+    if meth["uses_lora"]:
+        raw = run_dir / "collie_adapter"
+        trainer.save_peft(str(raw))           # collective: every rank takes part
+        if rank == 0:
+            export_adapter(raw, target, config, model_info["source"])
+    else:
+        trainer.save_model(str(merge))        # collective; writes HF-layout *.bin
+        if rank == 0:
+            src = Path(model_info["source"])
+            for name in ("config.json",) + TOKENIZER_FILES:
+                if (src / name).exists() and not (merge / name).exists():
+                    shutil.copy2(src / name, merge / name)
+
+    tokens = torch.tensor([float(hist_cb.tokens)])
+    if dist.is_initialized():
+        dist.all_reduce(tokens)
+    if rank == 0:
+        if probe is not None:
+            write_json(run_dir / "collie_probe.json", probe)
+        write_json(run_dir / "collie_summary.json", {
+            "total_params": total, "trainable_params": trainable, "params_counted_per_rank": tp * pp > 1,
+            "train_runtime_s": runtime, "tokens_per_s": float(tokens[0]) / (tp * pp) / max(1e-9, runtime),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "train_rows": len(train_rows), "eval_rows": len(eval_rows), "optimizer_steps": int(trainer.engine.global_steps),
+            "gradient_accumulation_steps": accum, "dp_size": dp, "tp_size": tp, "pp_size": pp,
+            "cpu_patches": patches, "collie_version": getattr(collie, "__version__", "1.0.7"),
+            "torch_version": torch.__version__, "world_size": int(os.environ["WORLD_SIZE"]),
+        })
+        log(f"done: {int(trainer.engine.global_steps)} optimizer steps in {runtime:.1f}s")
+    if dist.is_initialized():
+        dist.barrier()
+    return 0
+
+
+def export_adapter(raw: Path, target: Path, config, base_path: str) -> None:
+    """Collie's save_peft output -> a PEFT adapter for the HF model: q/k lora_B rows back to HF's layout."""
+    import torch
+    from safetensors.torch import save_file
+
+    files = sorted(raw.glob("adapter_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"Collie's save_peft wrote no adapter_model*.bin in {raw}: {sorted(os.listdir(raw))}")
+    state = {}
+    for f in files:
+        state.update(torch.load(f, map_location="cpu", weights_only=True))
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    fixed = 0
+    for key in list(state):
+        if key.endswith("q_proj.lora_B.weight") or key.endswith("k_proj.lora_B.weight"):
+            state[key] = _collie_to_hf_rows(state[key], heads if "q_proj" in key else kv_heads)
+            fixed += 1
+        else:
+            state[key] = state[key].contiguous()
+    target.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+    acfg = json.loads((raw / "adapter_config.json").read_text())
+    acfg["base_model_name_or_path"] = base_path
+    (target / "adapter_config.json").write_text(json.dumps(acfg, indent=2))
+    log(f"adapter: {len(state)} tensors ({fixed} q/k lora_B converted to HF row layout) -> {target}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("action", choices=["prepare", "train"])
+    ap.add_argument("--config", required=True)
+    args = ap.parse_args()
+    cfg = json.loads(Path(args.config).read_text())
+    run_dir = Path(cfg["_run_dir"])
+    return prepare(cfg, run_dir) if args.action == "prepare" else train(cfg, run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
