@@ -220,17 +220,19 @@ def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
         return SlurmStepResult(step.name, [], None, time.monotonic() - start, str(run_dir / step.log), "interrupted",
                                extra=dict(info))
     error, results = None, []
-    if status is None:
+    if status is None and last and last.split()[0] in FAILED_STATES and not last.startswith("FAILED"):
+        error = f"slurm job {job.job_id} ended {last}"     # cancelled/timeout/oom: no result will come
+    elif status is None:
         try:
             results = job.results()
         except Exception as e:  # noqa: BLE001 - FailedJobError / UncompletedJobError: the job did not succeed
             error = f"{type(e).__name__}: {e}"
     final = _state(job) if ex.cluster == "slurm" else str(job.state)
-    if ex.cluster == "slurm" and error is None and status is None:
-        # sacct may lag a second behind the result file: wait for the final state to be recorded
-        for _ in range(10):
-            if final.split()[0] not in ("RUNNING", "PENDING", "COMPLETING", "UNKNOWN"):
-                break
+    if ex.cluster == "slurm":
+        # sacct lags the result file by a few seconds: wait (briefly) for the final state to be recorded
+        deadline = time.monotonic() + 20
+        while final.split()[0] in ("RUNNING", "PENDING", "COMPLETING", "UNKNOWN", "SUBMITTED") \
+                and time.monotonic() < deadline:
             time.sleep(0.5)
             final = _state(job)
     if final != last:
