@@ -60,6 +60,8 @@ class SweepSummary(Callback):
 
     # ------------------------------------------------------------------ driver process
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if bool(OmegaConf.select(config, "dry_run", default=False)):
+            return                              # each job prints its plan and writes nothing: no summary
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         self.started = time.time()
         basic = OmegaConf.select(config, "hydra.sweeper._target_", default="") == BASIC_SWEEPER
