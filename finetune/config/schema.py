@@ -124,21 +124,39 @@ class LlamafactoryBackend(BackendBase):
 
 @dataclass
 class FlagembeddingBackend(BackendBase):
+    """FlagEmbedding 1.4.2 encoder-only fine-tuning (conf/backend/flagembedding.yaml; reference defaults there).
+
+    Reference flags NOT passed, and why (checked against FlagEmbedding 1.4.2 + transformers 5.6 on CPU):
+      overwrite_output_dir  transformers 5 TrainingArguments has no such field: HfArgumentParser rejects it.
+                            Not needed: the output folder is inside a fresh run folder.
+      fp16                  follows hardware.precision; fp16 on hardware=cpu is refused at compose time.
+      negatives_cross_device  passed only when world size > 1 (FlagEmbedding raises without torch.distributed);
+                            the reranker has no such flag.
+      deepspeed             generated from hardware.deepspeed_stage (null on cpu: no DeepSpeed).
+      temperature, sentence_pooling_method, normalize_embeddings, kd_loss_type, query_instruction_for_retrieval:
+                            embedder only (the reranker's parser rejects them; its instruction flag is
+                            query_instruction_for_rerank).
+    """
+
     task: str = "embedder"                   # embedder | reranker
-    train_group_size: int = 8
-    query_max_len: int = 512
-    passage_max_len: int = 512
-    pad_to_multiple_of: int = 8
+    train_group_size: int = 8                # 1 positive + (n-1) negatives per query
+    query_max_len: Optional[int] = None      # null: task default (reference: embedder 512, reranker 256)
+    passage_max_len: Optional[int] = None    # null: task default (reference: embedder 512, reranker 256)
+    pad_to_multiple_of: Optional[int] = 8
     query_instruction_for_retrieval: Optional[str] = "Represent this sentence for searching relevant passages: "
     query_instruction_for_rerank: Optional[str] = None
     query_instruction_format: str = "{}{}"
+    knowledge_distillation: bool = False     # needs pos_scores / neg_scores in every row
     dataloader_drop_last: bool = True
     temperature: float = 0.02
-    sentence_pooling_method: str = "cls"
+    sentence_pooling_method: str = "cls"     # cls | mean | last_token
     normalize_embeddings: bool = True
-    kd_loss_type: str = "kl_div"
+    kd_loss_type: str = "kl_div"             # kl_div | m3_kd_loss
     negatives_cross_device: bool = True
     eval_k: List[int] = field(default_factory=lambda: [1, 5, 10])
+    eval: bool = True                        # recall@k / MRR on data.eval_path before and after training
+    eval_batch_size: int = 64
+    eval_max_corpus: int = 5000              # reranker: score every corpus passage up to this size, else pos+neg
 
 
 @dataclass
