@@ -1,16 +1,434 @@
-"""llamafactory backend adapter (being built; see its issue)."""
+"""llamafactory: drive the real LLaMA-Factory 0.9.5 (`llamafactory-cli train` / `export`) from the composed config.
+
+plan() maps the config onto two LLaMA-Factory YAML files and a dataset_info.json in <run>/llamafactory/:
+
+    train.yaml          model, stage, method (lora / LoRA+ / rsLoRA / DoRA / PiSSA, freeze, full, GaLore, BAdam),
+                        data, optimisation, evaluation, precision; backend.extra.<key> last (checked against
+                        LLaMA-Factory's own argument list, llamafactory_keys.py)
+    dataset_info.json   one entry per data file, columns/tags read from the rows (llamafactory_data.py)
+    export.yaml         LLaMA-Factory's export: merge the adapter (or re-save a full/freeze model) into merge_path
+
+Steps: `train` (llamafactory-cli train, wrapped by llamafactory_worker to record peak memory and convert
+trainer_state.json into <run>/history.jsonl) and `merge` (llamafactory-cli export), when merge=true.
+
+Known traps, handled on purpose (each is in plan.notes of the dry run):
+  - CPU: `use_cpu: true` (bf16 on CPU needs it); CUDA_VISIBLE_DEVICES="" so a GPU box never relaunches the
+    CLI under torchrun for a CPU run; on GPU the launcher pins CUDA_VISIBLE_DEVICES to the processes asked for
+    (several visible GPUs make the CLI relaunch itself under torchrun).
+  - `template` is always written; null is refused when the tokenizer has no chat template (LF would fall back
+    to `empty`, which has no EOS).
+  - `optim` is always written (transformers' default adamw_torch_fused breaks GaLore and BAdam ratio mode).
+  - PiSSA: the merge uses `pissa_converted` (pissa_convert=true is required to merge: the FSVD init is random).
+  - A reused output folder silently resumes: fresh runs write `overwrite_output_dir: true` into a folder we
+    refuse to reuse; resume=true writes `overwrite_output_dir: false` so LF resumes from its last checkpoint.
+Standard library + omegaconf only.
+"""
 from __future__ import annotations
 
-from finetune.errors import ConfigError
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Dict
+
+from omegaconf import OmegaConf
+
+from finetune.backends.llamafactory_keys import KEYS, TEMPLATES
+from finetune.errors import ConfigError, one_of, suggest
+from finetune.plan import Plan, Step
+
+LF_DIR = "llamafactory"
+STAGES = ("pt", "sft", "rm", "dpo", "kto")
+GALORE_OPTIMS = ("adamw_torch", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor")
+EVAL_STRATEGIES = ("steps", "epoch", "no")
+
+# LF keys this adapter writes from our own config: set them through our keys, not backend.extra
+MANAGED = {
+    "model_name_or_path": "model.path", "trust_remote_code": "trust_remote_code", "stage": "backend.stage",
+    "do_train": "(always true)", "finetuning_type": "method", "template": "backend.template",
+    "dataset": "data.path", "dataset_dir": "data.path", "eval_dataset": "data.eval_path", "output_dir": "target_path",
+    "overwrite_output_dir": "resume", "cutoff_len": "cutoff_len", "max_samples": "max_samples",
+    "val_size": "val_set_size", "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "batch_size", "learning_rate": "learning_rate", "num_train_epochs": "num_epochs",
+    "max_steps": "max_steps", "lr_scheduler_type": "lr_scheduler_type", "warmup_ratio": "warmup_ratio",
+    "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "optim": "optim", "seed": "seed",
+    "logging_steps": "logging_steps", "save_steps": "save_steps", "save_strategy": "save_steps",
+    "save_total_limit": "save_total_limit", "eval_steps": "eval_steps", "report_to": "report_to",
+    "use_cpu": "hardware.device", "bf16": "hardware.precision", "fp16": "hardware.precision",
+    "deepspeed": "hardware.deepspeed_stage", "disable_gradient_checkpointing": "gradient_checkpointing",
+    "lora_rank": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+    "lora_target": "lora_target_modules", "additional_target": "modules_to_save",
+    "eval_strategy": "backend.eval_strategy", "plot_loss": "backend.plot_loss",
+}
+# method.<key> written as is (LF uses the same names)
+METHOD_KEYS = {
+    "freeze": ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"),
+    "lora": ("use_rslora", "use_dora", "loraplus_lr_ratio", "loraplus_lr_embedding", "pissa_init", "pissa_iter",
+             "pissa_convert", "create_new_adapter"),
+    "galore": ("use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
+               "galore_proj_type", "galore_layerwise"),
+    "badam": ("use_badam", "badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval",
+              "badam_update_ratio", "badam_mask_mode", "badam_verbose"),
+}
+for _keys in METHOD_KEYS.values():
+    MANAGED.update({k: f"method.{k}" for k in _keys})
+MANAGED.update({k: f"backend.{k}" for k in ("preprocessing_num_workers", "overwrite_cache", "per_device_eval_batch_size",
+                                             "ddp_timeout", "pref_beta", "pref_loss")})
+
+
+def _plain(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _csv(v) -> str:
+    v = _plain(v)
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def _world(cfg) -> int:
+    return int(cfg.launcher.nproc_per_node) * int(cfg.launcher.nnodes)
+
+
+def _out_dir(cfg, run_dir: Path) -> Path:
+    return Path(str(cfg.target_path)).expanduser().absolute() if cfg.target_path else Path(run_dir) / "lazyllm_lora"
+
+
+def _merge_dir(cfg, run_dir: Path) -> Path:
+    return Path(str(cfg.merge_path)).expanduser().absolute() if cfg.merge_path else Path(run_dir) / "lazyllm_merge"
+
+
+def _lf_method(cfg) -> str:
+    """Which METHOD_KEYS family the method belongs to."""
+    if cfg.method.uses_lora:
+        return "lora"
+    return {"freeze": "freeze", "galore": "galore", "badam": "badam"}.get(cfg.method.name, "full")
+
+
+def _has_chat_template(model_path: Path) -> bool:
+    if (model_path / "chat_template.jinja").is_file():
+        return True
+    tc = model_path / "tokenizer_config.json"
+    try:
+        return bool(json.loads(tc.read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
+def _check_value(key: str, value, kind: str, choices) -> None:
+    where = f"backend.extra.{key}"
+    if value is None:
+        return
+    if kind == "choice" and str(value) not in choices:
+        raise ConfigError(where, value, one_of(choices), suggest(str(value), choices))
+    if kind == "bool" and not isinstance(value, bool):
+        raise ConfigError(where, value, "must be true or false")
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(where, value, "must be an integer")
+    if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(where, value, "must be a number")
+    if kind == "str" and not isinstance(value, (str, int, float)):
+        raise ConfigError(where, value, "must be a string (comma-separated for lists)")
 
 
 def check(cfg) -> None:
-    pass
+    b, m, hw = cfg.backend, cfg.method, cfg.hardware
+    if b.stage not in STAGES:
+        raise ConfigError("backend.stage", b.stage, one_of(STAGES), suggest(b.stage, STAGES))
+    if b.eval_strategy not in EVAL_STRATEGIES:
+        raise ConfigError("backend.eval_strategy", b.eval_strategy, one_of(EVAL_STRATEGIES))
+    if b.template is None:
+        if not cfg.model.builder and not _has_chat_template(Path(str(cfg.model.path))):
+            raise ConfigError("backend.template", None, "the tokenizer has no chat template, so LLaMA-Factory would use "
+                              "its `empty` template (no EOS: the model never learns to stop); set backend.template="
+                              "default for base models, or the model's template name")
+        if cfg.model.builder:
+            raise ConfigError("backend.template", None, f"tiny model {cfg.model.name} has no chat template; "
+                              "use backend.template=default")
+    elif b.template not in TEMPLATES:
+        raise ConfigError("backend.template", b.template, f"not a LLaMA-Factory {len(TEMPLATES)} template name "
+                          "(see finetune/backends/llamafactory_keys.py TEMPLATES)", suggest(b.template, TEMPLATES))
+    choices = KEYS["pref_loss"][1]
+    if b.pref_loss not in choices:
+        raise ConfigError("backend.pref_loss", b.pref_loss, one_of(choices), suggest(b.pref_loss, choices))
+    if b.preprocessing_num_workers is not None and b.preprocessing_num_workers < 1:
+        raise ConfigError("backend.preprocessing_num_workers", b.preprocessing_num_workers, "must be >= 1")
+    # method rules LLaMA-Factory enforces only after its 7-30 s import
+    opt = str(cfg.optim)
+    if m.name == "galore" and opt not in GALORE_OPTIMS:
+        raise ConfigError("optim", opt, f"LLaMA-Factory's GaLore takes {', '.join(GALORE_OPTIMS)} "
+                          "(anything else: 'Unknown optim')")
+    if m.name == "badam" and opt == "adamw_torch_fused":
+        raise ConfigError("optim", opt, "BAdam's block optimizer does not take fused AdamW "
+                          "('unexpected keyword fused'); use optim=adamw_torch")
+    if m.uses_lora and m.pissa_init:
+        if b.stage == "kto":
+            raise ConfigError("method", m.name, "LLaMA-Factory cannot use PiSSA for stage kto")
+        if hw.deepspeed_stage == 3:
+            raise ConfigError("hardware.deepspeed_stage", 3, "PiSSA cannot be initialised under ZeRO-3")
+        if cfg.merge and not m.pissa_convert:
+            raise ConfigError("method.pissa_convert", False, "merging a PiSSA adapter needs pissa_convert=true (the "
+                              "saved adapter re-runs the randomised SVD on load, so merges would differ); or merge=false")
+    if hw.device == "cpu" and cfg.launcher.nnodes > 1:
+        raise ConfigError("launcher.nnodes", cfg.launcher.nnodes, "multi-node LLaMA-Factory runs need GPUs")
+    # data size vs held-out rows
+    vs = float(cfg.val_set_size)
+    if vs == 1:
+        raise ConfigError("val_set_size", cfg.val_set_size, "LLaMA-Factory reads 1 as the whole set: use a fraction "
+                          "in (0, 1) or a row count >= 2")
+    # output folder: LF silently resumes in a folder with checkpoints
+    if cfg.target_path and not cfg.resume and not cfg.dry_run:
+        out = Path(str(cfg.target_path)).expanduser()
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError("target_path", str(cfg.target_path), "exists and is not empty: LLaMA-Factory would "
+                              "resume from (or overwrite) it; choose a new folder or pass resume=true")
+    # backend.extra: only keys llamafactory-cli accepts, none we already write
+    extra = _plain(b.extra) or {}
+    if not isinstance(extra, dict):
+        raise ConfigError("backend.extra", extra, "must be a mapping of LLaMA-Factory keys")
+    for key, value in extra.items():
+        if key in MANAGED:
+            raise ConfigError(f"backend.extra.{key}", value, f"is written from {MANAGED[key]}; set that instead")
+        if key not in KEYS:
+            raise ConfigError(f"backend.extra.{key}", value, "LLaMA-Factory 0.9.5 does not accept this key "
+                              "(llamafactory-cli would refuse it)", suggest(key, KEYS))
+        kind, kchoices = KEYS[key]
+        _check_value(key, value, kind, kchoices)
+    if extra.get("pure_bf16") and hw.device == "cpu":
+        raise ConfigError("backend.extra.pure_bf16", True, "needs a bf16 GPU; on CPU use hardware.precision=bf16")
 
 
-def plan(cfg, run_dir, ctx):
-    raise ConfigError("backend", "llamafactory", "is not implemented yet in this checkout")
+def _deepspeed_config(hw) -> dict:
+    zero: Dict[str, Any] = {"stage": int(hw.deepspeed_stage)}
+    if hw.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if hw.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if int(hw.deepspeed_stage) == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "zero_optimization": zero}
+
+
+def train_args(cfg, run_dir: Path, ctx: dict, info: Dict[str, dict]) -> Dict[str, Any]:
+    """The LLaMA-Factory train yaml as a dict (plain values, in a readable order); info: dataset_info entries."""
+    run_dir = Path(run_dir)
+    lf = run_dir / LF_DIR
+    m, hw, b = cfg.method, cfg.hardware, cfg.backend
+    ws = max(1, int(ctx.get("world_size") or _world(cfg)))
+    a: Dict[str, Any] = {
+        "model_name_or_path": str(Path(str(cfg.model.path)).absolute()),
+        "trust_remote_code": bool(cfg.trust_remote_code),
+        "stage": str(b.stage),
+        "do_train": True,
+        "finetuning_type": str(m.finetuning_type),
+    }
+    fam = _lf_method(cfg)
+    if fam == "lora":
+        a.update(lora_rank=int(m.lora_r), lora_alpha=int(m.lora_alpha), lora_dropout=float(m.lora_dropout),
+                 lora_target=_csv(m.lora_target_modules))
+        if _plain(m.modules_to_save):
+            a["additional_target"] = _csv(m.modules_to_save)
+    for k in METHOD_KEYS.get(fam, ()):
+        v = _plain(m[k])
+        if v is not None:
+            a[k] = v
+    if fam == "lora" and not m.pissa_init:
+        for k in ("pissa_iter", "pissa_convert"):
+            a.pop(k, None)
+    # data
+    a["dataset_dir"] = str(lf)
+    info_names = list(info)
+    a["dataset"] = ",".join(n for n in info_names if n.startswith("train"))
+    evals = [n for n in info_names if n.startswith("eval")]
+    if evals:
+        a["eval_dataset"] = ",".join(evals)
+    a["template"] = str(b.template)
+    a["cutoff_len"] = int(cfg.cutoff_len)
+    if cfg.max_samples is not None:
+        a["max_samples"] = int(cfg.max_samples)
+    a["overwrite_cache"] = bool(b.overwrite_cache)
+    a["preprocessing_num_workers"] = int(b.preprocessing_num_workers)
+    # output
+    a["output_dir"] = str(_out_dir(cfg, run_dir))
+    a["overwrite_output_dir"] = not bool(cfg.resume)
+    a["logging_steps"] = int(cfg.logging_steps)
+    if int(cfg.save_steps) > 0:
+        a.update(save_strategy="steps", save_steps=int(cfg.save_steps), save_total_limit=int(cfg.save_total_limit))
+    else:
+        a["save_strategy"] = "no"
+    a["plot_loss"] = bool(b.plot_loss)
+    a["report_to"] = "none"                  # our report (metrics.json, loss.png, tensorboard/) is built from history
+    a["include_num_input_tokens_seen"] = "non_padding"
+    # optimisation
+    a["per_device_train_batch_size"] = int(cfg.micro_batch_size)
+    a["gradient_accumulation_steps"] = max(1, int(cfg.batch_size) // (int(cfg.micro_batch_size) * ws))
+    a["learning_rate"] = float(cfg.learning_rate)
+    a["num_train_epochs"] = float(cfg.num_epochs)
+    if int(cfg.max_steps) > 0:
+        a["max_steps"] = int(cfg.max_steps)
+    a["lr_scheduler_type"] = str(cfg.lr_scheduler_type)
+    a["warmup_ratio"] = float(cfg.warmup_ratio)
+    a["weight_decay"] = float(cfg.weight_decay)
+    a["max_grad_norm"] = float(cfg.max_grad_norm)
+    a["optim"] = str(cfg.optim)
+    a["seed"] = int(cfg.seed)
+    a["disable_gradient_checkpointing"] = not bool(cfg.gradient_checkpointing)
+    a["ddp_timeout"] = int(b.ddp_timeout)
+    if b.stage in ("dpo", "kto"):
+        a["pref_beta"] = float(b.pref_beta)
+        if b.stage == "dpo":
+            a["pref_loss"] = str(b.pref_loss)
+    # evaluation
+    vs = float(cfg.val_set_size)
+    if evals or (vs > 0 and b.eval_strategy != "no"):
+        if not evals:
+            a["val_size"] = int(vs) if vs > 1 else vs
+        a["per_device_eval_batch_size"] = int(b.per_device_eval_batch_size)
+        if b.eval_strategy == "steps" and int(cfg.eval_steps) > 0:
+            a.update(eval_strategy="steps", eval_steps=int(cfg.eval_steps))
+        else:
+            a["eval_strategy"] = "epoch" if b.eval_strategy != "no" else "no"
+    # hardware
+    if hw.precision == "bf16":
+        a["bf16"] = True
+    elif hw.precision == "fp16":
+        a["fp16"] = True
+    if hw.deepspeed_stage is not None:
+        a["deepspeed"] = str(lf / "ds_config.json")
+    elif hw.device == "cpu":
+        a["use_cpu"] = True
+    a.update(_plain(b.extra) or {})
+    return a
+
+
+def _dataset_info(cfg, ctx: dict) -> Dict[str, dict]:
+    from finetune.backends.llamafactory_data import dataset_info
+
+    fmt = (ctx.get("data") or {}).get("format") or str(cfg.data.format)
+    info = dataset_info(str(cfg.data.path), fmt, "train")
+    if cfg.data.eval_path:
+        info.update(dataset_info(str(cfg.data.eval_path), fmt, "eval", key="data.eval_path"))
+    return info
+
+
+def export_args(cfg, run_dir: Path) -> Dict[str, Any]:
+    out = _out_dir(cfg, run_dir)
+    m = cfg.method
+    a: Dict[str, Any] = {"model_name_or_path": str(Path(str(cfg.model.path)).absolute()),
+                         "trust_remote_code": bool(cfg.trust_remote_code), "template": str(cfg.backend.template)}
+    if m.uses_lora:
+        adapter = out / "pissa_converted" if m.pissa_init else out
+        a.update(adapter_name_or_path=str(adapter), finetuning_type="lora")
+    else:                                     # full / freeze / GaLore / BAdam: the trained folder is the model
+        a.update(model_name_or_path=str(out), finetuning_type="full")
+    a.update(export_dir=str(_merge_dir(cfg, run_dir)), export_size=5, export_device="cpu",
+             export_legacy_format=False)
+    return a
+
+
+def _yaml(d: dict, title: str) -> str:
+    return f"# {title} (written by finetune; run it with llamafactory-cli)\n" + OmegaConf.to_yaml(OmegaConf.create(d))
+
+
+def cli_path() -> str:
+    p = Path(sys.executable).parent / "llamafactory-cli"
+    return str(p) if p.exists() else "llamafactory-cli"
+
+
+def plan(cfg, run_dir, ctx) -> Plan:
+    run_dir = Path(run_dir)
+    lf = run_dir / LF_DIR
+    info = _dataset_info(cfg, ctx)
+    targs = train_args(cfg, run_dir, ctx, info)
+    files = {f"{LF_DIR}/train.yaml": _yaml(targs, "LLaMA-Factory train config"),
+             f"{LF_DIR}/dataset_info.json": json.dumps(info, indent=2) + "\n"}
+    if cfg.hardware.deepspeed_stage is not None:
+        files[f"{LF_DIR}/ds_config.json"] = json.dumps(_deepspeed_config(cfg.hardware), indent=2) + "\n"
+    env = {"HF_HUB_OFFLINE": "1"}
+    if cfg.hardware.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""        # never relaunch under torchrun for GPUs a CPU run does not use
+        if cfg.hardware.deepspeed_stage is not None:
+            env["FORCE_TORCHRUN"] = "1"          # DeepSpeed outside torchrun looks for mpi4py
+    out = _out_dir(cfg, run_dir)
+    train_cmd = [cli_path(), "train", str(lf / "train.yaml")]
+    steps = [Step(name="train", distributed="env", env=env,
+                  argv=[sys.executable, "-m", "finetune.backends.llamafactory_worker", "--run-dir", str(run_dir),
+                        "--output-dir", str(out), "--", *train_cmd])]
+    outputs = {"lf_output": str(out), ("adapter" if cfg.method.uses_lora else "model"): str(out)}
+    notes = [f"stage {cfg.backend.stage}, finetuning_type {targs['finetuning_type']}, template {targs['template']}, "
+             f"optim {targs['optim']} (always written: transformers' default adamw_torch_fused breaks GaLore/BAdam)",
+             "overwrite_output_dir: " + ("false (resume=true: LLaMA-Factory resumes from the last checkpoint)"
+                                         if cfg.resume else "true, in a fresh folder (a reused one silently resumes)"),
+             "report_to: none in LLaMA-Factory; metrics.json, loss.png and tensorboard/ are built from history.jsonl"]
+    if cfg.hardware.device == "cpu":
+        notes.append("CPU: use_cpu=true and CUDA_VISIBLE_DEVICES='' (several visible GPUs make the CLI relaunch "
+                     "itself under torchrun)")
+    if cfg.data.eval_path:
+        notes.append("data.eval_path is the eval set: val_set_size is not used")
+    if cfg.merge:
+        eargs = export_args(cfg, run_dir)
+        files[f"{LF_DIR}/export.yaml"] = _yaml(eargs, "LLaMA-Factory export (merge) config")
+        steps.append(Step(name="merge", env=dict(env, FORCE_TORCHRUN="0"), rank0_only=True,
+                          argv=[cli_path(), "export", str(lf / "export.yaml")]))
+        outputs["merged"] = eargs["export_dir"]
+        if cfg.method.uses_lora and cfg.method.pissa_init:
+            notes.append("PiSSA: merging pissa_converted/ (a plain LoRA delta on the original model)")
+    return Plan(backend="llamafactory", steps=steps, files=files, outputs=outputs, notes=notes)
+
+
+_PARAMS = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def collect(cfg, run_dir, ctx) -> dict:
-    return {}
+    run_dir = Path(run_dir)
+    out = _out_dir(cfg, run_dir)
+    metrics: Dict[str, Any] = {}
+    from finetune.report.history import read_history
+
+    rows = read_history(run_dir)
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    if not losses:
+        raise RuntimeError(f"LLaMA-Factory logged no training loss (history.jsonl from {out}/trainer_state.json); "
+                           "lower logging_steps or raise max_steps")
+    metrics.update(first_train_loss=losses[0], train_loss=losses[-1])
+    evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
+    res = _read_json(out / "all_results.json") or {}
+    if "eval_loss" in res:
+        metrics["eval_loss"] = res["eval_loss"]
+    elif evals:
+        metrics["eval_loss"] = evals[-1]
+    if "train_loss" in res:
+        metrics["train_loss_avg"] = res["train_loss"]          # LF's mean over all steps
+    if "train_runtime" in res:
+        metrics["train_runtime_s"] = res["train_runtime"]
+    for k in ("eval_rewards/accuracies", "rewards/accuracies", "eval_accuracy"):
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        if vals:
+            metrics[k.replace("/", "_")] = vals[-1]
+    tokens = _read_json(run_dir / LF_DIR / "worker.json") or {}
+    for k in ("peak_rss_mb", "tokens_per_s", "total_tokens", "wall_s"):
+        if tokens.get(k) is not None:
+            metrics[k if k != "wall_s" else "train_wall_s"] = tokens[k]
+    log = run_dir / "logs" / "train.log"
+    try:
+        found = _PARAMS.findall(log.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        found = []
+    if found:
+        metrics["trainable_params"] = int(found[-1][0].replace(",", ""))
+        metrics["total_params"] = int(found[-1][1].replace(",", ""))
+    metrics["lf_output"] = str(out)
+    merged = _merge_dir(cfg, run_dir)
+    if cfg.merge and (merged / "config.json").exists():
+        metrics["merged_path"] = str(merged)
+    return metrics
