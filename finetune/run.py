@@ -66,6 +66,8 @@ def run(cfg: DictConfig) -> Optional[float]:
     build = model_build_step(cfg)
     if build:
         plan.steps.insert(0, build)
+    if hasattr(launcher, "plan_files"):             # files the launcher adds (k8s manifests), shown by the dry run
+        plan.files.update(launcher.plan_files(plan, cfg, run_dir))
 
     if cfg.dry_run:
         print(plan.render(str(run_dir), lambda s: launcher.argv(s, cfg)))
