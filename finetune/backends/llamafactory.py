@@ -147,8 +147,8 @@ def check(cfg) -> None:
             raise ConfigError("backend.template", None, f"tiny model {cfg.model.name} has no chat template; "
                               "use backend.template=default")
     elif b.template not in TEMPLATES:
-        raise ConfigError("backend.template", b.template, f"not a LLaMA-Factory {len(TEMPLATES)} template name "
-                          "(see finetune/backends/llamafactory_keys.py TEMPLATES)", suggest(b.template, TEMPLATES))
+        raise ConfigError("backend.template", b.template, f"not one of LLaMA-Factory's {len(TEMPLATES)} template names "
+                          "(listed in finetune/backends/llamafactory_keys.py)", suggest(b.template, TEMPLATES))
     choices = KEYS["pref_loss"][1]
     if b.pref_loss not in choices:
         raise ConfigError("backend.pref_loss", b.pref_loss, one_of(choices), suggest(b.pref_loss, choices))
