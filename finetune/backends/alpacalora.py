@@ -1,16 +1,128 @@
-"""alpacalora backend adapter (being built; see its issue)."""
+"""alpacalora: our own alpaca-lora recipe on HF Trainer + PEFT (finetune/recipes/alpacalora.py), every method.
+
+Plan:  [deepspeed.json]  ->  train (python -m finetune.recipes.alpacalora; torchrun when nproc_per_node > 1)
+       ->  merge (python -m finetune.recipes.common merge; LoRA methods, unless merge=false)
+Standard library + omegaconf only at import.
+"""
 from __future__ import annotations
 
-from finetune.errors import ConfigError
+import json
+import sys
+from pathlib import Path
+
+from finetune.errors import ConfigError, one_of
+from finetune.plan import Plan, Step
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+DS_FILE = "deepspeed.json"
+
+
+def _lora(cfg) -> bool:
+    return bool(cfg.method.uses_lora)
 
 
 def check(cfg) -> None:
-    pass
+    b, m = cfg.backend, cfg.method
+    names = sorted(p.stem for p in TEMPLATES.glob("*.json"))
+    if cfg.prompt_template_name not in names:
+        raise ConfigError("prompt_template_name", cfg.prompt_template_name, one_of(names) + f" (files in {TEMPLATES})")
+    if cfg.model.kind != "causal_lm":
+        raise ConfigError("model", cfg.model.name, "the alpacalora backend trains causal language models only")
+    if b.dataloader_num_workers < 0:
+        raise ConfigError("backend.dataloader_num_workers", b.dataloader_num_workers, "must be >= 0")
+    if b.torch_threads < 0:
+        raise ConfigError("backend.torch_threads", b.torch_threads, "must be >= 0 (0: let torch decide)")
+    if b.packing:
+        raise ConfigError("backend.packing", True, "packing is not implemented by the alpacalora recipe; "
+                          "use backend.group_by_length=true (length-grouped batches)")
+    if m.name == "galore":
+        if m.galore_layerwise:
+            raise ConfigError("method.galore_layerwise", True, "layer-wise GaLore is not implemented by the "
+                              "alpacalora recipe; use method.galore_layerwise=false or backend=llamafactory")
+        if cfg.optim not in ("adamw_torch", "adafactor"):
+            raise ConfigError("optim", cfg.optim, "GaLore (galore-torch) runs with optim=adamw_torch or adafactor")
+    if m.name == "badam" and cfg.hardware.deepspeed_stage is not None and m.badam_mode == "ratio":
+        raise ConfigError("method.badam_mode", "ratio", "ratio-wise BAdam does not run under DeepSpeed")
+    if _lora(cfg) and m.pissa_init and cfg.hardware.deepspeed_stage == 3:
+        raise ConfigError("hardware.deepspeed_stage", 3, "PiSSA initialisation does not work under ZeRO-3")
+    if cfg.hardware.precision == "fp16" and cfg.hardware.device == "cpu":
+        raise ConfigError("hardware.precision", "fp16", "fp16 needs a GPU; use fp32 or bf16 on CPU")
+    if b.deepspeed and not Path(str(b.deepspeed)).is_file():
+        raise ConfigError("backend.deepspeed", b.deepspeed, "no such file (a DeepSpeed JSON config)")
 
 
-def plan(cfg, run_dir, ctx):
-    raise ConfigError("backend", "alpacalora", "is not implemented yet in this checkout")
+def deepspeed_config(cfg) -> dict:
+    """A DeepSpeed config HF Trainer accepts ("auto" values are filled from TrainingArguments)."""
+    hw = cfg.hardware
+    zero = {"stage": int(hw.deepspeed_stage), "overlap_comm": False, "contiguous_gradients": True}
+    if hw.deepspeed_stage >= 2:
+        zero.update(reduce_bucket_size="auto", allgather_bucket_size=5e8 if hw.deepspeed_stage == 2 else None)
+    if hw.deepspeed_stage == 3:
+        zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto",
+                    stage3_gather_16bit_weights_on_model_save=True)
+    if hw.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": hw.device != "cpu"}
+    if hw.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": hw.device != "cpu"}
+    zero = {k: v for k, v in zero.items() if v is not None}
+    return {
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+    }
+
+
+def plan(cfg, run_dir, ctx) -> Plan:
+    run_dir = Path(run_dir)
+    files, notes = {}, []
+    py = sys.executable if cfg.backend.python in ("python", "", None) else str(cfg.backend.python)
+    cfg_path = str(run_dir / "resolved_config.json")
+    env = {"FINETUNE_CWD": str(Path.cwd())}        # relative paths in the config (model.path) are relative to it
+    if cfg.hardware.deepspeed_stage is not None and not cfg.backend.deepspeed:
+        files[DS_FILE] = json.dumps(deepspeed_config(cfg), indent=1) + "\n"
+        env["FINETUNE_DEEPSPEED"] = DS_FILE
+        notes.append(f"DeepSpeed ZeRO-{cfg.hardware.deepspeed_stage} config generated into {DS_FILE}")
+    ws = int(ctx.get("world_size", 1))
+    accum = int(cfg.batch_size) // (int(cfg.micro_batch_size) * ws)
+    notes.append(f"method {cfg.method.name}; global batch {cfg.batch_size} = micro {cfg.micro_batch_size} x "
+                 f"accumulation {accum} x {ws} process(es)")
+    steps = [Step(name="train", argv=[py, "-m", "finetune.recipes.alpacalora", "--config", cfg_path], env=env,
+                  distributed="torchrun")]
+    target = str(cfg.target_path or run_dir / "lazyllm_lora")
+    merged = str(cfg.merge_path or run_dir / "lazyllm_merge")
+    outputs = {"history": str(run_dir / "history.jsonl"), "tensorboard": str(run_dir / "tensorboard")}
+    if _lora(cfg):
+        outputs["adapter"] = target
+        if cfg.merge:
+            steps.append(Step(name="merge", argv=[py, "-m", "finetune.recipes.common", "merge",
+                                                  "--base", str(Path(str(cfg.model.path)).absolute()), "--adapter", target, "--out", merged,
+                                                  "--dtype", "bfloat16" if cfg.hardware.precision == "bf16" else "float32",
+                                                  *(["--trust-remote-code"] if cfg.trust_remote_code else [])]))
+            outputs["merged"] = merged
+        else:
+            notes.append("merge=false: the adapter is not merged")
+    else:
+        outputs["model"] = merged
+        notes.append(f"method {cfg.method.name} trains the whole model: it is saved to {merged}, no merge step")
+    if cfg.method.name == "pissa" or (_lora(cfg) and cfg.method.pissa_init):
+        notes.append("PiSSA: the saved adapter is converted to a plain LoRA delta (rank 2r) against the original "
+                     "base, so merging is reproducible" if cfg.method.pissa_convert else
+                     "PiSSA without pissa_convert: merging re-runs the PiSSA initialisation (not reproducible "
+                     "unless pissa_iter=-1)")
+    return Plan(backend="alpacalora", steps=steps, files=files, outputs=outputs, notes=notes)
 
 
 def collect(cfg, run_dir, ctx) -> dict:
-    return {}
+    run_dir = Path(run_dir)
+    path = run_dir / "train_summary.json"
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing: the train step wrote no summary")
+    s = json.loads(path.read_text())
+    keys = ("train_loss", "eval_loss", "first_train_loss", "total_params", "trainable_params", "tokens_per_s",
+            "peak_rss_mb", "train_runtime_s", "train_tokens", "global_step", "world_size", "deepspeed",
+            "gradient_accumulation_steps")
+    out = {k: s.get(k) for k in keys}
+    out["trainable_pct"] = 100.0 * s["trainable_params"] / s["total_params"] if s.get("total_params") else None
+    return out

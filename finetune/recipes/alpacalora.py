@@ -1,0 +1,423 @@
+"""The alpaca-lora recipe on HF Trainer + PEFT, every tuning method. One flat file, read top to bottom:
+
+    config -> tokenizer -> data (prompt template, label masking, held-out split) -> model + method
+           -> Trainer (optimizer per method, checkpoints, resume) -> train -> evaluate -> save -> summary
+
+Run by the alpacalora backend as its own process (no Hydra here):
+
+    python -m finetune.recipes.alpacalora --config <run>/resolved_config.json            # one process
+    python -m torch.distributed.run --nproc_per_node 2 -m finetune.recipes.alpacalora ...  # data parallel (gloo)
+
+Writes into the run folder: history.jsonl (one row per log event), tensorboard/, checkpoints/checkpoint-N
+(complete ones carry a FINETUNE_COMPLETE marker written last), the adapter in target_path (LoRA methods) or
+the whole model in merge_path (full, freeze, GaLore, BAdam), and train_summary.json (parameter counts, real
+tokens/s, peak RSS, runtime). The merge of a LoRA adapter is a separate plan step (finetune.recipes.common merge).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from finetune.recipes.common import (Collator, atomic_write_text, copy_tokenizer_files, log, peak_rss_mb,
+                                     read_config, split_train_val, target_tokens, tokenized_data, truncate_history)
+
+COMPLETE = "FINETUNE_COMPLETE"
+
+
+# ---------------------------------------------------------------------------------------------- method set-up
+
+
+def all_linear_modules(model) -> list:
+    """LLaMA-Factory's find_all_linear_modules: last name segment of every *Linear* module except lm_head."""
+    names = set()
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if "Linear" in cls and "Embedding" not in cls and name.split(".")[-1] not in ("lm_head", "output_layer", "output"):
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def as_list(v):
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return [s.strip() for s in v.split(",") if s.strip()]
+    return list(v)
+
+
+def setup_freeze(model, m: dict) -> None:
+    """LLaMA-Factory's freeze tuning, but matched on module-path segments (so 'norm' is the final norm only,
+    not every input_layernorm): the last n (n > 0) or first |n| (n < 0) decoder layers, optionally only some of
+    their sub-modules, plus extra modules outside the layers."""
+    n_layers = model.config.num_hidden_layers
+    n = int(m["freeze_trainable_layers"])
+    layer_ids = set(range(max(0, n_layers - n), n_layers)) if n > 0 else set(range(min(-n, n_layers)))
+    in_layer, outside = set(), set()
+    for name, _ in model.named_parameters():
+        seg = name.split(".")
+        idx = next((i for i, s in enumerate(seg) if s.isdigit()), None)
+        if idx is None:
+            outside.update(seg[:-1])
+        elif idx + 1 < len(seg) - 1:
+            in_layer.add(seg[idx + 1])
+    modules = None if m["freeze_trainable_modules"] in ("all", None) else as_list(m["freeze_trainable_modules"])
+    for mod in modules or []:
+        if mod not in in_layer:
+            raise ValueError(f"method.freeze_trainable_modules: module {mod!r} not found; choose from {sorted(in_layer)}")
+    extras = as_list(m.get("freeze_extra_modules")) or []
+    for mod in extras:
+        if mod not in outside:
+            raise ValueError(f"method.freeze_extra_modules: module {mod!r} not found; choose from {sorted(outside)}")
+    for name, p in model.named_parameters():
+        seg = name.split(".")
+        idx = next((i for i, s in enumerate(seg) if s.isdigit()), None)
+        if idx is None:
+            p.requires_grad_(any(s in extras for s in seg[:-1]))
+        else:
+            p.requires_grad_(int(seg[idx]) in layer_ids and (modules is None or seg[idx + 1] in modules))
+    log(f"freeze: trainable layers {sorted(layer_ids)}, modules {modules or 'all'}, extra {extras}")
+
+
+def setup_lora(model, m: dict):
+    from peft import LoraConfig, get_peft_model
+
+    targets = as_list(m["lora_target_modules"])
+    if targets == ["all"]:
+        targets = all_linear_modules(model)
+    init = True
+    if m.get("pissa_init"):
+        init = "pissa" if int(m["pissa_iter"]) == -1 else f"pissa_niter_{int(m['pissa_iter'])}"
+    config = LoraConfig(task_type="CAUSAL_LM", r=int(m["lora_r"]), lora_alpha=m["lora_alpha"],
+                        lora_dropout=float(m["lora_dropout"]), target_modules=targets, bias="none",
+                        modules_to_save=as_list(m.get("modules_to_save")) or None,
+                        use_rslora=bool(m.get("use_rslora")), use_dora=bool(m.get("use_dora")),
+                        init_lora_weights=init)
+    log(f"LoRA: r={config.r} alpha={config.lora_alpha} targets={targets} modules_to_save={config.modules_to_save} "
+        f"rslora={config.use_rslora} dora={config.use_dora} init={init}")
+    return get_peft_model(model, config)
+
+
+def decay_parameter_names(model) -> set:
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    try:
+        from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+    except ImportError:  # pragma: no cover
+        import torch
+        ALL_LAYERNORM_LAYERS = [torch.nn.LayerNorm]
+    return {n for n in get_parameter_names(model, ALL_LAYERNORM_LAYERS) if "bias" not in n}
+
+
+def custom_optimizer(model, args, m: dict):
+    """LLaMA-Factory's create_custom_optimizer: LoRA+, GaLore (galore-torch), BAdam (badam); None = HF default."""
+    from transformers import Trainer
+
+    decay = decay_parameter_names(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if m.get("loraplus_lr_ratio"):
+        optim_cls, kw = Trainer.get_optimizer_cls_and_kwargs(args)
+        ratio, lr = float(m["loraplus_lr_ratio"]), args.learning_rate
+        groups = {"lora_a": [], "lora_b": [], "lora_b_nodecay": [], "embedding": []}
+        for n, p in named:
+            if "lora_embedding_B" in n:
+                groups["embedding"].append(p)
+            elif "lora_B" in n or p.ndim == 1:
+                groups["lora_b" if n in decay else "lora_b_nodecay"].append(p)
+            else:
+                groups["lora_a"].append(p)
+        param_groups = [
+            dict(params=groups["lora_a"], lr=lr, weight_decay=args.weight_decay),
+            dict(params=groups["lora_b"], lr=lr * ratio, weight_decay=args.weight_decay),
+            dict(params=groups["lora_b_nodecay"], lr=lr * ratio, weight_decay=0.0),
+            dict(params=groups["embedding"], lr=float(m.get("loraplus_lr_embedding", 1e-6)),
+                 weight_decay=args.weight_decay),
+        ]
+        log(f"LoRA+: B learning rate x{ratio}")
+        return optim_cls([g for g in param_groups if g["params"]], **kw)
+    if m.get("use_galore"):
+        import torch
+        from galore_torch import GaLoreAdafactor, GaLoreAdamW
+
+        targets = as_list(m["galore_target"])
+        if targets == ["all"]:
+            targets = all_linear_modules(model)
+        galore = [p for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+                  and any(t in name for t in targets) for p in mod.parameters() if p.requires_grad and p.ndim > 1]
+        ids = {id(p) for p in galore}
+        rest_decay = [p for n, p in named if id(p) not in ids and n in decay]
+        rest_nodecay = [p for n, p in named if id(p) not in ids and n not in decay]
+        _, kw = Trainer.get_optimizer_cls_and_kwargs(args)
+        optim_cls = {"adamw_torch": GaLoreAdamW, "adafactor": GaLoreAdafactor}.get(args.optim)
+        if optim_cls is None:
+            raise ValueError(f"GaLore runs with optim adamw_torch or adafactor, not {args.optim}")
+        gk = dict(rank=int(m["galore_rank"]), update_proj_gap=int(m["galore_update_interval"]),
+                  scale=float(m["galore_scale"]), proj_type=m["galore_proj_type"])
+        log(f"GaLore: {len(galore)} projected matrices, {gk}")
+        return optim_cls([dict(params=rest_nodecay, weight_decay=0.0),
+                          dict(params=rest_decay, weight_decay=args.weight_decay),
+                          dict(params=galore, weight_decay=args.weight_decay, **gk)], **kw)
+    if m.get("use_badam"):
+        optim_cls, kw = Trainer.get_optimizer_cls_and_kwargs(args)
+        groups = [dict(params=[p for n, p in named if n not in decay], weight_decay=0.0),
+                  dict(params=[p for n, p in named if n in decay], weight_decay=args.weight_decay)]
+        if m["badam_mode"] == "layer":
+            from badam import BlockOptimizer
+
+            log(f"BAdam layer mode: switch every {m['badam_switch_interval']} steps, {m['badam_switch_mode']}")
+            return BlockOptimizer(base_optimizer=optim_cls(groups, **kw), named_parameters_list=list(model.named_parameters()),
+                                  block_prefix_list=None, switch_block_every=int(m["badam_switch_interval"]),
+                                  start_block=m.get("badam_start_block"), switch_mode=m["badam_switch_mode"],
+                                  verbose=int(m["badam_verbose"]))
+        from badam import BlockOptimizerRatio
+
+        log(f"BAdam ratio mode: update ratio {m['badam_update_ratio']}, mask {m['badam_mask_mode']}")
+        kw = {k: v for k, v in kw.items() if k not in ("fused", "foreach")}
+        return BlockOptimizerRatio(param_groups=groups, named_parameters_list=list(model.named_parameters()),
+                                   update_ratio=float(m["badam_update_ratio"]), mask_mode=m["badam_mask_mode"],
+                                   verbose=int(m["badam_verbose"]), include_embedding=False, **kw)
+    return None
+
+
+def last_complete_checkpoint(ckpt_dir: Path):
+    found = [(int(p.name.split("-")[1]), p) for p in ckpt_dir.glob("checkpoint-*")
+             if re.fullmatch(r"checkpoint-\d+", p.name) and (p / COMPLETE).exists()]
+    return max(found)[1] if found else None
+
+
+def _small_model(path: str) -> bool:
+    try:
+        c = json.loads((Path(path) / "config.json").read_text())
+        return int(c.get("hidden_size", 1 << 30)) <= 256
+    except (OSError, ValueError):
+        return False
+
+
+def deepspeed_env() -> None:
+    """DeepSpeed needs the torchrun environment even for one process (else it looks for mpi4py)."""
+    if "RANK" not in os.environ:
+        from launchers.process import free_port
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m finetune.recipes.alpacalora")
+    ap.add_argument("--config", required=True, help="<run>/resolved_config.json written by the driver")
+    cfg = read_config(ap.parse_args(argv).config)
+    run_dir = Path(cfg["_run_dir"])
+    base = Path(os.environ.get("FINETUNE_CWD", "."))     # relative paths in the config are relative to the driver's cwd
+    for key in ("model", "data"):
+        if cfg[key].get("path") and not os.path.isabs(cfg[key]["path"]):
+            cfg[key]["path"] = str(base / cfg[key]["path"])
+    m, b, hw = cfg["method"], cfg["backend"], cfg["hardware"]
+    ds_config = b.get("deepspeed") or os.environ.get("FINETUNE_DEEPSPEED")   # the plan's generated file
+    if ds_config and not os.path.isabs(ds_config):
+        ds_config = str(run_dir / ds_config)
+    if ds_config:
+        deepspeed_env()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if int(b.get("torch_threads") or 0) > 0:
+        os.environ["OMP_NUM_THREADS"] = str(b["torch_threads"])
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+
+    # 1. libraries (heavy: only here, in the worker)
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    threads = int(b.get("torch_threads") or 0)
+    if threads == 0 and world == 1 and _small_model(cfg["model"]["path"]):
+        threads = 1          # matmuls of a tiny model are too small to split: a 2nd thread only spins (16x slower
+                             # on a busy 2-core machine, measured); bigger models keep the launcher's OMP_NUM_THREADS
+    if threads > 0:
+        torch.set_num_threads(threads)
+    transformers.logging.set_verbosity_warning()
+    seed = int(cfg["seed"])
+
+    # 2. tokenizer: a pad token distinct from EOS when the model has one (the reference uses id 0, unk)
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model"]["path"], trust_remote_code=cfg["trust_remote_code"])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+
+    # 3. data: template -> tokens + labels (train_on_inputs), cutoff_len + EOS, cached; held-out split, seed 42
+    examples = tokenized_data(cfg, tokenizer, run_dir / "cache")
+    train_set, val_set = split_train_val(examples, float(cfg["val_set_size"]), seed=42)
+    log(f"data: {len(examples)} examples -> {len(train_set)} train, {len(val_set)} held out "
+        f"(train_on_inputs={cfg['train_on_inputs']}, cutoff_len={cfg['cutoff_len']}, template={cfg['prompt_template_name']})")
+    if b.get("show_prompt") and int(os.environ.get("RANK", "0")) == 0:
+        print(tokenizer.decode(train_set[0]["input_ids"]), flush=True)
+
+    # 4. model + method. Seed BEFORE loading and wrapping, so LoRA/PiSSA init and reruns are bitwise identical.
+    transformers.set_seed(seed)
+    dtype = torch.bfloat16 if hw["precision"] == "bf16" else torch.float16 if hw["precision"] == "fp16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(cfg["model"]["path"], dtype=dtype,
+                                                 trust_remote_code=cfg["trust_remote_code"])
+    model.config.use_cache = False
+    uses_lora = bool(m.get("uses_lora"))
+    if uses_lora:
+        model = setup_lora(model, m)
+    elif m["finetuning_type"] == "freeze":
+        setup_freeze(model, m)
+    else:                                                     # full, GaLore, BAdam: every weight is a candidate
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if cfg["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+        if uses_lora:
+            model.enable_input_require_grads()
+
+    # 5. Trainer: batch = micro x accumulation x world; cosine with warmup; checkpoints; tensorboard
+    accum = max(1, int(cfg["batch_size"]) // (int(cfg["micro_batch_size"]) * world))
+    eval_steps = int(cfg["eval_steps"])
+    save_steps = int(cfg["save_steps"])
+    ckpt_dir = run_dir / "checkpoints"
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=int(cfg["micro_batch_size"]),
+        per_device_eval_batch_size=int(cfg["micro_batch_size"]),
+        gradient_accumulation_steps=accum,
+        num_train_epochs=float(cfg["num_epochs"]),
+        max_steps=int(cfg["max_steps"]),
+        learning_rate=float(cfg["learning_rate"]),
+        warmup_steps=float(cfg["warmup_ratio"]),               # < 1: a ratio of the total steps (transformers 5)
+        lr_scheduler_type=cfg["lr_scheduler_type"],
+        weight_decay=float(cfg["weight_decay"]),
+        max_grad_norm=float(cfg["max_grad_norm"]),
+        optim=cfg["optim"],
+        logging_steps=int(cfg["logging_steps"]),
+        eval_strategy=("steps" if eval_steps > 0 else "epoch") if val_set else "no",
+        eval_steps=eval_steps or None,
+        save_strategy="steps" if save_steps > 0 else "no",
+        save_steps=save_steps or 500,
+        save_total_limit=int(cfg["save_total_limit"]) or None,
+        report_to=[] if cfg["report_to"] == "none" else [cfg["report_to"]],
+        seed=seed,
+        data_seed=seed,
+        train_sampling_strategy="group_by_length" if b.get("group_by_length") else "random",
+        dataloader_num_workers=int(b.get("dataloader_num_workers") or 0),
+        bf16=hw["precision"] == "bf16",
+        use_cpu=hw["device"] == "cpu" and not ds_config,
+        ddp_backend="gloo" if hw["device"] == "cpu" and world > 1 else None,
+        ddp_find_unused_parameters=False if world > 1 else None,
+        deepspeed=ds_config or None,
+        remove_unused_columns=False,
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+    counter = {"tokens": 0}
+
+    class RecipeTrainer(Trainer):
+        """HF Trainer + our optimizer choice, real-token counting, tokens/s and peak RSS in every log event,
+        and complete-checkpoint markers."""
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = custom_optimizer(self.model, self.args, m)
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            counter["tokens"] += target_tokens(inputs["labels"])
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def log(self, logs, *a, **kw):
+            if "loss" in logs:
+                now = time.perf_counter()
+                t0, tok0 = getattr(self, "_tick", (self._t_start, 0))
+                if now > t0:
+                    logs["tokens_per_s"] = (counter["tokens"] - tok0) * world / (now - t0)
+                self._tick = (now, counter["tokens"])
+                logs["peak_rss_mb"] = round(peak_rss_mb(), 1)
+            return super().log(logs, *a, **kw)
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            if self.args.should_save:            # written last, atomically: the checkpoint is complete
+                atomic_write_text(ckpt_dir / f"checkpoint-{self.state.global_step}" / COMPLETE, str(time.time()))
+
+    from finetune.recipes.common import history_callback
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer = RecipeTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
+                            data_collator=Collator(tokenizer.pad_token_id),
+                            callbacks=[history_callback(run_dir, counter, world)])
+    trainer.remove_callback(PrinterCallback)           # our history callback prints one plain line per event
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%), method={m['name']}, "
+        f"world={world}, accumulation={accum}")
+
+    # PiSSA: keep the initial adapter so that the final one can be converted into a plain LoRA delta
+    pissa_init_dir = run_dir / "pissa_init"
+    if uses_lora and m.get("pissa_init") and m.get("pissa_convert") and trainer.args.should_save \
+            and not (pissa_init_dir / "adapter_config.json").exists():
+        init = model.peft_config["default"].init_lora_weights
+        model.peft_config["default"].init_lora_weights = True
+        model.save_pretrained(str(pissa_init_dir))
+        model.peft_config["default"].init_lora_weights = init
+
+    # 6. resume from the last complete checkpoint of this run folder (re-run or resume=true)
+    resume_from = last_complete_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+    if resume_from is not None:
+        step = int(resume_from.name.split("-")[1])
+        log(f"resuming from {resume_from} (step {step})")
+        if trainer.args.should_save:
+            truncate_history(run_dir, step)
+    elif trainer.args.should_save:
+        truncate_history(run_dir, 0)
+
+    # 7. train, then a final evaluation if the last step had none
+    t0 = trainer._t_start = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    runtime = time.perf_counter() - t0
+    hist = trainer.state.log_history
+    if val_set and not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in hist):
+        trainer.evaluate()
+
+    # 8. save: adapter (LoRA methods; PiSSA converted to a plain LoRA) or the whole model
+    target = Path(cfg.get("target_path") or run_dir / "lazyllm_lora")
+    merged = Path(cfg.get("merge_path") or run_dir / "lazyllm_merge")
+    if trainer.args.should_save:
+        if uses_lora:
+            if m.get("pissa_init") and m.get("pissa_convert"):
+                model.save_pretrained(str(target), path_initial_model_for_weight_conversion=str(pissa_init_dir))
+            else:
+                model.save_pretrained(str(target))
+            tokenizer.save_pretrained(str(target))
+            artefact = target
+        else:
+            trainer.save_model(str(merged))
+            tokenizer.save_pretrained(str(merged))
+            copy_tokenizer_files(Path(cfg["model"]["path"]), merged) if not (merged / "tokenizer.json").exists() else None
+            artefact = merged
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+        summary = {
+            "method": m["name"], "total_params": int(total), "trainable_params": int(trainable),
+            "train_loss": losses[-1] if losses else None, "first_train_loss": losses[0] if losses else None,
+            "eval_loss": evals[-1] if evals else None, "global_step": trainer.state.global_step,
+            "train_runtime_s": runtime, "train_tokens": counter["tokens"] * world,
+            "tokens_per_s": counter["tokens"] * world / runtime if runtime > 0 else None,
+            "peak_rss_mb": peak_rss_mb(), "world_size": world, "gradient_accumulation_steps": accum,
+            "resumed_from": str(resume_from) if resume_from else None, "artefact": str(artefact),
+            "deepspeed": bool(trainer.is_deepspeed_enabled),
+            "train_examples": len(train_set), "eval_examples": len(val_set),
+            "mean_train_loss_hf": out.training_loss,
+        }
+        atomic_write_text(run_dir / "train_summary.json", json.dumps(summary, indent=1))
+        log(f"saved {artefact}; train_loss={summary['train_loss']} eval_loss={summary['eval_loss']} "
+            f"tokens/s={summary['tokens_per_s']:.1f} peak_rss={summary['peak_rss_mb']:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

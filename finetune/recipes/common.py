@@ -1,0 +1,361 @@
+"""Helpers shared by the training recipes (worker side). Generic on purpose: other recipes may import them.
+
+- prompt templates by name (finetune/templates/<name>.json, the alpaca-lora format)
+- data: alpaca / sharegpt / messages rows from a .json/.jsonl file or a folder of them
+- tokenising with alpaca-lora's label masking (train_on_inputs, cutoff_len + EOS), cached in the run folder
+- callbacks: history.jsonl writer with real tokens/s (unmasked target tokens) and peak RSS
+- merge helper: base + adapter -> merged model folder with the tokenizer files copied
+
+torch / transformers / peft are imported inside the functions that need them; the module itself is stdlib only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+IGNORE_INDEX = -100
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def log(msg: str) -> None:
+    """Plain log lines (the launcher writes them to <run>/logs/<step>.log); rank 0 only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def read_config(path: str) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ---------------------------------------------------------------------------------------------- prompt templates
+
+
+def load_template(name: str) -> dict:
+    path = TEMPLATES / f"{name or 'alpaca'}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in TEMPLATES.glob("*.json"))
+        raise ValueError(f"prompt_template_name={name!r}: no {path}; known: {', '.join(known)}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def template_names() -> List[str]:
+    return sorted(p.stem for p in TEMPLATES.glob("*.json"))
+
+
+def alpaca_prompt(template: dict, instruction: str, input: Optional[str] = None) -> str:
+    """alpaca-lora's Prompter.generate_prompt without the label: prompt_input if input is non-empty."""
+    if input:
+        return template["prompt_input"].format(instruction=instruction, input=input)
+    return template["prompt_no_input"].format(instruction=instruction)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def data_files(path: str) -> List[Path]:
+    p = Path(path)
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.suffix in (".json", ".jsonl") and f.is_file())
+    return [p]
+
+
+def read_rows(path: str) -> List[dict]:
+    """Every row of a .json (list) / .jsonl file, or of every such file in a folder (sorted by name)."""
+    rows: List[dict] = []
+    for f in data_files(path):
+        text = f.read_text(encoding="utf-8")
+        if f.suffix == ".jsonl":
+            rows += [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            data = json.loads(text)
+            rows += data if isinstance(data, list) else [data]
+    return rows
+
+
+def row_format(row: dict) -> str:
+    if "messages" in row or "conversations" in row:
+        return "sharegpt"
+    return "alpaca"
+
+
+_ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+         "system": "system", "function_call": "assistant", "observation": "user", "tool": "user"}
+
+
+def to_messages(row: dict) -> List[dict]:
+    """sharegpt ({conversations: [{from, value}]}) or messages ({messages: [{role, content}]}) -> messages."""
+    if "messages" in row:
+        return [{"role": _ROLE.get(m["role"], m["role"]), "content": m["content"]} for m in row["messages"]]
+    msgs = [{"role": _ROLE.get(m["from"], m["from"]), "content": m["value"]} for m in row["conversations"]]
+    if row.get("system"):
+        msgs.insert(0, {"role": "system", "content": row["system"]})
+    return msgs
+
+
+def _tokenize(tokenizer, text: str, cutoff_len: int, add_eos: bool) -> List[int]:
+    """alpaca-lora's tokenize(): truncate to cutoff_len, append EOS if room and asked."""
+    ids = tokenizer(text, truncation=True, max_length=cutoff_len, padding=False)["input_ids"]
+    if add_eos and (not ids or ids[-1] != tokenizer.eos_token_id) and len(ids) < cutoff_len:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids
+
+
+def encode_alpaca(row: dict, tokenizer, template: dict, cutoff_len: int, train_on_inputs: bool) -> dict:
+    """alpaca-lora's generate_and_tokenize_prompt, with train_on_inputs honoured.
+
+    The full prompt+response always gets EOS (as in the reference); with train_on_inputs=False the prompt's
+    tokens (tokenised alone, without EOS) are masked with -100, relying on the prompt being a token prefix.
+    """
+    prompt = alpaca_prompt(template, row.get("instruction", ""), row.get("input") or None)
+    ids = _tokenize(tokenizer, prompt + str(row.get("output", "")), cutoff_len, add_eos=True)
+    labels = list(ids)
+    if not train_on_inputs:
+        n = len(_tokenize(tokenizer, prompt, cutoff_len, add_eos=False))
+        labels = [IGNORE_INDEX] * n + labels[n:]
+    return {"input_ids": ids, "labels": labels[: len(ids)]}
+
+
+def encode_messages(messages: List[dict], tokenizer, cutoff_len: int, train_on_inputs: bool) -> dict:
+    """A conversation through the model's chat template. With train_on_inputs=False only assistant turns are
+    trained: each assistant turn's span is found by rendering the conversation up to it and through it."""
+    def render(msgs) -> List[int]:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        return tokenizer(text, add_special_tokens=False, padding=False)["input_ids"]
+
+    ids = render(messages)
+    if ids and ids[-1] != tokenizer.eos_token_id:
+        ids = ids + [tokenizer.eos_token_id]
+    if train_on_inputs:
+        labels = list(ids)
+    else:
+        labels = [IGNORE_INDEX] * len(ids)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(render(messages[:i])) if i else 0
+            end = len(render(messages[: i + 1])) if i + 1 < len(messages) else len(ids)
+            labels[start:end] = ids[start:end]
+    return {"input_ids": ids[:cutoff_len], "labels": labels[:cutoff_len]}
+
+
+def encode_rows(rows: List[dict], tokenizer, template_name: str, cutoff_len: int, train_on_inputs: bool) -> List[dict]:
+    template = load_template(template_name)
+    out = []
+    for row in rows:
+        if row_format(row) == "sharegpt":
+            ex = encode_messages(to_messages(row), tokenizer, cutoff_len, train_on_inputs)
+        else:
+            ex = encode_alpaca(row, tokenizer, template, cutoff_len, train_on_inputs)
+        if any(label != IGNORE_INDEX for label in ex["labels"][1:]):   # nothing to learn after truncation: drop
+            out.append(ex)
+    return out
+
+
+def _file_digest(paths: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths, key=str):
+        h.update(str(p).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def tokenized_data(cfg: dict, tokenizer, cache_dir: Path) -> List[dict]:
+    """Rows -> tokenised examples, cached under <run>/cache keyed by everything that changes the result
+    (data bytes, tokenizer files, template, cutoff_len, train_on_inputs, max_samples)."""
+    model_dir = Path(cfg["model"]["path"])
+    tok_files = [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
+    key = hashlib.sha256(json.dumps({
+        "data": _file_digest(data_files(cfg["data"]["path"])), "tok": _file_digest(tok_files),
+        "template": load_template(cfg["prompt_template_name"]), "cutoff": cfg["cutoff_len"],
+        "train_on_inputs": cfg["train_on_inputs"], "max_samples": cfg.get("max_samples"), "v": 1,
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"tokenized-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    rows = read_rows(cfg["data"]["path"])
+    if cfg.get("max_samples"):
+        rows = rows[: int(cfg["max_samples"])]
+    examples = encode_rows(rows, tokenizer, cfg["prompt_template_name"], int(cfg["cutoff_len"]),
+                           bool(cfg["train_on_inputs"]))
+    atomic_write_text(path, json.dumps(examples))
+    return examples
+
+
+def split_train_val(examples: List[dict], val_set_size: float, seed: int = 42) -> Tuple[List[dict], List[dict]]:
+    """Held-out split with a fixed seed (alpaca-lora: train_test_split(test_size=val_set_size, seed=42)).
+    val_set_size >= 1 is a row count, in (0, 1) a fraction, 0 none."""
+    import random
+
+    n = len(examples)
+    k = int(val_set_size) if val_set_size >= 1 else int(round(val_set_size * n))
+    if k <= 0:
+        return list(examples), []
+    if k >= n:
+        raise ValueError(f"val_set_size={val_set_size} leaves no training rows ({n} rows after tokenising)")
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    val = set(idx[:k])
+    return [examples[i] for i in range(n) if i not in val], [examples[i] for i in sorted(val)]
+
+
+class Collator:
+    """Pads input_ids (pad id) and labels (-100) to the longest in the batch, a multiple of 8 (as the reference's
+    DataCollatorForSeq2Seq(pad_to_multiple_of=8)); right padding with an attention mask."""
+
+    def __init__(self, pad_id: int, multiple: int = 8):
+        self.pad_id, self.multiple = pad_id, multiple
+
+    def __call__(self, batch: List[dict]):
+        import torch
+
+        n = max(len(b["input_ids"]) for b in batch)
+        n = -(-n // self.multiple) * self.multiple
+        ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.tensor(b["input_ids"])
+            labels[i, :k] = torch.tensor(b["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def target_tokens(labels) -> int:
+    """Tokens that are really trained on: labels (after the causal shift) that are not -100."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+# ---------------------------------------------------------------------------------------------- history callback
+
+
+def history_callback(run_dir: Path, counter: dict, world_size: int = 1):
+    """A TrainerCallback that appends each log event to <run>/history.jsonl (rank 0) with tokens/s (unmasked
+    target tokens of all ranks) and peak RSS, and prints a plain log line."""
+    from transformers import TrainerCallback
+
+    class HistoryCallback(TrainerCallback):
+        def __init__(self):
+            self.t0 = None
+            self.tok0 = 0
+            self.path = Path(run_dir) / "history.jsonl"
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.t0 is None:
+                self.t0, self.tok0 = time.perf_counter(), counter["tokens"]
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            for k, v in logs.items():
+                if isinstance(v, (int, float)):
+                    row[k] = v
+            if "loss" in logs and self.t0 is not None:
+                dt = time.perf_counter() - self.t0
+                if dt > 0:
+                    row["tokens_per_s"] = (counter["tokens"] - self.tok0) * world_size / dt
+                self.t0, self.tok0 = time.perf_counter(), counter["tokens"]
+            row["peak_rss_mb"] = round(peak_rss_mb(), 1)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            print(shown, flush=True)
+
+    return HistoryCallback()
+
+
+def truncate_history(run_dir: Path, last_step: int) -> None:
+    """On resume: drop history rows logged after the checkpoint we continue from (they will be logged again)."""
+    path = Path(run_dir) / "history.jsonl"
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(row.get("step", 0)) <= last_step:
+            keep.append(line + "\n")
+    atomic_write_text(path, "".join(keep))
+
+
+# ---------------------------------------------------------------------------------------------- merge
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> List[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def merge_adapter(base_path: str, adapter_path: str, out_path: str, dtype: str = "float32",
+                  trust_remote_code: bool = False) -> Path:
+    """base + LoRA adapter -> merged model (merge_and_unload), written to a temp folder then renamed, with the
+    tokenizer files copied from the adapter folder (or the base model's when the adapter has none)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_path)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype),
+                                                trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
+    model.save_pretrained(tmp)
+    src = adapter_path if (Path(adapter_path) / "tokenizer_config.json").exists() else base_path
+    copy_tokenizer_files(Path(src), tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """python -m finetune.recipes.common merge --base B --adapter A --out O"""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m finetune.recipes.common")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge")
+    m.add_argument("--base", required=True)
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--dtype", default="float32")
+    m.add_argument("--trust-remote-code", action="store_true")
+    a = ap.parse_args(argv)
+    out = merge_adapter(a.base, a.adapter, a.out, a.dtype, a.trust_remote_code)
+    log(f"merged {a.adapter} into {a.base} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
