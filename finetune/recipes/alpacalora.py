@@ -345,12 +345,23 @@ def main(argv=None) -> int:
                 atomic_write_text(ckpt_dir / f"checkpoint-{self.state.global_step}" / COMPLETE, str(time.time()))
 
     from finetune.recipes.common import history_callback
-    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import PrinterCallback, TrainerCallback
 
     trainer = RecipeTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
                             data_collator=Collator(tokenizer.pad_token_id),
                             callbacks=[history_callback(run_dir, counter, world)])
     trainer.remove_callback(PrinterCallback)           # our history callback prints one plain line per event
+
+    class CountAtStart(TrainerCallback):
+        """Trainable parameters once the optimizer exists (BAdam freezes all but the active block there)."""
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            n = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+            if n != trainable:
+                log(f"trainable parameters after the optimizer set-up: {n:,}")
+            counter["trainable"] = n
+
+    trainer.add_callback(CountAtStart())
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%), method={m['name']}, "
@@ -402,7 +413,7 @@ def main(argv=None) -> int:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
         summary = {
-            "method": m["name"], "total_params": int(total), "trainable_params": int(trainable),
+            "method": m["name"], "total_params": int(total), "trainable_params": int(counter.get("trainable", trainable)),
             "train_loss": losses[-1] if losses else None, "first_train_loss": losses[0] if losses else None,
             "eval_loss": evals[-1] if evals else None, "global_step": trainer.state.global_step,
             "train_runtime_s": runtime, "train_tokens": counter["tokens"] * world,

@@ -1,0 +1,271 @@
+"""The alpacalora backend: plan, refusals, label masking, and tiny real runs of every method on CPU.
+
+One LoRA run (module fixture) serves the merge, determinism, resume and DDP comparisons. Real runs are
+`slow`; each trains the tiny Llama for a dozen optimizer steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PY, REPO, read_json, run_train, train_env
+
+# a tiny job: 12 optimizer steps of 8 rows (2 micro-batches of 4), a fixed held-out set of 32 rows
+SMALL = ["max_samples=160", "val_set_size=32", "batch_size=8", "micro_batch_size=4", "max_steps=12",
+         "learning_rate=1e-3", "logging_steps=1", "eval_steps=12", "report_to=none"]
+
+
+def _train(out: Path, *overrides, expect_ok=True, env=None):
+    proc, _ = run_train(*SMALL, f"output_dir={out}", *overrides, outputs=out.parent / "outputs", env=env)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _losses(run: Path):
+    rows = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines() if l.strip()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def _llama_counts(model_dir: Path) -> dict:
+    c = read_json(model_dir / "config.json")
+    h, i, v, L = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
+    layer = h * h + 2 * h * kv + h * h + 3 * h * i + 2 * h      # q, k, v, o, gate/up/down, two norms
+    emb = v * h
+    return {"h": h, "kv": kv, "L": L, "layer": layer, "emb": emb, "total": L * layer + 2 * emb + h}
+
+
+# ------------------------------------------------------------------------------------------------ fast
+
+
+def test_dry_run_plan_has_train_and_merge_steps(tmp_path):
+    proc, _ = run_train("dry_run=true", f"output_dir={tmp_path / 'r'}", outputs=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert '"-m", "finetune.recipes.alpacalora"' in proc.stdout
+    assert '"-m", "finetune.recipes.common", "merge"' in proc.stdout
+    assert "accumulation 16 x 1 process" in proc.stdout          # 64 / 4 / 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_dry_run_deepspeed_config_and_full_method_has_no_merge(tmp_path):
+    proc, _ = run_train("dry_run=true", "method=full", "hardware.deepspeed_stage=3", f"output_dir={tmp_path / 'r'}",
+                        outputs=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout.split("--- deepspeed.json", 1)[1]
+    ds = json.loads(text[: text.index("\n}") + 2])
+    assert ds["zero_optimization"]["stage"] == 3 and ds["train_micro_batch_size_per_gpu"] == "auto"
+    assert "finetune.recipes.common" not in proc.stdout
+
+
+@pytest.mark.parametrize("override,key", [
+    ("prompt_template_name=nope", "prompt_template_name"),
+    ("method=galore method.galore_layerwise=true batch_size=4", "method.galore_layerwise"),
+    ("backend.packing=true", "backend.packing"),
+])
+def test_bad_input_refused_with_one_line(tmp_path, override, key):
+    proc, _ = run_train(*override.split(), outputs=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and key in lines[0], proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_on_inputs_masks_prompt_tokens(tiny_model):
+    from transformers import AutoTokenizer
+
+    from finetune.recipes.common import IGNORE_INDEX, alpaca_prompt, encode_alpaca, load_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_model("tiny_llama"))
+    tpl = load_template("alpaca")
+    row = {"instruction": "Reverse the words.", "input": "red rice", "output": "rice red"}
+    n_prompt = len(tok(alpaca_prompt(tpl, row["instruction"], row["input"]))["input_ids"])
+    masked = encode_alpaca(row, tok, tpl, 1030, train_on_inputs=False)
+    full = encode_alpaca(row, tok, tpl, 1030, train_on_inputs=True)
+    assert masked["input_ids"] == full["input_ids"] and full["input_ids"][-1] == tok.eos_token_id
+    assert masked["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert masked["labels"][n_prompt:] == masked["input_ids"][n_prompt:] and len(masked["labels"]) > n_prompt
+    assert full["labels"] == full["input_ids"]
+    cut = encode_alpaca(row, tok, tpl, 8, train_on_inputs=True)          # cutoff_len truncates (no room for EOS)
+    assert len(cut["input_ids"]) == 8
+
+
+def test_sharegpt_rows_use_chat_template_and_mask_user_turns(tiny_model):
+    from transformers import AutoTokenizer
+
+    from finetune.recipes.common import IGNORE_INDEX, encode_messages, to_messages
+
+    tok = AutoTokenizer.from_pretrained(tiny_model("tiny_llama"))
+    row = {"conversations": [{"from": "human", "value": "Copy the words.\niron salt"}, {"from": "gpt", "value": "iron salt"}]}
+    ex = encode_messages(to_messages(row), tok, 1030, train_on_inputs=False)
+    trained = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX]
+    assert tok.decode(trained).strip().startswith("iron salt") and trained[-1] == tok.eos_token_id
+    assert "### Instruction:" in tok.decode(ex["input_ids"])
+
+
+# ------------------------------------------------------------------------------------------------ one LoRA run
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("alpacalora") / "lora"
+    _train(out, "save_steps=4")
+    return out
+
+
+@pytest.mark.slow
+def test_lora_run_outputs_and_counts(lora_run, tiny_model):
+    c = _llama_counts(tiny_model("tiny_llama"))
+    s = read_json(lora_run / "train_summary.json")
+    r = 8
+    lora = c["L"] * (r * (c["h"] + c["h"]) + r * (c["h"] + c["kv"]))     # q_proj and v_proj: r*(d_in + d_out)
+    assert s["trainable_params"] == lora + 2 * c["emb"]                   # + modules_to_save embed_tokens, lm_head
+    losses = [l for _, l in _losses(lora_run)]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
+    m = read_json(lora_run / "metrics.json")
+    for k in ("train_loss", "eval_loss", "first_train_loss", "total_params", "trainable_params", "tokens_per_s",
+              "peak_rss_mb", "train_runtime_s"):
+        assert m.get(k) is not None, k
+    assert m["tokens_per_s"] > 0 and m["peak_rss_mb"] > 100
+    assert (lora_run / "lazyllm_lora" / "adapter_config.json").exists()
+    assert (lora_run / "lazyllm_merge" / "tokenizer.json").exists()
+    assert (lora_run / "loss.png").exists() and any((lora_run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (lora_run / "checkpoints" / "checkpoint-12" / "FINETUNE_COMPLETE").exists()
+
+
+@pytest.mark.slow
+def test_merged_logits_equal_base_plus_adapter(lora_run, tiny_model):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model("tiny_llama"))
+    adapted = PeftModel.from_pretrained(base, lora_run / "lazyllm_lora").eval()
+    merged = AutoModelForCausalLM.from_pretrained(lora_run / "lazyllm_merge").eval()
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model("tiny_llama"))(input_ids=ids).logits
+    assert (a - b).abs().max().item() < 1e-4
+    assert (a - plain).abs().max().item() > 1e-3                           # the adapter did change the model
+
+
+@pytest.mark.slow
+def test_same_seed_twice_identical(lora_run, tmp_path):
+    out = tmp_path / "again"
+    _train(out, "save_steps=4", "merge=false")
+    assert _losses(out) == _losses(lora_run)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_uninterrupted(lora_run, tmp_path):
+    out = tmp_path / "killed"
+    argv = [PY, str(REPO / "train.py"), *SMALL, f"output_dir={out}", "save_steps=4", "merge=false"]
+    env = train_env(tmp_path / "outputs")
+    proc = subprocess.Popen(argv, cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "checkpoints" / "checkpoint-4" / "FINETUNE_COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), "no checkpoint-4 before the run ended"
+    # SIGKILL the worker (it runs in its own session under the launcher) and the driver: no clean-up at all
+    cfg = str(out / "resolved_config.json")
+    for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cfg.encode() in cmd and b"finetune.recipes.alpacalora" in cmd:
+            os.kill(int(pid), signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+    assert not (out / "train_summary.json").exists()                      # it really died mid-training
+    _train(out, "save_steps=4", "merge=false", "resume=true")
+    s = read_json(out / "train_summary.json")
+    assert s["resumed_from"] and s["resumed_from"].endswith(tuple(f"checkpoint-{k}" for k in (4, 8)))
+    resumed, ref = dict(_losses(out)), dict(_losses(lora_run))
+    assert sorted(resumed) == list(range(1, 13))
+    assert resumed[12] == pytest.approx(ref[12], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo_equals_single(lora_run, tmp_path):
+    out = tmp_path / "ddp"
+    _train(out, "launcher.nproc_per_node=2", "merge=false")
+    s = read_json(out / "train_summary.json")
+    assert s["world_size"] == 2 and s["gradient_accumulation_steps"] == 1
+    log = (out / "logs" / "train.log").read_text()
+    assert "world=2" in log
+    ddp, ref = _losses(out), _losses(lora_run)
+    assert [k for k, _ in ddp] == [k for k, _ in ref]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(ddp, ref)) < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ every method
+
+METHODS = {
+    # name: (overrides, expected trainable count from the model's shape)
+    "full": (["method=full"], lambda c: c["total"]),
+    "freeze": (["method=freeze", "method.freeze_trainable_layers=1", "method.freeze_extra_modules=norm"],
+               lambda c: c["layer"] + c["h"]),                               # last layer + final norm (segment match)
+    "loraplus": (["method=loraplus", "modules_to_save=null"], lambda c: c["L"] * 8 * (3 * c["h"] + c["kv"])),
+    "rslora": (["method=rslora", "modules_to_save=null", "train_on_inputs=false"],
+               lambda c: c["L"] * 8 * (3 * c["h"] + c["kv"])),
+    "dora": (["method=dora", "modules_to_save=null"],
+             lambda c: c["L"] * (8 * (3 * c["h"] + c["kv"]) + c["h"] + c["kv"])),   # + magnitude vectors
+    "pissa": (["method=pissa", "modules_to_save=null", "method.pissa_iter=-1"],
+              lambda c: c["L"] * 8 * (3 * c["h"] + c["kv"])),
+    "galore": (["method=galore", "method.galore_rank=8", "method.galore_update_interval=4"], lambda c: c["total"]),
+    "badam_layer": (["method=badam", "method.badam_switch_interval=4"], lambda c: c["layer"]),   # one block at a time
+    "badam_ratio": (["method=badam", "method.badam_mode=ratio", "method.badam_update_ratio=0.5"],
+                    lambda c: c["total"] - 2 * c["emb"]),                      # embeddings excluded
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(METHODS))
+def test_method_trains_and_artefact_loads(name, tmp_path, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    overrides, expected = METHODS[name]
+    out = tmp_path / name
+    _train(out, *overrides)
+    model_dir = tiny_model("tiny_llama")
+    s = read_json(out / "train_summary.json")
+    assert s["trainable_params"] == expected(_llama_counts(model_dir)), s
+    losses = [l for _, l in _losses(out)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    ids = torch.randint(3, 500, (1, 16), generator=torch.Generator().manual_seed(0))
+    base_logits = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids).logits
+    if name in ("loraplus", "rslora", "dora", "pissa"):
+        from peft import PeftModel
+
+        cfg = read_json(out / "lazyllm_lora" / "adapter_config.json")
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "lazyllm_lora")
+        merged = AutoModelForCausalLM.from_pretrained(out / "lazyllm_merge")
+        with torch.no_grad():
+            a, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
+        assert (a - b).abs().max().item() < 1e-4
+        assert (a - base_logits).abs().max().item() > 1e-4
+        if name == "rslora":
+            assert cfg["use_rslora"] is True
+            cache = next((out / "cache").glob("tokenized-*.json"))
+            ex = json.loads(cache.read_text())[0]
+            assert ex["labels"][0] == -100 and ex["labels"][-1] == ex["input_ids"][-1]   # prompt masked
+        if name == "dora":
+            assert cfg["use_dora"] is True
+        if name == "pissa":                                              # converted: a plain LoRA of rank 2r
+            assert cfg["r"] == 16 and cfg["init_lora_weights"] is True
+    else:
+        model = AutoModelForCausalLM.from_pretrained(out / "lazyllm_merge")
+        with torch.no_grad():
+            assert (model(input_ids=ids).logits - base_logits).abs().max().item() > 1e-4
+        assert not (out / "lazyllm_lora").exists()
