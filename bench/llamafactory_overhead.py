@@ -48,7 +48,7 @@ def ours(outputs: Path, overrides) -> tuple:
 def direct(yaml: Path, out_dir: Path, env: dict) -> float:
     cli = Path(PY).parent / "llamafactory-cli"
     t0 = time.perf_counter()
-    proc = subprocess.run([str(cli), "train", str(yaml), f"output_dir={out_dir}"], env=env, cwd=str(out_dir.parent),
+    proc = subprocess.run([PY, str(cli), "train", str(yaml), f"output_dir={out_dir}"], env=env, cwd=str(out_dir.parent),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:

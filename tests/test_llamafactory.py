@@ -89,7 +89,7 @@ def test_lora_yaml_and_cpu_traps(tmp_path):
     assert t["overwrite_output_dir"] is True and t["report_to"] == "none"
     assert plan.steps[0].env["CUDA_VISIBLE_DEVICES"] == ""
     assert plan.steps[0].argv[-2:] == ["train", str(tmp_path / "run" / "llamafactory" / "train.yaml")]
-    assert Path(plan.steps[0].argv[-3]).name == "llamafactory-cli"
+    assert plan.steps[0].argv[-4:-2] == ["-m", "llamafactory.cli"]
     # batch arithmetic: global 8 = micro 1 x accumulation 8 (backend defaults)
     assert (t["per_device_train_batch_size"], t["gradient_accumulation_steps"]) == (1, 8)
     assert t["val_size"] == 0.1 and t["eval_strategy"] == "steps"
@@ -184,7 +184,7 @@ def test_dry_run_shows_yaml_and_writes_nothing(tmp_path):
     proc, run = run_train("backend=llamafactory", "dry_run=true", outputs=tmp_path / "out", timeout=120)
     assert proc.returncode == 0, proc.stderr
     for text in ("--- llamafactory/train.yaml", "--- llamafactory/dataset_info.json", "--- llamafactory/export.yaml",
-                 "llamafactory-cli train", "llamafactory-cli export", "use_cpu: true"):
+                 "-m llamafactory.cli train", "-m llamafactory.cli export", "use_cpu: true"):
         assert text in proc.stdout, text
     assert run is None and not (tmp_path / "out").exists()
 

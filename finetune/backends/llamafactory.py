@@ -333,9 +333,10 @@ def _yaml(d: dict, title: str) -> str:
     return f"# {title} (written by finetune; run it with llamafactory-cli)\n" + OmegaConf.to_yaml(OmegaConf.create(d))
 
 
-def cli_path() -> str:
-    p = Path(sys.executable).parent / "llamafactory-cli"
-    return str(p) if p.exists() else "llamafactory-cli"
+def cli(command: str, yaml: Path) -> list:
+    """`llamafactory-cli <command> <yaml>`, run as `python -m llamafactory.cli` with this interpreter: the same entry
+    point as the console script, without trusting the script's shebang (a relocated venv keeps the old path)."""
+    return [sys.executable, "-m", "llamafactory.cli", command, str(yaml)]
 
 
 def plan(cfg, run_dir, ctx) -> Plan:
@@ -353,7 +354,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
         if cfg.hardware.deepspeed_stage is not None:
             env["FORCE_TORCHRUN"] = "1"          # DeepSpeed outside torchrun looks for mpi4py
     out = _out_dir(cfg, run_dir)
-    train_cmd = [cli_path(), "train", str(lf / "train.yaml")]
+    train_cmd = cli("train", lf / "train.yaml")
     steps = [Step(name="train", distributed="env", env=env,
                   argv=[sys.executable, "-m", "finetune.backends.llamafactory_worker", "--run-dir", str(run_dir),
                         "--output-dir", str(out), "--", *train_cmd])]
@@ -372,7 +373,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
         eargs = export_args(cfg, run_dir)
         files[f"{LF_DIR}/export.yaml"] = _yaml(eargs, "LLaMA-Factory export (merge) config")
         steps.append(Step(name="merge", env=dict(env, FORCE_TORCHRUN="0"), rank0_only=True,
-                          argv=[cli_path(), "export", str(lf / "export.yaml")]))
+                          argv=cli("export", lf / "export.yaml")))
         outputs["merged"] = eargs["export_dir"]
         if cfg.method.uses_lora and cfg.method.pissa_init:
             notes.append("PiSSA: merging pissa_converted/ (a plain LoRA delta on the original model)")
