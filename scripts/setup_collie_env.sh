@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Create Collie's own virtual environment, .venv-collie at the repo root (the collie backend's interpreter).
+#
+#   bash scripts/setup_collie_env.sh            # or: finetune setup-collie
+#   bash scripts/setup_collie_env.sh --force    # rebuild it
+#
+# Collie (collie-lm 1.0.7) needs transformers <= 4.50, protobuf 3.20.1 and megatron-core 0.2.0, so it cannot share
+# the main environment. Every package is pinned in requirements-collie.lock (a full freeze, installed with
+# --no-deps: pip never resolves or backtracks). Safe to run again: it does nothing when the environment matches
+# the lock. Like scripts/setup.sh, the environment is built once per lock hash under
+# ${FINETUNE_CACHE:-~/.cache/finetune} and .venv-collie links to it (a clean clone on a machine that built it
+# starts at once); FINETUNE_NO_CACHE=1 builds .venv-collie in place. FINETUNE_COLLIE_VENV=<dir> puts it elsewhere
+# (the collie backend reads the same variable). Needs Python 3.11; g++ and ninja for DeepSpeed's CPU op (built
+# on the first run, cached in ~/.cache/torch_extensions). About 1.7 GB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+LOCK=requirements-collie.lock
+LOCK_SHA=$(sha256sum "$LOCK" | cut -d' ' -f1)
+HASH=$( (cat "$LOCK"; "$PY" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)
+LINK=${FINETUNE_COLLIE_VENV:-.venv-collie}
+case "$LINK" in /*) ;; *) LINK="$ROOT/$LINK" ;; esac
+
+"$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+  || { echo "setup-collie: needs Python 3.11 (set PYTHON=python3.11); $PY is $("$PY" -V 2>&1)" >&2; exit 1; }
+
+if [ "${FINETUNE_NO_CACHE:-0}" = 1 ]; then
+  TARGET="$LINK"
+else
+  TARGET="${FINETUNE_CACHE:-$HOME/.cache/finetune}/collie-venv-$HASH"
+fi
+[ "${1:-}" = "--force" ] && rm -rf "$TARGET"
+
+if [ -x "$TARGET/bin/python" ] && [ "$(cat "$TARGET/.finetune-lock.sha256" 2>/dev/null)" = "$LOCK_SHA" ]; then
+  echo "setup-collie: environment for $LOCK ($HASH) is ready ($TARGET)"
+else
+  start=$(date +%s)
+  echo "setup-collie: building Collie's environment in $TARGET (first time: a few minutes, mostly downloads)"
+  # the stamp is written last, so an interrupted build is never taken as ready
+  rm -rf "$TARGET"
+  mkdir -p "$(dirname "$TARGET")"
+  "$PY" -m venv "$TARGET"
+  "$TARGET/bin/python" -m pip install -q --no-deps -r "$LOCK"
+  "$TARGET/bin/python" -m pip check
+  # the worker's own import path: CPU patches (when there is no GPU), then collie
+  PYTHONPATH="$ROOT" "$TARGET/bin/python" -c \
+    'from finetune.recipes import collie_cpu_patch; collie_cpu_patch.apply(); import collie, peft, transformers; print("setup-collie: collie imports with transformers", transformers.__version__, "peft", peft.__version__)' \
+    2>&1 | grep -v "real_accelerator" || true
+  PYTHONPATH="$ROOT" "$TARGET/bin/python" -c 'import collie' >/dev/null 2>&1 \
+    || { echo "setup-collie: 'import collie' fails in $TARGET" >&2; exit 1; }
+  echo "$LOCK_SHA" > "$TARGET/.finetune-lock.sha256"
+  echo "setup-collie: built in $(( $(date +%s) - start )) s"
+fi
+
+if [ "$TARGET" != "$LINK" ]; then
+  if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
+    echo "setup-collie: $LINK exists and is not our link; leaving it (remove it, or set FINETUNE_NO_CACHE=1)" >&2
+    exit 1
+  fi
+  ln -sfn "$TARGET" "$LINK"
+fi
+echo "setup-collie: ready: $LINK -> $TARGET. Try: python train.py backend=collie"
