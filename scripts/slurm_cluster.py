@@ -110,13 +110,26 @@ def _wait_for(cond, what: str, timeout: float, log: Optional[Path] = None) -> No
     raise ClusterError(f"{what} not ready after {timeout:.0f} s{tail}")
 
 
+def _running(pid: int) -> bool:
+    """True while pid runs; reaps it when it is our own exited child (mariadbd), so zombies count as gone."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _pid_alive(pid_file: Path) -> Optional[int]:
     try:
         pid = int(pid_file.read_text().strip())
-        os.kill(pid, 0)
-        return pid
     except (OSError, ValueError):
         return None
+    return pid if _running(pid) else None
 
 
 def _mem_mb() -> int:
@@ -284,10 +297,8 @@ def stop(base: Path, grace: float = 15.0) -> None:
             continue
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and _pid_alive(base / "run" / f"{name}.pid") == pid:
-            try:
-                os.kill(pid, 0)
-            except OSError:
+        while time.monotonic() < deadline:
+            if not _running(pid):
                 break
             time.sleep(0.1)
         else:
