@@ -1,0 +1,238 @@
+"""flagembedding backend: exact plan (fast), refusals at compose time (exit 2, one line), and real CPU runs of the
+embedder and the reranker on the tiny random BERT (slow): the loss falls, the saved model loads with
+FlagEmbedding's FlagModel / FlagReranker and scores like the run's own evaluation, metrics.json carries
+recall@k / MRR before and after training."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO, read_json, run_train
+from finetune.cli import setup
+
+setup()
+
+# small and fast on 2 busy cores: lengths 32, group 4, 2 epochs of 60 rows at batch 4 -> 30 steps
+FAST = ["backend=flagembedding", "backend.query_max_len=32", "backend.passage_max_len=32",
+        "backend.train_group_size=4", "num_epochs=2", "batch_size=4", "micro_batch_size=4",
+        "gradient_checkpointing=false", "save_steps=0", "backend.eval_batch_size=128"]
+EMBED = FAST + ["learning_rate=1e-3", "backend.sentence_pooling_method=mean", "backend.temperature=0.1"]
+RERANK = FAST + ["backend.task=reranker", "learning_rate=5e-4", "backend.query_instruction_for_rerank=null"]
+
+
+def _compose(overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        return compose("config", overrides=overrides)
+
+
+def _plan(overrides, tmp_path):
+    from finetune.backends import flagembedding as fe
+    from finetune.config.validate import validate
+
+    cfg = _compose(overrides)
+    facts = validate(cfg)
+    ctx = {"data": facts["data"], "world_size": fe.world_size(cfg), "run_dir": str(tmp_path)}
+    return cfg, fe.plan(cfg, tmp_path, ctx)
+
+
+def _flags(argv):
+    """--key value pairs of a FlagEmbedding command."""
+    out, i = {}, 0
+    while i < len(argv):
+        if argv[i].startswith("--"):
+            out[argv[i][2:]] = argv[i + 1]
+            i += 2
+        else:
+            i += 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ plan (fast)
+
+
+def test_embedder_plan_reference_defaults(tmp_path):
+    cfg, plan = _plan(["backend=flagembedding"], tmp_path)
+    assert [s.name for s in plan.steps] == ["eval_before", "train", "eval_after"]
+    train = plan.steps[1]
+    assert train.distributed == "torchrun"
+    assert train.argv[1:3] == ["-m", "FlagEmbedding.finetune.embedder.encoder_only.base"]
+    f = _flags(train.argv)
+    # the reference's embedder defaults (LazyLLM's FlagembeddingFinetune)
+    assert f["train_group_size"] == "8" and f["query_max_len"] == "512" and f["passage_max_len"] == "512"
+    assert f["pad_to_multiple_of"] == "8" and f["query_instruction_format"] == "{}{}"
+    assert f["query_instruction_for_retrieval"] == "Represent this sentence for searching relevant passages: "
+    assert f["learning_rate"] == "1e-05" and f["num_train_epochs"] == "1.0"
+    assert f["per_device_train_batch_size"] == "2" and f["gradient_accumulation_steps"] == "1"
+    assert f["dataloader_drop_last"] == "True" and f["warmup_ratio"] == "0.1" and f["weight_decay"] == "0.01"
+    assert f["logging_steps"] == "1" and f["save_steps"] == "1000"
+    assert f["temperature"] == "0.02" and f["sentence_pooling_method"] == "cls"
+    assert f["normalize_embeddings"] == "True" and f["kd_loss_type"] == "kl_div"
+    assert f["gradient_checkpointing"] == "True" and f["use_cpu"] == "True"
+    # rejected by FlagEmbedding 1.4.2 + transformers 5.6, or impossible here: never passed
+    for flag in ("overwrite_output_dir", "fp16", "negatives_cross_device", "deepspeed"):
+        assert flag not in f, flag
+    assert Path(f["model_name_or_path"]).is_absolute() and Path(f["train_data"]).is_absolute()
+    assert f["output_dir"] == str(tmp_path / "embedder") and plan.outputs["model"] == f["output_dir"]
+    assert train.env["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "tensorboard")
+    assert any("negatives_cross_device" in n for n in plan.notes)
+
+
+def test_reranker_plan_drops_embedder_only_flags(tmp_path):
+    _, plan = _plan(["backend=flagembedding", "backend.task=reranker", "backend.query_instruction_for_rerank=Q: "],
+                    tmp_path)
+    train = plan.steps[1]
+    assert train.argv[2] == "FlagEmbedding.finetune.reranker.encoder_only.base"
+    f = _flags(train.argv)
+    assert f["query_max_len"] == "256" and f["passage_max_len"] == "256"      # reference reranker lengths
+    assert f["query_instruction_for_rerank"] == "Q: "
+    for flag in ("temperature", "sentence_pooling_method", "normalize_embeddings", "kd_loss_type",
+                 "negatives_cross_device", "query_instruction_for_retrieval", "overwrite_output_dir"):
+        assert flag not in f, flag
+
+
+def test_two_ranks_and_deepspeed(tmp_path):
+    """World size 2: cross-device negatives on, accumulation split across ranks; DeepSpeed JSON from hardware."""
+    _, plan = _plan(["backend=flagembedding", "launcher.nproc_per_node=2", "batch_size=8", "micro_batch_size=2",
+                     "hardware.deepspeed_stage=2"], tmp_path)
+    f = _flags(plan.steps[1].argv)
+    assert f["negatives_cross_device"] == "True" and f["gradient_accumulation_steps"] == "2"
+    assert f["deepspeed"] == str(tmp_path / "ds_config.json") and "use_cpu" not in f
+    ds = json.loads(plan.files["ds_config.json"])
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_micro_batch_size_per_gpu"] == "auto"
+
+
+def test_experiment_uses_the_packaged_minilm():
+    cfg = _compose(["experiment=embedding_finetune"])
+    path = Path(cfg.model.path)
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file(), path
+    assert json.loads((path / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"] is True
+    assert cfg.backend.sentence_pooling_method == "mean"
+
+
+def test_shipped_retrieval_set_is_deterministic(tmp_path):
+    from finetune.tools.make_samples import make
+
+    make(tmp_path)
+    for part in ("train", "eval", "corpus"):
+        name = f"tiny_embedding_{part}.jsonl"
+        assert (tmp_path / name).read_bytes() == (REPO / "data" / "samples" / name).read_bytes(), name
+    corpus = {json.loads(line)["id"] for line in (tmp_path / "tiny_embedding_corpus.jsonl").read_text().splitlines()}
+    evals = [json.loads(line) for line in (tmp_path / "tiny_embedding_eval.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in (tmp_path / "tiny_embedding_train.jsonl").read_text().splitlines()]
+    assert all(r["pos_id"] in corpus for r in evals)
+    assert not {r["pos"][0] for r in evals} & {p for r in train for p in r["pos"] + r["neg"]}   # held out
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+
+def _bad(tmp_path, rows):
+    p = tmp_path / "bad.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+GOOD = {"query": "q", "pos": ["a"], "neg": ["b", "c"]}
+
+
+@pytest.mark.parametrize("rows,extra,expect", [
+    ([GOOD, GOOD, {"query": "q", "pos": ["a"], "neg": []}], [], "bad.jsonl row 3: field 'neg' must be a non-empty list"),
+    ([GOOD, {"query": "q", "pos": "a", "neg": ["b"]}], [], "row 2"),
+    ([GOOD, {"query": "q", "pos": ["a"], "neg": ["b"], "prompt": 3}], [], "bad.jsonl row 2: field 'prompt' must be a string"),
+    ([GOOD], ["backend.knowledge_distillation=true"], "bad.jsonl row 1: backend.knowledge_distillation=true needs field 'pos_scores'"),
+    ([GOOD], ["hardware.precision=fp16"], "hardware.precision='fp16': fp16 needs a GPU"),
+    ([GOOD], ["backend.task=ranker"], "backend.task='ranker': one of embedder, reranker (did you mean 'reranker'?)"),
+    ([GOOD], ["backend.sentence_pooling_method=max"], "backend.sentence_pooling_method='max': one of cls, last_token, mean"),
+    ([GOOD], ["backend.query_instruction_format='Q: {}'"], "backend.query_instruction_format='Q: {}': must hold exactly two {}"),
+])
+def test_bad_input_refused_at_compose_time(tmp_path, rows, extra, expect):
+    bad = _bad(tmp_path, rows)
+    proc, run = run_train("backend=flagembedding", f"data.path={bad}", *extra, outputs=tmp_path / "out", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and expect in lines[0], proc.stderr
+    assert run is None                                     # nothing written
+
+
+# ------------------------------------------------------------------------------------------------ real runs (slow)
+
+
+def _history_losses(run):
+    return [json.loads(line)["loss"] for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _run(overrides, tmp_path_factory, tiny_model, name):
+    tiny_model("tiny_bert")
+    out = tmp_path_factory.mktemp(name)
+    proc, run = run_train(*overrides, outputs=out, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def embedder_run(tmp_path_factory, tiny_model):
+    return _run(EMBED, tmp_path_factory, tiny_model, "fe_embed")
+
+
+@pytest.fixture(scope="module")
+def reranker_run(tmp_path_factory, tiny_model):
+    return _run(RERANK, tmp_path_factory, tiny_model, "fe_rerank")
+
+
+def _check_common(run, task):
+    m = read_json(run / "metrics.json")
+    losses = _history_losses(run)
+    assert len(losses) == 30                                  # 2 epochs x 60 rows / batch 4, logged every step
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)                  # the loss falls
+    assert m["first_train_loss"] == losses[0] and m["train_loss"] == losses[-1]
+    for k in ("eval_recall_at_1", "eval_recall_at_5", "eval_recall_at_10", "eval_mrr", "eval_ndcg_at_10", "eval_loss",
+              "base_eval_recall_at_1", "base_eval_mrr", "base_eval_loss", "eval_mrr_gain"):
+        assert isinstance(m[k], float) and math.isfinite(m[k]), k
+    assert 0 <= m["eval_recall_at_1"] <= m["eval_recall_at_5"] <= m["eval_recall_at_10"] <= 1
+    assert m["task"] == task and m["total_params"] == m["trainable_params"] > 100_000
+    assert m["tokens_per_s"] > 0 and m["train_runtime_s"] > 0
+    assert (run / "loss.png").exists() and list((run / "tensorboard").glob("events.out.tfevents.*"))
+    before, after = read_json(run / "eval" / "before.json"), read_json(run / "eval" / "after.json")
+    assert before["queries"] == after["queries"] == 20 and before["corpus"] == 80
+    manifest = read_json(run / "manifest.json")
+    assert manifest["status"] == "completed"
+    return m, after
+
+
+@pytest.mark.slow
+def test_embedder_trains_and_loads_with_flagmodel(embedder_run):
+    m, after = _check_common(embedder_run, "embedder")
+    assert m["eval_loss"] < m["base_eval_loss"]               # the held-out contrastive loss improved
+    import numpy as np
+    from FlagEmbedding import FlagModel
+
+    cfg = read_json(embedder_run / "resolved_config.json")
+    model = FlagModel(str(embedder_run / "embedder"), use_fp16=False, devices="cpu", pooling_method="mean",
+                      query_instruction_for_retrieval=cfg["backend"]["query_instruction_for_retrieval"])
+    ev = [json.loads(x) for x in (REPO / "data/samples/tiny_embedding_eval.jsonl").read_text().splitlines()]
+    corpus = [json.loads(x) for x in (REPO / "data/samples/tiny_embedding_corpus.jsonl").read_text().splitlines()]
+    q = model.encode_queries([r["query"] for r in ev])
+    p = model.encode_corpus([c["text"] for c in corpus])
+    assert q.shape == (20, 64) and p.shape == (80, 64)
+    assert np.allclose(np.linalg.norm(p, axis=1), 1, atol=1e-4)
+    # the run's recall@1, recomputed here from the saved model
+    top = np.argmax(q @ p.T, axis=1)
+    r1 = np.mean([corpus[t]["id"] == r["pos_id"] for t, r in zip(top, ev)])
+    assert abs(r1 - m["eval_recall_at_1"]) < 1e-9
+
+
+@pytest.mark.slow
+def test_reranker_trains_and_loads_with_flagreranker(reranker_run):
+    m, after = _check_common(reranker_run, "reranker")
+    from FlagEmbedding import FlagReranker
+
+    model = FlagReranker(str(reranker_run / "reranker"), use_fp16=False, devices="cpu")
+    ev = [json.loads(x) for x in (REPO / "data/samples/tiny_embedding_eval.jsonl").read_text().splitlines()]
+    s = model.compute_score([(r["query"], r["pos"][0]) for r in ev] + [(r["query"], r["neg"][1]) for r in ev])
+    assert len(s) == 40 and all(math.isfinite(x) for x in s)
+    assert len(set(round(x, 5) for x in s)) > 1               # it tells pairs apart
