@@ -52,6 +52,11 @@ def explain_hydra_error(ex: BaseException) -> str:
     if m:
         key = re.search(r"full_key: (\S+)", full)
         return str(ConfigError(key.group(1) if key else "value", m.group(1), f"must be {m.group(2).lower()}"))
+    m = re.search(r"Value '([^']*)' is not a valid (\w+)", full)
+    if m:
+        key = re.search(r"full_key: (\S+)", full) or re.search(r"Error merging override ([^=\s]+)=", full)
+        return str(ConfigError(key.group(1) if key else "value", m.group(1), f"must be a {m.group(2)} (true/false)"
+                               if m.group(2) == "bool" else f"must be a {m.group(2)}"))
     m = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", full)
     if m:
         key = re.search(r"full_key: (\S+)", full)
@@ -71,31 +76,37 @@ def explain_hydra_error(ex: BaseException) -> str:
     return first
 
 
-def _report(func: Callable[[], Any]) -> Any:
-    """Replacement for hydra._internal.utils.run_and_report: one line and exit 2 for bad input."""
+def classify(e: BaseException):
+    """(exit code, one-line message) for an exception that reached the top."""
+    import yaml
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    if isinstance(e, ConfigError):
+        return 2, str(e)
+    if isinstance(e, RunError):
+        return 1, f"run failed: {e}"
+    for inner in (e.__cause__, e.__context__):
+        if isinstance(inner, ConfigError):          # raised inside a resolver or a schema hook, wrapped
+            return 2, str(inner)
+    y = e if isinstance(e, yaml.YAMLError) else e.__cause__ if isinstance(e.__cause__, yaml.YAMLError) else None
+    if y is not None:
+        mark = getattr(y, "problem_mark", None)
+        where = f"{mark.name} line {mark.line + 1}" if mark else "a config file"
+        return 2, f"{where}: malformed YAML ({getattr(y, 'problem', None) or y})"
+    if isinstance(e, (HydraException, OmegaConfBaseException)):
+        return 2, explain_hydra_error(e)
+    return 1, f"{type(e).__name__}: {e} (set HYDRA_FULL_ERROR=1 for the traceback)"
+
+
+def _report(func: Callable[[], Any]) -> Any:
+    """Replacement for hydra._internal.utils.run_and_report: one line, exit 2 for bad input, 1 for failures."""
     try:
         return func()
-    except ConfigError as e:
-        _die(str(e), 2)
-    except RunError as e:
-        _die(f"run failed: {e}", 1)
-    except (HydraException, OmegaConfBaseException) as e:
-        inner = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
-        if inner is None and isinstance(e.__context__, ConfigError):
-            inner = e.__context__
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        _die(str(inner) if inner else explain_hydra_error(e), 2)
     except Exception as e:  # noqa: BLE001
-        # a ConfigError raised inside an interpolation resolver arrives wrapped
-        if isinstance(e.__cause__, ConfigError):
-            _die(str(e.__cause__), 2)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        _die(f"{type(e).__name__}: {e} (set HYDRA_FULL_ERROR=1 for the traceback)", 1)
+        _die(*reversed(classify(e)))
 
 
 def _die(msg: str, code: int) -> None:
@@ -122,14 +133,6 @@ def task(cfg) -> Any:
         pass
     try:
         return run(cfg)
-    except ConfigError as e:
-        if multirun:
-            raise
-        _die(str(e), 2)
-    except RunError as e:
-        if multirun:
-            raise
-        _die(f"run failed: {e}", 1)
     except KeyboardInterrupt:
         if multirun:
             raise
@@ -137,15 +140,13 @@ def task(cfg) -> Any:
     except Exception as e:  # noqa: BLE001
         if multirun or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        from omegaconf.errors import OmegaConfBaseException
+        code, msg = classify(e)
+        if code == 1 and not isinstance(e, RunError):
+            import traceback
 
-        if isinstance(e, OmegaConfBaseException):      # e.g. a missing mandatory value (model.path=???)
-            _die(explain_hydra_error(e), 2)
-        import traceback
-
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        _die(f"internal error: {type(e).__name__}: {e} (at {where.filename}:{where.lineno}; "
-             "set HYDRA_FULL_ERROR=1 for the traceback)", 1)
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            msg = f"internal error: {msg} (at {where.filename}:{where.lineno})"
+        _die(msg, code)
 
 
 def setup() -> None:
