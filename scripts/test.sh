@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up everything the tests need and run them (the README's test command; .ci/run calls it).
+#
+#   bash scripts/test.sh                 # the whole suite (about 20 minutes on 2 cores)
+#   bash scripts/test.sh -m "not slow"   # config, validation and plan tests only (about 2 minutes)
+#   bash scripts/test.sh tests/test_alpacalora.py -k merge
+#
+# Sets up .venv (scripts/setup.sh) and Collie's own .venv-collie (scripts/setup_collie_env.sh); Slurm tests run
+# when Debian's slurm-wlm is installed (.ci/run installs it) and are skipped with the reason otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ "${FINETUNE_SKIP_COLLIE:-0}" != 1 ]; then
+  bash scripts/setup_collie_env.sh
+fi
+exec .venv/bin/python -m pytest -q "$@"
