@@ -61,6 +61,11 @@ def explain_hydra_error(ex: BaseException) -> str:
     if m:
         key = re.search(r"full_key: (\S+)", full)
         return str(ConfigError(key.group(1) if key else "value", m.group(1), f"one of {m.group(2)}"))
+    m = re.search(r"Error merging override ([^=\s]+)=(\S*)", full)
+    if m and cause is not None:
+        reason = str(cause).strip().splitlines()[0]
+        reason = re.sub(r"^field '[^']+' ", "", reason)
+        return str(ConfigError(m.group(1), m.group(2), reason))
     m = re.search(r"Missing mandatory value: (\S+)", full)
     if m:
         return f"{m.group(1)}: required value is missing (set {m.group(1)}=...)"
@@ -72,7 +77,10 @@ def explain_hydra_error(ex: BaseException) -> str:
     m = re.search(r"Error parsing override '([^']*)'", full)
     if m:
         return f"override {m.group(1)!r}: cannot be parsed (KEY=VALUE; quote values with special characters)"
-    first = next((ln.strip() for ln in full.splitlines() if ln.strip()), type(ex).__name__)
+    lines = [ln.strip() for ln in full.splitlines() if ln.strip() and not ln.startswith(("    full_key", "    object_type"))]
+    first = lines[0] if lines else type(ex).__name__
+    if first.endswith(":") and len(lines) > 1:          # "In 'x': ValidationError raised while composing config:"
+        first = f"{first} {lines[1]}"
     return first
 
 
