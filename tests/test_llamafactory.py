@@ -28,7 +28,7 @@ FAST = ("backend=llamafactory", "model=tiny_llama", "max_steps=8", "batch_size=4
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def compose_plan(tmp_path: Path, *overrides: str):
+def compose_plan(tmp_path: Path, *overrides: str, backend: str = "llamafactory"):
     """Compose + validate + plan in-process (what the dry run does). Returns (cfg, plan, train yaml dict)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -36,7 +36,7 @@ def compose_plan(tmp_path: Path, *overrides: str):
 
     from finetune.cli import setup
     from finetune.config.validate import validate, world_size
-    from finetune.backends import llamafactory
+    from finetune.backends import get_backend
 
     setup()
     GlobalHydra.instance().clear()
@@ -45,7 +45,10 @@ def compose_plan(tmp_path: Path, *overrides: str):
         cfg = compose("config", overrides=overrides)
     facts = validate(cfg, overrides)
     run_dir = tmp_path / "run"
-    plan = llamafactory.plan(cfg, run_dir, {"data": facts["data"], "world_size": world_size(cfg), "run_dir": str(run_dir)})
+    plan = get_backend(cfg.backend.name).plan(cfg, run_dir, {"data": facts["data"], "world_size": world_size(cfg),
+                                                               "run_dir": str(run_dir)})
+    if backend != "llamafactory":
+        return cfg, plan, None
     train = OmegaConf.to_container(OmegaConf.create(plan.files["llamafactory/train.yaml"]))
     return cfg, plan, train
 
@@ -362,7 +365,15 @@ def test_method_trains(tmp_path, tiny_model, name):
     if name == "pissa":             # the merge used pissa_converted: a plain LoRA of rank 2r on the original model
         conv = read_json(lf / "pissa_converted" / "adapter_config.json")
         assert conv["r"] == 16 and conv["init_lora_weights"] is True
-        assert (run / "lazyllm_merge" / "model.safetensors").exists()
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+        base = AutoModelForCausalLM.from_pretrained(read_json(run / "resolved_config.json")["model"]["path"])
+        a = _logits(PeftModel.from_pretrained(base, lf / "pissa_converted").eval(), ids)
+        b = _logits(AutoModelForCausalLM.from_pretrained(run / "lazyllm_merge").eval(), ids)
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
 
 @pytest.mark.slow
@@ -374,6 +385,16 @@ def test_dpo_trains(tmp_path, tiny_model):
     assert abs(ls[0] - 0.6931) < 0.05, ls[0]            # sigmoid DPO starts at ln 2 (policy == reference)
     assert "rewards_accuracies" in m
     assert "stage: dpo" in (run / "llamafactory" / "train.yaml").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,data", [("pt", "tiny_text"), ("rm", "tiny_preference"), ("kto", "tiny_kto")])
+def test_other_stages_train(tmp_path, tiny_model, stage, data):
+    tiny_model("tiny_llama")
+    proc, run = run_train(*FAST, f"data={data}", f"backend.stage={stage}", "max_steps=6", outputs=tmp_path / "o")
+    train_ok(proc, run, stage)
+    assert_falls(run, stage)
+    assert f"stage: {stage}" in (run / "llamafactory" / "train.yaml").read_text()
 
 
 @pytest.mark.slow
@@ -390,11 +411,14 @@ def test_failing_step_fails_the_run_with_the_log_tail(tmp_path, tiny_model):
 def test_same_experiment_on_alpacalora_and_llamafactory(tmp_path, tiny_model):
     """One table of final losses for the same experiment on both backends; both must fall."""
     tiny_model("tiny_llama")
-    from finetune.backends import alpacalora
+    from finetune.errors import ConfigError
 
-    src = Path(alpacalora.__file__).read_text()
-    if "is not implemented yet" in src:
-        pytest.skip("alpacalora backend's plan() still raises 'not implemented' in this checkout")
+    try:                                 # does alpacalora plan this experiment? (it was being built in parallel)
+        compose_plan(tmp_path, "experiment=llamafactory_lora_sft", "backend=alpacalora", backend="alpacalora")
+    except ConfigError as e:
+        if "not implemented" in str(e):
+            pytest.skip(f"alpacalora backend's plan() still raises 'not implemented' in this checkout: {e}")
+        raise
     rows = []
     for backend in ("alpacalora", "llamafactory"):
         proc, run = run_train("experiment=llamafactory_lora_sft", f"backend={backend}", "merge=false", "val_set_size=0",
