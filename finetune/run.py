@@ -50,7 +50,8 @@ def prepare(cfg: DictConfig, overrides: Optional[List[str]] = None):
     with open_dict(cfg):
         if int(cfg.launcher.master_port) == 0 and world_size(cfg) > 1:
             cfg.launcher.master_port = free_port()
-    backend = get_backend(cfg.backend.name)
+    # backend=auto wrote its choice into cfg (cfg.backend is the chosen one); it still plans, to record the choice
+    backend = get_backend("auto" if "auto_choice" in cfg else cfg.backend.name)
     launcher = get_launcher(cfg.launcher.name)
     return facts, backend, launcher
 
@@ -89,7 +90,8 @@ def run(cfg: DictConfig) -> Optional[float]:
     atomic_write(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
     for rel, text in plan.files.items():
         atomic_write(run_dir / rel, text)
-    manifest.update(status="running", plan=plan.to_dict(), outputs=plan.outputs)
+    manifest.update(status="running", plan=plan.to_dict(), outputs=plan.outputs,
+                    **({"auto_choice": ctx["auto_choice"]} if "auto_choice" in ctx else {}))
     print(f"[finetune] backend={cfg.backend.name} run folder: {run_dir}", flush=True)
 
     timeout_s = float(cfg.timeout_min) * 60 or None

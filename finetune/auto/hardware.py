@@ -1,0 +1,154 @@
+"""The hardware group: detect this machine, or describe one you plan for. Standard library only (fast).
+
+hardware=auto   detects CPU cores and memory (sched_getaffinity, /proc/meminfo), CUDA GPUs and their memory
+                (nvidia-smi, when it is on PATH; torch is never imported at plan time) and the node count (the
+                launcher's nnodes, or SLURM_NNODES inside a Slurm allocation).
+hardware=<name> describes a machine (a100_80g_x8, h100_x8, rtx4090, cpu, ...): plan for it from anywhere.
+                Fields left at 0 (cpus, memory_gb) are filled from this machine; gpu_tflops left at 0 comes from a
+                table of known GPUs.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from typing import Dict, List, Optional
+
+# Dense bf16 tensor-core peak, TFLOP/s (vendor data sheets); fp32-only GPUs use their fp32 peak.
+GPU_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0, "A10": 125.0,
+              "L40S": 362.0, "L40": 181.0, "L4": 121.0, "4090": 165.0, "3090": 71.0, "V100": 125.0, "T4": 65.0,
+              "A6000": 155.0}
+CPU_TFLOPS_PER_CORE = 0.07   # fp32 GEMM, measured here: about 145 GFLOP/s on 2 cores
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _meminfo() -> Dict[str, float]:
+    out = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                k, v = line.split(":", 1)
+                out[k] = float(v.split()[0]) / (1 << 20)          # kB -> GiB (memory_gb fields are GiB)
+    except OSError:
+        pass
+    return out
+
+
+def _cgroup_limit_gb() -> Optional[float]:
+    for p in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            v = open(p).read().strip()
+        except OSError:
+            continue
+        if v.isdigit() and int(v) < 1 << 60:
+            return int(v) / float(1 << 30)
+    return None
+
+
+def memory_gb() -> float:
+    total = _meminfo().get("MemTotal", 0.0)
+    lim = _cgroup_limit_gb()
+    return min(total, lim) if lim else total
+
+
+def available_memory_gb() -> float:
+    return _meminfo().get("MemAvailable", memory_gb())
+
+
+def gpus() -> List[Dict]:
+    """[{name, memory_gb, compute_cap}] of the visible CUDA GPUs, via nvidia-smi; [] when there is none."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=index,name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    found = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 3:
+            continue
+        try:
+            found.append({"index": int(parts[0]), "name": parts[1], "memory_gb": float(parts[2]) / 1024.0,
+                          "compute_cap": float(parts[3]) if len(parts) > 3 and parts[3] else 0.0})
+        except ValueError:
+            continue
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis is not None:
+        keep = [v.strip() for v in vis.split(",") if v.strip()]
+        found = [g for g in found if str(g["index"]) in keep] if all(k.isdigit() for k in keep) else found[:len(keep)]
+    return found
+
+
+def gpu_tflops(gpu_type: Optional[str]) -> float:
+    name = str(gpu_type or "").upper()
+    for key, tf in sorted(GPU_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if key in name:
+            return tf
+    return 100.0 if name else 0.0
+
+
+def nodes(default: int = 1) -> int:
+    v = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES")
+    return int(v) if v and v.isdigit() else int(default)
+
+
+def detect(nnodes: int = 1) -> Dict:
+    g = gpus()
+    facts = {"cpus": cpu_cores(), "memory_gb": round(memory_gb(), 2), "available_memory_gb": round(available_memory_gb(), 2),
+             "gpus": g, "nnodes": nodes(nnodes)}
+    return facts
+
+
+def resolve_hardware(cfg) -> Optional[Dict]:
+    """Fill hardware.* from this machine where the config asks for it (device/precision auto, cpus/memory 0).
+
+    Called once at the start of validation, for every backend. Returns the detected facts (or None when nothing
+    needed detecting)."""
+    hw = cfg.hardware
+    need = hw.device == "auto" or hw.precision == "auto" or not hw.cpus or not hw.memory_gb
+    if not need and (hw.device != "cuda" or hw.gpu_tflops):
+        return None
+    facts = detect(int(cfg.launcher.nnodes)) if need else {}
+    if not hw.cpus:
+        hw.cpus = int(facts["cpus"])
+    if not hw.memory_gb:
+        hw.memory_gb = float(facts["memory_gb"])
+    if hw.device == "auto":
+        g = facts.get("gpus") or []
+        if g:
+            hw.device = "cuda"
+            hw.gpus_per_node = len(g)
+            hw.gpu_memory_gb = round(min(x["memory_gb"] for x in g), 2)
+            hw.gpu_type = re.sub(r"^NVIDIA\s+", "", g[0]["name"])
+        else:
+            hw.device = "cpu"
+            hw.gpus_per_node = 0
+            hw.gpu_memory_gb = 0.0
+        if hw.name == "auto" and facts.get("nnodes", 1) > 1:
+            hw.nnodes = int(facts["nnodes"])
+    if hw.precision == "auto":
+        if hw.device == "cuda":
+            caps = [x.get("compute_cap", 0.0) for x in (facts.get("gpus") or [])]
+            hw.precision = "bf16" if (not caps or min(caps) >= 8.0) else "fp16"
+        else:
+            hw.precision = "fp32"
+    if hw.device == "cuda" and not hw.gpu_tflops:
+        hw.gpu_tflops = gpu_tflops(hw.gpu_type)
+    return facts or None
+
+
+def device_flops(hw) -> float:
+    """Peak FLOP/s of one training process's device (one GPU, or the CPU cores one process gets)."""
+    if hw.device == "cuda":
+        return float(hw.gpu_tflops or gpu_tflops(hw.gpu_type) or 100.0) * 1e12
+    return max(1, int(hw.cpus or cpu_cores())) * CPU_TFLOPS_PER_CORE * 1e12
