@@ -247,9 +247,12 @@ def validate(cfg: DictConfig, overrides: Optional[List[str]] = None) -> dict:
     """All rules. Returns facts learned on the way (data format, row count, data hashes)."""
     from finetune.backends import get_backend
 
+    from finetune.auto.hardware import resolve_hardware
+
     overrides = list(overrides or [])
     typed = _typed_keys(overrides)
     backend = get_backend(cfg.backend.name)         # raises ConfigError for unknown backends
+    resolve_hardware(cfg)                           # hardware=auto, cpus/memory_gb 0: detect this machine (no torch)
     check_sizes(cfg)
     check_hardware(cfg)
     check_kind(cfg)
