@@ -1,0 +1,108 @@
+"""`finetune reproduce <run>`: replay the recorded overrides into a new folder and compare curves and metrics.
+
+Other engineers commit while tests run, so the real comparisons pass --allow-different (the commit may move
+between the original run and its replay); the refusal itself is tested on a manifest edited to differ.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import PY, REPO, read_json, run_train, train_env
+
+TINY = ["max_steps=4", "batch_size=4", "micro_batch_size=4", "val_set_size=8", "eval_steps=2", "logging_steps=1",
+        "cutoff_len=128", "max_samples=64", "merge=false", "learning_rate=3e-3"]
+CODE = "import sys; from finetune.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def finetune_cmd(outputs: Path, *args: str, timeout: float = 900):
+    return subprocess.run([PY, "-c", CODE, *args], cwd=REPO, env=train_env(outputs), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def new_folder(proc) -> Path:
+    line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith("new folder:"))
+    return Path(line.split("new folder:", 1)[1].strip())
+
+
+@pytest.fixture(scope="module")
+def dummy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repro_dummy")
+    proc, run = run_train("backend=dummy", "backend.steps=5", "name=orig", outputs=out)
+    assert proc.returncode == 0, proc.stderr
+    return out, run
+
+
+def test_reproduce_dummy_identical(dummy_run):
+    out, run = dummy_run
+    proc = finetune_cmd(out, "reproduce", str(run), "--allow-different")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    new = new_folder(proc)
+    assert new != run and new.parent.parent == out / "runs" and new.name.endswith("reproduce-orig")
+    report = read_json(new / "reproduce.json")
+    assert report["identical"] and report["matched"]
+    assert report["curves"][0]["key"] == "loss" and report["curves"][0]["steps_compared"] == 5
+    assert report["replayed"][-2:] == [f"output_dir={new}", "hydra.mode=RUN"]
+    assert read_json(new / "manifest.json")["overrides"][:3] == ["backend=dummy", "backend.steps=5", "name=orig"]
+    assert (new / "reproduce_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "reproduced: loss curves identical" in proc.stdout
+    train_loss = next(m for m in report["metrics"] if m["metric"] == "train_loss")
+    assert train_loss["recorded"] == train_loss["new"] == 0.4 and train_loss["diff"] == 0
+
+
+def test_reproduce_refuses_different_versions(dummy_run, tmp_path):
+    out, run = dummy_run
+    copy = tmp_path / "edited"
+    copy.mkdir()
+    for f in ("manifest.json", "overrides.yaml", "history.jsonl", "metrics.json"):
+        (copy / f).write_bytes((run / f).read_bytes())
+    manifest = read_json(copy / "manifest.json")
+    manifest["git"]["commit"] = "0" * 40
+    manifest["packages"]["torch"] = "1.0.0"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    proc = finetune_cmd(out, "reproduce", str(copy))
+    assert proc.returncode == 2
+    assert "WARNING: differs from the recorded run: git commit: recorded 000000000000" in proc.stderr
+    assert "WARNING: differs from the recorded run: package torch: recorded 1.0.0" in proc.stderr
+    assert "pass --allow-different" in proc.stderr.splitlines()[-1]
+    assert "new folder:" not in proc.stdout                                   # nothing was run
+
+
+def test_reproduce_flags_a_different_curve(dummy_run, tmp_path):
+    """If the replay does not match (here: the recorded curve edited), the exit code says so."""
+    out, run = dummy_run
+    copy = tmp_path / "curve"
+    copy.mkdir()
+    for f in ("manifest.json", "overrides.yaml", "metrics.json"):
+        (copy / f).write_bytes((run / f).read_bytes())
+    rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    rows[2]["loss"] += 0.25
+    (copy / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = finetune_cmd(out, "reproduce", str(copy), "--allow-different")
+    assert proc.returncode == 1
+    assert "loss curves differ (max |diff| 0.25" in proc.stderr
+
+
+def test_reproduce_bad_folder(tmp_path):
+    proc = finetune_cmd(tmp_path, "reproduce", str(tmp_path / "missing"))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: run_dir=") and len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_reproduce_tiny_training_run_is_identical(tmp_path, tiny_model):
+    """On CPU with the same versions, a replayed LoRA run gives the same loss curve bit for bit."""
+    tiny_model("tiny_llama")
+    proc, run = run_train(*TINY, "name=tiny", outputs=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = finetune_cmd(tmp_path, "reproduce", str(run), "--allow-different")
+    assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
+    report = read_json(new_folder(rep) / "reproduce.json")
+    curves = {c["key"]: c for c in report["curves"]}
+    assert curves["loss"]["steps_compared"] == 4 and curves["loss"]["identical"], curves
+    assert curves["eval_loss"]["steps_compared"] == 2 and curves["eval_loss"]["identical"], curves
+    metrics = {m["metric"]: m for m in report["metrics"]}
+    assert metrics["eval_loss"]["diff"] == 0 and metrics["trainable_params"]["diff"] == 0
+    assert not report["config_differences"]
