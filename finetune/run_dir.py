@@ -68,10 +68,15 @@ def default_run_dir(name: str, now: Optional[_dt.datetime] = None) -> Path:
 
 def create_run_dir(path: Path, resume: bool) -> Path:
     """Create the folder. Never reuse a non-empty folder unless resuming; a clash of default names gets -2, -3."""
+    from finetune.errors import ConfigError
+
     path = Path(path)
-    if resume:
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    try:
+        if resume:
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+    except OSError as e:
+        raise ConfigError("output_dir", str(path), f"cannot be created ({e.strerror})") from None
     base, n = path, 1
     while True:
         try:
@@ -82,6 +87,8 @@ def create_run_dir(path: Path, resume: bool) -> Path:
                 return path                         # an empty folder made for us (Hydra's multirun job folder)
             n += 1
             path = base.with_name(f"{base.name}-{n}")
+        except OSError as e:
+            raise ConfigError("output_dir", str(path), f"cannot be created ({e.strerror})") from None
 
 
 def git_info() -> Dict[str, Any]:

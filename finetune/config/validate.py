@@ -5,6 +5,7 @@ Every refusal is a ConfigError: one line naming the key, the value and what is a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterable, List, Optional
 
@@ -210,6 +211,13 @@ def check_paths(cfg: DictConfig) -> None:
             if not out.is_dir() or any(out.iterdir()):
                 raise ConfigError("output_dir", str(cfg.output_dir), "exists and is not empty; a run folder is never "
                                   "overwritten: pass resume=true to continue it, or choose a new folder")
+        ancestor = out
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise ConfigError("output_dir", str(cfg.output_dir), f"cannot be created ({ancestor} is a file)")
+        if not os.access(ancestor, os.W_OK):
+            raise ConfigError("output_dir", str(cfg.output_dir), f"cannot be created ({ancestor} is not writable)")
     if cfg.resume and not cfg.output_dir:
         raise ConfigError("resume", True, "needs output_dir=<the run folder to continue>")
     for key in ("target_path", "merge_path"):
