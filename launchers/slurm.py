@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,9 @@ def check(cfg) -> None:
                               f"set it with its own key (launcher.{_own_key(str(k))}), not as an extra sbatch option")
     if isinstance(lc.setup, str) or not all(isinstance(s, str) for s in (lc.setup or [])):
         raise ConfigError("launcher.setup", lc.setup, "must be a list of shell lines")
+    if not cfg.dry_run and (lc.cluster or "slurm") == "slurm" and not shutil.which("sbatch"):
+        raise ConfigError("launcher", "slurm", "sbatch is not on PATH (no Slurm client here); "
+                          "launcher.cluster=local runs the same jobs through submitit without Slurm")
 
 
 def _own_key(k: str) -> str:

@@ -215,6 +215,27 @@ def test_two_nodes_train_tiny_llama_data_parallel(tmp_path, tiny_model):
     assert (run_dir / "logs" / "train.node1.log").exists()
 
 
+@pytest.mark.slow
+def test_submitit_job_body_without_slurm(tmp_path):
+    """launcher=slurm launcher.cluster=local: the same submitit job body, run by submitit's local executor."""
+    proc, run = run_train("backend=dummy", "launcher=slurm", "launcher.cluster=local", "launcher.poll_s=0.5",
+                          outputs=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    step = read_json(run / "manifest.json")["steps"][-1]
+    assert step["slurm_cluster"] == "local" and step["nodes"][0]["exit_code"] == 0
+    assert read_json(run / "metrics.json")["train_loss"] == pytest.approx(2.0 / 3, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_parallel_sweep_through_hydra_joblib(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc, _ = run_train("hydra/launcher=parallel", "backend=dummy", "backend.steps=2,3", f"hydra.sweep.dir={sweep}",
+                        outputs=tmp_path, multirun=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = sorted((read_json(p) for p in sweep.glob("*/result.json")), key=lambda r: r["metrics"]["steps"])
+    assert [(r["status"], r["metrics"]["steps"]) for r in results] == [("completed", 2), ("completed", 3)]
+
+
 # ------------------------------------------------------------------------------------------------ slurm
 
 
