@@ -49,6 +49,12 @@ else
     2>&1 | grep -v "real_accelerator" || true
   PYTHONPATH="$ROOT" "$TARGET/bin/python" -c 'import collie' >/dev/null 2>&1 \
     || { echo "setup-collie: 'import collie' fails in $TARGET" >&2; exit 1; }
+  # DeepSpeed's CPU comm op (deepspeed_shm_comm) is JIT-built with g++ on the first distributed run (30 s or
+  # more); build it now, where the collie backend points TORCH_EXTENSIONS_DIR. Best effort: a failure here only
+  # means the first run builds it.
+  TORCH_EXTENSIONS_DIR="$TARGET/torch_extensions" "$TARGET/bin/python" -c \
+    'from deepspeed.comm.torch import build_shm_op; build_shm_op()' \
+    >/dev/null 2>&1 || echo "setup-collie: could not pre-build DeepSpeed's shm_comm op (the first run will)" >&2
   echo "$LOCK_SHA" > "$TARGET/.finetune-lock.sha256"
   echo "setup-collie: built in $(( $(date +%s) - start )) s"
 fi

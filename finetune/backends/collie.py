@@ -119,14 +119,23 @@ def outputs(cfg, run_dir: Path) -> dict:
 def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
     rc = str(Path(run_dir) / "resolved_config.json")
     py = str(venv_python(cfg))
-    env = {"PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1"}
+    # DeepSpeed JIT-builds its CPU comm op once per environment: keep Collie's build apart from the main env's
+    # (same op name, other torch), or each environment would rebuild it after the other one ran
+    env = {"PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1",
+           "TORCH_EXTENSIONS_DIR": str(venv_dir(cfg).resolve() / "torch_extensions")}
     dp, tp, pp = int(cfg.backend.dp_size), int(cfg.backend.tp_size), int(cfg.backend.pp_size)
     accum = int(cfg.batch_size) // (dp * int(cfg.micro_batch_size))
+    # paths as the user typed them are relative to this process's folder; the steps run in the run folder
+    out = outputs(cfg, run_dir)
+    paths = ["--config", rc, "--model", str(Path(str(cfg.model.path)).absolute()),
+             "--data", str(Path(str(cfg.data.path)).absolute()),
+             "--target", str(Path(str(cfg.target_path or Path(run_dir) / "lazyllm_lora")).absolute()),
+             "--merge", str(Path(str(cfg.merge_path or Path(run_dir) / "lazyllm_merge")).absolute())]
     steps = [
-        Step(name="collie_prepare", argv=[py, "-m", "finetune.recipes.collie_worker", "prepare", "--config", rc], env=env),
-        Step(name="collie_train", argv=[py, "-m", "finetune.recipes.collie_worker", "train", "--config", rc], env=env,
+        Step(name="collie_prepare", argv=[py, "-m", "finetune.recipes.collie_worker", "prepare", *paths], env=env),
+        Step(name="collie_train", argv=[py, "-m", "finetune.recipes.collie_worker", "train", *paths], env=env,
              distributed="torchrun"),
-        Step(name="collie_merge", argv=[sys.executable, "-m", "finetune.recipes.collie_merge", "--config", rc]),
+        Step(name="collie_merge", argv=[sys.executable, "-m", "finetune.recipes.collie_merge", *paths]),
     ]
     notes = [f"Collie runs in its own environment: {venv_dir(cfg)}",
              f"dp={dp} tp={tp} pp={pp}; global batch {cfg.batch_size} = micro_batch_size {cfg.micro_batch_size} x "
@@ -137,7 +146,7 @@ def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
     if cfg.method.uses_lora:
         notes.append("the adapter is exported in Hugging Face layout (Collie permutes q/k rows at load); "
                      "collie_merge checks base+adapter and merged logits against Collie's own")
-    return Plan(backend="collie", steps=steps, outputs=outputs(cfg, run_dir), notes=notes)
+    return Plan(backend="collie", steps=steps, outputs=out, notes=notes)
 
 
 def collect(cfg, run_dir: Path, ctx: dict) -> dict:

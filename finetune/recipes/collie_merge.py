@@ -23,7 +23,11 @@ TOL = 1e-3     # max |logit difference|; fp32 on CPU gives ~1e-6, a wrong q/k la
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
-    cfg = json.loads(Path(ap.parse_args().config).read_text())
+    for name in ("--model", "--data", "--target", "--merge"):
+        ap.add_argument(name, required=True)
+    args = ap.parse_args()
+    cfg = json.loads(Path(args.config).read_text())
+    cfg["model"]["path"], cfg["target_path"], cfg["merge_path"] = args.model, args.target, args.merge
     run_dir = Path(cfg["_run_dir"])
 
     import torch

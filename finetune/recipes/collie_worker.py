@@ -87,6 +87,12 @@ def prepare(cfg: dict, run_dir: Path) -> int:
         for name in TOKENIZER_FILES:
             if (src / name).exists():
                 shutil.copy2(src / name, dst / name)
+        tc = dst / "tokenizer_config.json"
+        if tc.exists():     # transformers 5 names its fast tokenizer "TokenizersBackend"; 4.50 knows it as
+            t = json.loads(tc.read_text())      # PreTrainedTokenizerFast (same tokenizer.json)
+            if t.get("tokenizer_class") == "TokenizersBackend":
+                t["tokenizer_class"] = "PreTrainedTokenizerFast"
+                tc.write_text(json.dumps(t, indent=2))
         out.update(path=str(dst), converted=True, tensors=len(state))
     else:
         dst = None
@@ -238,7 +244,14 @@ def train(cfg: dict, run_dir: Path) -> int:
                                         lora_dropout=float(meth["lora_dropout"]), target_modules=targets,
                                         modules_to_save=mts, bias="none", task_type=TaskType.CAUSAL_LM)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=bool(cfg.get("trust_remote_code")))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=bool(cfg.get("trust_remote_code")))
+    except ValueError as e:         # a transformers-5 tokenizer_config.json next to *.bin weights
+        if "TokenizersBackend" not in str(e):
+            raise
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(model_path)
     template = PROMPTS[cfg.get("prompt_template_name") or "alpaca"]
     train_rows, eval_rows = split_rows(cfg, load_rows(cfg))
     eos = tokenizer.eos_token or ""
@@ -426,8 +439,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("action", choices=["prepare", "train"])
     ap.add_argument("--config", required=True)
+    ap.add_argument("--model", required=True, help="model folder (absolute)")
+    ap.add_argument("--data", required=True, help="data file or folder (absolute)")
+    ap.add_argument("--target", required=True, help="adapter folder (absolute)")
+    ap.add_argument("--merge", required=True, help="merged / full model folder (absolute)")
     args = ap.parse_args()
     cfg = json.loads(Path(args.config).read_text())
+    cfg["model"]["path"], cfg["data"]["path"] = args.model, args.data
+    cfg["target_path"], cfg["merge_path"] = args.target, args.merge
     run_dir = Path(cfg["_run_dir"])
     return prepare(cfg, run_dir) if args.action == "prepare" else train(cfg, run_dir)
 
