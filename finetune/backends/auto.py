@@ -188,9 +188,18 @@ def apply(cfg: DictConfig, choice, typed: List[str]) -> None:
 
 
 def check(cfg) -> None:
-    from finetune.backends import get_backend
+    from finetune.backends import BACKENDS, get_backend
     from finetune.config import validate as v
+    from finetune.errors import one_of
 
+    allowed = [b for b in BACKENDS if b not in ("auto", "dummy")]
+    for b in cfg.backend.candidates:
+        if b not in allowed:
+            raise ConfigError("backend.candidates", list(cfg.backend.candidates), f"each must be {one_of(allowed)}")
+    if not len(cfg.backend.candidates):
+        raise ConfigError("backend.candidates", [], f"needs at least one of {', '.join(allowed)}")
+    if cfg.backend.prefer not in ("fastest", "least_memory"):
+        raise ConfigError("backend.prefer", cfg.backend.prefer, one_of(["fastest", "least_memory"]))
     typed = _typed_keys()
     data_format, rows = None, 0
     try:
