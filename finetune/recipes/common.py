@@ -205,20 +205,20 @@ def tokenized_data(cfg: dict, tokenizer, cache_dir: Path) -> List[dict]:
 
 
 def split_train_val(examples: List[dict], val_set_size: float, seed: int = 42) -> Tuple[List[dict], List[dict]]:
-    """Held-out split with a fixed seed (alpaca-lora: train_test_split(test_size=val_set_size, seed=42)).
+    """Held-out split with a fixed seed, the same rows as alpaca-lora's
+    ``train_test_split(test_size=val_set_size, shuffle=True, seed=42)`` (datasets draws
+    ``np.random.default_rng(seed).permutation(n)``: the first k are the test rows, the rest the training rows).
     val_set_size >= 1 is a row count, in (0, 1) a fraction, 0 none."""
-    import random
+    import numpy as np
 
     n = len(examples)
-    k = int(val_set_size) if val_set_size >= 1 else int(round(val_set_size * n))
+    k = int(val_set_size) if val_set_size >= 1 else int(np.ceil(val_set_size * n))
     if k <= 0:
         return list(examples), []
     if k >= n:
         raise ValueError(f"val_set_size={val_set_size} leaves no training rows ({n} rows after tokenising)")
-    idx = list(range(n))
-    random.Random(seed).shuffle(idx)
-    val = set(idx[:k])
-    return [examples[i] for i in range(n) if i not in val], [examples[i] for i in sorted(val)]
+    perm = np.random.default_rng(seed).permutation(n)
+    return [examples[i] for i in perm[k:]], [examples[i] for i in perm[:k]]
 
 
 class Collator:
