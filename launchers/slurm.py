@@ -104,6 +104,24 @@ def argv(step, cfg) -> List[str]:
     return node_argv(d, _world(cfg), 0, "$(first host of the job)", "$(29500 + job id % 20000)")
 
 
+def _node_addr(node: str) -> str:
+    """An address for a Slurm node name: the name itself when it resolves, else its NodeAddr from scontrol
+    (clusters whose node names are not host names)."""
+    import socket
+    import subprocess
+
+    try:
+        socket.gethostbyname(node)
+        return node
+    except OSError:
+        pass
+    out = subprocess.run(["scontrol", "show", "node", node, "-o"], capture_output=True, text=True, timeout=30).stdout
+    for field in out.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1]
+    return node
+
+
 def _job_body(spec: dict) -> dict:
     """Runs on every node of the Slurm job (one task per node). Raises when the step fails: Slurm marks the job
     FAILED and submitit hands the error (with the log tail) back to the driver."""
@@ -115,11 +133,11 @@ def _job_body(spec: dict) -> dict:
     if spec["distributed"] == "none" and node > 0:
         return {"node": node, "skipped": "not distributed: node 0 only"}
     port = 29500 + int(str(jenv.job_id).split("_")[0]) % 20000
-    cmd = node_argv(spec, w, node, hosts[0], port)
+    cmd = node_argv(spec, w, node, _node_addr(hosts[0]), port)
     env = dict(spec["env"])
     if spec["distributed"] == "env":
         env.update({"NNODES": str(w["nnodes"]), "NODE_RANK": str(node), "NPROC_PER_NODE": str(w["nproc_per_node"]),
-                    "MASTER_ADDR": hosts[0], "MASTER_PORT": str(port)})
+                    "MASTER_ADDR": _node_addr(hosts[0]), "MASTER_PORT": str(port)})
         if w["nnodes"] * w["nproc_per_node"] > 1:
             env["FORCE_TORCHRUN"] = "1"
     log = Path(spec["log"])

@@ -49,6 +49,27 @@ def _which(tool: str) -> str:
     return shutil.which(tool, path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin") or tool
 
 
+def _free_port_range(n: int) -> int:
+    """First of n consecutive free ports (slurmd i listens on first + i)."""
+    for _ in range(100):
+        first = _free_ports(1)[0]
+        if first + n >= 65535:
+            continue
+        try:
+            socks = []
+            for i in range(n):
+                sk = socket.socket()
+                sk.bind(("127.0.0.1", first + i))
+                socks.append(sk)
+            return first
+        except OSError:
+            continue
+        finally:
+            for sk in socks:
+                sk.close()
+    raise ClusterError(f"no {n} consecutive free ports")
+
+
 def _free_ports(n: int) -> List[int]:
     socks, ports = [], []
     for _ in range(n):
@@ -140,10 +161,24 @@ def _mem_mb() -> int:
     return 4096
 
 
-def write_configs(base: Path, ports: Dict[str, int]) -> Path:
+def node_names(nodes: int) -> List[str]:
+    host = socket.gethostname().split(".")[0]
+    return [host] if nodes == 1 else [f"{host}n{i}" for i in range(nodes)]
+
+
+def write_configs(base: Path, ports: Dict[str, int], nodes: int = 1) -> Path:
+    """slurm.conf and slurmdbd.conf. nodes > 1: that many slurmd on this machine (each with its own port,
+    NodeAddr 127.0.0.1), each seeing (and offering) all of its CPUs, so multi-node jobs can be tested on one
+    machine (the CPUs are then oversubscribed)."""
     host = socket.gethostname().split(".")[0]
     cpus = os.cpu_count() or 1
-    mem = max(1024, int(_mem_mb() * 0.8))
+    mem = max(1024, int(_mem_mb() * 0.8) // nodes)
+    names = node_names(nodes)
+    if nodes == 1:
+        node_lines = [f"NodeName={host} CPUs={cpus} RealMemory={mem} State=UNKNOWN"]
+    else:
+        node_lines = [f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={ports['slurmd'] + i} CPUs={cpus} "
+                      f"RealMemory={mem} State=UNKNOWN" for i, n in enumerate(names)]
     etc = base / "etc"
     for d in ("etc", "state", "spool", "log", "run"):
         (base / d).mkdir(parents=True, exist_ok=True)
@@ -159,9 +194,9 @@ def write_configs(base: Path, ports: Dict[str, int]) -> Path:
         f"StateSaveLocation={base}/state",
         f"SlurmdSpoolDir={base}/spool/slurmd-%n",
         f"SlurmctldPidFile={base}/run/slurmctld.pid",
-        f"SlurmdPidFile={base}/run/slurmd.pid",
+        f"SlurmdPidFile={base}/run/slurmd-%n.pid",
         f"SlurmctldLogFile={base}/log/slurmctld.log",
-        f"SlurmdLogFile={base}/log/slurmd.log",
+        f"SlurmdLogFile={base}/log/slurmd-%n.log",
         "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none",
         "MpiDefault=none",
@@ -177,8 +212,8 @@ def write_configs(base: Path, ports: Dict[str, int]) -> Path:
         f"AccountingStoragePort={ports['slurmdbd']}",
         "JobAcctGatherType=jobacct_gather/linux",
         "JobAcctGatherFrequency=30",
-        f"NodeName={host} CPUs={cpus} RealMemory={mem} State=UNKNOWN",
-        f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+        *node_lines,
+        f"PartitionName=debug Nodes={','.join(names)} Default=YES MaxTime=INFINITE State=UP",
         "",
     ]))
     dbd = etc / "slurmdbd.conf"
@@ -238,7 +273,7 @@ def _env(conf: Path) -> dict:
     return {**os.environ, "SLURM_CONF": str(conf)}
 
 
-def start(base: Path, timeout: float = 60.0) -> Dict[str, str]:
+def start(base: Path, timeout: float = 60.0, nodes: int = 1) -> Dict[str, str]:
     """Start the cluster in ``base``; return the environment to use it ({"SLURM_CONF": ...})."""
     if os.geteuid() != 0:
         raise ClusterError("run as root (slurmd must be able to run jobs as their owner)")
@@ -251,9 +286,10 @@ def start(base: Path, timeout: float = 60.0) -> Dict[str, str]:
         raise ClusterError(f"a cluster is already running from {base} (stop it first)")
     t0 = time.monotonic()
     state: dict = {"base": str(base)}
-    ports = dict(zip(("slurmctld", "slurmd", "slurmdbd", "mariadb"), _free_ports(4)))
-    state["ports"] = ports
-    conf = write_configs(base, ports)
+    ports = dict(zip(("slurmctld", "slurmdbd", "mariadb"), _free_ports(3)))
+    ports["slurmd"] = _free_port_range(nodes)
+    state["ports"], state["nodes"] = ports, node_names(nodes)
+    conf = write_configs(base, ports, nodes)
     state["slurm_conf"] = str(conf)
     (base / "cluster.json").write_text(json.dumps(state, indent=2))
     env = _env(conf)
@@ -266,11 +302,13 @@ def start(base: Path, timeout: float = 60.0) -> Dict[str, str]:
                   "slurmdbd", timeout, base / "log" / "slurmdbd.log")
         _run(["sacctmgr", "-i", "add", "cluster", CLUSTER], env=env, check=False)
         _run([_which("slurmctld"), "-f", str(conf)], env=env)
-        _run([_which("slurmd"), "-f", str(conf)], env=env)
+        for name in state["nodes"]:
+            _run([_which("slurmd"), "-f", str(conf), *(["-N", name] if nodes > 1 else [])], env=env)
 
         def idle() -> bool:
-            p = _run(["sinfo", "-h", "-o", "%t"], env=env, check=False, timeout=10)
-            return p.returncode == 0 and p.stdout.strip() in ("idle", "mix", "alloc")
+            p = _run(["sinfo", "-h", "-N", "-o", "%t"], env=env, check=False, timeout=10)
+            states = p.stdout.split()
+            return p.returncode == 0 and len(states) == nodes and all(t in ("idle", "mix", "alloc") for t in states)
 
         _wait_for(idle, "slurm node (sinfo)", timeout, base / "log" / "slurmctld.log")
     except BaseException:
@@ -291,8 +329,10 @@ def stop(base: Path, grace: float = 15.0) -> None:
     conf = base / "etc" / "slurm.conf"
     if conf.exists() and _pid_alive(base / "run" / "slurmctld.pid"):
         _run(["scancel", "--full", "-u", "root"], env=_env(conf), check=False, timeout=10)
-    for name in DAEMONS:
-        pid = _pid_alive(base / "run" / f"{name}.pid")
+    pid_files = [base / "run" / f"{name}.pid" for name in DAEMONS]
+    pid_files[1:1] = sorted((base / "run").glob("slurmd-*.pid"))         # every slurmd, before slurmctld
+    for pid_file in pid_files:
+        pid = _pid_alive(pid_file)
         if not pid:
             continue
         os.kill(pid, signal.SIGTERM)
@@ -316,11 +356,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("action", choices=("start", "stop", "status"))
     ap.add_argument("folder", help="where configs, state, logs and the database live")
+    ap.add_argument("--nodes", type=int, default=1, help="slurmd daemons (nodes) on this machine")
     a = ap.parse_args(argv)
     base = Path(a.folder)
     try:
         if a.action == "start":
-            env = start(base)
+            env = start(base, nodes=a.nodes)
             state = json.loads((base / "cluster.json").read_text())
             print(f"slurm cluster up in {state['start_s']} s; use it with:\nexport SLURM_CONF={env['SLURM_CONF']}")
         elif a.action == "stop":

@@ -258,7 +258,7 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip("the test Slurm cluster runs its daemons as root")
     base = Path(tempfile_short())
     try:
-        env = sc.start(base)
+        env = sc.start(base, nodes=2)        # two slurmd on this machine: multi-node jobs are real
     except sc.ClusterError as e:
         sc.stop(base)
         pytest.skip(f"could not start a Slurm cluster: {e}")
@@ -280,16 +280,19 @@ def _slurm_run(tmp_path, cluster, *overrides):
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_slurm_run_completes(tmp_path, slurm_cluster):
-    proc, run = _slurm_run(tmp_path, slurm_cluster, "launcher.nproc_per_node=2", "launcher.cpus_per_task=2")
+def test_slurm_two_node_run_completes(tmp_path, slurm_cluster):
+    """One Slurm job on 2 nodes: each node's task runs torchrun as node SLURM_NODEID of one rendezvous."""
+    proc, run = _slurm_run(tmp_path, slurm_cluster, "launcher.nnodes=2", "launcher.nproc_per_node=1",
+                           "launcher.cpus_per_task=1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "RUNNING" in proc.stdout and "COMPLETED" in proc.stdout           # state changes were shown
     step = read_json(run / "manifest.json")["steps"][-1]
     assert step["slurm_state"] == "COMPLETED" and step["slurm_job_id"].isdigit()
     assert Path(step["slurm_stdout"]).exists() and Path(step["slurm_stderr"]).exists()
-    assert step["nodes"][0]["status"] == "completed" and "--nproc_per_node=2" in step["nodes"][0]["argv"]
-    log = (run / "logs" / "dummy_train.log").read_text()
-    assert "rank 0" in log and "rank 1" in log
+    assert [n["node"] for n in step["nodes"]] == [0, 1] and all(n["status"] == "completed" for n in step["nodes"])
+    assert "--node_rank=1" in step["nodes"][1]["argv"] and "--nnodes=2" in step["nodes"][1]["argv"]
+    assert "rank 0" in (run / "logs" / "dummy_train.log").read_text()
+    assert "rank 1" in (run / "logs" / "dummy_train.node1.log").read_text()
     assert read_json(run / "result.json")["status"] == "completed"
     jobs = read_json(run / "slurm" / "jobs.json")
     assert jobs["dummy_train"]["slurm_job_id"] == step["slurm_job_id"]
