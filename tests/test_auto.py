@@ -97,7 +97,7 @@ def test_estimator_rules():
     base = dict(device="cuda", micro_batch_size=4, seq_len=2048, precision="bf16", method="full", dp=8)
     plain = estimate(s7, Setup(**base))
     gc = estimate(s7, Setup(**base, gradient_checkpointing=True))
-    assert gc.parts["activations"] < plain.parts["activations"] / 5
+    assert gc.parts["activations"] < plain.parts["activations"] / 3      # the logits (128k vocabulary) remain
     z1, z2, z3 = (estimate(s7, Setup(**base, zero_stage=z)) for z in (1, 2, 3))
     assert z1.parts["optimizer"] == pytest.approx(plain.parts["optimizer"] / 8)
     assert z2.parts["gradients"] == pytest.approx(plain.parts["gradients"] / 8)

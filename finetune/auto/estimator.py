@@ -39,7 +39,10 @@ GiB = float(1 << 30)
 # buffers, the Trainer, autograd bookkeeping).
 RUNTIME_BYTES = {"cuda": 1.0 * GiB, "cpu": 1.05 * GiB}
 
-GC_LAYERS = 4.0      # layers' worth of activations alive at the peak under gradient checkpointing (measured)
+# Layers' worth of activations alive at the peak under gradient checkpointing: the recomputed layer and its
+# activation gradients (2) on a GPU, whose caching allocator reuses the same blocks layer after layer; 4 on a CPU,
+# where glibc keeps what the recompute churned (fitted to the measured peak RSS of tiny runs, tests/test_auto.py).
+GC_LAYERS = {"cuda": 2.0, "cpu": 4.0}
 
 METHODS = ("full", "freeze", "lora", "galore", "badam")
 LORA_LIKE = ("lora", "loraplus", "rslora", "dora", "pissa", "qlora")
@@ -419,10 +422,9 @@ def estimate(shape: ModelShape, s: Setup) -> Estimate:
     act = activation_bytes_per_token(shape, s)
     tokens = s.micro_batch_size * s.seq_len
     if s.gradient_checkpointing:
-        # each layer's input is kept; in the backward pass one layer at a time is recomputed, its activation
-        # gradients live beside it, and the allocator keeps what the recompute churned: four layers' worth in all,
-        # fitted to the measured peak RSS of tiny CPU runs with checkpointing (LoRA and full, tests/test_auto.py)
-        activations = tokens * (L * act["layer_input"] + GC_LAYERS * act["per_layer"] + act["head"])
+        # each layer's input is kept; in the backward pass one layer at a time is recomputed (see GC_LAYERS)
+        gc_layers = GC_LAYERS.get(s.device, GC_LAYERS["cuda"])
+        activations = tokens * (L * act["layer_input"] + gc_layers * act["per_layer"] + act["head"])
     else:
         activations = tokens * (L * act["per_layer"] + act["head"])
 

@@ -57,7 +57,8 @@ class Request:
     zero_fixed: bool = False
     nproc_per_node: Optional[int] = None
     memory_efficient_attention: bool = True
-    total_tokens: float = 0.0                  # tokens the run will process (rows x epochs x seq, upper bound)
+    total_tokens: float = 0.0                  # tokens the run will process (rows x epochs x seq, upper bound);
+                                               # 0: unknown, ranked as 10 million tokens
 
 
 # Seconds before the first step (imports, model and data loading), seen on this project's CPU machines:
@@ -350,7 +351,7 @@ def plan_choice(shape: ModelShape, req: Request, machine: Machine, collie_venv: 
                             eff = _efficiency(machine, mbs * req.seq_len, zero, off_opt, off_param, tp,
                                               machine.nnodes, dp)
                             tps_ = world * machine.flops * eff / max(1.0, est.flops_per_step_token) / max(1, tp)
-                            est_time = STARTUP_S.get(b, 10.0) + req.total_tokens / max(tps_, 1e-9)
+                            est_time = STARTUP_S.get(b, 10.0) + (req.total_tokens or 1e7) / max(tps_, 1e-9)
                             cands.append(Candidate(backend=b, method=method, micro_batch_size=mbs,
                                                    grad_accum=per_rank // mbs, gradient_checkpointing=bool(gc),
                                                    zero_stage=zero, offload_optimizer=off_opt, offload_param=off_param,
