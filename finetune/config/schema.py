@@ -169,8 +169,9 @@ class CollieBackend(BackendBase):
 
 @dataclass
 class AutoBackend(BackendBase):
-    candidates: List[str] = field(default_factory=lambda: ["alpacalora", "llamafactory", "collie"])
-    prefer: str = "fastest"                  # fastest | least_memory
+    # backends to consider, in order of preference for near-ties (finetune/auto/planner.py)
+    candidates: List[str] = field(default_factory=lambda: ["alpacalora", "llamafactory", "collie", "flagembedding"])
+    prefer: str = "fastest"                  # fastest (estimated wall time) | least_memory
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -278,11 +279,11 @@ class HardwareConfig:
     device: str = "cpu"                       # cpu | cuda | auto
     gpu_type: Optional[str] = None
     gpus_per_node: int = 0
-    gpu_memory_gb: float = 0.0
+    gpu_memory_gb: float = 0.0                # GiB per GPU
     nnodes: int = 1
-    cpus: int = 0                             # 0: detect
-    memory_gb: float = 0.0                    # 0: detect
-    precision: str = "fp32"                   # fp32 | bf16 | fp16
+    cpus: int = 0                             # 0: detect (finetune/auto/hardware.py)
+    memory_gb: float = 0.0                    # host RAM per node, GiB; 0: detect
+    precision: str = "fp32"                   # fp32 | bf16 | fp16 | auto (hardware=auto: detected)
     deepspeed_stage: Optional[int] = None     # None: no DeepSpeed; 0, 1, 2 or 3
     offload_optimizer: bool = False
     offload_param: bool = False
