@@ -44,6 +44,11 @@ def check(cfg) -> None:
     if int(lc.nnodes) > 1 and not cfg.output_dir:
         raise ConfigError("output_dir", None, f"a {int(lc.nnodes)}-node run needs output_dir=<shared folder> so the "
                           "other nodes can join it (python -m launchers.torchrun join <output_dir> --node-rank N)")
+    if int(lc.nnodes) > 1 and not cfg.resume and not cfg.dry_run:
+        out = Path(str(cfg.output_dir)).expanduser()
+        if out.is_dir() and any(out.iterdir()):
+            raise ConfigError("output_dir", str(out), "is not empty: the other nodes would join the old run there; "
+                              "use a fresh folder (or resume=true to continue that run)")
     if cfg.hardware.device == "cuda" and int(cfg.hardware.gpus_per_node) > 0 \
             and int(lc.nproc_per_node) > int(cfg.hardware.gpus_per_node):
         raise ConfigError("launcher.nproc_per_node", int(lc.nproc_per_node),
@@ -109,7 +114,11 @@ def join(run_dir: Path, node_rank: int, wait_s: float = 600.0, timeout_s: Option
     run_dir = Path(run_dir).absolute()
     deadline = time.monotonic() + wait_s
     manifest = _load_plan(run_dir)
-    while not (manifest and manifest.get("plan") and manifest.get("status") in ("running", "completed", "failed")):
+    while not (manifest and manifest.get("plan") and manifest.get("status") in ("running", "failed")):
+        if manifest and manifest.get("status") == "completed" and not manifest.get("resumes"):
+            print(f"[finetune] node {node_rank}: the run in {run_dir} has already completed "
+                  "(start node 0 with a fresh output_dir)", file=sys.stderr)
+            return 2
         if time.monotonic() > deadline:
             print(f"[finetune] node {node_rank}: no plan in {run_dir}/manifest.json after {wait_s:.0f} s "
                   "(is node 0 running with output_dir set to this folder?)", file=sys.stderr)

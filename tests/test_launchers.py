@@ -91,6 +91,7 @@ def test_node_rank_refused_in_one_line_exit_2(tmp_path):
 @pytest.mark.parametrize("overrides,words", [
     (("launcher=torchrun", "launcher.nnodes=2"), ("output_dir", "join")),
     (("launcher=local", "launcher.nnodes=2"), ("launcher.nnodes", "launcher=torchrun")),
+    (("launcher=torchrun", "launcher.nnodes=2", f"output_dir={REPO / 'conf'}"), ("output_dir", "not empty")),
     (("launcher=torchrun", "launcher.rdzv_backend=etcd"), ("launcher.rdzv_backend", "static")),
     (("launcher=slurm", "+launcher.additional_parameters.partition=gpu"),
      ("launcher.additional_parameters.partition", "launcher.partition")),
@@ -155,9 +156,11 @@ def test_run_process_exit_codes_and_timeout(tmp_path):
     assert missing.status == "failed" and missing.exit_code == 127
 
 
-def test_join_refuses_a_folder_without_plan(tmp_path):
+def test_join_refuses_a_folder_without_plan_or_a_finished_run(tmp_path):
     from launchers.torchrun import join
 
+    assert join(tmp_path, 1, wait_s=0.5) == 2
+    (tmp_path / "manifest.json").write_text(json.dumps({"status": "completed", "plan": {"steps": []}}))
     assert join(tmp_path, 1, wait_s=0.5) == 2
 
 
