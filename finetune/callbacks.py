@@ -113,6 +113,8 @@ class SweepSummary(Callback):
 
         if job_return.status != JobStatus.FAILED:
             return
+        if str(OmegaConf.select(config, "hydra.mode", default="")) != "RunMode.MULTIRUN":
+            return                      # a single run's folder is ours (finetune/run.py); Hydra's run dir is "."
         out = OmegaConf.select(config, "hydra.runtime.output_dir", default=None)
         if not out:
             return
