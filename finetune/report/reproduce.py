@@ -122,7 +122,17 @@ def _map_paths(obj: Any, old: str, new: str) -> Any:
     return obj
 
 
-def config_differences(recorded: dict, composed: dict, old_dir: str, new_dir: str) -> List[str]:
+def _auto(v) -> bool:
+    """A value that validation fills in from the machine (hardware.cpus=0, hardware=auto, ...)."""
+    if isinstance(v, bool):
+        return False
+    return v is None or v in ("auto", "", "???") or (isinstance(v, (int, float)) and v == 0)
+
+
+def config_differences(recorded: dict, composed: dict, old_dir: str, new_dir: str, before_run: bool = False) -> List[str]:
+    """Differences between the recorded resolved config and another one. ``before_run``: ``composed`` comes from
+    ``--cfg job`` (before validation), so values that validation fills in (0/auto: hardware.cpus, ...) are not
+    compared then; the new run's own manifest is compared strictly afterwards."""
     rec = _flatten(_map_paths(recorded, old_dir, new_dir))
     now = _flatten(composed)
     diffs = []
@@ -130,6 +140,8 @@ def config_differences(recorded: dict, composed: dict, old_dir: str, new_dir: st
         if key in ("output_dir",) or rec.get(key) == "<redacted>":
             continue
         a, b = rec.get(key, "<absent>"), now.get(key, "<absent>")
+        if before_run and _auto(b):
+            continue
         if a != b and not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)):
             diffs.append(f"{key}: recorded {a!r}, now {b!r}")
     return diffs
@@ -233,7 +245,7 @@ def reproduce(run_dir, allow_different: bool = False, *, out_dir=None, tolerance
         _warn(f"differs from the recorded run: {b}")
 
     composed = compose(replay, env)
-    cfg_diffs = config_differences(manifest.get("config") or {}, composed, str(run_dir), str(new_dir))
+    cfg_diffs = config_differences(manifest.get("config") or {}, composed, str(run_dir), str(new_dir), before_run=True)
     for d in cfg_diffs[:20]:
         _warn(f"config differs: {d}")
     if len(cfg_diffs) > 20:
@@ -252,6 +264,10 @@ def reproduce(run_dir, allow_different: bool = False, *, out_dir=None, tolerance
         sys.stderr.write(f"reproduce: the replayed run failed (exit {proc.returncode}); see {new_dir}/logs\n")
         return 1
 
+    new_cfg = json.loads((new_dir / "manifest.json").read_text()).get("config") or {}
+    cfg_diffs = config_differences(manifest.get("config") or {}, new_cfg, str(run_dir), str(new_dir))
+    for d in cfg_diffs:
+        _warn(f"the replayed run's resolved config differs: {d}")
     old_rows, new_rows = read_history(run_dir), read_history(new_dir)
     curves = [compare_curves(old_rows, new_rows, k) for k in ("loss", "eval_loss")]
     curves = [c for c in curves if c["steps_recorded"] or c["steps_new"]]

@@ -140,6 +140,15 @@ def swept_params(jobs: List[Dict]) -> List[str]:
                 keys.append(k)
             vals[k] = _value(job, k, v)
         job["params"] = vals
+    # top-level values that differ although nobody typed them: paired interpolations (lora_alpha from a sweep
+    # file's ${eval:2*lora_r}), values an experiment or backend file sets
+    for k in sorted({k for j in jobs for k, v in j["config"].items() if not isinstance(v, (dict, list))}):
+        if k in keys or k in ("output_dir", "name", "target_path", "merge_path") or k.startswith("_"):
+            continue
+        if len({json.dumps(j["config"].get(k), default=str) for j in jobs if j["config"]}) > 1:
+            keys.append(k)
+            for j in jobs:
+                j["params"][k] = j["config"].get(k)
     varying = [k for k in keys if len({json.dumps(j["params"].get(k), default=str) for j in jobs}) > 1]
     return varying or keys
 
