@@ -306,6 +306,22 @@ def test_slurm_two_node_run_completes(tmp_path, slurm_cluster):
 
 @pytest.mark.slow
 @pytest.mark.slurm
+def test_slurm_trains_tiny_llama(tmp_path, slurm_cluster, tiny_model):
+    """A real training run as Slurm jobs: LoRA on the tiny Llama (train step, then merge step), loss falls."""
+    tiny_model("tiny_llama")
+    proc, run = run_train("backend=alpacalora", "launcher=slurm", "launcher.poll_s=0.5", "max_steps=6", "batch_size=8",
+                          "micro_batch_size=4", "logging_steps=1", "val_set_size=8", "learning_rate=3e-3",
+                          outputs=tmp_path, env={"SLURM_CONF": slurm_cluster["SLURM_CONF"]}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = read_json(run / "manifest.json")
+    assert [s["slurm_state"] for s in m["steps"] if "slurm_state" in s] == ["COMPLETED"] * len(m["plan"]["steps"])
+    metrics = read_json(run / "metrics.json")
+    assert metrics["global_step"] == 6 and metrics["train_loss"] < metrics["first_train_loss"]
+    assert (run / "lazyllm_lora" / "adapter_config.json").exists() and (run / "lazyllm_merge" / "config.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_slurm_failed_job_fails_the_run(tmp_path, slurm_cluster):
     proc, run = _slurm_run(tmp_path, slurm_cluster, "backend.fail=true")
     assert proc.returncode == 1
