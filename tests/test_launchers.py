@@ -140,6 +140,28 @@ def test_slurm_dry_run_shows_node_command(capsys):
     assert "--nnodes=2" in a and "--node_rank=0" in a and any("first host of the job" in x for x in a)
 
 
+def test_environment_set_per_launcher():
+    """OMP threads split over the ranks, repo on PYTHONPATH, GPUs pinned to the ranks asked for (local/torchrun);
+    on Slurm the threads come from cpus_per_task and CUDA_VISIBLE_DEVICES is left to Slurm's allocation."""
+    from finetune.plan import Step
+    from launchers import local, slurm
+
+    step = Step(name="train", argv=[sys.executable, "-m", "x"], distributed="torchrun")
+    cfg = _compose("launcher=local", "launcher.nproc_per_node=2")
+    e = local.env(step, cfg)
+    assert e["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert str(REPO) in e["PYTHONPATH"].split(os.pathsep) and e["TOKENIZERS_PARALLELISM"] == "false"
+    assert "CUDA_VISIBLE_DEVICES" not in e                                  # CPU hardware: nothing to pin
+    cfg.hardware.device, cfg.hardware.gpus_per_node = "cuda", 8
+    assert local.env(step, cfg)["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert local.env(Step(name="merge", argv=["python"]), cfg)["CUDA_VISIBLE_DEVICES"] == "0"
+    cfg.launcher.omp_num_threads = 3
+    assert local.env(step, cfg)["OMP_NUM_THREADS"] == "3"
+    scfg = _compose("launcher=slurm", "launcher.nproc_per_node=2", "launcher.cpus_per_task=16")
+    se = slurm.env(step, scfg)
+    assert se["OMP_NUM_THREADS"] == "8" and "CUDA_VISIBLE_DEVICES" not in se
+
+
 def test_run_process_exit_codes_and_timeout(tmp_path):
     from launchers.process import run_process
 
