@@ -269,3 +269,16 @@ def test_method_trains_and_artefact_loads(name, tmp_path, tiny_model):
         with torch.no_grad():
             assert (model(input_ids=ids).logits - base_logits).abs().max().item() > 1e-4
         assert not (out / "lazyllm_lora").exists()
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_lora_matches_plain_run(lora_run, tmp_path):
+    """DeepSpeed's CPU accelerator under HF Trainer (one process; the recipe supplies the torchrun environment).
+    The first run on a machine JIT-builds deepspeed_shm_comm (minutes on a busy 2-core box); later runs reuse it."""
+    out = tmp_path / "ds2"
+    _train(out, "hardware.deepspeed_stage=2", "merge=false")
+    s = read_json(out / "train_summary.json")
+    assert s["deepspeed"] is True
+    assert json.loads((out / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
+    ds, ref = dict(_losses(out)), dict(_losses(lora_run))
+    assert ds[12] == pytest.approx(ref[12], abs=1e-3)
