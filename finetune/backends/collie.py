@@ -39,7 +39,9 @@ def venv_dir(cfg) -> Path:
 
 
 def venv_python(cfg) -> Path:
-    return venv_dir(cfg) / "bin" / "python"
+    # through the venv's real folder (.venv-collie is a link into ~/.cache/finetune): DeepSpeed's JIT build
+    # records the include paths it saw, so a clone elsewhere must see the same ones to reuse the build
+    return venv_dir(cfg).resolve() / "bin" / "python"
 
 
 def check_venv(cfg) -> None:
