@@ -155,6 +155,14 @@ def test_lora_merged_model_matches_collie_and_adapter(lora_run):
             assert torch.allclose(got, torch.tensor(ref), atol=1e-4)
             # and training changed the model: the base gives other logits
             assert (base(input_ids=torch.tensor([ids])).logits[0] - got).abs().max() > 1e-3
+    # the conversion is needed: Collie's raw save_peft output (q rows in Collie's layout) does NOT reproduce them
+    from peft import PeftModel
+
+    raw = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(REPO / "models" / "tiny-llama")),
+                                    str(lora_run / "collie_adapter")).eval()
+    with torch.no_grad():
+        ids, ref = probe["input_ids"][0], torch.tensor(probe["logits"][0])
+        assert (raw(input_ids=torch.tensor([ids])).logits[0] - ref).abs().max() > 1e-3
     # q_proj adapter was trained and converted (not all-zero lora_B)
     from safetensors.torch import load_file
 

@@ -48,14 +48,20 @@ def apply() -> list:
     from megatron.core import tensor_parallel as _tp
     from megatron.core.tensor_parallel import layers as _mlayers
 
-    _orig_vpe_init = _tp.VocabParallelEmbedding.__init__
+    #    At tp_size > 1 Collie's ColumnParallelLinearWithoutBias / RowParallelLinearWithoutBias are the megatron
+    #    layers themselves (at tp 1 they are plain nn.Linear) and allocate on CUDA the same way: same fix.
+    def _cpu_init(cls):
+        orig = cls.__init__
 
-    @functools.wraps(_orig_vpe_init)
-    def _vpe_init(self, *args, **kwargs):
-        kwargs["use_cpu_initialization"] = True
-        return _orig_vpe_init(self, *args, **kwargs)
+        @functools.wraps(orig)
+        def init(self, *args, **kwargs):
+            kwargs["use_cpu_initialization"] = True
+            return orig(self, *args, **kwargs)
 
-    _tp.VocabParallelEmbedding.__init__ = _vpe_init
+        cls.__init__ = init
+
+    for cls in (_tp.VocabParallelEmbedding, _tp.ColumnParallelLinear, _tp.RowParallelLinear):
+        _cpu_init(cls)
     _orig_init_cpu = _mlayers._initialize_affine_weight_cpu
 
     @functools.wraps(_orig_init_cpu)
@@ -65,7 +71,7 @@ def apply() -> list:
         return _orig_init_cpu(weight, *args, **kwargs)
 
     _mlayers._initialize_affine_weight_cpu = _init_cpu
-    APPLIED.append("VocabParallelEmbedding:cpu_init")
+    APPLIED.append("megatron parallel layers:cpu_init")
 
     # 5) Collie calls tensor.cuda() unconditionally: utils/padder.py (every batch), controller/evaluator.py,
     #    utils/dist_utils.py broadcast helpers, models/base.py (TP gather), ... -> make it return the tensor.
