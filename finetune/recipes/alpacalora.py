@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.recipes.common import (Collator, atomic_write_text, copy_tokenizer_files, log, peak_rss_mb,
+from finetune.recipes.common import (Collator, atomic_write_text, log, peak_rss_mb,
                                      read_config, split_train_val, target_tokens, tokenized_data, truncate_history)
 
 COMPLETE = "FINETUNE_COMPLETE"
@@ -397,19 +397,15 @@ def main(argv=None) -> int:
     # 8. save: adapter (LoRA methods; PiSSA converted to a plain LoRA) or the whole model
     target = Path(cfg.get("target_path") or run_dir / "lazyllm_lora")
     merged = Path(cfg.get("merge_path") or run_dir / "lazyllm_merge")
+    pissa_convert = uses_lora and m.get("pissa_init") and m.get("pissa_convert")
+    artefact = target if uses_lora else merged
+    if pissa_convert:                       # (PiSSA is refused under ZeRO-3, so rank 0 holds the whole adapter)
+        if trainer.args.should_save:
+            model.save_pretrained(str(target), path_initial_model_for_weight_conversion=str(pissa_init_dir))
+    else:
+        trainer.save_model(str(artefact))   # every rank calls it: under ZeRO-3 it gathers the shards; rank 0 writes
     if trainer.args.should_save:
-        if uses_lora:
-            if m.get("pissa_init") and m.get("pissa_convert"):
-                model.save_pretrained(str(target), path_initial_model_for_weight_conversion=str(pissa_init_dir))
-            else:
-                model.save_pretrained(str(target))
-            tokenizer.save_pretrained(str(target))
-            artefact = target
-        else:
-            trainer.save_model(str(merged))
-            tokenizer.save_pretrained(str(merged))
-            copy_tokenizer_files(Path(cfg["model"]["path"]), merged) if not (merged / "tokenizer.json").exists() else None
-            artefact = merged
+        tokenizer.save_pretrained(str(artefact))
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
         summary = {
