@@ -227,7 +227,7 @@ def test_explain_dry_run_shows_choice_and_concrete_plan(tmp_path):
 
 def _probe(model: Path, *args: str) -> dict:
     env = train_env(Path("/tmp"), OMP_NUM_THREADS=2)
-    proc = subprocess.run([PY, "-m", "finetune.auto.probe", str(model), "--seq", "128", "--steps", "1", *args],
+    proc = subprocess.run([PY, "-m", "finetune.auto.probe", str(model), "--seq", "128", "--steps", "2", *args],
                           cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('{"peak_rss"')][-1])
