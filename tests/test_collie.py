@@ -93,7 +93,7 @@ def test_dry_run_plan(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "collie_prepare" in out and "collie_train" in out and "collie_merge" in out
-    assert str(VENV / "bin" / "python") in out and "torch.distributed.run" in out and "--nproc_per_node=2" in out
+    assert str(VENV.resolve() / "bin" / "python") in out and "torch.distributed.run" in out and "--nproc_per_node=2" in out
     assert "dp=2 tp=1 pp=1" in out and "gradient accumulation 1" in out
     assert run is None
 
