@@ -184,6 +184,30 @@ def test_every_hardware_option_composes_and_resolves(hw):
         assert cfg.hardware.gpus_per_node > 0 and cfg.hardware.gpu_memory_gb > 0 and cfg.hardware.gpu_tflops > 0
 
 
+def test_gpu_detection_parses_nvidia_smi(tmp_path, monkeypatch):
+    """No GPU here: a stand-in nvidia-smi prints what the real one prints for
+    --query-gpu=index,name,memory.total,compute_cap --format=csv,noheader,nounits."""
+    from hydra import compose, initialize_config_dir
+
+    from finetune.auto.hardware import gpus, resolve_hardware
+    from finetune.config.schema import register
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '0, NVIDIA A100-SXM4-80GB, 81920, 8.0'\necho '1, NVIDIA A100-SXM4-80GB, 81920, 8.0'\n"
+                   "echo '2, NVIDIA A100-SXM4-80GB, 81920, 8.0'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
+    assert [g["index"] for g in gpus()] == [0, 2]
+    register()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hardware=auto"])
+    resolve_hardware(cfg)
+    hw = cfg.hardware
+    assert (hw.device, hw.gpus_per_node, hw.gpu_memory_gb, hw.precision, hw.gpu_tflops) == ("cuda", 2, 80.0, "bf16", 312.0)
+    assert hw.gpu_type == "A100-SXM4-80GB"
+
+
 # ----------------------------------------------------------------------------------------------- train.py
 
 
@@ -274,4 +298,5 @@ def test_small_model_on_cpu_picks_native_backend_and_runs(tmp_path):
     assert metrics["train_loss"] < metrics["first_train_loss"]
     # the estimate made at plan time against the peak RSS the recipe measured
     assert 0.8 <= metrics["auto_estimate_ratio"] <= 1.25, metrics
+    assert metrics["auto_tokens_per_s_estimate"] > 0
     assert (out / "lazyllm_lora").is_dir() and (out / "lazyllm_merge").is_dir()

@@ -248,6 +248,8 @@ def collect(cfg, run_dir, ctx) -> dict:
     rec = OmegaConf.to_container(cfg.auto_choice, resolve=True) if "auto_choice" in cfg else {}
     chosen = rec.get("chosen") or {}
     est = chosen.get("estimate_gib")
+    if chosen.get("tokens_per_s"):
+        metrics["auto_tokens_per_s_estimate"] = round(float(chosen["tokens_per_s"]), 1)
     if est is not None:
         metrics["auto_estimate_gib"] = est
         peak = metrics.get("peak_rss_mb")
