@@ -19,7 +19,7 @@ import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 from finetune.auto.estimator import GiB, LORA_LIKE, Estimate, ModelShape, Setup, estimate
 
