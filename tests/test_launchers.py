@@ -231,13 +231,12 @@ def test_two_nodes_train_tiny_llama_data_parallel(tmp_path, tiny_model):
     """The real thing: two torchrun agents (node_rank 0 and 1) rendezvous and train the tiny Llama with LoRA."""
     tiny_model("tiny_llama")
     run_dir = _two_nodes(tmp_path, "backend=alpacalora", "max_steps=6", "batch_size=8", "micro_batch_size=4",
-                         "logging_steps=1", "val_set_size=8", "learning_rate=3e-3")
+                         "logging_steps=1", "val_set_size=8", "learning_rate=3e-3", "merge=false")
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["world_size"] == 2 and metrics["global_step"] == 6
     assert metrics["train_loss"] < metrics["first_train_loss"]
     assert (run_dir / "lazyllm_lora" / "adapter_config.json").exists()
-    assert (run_dir / "lazyllm_merge" / "config.json").exists()
-    assert (run_dir / "logs" / "train.node1.log").exists()
+    assert (run_dir / "logs" / "train.node1.log").exists()     # (merging is alpacalora's test; merge=false saves time)
 
 
 @pytest.mark.slow
@@ -329,17 +328,19 @@ def test_slurm_two_node_run_completes(tmp_path, slurm_cluster):
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_slurm_trains_tiny_llama(tmp_path, slurm_cluster, tiny_model):
-    """A real training run as Slurm jobs: LoRA on the tiny Llama (train step, then merge step), loss falls."""
+    """A real training run as a Slurm job: LoRA on the tiny Llama, 2 ranks (torchrun inside the job), loss falls."""
     tiny_model("tiny_llama")
     proc, run = run_train("backend=alpacalora", "launcher=slurm", "launcher.poll_s=0.5", "max_steps=6", "batch_size=8",
-                          "micro_batch_size=4", "logging_steps=1", "val_set_size=8", "learning_rate=3e-3",
+                          "micro_batch_size=4", "logging_steps=1", "val_set_size=8", "learning_rate=3e-3", "merge=false",
+                          "launcher.nproc_per_node=2",
                           outputs=tmp_path, env={"SLURM_CONF": slurm_cluster["SLURM_CONF"]}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = read_json(run / "manifest.json")
     assert [s["slurm_state"] for s in m["steps"] if "slurm_state" in s] == ["COMPLETED"] * len(m["plan"]["steps"])
     metrics = read_json(run / "metrics.json")
-    assert metrics["global_step"] == 6 and metrics["train_loss"] < metrics["first_train_loss"]
-    assert (run / "lazyllm_lora" / "adapter_config.json").exists() and (run / "lazyllm_merge" / "config.json").exists()
+    assert metrics["global_step"] == 6 and metrics["world_size"] == 2
+    assert metrics["train_loss"] < metrics["first_train_loss"]
+    assert (run / "lazyllm_lora" / "adapter_config.json").exists()
 
 
 @pytest.mark.slow
