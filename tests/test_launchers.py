@@ -58,7 +58,9 @@ def _dry(capsys, *overrides):
 
 
 def _argv_lines(out):
-    return [json.loads(ln.split("argv: ", 1)[1]) for ln in out.splitlines() if ln.strip().startswith("argv: ")]
+    """argv of the dummy backend's training step (a fresh checkout also plans a build_model step first)."""
+    argvs = [json.loads(ln.split("argv: ", 1)[1]) for ln in out.splitlines() if ln.strip().startswith("argv: ")]
+    return [a for a in argvs if "finetune.recipes.dummy" in a]
 
 
 # ------------------------------------------------------------------------------------------------ fast
