@@ -213,7 +213,7 @@ def check(cfg) -> None:
     if cfg.explain:
         print(choice.explain(), flush=True)
     if choice.chosen is None:
-        raise ConfigError("backend", "auto", choice.reason)
+        raise ConfigError("backend", "auto", choice.reason, "" if cfg.explain else "explain=true lists every candidate")
     apply(cfg, choice, typed)
     # the concrete config must pass the same rules as if the user had typed it
     v.check_sizes(cfg)
