@@ -71,6 +71,10 @@ def check(cfg) -> None:
     if meth.uses_lora and tp > 1:
         raise ConfigError("backend.tp_size", tp, "Collie's tensor parallelism does not support LoRA "
                           "(collie/config.py valid_config); use tp_size=1, or method=full")
+    if meth.uses_lora and pp > 1:
+        # seen here: DeepSpeed 0.19.8's PipelineEngine asserts "model must base PipelineModule" on Collie's PeftModel
+        raise ConfigError("backend.pp_size", pp, "Collie 1.0.7's pipeline engine cannot train a LoRA (PEFT-wrapped) "
+                          "model (DeepSpeed: 'model must base PipelineModule'); use pp_size=1, or method=full")
     if pp > 1 and hw.deepspeed_stage == 3:
         raise ConfigError("hardware.deepspeed_stage", 3, "Collie's pipeline parallelism is not compatible with ZeRO-3")
     if cfg.model.family not in FAMILIES:
