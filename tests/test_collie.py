@@ -76,7 +76,7 @@ def test_dp_size_follows_the_launcher():
     (["method=galore"], ["method='galore'", "full, lora"]),
     (["method=dora"], ["method='dora'"]),
     (["launcher.nproc_per_node=2", "backend.tp_size=2"], ["backend.tp_size=2", "LoRA"]),
-    (["launcher.nproc_per_node=2", "backend.pp_size=2"], ["backend.pp_size=2", "PipelineModule"]),
+    (["launcher.nproc_per_node=2", "backend.pp_size=2"], ["backend.pp_size=2", "DeepSpeed 0.19.8"]),
     (["max_steps=5"], ["max_steps=5", "num_epochs"]),
     (["num_epochs=1.5"], ["num_epochs=1.5", "integer"]),
     (["prompt_template_name=vigogne"], ["prompt_template_name", "alpaca"]),

@@ -351,13 +351,6 @@ def train(cfg: dict, run_dir: Path) -> int:
         engine.train()
         return tot / max(1, count)
 
-    if pp > 1:
-        # Collie's PipelineModel re-implements PipelineModule.__init__; DeepSpeed >= 0.16's PipelineEngine reads
-        # attributes that only the newer __init__ sets (AttributeError: ... no attribute 'dynamic_shape')
-        from collie.module import PipelineModel
-
-        if not hasattr(PipelineModel, "dynamic_shape"):
-            PipelineModel.dynamic_shape = False
     hist_cb = History()
     trainer = Trainer(model=model, config=config, tokenizer=tokenizer, optimizer=optimizer, lr_scheduler=scheduler,
                       train_dataset=train_ds, callbacks=[hist_cb])
