@@ -229,3 +229,21 @@ def test_optuna_search_three_trials(tmp_path, tiny_model):
     assert read_json(folder / "summary.json")["best_job"] == rows[objectives.index(min(objectives))]["job"]
     for r in rows:
         assert int(r["lora_alpha"]) == 2 * int(r["lora_r"])
+
+
+@pytest.mark.slow
+def test_backends_side_by_side(tmp_path, tiny_model):
+    """-m backend=alpacalora,llamafactory: one experiment on two backends, compared in one table and one plot;
+    the backends' own differing defaults are listed."""
+    tiny_model("tiny_llama")
+    proc, folder = sweep(tmp_path, "backend=alpacalora,llamafactory", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = summary_rows(folder)
+    assert [(r["backend"], r["status"]) for r in rows] == [("alpacalora", "completed"), ("llamafactory", "completed")]
+    assert all(float(r["eval_loss"]) > 0 and float(r["train_loss"]) > 0 for r in rows)
+    summary = read_json(folder / "summary.json")
+    assert summary["params"][0] == "backend" and summary["n_failed"] == 0
+    assert (folder / "loss_curves.png").read_bytes()[:8] == PNG and (folder / "metric_vs_backend.png").exists()
+    assert not list(folder.glob("metric_vs_lora_alpha.png"))          # backend defaults are columns, not axes
+    for job in ("0", "1"):
+        assert len([line for line in (folder / job / "history.jsonl").read_text().splitlines() if '"loss"' in line]) >= 3

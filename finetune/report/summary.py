@@ -28,6 +28,8 @@ from finetune.run_dir import atomic_write, atomic_write_json
 
 METRIC_COLUMNS = ("train_loss", "eval_loss", "first_train_loss", "trainable_params", "tokens_per_s",
                   "train_runtime_s", "peak_rss_mb")
+HPARAM_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate", "num_epochs",
+               "max_steps", "batch_size", "micro_batch_size", "cutoff_len", "warmup_ratio", "weight_decay")
 GROUPS = ("backend", "model", "method", "hardware", "data", "launcher", "experiment", "sweep", "hparams_search")
 
 
@@ -127,8 +129,9 @@ def _parse_scalar(raw: str):
     return raw
 
 
-def swept_params(jobs: List[Dict]) -> List[str]:
-    """Override keys whose (resolved) value differs between jobs; all override keys if none differ."""
+def swept_params(jobs: List[Dict], derived: Optional[List[str]] = None) -> List[str]:
+    """Override keys whose (resolved) value differs between jobs, then hyperparameters that differ without being
+    typed (listed in ``derived``: a paired lora_alpha, a backend's own defaults); all override keys if none differ."""
     keys: List[str] = []
     for job in jobs:
         vals = {}
@@ -142,15 +145,30 @@ def swept_params(jobs: List[Dict]) -> List[str]:
         job["params"] = vals
     # top-level values that differ although nobody typed them: paired interpolations (lora_alpha from a sweep
     # file's ${eval:2*lora_r}), values an experiment or backend file sets
-    for k in sorted({k for j in jobs for k, v in j["config"].items() if not isinstance(v, (dict, list))}):
-        if k in keys or k in ("output_dir", "name", "target_path", "merge_path") or k.startswith("_"):
+    for k in HPARAM_KEYS:
+        if k in keys:
             continue
         if len({json.dumps(j["config"].get(k), default=str) for j in jobs if j["config"]}) > 1:
             keys.append(k)
+            if derived is not None:
+                derived.append(k)
             for j in jobs:
                 j["params"][k] = j["config"].get(k)
     varying = [k for k in keys if len({json.dumps(j["params"].get(k), default=str) for j in jobs}) > 1]
     return varying or keys
+
+
+def other_differences(jobs: List[Dict], params: List[str]) -> Dict[str, List[str]]:
+    """Other top-level config values that differ between jobs (e.g. backends' own defaults in a backend sweep)."""
+    out = {}
+    with_cfg = [j for j in jobs if j["config"]]
+    for k in sorted({k for j in with_cfg for k in j["config"]}):
+        if k in params or k.startswith("_") or k in ("output_dir", "name", "target_path", "merge_path"):
+            continue
+        vals = [json.dumps(j["config"].get(k), default=str) for j in with_cfg]
+        if len(set(vals)) > 1 and not isinstance(with_cfg[0]["config"].get(k), dict):
+            out[k] = [f"{j['job']}: {v}" for j, v in zip(with_cfg, vals)]
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -330,7 +348,8 @@ def summarize(folder, echo: bool = True) -> Dict:
     jobs = load_jobs(folder)
     if not jobs:
         raise ConfigError("folder", str(folder), "a multirun folder holding job folders with result.json")
-    params = swept_params(jobs)
+    derived: List[str] = []
+    params = swept_params(jobs, derived)
     header, rows, metric_name = build_table(jobs, params)
     direction = _direction(folder)
     scored = [r for r in rows if r["status"] == "completed" and _is_number(r.get("objective"))]
@@ -346,20 +365,27 @@ def summarize(folder, echo: bool = True) -> Dict:
           f"Objective: `{metric_name}` ({direction}; the value train.py returned to the sweeper, train_loss for a "
           "run without an eval set)" + (f"; best: job {best}." if best is not None else "."), "",
           _markdown(header, rows)]
+    others = other_differences(jobs, params)
+    if others:
+        md += ["Other settings that differ between jobs (not swept; e.g. each backend's own defaults):", ""]
+        md += [f"- `{k}`: " + ", ".join(v) for k, v in others.items()]
     pngs = []
+    for old in folder.glob("metric_vs_*.png"):           # from an earlier summary with other parameters
+        old.unlink()
     try:
         curves = plot_loss_curves(folder, jobs, params)
         if curves:
             pngs.append(curves)
             md += ["", "![loss curves](loss_curves.png)"]
-        for p in plot_metric_vs_params(folder, jobs, params, metric_name):
+        typed = [p for p in params if p not in derived] or params
+        for p in plot_metric_vs_params(folder, jobs, typed, metric_name):
             pngs.append(p)
             md += ["", f"![{Path(p).stem}]({Path(p).name})"]
     except ImportError as e:                       # matplotlib missing: tables still written
         md += ["", f"(plots not written: {e})"]
     atomic_write(folder / "summary.md", "\n".join(md) + "\n")
     out = {"folder": str(folder), "metric": metric_name, "direction": direction, "best_job": best,
-           "params": params, "n_jobs": len(rows), "n_failed": len(failed), "rows": rows,
+           "params": params, "other_differences": others, "n_jobs": len(rows), "n_failed": len(failed), "rows": rows,
            "files": [str(folder / "summary.csv"), str(folder / "summary.md"), *pngs]}
     atomic_write_json(folder / "summary.json", out)
     if echo:
