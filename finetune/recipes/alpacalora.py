@@ -362,6 +362,13 @@ def main(argv=None) -> int:
             counter["trainable"] = n
 
     trainer.add_callback(CountAtStart())
+    if m.get("use_badam"):                 # as LLaMA-Factory: BAdam's sparse (ratio) gradients need its own clipping
+        from types import MethodType
+
+        from badam import BAdamCallback, clip_grad_norm_old_version
+
+        trainer.accelerator.clip_grad_norm_ = MethodType(clip_grad_norm_old_version, trainer.accelerator)
+        trainer.add_callback(BAdamCallback)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%), method={m['name']}, "
