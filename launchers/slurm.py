@@ -220,7 +220,7 @@ def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
     jobs[step.name] = info
     _record(jobs_file, jobs)
     print(f"[slurm] step {step.name}: submitted job {job.job_id} ({ex.cluster}); logs {job.paths.stdout}", flush=True)
-    status, last = None, None
+    status, last, running_since = None, None, None
     try:
         while True:
             state = _state(job) if ex.cluster == "slurm" else str(job.state)
@@ -230,7 +230,9 @@ def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
                 _record(jobs_file, jobs)
             if job.done() or state.split()[0] in FAILED_STATES + ("COMPLETED",):
                 break
-            if timeout_s and time.monotonic() - start > timeout_s:
+            if running_since is None and state.split()[0] not in ("PENDING", "UNKNOWN", "SUBMITTED", "REQUEUED"):
+                running_since = time.monotonic()           # time in the queue does not count against timeout_min
+            if timeout_s and running_since is not None and time.monotonic() - running_since > timeout_s:
                 status = "timeout"
                 job.cancel(check=False)
                 break
