@@ -221,7 +221,7 @@ def train(cfg: dict, run_dir: Path) -> int:
     config.gradient_accumulation_steps = accum
     config.eval_batch_size = micro
     config.checkpointing = bool(cfg.get("gradient_checkpointing"))
-    config.use_flash = bool(b.get("use_flash")) and torch.cuda.is_available()
+    config.use_flash = False                  # flash_attn is not in requirements-collie.lock
     config.seed = int(cfg["seed"])
     ds = {"steps_per_print": 10 ** 9, "zero_optimization": {"stage": int(hw.get("deepspeed_stage") or 0)}}
     if float(cfg.get("max_grad_norm") or 0) > 0:
