@@ -27,7 +27,9 @@ from finetune.report.history import read_history
 
 SETUP_CMD = "bash scripts/setup_collie_env.sh (or: finetune setup-collie)"
 LOCK = REPO_ROOT / "requirements-collie.lock"
-FAMILIES = ("llama", "internlm2", "chatglm3")          # model.family values with a Collie model class
+# model.family values the adapter supports: Collie also has InternLM2/ChatGLM2 classes, but their weight layouts
+# (fused wqkv, ...) need their own export conversion, which is written and verified for Llama only
+FAMILIES = ("llama",)
 PROMPT_TEMPLATES = ("alpaca", "alpaca_short")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OPTIMS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
@@ -78,7 +80,8 @@ def check(cfg) -> None:
         raise ConfigError("backend.pp_size", pp, "Collie 1.0.7's pipeline engine does not run with the pinned DeepSpeed "
                           "0.19.8 (private PipelineEngine API it calls is gone); use pp_size=1 with dp_size/tp_size")
     if cfg.model.family not in FAMILIES:
-        raise ConfigError("model.family", cfg.model.family, f"Collie has model classes for {', '.join(FAMILIES)}")
+        raise ConfigError("model.family", cfg.model.family, f"the collie backend supports {', '.join(FAMILIES)} "
+                          "(Collie's adapter/weight layout conversion is verified for Llama only)")
     if cfg.max_steps != -1:
         raise ConfigError("max_steps", cfg.max_steps, "Collie trains whole epochs; use num_epochs (max_steps=-1)")
     if float(cfg.num_epochs) != int(cfg.num_epochs):
