@@ -22,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+sys.path.insert(0, str(REPO))
 
 
 def matmul_peak_gflops(n: int = 2048, repeat: int = 10) -> float:
