@@ -26,8 +26,9 @@ EMBED = FAST + ["learning_rate=1e-3", "backend.sentence_pooling_method=mean", "b
                 "backend.query_instruction_for_retrieval=null"]
 # the reranker learns on the packaged pretrained MiniLM (a fresh 1-label head): on the tiny random BERT every
 # (query, passage) pair gets the same [CLS] features and the loss stays at ln(group) for hundreds of steps
+# eval_max_corpus=10: rank each query's own pos + 7 neg (160 pairs) instead of all 80 passages (1600 pairs)
 RERANK = FAST + ["backend.task=reranker", "model=minilm", "learning_rate=1e-4",
-                 "backend.query_instruction_for_rerank=null"]
+                 "backend.query_instruction_for_rerank=null", "backend.eval_max_corpus=10"]
 
 
 def _compose(overrides):
