@@ -7,7 +7,8 @@ with the tiny Llama's tokenizer, cutoff, label masking: finetune.recipes.common.
 
     python bench/sweep_cache.py                        # 4 sequential jobs, 3,200 rows
     python bench/sweep_cache.py --jobs 6 --parallel 2  # 2 at a time: one builds, the other waits on the lock
-    python bench/sweep_cache.py --repeat 10 --json     # smaller data; one JSON line
+    python bench/sweep_cache.py --format arrow         # build_fn returns a datasets.Dataset (memory-mapped hits)
+    python bench/sweep_cache.py --repeat 3 --json      # smaller data; one JSON line
 
 Tokenizer loading is not counted (every run loads its tokenizer anyway); the timed part is what a cache hit
 saves: reading rows, hashing, prompt formatting, tokenisation.
@@ -39,11 +40,20 @@ def job(args) -> int:
     key = {"data": file_digest(data_files(args.data)), "tokenizer": file_digest(tok_files),
            "template": load_template("alpaca"), "cutoff_len": 256, "train_on_inputs": False, "max_samples": None}
     info: dict = {}
-    examples = get_or_build(key, lambda: encode_rows(read_rows(args.data), tok, "alpaca", 256, False),
-                            cache_dir=args.cache_dir, info=info)
+
+    def build():
+        examples = encode_rows(read_rows(args.data), tok, "alpaca", 256, False)
+        if args.format == "arrow":
+            import datasets
+
+            return datasets.Dataset.from_list(examples)
+        return examples
+
+    examples = get_or_build(key, build, cache_dir=args.cache_dir, info=info)
     seconds = time.perf_counter() - t0
+    ids = examples["input_ids"] if args.format == "arrow" else [e["input_ids"] for e in examples]
     print(json.dumps({"seconds": seconds, "hit": info["hit"], "waited_s": info["waited_s"],
-                      "examples": len(examples), "tokens": sum(len(e["input_ids"]) for e in examples)}))
+                      "examples": len(examples), "tokens": sum(len(i) for i in ids)}))
     return 0
 
 
@@ -52,6 +62,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=4)
     ap.add_argument("--parallel", type=int, default=1, help="jobs started at once")
     ap.add_argument("--repeat", type=int, default=10, help="copies of the 320 sample rows (varied)")
+    ap.add_argument("--format", choices=["json", "arrow"], default="json",
+                    help="what build_fn returns: a list of dicts (JSON entry, what the alpacalora recipe uses) or a "
+                         "datasets.Dataset (Arrow entry, memory-mapped on a hit)")
     ap.add_argument("--json", action="store_true", help="print one JSON line only")
     ap.add_argument("--job", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -70,7 +83,7 @@ def main() -> int:
         data.write_text(json.dumps([{**r, "instruction": f"{r['instruction']} (variant {i})"}
                                     for i in range(args.repeat) for r in rows]))
         cache = Path(tmp) / "cache"
-        argv = [sys.executable, __file__, "--job", "--model", str(model), "--data", str(data), "--cache-dir", str(cache)]
+        argv = [sys.executable, __file__, "--job", "--format", args.format, "--model", str(model), "--data", str(data), "--cache-dir", str(cache)]
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         results = []
         for start in range(0, args.jobs, args.parallel):
@@ -84,12 +97,15 @@ def main() -> int:
                 results.append(json.loads(out.strip().splitlines()[-1]))
     builds = [r for r in results if not r["hit"]]
     first = builds[0]["seconds"] if builds else results[0]["seconds"]
-    others = [r["seconds"] for r in results if r["hit"]]
+    # jobs that started while job 1 was building wait on the lock (then read): their time is job 1's build
+    # time, not a cost of the cache; the target is for jobs that start after the build (a sequential sweep)
+    waiters = [r for r in results if r["hit"] and r["waited_s"] > 0.05]
+    others = [r["seconds"] for r in results if r["hit"] and r not in waiters]
     ratio = (sum(others) / len(others)) / first if others else float("nan")
-    summary = {"jobs": args.jobs, "parallel": args.parallel, "rows": len(rows) * args.repeat,
+    summary = {"jobs": args.jobs, "parallel": args.parallel, "format": args.format, "rows": len(rows) * args.repeat,
                "examples": results[0]["examples"], "tokens": results[0]["tokens"], "builds": len(builds),
                "job1_s": round(first, 3), "jobs2_n_mean_s": round(sum(others) / len(others), 4) if others else None,
-               "ratio": round(ratio, 4), "target": 0.1, "ok": bool(len(builds) == 1 and ratio <= 0.1),
+               "ratio": round(ratio, 4), "target": 0.1, "waited_on_build": len(waiters), "ok": bool(len(builds) == 1 and ratio <= 0.1),
                "per_job": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results]}
     if args.json:
         print(json.dumps(summary))
@@ -99,7 +115,9 @@ def main() -> int:
         for i, r in enumerate(results, 1):
             print(f"  job {i}: {r['seconds']:.3f} s  {'hit' if r['hit'] else 'built'}"
                   + (f" (waited {r['waited_s']:.2f} s for the lock)" if r["waited_s"] > 0.01 else ""))
-        print(f"job 1: {first:.3f} s; jobs 2..{args.jobs}: {summary['jobs2_n_mean_s']} s on average; "
+        if waiters:
+            print(f"{len(waiters)} job(s) started during the build, waited for it and read it (not rebuilt)")
+        print(f"build: {first:.3f} s; later jobs: {summary['jobs2_n_mean_s']} s on average; "
               f"ratio {ratio:.4f} (target <= 0.1): {'OK' if summary['ok'] else 'NOT MET'}; builds: {len(builds)}")
     return 0 if summary["ok"] else 1
 
