@@ -249,7 +249,7 @@ def main(argv=None) -> int:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
 
     # 3. data: template -> tokens + labels (train_on_inputs), cutoff_len + EOS, cached; held-out split, seed 42
-    examples = tokenized_data(cfg, tokenizer, run_dir / "cache")
+    examples = tokenized_data(cfg, tokenizer)
     train_set, val_set = split_train_val(examples, float(cfg["val_set_size"]), seed=42)
     log(f"data: {len(examples)} examples -> {len(train_set)} train, {len(val_set)} held out "
         f"(train_on_inputs={cfg['train_on_inputs']}, cutoff_len={cfg['cutoff_len']}, template={cfg['prompt_template_name']})")

@@ -10,7 +10,6 @@ torch / transformers / peft are imported inside the functions that need them; th
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -174,33 +173,30 @@ def encode_rows(rows: List[dict], tokenizer, template_name: str, cutoff_len: int
     return out
 
 
-def _file_digest(paths: Iterable[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths, key=str):
-        h.update(str(p).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
+def tokenized_data(cfg: dict, tokenizer, cache_dir: Path = None) -> List[dict]:
+    """Rows -> tokenised examples, through the tokenised-dataset cache that sweep jobs share
+    (finetune/data_cache.py: <outputs>/cache/tokenized, or $FINETUNE_DATA_CACHE; built once under a lock,
+    written atomically). The key is everything that changes the result: data bytes, tokenizer files, template,
+    cutoff_len, train_on_inputs, max_samples."""
+    from finetune.data_cache import file_digest, get_or_build
 
-
-def tokenized_data(cfg: dict, tokenizer, cache_dir: Path) -> List[dict]:
-    """Rows -> tokenised examples, cached under <run>/cache keyed by everything that changes the result
-    (data bytes, tokenizer files, template, cutoff_len, train_on_inputs, max_samples)."""
     model_dir = Path(cfg["model"]["path"])
     tok_files = [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
-    key = hashlib.sha256(json.dumps({
-        "data": _file_digest(data_files(cfg["data"]["path"])), "tok": _file_digest(tok_files),
-        "template": load_template(cfg["prompt_template_name"]), "cutoff": cfg["cutoff_len"],
-        "train_on_inputs": cfg["train_on_inputs"], "max_samples": cfg.get("max_samples"), "v": 1,
-    }, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"tokenized-{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    rows = read_rows(cfg["data"]["path"])
-    if cfg.get("max_samples"):
-        rows = rows[: int(cfg["max_samples"])]
-    examples = encode_rows(rows, tokenizer, cfg["prompt_template_name"], int(cfg["cutoff_len"]),
+    key = {"data": file_digest(data_files(cfg["data"]["path"])), "tokenizer": file_digest(tok_files),
+           "template": load_template(cfg["prompt_template_name"]), "cutoff_len": cfg["cutoff_len"],
+           "train_on_inputs": cfg["train_on_inputs"], "max_samples": cfg.get("max_samples"), "v": 2}
+
+    def build() -> List[dict]:
+        rows = read_rows(cfg["data"]["path"])
+        if cfg.get("max_samples"):
+            rows = rows[: int(cfg["max_samples"])]
+        return encode_rows(rows, tokenizer, cfg["prompt_template_name"], int(cfg["cutoff_len"]),
                            bool(cfg["train_on_inputs"]))
-    atomic_write_text(path, json.dumps(examples))
+
+    info: dict = {}
+    examples = get_or_build(key, build, cache_dir=cache_dir, info=info)
+    log(f"tokenised data: {'cache hit' if info.get('hit') else 'built'} in {info.get('seconds', 0):.2f} s "
+        f"({info.get('path') or 'cache off'})")
     return examples
 
 
