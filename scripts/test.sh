@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the tests need and run them (the README's test command; .ci/run calls it).
 #
-#   bash scripts/test.sh                 # the whole suite (about 20 minutes on 2 cores)
+#   bash scripts/test.sh                 # the whole suite
 #   bash scripts/test.sh -m "not slow"   # config, validation and plan tests only (about 2 minutes)
 #   bash scripts/test.sh tests/test_alpacalora.py -k merge
 #
@@ -13,4 +13,6 @@ bash scripts/setup.sh
 if [ "${FINETUNE_SKIP_COLLIE:-0}" != 1 ]; then
   bash scripts/setup_collie_env.sh
 fi
-exec .venv/bin/python -m pytest -q "$@"
+# two workers (the machine has 2 cores; most tests wait on subprocesses); a test file stays on one worker so that
+# its module fixtures (one trained run, one Slurm cluster) are shared, not duplicated
+exec .venv/bin/python -m pytest -q -n "${FINETUNE_TEST_WORKERS:-2}" --dist loadfile --durations=25 "$@"
