@@ -257,7 +257,9 @@ def test_method_trains_and_artefact_loads(name, tmp_path, tiny_model):
         assert (a - base_logits).abs().max().item() > 1e-4
         if name == "rslora":
             assert cfg["use_rslora"] is True
-            cache = next((out / "cache").glob("tokenized-*.json"))
+            # the tokenised rows, from the data cache shared by sweep jobs (<outputs>/cache/tokenized)
+            cache = next(p for p in (out.parent / "outputs" / "cache" / "tokenized").glob("*.json")
+                         if not p.name.endswith(".key.json"))
             ex = json.loads(cache.read_text())[0]
             assert ex["labels"][0] == -100 and ex["labels"][-1] == ex["input_ids"][-1]   # prompt masked
         if name == "dora":
