@@ -13,6 +13,14 @@ bash scripts/setup.sh
 if [ "${FINETUNE_SKIP_COLLIE:-0}" != 1 ]; then
   bash scripts/setup_collie_env.sh
 fi
-# two workers (the machine has 2 cores; most tests wait on subprocesses); a test file stays on one worker so that
-# its module fixtures (one trained run, one Slurm cluster) are shared, not duplicated
-exec .venv/bin/python -m pytest -q -n "${FINETUNE_TEST_WORKERS:-2}" --dist loadfile --durations=25 "$@"
+# Two workers (the machine has 2 cores; most tests wait on subprocesses); a test file stays on one worker so that
+# its module fixtures (one trained run) are shared, not duplicated. The Slurm tests (a real cluster on this
+# machine) run afterwards on their own, so that the jobs do not compete with the rest for the two cores.
+PYTEST=(.venv/bin/python -m pytest -q -n "${FINETUNE_TEST_WORKERS:-2}" --dist loadfile --durations=25)
+if [ $# -gt 0 ]; then
+  exec "${PYTEST[@]}" "$@"
+fi
+rc=0
+"${PYTEST[@]}" -m "not slurm" || rc=$?
+.venv/bin/python -m pytest -q -m slurm --durations=10 || { r=$?; [ $r -eq 5 ] || rc=$r; }
+exit $rc
