@@ -36,7 +36,7 @@ Llama-2-7B (1 x 1024 tokens, checkpointing, GPU) vs LLaMA-Factory's table, GB: f
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -239,7 +239,26 @@ class ModelShape:
 
 
 @dataclass
-class Setup:
+class MethodParams:
+    """The method settings an estimate depends on; the planner's Request carries the same ones into each Setup."""
+
+    lora_r: int = 8
+    lora_targets: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    modules_to_save: List[str] = field(default_factory=list)
+    freeze_trainable_layers: int = 2
+    galore_rank: int = 16
+    galore_layerwise: bool = False
+    badam_mode: str = "layer"
+    badam_update_ratio: float = 0.05
+    optim: str = "adamw_torch"
+
+    def method_params(self) -> dict:
+        return {f.name: (list(getattr(self, f.name)) if isinstance(getattr(self, f.name), list) else getattr(self, f.name))
+                for f in fields(MethodParams)}
+
+
+@dataclass
+class Setup(MethodParams):
     """One way of training: the knobs the planner turns. Sizes are per process unless said otherwise."""
 
     method: str = "lora"                 # full | freeze | lora | galore | badam (lora-like names count as lora)
@@ -256,15 +275,6 @@ class Setup:
     offload_param: bool = False
     dp: int = 1                          # data-parallel size (ZeRO shards over it)
     tp: int = 1                          # tensor-parallel size
-    lora_r: int = 8
-    lora_targets: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    modules_to_save: List[str] = field(default_factory=list)
-    freeze_trainable_layers: int = 2
-    galore_rank: int = 16
-    galore_layerwise: bool = False
-    badam_mode: str = "layer"
-    badam_update_ratio: float = 0.05
-    optim: str = "adamw_torch"
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from finetune.auto.estimator import GiB, LORA_LIKE, Estimate, ModelShape, Setup, estimate
+from finetune.auto.estimator import GiB, LORA_LIKE, Estimate, MethodParams, ModelShape, Setup, estimate
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 AUTO_METHODS = ("lora", "freeze", "galore", "badam", "full")     # method=auto tries these
@@ -29,23 +29,14 @@ GPU_HEADROOM = 0.90
 CPU_HEADROOM = 0.85
 
 
-@dataclass
-class Request:
-    """What the user asked for, read from the config."""
+@dataclass(kw_only=True)
+class Request(MethodParams):
+    """What the user asked for, read from the config (method settings: MethodParams)."""
 
     batch_size: int
     seq_len: int
     method: str = "auto"                       # a method name, or auto
     precision: str = "fp32"
-    lora_r: int = 8
-    lora_targets: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    modules_to_save: List[str] = field(default_factory=list)
-    freeze_trainable_layers: int = 2
-    galore_rank: int = 16
-    galore_layerwise: bool = False
-    badam_mode: str = "layer"
-    badam_update_ratio: float = 0.05
-    optim: str = "adamw_torch"
     model_kind: str = "causal_lm"
     data_format: str = "alpaca"
     candidates: List[str] = field(default_factory=lambda: ["alpacalora", "llamafactory", "collie"])
@@ -330,11 +321,7 @@ def plan_choice(shape: ModelShape, req: Request, machine: Machine, collie_venv: 
                                       micro_batch_size=mbs, seq_len=req.seq_len, gradient_checkpointing=bool(gc),
                                       memory_efficient_attention=req.memory_efficient_attention,
                                       zero_stage=zero, offload_optimizer=off_opt, offload_param=off_param, dp=dp, tp=tp,
-                                      lora_r=req.lora_r, lora_targets=list(req.lora_targets),
-                                      modules_to_save=list(req.modules_to_save),
-                                      freeze_trainable_layers=req.freeze_trainable_layers, galore_rank=req.galore_rank,
-                                      galore_layerwise=req.galore_layerwise, badam_mode=req.badam_mode,
-                                      badam_update_ratio=req.badam_update_ratio, optim=req.optim)
+                                      **req.method_params())
                             est = estimate(shape, s)
                             if machine.device == "cuda":
                                 limit, host_limit = gpu_limit, host_node / max(1, procs_per_node)
