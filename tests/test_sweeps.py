@@ -116,6 +116,16 @@ def test_fail_fast_stops_at_first_failure(tmp_path):
     assert not (folder / "1").exists()
 
 
+def test_hydra_mode_multirun_without_dash_m(tmp_path):
+    """hydra.mode=MULTIRUN without -m is still a sweep: our shortcut past Hydra's mode probe (finetune/cli.py)
+    only applies when no override could set hydra.mode."""
+    folder = tmp_path / "sweep"
+    proc, _ = run_train("backend=dummy", "lora_r=4,8", "hydra.mode=MULTIRUN", f"hydra.sweep.dir={folder}",
+                        outputs=tmp_path / "outputs")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["status"] for r in summary_rows(folder)] == ["completed", "completed"]
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml")))
 def test_sweep_files_compose(name):
     """Every sweep file composes (in the multirun config and in each job config) without running anything."""
