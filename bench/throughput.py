@@ -1,11 +1,11 @@
 """Throughput benchmark (not a timed test): the same LoRA fine-tune of a ~30M-parameter tiny Llama, run by
 (a) a plain hand-written HF Trainer + PEFT script (bench/baseline_hf_sft.py) and (b) our alpacalora backend.
 
-    .venv/bin/python bench/throughput.py [--steps 10] [--batch 16] [--micro 4] [--memory]
+    .venv/bin/python bench/throughput.py [--steps 20] [--batch 8] [--micro 4] [--memory] [--ours KEY=VALUE ...]
 
 Prints real (unmasked target) tokens/s of each, the ratio, eval loss of each, peak RSS of each, and MFU
-against a matmul peak measured in the same run (fp32, 2048x2048, torch's thread count). MFU uses 6 x N x tokens
-(N = parameters without the embedding matrices; a LoRA step really costs about 4N, so this is generous).
+against a matmul peak measured in the same run, in the precision each run computes in (best of several GEMM
+shapes, torch's thread count). MFU = training FLOPs per token (model_flops_per_token) x tokens/s / that peak.
 With --memory it also trains full, GaLore and BAdam on the same model and prints peak RSS of each vs LoRA.
 Run it on an otherwise idle machine: other processes on the cores distort every figure.
 """
@@ -25,16 +25,24 @@ PY = sys.executable
 sys.path.insert(0, str(REPO))
 
 
-def matmul_peak_gflops(n: int = 2048, repeat: int = 10) -> float:
+def matmul_peak_gflops(dtype: str = "fp32", repeat: int = 3) -> float:
+    """Best of several GEMMs (square and the training's skinny shapes), with torch's default thread count, in the
+    precision the run computes in: the peak MFU is measured against."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(repeat):
-        a @ b
-    return 2 * n ** 3 * repeat / (time.perf_counter() - t) / 1e9
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    best = 0.0
+    for m, k, n in ((2048, 2048, 2048), (1024, 512, 1376), (512, 512, 4096)):
+        a, b = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
+        for _ in range(3):
+            a @ b
+        reps = max(4, int(4e10 / (2 * m * k * n)))
+        for _ in range(repeat):
+            t = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def non_embedding_params(model_dir: Path) -> int:
@@ -42,6 +50,23 @@ def non_embedding_params(model_dir: Path) -> int:
     h, i, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
     kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
     return L * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + h
+
+
+def model_flops_per_token(model_dir: Path, trainable_matmul: int) -> float:
+    """Training FLOPs per token: forward 2 x (matmul weights incl. lm_head), backward 2 x the same for activation
+    gradients plus 2 x the trainable matmul weights for weight gradients. Attention scores are left out (under 3%
+    at these lengths), so the MFU is if anything understated."""
+    c = json.loads((model_dir / "config.json").read_text())
+    n = non_embedding_params(model_dir) + c["hidden_size"] * c["vocab_size"]
+    return 4 * n + 2 * trainable_matmul
+
+
+def trainable_matmul_params(model_dir: Path, r: int = 8) -> int:
+    """LoRA r on q_proj and v_proj of every layer, plus lm_head (modules_to_save): the weights with matmul gradients."""
+    c = json.loads((model_dir / "config.json").read_text())
+    h, L = c["hidden_size"], c["num_hidden_layers"]
+    kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
+    return L * (r * (h + h) + r * (h + kv)) + h * c["vocab_size"]
 
 
 def run_ours(model: Path, data: str, out: Path, a, method: str = "lora", extra=()) -> dict:
@@ -68,13 +93,15 @@ def run_baseline(model: Path, data: str, out: Path, a) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--cutoff", type=int, default=256)
-    ap.add_argument("--val", type=int, default=64)
-    ap.add_argument("--samples", type=int, default=400)
+    ap.add_argument("--val", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--memory", action="store_true", help="also full / GaLore / BAdam peak RSS")
+    ap.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra overrides for our run, e.g. hardware.precision=fp32 backend.attn_implementation=sdpa")
     a = ap.parse_args()
 
     from finetune.tools.tiny_models import build
@@ -82,27 +109,34 @@ def main() -> int:
     model = build("tiny_llama_30m", str(REPO / "models" / "tiny-llama-30m"))
     data = str(REPO / "data" / "samples" / "tiny_alpaca.json")
     n = non_embedding_params(model)
-    peak = matmul_peak_gflops()
-    print(f"model {model} ({n / 1e6:.1f}M non-embedding parameters); matmul peak {peak:.1f} GFLOP/s "
-          f"({os.cpu_count()} cores); {a.steps} steps x batch {a.batch} (micro {a.micro})", flush=True)
+    flops_tok = model_flops_per_token(model, trainable_matmul_params(model))
+    print(f"model {model} ({n / 1e6:.1f}M non-embedding parameters, {flops_tok / 1e6:.0f} MFLOP per trained token); "
+          f"{os.cpu_count()} cores; {a.steps} steps x batch {a.batch} (micro {a.micro})", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     base = run_baseline(model, data, tmp / "baseline", a)
-    ours = run_ours(model, data, tmp / "ours", a)
+    base["precision"] = "fp32"
+    ours = run_ours(model, data, tmp / "ours", a, extra=a.ours)
+    peaks = {p: matmul_peak_gflops(p) for p in sorted({"fp32", ours.get("precision") or "fp32"})}
+    print("matmul peak measured now: " + ", ".join(f"{p} {v:.1f} GFLOP/s" for p, v in peaks.items()))
     rows = [("baseline (hand-written HF+PEFT)", base), ("ours (alpacalora backend)", ours)]
-    print(f"{'':34s} {'tokens/s':>10s} {'eval_loss':>10s} {'peak RSS MB':>12s} {'MFU %':>7s}")
+    print(f"{'':34s} {'precision':>9s} {'tokens/s':>10s} {'eval_loss':>10s} {'peak RSS MB':>12s} {'MFU %':>7s}")
     for name, r in rows:
-        mfu = 100 * 6 * n * r["tokens_per_s"] / (peak * 1e9)
-        print(f"{name:34s} {r['tokens_per_s']:10.1f} {r['eval_loss']:10.4f} {r['peak_rss_mb']:12.0f} {mfu:7.1f}")
-    print(f"ratio ours/baseline tokens/s: {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x", flush=True)
+        prec = r.get("precision") or "fp32"
+        mfu = 100 * flops_tok * r["tokens_per_s"] / (peaks[prec] * 1e9)
+        print(f"{name:34s} {prec:>9s} {r['tokens_per_s']:10.1f} {r['eval_loss']:10.4f} {r['peak_rss_mb']:12.0f} {mfu:7.1f}")
+    print(f"ratio ours/baseline tokens/s: {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x; "
+          f"eval loss ours - baseline: {ours['eval_loss'] - base['eval_loss']:+.4f}", flush=True)
     if a.memory:
-        print("peak RSS by method (same model, steps, batch):")
-        mem = {"lora": ours["peak_rss_mb"]}
+        print("peak RSS by method (same model, steps, batch and precision). 'training' = peak minus the RSS right "
+              "after the libraries were imported (model, data, gradients, optimizer state, activations):")
+        mem = {"lora": ours}
         for method, extra in (("full", ()), ("galore", ("method.galore_rank=64",)), ("badam", ())):
-            r = run_ours(model, data, tmp / method, a, method=method, extra=[*extra, "modules_to_save=null"]
-                         if method == "lora" else list(extra))
-            mem[method] = r["peak_rss_mb"]
-        for k, v in mem.items():
-            print(f"  {k:7s} {v:8.0f} MB  ({v / mem['full']:.2f}x full)")
+            mem[method] = run_ours(model, data, tmp / method, a, method=method, extra=[*extra, *a.ours])
+        full = mem["full"]
+        print(f"  {'method':7s} {'peak RSS MB':>12s} {'vs full':>8s} {'training MB':>12s} {'vs full':>8s}")
+        for k, r in mem.items():
+            print(f"  {k:7s} {r['peak_rss_mb']:12.0f} {r['peak_rss_mb'] / full['peak_rss_mb']:7.2f}x "
+                  f"{r['training_rss_mb']:12.0f} {r['training_rss_mb'] / full['training_rss_mb']:7.2f}x")
     print(f"(work folder: {tmp})")
     return 0
 

@@ -69,6 +69,8 @@ def test_dry_run_deepspeed_config_and_full_method_has_no_merge(tmp_path):
     ("prompt_template_name=nope", "prompt_template_name"),
     ("method=galore method.galore_layerwise=true batch_size=4", "method.galore_layerwise"),
     ("backend.packing=true", "backend.packing"),
+    ("backend.attn_implementation=flash_attention_2", "backend.attn_implementation"),
+    ("backend.attn_implementation=fast", "backend.attn_implementation"),
 ])
 def test_bad_input_refused_with_one_line(tmp_path, override, key):
     proc, _ = run_train(*override.split(), outputs=tmp_path)
@@ -111,6 +113,20 @@ def test_sharegpt_rows_use_chat_template_and_mask_user_turns(tiny_model):
 
 
 # ------------------------------------------------------------------------------------------------ one LoRA run
+
+
+def test_cpu_precision_auto(tmp_path, monkeypatch):
+    """hardware=cpu, precision auto: bf16 mixed precision only where the CPU has bf16 instructions and the model's
+    hidden size is >= 256 (where it was measured to pay), fp32 otherwise."""
+    from finetune.auto import hardware
+
+    for hidden in (64, 512):
+        (tmp_path / str(hidden)).mkdir()
+        (tmp_path / str(hidden) / "config.json").write_text(json.dumps({"hidden_size": hidden}))
+    monkeypatch.setattr(hardware, "cpu_bf16", lambda: True)
+    assert [hardware.cpu_precision(tmp_path / h) for h in ("64", "512", "missing")] == ["fp32", "bf16", "fp32"]
+    monkeypatch.setattr(hardware, "cpu_bf16", lambda: False)
+    assert hardware.cpu_precision(tmp_path / "512") == "fp32"
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +300,44 @@ def test_deepspeed_zero2_lora_matches_plain_run(lora_run, tmp_path):
     assert json.loads((out / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
     ds, ref = dict(_losses(out)), dict(_losses(lora_run))
     assert ds[12] == pytest.approx(ref[12], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_attention_auto_matches_sdpa(lora_run, tmp_path):
+    """attn_implementation auto on CPU runs eager attention for short batches (faster, bench/throughput.py); the
+    training is the same as with SDPA throughout, within float tolerance."""
+    assert "attention: auto on CPU: eager for batches up to 256 tokens" in (lora_run / "logs" / "train.log").read_text()
+    out = tmp_path / "sdpa"
+    _train(out, "save_steps=4", "backend.attn_implementation=sdpa")
+    assert "attention: auto" not in (out / "logs" / "train.log").read_text()
+    a, b = _losses(lora_run), _losses(out)
+    assert [s for s, _ in a] == [s for s, _ in b]
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-3
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_on_cpu(tmp_path, tiny_model):
+    """precision=bf16 on CPU: frozen weights bf16, trainable weights fp32 under autocast. The loss falls, the
+    adapter is saved in fp32, and the merge (into the fp32 base) equals base+adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("tiny_llama")
+    out = tmp_path / "bf16"
+    _train(out, "hardware.precision=bf16")
+    s = read_json(out / "train_summary.json")
+    assert s["precision"] == "bf16"
+    assert "precision: bf16 mixed" in (out / "logs" / "train.log").read_text()
+    losses = [l for _, l in _losses(out)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / "lazyllm_lora" / "adapter_model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    merged = AutoModelForCausalLM.from_pretrained(out / "lazyllm_merge").eval()
+    assert merged.dtype == torch.float32
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), out / "lazyllm_lora").eval()
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (adapted(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item() < 1e-4

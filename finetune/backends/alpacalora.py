@@ -32,6 +32,11 @@ def check(cfg) -> None:
         raise ConfigError("backend.dataloader_num_workers", b.dataloader_num_workers, "must be >= 0")
     if b.torch_threads < 0:
         raise ConfigError("backend.torch_threads", b.torch_threads, "must be >= 0 (0: let torch decide)")
+    if b.attn_implementation not in ATTENTION:
+        raise ConfigError("backend.attn_implementation", b.attn_implementation, one_of(ATTENTION))
+    if b.attn_implementation == "flash_attention_2" and cfg.hardware.device != "cuda":
+        raise ConfigError("backend.attn_implementation", "flash_attention_2", "flash attention needs a CUDA GPU; "
+                          "on CPU use auto, eager or sdpa")
     if b.packing:
         raise ConfigError("backend.packing", True, "packing is not implemented by the alpacalora recipe; "
                           "use backend.group_by_length=true (length-grouped batches)")
@@ -49,6 +54,9 @@ def check(cfg) -> None:
         raise ConfigError("hardware.precision", "fp16", "fp16 needs a GPU; use fp32 or bf16 on CPU")
     if b.deepspeed and not Path(str(b.deepspeed)).is_file():
         raise ConfigError("backend.deepspeed", b.deepspeed, "no such file (a DeepSpeed JSON config)")
+
+
+ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2")
 
 
 def deepspeed_config(cfg) -> dict:
@@ -98,7 +106,8 @@ def plan(cfg, run_dir, ctx) -> Plan:
         if cfg.merge:
             steps.append(Step(name="merge", argv=[py, "-m", "finetune.recipes.common", "merge",
                                                   "--base", str(Path(str(cfg.model.path)).absolute()), "--adapter", target, "--out", merged,
-                                                  "--dtype", "bfloat16" if cfg.hardware.precision == "bf16" else "float32",
+                                                  "--dtype", "bfloat16" if cfg.hardware.precision == "bf16"
+                                                  and cfg.hardware.device != "cpu" else "float32",
                                                   *(["--trust-remote-code"] if cfg.trust_remote_code else [])]))
             outputs["merged"] = merged
         else:
@@ -121,8 +130,8 @@ def collect(cfg, run_dir, ctx) -> dict:
         raise RuntimeError(f"{path} is missing: the train step wrote no summary")
     s = json.loads(path.read_text())
     keys = ("train_loss", "eval_loss", "first_train_loss", "total_params", "trainable_params", "tokens_per_s",
-            "peak_rss_mb", "train_runtime_s", "train_tokens", "global_step", "world_size", "deepspeed",
-            "gradient_accumulation_steps")
+            "peak_rss_mb", "train_runtime_s", "train_compute_s", "train_tokens", "global_step", "world_size",
+            "deepspeed", "gradient_accumulation_steps", "precision")
     out = {k: s.get(k) for k in keys}
     out["trainable_pct"] = 100.0 * s["trainable_params"] / s["total_params"] if s.get("total_params") else None
     return out

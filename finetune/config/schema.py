@@ -100,11 +100,12 @@ class DummyBackend(BackendBase):
 class AlpacaloraBackend(BackendBase):
     python: str = "python"            # interpreter for the recipe process ("python" = this interpreter)
     deepspeed: Optional[str] = None   # path to a DeepSpeed JSON; default: generated from hardware.deepspeed_stage
-    group_by_length: bool = True
+    group_by_length: bool = False    # the reference default ("faster, but produces an odd training loss curve")
     packing: bool = False
     dataloader_num_workers: int = 0
     show_prompt: bool = False
     torch_threads: int = 0            # 0: let torch decide (torchrun sets OMP_NUM_THREADS per rank)
+    attn_implementation: str = "auto"  # auto | eager | sdpa | flash_attention_2 (auto: see finetune/recipes/alpacalora.py)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from finetune.report.history import loss_series, read_history
 
 REPO = Path(__file__).resolve().parents[2]
 DROP_KEYS = ("output_dir", "resume", "dry_run", "hydra.mode", "hydra.run.dir")
-TIMING_KEYS = ("train_runtime_s", "tokens_per_s", "peak_rss_mb", "samples_per_s", "steps_per_s", "wall_s")
+TIMING_KEYS = ("train_runtime_s", "train_compute_s", "tokens_per_s", "peak_rss_mb", "samples_per_s", "steps_per_s", "wall_s")
 
 
 def _say(msg: str = "") -> None:
