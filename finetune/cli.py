@@ -173,11 +173,32 @@ def setup() -> None:
 _MODE_SOURCES = re.compile(r"^[~+]*(hydra|sweep|hparams_search|experiment)\b")
 
 
+def _may_set_mode(override: str) -> bool:
+    """Could this override bring in hydra.mode? hydra.* overrides may; a group file of ours may only if its text
+    mentions a mode (none do); a file we cannot see (a user's search path) may."""
+    m = _MODE_SOURCES.match(override)
+    if not m:
+        return False
+    group = m.group(1)
+    if group == "hydra":
+        return True
+    from pathlib import Path
+
+    value = override.split("=", 1)[1] if "=" in override else ""
+    conf = Path(__file__).resolve().parents[1] / "conf" / group
+    for name in filter(None, re.split(r"[,\s]+", value)):
+        path = conf / f"{name.strip()}.yaml"
+        if not path.is_file() or re.search(r"^\s*mode\s*:", path.read_text(encoding="utf-8"), re.M):
+            return True
+    return False
+
+
 def _skip_mode_probe() -> None:
     """Hydra composes the whole config once only to read hydra.mode (Hydra.get_mode), then again to run: two
     compositions of our ~60 files, about 0.45 s each, before any refusal can be printed. None of our config files
-    sets hydra.mode, so unless an override could bring one in (hydra.*, sweep=, hparams_search=, experiment=),
-    the answer is already known: None, i.e. RUN for `python train.py`, MULTIRUN for `-m`. Otherwise Hydra probes."""
+    sets hydra.mode, so unless an override could bring one in (hydra.*, or a sweep/hparams_search/experiment file
+    that mentions a mode or is not in conf/), the answer is already known: None, i.e. RUN for `python train.py`,
+    MULTIRUN for `-m`. Otherwise Hydra probes."""
     from hydra._internal.hydra import Hydra
 
     probe = Hydra.get_mode
@@ -185,7 +206,7 @@ def _skip_mode_probe() -> None:
         return
 
     def get_mode(self, config_name, overrides):
-        if any(_MODE_SOURCES.match(o) for o in overrides):
+        if any(_may_set_mode(o) for o in overrides):
             return probe(self, config_name, overrides)
         return None
 

@@ -95,6 +95,9 @@ def run(cfg: DictConfig) -> Optional[float]:
     print(f"[finetune] backend={cfg.backend.name} run folder: {run_dir}", flush=True)
 
     timeout_s = float(cfg.timeout_min) * 60 or None
+    from finetune.report.metrics import prewarm
+
+    prewarm()                  # the plotting/TensorBoard imports load while the steps run, not after them
     try:
         for step in plan.steps:
             print(f"[finetune] step {step.name}: {' '.join(launcher.argv(step, cfg))}", flush=True)

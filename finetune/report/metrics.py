@@ -29,6 +29,32 @@ def summarize_history(rows) -> Dict:
     return out
 
 
+def _warm() -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from tensorboard.compat.proto.event_pb2 import Event  # noqa: F401
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: F401
+
+        fig, ax = plt.subplots(figsize=(1, 1))        # loads the fonts once
+        ax.set_title("warm")
+        fig.canvas.draw()
+        plt.close(fig)
+    except Exception:  # noqa: BLE001  (finalize imports them again and reports any real problem)
+        pass
+
+
+def prewarm() -> None:
+    """Import matplotlib and TensorBoard's writer (about 1 s) in a background thread while the run's steps work in
+    their own processes, so that the end of the run (finalize) does not wait for them. The driver itself only waits
+    on its child process meanwhile."""
+    import threading
+
+    threading.Thread(target=_warm, name="finetune-prewarm", daemon=True).start()
+
+
 def plot_loss(run_dir: Path, rows) -> str:
     import matplotlib
 
