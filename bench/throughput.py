@@ -6,7 +6,8 @@
 Prints real (unmasked target) tokens/s of each, the ratio, eval loss of each, peak RSS of each, and MFU
 against a matmul peak measured in the same run, in the precision each run computes in (best of several GEMM
 shapes, torch's thread count). MFU = training FLOPs per token (model_flops_per_token) x tokens/s / that peak.
-With --memory it also trains full, GaLore and BAdam on the same model and prints peak RSS of each vs LoRA.
+With --memory it also trains LoRA, full, GaLore and BAdam on one model (a 120M Llama by default, --memory-model 30m
+for the bench model) and prints the peak RSS of each and its training share (peak minus the libraries) vs full.
 Run it on an otherwise idle machine: other processes on the cores distort every figure.
 """
 from __future__ import annotations
@@ -69,9 +70,9 @@ def trainable_matmul_params(model_dir: Path, r: int = 8) -> int:
     return L * (r * (h + h) + r * (h + kv)) + h * c["vocab_size"]
 
 
-def run_ours(model: Path, data: str, out: Path, a, method: str = "lora", extra=()) -> dict:
-    argv = [PY, str(REPO / "train.py"), "model=tiny_llama_30m", f"method={method}", f"data.path={data}",
-            f"output_dir={out}", f"max_steps={a.steps}", f"batch_size={a.batch}", f"micro_batch_size={a.micro}",
+def run_ours(model: Path, data: str, out: Path, a, method: str = "lora", extra=(), steps=None) -> dict:
+    argv = [PY, str(REPO / "train.py"), "model=tiny_llama_30m", f"model.path={model}", f"method={method}",
+            f"data.path={data}", f"output_dir={out}", f"max_steps={steps or a.steps}", f"batch_size={a.batch}", f"micro_batch_size={a.micro}",
             f"cutoff_len={a.cutoff}", f"val_set_size={a.val}", f"max_samples={a.samples}", "learning_rate=5e-4",
             "eval_steps=100000", "merge=false", "report_to=none", "logging_steps=1", *extra]
     env = dict(os.environ, FINETUNE_MODELS=str(model.parent), FINETUNE_OUTPUTS=str(out.parent / "outputs"))
@@ -100,6 +101,9 @@ def main() -> int:
     ap.add_argument("--val", type=int, default=32)
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--memory", action="store_true", help="also full / GaLore / BAdam peak RSS")
+    ap.add_argument("--memory-model", choices=("30m", "120m"), default="120m",
+                    help="model for --memory: 120m (default; the libraries' ~1 GB weighs less) or the 30M bench model")
+    ap.add_argument("--memory-steps", type=int, default=3, help="steps per --memory run (the peak comes at step 1)")
     ap.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra overrides for our run, e.g. hardware.precision=fp32 backend.attn_implementation=sdpa")
     a = ap.parse_args()
@@ -127,11 +131,14 @@ def main() -> int:
     print(f"ratio ours/baseline tokens/s: {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x; "
           f"eval loss ours - baseline: {ours['eval_loss'] - base['eval_loss']:+.4f}", flush=True)
     if a.memory:
-        print("peak RSS by method (same model, steps, batch and precision). 'training' = peak minus the RSS right "
-              "after the libraries were imported (model, data, gradients, optimizer state, activations):")
-        mem = {"lora": ours}
-        for method, extra in (("full", ()), ("galore", ("method.galore_rank=64",)), ("badam", ())):
-            mem[method] = run_ours(model, data, tmp / method, a, method=method, extra=[*extra, *a.ours])
+        big = build("small_llama_120m", str(REPO / "models" / "small-llama-120m")) if a.memory_model == "120m" else model
+        print(f"peak RSS by method on {big.name} ({a.memory_steps} steps, same batch and precision rules). 'training' = "
+              "peak minus the RSS right after the libraries were imported (model, data, gradients, optimizer "
+              "state, activations):", flush=True)
+        mem = {}
+        for method, extra in (("lora", ()), ("full", ()), ("galore", ("method.galore_rank=64",)), ("badam", ())):
+            mem[method] = run_ours(big, data, tmp / f"mem-{method}", a, method=method, extra=[*extra, *a.ours],
+                                   steps=a.memory_steps)
         full = mem["full"]
         print(f"  {'method':7s} {'peak RSS MB':>12s} {'vs full':>8s} {'training MB':>12s} {'vs full':>8s}")
         for k, r in mem.items():

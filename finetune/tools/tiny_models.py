@@ -21,6 +21,8 @@ SPECS = {
                        num_key_value_heads=2, vocab=512),
     "tiny_llama_30m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                            num_key_value_heads=4, vocab=4096),
+    "small_llama_120m": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=10, num_attention_heads=16,
+                             num_key_value_heads=8, vocab=4096),     # bench/throughput.py --memory only
     "tiny_bert": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab=1024),
 }
 
