@@ -1,7 +1,7 @@
 """Throughput benchmark (not a timed test): the same LoRA fine-tune of a ~30M-parameter tiny Llama, run by
 (a) a plain hand-written HF Trainer + PEFT script (bench/baseline_hf_sft.py) and (b) our alpacalora backend.
 
-    .venv/bin/python bench/throughput.py [--steps 20] [--batch 8] [--micro 4] [--memory] [--ours KEY=VALUE ...]
+    .venv/bin/python bench/throughput.py [--steps 20] [--batch 8] [--micro 4] [--repeats 3] [--memory] [--ours KEY=VALUE ...]
 
 Prints real (unmasked target) tokens/s of each, the ratio, eval loss of each, peak RSS of each, and MFU
 against a matmul peak measured in the same run, in the precision each run computes in (best of several GEMM
@@ -100,6 +100,7 @@ def main() -> int:
     ap.add_argument("--cutoff", type=int, default=256)
     ap.add_argument("--val", type=int, default=32)
     ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each side, interleaved; the median is shown")
     ap.add_argument("--memory", action="store_true", help="also full / GaLore / BAdam peak RSS")
     ap.add_argument("--memory-model", choices=("30m", "120m"), default="120m",
                     help="model for --memory: 120m (default; the libraries' ~1 GB weighs less) or the 30M bench model")
@@ -117,9 +118,15 @@ def main() -> int:
     print(f"model {model} ({n / 1e6:.1f}M non-embedding parameters, {flops_tok / 1e6:.0f} MFLOP per trained token); "
           f"{os.cpu_count()} cores; {a.steps} steps x batch {a.batch} (micro {a.micro})", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
-    base = run_baseline(model, data, tmp / "baseline", a)
+    bases, ourss = [], []
+    for i in range(a.repeats):          # interleaved, so that a slow spell of the machine hits both sides
+        bases.append(run_baseline(model, data, tmp / f"baseline{i}", a))
+        ourss.append(run_ours(model, data, tmp / f"ours{i}", a, extra=a.ours))
+        print(f"repeat {i + 1}: baseline {bases[-1]['tokens_per_s']:.1f} tokens/s, ours {ourss[-1]['tokens_per_s']:.1f}",
+              flush=True)
+    base = sorted(bases, key=lambda r: r["tokens_per_s"])[len(bases) // 2]     # the median run of each side
+    ours = sorted(ourss, key=lambda r: r["tokens_per_s"])[len(ourss) // 2]
     base["precision"] = "fp32"
-    ours = run_ours(model, data, tmp / "ours", a, extra=a.ours)
     peaks = {p: matmul_peak_gflops(p) for p in sorted({"fp32", ours.get("precision") or "fp32"})}
     print("matmul peak measured now: " + ", ".join(f"{p} {v:.1f} GFLOP/s" for p, v in peaks.items()))
     rows = [("baseline (hand-written HF+PEFT)", base), ("ours (alpacalora backend)", ours)]

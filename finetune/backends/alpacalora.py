@@ -37,9 +37,6 @@ def check(cfg) -> None:
     if b.attn_implementation == "flash_attention_2" and cfg.hardware.device != "cuda":
         raise ConfigError("backend.attn_implementation", "flash_attention_2", "flash attention needs a CUDA GPU; "
                           "on CPU use auto, eager or sdpa")
-    if b.packing:
-        raise ConfigError("backend.packing", True, "packing is not implemented by the alpacalora recipe; "
-                          "use backend.group_by_length=true (length-grouped batches)")
     if m.name == "galore":
         if m.galore_layerwise:
             raise ConfigError("method.galore_layerwise", True, "layer-wise GaLore is not implemented by the "

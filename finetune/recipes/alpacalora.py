@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.recipes.common import (Collator, atomic_write_text, log, peak_rss_mb,
+from finetune.recipes.common import (Collator, atomic_write_text, log, pack_examples, peak_rss_mb,
                                      read_config, split_train_val, target_tokens, tokenized_data, truncate_history)
 
 COMPLETE = "FINETUNE_COMPLETE"
@@ -255,6 +255,11 @@ def main(argv=None) -> int:
     train_set, val_set = split_train_val(examples, float(cfg["val_set_size"]), seed=42)
     log(f"data: {len(examples)} examples -> {len(train_set)} train, {len(val_set)} held out "
         f"(train_on_inputs={cfg['train_on_inputs']}, cutoff_len={cfg['cutoff_len']}, template={cfg['prompt_template_name']})")
+    if b.get("packing"):
+        n_examples = len(train_set)
+        train_set = pack_examples(train_set, int(cfg["cutoff_len"]), seed=seed)
+        log(f"packing: {n_examples} training examples -> {len(train_set)} rows of <= {cfg['cutoff_len']} tokens "
+            f"(no attention across examples; the held-out set stays unpacked)")
     if b.get("show_prompt") and int(os.environ.get("RANK", "0")) == 0:
         print(tokenizer.decode(train_set[0]["input_ids"]), flush=True)
 
@@ -322,7 +327,7 @@ def main(argv=None) -> int:
         report_to=[] if cfg["report_to"] == "none" else [cfg["report_to"]],
         seed=seed,
         data_seed=seed,
-        train_sampling_strategy="group_by_length" if b.get("group_by_length") else "random",
+        train_sampling_strategy="group_by_length" if b.get("group_by_length") and not b.get("packing") else "random",
         dataloader_num_workers=int(b.get("dataloader_num_workers") or 0),
         bf16=hw["precision"] == "bf16",
         use_cpu=hw["device"] == "cpu" and not ds_config,

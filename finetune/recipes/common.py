@@ -217,9 +217,38 @@ def split_train_val(examples: List[dict], val_set_size: float, seed: int = 42) -
     return [examples[i] for i in perm[k:]], [examples[i] for i in perm[:k]]
 
 
+def pack_examples(examples: List[dict], max_len: int, seed: int = 42) -> List[dict]:
+    """Packing without cross-contamination: examples (shuffled with a fixed seed) are concatenated greedily into
+    rows of at most max_len tokens. Each row carries position_ids that restart at 0 for every example; with no
+    attention mask, transformers builds a block-diagonal causal mask from them (masking_utils
+    find_packed_sequence_indices; flash-attention's varlen path on GPUs), so no token attends to another example.
+    The first label of each example is -100: it would otherwise be predicted from the previous example's last
+    token (in an unpacked batch that label is never predicted either, so the trained tokens are the same)."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(examples))
+    rows, cur = [], {"input_ids": [], "labels": [], "position_ids": [], "n_examples": 0}
+    for i in order:
+        ex = examples[int(i)]
+        ids, labels = list(ex["input_ids"][:max_len]), list(ex["labels"][:max_len])
+        if cur["input_ids"] and len(cur["input_ids"]) + len(ids) > max_len:
+            rows.append(cur)
+            cur = {"input_ids": [], "labels": [], "position_ids": [], "n_examples": 0}
+        cur["input_ids"] += ids
+        cur["labels"] += [IGNORE_INDEX] + labels[1:]
+        cur["position_ids"] += list(range(len(ids)))
+        cur["n_examples"] += 1
+    if cur["input_ids"]:
+        rows.append(cur)
+    return rows
+
+
 class Collator:
     """Pads input_ids (pad id) and labels (-100) to the longest in the batch, a multiple of 8 (as the reference's
-    DataCollatorForSeq2Seq(pad_to_multiple_of=8)); right padding with an attention mask."""
+    DataCollatorForSeq2Seq(pad_to_multiple_of=8)); right padding with an attention mask.
+
+    Packed rows (with position_ids, see pack_examples) get no attention mask: the padding is a block of its own
+    (positions restart at 0), after every real token, so the causal block mask already keeps it out."""
 
     def __init__(self, pad_id: int, multiple: int = 8):
         self.pad_id, self.multiple = pad_id, multiple
@@ -231,12 +260,20 @@ class Collator:
         n = -(-n // self.multiple) * self.multiple
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        packed = "position_ids" in batch[0]
+        mask = None if packed else torch.zeros((len(batch), n), dtype=torch.long)
+        pos = torch.zeros((len(batch), n), dtype=torch.long) if packed else None
         for i, b in enumerate(batch):
             k = len(b["input_ids"])
             ids[i, :k] = torch.tensor(b["input_ids"])
             labels[i, :k] = torch.tensor(b["labels"])
-            mask[i, :k] = 1
+            if packed:
+                pos[i, :k] = torch.tensor(b["position_ids"])
+                pos[i, k:] = torch.arange(n - k)
+            else:
+                mask[i, :k] = 1
+        if packed:
+            return {"input_ids": ids, "labels": labels, "position_ids": pos}
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
