@@ -143,13 +143,17 @@ def main() -> int:
               "peak minus the RSS right after the libraries were imported (model, data, gradients, optimizer "
               "state, activations):", flush=True)
         mem = {}
-        for method, extra in (("lora", ()), ("full", ()), ("galore", ("method.galore_rank=64",)), ("badam", ())):
-            mem[method] = run_ours(big, data, tmp / f"mem-{method}", a, method=method, extra=[*extra, *a.ours],
-                                   steps=a.memory_steps)
+        runs = (("lora", "lora", ()), ("full", "full", ()), ("galore", "galore", ("method.galore_rank=64",)),
+                ("galore_layerwise", "galore", ("method.galore_rank=64", "method.galore_layerwise=true",
+                                                f"batch_size={a.micro}")),       # no accumulation in layer-wise mode
+                ("badam", "badam", ()))
+        for key, method, extra in runs:
+            mem[key] = run_ours(big, data, tmp / f"mem-{key}", a, method=method, extra=[*extra, *a.ours],
+                                steps=a.memory_steps)
         full = mem["full"]
-        print(f"  {'method':7s} {'peak RSS MB':>12s} {'vs full':>8s} {'training MB':>12s} {'vs full':>8s}")
+        print(f"  {'method':16s} {'peak RSS MB':>12s} {'vs full':>8s} {'training MB':>12s} {'vs full':>8s}")
         for k, r in mem.items():
-            print(f"  {k:7s} {r['peak_rss_mb']:12.0f} {r['peak_rss_mb'] / full['peak_rss_mb']:7.2f}x "
+            print(f"  {k:16s} {r['peak_rss_mb']:12.0f} {r['peak_rss_mb'] / full['peak_rss_mb']:7.2f}x "
                   f"{r['training_rss_mb']:12.0f} {r['training_rss_mb'] / full['training_rss_mb']:7.2f}x")
     print(f"(work folder: {tmp})")
     return 0

@@ -67,7 +67,7 @@ def test_dry_run_deepspeed_config_and_full_method_has_no_merge(tmp_path):
 
 @pytest.mark.parametrize("override,key", [
     ("prompt_template_name=nope", "prompt_template_name"),
-    ("method=galore method.galore_layerwise=true batch_size=4", "method.galore_layerwise"),
+    ("method=galore method.galore_layerwise=true", "method.galore_layerwise"),      # accumulation 16, needs 1
     ("backend.attn_implementation=flash_attention_2", "backend.attn_implementation"),
     ("backend.attn_implementation=fast", "backend.attn_implementation"),
 ])
@@ -268,6 +268,8 @@ METHODS = {
     "pissa": (["method=pissa", "modules_to_save=null", "method.pissa_iter=-1"],
               lambda c: c["L"] * 8 * (3 * c["h"] + c["kv"])),
     "galore": (["method=galore", "method.galore_rank=8", "method.galore_update_interval=4"], lambda c: c["total"]),
+    "galore_layerwise": (["method=galore", "method.galore_layerwise=true", "batch_size=4", "method.galore_rank=8",
+                          "method.galore_update_interval=4"], lambda c: c["total"]),
     "badam_layer": (["method=badam", "method.badam_switch_interval=4"], lambda c: c["layer"]),   # one block at a time
     "badam_ratio": (["method=badam", "method.badam_mode=ratio", "method.badam_update_ratio=0.5"],
                     lambda c: c["total"] - 2 * c["emb"]),                      # embeddings excluded

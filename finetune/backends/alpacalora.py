@@ -38,9 +38,6 @@ def check(cfg) -> None:
         raise ConfigError("backend.attn_implementation", "flash_attention_2", "flash attention needs a CUDA GPU; "
                           "on CPU use auto, eager or sdpa")
     if m.name == "galore":
-        if m.galore_layerwise:
-            raise ConfigError("method.galore_layerwise", True, "layer-wise GaLore is not implemented by the "
-                              "alpacalora recipe; use method.galore_layerwise=false or backend=llamafactory")
         if cfg.optim not in ("adamw_torch", "adafactor"):
             raise ConfigError("optim", cfg.optim, "GaLore (galore-torch) runs with optim=adamw_torch or adafactor")
     if m.name == "badam" and cfg.hardware.deepspeed_stage is not None and m.badam_mode == "ratio":

@@ -140,6 +140,8 @@ def custom_optimizer(model, args, m: dict):
         ]
         log(f"LoRA+: B learning rate x{ratio}")
         return optim_cls([g for g in param_groups if g["params"]], **kw)
+    if m.get("use_galore") and m.get("galore_layerwise"):
+        return None              # transformers' layer-wise GaLore (TrainingArguments.optim=galore_*_layerwise)
     if m.get("use_galore"):
         import torch
         from galore_torch import GaLoreAdafactor, GaLoreAdamW
@@ -305,6 +307,20 @@ def main(argv=None) -> int:
     eval_steps = int(cfg["eval_steps"])
     save_steps = int(cfg["save_steps"])
     ckpt_dir = run_dir / "checkpoints"
+    optim_kw = {"optim": cfg["optim"]}
+    if m.get("use_galore") and m.get("galore_layerwise"):
+        # one optimizer per parameter, stepped from its post-accumulate-grad hook as soon as its gradient exists,
+        # so that only one layer's gradients live at a time (transformers' implementation of LLaMA-Factory's
+        # layer-wise GaLore; single process, no gradient accumulation: both checked at compose time)
+        names = {"adamw_torch": "galore_adamw_layerwise", "adafactor": "galore_adafactor_layerwise"}
+        targets = as_list(m["galore_target"])
+        optim_kw = dict(optim=names[cfg["optim"]],
+                        optim_target_modules="all-linear" if targets == ["all"] else targets,
+                        optim_args=f"rank={int(m['galore_rank'])},update_proj_gap={int(m['galore_update_interval'])},"
+                                   f"scale={float(m['galore_scale'])},proj_type={m['galore_proj_type']}")
+        log(f"GaLore layer-wise: {optim_kw['optim']}, targets {optim_kw['optim_target_modules']}, {optim_kw['optim_args']} "
+            "(the logged grad norm is 0: gradients are consumed by the per-layer steps; optimizer moments are not "
+            "checkpointed, so a resumed run restarts them)")
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=int(cfg["micro_batch_size"]),
@@ -317,7 +333,7 @@ def main(argv=None) -> int:
         lr_scheduler_type=cfg["lr_scheduler_type"],
         weight_decay=float(cfg["weight_decay"]),
         max_grad_norm=float(cfg["max_grad_norm"]),
-        optim=cfg["optim"],
+        **optim_kw,
         logging_steps=int(cfg["logging_steps"]),
         eval_strategy=("steps" if eval_steps > 0 else "epoch") if val_set else "no",
         eval_steps=eval_steps or None,
