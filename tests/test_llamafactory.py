@@ -430,3 +430,32 @@ def test_same_experiment_on_alpacalora_and_llamafactory(tmp_path, tiny_model):
         rows.append((backend, ls[0], ls[-1], m.get("train_runtime_s")))
     table = "\n".join(f"{b:<14} first {f:.4f}  final {l:.4f}  runtime {r}" for b, f, l, r in rows)
     print("\nsame experiment, two backends:\n" + table)
+
+
+@pytest.mark.slow
+def test_two_processes_on_gloo(tmp_path, tiny_model):
+    """launcher.nproc_per_node=2: LLaMA-Factory relaunches itself under torchrun (FORCE_TORCHRUN, the torchrun
+    of this environment even when it is not activated) and trains data-parallel on gloo; one output folder."""
+    tiny_model("tiny_llama")
+    proc, run = run_train(*FAST, "launcher.nproc_per_node=2", "batch_size=8", outputs=tmp_path / "o")
+    train_ok(proc, run, "2 processes")
+    assert_falls(run, "2 processes")
+    log = train_log(run)
+    assert "Initializing 2 distributed tasks" in log
+    assert "Process rank: 0, world size: 2" in log and "Process rank: 1, world size: 2" in log
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in log
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_on_cpu(tmp_path, tiny_model):
+    """hardware.deepspeed_stage=2: LLaMA-Factory runs HF Trainer under DeepSpeed's CPU accelerator (use_cpu is
+    left false, as DeepSpeed needs); the Trainer's saved arguments carry our ZeRO-2 config; the loss falls."""
+    import torch
+
+    tiny_model("tiny_llama")
+    proc, run = run_train(*FAST, "hardware.deepspeed_stage=2", outputs=tmp_path / "o")
+    train_ok(proc, run, "deepspeed zero-2")
+    assert_falls(run, "deepspeed zero-2")
+    args = torch.load(run / "lazyllm_lora" / "training_args.bin", weights_only=False)
+    assert args.deepspeed == str(run / "llamafactory" / "ds_config.json") and not args.use_cpu
+    assert args.hf_deepspeed_config.config["zero_optimization"]["stage"] == 2

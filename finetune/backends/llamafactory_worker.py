@@ -66,8 +66,14 @@ def main(argv=None) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     run_dir, out = Path(args.run_dir), Path(args.output_dir)
 
+    # LLaMA-Factory relaunches itself with `torchrun` looked up on PATH (several processes, FORCE_TORCHRUN): that
+    # must be this environment's torchrun even when the venv is not activated (`.venv/bin/python train.py`)
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    if env.get("PATH", "").split(os.pathsep)[0] != bindir:
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     start = time.monotonic()
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=env)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, f: proc.send_signal(s))
     code = proc.wait()
