@@ -106,3 +106,32 @@ def test_reproduce_tiny_training_run_is_identical(tmp_path, tiny_model):
     metrics = {m["metric"]: m for m in report["metrics"]}
     assert metrics["eval_loss"]["diff"] == 0 and metrics["trainable_params"]["diff"] == 0
     assert not report["config_differences"]
+
+
+def test_replay_of_an_auto_run_pins_the_choice(tmp_path):
+    from finetune.report.reproduce import replay_overrides
+
+    choice = {"overrides": ["backend=alpacalora", "method=lora", "micro_batch_size=2", "gradient_checkpointing=false",
+                            "hardware.deepspeed_stage=null", "launcher.nproc_per_node=1"]}
+    got = replay_overrides(["backend=auto", "backend.prefer=least_memory", "method=auto", "micro_batch_size=8",
+                            "lora_r=16", "output_dir=/old", "explain=true"], tmp_path / "new", choice)
+    assert got == ["lora_r=16", "explain=true", *choice["overrides"], f"output_dir={tmp_path / 'new'}", "hydra.mode=RUN"]
+
+
+@pytest.mark.slow
+def test_reproduce_auto_run_uses_the_recorded_choice(tmp_path, tiny_model):
+    """A backend=auto run is replayed with the backend and parameters it chose, and the curves match."""
+    tiny_model("tiny_llama")
+    proc, run = run_train(*TINY, "backend=auto", "backend.candidates=[alpacalora]", "name=auto", outputs=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pins = read_json(run / "manifest.json")["auto_choice"]["overrides"]
+    assert pins[0] == "backend=alpacalora"
+    rep = finetune_cmd(tmp_path, "reproduce", str(run), "--allow-different")
+    assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
+    assert "backend=auto chose: backend=alpacalora" in rep.stdout
+    new = new_folder(rep)
+    replayed = read_json(new / "manifest.json")
+    assert "backend=auto" not in replayed["overrides"] and all(p in replayed["overrides"] for p in pins)
+    report = read_json(new / "reproduce.json")
+    assert {c["key"]: c for c in report["curves"]}["loss"]["identical"]
+    assert not report["config_differences"]

@@ -12,7 +12,8 @@
 3. Composes the replayed config (``train.py ... --cfg job --resolve``, fast) and compares it with the recorded
    resolved config (the old run folder's path mapped to the new one); a difference (changed defaults, another
    FINETUNE_MODELS, ...) is listed, and stops it unless --allow-different.
-4. Runs ``train.py <overrides> output_dir=<new folder> hydra.mode=RUN`` (a sweep job is replayed as one run).
+4. Runs ``train.py <overrides> output_dir=<new folder> hydra.mode=RUN`` (a sweep job is replayed as one run; a
+   backend=auto run with the choice it recorded, not backend=auto, so that nothing is decided again).
 5. Compares: the train/eval loss curves step by step (max |difference|) and every numeric metric; writes
    <new>/reproduce.json and <new>/reproduce_loss.png (both curves on one plot); prints the table.
 
@@ -64,14 +65,23 @@ def load_record(run_dir: Path) -> Tuple[dict, List[str]]:
     return manifest, [str(o) for o in (overrides or [])]
 
 
-def replay_overrides(overrides: List[str], new_dir: Path) -> List[str]:
+def replay_overrides(overrides: List[str], new_dir: Path, auto_choice: Optional[dict] = None) -> List[str]:
+    """The recorded overrides minus the run-folder ones, plus the new folder. A backend=auto run is replayed with
+    the choice it made (auto_choice.overrides: backend, method, micro batch, checkpointing, ZeRO, processes)
+    instead of backend=auto, so that the reproduction does not decide again (a changed machine or estimator would
+    otherwise pick something else)."""
+    pins = list((auto_choice or {}).get("overrides") or [])
+    pinned = {p.split("=", 1)[0] for p in pins}
     keep = []
     for ov in overrides:
-        key = ov.split("=", 1)[0].lstrip("+~")
+        key, _, value = ov.partition("=")
+        key = key.lstrip("+~")
         if key in DROP_KEYS:
             continue
+        if pins and (key in pinned or key.startswith("backend.")):     # backend.* belonged to the auto backend
+            continue
         keep.append(ov)
-    return keep + [f"output_dir={new_dir}", "hydra.mode=RUN"]
+    return keep + pins + [f"output_dir={new_dir}", "hydra.mode=RUN"]
 
 
 def environment_differences(manifest: dict) -> Tuple[List[str], List[str]]:
@@ -137,7 +147,7 @@ def config_differences(recorded: dict, composed: dict, old_dir: str, new_dir: st
     now = _flatten(composed)
     diffs = []
     for key in sorted(set(rec) | set(now)):
-        if key in ("output_dir",) or rec.get(key) == "<redacted>":
+        if key in ("output_dir",) or key.startswith("auto_choice.") or rec.get(key) == "<redacted>":
             continue
         a, b = rec.get(key, "<absent>"), now.get(key, "<absent>")
         if before_run and _auto(b):
@@ -230,7 +240,8 @@ def reproduce(run_dir, allow_different: bool = False, *, out_dir=None, tolerance
         _warn(f"the recorded run's status is {status!r}: only what it logged can be compared")
     name = (manifest.get("config") or {}).get("name") or "run"
     new_dir = Path(out_dir).expanduser().absolute() if out_dir else default_run_dir(f"reproduce-{name}")
-    replay = replay_overrides(overrides, new_dir)
+    auto_choice = manifest.get("auto_choice") or (manifest.get("config") or {}).get("auto_choice")
+    replay = replay_overrides(overrides, new_dir, auto_choice)
     env = {**os.environ, **(env or {})}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
 
@@ -238,6 +249,8 @@ def reproduce(run_dir, allow_different: bool = False, *, out_dir=None, tolerance
     _say(f"  recorded: commit {(manifest.get('git') or {}).get('commit')} dirty={(manifest.get('git') or {}).get('dirty')}"
          f", python {manifest.get('python')}, created {manifest.get('created')}")
     _say(f"  overrides: {' '.join(overrides) or '(none)'}")
+    if auto_choice and auto_choice.get("overrides"):
+        _say(f"  backend=auto chose: {' '.join(auto_choice['overrides'])} (replayed as typed, not decided again)")
     blocking, warnings = environment_differences(manifest)
     for w in warnings:
         _warn(w)
