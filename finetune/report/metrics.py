@@ -52,7 +52,9 @@ def prewarm() -> None:
     on its child process meanwhile."""
     import threading
 
-    threading.Thread(target=_warm, name="finetune-prewarm", daemon=True).start()
+    # not a daemon: the interpreter waits for it at exit (a daemon thread killed in the middle of a C extension's
+    # import aborted the process: "terminate called without an active exception")
+    threading.Thread(target=_warm, name="finetune-prewarm", daemon=False).start()
 
 
 def plot_loss(run_dir: Path, rows) -> str:
