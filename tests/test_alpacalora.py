@@ -334,6 +334,19 @@ def test_deepspeed_zero2_lora_matches_plain_run(lora_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_deepspeed_zero2_optimizer_offload(lora_run, tmp_path):
+    """ZeRO-2 with the optimizer offloaded: DeepSpeed JIT-builds its cpu_adam op (about a minute the first time on
+    a machine) and steps DeepSpeedCPUAdam; the loss follows the plain run's."""
+    out = tmp_path / "ds2off"
+    _train(out, "hardware.deepspeed_stage=2", "hardware.offload_optimizer=true", "merge=false")
+    assert "(DeepSpeed, over DeepSpeedCPUAdam)" in (out / "logs" / "train.log").read_text()
+    zero = json.loads((out / "deepspeed.json").read_text())["zero_optimization"]
+    assert zero["stage"] == 2 and zero["offload_optimizer"]["device"] == "cpu"
+    ds, ref = dict(_losses(out)), dict(_losses(lora_run))
+    assert ds[12] == pytest.approx(ref[12], abs=1e-2)
+
+
+@pytest.mark.slow
 def test_attention_auto_matches_sdpa(lora_run, tmp_path):
     """attn_implementation auto on CPU runs eager attention for short batches (faster, bench/throughput.py); the
     training is the same as with SDPA throughout, within float tolerance."""

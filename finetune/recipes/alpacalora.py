@@ -420,6 +420,10 @@ def main(argv=None) -> int:
             if n != trainable:
                 log(f"trainable parameters after the optimizer set-up: {n:,}")
             counter["trainable"] = n
+            inner = getattr(getattr(trainer, "deepspeed", None), "basic_optimizer", None)
+            log(f"optimizer: {type(trainer.optimizer).__name__}"
+                + (f" (DeepSpeed, over {type(inner).__name__})" if inner is not None else ""))
+            counter["t_begin"] = time.perf_counter()      # set-up done (DeepSpeed's engine, JIT-built ops)
 
     trainer.add_callback(CountAtStart())
     if m.get("use_badam"):                 # as LLaMA-Factory: BAdam's sparse (ratio) gradients need its own clipping
@@ -456,8 +460,11 @@ def main(argv=None) -> int:
     # 7. train, then a final evaluation if the last step had none
     t0 = trainer._t_start = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    runtime = time.perf_counter() - t0
-    train_s = runtime - counter.get("other_s", 0.0)          # without the evaluations and checkpoint saves
+    t_end = time.perf_counter()
+    runtime = t_end - t0
+    # training time: from the first step (after the optimizer/DeepSpeed set-up) to the end, without the
+    # evaluations and checkpoint saves in between
+    train_s = t_end - counter.get("t_begin", t0) - counter.get("other_s", 0.0)
     hist = trainer.state.log_history
     if val_set and not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in hist):
         trainer.evaluate()
