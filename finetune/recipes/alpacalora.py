@@ -16,6 +16,7 @@ tokens/s, peak RSS, runtime). The merge of a LoRA adapter is a separate plan ste
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -193,11 +194,9 @@ def last_complete_checkpoint(ckpt_dir: Path):
 
 
 def _small_model(path: str) -> bool:
-    try:
-        c = json.loads((Path(path) / "config.json").read_text())
-        return int(c.get("hidden_size", 1 << 30)) <= 256
-    except (OSError, ValueError):
-        return False
+    from finetune.auto.hardware import model_hidden_size
+
+    return 0 < model_hidden_size(path) <= 256
 
 
 def deepspeed_env() -> None:
@@ -353,7 +352,16 @@ def main(argv=None) -> int:
         remove_unused_columns=False,
         disable_tqdm=not sys.stderr.isatty(),
     )
-    counter = {"tokens": 0}
+    counter = {"tokens": 0, "other_s": 0.0}
+
+    @contextlib.contextmanager
+    def not_training():
+        """Time that is not training time (evaluations, checkpoint saves): tokens/s leaves it out."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            counter["other_s"] += time.perf_counter() - t
 
     class RecipeTrainer(Trainer):
         """HF Trainer + our optimizer choice, real-token counting, tokens/s and peak RSS in every log event,
@@ -385,24 +393,17 @@ def main(argv=None) -> int:
                 logs["peak_rss_mb"] = round(peak_rss_mb(), 1)
             return super().log(logs, *a, **kw)
 
-        def evaluate(self, *a, **kw):          # its time is not training time: tokens/s leaves it out
-            t = time.perf_counter()
-            try:
+        def evaluate(self, *a, **kw):
+            with not_training():
                 return super().evaluate(*a, **kw)
-            finally:
-                counter["other_s"] = counter.get("other_s", 0.0) + time.perf_counter() - t
 
         def _save_checkpoint(self, model, trial):
-            t = time.perf_counter()
-            self._save_checkpoint_inner(model, trial)
-            counter["other_s"] = counter.get("other_s", 0.0) + time.perf_counter() - t
-
-        def _save_checkpoint_inner(self, model, trial):
-            super()._save_checkpoint(model, trial)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.barrier()
-            if self.args.should_save:            # written last, atomically: the checkpoint is complete
-                atomic_write_text(ckpt_dir / f"checkpoint-{self.state.global_step}" / COMPLETE, str(time.time()))
+            with not_training():
+                super()._save_checkpoint(model, trial)
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.barrier()
+                if self.args.should_save:            # written last, atomically: the checkpoint is complete
+                    atomic_write_text(ckpt_dir / f"checkpoint-{self.state.global_step}" / COMPLETE, str(time.time()))
 
     from finetune.recipes.common import history_callback
     from transformers.trainer_callback import PrinterCallback, TrainerCallback
@@ -464,7 +465,7 @@ def main(argv=None) -> int:
     runtime = t_end - t0
     # training time: from the first step (after the optimizer/DeepSpeed set-up) to the end, without the
     # evaluations and checkpoint saves in between
-    train_s = t_end - counter.get("t_begin", t0) - counter.get("other_s", 0.0)
+    train_s = t_end - counter.get("t_begin", t0) - counter["other_s"]
     hist = trainer.state.log_history
     if val_set and not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in hist):
         trainer.evaluate()

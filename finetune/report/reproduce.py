@@ -74,8 +74,7 @@ def replay_overrides(overrides: List[str], new_dir: Path, auto_choice: Optional[
     pinned = {p.split("=", 1)[0] for p in pins}
     keep = []
     for ov in overrides:
-        key, _, value = ov.partition("=")
-        key = key.lstrip("+~")
+        key = ov.split("=", 1)[0].lstrip("+~")
         if key in DROP_KEYS:
             continue
         if pins and (key in pinned or key.startswith("backend.")):     # backend.* belonged to the auto backend
