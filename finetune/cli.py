@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
@@ -16,13 +15,9 @@ from finetune.errors import ConfigError, RunError, suggest
 
 
 def _known_keys() -> List[str]:
-    from finetune.config import schema
+    from finetune.config.schema import known_keys
 
-    keys = [f.name for f in dataclasses.fields(schema.RootConfig)]
-    for group, options in schema.SCHEMAS.items():
-        for node in options.values():
-            keys += [f"{group}.{f.name}" for f in dataclasses.fields(node)]
-    return sorted(set(keys))
+    return known_keys()
 
 
 def _groups() -> dict:
@@ -167,6 +162,12 @@ def setup() -> None:
     resolvers.register()
     hutils.run_and_report = _report
     _skip_mode_probe()
+    from finetune.config.resume import resume_argv
+
+    try:
+        sys.argv[:] = resume_argv(sys.argv)        # resume=true: the recorded run's overrides, before Hydra parses
+    except ConfigError as e:
+        _die(str(e), 2)
 
 
 # Overrides that could set hydra.mode through the config (a sweep/search file, an experiment, hydra.* itself).
@@ -228,6 +229,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("reproduce", help="replay a run's recorded overrides into a new folder and compare")
     p.add_argument("run_dir")
     p.add_argument("--allow-different", action="store_true", help="run even if code or versions differ")
+    p.add_argument("--output-dir", help="the new run folder (default: outputs/runs/<date>/<time>-reproduce-<name>)")
     sub.add_parser("setup-collie", help="create Collie's own virtual environment (.venv-collie)")
     args = parser.parse_args(argv)
     try:
@@ -239,7 +241,7 @@ def main(argv=None) -> int:
         if args.cmd == "reproduce":
             from finetune.report.reproduce import reproduce
 
-            return reproduce(args.run_dir, allow_different=args.allow_different)
+            return reproduce(args.run_dir, allow_different=args.allow_different, out_dir=args.output_dir)
         if args.cmd == "setup-collie":
             import subprocess
             from pathlib import Path

@@ -19,8 +19,7 @@ API (standard library only at import; ``datasets`` is imported only for a datase
 - Safe under parallel jobs: one builder per key at a time (an exclusive ``fcntl`` lock on ``<key>.lock``; the
   others wait, then read), and the entry appears atomically (written to a temp name in the same folder, then
   renamed), so a reader never sees half an entry and a killed builder leaves only a temp file.
-- Where: ``$FINETUNE_DATA_CACHE``, else ``<outputs>/cache/tokenized`` (``$FINETUNE_OUTPUTS`` or
-  ``outputs/``), or the ``cache_dir`` argument. ``FINETUNE_DATA_CACHE=off`` disables it (always builds).
+- Where: ``$FINETUNE_DATA_CACHE``, else ``<repo>/outputs/cache/tokenized``, or the ``cache_dir`` argument. ``FINETUNE_DATA_CACHE=off`` disables it (always builds).
 - ``python -m finetune.data_cache list|clear [--cache-dir DIR]`` shows or empties it.
 """
 from __future__ import annotations
@@ -47,7 +46,7 @@ def cache_root(cache_dir=None) -> Optional[Path]:
         return None
     if env:
         return Path(env)
-    from finetune.run_dir import OUTPUTS_ROOT
+    from finetune.config.paths import OUTPUTS_ROOT
 
     return Path(OUTPUTS_ROOT) / "cache" / "tokenized"
 

@@ -27,10 +27,16 @@ class RunError(Exception):
     exit_code = 1
 
 
+def close_match(word: str, choices: Iterable[str]) -> Optional[str]:
+    """The choice closest to a typo, or None."""
+    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
 def suggest(word: str, choices: Iterable[str]) -> str:
     """'did you mean X?' for a typo, or ''."""
-    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f"did you mean {match[0]!r}?" if match else ""
+    match = close_match(word, choices)
+    return f"did you mean {match!r}?" if match else ""
 
 
 def one_of(choices: Iterable[str]) -> str:

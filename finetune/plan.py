@@ -31,6 +31,8 @@ class Step:
     distributed: str = "none"
     rank0_only: bool = False           # in a multi-node run, only node_rank 0 runs this step
     optional: bool = False             # a failure is recorded but does not fail the run
+    progress: str = ""                 # JSONL the step appends to as it trains (step, total_steps, loss, tokens/s),
+                                       # relative to the run folder or absolute: a live progress line on a terminal
 
     def __post_init__(self):
         if not self.log:
@@ -53,7 +55,9 @@ class Plan:
         return asdict(self)
 
     def render(self, run_dir: str, launcher_argv=None) -> str:
-        """Human-readable plan for dry runs."""
+        """Human-readable plan for dry runs (secrets shown as <redacted>)."""
+        from finetune.secrets import redact
+
         lines = [f"backend: {self.backend}", f"run folder: {run_dir}"]
         if self.notes:
             lines.append("notes:")
@@ -64,15 +68,15 @@ class Plan:
             lines.append(f"  {k}: {v}")
         lines.append("steps:")
         for i, s in enumerate(self.steps, 1):
-            argv = launcher_argv(s) if launcher_argv else s.argv
+            argv = redact(launcher_argv(s) if launcher_argv else s.argv)
             lines.append(f"  {i}. {s.name}  (log: {run_dir}/{s.log}; distributed: {s.distributed})")
             lines.append(f"     argv: {json.dumps(argv)}")
             lines.append(f"     shell: {shlex.join(argv)}")
             if s.env:
-                lines.append(f"     env: {json.dumps(s.env, sort_keys=True)}")
+                lines.append(f"     env: {json.dumps(redact(s.env), sort_keys=True)}")
             if s.cwd:
                 lines.append(f"     cwd: {s.cwd}")
         for path, text in self.files.items():
             lines.append(f"--- {path}")
-            lines.append(text.rstrip())
+            lines.append(redact(text).rstrip())
         return "\n".join(lines)

@@ -5,7 +5,6 @@ Called by train.py (inside @hydra.main) once per run or sweep job. Heavy librari
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,9 @@ from finetune.backends import get_backend
 from finetune.config.validate import validate, world_size
 from finetune.errors import RunError
 from finetune.plan import Plan, Step
-from finetune.run_dir import Manifest, atomic_write, atomic_write_json, create_run_dir, default_run_dir, redact
+from finetune import secrets
+from finetune.run_dir import Manifest, atomic_write, atomic_write_json, create_run_dir, default_run_dir
+from finetune.secrets import redact
 from launchers import get_launcher
 from launchers.process import free_port
 
@@ -70,26 +71,32 @@ def run(cfg: DictConfig) -> Optional[float]:
     if hasattr(launcher, "plan_files"):             # files the launcher adds (k8s manifests), shown by the dry run
         plan.files.update(launcher.plan_files(plan, cfg, run_dir))
 
+    found = secrets.collect(OmegaConf.to_container(cfg, resolve=True))   # to the workers through their environment
+    for step in plan.steps:
+        step.env.update(secrets.env_for(found))
+
     if cfg.dry_run:
         print(plan.render(str(run_dir), lambda s: launcher.argv(s, cfg)))
         print("dry run: nothing was written")
         return None
 
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.resume:
+        _check_resumable(run_dir, resolved)
     run_dir = create_run_dir(run_dir, resume=bool(cfg.resume))
     ctx["run_dir"] = str(run_dir)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resumed = (run_dir / "manifest.json").exists()
-    if resumed:
+    if cfg.resume:           # config.yaml and overrides.yaml stay the original run's (what reproduce replays)
         manifest = Manifest.load(run_dir)
-        manifest.data.setdefault("resumes", []).append(_dt.datetime.now().isoformat(timespec="seconds"))
+        manifest.data.setdefault("resumes", []).append(
+            {"time": _dt.datetime.now().isoformat(timespec="seconds"), "command": redact(command)})
     else:
         manifest = Manifest.new(run_dir, config=resolved, overrides=overrides, choices=choices,
                                 data_facts=facts["data"], seed=int(cfg.seed), command=command)
-    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(redact(resolved))))
-    atomic_write_json(run_dir / "resolved_config.json", {**resolved, "_run_dir": str(run_dir), "_ctx": ctx})
-    atomic_write(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(redact(resolved))))
+        atomic_write(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(redact(list(overrides)))))
+    atomic_write_json(run_dir / "resolved_config.json", redact({**resolved, "_run_dir": str(run_dir), "_ctx": ctx}))
     for rel, text in plan.files.items():
-        atomic_write(run_dir / rel, text)
+        atomic_write(run_dir / rel, redact(text))
     manifest.update(status="running", plan=plan.to_dict(), outputs=plan.outputs,
                     **({"auto_choice": ctx["auto_choice"]} if "auto_choice" in ctx else {}))
     print(f"[finetune] backend={cfg.backend.name} run folder: {run_dir}", flush=True)
@@ -126,6 +133,8 @@ def run(cfg: DictConfig) -> Optional[float]:
         manifest.update(status="failed", error=f"{type(e).__name__}: {e}")
         _write_result(run_dir, cfg, "failed", {}, f"{type(e).__name__}: {e}")
         raise
+    for note in metrics.get("absent") or []:
+        print(f"[finetune] note: {note}", flush=True)
     manifest.update(status="completed", metrics=metrics, finished=_dt.datetime.now().isoformat(timespec="seconds"))
     _write_result(run_dir, cfg, "completed", metrics, None)
     value = metrics.get(str(cfg.metric))
@@ -136,11 +145,31 @@ def run(cfg: DictConfig) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+# keys a resumed run may hold differently from the recorded one (none changes what is trained)
+_RESUME_SAME_EXCEPT = ("resume", "dry_run", "timeout_min", "launcher.master_port")
+
+
+def _check_resumable(run_dir: Path, resolved: dict) -> None:
+    """A resume continues the run with the config it was started with: the recorded overrides were replayed
+    (finetune/config/resume.py); if the composed config still differs (changed defaults or code since), refuse."""
+    from finetune.report.reproduce import config_differences
+
+    recorded = Manifest.load(run_dir).data.get("config") or {}
+    diffs = [d for d in config_differences(recorded, redact(resolved), str(run_dir), str(run_dir))
+             if d.split(":")[0] not in _RESUME_SAME_EXCEPT]
+    if diffs:
+        from finetune.errors import ConfigError
+
+        raise ConfigError("resume", True, f"the config composed now differs from the one the run in {run_dir} was "
+                          f"started with ({diffs[0]}{f'; and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); "
+                          "start a new run instead")
+
+
 def _write_result(run_dir: Path, cfg: DictConfig, status: str, metrics: dict, error: Optional[str]) -> None:
     """result.json: what a sweep summary reads for this job (Hydra's callbacks do not see job results)."""
     overrides, _, _, _ = _hydra_facts()
     atomic_write_json(run_dir / "result.json", {
         "status": status, "error": error, "metric_name": str(cfg.metric),
-        "metric": metrics.get(str(cfg.metric)), "metrics": metrics, "overrides": overrides,
+        "metric": metrics.get(str(cfg.metric)), "metrics": metrics, "overrides": redact(overrides),
         "backend": cfg.backend.name, "method": cfg.method.name, "time": time.time(),
     })

@@ -25,13 +25,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from finetune.config.paths import OUTPUTS_ROOT
 from finetune.config.resolvers import REPO_ROOT
+from finetune.secrets import redact
 
-OUTPUTS_ROOT = Path(os.environ.get("FINETUNE_OUTPUTS", REPO_ROOT / "outputs"))
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "trl", "deepspeed", "llamafactory",
             "FlagEmbedding", "hydra-core", "omegaconf", "galore-torch", "badam", "submitit", "tokenizers",
             "sentence-transformers", "tensorboard", "numpy")
-SECRET_RE = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.I)
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -114,15 +114,6 @@ def package_versions() -> Dict[str, Optional[str]]:
     return out
 
 
-def redact(obj: Any) -> Any:
-    """Drop values of keys that look like secrets (tokens, passwords) from anything written to disk."""
-    if isinstance(obj, dict):
-        return {k: ("<redacted>" if SECRET_RE.search(str(k)) and v not in (None, "") else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
-
-
 class Manifest:
     """The run's manifest.json, rewritten atomically at each change."""
 
@@ -138,8 +129,9 @@ class Manifest:
             "status": "created",
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
             "run_dir": str(run_dir),
-            "command": command,
-            "overrides": list(overrides),
+            "command": redact(command),
+            "cwd": os.getcwd(),
+            "overrides": redact(list(overrides)),
             "choices": choices,
             "seed": seed,
             "git": git_info(),
@@ -164,7 +156,7 @@ class Manifest:
         atomic_write_json(self.path, self.data)
 
     def update(self, **kw) -> None:
-        self.data.update(kw)
+        self.data.update(redact(kw))
         self.save()
 
     def add_step(self, record: dict) -> None:

@@ -84,4 +84,5 @@ def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
     if step.rank0_only and w["node_rank"] != 0:
         return StepResult(step.name, [], 0, 0.0, "", "completed", extra={"skipped": "node_rank != 0"})
     return run_process(step.name, argv(step, cfg), env(step, cfg), step.cwd or str(run_dir),
-                       Path(run_dir) / step.log, timeout_s)
+                       Path(run_dir) / step.log, timeout_s,
+                       progress=Path(run_dir) / step.progress if step.progress else None)

@@ -4,6 +4,7 @@ Shared by every launcher that ends in a local process (local, torchrun, and the 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -69,8 +70,17 @@ class _Interrupted(Exception):
 
 
 def run_process(name: str, argv: List[str], env: Dict[str, str], cwd: Optional[str], log_path: Path,
-                timeout_s: Optional[float] = None, echo: bool = True) -> StepResult:
-    """Start argv in its own process group; copy its output to log_path (and our stdout when echo)."""
+                timeout_s: Optional[float] = None, echo: bool = True, progress: Optional[Path] = None) -> StepResult:
+    """Start argv in its own process group; copy its output to log_path (and our stdout when echo). On a terminal,
+    a step that names a progress file (Step.progress) gets a live progress line below its output."""
+    from launchers.progress import live_progress
+
+    live = live_progress(name, progress, echo)
+    with live if live is not None else contextlib.nullcontext():
+        return _run(name, argv, env, cwd, log_path, timeout_s, echo, live)
+
+
+def _run(name, argv, env, cwd, log_path: Path, timeout_s, echo: bool, live) -> StepResult:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, **env}
     start = time.monotonic()
@@ -93,8 +103,11 @@ def run_process(name: str, argv: List[str], env: Dict[str, str], cwd: Optional[s
                 tail.append(text)
                 if echo:
                     try:
-                        sys.stdout.write(text + "\n")
-                        sys.stdout.flush()
+                        if live is not None:
+                            live.print(text)
+                        else:
+                            sys.stdout.write(text + "\n")
+                            sys.stdout.flush()
                     except (OSError, ValueError):
                         pass
 

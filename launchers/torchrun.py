@@ -89,7 +89,8 @@ def run_step(step, cfg, run_dir: Path, timeout_s=None, log: Optional[str] = None
     if w["node_rank"] != 0 and (step.rank0_only or step.distributed == "none"):
         return StepResult(step.name, [], 0, 0.0, "", "completed", extra={"skipped": "node_rank != 0"})
     return run_process(step.name, argv(step, cfg), env(step, cfg), step.cwd or str(run_dir),
-                       Path(run_dir) / (log or step.log), timeout_s)
+                       Path(run_dir) / (log or step.log), timeout_s,
+                       progress=Path(run_dir) / step.progress if step.progress else None)
 
 
 # ------------------------------------------------------------------------------------------ joining a run

@@ -30,6 +30,10 @@ if [ "${FINETUNE_NO_CACHE:-0}" = 1 ]; then
 else
   TARGET="${FINETUNE_CACHE:-$HOME/.cache/finetune}/collie-venv-$HASH"
 fi
+mkdir -p "$(dirname "$TARGET")"
+# one build at a time (two runs or sweep jobs may ask for it at once); the others wait, then find it ready
+exec 9>"$TARGET.lock"
+flock 9
 [ "${1:-}" = "--force" ] && rm -rf "$TARGET"
 
 if [ -x "$TARGET/bin/python" ] && [ "$(cat "$TARGET/.finetune-lock.sha256" 2>/dev/null)" = "$LOCK_SHA" ]; then
@@ -41,7 +45,7 @@ else
   rm -rf "$TARGET"
   mkdir -p "$(dirname "$TARGET")"
   "$PY" -m venv "$TARGET"
-  "$TARGET/bin/python" -m pip install -q --no-deps -r "$LOCK"
+  "$TARGET/bin/python" -m pip install --no-deps --progress-bar off -r "$LOCK"     # one line per package: progress
   "$TARGET/bin/python" -m pip check
   # the worker's own import path: CPU patches (when there is no GPU), then collie
   PYTHONPATH="$ROOT" "$TARGET/bin/python" -c \

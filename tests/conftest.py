@@ -1,15 +1,17 @@
 """Shared test helpers.
 
-- ``run_train(*overrides, outputs=...)`` runs ``python train.py`` as a subprocess (the way users run it) with
-  outputs redirected to a temp folder, and returns the CompletedProcess plus the run folder.
-- Tiny models are built once into ``models/`` (a cache shared with the default job) by ``tiny_model``.
+- ``run_train(*overrides, outputs=...)`` runs ``python train.py`` as a subprocess, the way users run it (their
+  environment, no FINETUNE_* variables), isolated the way a user would (``output_dir=`` / ``hydra.sweep.dir=``),
+  and returns the CompletedProcess plus the run folder.
+- Tiny models are built by the runs themselves on first use, into ``models/`` (as for a user); ``tiny_model``
+  builds one for tests that load it directly.
 - Markers: slow (real training), gpu (skipped here), slurm, collie, optuna (skipped with a reason when the
   tool is missing). ``--strict-markers`` is on.
 """
 from __future__ import annotations
 
-import glob
 import json
+import re
 import os
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+FINETUNE = str(Path(PY).parent / "finetune")        # the console script, as users type it
 
 
 def _has_cuda() -> bool:
@@ -38,23 +41,34 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-def train_env(outputs: Path, **extra) -> dict:
-    env = dict(os.environ)
-    env["FINETUNE_OUTPUTS"] = str(outputs)
-    env.setdefault("FINETUNE_MODELS", str(REPO / "models"))
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("HYDRA_FULL_ERROR", None)
+def user_env(**extra) -> dict:
+    """The environment a user's shell gives train.py: this one without our own FINETUNE_* settings or
+    HYDRA_FULL_ERROR (tests get isolation the way a user would: output_dir=, hydra.sweep.dir=)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_") and k != "HYDRA_FULL_ERROR"}
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
-def run_train(*overrides: str, outputs: Path, timeout: float = 900, env: dict | None = None, multirun=False):
-    """Run train.py; return (CompletedProcess, newest run folder or None)."""
-    argv = [PY, str(REPO / "train.py"), *(["-m"] if multirun else []), *overrides]
-    proc = subprocess.run(argv, cwd=str(REPO), env={**train_env(outputs), **(env or {})}, capture_output=True,
-                          text=True, timeout=timeout)
-    runs = sorted(glob.glob(str(outputs / "runs" / "*" / "*")), key=os.path.getmtime)
-    return proc, (Path(runs[-1]) if runs else None)
+def run_train(*overrides: str, outputs: Path | None, timeout: float = 900, env: dict | None = None,
+              multirun=False, cwd: Path = REPO):
+    """Run train.py as a user types it; return (CompletedProcess, the run folder or None).
+
+    ``outputs`` is this test's folder: a single run goes to ``outputs/run`` (``output_dir=``), a sweep to
+    ``outputs`` (``hydra.sweep.dir=``), unless the overrides already say where; ``outputs=None`` leaves the
+    default folders (the repository's outputs/)."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    sweep = multirun or "hydra.mode=MULTIRUN" in overrides or bool(keys & {"sweep", "hparams_search"})
+    where = []
+    if outputs is not None and sweep and "hydra.sweep.dir" not in keys:
+        where = [f"hydra.sweep.dir={outputs}"]
+    elif outputs is not None and not sweep and "output_dir" not in keys:
+        where = [f"output_dir={Path(outputs) / 'run'}"]
+    argv = [PY, str(REPO / "train.py"), *(["-m"] if multirun else []), *overrides, *where]
+    proc = subprocess.run(argv, cwd=str(cwd), env=user_env(**(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+    found = re.findall(r"^\[finetune\] backend=\S+ run folder: (.+)$", proc.stdout, re.M)
+    run = Path(found[-1]) if found and not sweep else None
+    return proc, (run if run is not None and (run / "manifest.json").exists() else None)
 
 
 def read_json(path) -> dict:

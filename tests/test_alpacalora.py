@@ -9,13 +9,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import PY, REPO, read_json, run_train, train_env
+from conftest import PY, REPO, read_json, run_train, user_env
 
 # a tiny job: 12 optimizer steps of 8 rows (2 micro-batches of 4), a fixed held-out set of 32 rows
 SMALL = ["max_samples=160", "val_set_size=32", "batch_size=8", "micro_batch_size=4", "max_steps=12",
@@ -213,7 +212,7 @@ def test_same_seed_twice_identical(lora_run, tmp_path):
 def test_resume_after_sigkill_equals_uninterrupted(lora_run, tmp_path):
     out = tmp_path / "killed"
     argv = [PY, str(REPO / "train.py"), *SMALL, f"output_dir={out}", "save_steps=4", "merge=false"]
-    env = train_env(tmp_path / "outputs")
+    env = user_env()
     proc = subprocess.Popen(argv, cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = out / "checkpoints" / "checkpoint-4" / "FINETUNE_COMPLETE"
     deadline = time.time() + 300
@@ -232,7 +231,9 @@ def test_resume_after_sigkill_equals_uninterrupted(lora_run, tmp_path):
     proc.kill()
     proc.wait()
     assert not (out / "train_summary.json").exists()                      # it really died mid-training
-    _train(out, "save_steps=4", "merge=false", "resume=true")
+    # what a user types to continue: the folder and resume=true; the run's own overrides are replayed
+    proc, _ = run_train(f"output_dir={out}", "resume=true", outputs=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     s = read_json(out / "train_summary.json")
     assert s["resumed_from"] and s["resumed_from"].endswith(tuple(f"checkpoint-{k}" for k in (4, 8)))
     resumed, ref = dict(_losses(out)), dict(_losses(lora_run))
@@ -304,9 +305,11 @@ def test_method_trains_and_artefact_loads(name, tmp_path, tiny_model):
         assert (a - base_logits).abs().max().item() > 1e-4
         if name == "rslora":
             assert cfg["use_rslora"] is True
-            # the tokenised rows, from the data cache shared by sweep jobs (<outputs>/cache/tokenized)
-            cache = next(p for p in (out.parent / "outputs" / "cache" / "tokenized").glob("*.json")
-                         if not p.name.endswith(".key.json"))
+            # the tokenised rows, from the data cache shared by runs (the train log names the entry it used)
+            import re
+
+            used = re.search(r"tokenised data: .* \((/\S+\.json)\)", (out / "logs" / "train.log").read_text())
+            cache = Path(used.group(1))
             ex = json.loads(cache.read_text())[0]
             assert ex["labels"][0] == -100 and ex["labels"][-1] == ex["input_ids"][-1]   # prompt masked
         if name == "dora":

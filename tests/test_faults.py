@@ -7,20 +7,27 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-import pytest
-
-from conftest import REPO, read_json, run_train, train_env
 
 
-def test_dummy_run_writes_a_complete_manifest(tmp_path):
-    proc, run = run_train("backend=dummy", "name=plumbing", "seed=7", outputs=tmp_path)
+from conftest import REPO, read_json, run_train, user_env
+
+
+def test_dummy_run_writes_a_complete_manifest():
+    """In the default folder a user gets (outputs/runs/<date>/<time>-<name> of the repository)."""
+    proc, run = run_train("backend=dummy", "name=plumbing", "seed=7", outputs=None)
     assert proc.returncode == 0, proc.stderr
+    try:
+        _check_manifest(run)
+    finally:
+        shutil.rmtree(run)
+
+
+def _check_manifest(run):
     m = read_json(run / "manifest.json")
     assert m["status"] == "completed"
     assert m["overrides"] == ["backend=dummy", "name=plumbing", "seed=7"]
@@ -37,7 +44,7 @@ def test_dummy_run_writes_a_complete_manifest(tmp_path):
     for f in ("config.yaml", "overrides.yaml", "resolved_config.json", "metrics.json", "loss.png", "result.json"):
         assert (run / f).exists(), f
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert run.parent.parent == tmp_path / "runs" and re.fullmatch(r"\d\d-\d\d-\d\d-plumbing", run.name)
+    assert run.parent.parent == REPO / "outputs" / "runs" and re.fullmatch(r"\d\d-\d\d-\d\d-plumbing(-\d+)?", run.name)
 
 
 def test_dry_run_writes_nothing(tmp_path):
@@ -69,8 +76,8 @@ def test_step_timeout_fails_the_run(tmp_path):
 
 
 def _start(tmp_path, *overrides):
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *overrides], cwd=str(REPO),
-                            env=train_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *overrides, f"output_dir={tmp_path / 'run'}"],
+                            cwd=str(REPO), env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_manifest(tmp_path, status="running", timeout=60):

@@ -66,7 +66,9 @@ def test_embedder_plan_reference_defaults(tmp_path):
     assert [s.name for s in plan.steps] == ["eval_before", "train", "eval_after"]
     train = plan.steps[1]
     assert train.distributed == "torchrun"
-    assert train.argv[1:3] == ["-m", "FlagEmbedding.finetune.embedder.encoder_only.base"]
+    # FlagEmbedding's own runner, wrapped for history.jsonl, tokens/s and complete checkpoints
+    assert train.argv[1:5] == ["-m", "finetune.recipes.flagembedding_train", "--task", "embedder"]
+    assert train.progress == "history.jsonl"
     f = _flags(train.argv)
     # the reference's embedder defaults (LazyLLM's FlagembeddingFinetune)
     assert f["train_group_size"] == "8" and f["query_max_len"] == "512" and f["passage_max_len"] == "512"
@@ -92,7 +94,7 @@ def test_reranker_plan_drops_embedder_only_flags(tmp_path):
     _, plan = _plan(["backend=flagembedding", "backend.task=reranker", "backend.query_instruction_for_rerank=Q: "],
                     tmp_path)
     train = plan.steps[1]
-    assert train.argv[2] == "FlagEmbedding.finetune.reranker.encoder_only.base"
+    assert train.argv[2:5] == ["finetune.recipes.flagembedding_train", "--task", "reranker"]
     f = _flags(train.argv)
     assert f["query_max_len"] == "256" and f["passage_max_len"] == "256"      # reference reranker lengths
     assert f["query_instruction_for_rerank"] == "Q: "

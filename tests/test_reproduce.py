@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, REPO, read_json, run_train, train_env
+from conftest import FINETUNE, REPO, read_json, run_train, user_env
 
 TINY = ["max_steps=4", "batch_size=4", "micro_batch_size=4", "val_set_size=8", "eval_steps=2", "logging_steps=1",
         "cutoff_len=128", "max_samples=64", "merge=false", "learning_rate=3e-3"]
-CODE = "import sys; from finetune.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def finetune_cmd(outputs: Path, *args: str, timeout: float = 900):
-    return subprocess.run([PY, "-c", CODE, *args], cwd=REPO, env=train_env(outputs), capture_output=True, text=True,
+def finetune_cmd(*args: str, timeout: float = 900):
+    """`finetune <args>` as a user types it (the console script of this clone's .venv)."""
+    return subprocess.run([FINETUNE, *args], cwd=REPO, env=user_env(), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -38,10 +38,10 @@ def dummy_run(tmp_path_factory):
 
 def test_reproduce_dummy_identical(dummy_run):
     out, run = dummy_run
-    proc = finetune_cmd(out, "reproduce", str(run), "--allow-different")
+    proc = finetune_cmd("reproduce", str(run), "--allow-different", "--output-dir", str(out / "again"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     new = new_folder(proc)
-    assert new != run and new.parent.parent == out / "runs" and new.name.endswith("reproduce-orig")
+    assert new == out / "again"
     report = read_json(new / "reproduce.json")
     assert report["identical"] and report["matched"]
     assert report["curves"][0]["key"] == "loss" and report["curves"][0]["steps_compared"] == 5
@@ -63,7 +63,7 @@ def test_reproduce_refuses_different_versions(dummy_run, tmp_path):
     manifest["git"]["commit"] = "0" * 40
     manifest["packages"]["torch"] = "1.0.0"
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    proc = finetune_cmd(out, "reproduce", str(copy))
+    proc = finetune_cmd("reproduce", str(copy))
     assert proc.returncode == 2
     assert "WARNING: differs from the recorded run: git commit: recorded 000000000000" in proc.stderr
     assert "WARNING: differs from the recorded run: package torch: recorded 1.0.0" in proc.stderr
@@ -81,23 +81,22 @@ def test_reproduce_flags_a_different_curve(dummy_run, tmp_path):
     rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     rows[2]["loss"] += 0.25
     (copy / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = finetune_cmd(out, "reproduce", str(copy), "--allow-different")
+    proc = finetune_cmd("reproduce", str(copy), "--allow-different", "--output-dir", str(tmp_path / "again"))
     assert proc.returncode == 1
     assert "loss curves differ (max |diff| 0.25" in proc.stderr
 
 
 def test_reproduce_bad_folder(tmp_path):
-    proc = finetune_cmd(tmp_path, "reproduce", str(tmp_path / "missing"))
+    proc = finetune_cmd("reproduce", str(tmp_path / "missing"))
     assert proc.returncode == 2 and proc.stderr.startswith("error: run_dir=") and len(proc.stderr.splitlines()) == 1
 
 
 @pytest.mark.slow
-def test_reproduce_tiny_training_run_is_identical(tmp_path, tiny_model):
+def test_reproduce_tiny_training_run_is_identical(tmp_path):
     """On CPU with the same versions, a replayed LoRA run gives the same loss curve bit for bit."""
-    tiny_model("tiny_llama")
     proc, run = run_train(*TINY, "name=tiny", outputs=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rep = finetune_cmd(tmp_path, "reproduce", str(run), "--allow-different")
+    rep = finetune_cmd("reproduce", str(run), "--allow-different", "--output-dir", str(tmp_path / "again"))
     assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
     report = read_json(new_folder(rep) / "reproduce.json")
     curves = {c["key"]: c for c in report["curves"]}
@@ -109,24 +108,23 @@ def test_reproduce_tiny_training_run_is_identical(tmp_path, tiny_model):
 
 
 def test_replay_of_an_auto_run_pins_the_choice(tmp_path):
-    from finetune.report.reproduce import replay_overrides
+    from finetune.config.resume import replay_overrides
 
     choice = {"overrides": ["backend=alpacalora", "method=lora", "micro_batch_size=2", "gradient_checkpointing=false",
                             "hardware.deepspeed_stage=null", "launcher.nproc_per_node=1"]}
     got = replay_overrides(["backend=auto", "backend.prefer=least_memory", "method=auto", "micro_batch_size=8",
-                            "lora_r=16", "output_dir=/old", "explain=true"], tmp_path / "new", choice)
-    assert got == ["lora_r=16", "explain=true", *choice["overrides"], f"output_dir={tmp_path / 'new'}", "hydra.mode=RUN"]
+                            "lora_r=16", "output_dir=/old", "explain=true"], choice)
+    assert got == ["lora_r=16", "explain=true", *choice["overrides"]]
 
 
 @pytest.mark.slow
-def test_reproduce_auto_run_uses_the_recorded_choice(tmp_path, tiny_model):
+def test_reproduce_auto_run_uses_the_recorded_choice(tmp_path):
     """A backend=auto run is replayed with the backend and parameters it chose, and the curves match."""
-    tiny_model("tiny_llama")
     proc, run = run_train(*TINY, "backend=auto", "backend.candidates=[alpacalora]", "name=auto", outputs=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pins = read_json(run / "manifest.json")["auto_choice"]["overrides"]
     assert pins[0] == "backend=alpacalora"
-    rep = finetune_cmd(tmp_path, "reproduce", str(run), "--allow-different")
+    rep = finetune_cmd("reproduce", str(run), "--allow-different", "--output-dir", str(tmp_path / "again"))
     assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
     assert "backend=auto chose: backend=alpacalora" in rep.stdout
     new = new_folder(rep)

@@ -9,13 +9,12 @@ import csv
 import json
 import multiprocessing as mp
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import PY, REPO, read_json, run_train, train_env
+from conftest import FINETUNE, REPO, read_json, run_train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["max_steps=4", "batch_size=4", "micro_batch_size=4", "val_set_size=8", "eval_steps=4", "logging_steps=1",
@@ -84,14 +83,12 @@ def test_summarize_by_hand(dummy_sweep, tmp_path):
     _, folder = dummy_sweep
     for f in ("summary.csv", "summary.md", "loss_curves.png"):
         (folder / f).unlink()
-    code = "import sys; from finetune.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.run([PY, "-c", code, "summarize", str(folder)], cwd=REPO, env=train_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([FINETUNE, "summarize", str(folder)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (folder / "summary.csv").exists() and (folder / "loss_curves.png").read_bytes()[:8] == PNG
     assert len(summary_rows(folder)) == 4
-    bad = subprocess.run([PY, "-c", code, "summarize", str(tmp_path / "nope")], cwd=REPO, env=train_env(tmp_path),
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([FINETUNE, "summarize", str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: folder=") and len(bad.stderr.splitlines()) == 1
 
 

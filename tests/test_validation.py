@@ -57,7 +57,7 @@ CASES = [
     (["data.path=/nonexistent/x.json"], "data.path='/nonexistent/x.json': no such file or folder"),
     (["model=llama"], "model.path: required value is missing"),
     (["model=llama", "model.path=/nonexistent"], "model.path='/nonexistent': no such folder"),
-    (["resume=true"], "resume=True: needs output_dir"),
+    (["resume=true"], "holds no run to resume (no manifest.json)"),        # run_train adds output_dir=<new folder>
     (["allow_outside_outputs=false", "output_dir=/tmp/elsewhere"], "output_dir='/tmp/elsewhere': must be inside"),
     # model kind vs backend
     (["model=tiny_bert"], "model='tiny_bert': is a encoder model; backend alpacalora trains causal_lm models"),

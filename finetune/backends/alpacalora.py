@@ -14,6 +14,11 @@ from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+# keys this backend would ignore: refused when typed (finetune/config/validate.py check_unused_keys)
+NOT_USED = {
+    "method.create_new_adapter": "the alpacalora recipe trains one adapter on the base model (LLaMA-Factory's "
+                                 "create_new_adapter stacks a new one on an existing adapter: use backend=llamafactory)",
+}
 DS_FILE = "deepspeed.json"
 
 
@@ -81,7 +86,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
     files, notes = {}, []
     py = sys.executable if cfg.backend.python in ("python", "", None) else str(cfg.backend.python)
     cfg_path = str(run_dir / "resolved_config.json")
-    env = {"FINETUNE_CWD": str(Path.cwd())}        # relative paths in the config (model.path) are relative to it
+    env = {}
     if cfg.hardware.deepspeed_stage is not None and not cfg.backend.deepspeed:
         files[DS_FILE] = json.dumps(deepspeed_config(cfg), indent=1) + "\n"
         env["FINETUNE_DEEPSPEED"] = DS_FILE
@@ -91,7 +96,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
     notes.append(f"method {cfg.method.name}; global batch {cfg.batch_size} = micro {cfg.micro_batch_size} x "
                  f"accumulation {accum} x {ws} process(es)")
     steps = [Step(name="train", argv=[py, "-m", "finetune.recipes.alpacalora", "--config", cfg_path], env=env,
-                  distributed="torchrun")]
+                  distributed="torchrun", progress="history.jsonl")]
     target = str(cfg.target_path or run_dir / "lazyllm_lora")
     merged = str(cfg.merge_path or run_dir / "lazyllm_merge")
     outputs = {"history": str(run_dir / "history.jsonl"), "tensorboard": str(run_dir / "tensorboard")}
@@ -102,7 +107,8 @@ def plan(cfg, run_dir, ctx) -> Plan:
                                                   "--base", str(Path(str(cfg.model.path)).absolute()), "--adapter", target, "--out", merged,
                                                   "--dtype", "bfloat16" if cfg.hardware.precision == "bf16"
                                                   and cfg.hardware.device != "cpu" else "float32",
-                                                  *(["--trust-remote-code"] if cfg.trust_remote_code else [])]))
+                                                  *(["--trust-remote-code"] if cfg.trust_remote_code else []),
+                                                  *(["--replace"] if cfg.resume else [])]))
             outputs["merged"] = merged
         else:
             notes.append("merge=false: the adapter is not merged")
@@ -124,6 +130,7 @@ def collect(cfg, run_dir, ctx) -> dict:
         raise RuntimeError(f"{path} is missing: the train step wrote no summary")
     s = json.loads(path.read_text())
     keys = ("train_loss", "eval_loss", "first_train_loss", "total_params", "trainable_params", "tokens_per_s",
+            "target_tokens_per_s", "train_target_tokens",
             "peak_rss_mb", "train_runtime_s", "train_compute_s", "train_tokens", "global_step", "world_size",
             "deepspeed", "gradient_accumulation_steps", "precision")
     out = {k: s.get(k) for k in keys}

@@ -18,6 +18,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 from finetune.config.resolvers import REPO_ROOT
 from finetune.config.validate import world_size
@@ -30,6 +31,17 @@ LOCK = REPO_ROOT / "requirements-collie.lock"
 # model.family values the adapter supports: Collie also has InternLM2/ChatGLM2 classes, but their weight layouts
 # (fused wqkv, ...) need their own export conversion, which is written and verified for Llama only
 FAMILIES = ("llama",)
+# keys this backend would ignore: refused when typed (finetune/config/validate.py check_unused_keys)
+NOT_USED = {
+    "eval_steps": "the collie backend evaluates the held-out rows once per epoch",
+    "save_steps": "the collie backend saves the final adapter/model only (no intermediate checkpoints)",
+    "save_total_limit": "the collie backend saves the final adapter/model only (no intermediate checkpoints)",
+    "method.use_rslora": "Collie's PEFT set-up is plain LoRA (method=lora)",
+    "method.use_dora": "Collie's PEFT set-up is plain LoRA (method=lora)",
+    "method.loraplus_lr_ratio": "Collie's PEFT set-up is plain LoRA (method=lora)",
+    "method.pissa_init": "Collie's PEFT set-up is plain LoRA (method=lora)",
+    "method.create_new_adapter": "Collie trains one adapter on the base model",
+}
 PROMPT_TEMPLATES = ("alpaca", "alpaca_short")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OPTIMS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
@@ -46,17 +58,65 @@ def venv_python(cfg) -> Path:
     return venv_dir(cfg).resolve() / "bin" / "python"
 
 
+def venv_ready(cfg) -> bool:
+    """Does Collie's environment exist, complete and matching requirements-collie.lock?"""
+    stamp = venv_dir(cfg) / ".finetune-lock.sha256"
+    return (venv_python(cfg).exists() and stamp.is_file()
+            and stamp.read_text().strip() == hashlib.sha256(LOCK.read_bytes()).hexdigest())
+
+
+def _cannot_build_venv() -> Optional[str]:
+    """Why Collie's environment cannot be built here, or None: it needs Python 3.11 and the package index."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    from urllib.parse import urlparse
+
+    py = os.environ.get("PYTHON") or shutil.which("python3") or ""
+    try:
+        version = subprocess.run([py, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True,
+                                 text=True, timeout=20).stdout.strip() if py else ""
+    except OSError:
+        version = ""
+    if version != "3.11":
+        return f"it needs Python 3.11 (set PYTHON=python3.11); {py or 'python3'} is {version or 'missing'}"
+    index = os.environ.get("PIP_INDEX_URL") or _pip_config("index-url") or "https://pypi.org/simple"
+    host = urlparse(index)
+    if host.scheme in ("http", "https") and host.hostname:
+        try:
+            socket.create_connection((host.hostname, host.port or (443 if host.scheme == "https" else 80)), 5).close()
+        except OSError as e:
+            return f"the package index {host.hostname} is unreachable ({e.strerror or e})"
+    return None
+
+
+def _pip_config(key: str) -> Optional[str]:
+    import configparser
+    import os
+
+    for path in ("/etc/pip.conf", "/etc/xdg/pip/pip.conf", os.path.expanduser("~/.config/pip/pip.conf"),
+                 os.path.expanduser("~/.pip/pip.conf"), os.environ.get("PIP_CONFIG_FILE") or ""):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(path)
+        except configparser.Error:
+            continue
+        for section in ("install", "global"):
+            if parser.has_option(section, key):
+                return parser.get(section, key).split()[0]
+    return None
+
+
 def check_venv(cfg) -> None:
-    venv = venv_dir(cfg)
-    if not venv_python(cfg).exists():
-        raise ConfigError("backend.venv", str(venv), f"Collie's environment is missing; create it with: {SETUP_CMD}")
-    stamp = venv / ".finetune-lock.sha256"
-    if not stamp.exists():
-        raise ConfigError("backend.venv", str(venv), f"Collie's environment is incomplete (no install stamp); "
-                          f"finish it with: {SETUP_CMD}")
-    if LOCK.exists() and stamp.read_text().strip() != hashlib.sha256(LOCK.read_bytes()).hexdigest():
-        raise ConfigError("backend.venv", str(venv), f"Collie's environment does not match {LOCK.name}; "
-                          f"update it with: {SETUP_CMD}")
+    """A missing or outdated environment is built by the run's first step (setup_collie); refused only when it
+    cannot be built here."""
+    if venv_ready(cfg):
+        return
+    why = _cannot_build_venv()
+    if why:
+        raise ConfigError("backend.venv", str(venv_dir(cfg)), f"Collie's environment is missing or outdated and "
+                          f"cannot be built here: {why}; build it where it can be: {SETUP_CMD}")
 
 
 def check(cfg) -> None:
@@ -79,6 +139,9 @@ def check(cfg) -> None:
         # "model must base PipelineModule" on Collie's PeftModel. Collie 1.0.7 predates them (2024-04).
         raise ConfigError("backend.pp_size", pp, "Collie 1.0.7's pipeline engine does not run with the pinned DeepSpeed "
                           "0.19.8 (private PipelineEngine API it calls is gone); use pp_size=1 with dp_size/tp_size")
+    if cfg.resume:
+        raise ConfigError("resume", True, "the collie backend does not resume a run (Collie's checkpoints are not "
+                          "wired in, so it would train again from step 0 into the same folder); start a new run")
     if cfg.model.family not in FAMILIES:
         raise ConfigError("model.family", cfg.model.family, f"the collie backend supports {', '.join(FAMILIES)} "
                           "(Collie's adapter/weight layout conversion is verified for Llama only)")
@@ -137,13 +200,18 @@ def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
              "--data", str(Path(str(cfg.data.path)).absolute()),
              "--target", str(Path(str(cfg.target_path or Path(run_dir) / "lazyllm_lora")).absolute()),
              "--merge", str(Path(str(cfg.merge_path or Path(run_dir) / "lazyllm_merge")).absolute())]
-    steps = [
+    steps = [] if venv_ready(cfg) else [
+        Step(name="setup_collie", argv=["bash", str(REPO_ROOT / "scripts" / "setup_collie_env.sh")],
+             env={"FINETUNE_COLLIE_VENV": str(venv_dir(cfg))})]
+    steps += [
         Step(name="collie_prepare", argv=[py, "-m", "finetune.recipes.collie_worker", "prepare", *paths], env=env),
         Step(name="collie_train", argv=[py, "-m", "finetune.recipes.collie_worker", "train", *paths], env=env,
-             distributed="torchrun"),
+             distributed="torchrun", progress="history.jsonl"),
         Step(name="collie_merge", argv=[sys.executable, "-m", "finetune.recipes.collie_merge", *paths]),
     ]
-    notes = [f"Collie runs in its own environment: {venv_dir(cfg)}",
+    notes = [f"Collie runs in its own environment: {venv_dir(cfg)}"
+             + ("" if venv_ready(cfg) else " (missing or outdated: the setup_collie step builds it first, "
+                "a few minutes and about 1.7 GB, once per machine)"),
              f"dp={dp} tp={tp} pp={pp}; global batch {cfg.batch_size} = micro_batch_size {cfg.micro_batch_size} x "
              f"dp {dp} x gradient accumulation {accum}",
              "without a GPU the worker applies five CPU patches before importing collie (gloo, no .cuda()); "
@@ -166,7 +234,7 @@ def collect(cfg, run_dir: Path, ctx: dict) -> dict:
     evals = [r["eval_loss"] for r in hist if r.get("eval_loss") is not None]
     m = {"train_loss": losses[-1] if losses else None, "first_train_loss": losses[0] if losses else None,
          "eval_loss": evals[-1] if evals else None}
-    for k in ("total_params", "trainable_params", "tokens_per_s", "peak_rss_mb", "train_runtime_s", "optimizer_steps",
+    for k in ("total_params", "trainable_params", "tokens_per_s", "target_tokens_per_s", "peak_rss_mb", "train_runtime_s", "optimizer_steps",
               "gradient_accumulation_steps", "dp_size", "tp_size", "pp_size", "train_rows", "eval_rows"):
         m[k] = s.get(k)
     m["collie_cpu_patches"] = len(s.get("cpu_patches") or [])

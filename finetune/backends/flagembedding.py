@@ -21,6 +21,16 @@ from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
 
 TASKS = ("embedder", "reranker")
+# keys this backend would ignore: refused when typed (finetune/config/validate.py check_unused_keys)
+NOT_USED = {
+    "cutoff_len": "the encoder's lengths are backend.query_max_len and backend.passage_max_len",
+    "val_set_size": "the held-out queries are data.eval_path (recall@k / MRR before and after training)",
+    "eval_steps": "FlagEmbedding evaluates before and after training (backend.eval), not during it",
+    "train_on_inputs": "an embedder has no prompt/response split",
+    "prompt_template_name": "queries take backend.query_instruction_for_retrieval (or _for_rerank) instead",
+    "merge": "the whole encoder is trained and saved (no adapter, nothing to merge)",
+    "merge_path": "the whole encoder is trained and saved in target_path (no adapter, nothing to merge)",
+}
 MODULES = {"embedder": "FlagEmbedding.finetune.embedder.encoder_only.base",
            "reranker": "FlagEmbedding.finetune.reranker.encoder_only.base"}
 # the reference's task defaults for the max lengths (LazyLLM: embed 512, rerank 256)
@@ -211,7 +221,7 @@ def train_args(cfg, run_dir: Path) -> List[str]:
         "--optim", str(cfg.optim),
         "--logging_steps", str(int(cfg.logging_steps)),
         "--seed", str(int(cfg.seed)),
-        "--report_to", "tensorboard",
+        "--report_to", "tensorboard" if str(cfg.report_to) == "tensorboard" else "none",
         "--disable_tqdm", "True",
     ]
     if int(cfg.max_steps) > 0:
@@ -234,10 +244,6 @@ def train_args(cfg, run_dir: Path) -> List[str]:
         a += ["--use_cpu", "True"]                 # DeepSpeed picks its CPU accelerator itself (use_cpu off)
     if cfg.trust_remote_code:
         a += ["--trust_remote_code", "True"]
-    if cfg.resume:
-        ckpts = sorted(output_dir(cfg, run_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        if ckpts:
-            a += ["--resume_from_checkpoint", str(ckpts[-1])]
     return a
 
 
@@ -271,8 +277,12 @@ def plan(cfg, run_dir, ctx) -> Plan:
                           rank0_only=True))
     elif b.eval:
         notes.append("no held-out set (data.eval_path is null): recall@k / MRR are not computed")
-    steps.append(Step(name="train", argv=[py, "-m", MODULES[str(b.task)], *train_args(cfg, run_dir)], env=env,
-                      distributed="torchrun"))
+    # FlagEmbedding's own runner (MODULES[task] builds the same), wrapped for history.jsonl, tokens/s, complete-
+    # checkpoint markers and resume (finetune/recipes/flagembedding_train.py)
+    steps.append(Step(name="train", argv=[py, "-m", "finetune.recipes.flagembedding_train", "--task", str(b.task),
+                                          "--run-dir", str(run_dir), *(["--resume"] if cfg.resume else []), "--",
+                                          *train_args(cfg, run_dir)], env=env, distributed="torchrun",
+                      progress="history.jsonl"))
     steps.append(Step(name="eval_after", argv=[py, "-m", "finetune.recipes.embed_eval", "--config", conf,
                                                 "--stage", "after", "--model", str(out), *data_args]
                       + ([] if do_eval else ["--no-eval"]), env=env, rank0_only=True))

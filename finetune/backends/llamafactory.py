@@ -38,6 +38,10 @@ from finetune.errors import ConfigError, one_of, suggest
 from finetune.plan import Plan, Step
 
 LF_DIR = "llamafactory"
+# keys this backend would ignore: refused when typed (finetune/config/validate.py check_unused_keys)
+NOT_USED = {
+    "prompt_template_name": "LLaMA-Factory formats prompts with its chat template: set backend.template",
+}
 STAGES = ("pt", "sft", "rm", "dpo", "kto")
 GALORE_OPTIMS = ("adamw_torch", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor")
 EVAL_STRATEGIES = ("steps", "epoch", "no")
@@ -54,7 +58,7 @@ MANAGED = {
     "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "optim": "optim", "seed": "seed",
     "logging_steps": "logging_steps", "save_steps": "save_steps", "save_strategy": "save_steps",
     "save_total_limit": "save_total_limit", "eval_steps": "eval_steps", "report_to": "report_to",
-    "use_cpu": "hardware.device", "bf16": "hardware.precision", "fp16": "hardware.precision",
+    "use_cpu": "hardware.device", "train_on_prompt": "train_on_inputs", "bf16": "hardware.precision", "fp16": "hardware.precision",
     "deepspeed": "hardware.deepspeed_stage", "disable_gradient_checkpointing": "gradient_checkpointing",
     "lora_rank": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
     "lora_target": "lora_target_modules", "additional_target": "modules_to_save",
@@ -177,12 +181,6 @@ def check(cfg) -> None:
     if vs == 1:
         raise ConfigError("val_set_size", cfg.val_set_size, "LLaMA-Factory reads 1 as the whole set: use a fraction "
                           "in (0, 1) or a row count >= 2")
-    # output folder: LF silently resumes in a folder with checkpoints
-    if cfg.target_path and not cfg.resume and not cfg.dry_run:
-        out = Path(str(cfg.target_path)).expanduser()
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ConfigError("target_path", str(cfg.target_path), "exists and is not empty: LLaMA-Factory would "
-                              "resume from (or overwrite) it; choose a new folder or pass resume=true")
     # backend.extra: only keys llamafactory-cli accepts, none we already write
     extra = _plain(b.extra) or {}
     if not isinstance(extra, dict):
@@ -247,6 +245,7 @@ def train_args(cfg, run_dir: Path, ctx: dict, info: Dict[str, dict]) -> Dict[str
         a["eval_dataset"] = ",".join(evals)
     a["template"] = str(b.template)
     a["cutoff_len"] = int(cfg.cutoff_len)
+    a["train_on_prompt"] = bool(cfg.train_on_inputs)
     if cfg.max_samples is not None:
         a["max_samples"] = int(cfg.max_samples)
     a["overwrite_cache"] = bool(b.overwrite_cache)
@@ -355,7 +354,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
             env["FORCE_TORCHRUN"] = "1"          # DeepSpeed outside torchrun looks for mpi4py
     out = _out_dir(cfg, run_dir)
     train_cmd = cli("train", lf / "train.yaml")
-    steps = [Step(name="train", distributed="env", env=env,
+    steps = [Step(name="train", distributed="env", env=env, progress=str(out / "trainer_log.jsonl"),
                   argv=[sys.executable, "-m", "finetune.backends.llamafactory_worker", "--run-dir", str(run_dir),
                         "--output-dir", str(out), "--", *train_cmd])]
     outputs = {"lf_output": str(out), ("adapter" if cfg.method.uses_lora else "model"): str(out)}
@@ -398,12 +397,20 @@ def collect(cfg, run_dir, ctx) -> dict:
 
     rows = read_history(run_dir)
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
-    if not losses:
-        raise RuntimeError(f"LLaMA-Factory logged no training loss (history.jsonl from {out}/trainer_state.json); "
-                           "lower logging_steps or raise max_steps")
-    metrics.update(first_train_loss=losses[0], train_loss=losses[-1])
     evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
     res = _read_json(out / "all_results.json") or {}
+    absent = []
+    if losses:
+        metrics.update(first_train_loss=losses[0], train_loss=losses[-1])
+    else:
+        # a short run (max_steps < logging_steps) logs no per-step loss: it trained all the same; report what
+        # LLaMA-Factory did log (its mean training loss over the run) and say what is missing
+        steps = (_read_json(out / "trainer_state.json") or {}).get("global_step")
+        absent.append(f"no per-step training loss was logged (logging_steps={int(cfg.logging_steps)}, "
+                      f"{steps if steps is not None else '?'} steps run): train_loss is LLaMA-Factory's mean over the "
+                      "run, and there is no loss curve; set logging_steps lower to get one")
+        if "train_loss" in res:
+            metrics["train_loss"] = res["train_loss"]
     if "eval_loss" in res:
         metrics["eval_loss"] = res["eval_loss"]
     elif evals:
@@ -428,6 +435,8 @@ def collect(cfg, run_dir, ctx) -> dict:
     if found:
         metrics["trainable_params"] = int(found[-1][0].replace(",", ""))
         metrics["total_params"] = int(found[-1][1].replace(",", ""))
+    if absent:
+        metrics["absent"] = absent
     metrics["lf_output"] = str(out)
     merged = _merge_dir(cfg, run_dir)
     if cfg.merge and (merged / "config.json").exists():

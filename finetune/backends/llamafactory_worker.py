@@ -72,8 +72,12 @@ def main(argv=None) -> int:
     bindir = str(Path(sys.executable).parent)
     if env.get("PATH", "").split(os.pathsep)[0] != bindir:
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    # secrets in backend.extra (hf_hub_token, ...) are not in train.yaml (it shows <redacted>): they reach
+    # llamafactory-cli as key=value arguments, which override the yaml (finetune/secrets.py)
+    secret_args = [f"{k[len('backend.extra.'):]}={v}" for k, v in json.loads(env.get("FINETUNE_SECRETS") or "{}").items()
+                   if k.startswith("backend.extra.")]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd + secret_args, env=env)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, f: proc.send_signal(s))
     code = proc.wait()

@@ -162,7 +162,7 @@ class FlagembeddingBackend(BackendBase):
 
 @dataclass
 class CollieBackend(BackendBase):
-    venv: str = "${oc.env:FINETUNE_COLLIE_VENV,.venv-collie}"
+    venv: str = "${oc.env:FINETUNE_COLLIE_VENV,${repo_root:}/.venv-collie}"   # Collie's own environment
     dp_size: int = 1
     pp_size: int = 1
     tp_size: int = 1
@@ -361,6 +361,17 @@ SCHEMAS = {
     "data": {"data": DataConfig},
     "launcher": {"launcher": LauncherConfig},
 }
+
+
+def known_keys() -> List[str]:
+    """Every key the schemas define, dotted (for close-match suggestions)."""
+    import dataclasses
+
+    keys = [f.name for f in dataclasses.fields(RootConfig)]
+    for group, options in SCHEMAS.items():
+        for node in options.values():
+            keys += [f"{group}.{f.name}" for f in dataclasses.fields(node)]
+    return sorted(set(keys))
 
 
 def register() -> None:

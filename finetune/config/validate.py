@@ -11,7 +11,8 @@ from typing import Iterable, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.errors import ConfigError, one_of, suggest
+from finetune.config.paths import OUTPUTS_ROOT, resolve_user_paths
+from finetune.errors import ConfigError, close_match, one_of, suggest
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
@@ -50,6 +51,53 @@ def _typed_keys(overrides: List[str]) -> List[str]:
     return keys
 
 
+# config groups (a `+group=option` override picks an option; it adds no key)
+GROUPS = ("backend", "model", "method", "hardware", "data", "launcher", "experiment", "sweep", "hparams_search")
+
+
+def _unknown_part(cfg: DictConfig, key: str):
+    """None when the dotted key is a field of the schemas behind the composed config (below a free-form mapping,
+    backend.extra or launcher.additional_parameters, any key is allowed); else (the known path, its field names)."""
+    import dataclasses
+
+    node, seen = cfg, []
+    for part in key.split("."):
+        kind = OmegaConf.get_type(node) if OmegaConf.is_config(node) else None
+        if not dataclasses.is_dataclass(kind):
+            return None
+        names = [f.name for f in dataclasses.fields(kind)]
+        if part not in names:
+            return ".".join(seen), names
+        seen.append(part)
+        node = node._get_node(part)
+    return None
+
+
+def check_added_keys(cfg: DictConfig, overrides: List[str]) -> None:
+    """Hydra adds any key typed with `+` (or `++`), so `+lora_rnk=16` would be carried along and ignored: a key
+    added that way must be one the schemas know (free-form mappings excepted), like any other key."""
+    for o in overrides:
+        if not o.startswith("+"):
+            continue
+        key = o.lstrip("+").split("=", 1)[0].strip()
+        head = key.split(".")[0].split("/")[0]
+        if head == "hydra" or ("." not in key and head in GROUPS):
+            continue
+        unknown = _unknown_part(cfg, key)
+        if unknown is None:
+            continue
+        known_path, names = unknown
+        prefix = f"{known_path}." if known_path else ""
+        part = key.split(".")[len(known_path.split(".")) if known_path else 0]
+        match = close_match(part, names)
+        hint = f"did you mean {prefix + match!r}?" if match else ""
+        if not hint:
+            where = f"{known_path} ({OmegaConf.select(cfg, known_path + '.name', default=known_path)})" \
+                if known_path else "the root config"
+            hint = f"{where} has no such key; see `python train.py --cfg job` for every key"
+        raise ConfigError(key, text=f"{key}: unknown key ({hint})")
+
+
 def world_size(cfg: DictConfig) -> int:
     return int(cfg.launcher.nproc_per_node) * int(cfg.launcher.nnodes)
 
@@ -58,7 +106,12 @@ def check_model(cfg: DictConfig) -> None:
     m = cfg.model
     path = Path(str(m.path))
     if m.builder and not path.exists():
-        return                                       # a tiny model the project builds on first use
+        from finetune.config.paths import model_cache_dir
+
+        if path == model_cache_dir(str(m.builder)):
+            return                                   # a model the project builds on first use, into its cache
+        raise ConfigError("model.path", str(path), f"no such folder (model={m.name} is built on first use only into "
+                          f"{model_cache_dir(str(m.builder))}; a model.path you type must hold a model)")
     if not path.exists():
         raise ConfigError("model.path", str(path), "no such folder (a model folder with config.json)")
     if not path.is_dir():
@@ -201,7 +254,6 @@ def _model_parallel(cfg: DictConfig) -> int:
 
 
 def check_paths(cfg: DictConfig) -> None:
-    from finetune.run_dir import OUTPUTS_ROOT
     if cfg.output_dir:
         out = Path(str(cfg.output_dir)).expanduser().resolve()
         if not cfg.allow_outside_outputs and OUTPUTS_ROOT.resolve() not in (out, *out.parents):
@@ -222,10 +274,41 @@ def check_paths(cfg: DictConfig) -> None:
         raise ConfigError("resume", True, "needs output_dir=<the run folder to continue>")
     for key in ("target_path", "merge_path"):
         v = cfg.get(key)
-        if v and not cfg.allow_outside_outputs:
-            p = Path(str(v)).expanduser().resolve()
-            if OUTPUTS_ROOT.resolve() not in p.parents:
-                raise ConfigError(key, str(v), f"must be inside {OUTPUTS_ROOT} (allow_outside_outputs=false)")
+        if not v:
+            continue
+        p = Path(str(v))
+        if not cfg.allow_outside_outputs and OUTPUTS_ROOT.resolve() not in p.resolve().parents:
+            raise ConfigError(key, str(v), f"must be inside {OUTPUTS_ROOT} (allow_outside_outputs=false)")
+        if p.exists() and not cfg.dry_run and not (cfg.resume and _made_by_run(p, cfg.output_dir)):
+            if not p.is_dir():
+                raise ConfigError(key, str(v), "is a file; the run writes a model folder there")
+            if any(p.iterdir()):
+                raise ConfigError(key, str(v), "exists and is not empty; a run never deletes or writes into a folder "
+                                  "it did not create: choose a new (or empty) folder")
+
+
+def _made_by_run(path: Path, run_dir) -> bool:
+    """On resume: is this output folder one the run in run_dir created (inside it, or listed in its manifest)?"""
+    run = Path(str(run_dir))
+    if run in path.parents:
+        return True
+    try:
+        outputs = json.loads((run / "manifest.json").read_text(encoding="utf-8")).get("outputs") or {}
+    except (OSError, ValueError):
+        return False
+    return str(path) in {str(v) for v in outputs.values()}
+
+
+def check_unused_keys(cfg: DictConfig, overrides: List[str]) -> None:
+    """A key a backend would silently ignore is refused when typed: each backend lists them (NOT_USED: key ->
+    what to use instead) in finetune/backends/<name>.py. tests/test_keys.py checks every root key against every
+    backend: it is used, or listed there."""
+    from finetune.backends import get_backend
+
+    typed = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    for key, hint in getattr(get_backend(cfg.backend.name), "NOT_USED", {}).items():
+        if key in typed:
+            raise ConfigError(key, typed[key], f"is not used by backend {cfg.backend.name}; {hint}")
 
 
 def check_data(cfg: DictConfig) -> dict:
@@ -259,7 +342,9 @@ def validate(cfg: DictConfig, overrides: Optional[List[str]] = None) -> dict:
 
     overrides = list(overrides or [])
     typed = _typed_keys(overrides)
+    check_added_keys(cfg, overrides)
     backend = get_backend(cfg.backend.name)         # raises ConfigError for unknown backends
+    resolve_user_paths(cfg)                         # every path absolute, against the folder the user ran from
     resolve_hardware(cfg)                           # hardware=auto, cpus/memory_gb 0: detect this machine (no torch)
     check_sizes(cfg)
     check_hardware(cfg)
@@ -270,6 +355,7 @@ def validate(cfg: DictConfig, overrides: Optional[List[str]] = None) -> dict:
     check_model(cfg)
     facts = {"data": check_data(cfg)}
     backend.check(cfg)
+    check_unused_keys(cfg, overrides)
     from launchers import check_launcher
 
     check_launcher(cfg)              # the launcher's own rules (launchers/<name>.py: check)

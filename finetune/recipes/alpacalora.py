@@ -19,15 +19,13 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
-from finetune.recipes.common import (Collator, atomic_write_text, log, pack_examples, peak_rss_mb,
-                                     read_config, split_train_val, target_tokens, tokenized_data, truncate_history)
+from finetune.recipes.common import (COMPLETE, Collator, TokenMeter, atomic_write_text, last_complete_checkpoint, log, pack_examples, peak_rss_mb,
+                                     read_config, split_train_val, tokenized_data, truncate_history)
 
-COMPLETE = "FINETUNE_COMPLETE"
 EAGER_MAX_LEN = 256          # attention auto on CPU: eager for batches up to this length, SDPA above (measured)
 
 
@@ -187,12 +185,6 @@ def custom_optimizer(model, args, m: dict):
     return None
 
 
-def last_complete_checkpoint(ckpt_dir: Path):
-    found = [(int(p.name.split("-")[1]), p) for p in ckpt_dir.glob("checkpoint-*")
-             if re.fullmatch(r"checkpoint-\d+", p.name) and (p / COMPLETE).exists()]
-    return max(found)[1] if found else None
-
-
 def _small_model(path: str) -> bool:
     from finetune.auto.hardware import model_hidden_size
 
@@ -215,11 +207,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m finetune.recipes.alpacalora")
     ap.add_argument("--config", required=True, help="<run>/resolved_config.json written by the driver")
     cfg = read_config(ap.parse_args(argv).config)
-    run_dir = Path(cfg["_run_dir"])
-    base = Path(os.environ.get("FINETUNE_CWD", "."))     # relative paths in the config are relative to the driver's cwd
-    for key in ("model", "data"):
-        if cfg[key].get("path") and not os.path.isabs(cfg[key]["path"]):
-            cfg[key]["path"] = str(base / cfg[key]["path"])
+    run_dir = Path(cfg["_run_dir"])           # every path in the config is absolute (resolved at validation)
     m, b, hw = cfg["method"], cfg["backend"], cfg["hardware"]
     ds_config = b.get("deepspeed") or os.environ.get("FINETUNE_DEEPSPEED")   # the plan's generated file
     if ds_config and not os.path.isabs(ds_config):
@@ -352,7 +340,8 @@ def main(argv=None) -> int:
         remove_unused_columns=False,
         disable_tqdm=not sys.stderr.isatty(),
     )
-    counter = {"tokens": 0, "other_s": 0.0}
+    counter = {"other_s": 0.0}
+    meter = TokenMeter(world, tokenizer.pad_token_id)
 
     @contextlib.contextmanager
     def not_training():
@@ -380,16 +369,12 @@ def main(argv=None) -> int:
             return super().compute_loss(model, inputs, *a, **kw)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            counter["tokens"] += target_tokens(inputs["labels"])
+            meter.count(inputs)
             return super().training_step(model, inputs, num_items_in_batch)
 
         def log(self, logs, *a, **kw):
             if "loss" in logs:
-                now = time.perf_counter()
-                t0, tok0 = getattr(self, "_tick", (self._t_start, 0))
-                if now > t0:
-                    logs["tokens_per_s"] = (counter["tokens"] - tok0) * world / (now - t0)
-                self._tick = (now, counter["tokens"])
+                logs.update(meter.rates())         # input tokens/s and supervised target tokens/s, all ranks
                 logs["peak_rss_mb"] = round(peak_rss_mb(), 1)
             return super().log(logs, *a, **kw)
 
@@ -410,7 +395,7 @@ def main(argv=None) -> int:
 
     trainer = RecipeTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
                             data_collator=Collator(tokenizer.pad_token_id),
-                            callbacks=[history_callback(run_dir, counter, world)])
+                            callbacks=[history_callback(run_dir)])
     trainer.remove_callback(PrinterCallback)           # our history callback prints one plain line per event
 
     class CountAtStart(TrainerCallback):
@@ -488,8 +473,10 @@ def main(argv=None) -> int:
             "method": m["name"], "total_params": int(total), "trainable_params": int(counter.get("trainable", trainable)),
             "train_loss": losses[-1] if losses else None, "first_train_loss": losses[0] if losses else None,
             "eval_loss": evals[-1] if evals else None, "global_step": trainer.state.global_step,
-            "train_runtime_s": runtime, "train_compute_s": train_s, "train_tokens": counter["tokens"] * world,
-            "tokens_per_s": counter["tokens"] * world / train_s if train_s > 0 else None,
+            "train_runtime_s": runtime, "train_compute_s": train_s,
+            "train_tokens": meter.input * world, "train_target_tokens": meter.target * world,
+            "tokens_per_s": meter.input * world / train_s if train_s > 0 else None,
+            "target_tokens_per_s": meter.target * world / train_s if train_s > 0 else None,
             "precision": hw["precision"],
             "peak_rss_mb": peak_rss_mb(), "libraries_rss_mb": libs_rss,
             "training_rss_mb": peak_rss_mb() - libs_rss, "world_size": world, "gradient_accumulation_steps": accum,

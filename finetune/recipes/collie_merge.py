@@ -17,6 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from finetune.recipes.common import read_config
+
 TOL = 1e-3     # max |logit difference|; fp32 on CPU gives ~1e-6, a wrong q/k layout gives ~1e-1
 
 
@@ -26,7 +28,7 @@ def main() -> int:
     for name in ("--model", "--data", "--target", "--merge"):
         ap.add_argument(name, required=True)
     args = ap.parse_args()
-    cfg = json.loads(Path(args.config).read_text())
+    cfg = read_config(args.config)
     cfg["model"]["path"], cfg["target_path"], cfg["merge_path"] = args.model, args.target, args.merge
     run_dir = Path(cfg["_run_dir"])
 

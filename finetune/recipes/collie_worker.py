@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from finetune.recipes.common import input_tokens, read_config, target_tokens
+
 PROMPTS = {
     # alpaca-lora's templates/alpaca.json and alpaca_short.json
     "alpaca": {
@@ -290,6 +292,7 @@ def train(cfg: dict, run_dir: Path) -> int:
 
         def __init__(self):
             self.window, self.tokens, self.win_tokens, self.last_step = [], 0, 0, 0
+            self.targets = self.win_targets = 0
             self.t0 = self.t_last = time.time()
             self.rows = []
 
@@ -303,9 +306,13 @@ def train(cfg: dict, run_dir: Path) -> int:
             self.t0 = self.t_last = time.time()
 
         def on_train_batch_begin(self, trainer, batch):
-            n = int((batch["labels"][..., 1:] != -100).sum()) if "labels" in batch else int(batch["input_ids"].numel())
+            # input tokens (every non-padding token: tokens/s as other tools count it) and supervised targets
+            n = input_tokens(batch, tokenizer.pad_token_id)
+            t = target_tokens(batch["labels"]) if "labels" in batch else 0
             self.tokens += n
             self.win_tokens += n
+            self.targets += t
+            self.win_targets += t
 
         def on_train_batch_end(self, trainer, loss):
             self.window.append(float(loss))
@@ -314,16 +321,18 @@ def train(cfg: dict, run_dir: Path) -> int:
                 return
             self.last_step = step
             now = time.time()
-            row = {"step": step, "epoch": round(trainer.epoch_idx + (trainer.batch_idx + 1) / trainer.steps_per_epoch, 4),
+            row = {"step": step, "total_steps": total_steps,
+                   "epoch": round(trainer.epoch_idx + (trainer.batch_idx + 1) / trainer.steps_per_epoch, 4),
                    "loss": sum(self.window) / len(self.window), "learning_rate": float(trainer.lr),
-                   "tokens_per_s": self.win_tokens * dp / max(1e-9, now - self.t_last)}
+                   "tokens_per_s": self.win_tokens * dp / max(1e-9, now - self.t_last),
+                   "target_tokens_per_s": self.win_targets * dp / max(1e-9, now - self.t_last)}
             try:
                 gn = trainer.engine.get_global_grad_norm()
                 if gn is not None:
                     row["grad_norm"] = float(gn)
             except Exception:  # noqa: BLE001 - not every engine computes it
                 pass
-            self.window, self.win_tokens, self.t_last = [], 0, now
+            self.window, self.win_tokens, self.win_targets, self.t_last = [], 0, 0, now
             if step % logging_steps == 0 or step == total_steps:
                 self.write(row)
             print(f"[collie_worker] rank {rank} step {step} loss {row['loss']:.4f} lr {row['learning_rate']:.3g}",
@@ -386,7 +395,7 @@ def train(cfg: dict, run_dir: Path) -> int:
                 if (src / name).exists() and not (merge / name).exists():
                     shutil.copy2(src / name, merge / name)
 
-    tokens = torch.tensor([float(hist_cb.tokens)])
+    tokens = torch.tensor([float(hist_cb.tokens), float(hist_cb.targets)])
     if dist.is_initialized():
         dist.all_reduce(tokens)
     if rank == 0:
@@ -395,6 +404,7 @@ def train(cfg: dict, run_dir: Path) -> int:
         write_json(run_dir / "collie_summary.json", {
             "total_params": total, "trainable_params": trainable, "params_counted_per_rank": tp * pp > 1,
             "train_runtime_s": runtime, "tokens_per_s": float(tokens[0]) / (tp * pp) / max(1e-9, runtime),
+            "target_tokens_per_s": float(tokens[1]) / (tp * pp) / max(1e-9, runtime),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "train_rows": len(train_rows), "eval_rows": len(eval_rows), "optimizer_steps": int(trainer.engine.global_steps),
             "gradient_accumulation_steps": accum, "dp_size": dp, "tp_size": tp, "pp_size": pp,
@@ -444,7 +454,7 @@ def main() -> int:
     ap.add_argument("--target", required=True, help="adapter folder (absolute)")
     ap.add_argument("--merge", required=True, help="merged / full model folder (absolute)")
     args = ap.parse_args()
-    cfg = json.loads(Path(args.config).read_text())
+    cfg = read_config(args.config)
     cfg["model"]["path"], cfg["data"]["path"] = args.model, args.data
     cfg["target_path"], cfg["merge_path"] = args.target, args.merge
     run_dir = Path(cfg["_run_dir"])

@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 IGNORE_INDEX = -100
@@ -33,7 +33,11 @@ def log(msg: str) -> None:
 
 
 def read_config(path: str) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """The run's resolved_config.json (written by the driver, secrets redacted), with the secrets put back from
+    this process's environment (finetune/secrets.py)."""
+    from finetune.secrets import merge_secrets
+
+    return merge_secrets(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -282,36 +286,76 @@ def target_tokens(labels) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
+def input_tokens(inputs, pad_id=None) -> int:
+    """Non-padding input tokens of a batch (what other tools count as tokens/s): the attention masks' sum, also for
+    nested batches (FlagEmbedding's queries + passages); packed rows (no mask) count every token that is not
+    padding or is trained on (a pad id that is also a real token, such as EOS, is trained on)."""
+    mask = inputs.get("attention_mask") if hasattr(inputs, "get") else None
+    if mask is not None:
+        return int(mask.sum())
+    if hasattr(inputs, "get") and inputs.get("input_ids") is not None:
+        ids, labels = inputs["input_ids"], inputs.get("labels")
+        real = ids != pad_id if pad_id is not None else ids == ids
+        if labels is not None:
+            real = real | (labels != IGNORE_INDEX)
+        return int(real.sum())
+    values = inputs.values() if hasattr(inputs, "values") else inputs if isinstance(inputs, (list, tuple)) else []
+    return sum(input_tokens(v, pad_id) for v in values if hasattr(v, "get") or isinstance(v, (list, tuple)))
+
+
+class TokenMeter:
+    """Tokens a training run processes, for the tokens/s in every log event: input tokens (every non-padding token,
+    ``tokens_per_s``, what other tools mean) and supervised target tokens (``target_tokens_per_s``), over all
+    ranks (this rank's count x world size), per interval between two log events."""
+
+    def __init__(self, world_size: int = 1, pad_id=None):
+        self.world, self.pad_id = world_size, pad_id
+        self.input = self.target = 0
+        self._mark = None                     # (time, input, target) at the start or the last log event
+
+    def count(self, inputs) -> None:
+        if self._mark is None:
+            self._mark = (time.perf_counter(), 0, 0)
+        self.input += input_tokens(inputs, self.pad_id)
+        labels = inputs.get("labels") if hasattr(inputs, "get") else None
+        if labels is not None:
+            self.target += target_tokens(labels)
+
+    def rates(self) -> Dict[str, float]:
+        """tokens_per_s and target_tokens_per_s since the last call (or the first counted batch)."""
+        if self._mark is None:
+            return {}
+        now = time.perf_counter()
+        t0, i0, g0 = self._mark
+        self._mark = (now, self.input, self.target)
+        if now <= t0:
+            return {}
+        out = {"tokens_per_s": (self.input - i0) * self.world / (now - t0)}
+        if self.target:
+            out["target_tokens_per_s"] = (self.target - g0) * self.world / (now - t0)
+        return out
+
+
 # ---------------------------------------------------------------------------------------------- history callback
 
 
-def history_callback(run_dir: Path, counter: dict, world_size: int = 1):
-    """A TrainerCallback that appends each log event to <run>/history.jsonl (rank 0) with tokens/s (unmasked
-    target tokens of all ranks) and peak RSS, and prints a plain log line."""
+def history_callback(run_dir: Path):
+    """A TrainerCallback that appends each log event to <run>/history.jsonl (rank 0): every number the Trainer
+    logged (loss, learning rate, grad norm, tokens/s, ...), the step out of total_steps (what the driver's progress
+    line reads while the step runs) and peak RSS, and prints a plain log line."""
     from transformers import TrainerCallback
 
     class HistoryCallback(TrainerCallback):
         def __init__(self):
-            self.t0 = None
-            self.tok0 = 0
             self.path = Path(run_dir) / "history.jsonl"
-
-        def on_step_begin(self, args, state, control, **kw):
-            if self.t0 is None:
-                self.t0, self.tok0 = time.perf_counter(), counter["tokens"]
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
                 return
-            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            row = {"step": state.global_step, "total_steps": state.max_steps, "epoch": round(state.epoch or 0.0, 4)}
             for k, v in logs.items():
                 if isinstance(v, (int, float)):
                     row[k] = v
-            if "loss" in logs and self.t0 is not None:
-                dt = time.perf_counter() - self.t0
-                if dt > 0:
-                    row["tokens_per_s"] = (counter["tokens"] - self.tok0) * world_size / dt
-                self.t0, self.tok0 = time.perf_counter(), counter["tokens"]
             row["peak_rss_mb"] = round(peak_rss_mb(), 1)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
@@ -319,6 +363,18 @@ def history_callback(run_dir: Path, counter: dict, world_size: int = 1):
             print(shown, flush=True)
 
     return HistoryCallback()
+
+
+COMPLETE = "FINETUNE_COMPLETE"        # written into checkpoint-N last, once the checkpoint is whole
+
+
+def last_complete_checkpoint(ckpt_dir: Path):
+    """The newest checkpoint-N folder holding the COMPLETE marker (one cut by a kill has none), or None."""
+    import re
+
+    found = [(int(p.name.split("-")[1]), p) for p in Path(ckpt_dir).glob("checkpoint-*")
+             if re.fullmatch(r"checkpoint-\d+", p.name) and (p / COMPLETE).exists()]
+    return max(found)[1] if found else None
 
 
 def truncate_history(run_dir: Path, last_step: int) -> None:
@@ -350,14 +406,19 @@ def copy_tokenizer_files(src: Path, dst: Path) -> List[str]:
 
 
 def merge_adapter(base_path: str, adapter_path: str, out_path: str, dtype: str = "float32",
-                  trust_remote_code: bool = False) -> Path:
+                  trust_remote_code: bool = False, replace: bool = False) -> Path:
     """base + LoRA adapter -> merged model (merge_and_unload), written to a temp folder then renamed, with the
-    tokenizer files copied from the adapter folder (or the base model's when the adapter has none)."""
+    tokenizer files copied from the adapter folder (or the base model's when the adapter has none).
+
+    An existing non-empty ``out_path`` is never deleted or written into, unless ``replace`` (a resumed run
+    replacing the merged model it made itself; validation checked that it is the run's own)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out = Path(out_path)
+    if out.exists() and not replace and (not out.is_dir() or any(out.iterdir())):
+        raise SystemExit(f"merge: {out} exists and is not empty; it is not replaced (choose another merge_path)")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype),
@@ -366,8 +427,12 @@ def merge_adapter(base_path: str, adapter_path: str, out_path: str, dtype: str =
     model.save_pretrained(tmp)
     src = adapter_path if (Path(adapter_path) / "tokenizer_config.json").exists() else base_path
     copy_tokenizer_files(Path(src), tmp)
-    if out.exists():
-        shutil.rmtree(out)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    elif out.exists():                              # replace: the resumed run's own merged model
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
+        os.replace(out, old)
+        shutil.rmtree(old)
     os.replace(tmp, out)
     return out
 
@@ -384,8 +449,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     m.add_argument("--out", required=True)
     m.add_argument("--dtype", default="float32")
     m.add_argument("--trust-remote-code", action="store_true")
+    m.add_argument("--replace", action="store_true", help="replace the run's own merged model (a resumed run)")
     a = ap.parse_args(argv)
-    out = merge_adapter(a.base, a.adapter, a.out, a.dtype, a.trust_remote_code)
+    out = merge_adapter(a.base, a.adapter, a.out, a.dtype, a.trust_remote_code, a.replace)
     log(f"merged {a.adapter} into {a.base} -> {out}")
     return 0
 

@@ -6,11 +6,13 @@ import sys
 import time
 from pathlib import Path
 
+from finetune.recipes.common import read_config
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
-    cfg = json.loads(Path(ap.parse_args().config).read_text())
+    cfg = read_config(ap.parse_args().config)
     run_dir = Path(cfg["_run_dir"])
     rank = int(os.environ.get("RANK", "0"))
     b = cfg["backend"]

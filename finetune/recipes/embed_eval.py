@@ -19,13 +19,13 @@ Any failure exits non-zero.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
+
+from finetune.recipes.common import read_config
 
 
 def read_jsonl(path: str):
@@ -39,32 +39,6 @@ def read_jsonl(path: str):
         else:
             rows += [json.loads(line) for line in text.splitlines() if line.strip()]
     return rows
-
-
-# ------------------------------------------------------------------------------------------------ history
-
-
-def tensorboard_history(run_dir: Path):
-    """(rows for history.jsonl, final train summary) from the HF TensorBoardCallback's event files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    by_step, summary = {}, {}
-    for d in sorted({os.path.dirname(f) for f in glob.glob(str(run_dir / "tensorboard" / "**" / "events.out.tfevents.*"),
-                                                           recursive=True)}):
-        acc = EventAccumulator(d, size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags().get("scalars", []):
-            if not tag.startswith("train/"):
-                continue
-            key = tag[len("train/"):]
-            for ev in acc.Scalars(tag):
-                if key in ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss",
-                           "total_flos"):
-                    summary[key] = float(ev.value)
-                else:
-                    by_step.setdefault(int(ev.step), {})[key] = float(ev.value)
-    rows = [{"step": s, **vals} for s, vals in sorted(by_step.items()) if "loss" in vals]
-    return rows, summary
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -186,9 +160,9 @@ def evaluate(cfg: dict, model_path: str, eval_path: str, corpus_path) -> dict:
 # ------------------------------------------------------------------------------------------------ after training
 
 
-def model_facts(cfg: dict, model_path: str, train_path: str, summary: dict) -> dict:
-    """Load the saved model with transformers (as FlagEmbedding does), count parameters, estimate tokens/s."""
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+def model_facts(cfg: dict, model_path: str) -> dict:
+    """Load the saved model with transformers (as FlagEmbedding does) and count its parameters."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     b = cfg["backend"]
     task = b["task"]
@@ -196,28 +170,6 @@ def model_facts(cfg: dict, model_path: str, train_path: str, summary: dict) -> d
     model = cls.from_pretrained(model_path, trust_remote_code=bool(cfg["trust_remote_code"]))
     total = sum(p.numel() for p in model.parameters())
     out = {"total_params": total, "trainable_params": total}   # full fine-tuning: every parameter trains
-    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=bool(cfg["trust_remote_code"]))
-    qlen = b["query_max_len"] or (512 if task == "embedder" else 256)
-    plen = b["passage_max_len"] or (512 if task == "embedder" else 256)
-    group = int(b["train_group_size"])
-    instr = b["query_instruction_for_retrieval"] if task == "embedder" else b["query_instruction_for_rerank"]
-    per_row = []
-    for r in read_jsonl(train_path):
-        qtext = b["query_instruction_format"].format(r.get("prompt", instr), r["query"]) if instr is not None else r["query"]
-        nq = len(tok(qtext, truncation=True, max_length=qlen)["input_ids"])
-        passages = list(r["pos"][:1]) + list(r.get("neg") or [])
-        np_ = [len(tok(p, truncation=True, max_length=plen)["input_ids"]) for p in passages]
-        avg_p = sum(np_) / len(np_)
-        # embedder: one query + group passages; reranker: group (query, passage) pairs ([CLS] q [SEP] p [SEP])
-        per_row.append(nq + group * avg_p if task == "embedder" else group * (nq + avg_p - 1))
-    sps = summary.get("train_samples_per_second")
-    if per_row and sps:
-        out["tokens_per_s"] = round(sps * sum(per_row) / len(per_row), 1)
-        out["train_samples_per_s"] = sps
-    if summary.get("train_runtime") is not None:
-        out["train_runtime_s"] = summary["train_runtime"]
-    if summary.get("train_loss") is not None:
-        out["train_loss_avg"] = summary["train_loss"]
     return out
 
 
@@ -231,22 +183,17 @@ def main() -> int:
     ap.add_argument("--corpus")
     ap.add_argument("--no-eval", action="store_true")
     args = ap.parse_args()
-    cfg = json.loads(Path(args.config).read_text())
+    cfg = read_config(args.config)
     run_dir = Path(cfg["_run_dir"])
     result = {"stage": args.stage, "model": args.model, "task": cfg["backend"]["task"]}
     if args.stage == "after":
         if not (Path(args.model) / "config.json").exists():
             print(f"embed_eval: no trained model at {args.model} (config.json missing)", file=sys.stderr)
             return 1
-        rows, summary = tensorboard_history(run_dir)
-        if not rows:
-            print(f"embed_eval: no training losses in {run_dir / 'tensorboard'}", file=sys.stderr)
-            return 1
-        from finetune.report.history import write_history
-
-        write_history(run_dir, rows)
-        result.update(model_facts(cfg, args.model, args.train_data, summary))
-        print(f"embed_eval: {len(rows)} logged steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}")
+        result.update(model_facts(cfg, args.model))
+        train = run_dir / "flagembedding_train.json"       # written by the train step (flagembedding_train.py)
+        if train.is_file():
+            result.update({k: v for k, v in json.loads(train.read_text()).items() if v is not None})
     if not args.no_eval and args.eval_data:
         result.update(evaluate(cfg, args.model, args.eval_data, args.corpus))
         print(f"embed_eval ({args.stage}): " + "  ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items()))

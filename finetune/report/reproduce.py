@@ -30,11 +30,11 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from finetune.config.resume import load_record, replay_overrides
 from finetune.errors import ConfigError
 from finetune.report.history import loss_series, read_history
 
 REPO = Path(__file__).resolve().parents[2]
-DROP_KEYS = ("output_dir", "resume", "dry_run", "hydra.mode", "hydra.run.dir")
 TIMING_KEYS = ("train_runtime_s", "train_compute_s", "tokens_per_s", "peak_rss_mb", "samples_per_s", "steps_per_s", "wall_s")
 
 
@@ -46,41 +46,6 @@ def _warn(msg: str) -> None:
     sys.stdout.flush()
     sys.stderr.write(f"WARNING: {msg}\n")
     sys.stderr.flush()
-
-
-def load_record(run_dir: Path) -> Tuple[dict, List[str]]:
-    manifest_path = run_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise ConfigError("run_dir", str(run_dir), "a run folder holding manifest.json (outputs/runs/<date>/<time>-<name>"
-                          " or a sweep job folder)")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    overrides = manifest.get("overrides")
-    ov_file = run_dir / "overrides.yaml"
-    if ov_file.is_file():
-        from omegaconf import OmegaConf
-
-        loaded = OmegaConf.to_container(OmegaConf.load(ov_file))
-        if isinstance(loaded, list):
-            overrides = loaded
-    return manifest, [str(o) for o in (overrides or [])]
-
-
-def replay_overrides(overrides: List[str], new_dir: Path, auto_choice: Optional[dict] = None) -> List[str]:
-    """The recorded overrides minus the run-folder ones, plus the new folder. A backend=auto run is replayed with
-    the choice it made (auto_choice.overrides: backend, method, micro batch, checkpointing, ZeRO, processes)
-    instead of backend=auto, so that the reproduction does not decide again (a changed machine or estimator would
-    otherwise pick something else)."""
-    pins = list((auto_choice or {}).get("overrides") or [])
-    pinned = {p.split("=", 1)[0] for p in pins}
-    keep = []
-    for ov in overrides:
-        key = ov.split("=", 1)[0].lstrip("+~")
-        if key in DROP_KEYS:
-            continue
-        if pins and (key in pinned or key.startswith("backend.")):     # backend.* belonged to the auto backend
-            continue
-        keep.append(ov)
-    return keep + pins + [f"output_dir={new_dir}", "hydra.mode=RUN"]
 
 
 def environment_differences(manifest: dict) -> Tuple[List[str], List[str]]:
@@ -156,12 +121,12 @@ def config_differences(recorded: dict, composed: dict, old_dir: str, new_dir: st
     return diffs
 
 
-def compose(overrides: List[str], env: dict) -> dict:
+def compose(overrides: List[str], env: dict, cwd: str) -> dict:
     """The config the replay will run, from train.py itself (validation included), without running it."""
     from omegaconf import OmegaConf
 
     argv = [sys.executable, str(REPO / "train.py"), *overrides, "--cfg", "job", "--resolve"]
-    proc = subprocess.run(argv, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise ConfigError("overrides", " ".join(overrides), "replayable now; train.py refused them: "
                           + (proc.stderr.strip().splitlines() or ["?"])[-1])
@@ -240,7 +205,7 @@ def reproduce(run_dir, allow_different: bool = False, *, out_dir=None, tolerance
     name = (manifest.get("config") or {}).get("name") or "run"
     new_dir = Path(out_dir).expanduser().absolute() if out_dir else default_run_dir(f"reproduce-{name}")
     auto_choice = manifest.get("auto_choice") or (manifest.get("config") or {}).get("auto_choice")
-    replay = replay_overrides(overrides, new_dir, auto_choice)
+    replay = replay_overrides(overrides, auto_choice) + [f"output_dir={new_dir}", "hydra.mode=RUN"]
     env = {**os.environ, **(env or {})}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
 
@@ -256,7 +221,9 @@ def reproduce(run_dir, allow_different: bool = False, *, out_dir=None, tolerance
     for b in blocking:
         _warn(f"differs from the recorded run: {b}")
 
-    composed = compose(replay, env)
+    # the overrides are replayed as typed: from the folder they were typed in (relative paths), if it still exists
+    cwd = manifest.get("cwd") if manifest.get("cwd") and Path(manifest["cwd"]).is_dir() else str(REPO)
+    composed = compose(replay, env, cwd)
     cfg_diffs = config_differences(manifest.get("config") or {}, composed, str(run_dir), str(new_dir), before_run=True)
     for d in cfg_diffs[:20]:
         _warn(f"config differs: {d}")
@@ -271,7 +238,7 @@ def reproduce(run_dir, allow_different: bool = False, *, out_dir=None, tolerance
     _say(f"  new folder: {new_dir}")
     argv = [sys.executable, str(REPO / "train.py"), *replay]
     _say(f"  running: {' '.join(argv)}")
-    proc = subprocess.run(argv, cwd=str(REPO), env=env)
+    proc = subprocess.run(argv, cwd=cwd, env=env)
     if proc.returncode != 0:
         sys.stderr.write(f"reproduce: the replayed run failed (exit {proc.returncode}); see {new_dir}/logs\n")
         return 1

@@ -1,0 +1,129 @@
+"""The flagembedding backend's train step: FlagEmbedding 1.4.2's own runner, as its entry modules build it
+(``python -m FlagEmbedding.finetune.<embedder|reranker>.encoder_only.base <flags>``: the same argument parser,
+runner and trainer), plus what every backend of this project gives:
+
+- <run>/history.jsonl, live: one row per log event (step of total_steps, loss, learning rate, grad norm, input
+  tokens/s counted from the batches' attention masks, peak RSS); the driver's progress line reads it;
+- complete-checkpoint markers (FINETUNE_COMPLETE, written after a checkpoint is saved, as the alpacalora recipe
+  does) and, with ``--resume``, training continues from the newest complete checkpoint (incomplete ones, cut by
+  a kill, are removed: they are this run's own);
+- <run>/flagembedding_train.json: runtime, tokens, samples/s and the trainer's mean loss.
+
+    python -m finetune.recipes.flagembedding_train --task embedder --run-dir R [--resume] -- <FlagEmbedding flags>
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from finetune.recipes.common import (COMPLETE, TokenMeter, atomic_write_text, history_callback, last_complete_checkpoint,
+                                     log, peak_rss_mb, truncate_history)
+
+
+def _runner(task: str, flags):
+    from transformers import HfArgumentParser
+
+    if task == "embedder":
+        from FlagEmbedding.finetune.embedder.encoder_only.base import (EncoderOnlyEmbedderDataArguments,
+                                                                        EncoderOnlyEmbedderModelArguments,
+                                                                        EncoderOnlyEmbedderRunner,
+                                                                        EncoderOnlyEmbedderTrainingArguments)
+
+        classes = (EncoderOnlyEmbedderModelArguments, EncoderOnlyEmbedderDataArguments,
+                   EncoderOnlyEmbedderTrainingArguments)
+        runner_cls = EncoderOnlyEmbedderRunner
+    else:
+        from FlagEmbedding.abc.finetune.reranker import (AbsRerankerDataArguments, AbsRerankerModelArguments,
+                                                         AbsRerankerTrainingArguments)
+        from FlagEmbedding.finetune.reranker.encoder_only.base import EncoderOnlyRerankerRunner
+
+        classes = (AbsRerankerModelArguments, AbsRerankerDataArguments, AbsRerankerTrainingArguments)
+        runner_cls = EncoderOnlyRerankerRunner
+    model_args, data_args, training_args = HfArgumentParser(classes).parse_args_into_dataclasses(args=list(flags))
+    return runner_cls, model_args, data_args, training_args
+
+
+def _checkpoint_marker():
+    from transformers import TrainerCallback
+
+    class CompleteCheckpoints(TrainerCallback):
+        """FINETUNE_COMPLETE in checkpoint-N once the Trainer has finished saving it (every rank's shards)."""
+
+        def on_save(self, args, state, control, **kw):
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+            if state.is_world_process_zero:
+                atomic_write_text(Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE, str(time.time()))
+
+    return CompleteCheckpoints()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m finetune.recipes.flagembedding_train")
+    ap.add_argument("--task", choices=("embedder", "reranker"), required=True)
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    ap.add_argument("flags", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+    flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
+    run_dir = Path(args.run_dir)
+
+    runner_cls, model_args, data_args, training_args = _runner(args.task, flags)
+    out = Path(training_args.output_dir)
+    resume_from = None
+    if args.resume and out.is_dir():
+        resume_from = last_complete_checkpoint(out)
+        for ckpt in out.glob("checkpoint-*"):            # cut by a kill: never resumed from, this run's own
+            if ckpt.is_dir() and ckpt != resume_from and not (ckpt / COMPLETE).exists():
+                shutil.rmtree(ckpt)
+        log(f"resuming from {resume_from}" if resume_from else "resume: no complete checkpoint; training from step 0")
+    training_args.resume_from_checkpoint = str(resume_from) if resume_from else None
+    if training_args.local_rank in (-1, 0):
+        truncate_history(run_dir, int(resume_from.name.split("-")[1]) if resume_from else 0)
+
+    runner = runner_cls(model_args=model_args, data_args=data_args, training_args=training_args)
+    trainer = runner.trainer
+    world = max(1, training_args.world_size)
+    meter = TokenMeter(world)
+    step, log_event = trainer.training_step, trainer.log
+
+    def training_step(model, inputs, *a, **kw):
+        meter.count(inputs)
+        return step(model, inputs, *a, **kw)
+
+    def log_with_throughput(logs, *a, **kw):
+        if "loss" in logs:
+            logs.update(meter.rates())
+            logs["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        return log_event(logs, *a, **kw)
+
+    trainer.training_step, trainer.log = training_step, log_with_throughput
+    trainer.add_callback(history_callback(run_dir))
+    trainer.add_callback(_checkpoint_marker())
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)            # the history callback prints one plain line per event
+    t0 = time.perf_counter()
+    runner.run()
+    runtime = time.perf_counter() - t0
+    if trainer.is_world_process_zero():
+        final = next((h for h in reversed(trainer.state.log_history) if "train_loss" in h), {})
+        runtime = final.get("train_runtime") or runtime        # the Trainer's own: training only, no saving
+        summary = {"train_runtime_s": runtime, "train_tokens": meter.input * world,
+                   "tokens_per_s": meter.input * world / runtime if runtime > 0 else None,
+                   "train_samples_per_s": final.get("train_samples_per_second"),
+                   "train_loss_avg": final.get("train_loss"), "global_step": trainer.state.global_step,
+                   "resumed_from": str(resume_from) if resume_from else None, "peak_rss_mb": peak_rss_mb()}
+        atomic_write_text(run_dir / "flagembedding_train.json", json.dumps(summary, indent=1))
+        log(f"saved {out}; {summary['global_step']} steps, tokens/s={summary['tokens_per_s'] or 0:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

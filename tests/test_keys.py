@@ -1,0 +1,102 @@
+"""Every key of the root schema, on every backend: used, or refused when typed (never silently ignored).
+
+A backend that would ignore a key lists it in NOT_USED (finetune/backends/<name>.py) with what to use instead;
+validation refuses it when typed. Every other key must be read by the backend's adapter or its worker process,
+or by the driver (run folder, dry run, timeout, sweep metric, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO
+
+ROOT_KEYS = None
+
+# where each backend's code reads the config: its adapter (plan) and the worker processes it starts
+SOURCES = {
+    "alpacalora": ["finetune/backends/alpacalora.py", "finetune/recipes/alpacalora.py", "finetune/recipes/common.py"],
+    "llamafactory": ["finetune/backends/llamafactory.py", "finetune/backends/llamafactory_worker.py"],
+    "flagembedding": ["finetune/backends/flagembedding.py", "finetune/recipes/flagembedding_train.py",
+                      "finetune/recipes/embed_eval.py"],
+    "collie": ["finetune/backends/collie.py", "finetune/recipes/collie_worker.py", "finetune/recipes/collie_merge.py"],
+}
+DRIVER = ["finetune/run.py", "finetune/config/validate.py", "finetune/config/resume.py", "finetune/callbacks.py",
+          "finetune/report/metrics.py", "finetune/backends/auto.py"]
+# the driver's own keys: what every backend gets from the driver rather than from its worker
+DRIVER_KEYS = {"name", "output_dir", "allow_outside_outputs", "resume", "dry_run", "explain", "timeout_min", "metric",
+               "fail_fast", "report_to"}
+
+
+def root_keys():
+    from finetune.config.schema import RootConfig
+
+    return [f.name for f in dataclasses.fields(RootConfig) if f.name not in
+            ("backend", "model", "method", "hardware", "data", "launcher")]
+
+
+def reads(text: str, key: str) -> bool:
+    """Does the code read the key (cfg.key, m.key, cfg["key"], cfg.get("key"), select(cfg, "key"))?"""
+    return bool(re.search(rf"\.{key}\b|[\"']{key}[\"']", text))
+
+
+def source(paths) -> str:
+    return "\n".join((REPO / p).read_text() for p in paths)
+
+
+@pytest.mark.parametrize("backend", sorted(SOURCES))
+def test_every_root_key_is_used_or_refused(backend):
+    from finetune.backends import get_backend
+
+    from finetune.config.validate import LORA_ONLY_KEYS
+    from omegaconf import OmegaConf
+
+    not_used = getattr(get_backend(backend), "NOT_USED", {})
+    code, driver = source(SOURCES[backend]), source(DRIVER)
+    methods = OmegaConf.load(REPO / "conf" / "backend" / f"{backend}.yaml").backend.methods
+    lora = any(m in methods for m in ("lora", "loraplus", "rslora", "dora", "pissa"))
+    silent = []
+    for key in root_keys():
+        if key in LORA_ONLY_KEYS and not lora:
+            continue                        # refused by the method rules: LoRA options with a non-LoRA method
+        if key in not_used:
+            continue                        # refused when typed: test_a_key_the_backend_ignores_is_refused_when_typed
+        if key in DRIVER_KEYS and reads(driver, key):
+            continue
+        if not reads(code, key):
+            silent.append(key)
+    assert not silent, f"backend {backend} neither reads nor refuses: {silent}"
+
+
+def _validate(overrides):
+    from finetune.cli import setup
+    from finetune.config.validate import validate
+
+    setup()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose("config", overrides=overrides)
+    return validate(cfg, overrides)
+
+
+CASES = [(b, k) for b in sorted(SOURCES) for k in getattr(__import__(f"finetune.backends.{b}", fromlist=["x"]),
+                                                             "NOT_USED", {})]
+VALUES = {"cutoff_len": "256", "val_set_size": "16", "eval_steps": "5", "train_on_inputs": "false",
+          "prompt_template_name": "alpaca_short", "merge": "true", "merge_path": "/tmp/x", "save_steps": "5",
+          "save_total_limit": "3", "method.use_rslora": "true", "method.use_dora": "true",
+          "method.loraplus_lr_ratio": "4", "method.pissa_init": "true", "method.create_new_adapter": "true"}
+
+
+@pytest.mark.parametrize("backend,key", CASES, ids=[f"{b}-{k}" for b, k in CASES])
+def test_a_key_the_backend_ignores_is_refused_when_typed(backend, key):
+    from finetune.errors import ConfigError
+
+    overrides = [f"backend={backend}", f"{key}={VALUES[key]}"]
+    if backend == "collie":
+        overrides.append("backend.venv=" + str(Path.home() / ".cache" / "does-not-matter"))
+    with pytest.raises(ConfigError) as e:
+        _validate(overrides)
+    assert str(e.value).startswith(f"{key}=") and f"is not used by backend {backend}" in str(e.value), str(e.value)
