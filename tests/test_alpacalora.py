@@ -268,6 +268,8 @@ METHODS = {
              lambda c: c["L"] * (8 * (3 * c["h"] + c["kv"]) + c["h"] + c["kv"])),   # + magnitude vectors
     "pissa": (["method=pissa", "modules_to_save=null", "method.pissa_iter=-1"],
               lambda c: c["L"] * 8 * (3 * c["h"] + c["kv"])),
+    # as a user types it: the default modules_to_save (embed_tokens, lm_head) kept through the PiSSA conversion
+    "pissa_default": (["method=pissa"], lambda c: c["L"] * 8 * (3 * c["h"] + c["kv"]) + 2 * c["emb"]),
     "galore": (["method=galore", "method.galore_rank=8", "method.galore_update_interval=4"], lambda c: c["total"]),
     "galore_layerwise": (["method=galore", "method.galore_layerwise=true", "batch_size=4", "method.galore_rank=8",
                           "method.galore_update_interval=4"], lambda c: c["total"]),
@@ -293,7 +295,7 @@ def test_method_trains_and_artefact_loads(name, tmp_path, tiny_model):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     ids = torch.randint(3, 500, (1, 16), generator=torch.Generator().manual_seed(0))
     base_logits = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids).logits
-    if name in ("loraplus", "rslora", "dora", "pissa"):
+    if name in ("loraplus", "rslora", "dora", "pissa", "pissa_default"):
         from peft import PeftModel
 
         cfg = read_json(out / "lazyllm_lora" / "adapter_config.json")

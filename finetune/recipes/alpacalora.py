@@ -102,6 +102,27 @@ def setup_lora(model, m: dict):
     return get_peft_model(model, config)
 
 
+def keep_modules_to_save(model, adapter_dir: Path) -> None:
+    """PEFT's PiSSA conversion (save_pretrained with path_initial_model_for_weight_conversion) keeps only the
+    lora_A/lora_B tensors (LoraModel.subtract_mutated_init; unchanged up to PEFT 0.21), so the trained
+    modules_to_save copies (embed_tokens, lm_head) are dropped while adapter_config.json still lists them, and
+    loading the adapter fails (KeyError '...embed_tokens.weight'). They need no conversion (PiSSA changes only the
+    LoRA target layers): write them back into the converted adapter, unchanged."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    extra = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items() if "lora_" not in k}
+    if not extra:
+        return
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    tensors.update({k: v for k, v in extra.items() if k not in tensors})
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    log(f"PiSSA conversion: kept the trained {', '.join(sorted({k.split('.')[-2] for k in extra}))} in the adapter")
+
+
 def decay_parameter_names(model) -> set:
     from transformers.trainer_pt_utils import get_parameter_names
 
@@ -463,6 +484,7 @@ def main(argv=None) -> int:
     if pissa_convert:                       # (PiSSA is refused under ZeRO-3, so rank 0 holds the whole adapter)
         if trainer.args.should_save:
             model.save_pretrained(str(target), path_initial_model_for_weight_conversion=str(pissa_init_dir))
+            keep_modules_to_save(model, target)
     else:
         trainer.save_model(str(artefact))   # every rank calls it: under ZeRO-3 it gathers the shards; rank 0 writes
     if trainer.args.should_save:

@@ -1,0 +1,170 @@
+"""The README, as a new user meets it: every command of its code blocks runs as typed, in order, in a fresh clone
+of this repository, with the user's environment (no FINETUNE_* variables), from the clone's root, and the main
+ones again from another working folder. Each must give the exit code and the output the README documents.
+
+- ``bash scripts/setup.sh && .venv/bin/python train.py`` runs first (the README's first command), then every
+  other command with the environment activated (``source .venv/bin/activate``), in README order.
+- Placeholders are what a user fills in from what came before: ``<repo>`` the clone, ``outputs/runs/<date>/<time>-
+  <name>`` the newest run folder, ``outputs/multiruns/<date>/<time>`` the newest sweep folder.
+- ``$ command`` lines of a block are refusals: exit code 2 and exactly the line the README shows.
+- ``bash scripts/test.sh`` is the command that runs this test (CI runs it): it is the one command not run here.
+
+EXPECT lists every command with what it must print; a README command missing from it (or an entry whose command
+left the README) fails the test, so README and test move together.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, user_env
+from test_setup import fresh_clone
+
+README = REPO / "README.md"
+COMPLETED = r"\[finetune\] completed: "
+SWEEP = r"summary: \S+/summary\.md \({} jobs, 0 not completed"
+# command as written in the README -> (exit code, regexes its output must match, timeout in seconds)
+EXPECT = {
+    "bash scripts/setup.sh && .venv/bin/python train.py": (0, [r"setup: ready", COMPLETED + r".*eval_loss="], 1800),
+    "python train.py backend=collie lora_r=16": (0, [r"setup-collie: ", r"\[collie_merge\]", COMPLETED], 1800),
+    "python train.py": (0, [COMPLETED], 600),
+    "python train.py dry_run=true": (0, [r"steps:\n  1\. train", r"dry run: nothing was written"], 120),
+    "python train.py method=dora lora_r=16 num_epochs=1": (0, [r"dora=True", COMPLETED], 600),
+    "python train.py method=pissa": (0, [r"PiSSA conversion: kept the trained", COMPLETED], 600),
+    "python train.py experiment=alpaca_lora": (0, [COMPLETED], 600),
+    "python train.py experiment=llamafactory_lora_sft": (0, [r"llamafactory-cli|llamafactory\.cli", COMPLETED], 600),
+    "python train.py backend=flagembedding": (0, [r"embed_eval \(before\): recall_at_1", COMPLETED + r".*eval_loss="],
+                                              600),
+    "python train.py backend=auto explain=true model=llama model.path=data/model_shapes/llama-2-7b "
+    "hardware=a100_80g_x8 dry_run=true": (0, [r"\[auto\] choice: ", r"dry run: nothing was written"], 120),
+    "python train.py launcher.nproc_per_node=2": (0, [r"torch\.distributed\.run", COMPLETED], 600),
+    "python train.py backend.packing=true cutoff_len=256": (0, [r"packing: \d+ training examples -> \d+ rows",
+                                                                COMPLETED], 600),
+    "python train.py -m lora_r=4,8,16 'lora_alpha=${eval:2*lora_r}' max_steps=10":
+        (0, [SWEEP.format(3)], 1200),
+    "python train.py -m +sweep=lora_methods max_steps=10": (0, [SWEEP.format(4)], 1200),
+    "python train.py -m backend=alpacalora,llamafactory experiment=llamafactory_lora_sft":
+        (0, [SWEEP.format(2)], 1200),
+    "python train.py +hparams_search=lora_optuna hydra.sweeper.n_trials=3 max_steps=8":
+        (0, [SWEEP.format(3)], 1200),
+    "finetune summarize outputs/multiruns/<date>/<time>": (0, [SWEEP.format(r"\d+")], 300),
+    "finetune reproduce outputs/runs/<date>/<time>-<name>": (0, [r"reproduced: loss curves (identical|match)"], 900),
+    'cd "$(mktemp -d)" && python <repo>/train.py output_dir=runs/first': (0, [COMPLETED + r"/tmp/\S+/runs/first"],
+                                                                           600),
+}
+NOT_RUN = {"bash scripts/test.sh": "the command that runs this test (CI runs it)"}
+# the main commands again, from another working folder: <repo>/train.py from a fresh temporary folder
+ELSEWHERE = ["python train.py dry_run=true", "python train.py method=dora lora_r=16 num_epochs=1",
+             "python train.py -m lora_r=4,8,16 'lora_alpha=${eval:2*lora_r}' max_steps=10"]
+
+
+def readme_blocks():
+    """(commands, refusals): shell lines of the ``bash`` blocks (comments and blank lines dropped), and the
+    ``$ command`` / expected line pairs of the plain blocks."""
+    text = README.read_text(encoding="utf-8")
+    commands, refusals = [], []
+    for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, re.S):
+        lines = body.splitlines()
+        if lang == "bash":
+            for line in lines:
+                line = strip_comment(line).strip()
+                if line:
+                    commands.append(line)
+        else:
+            for i, line in enumerate(lines):
+                if line.startswith("$ "):
+                    refusals.append((line[2:], lines[i + 1]))
+    return commands, refusals
+
+
+def strip_comment(line: str) -> str:
+    """The line without a trailing `# comment` (a # inside quotes is kept)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if ch in "'\"" and quote in (None, ch):
+            quote = None if quote else ch
+        elif ch == "#" and quote is None and (i == 0 or line[i - 1] == " "):
+            return line[:i]
+    return line
+
+
+COMMANDS, REFUSALS = readme_blocks()
+
+
+def test_every_readme_command_has_an_expectation():
+    assert set(COMMANDS) - set(EXPECT) - set(NOT_RUN) == set(), "README commands this test does not know"
+    assert set(EXPECT) - set(COMMANDS) == set(), "expectations for commands that left the README"
+    assert COMMANDS[0] == "bash scripts/setup.sh && .venv/bin/python train.py"
+    assert len(REFUSALS) >= 5
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    return fresh_clone(tmp_path_factory.mktemp("readme") / "finetune")
+
+
+def newest(pattern: str, clone: Path) -> str:
+    found = sorted(clone.glob(pattern), key=lambda p: p.stat().st_mtime)
+    assert found, f"nothing matches {pattern} in {clone}"
+    return str(found[-1].relative_to(clone))
+
+
+def as_typed(command: str, clone: Path) -> str:
+    """The command with the placeholders a user fills in from what came before."""
+    command = command.replace("<repo>", str(clone))
+    if "outputs/runs/<date>/<time>-<name>" in command:
+        command = command.replace("outputs/runs/<date>/<time>-<name>", newest("outputs/runs/*/*", clone))
+    if "outputs/multiruns/<date>/<time>" in command:
+        command = command.replace("outputs/multiruns/<date>/<time>", newest("outputs/multiruns/*/*", clone))
+    return command
+
+
+def shell(command: str, cwd: Path, clone: Path, timeout: float, activate: bool = True):
+    """A user's bash: the environment activated as the README says (source .venv/bin/activate), then the line."""
+    line = f"source {clone}/.venv/bin/activate && {command}" if activate else command
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", "-c", line], cwd=str(cwd), env=user_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, time.monotonic() - t0
+
+
+def check(proc, code: int, patterns, command: str) -> None:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, f"{command}: exit {proc.returncode}\n{out[-4000:]}"
+    for p in patterns:
+        assert re.search(p, out), f"{command}: no {p!r} in the output\n{out[-4000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c not in NOT_RUN])
+def test_readme_command(command, clone, record_property):
+    code, patterns, timeout = EXPECT[command]
+    first = command == COMMANDS[0]
+    proc, seconds = shell(as_typed(command, clone), clone, clone, timeout, activate=not first)
+    record_property("seconds", round(seconds, 1))
+    print(f"README: {command}  -> exit {proc.returncode} in {seconds:.0f} s")
+    check(proc, code, patterns, command)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command,expected", REFUSALS, ids=[c for c, _ in REFUSALS])
+def test_readme_refusal(command, expected, clone):
+    proc, _ = shell(command, clone, clone, 120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [expected]
+    assert not list((clone / "outputs").glob("runs/*/*-run-refused*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ELSEWHERE)
+def test_readme_command_from_another_folder(command, clone, tmp_path):
+    code, patterns, timeout = EXPECT[command]
+    elsewhere = command.replace("python train.py", f"python {clone}/train.py", 1)
+    proc, seconds = shell(elsewhere, tmp_path, clone, timeout)
+    print(f"README (from {tmp_path}): {elsewhere}  -> exit {proc.returncode} in {seconds:.0f} s")
+    check(proc, code, patterns, elsewhere)
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "models").exists()
