@@ -74,6 +74,9 @@ class SweepSummary(Callback):
         except Exception as e:  # noqa: BLE001 - e.g. a glob over a group: the sweeper will report it
             jobs = None
             print(f"[finetune] sweep: could not list the planned jobs ({type(e).__name__}: {e})", file=sys.stderr)
+        from finetune.tracking.tracker import start_sweep
+
+        start_sweep(config, self.sweep_dir)   # report_to=mlflow: the parent run of the jobs' runs (never raises)
         if jobs is not None:
             from finetune.run_dir import atomic_write_json
 
@@ -102,10 +105,14 @@ class SweepSummary(Callback):
 
             sys.stdout.flush()
             print(f"[finetune] sweep {how} after {time.time() - self.started:.0f} s", flush=True)
-            summarize(self.sweep_dir, echo=self.echo)
+            summary = summarize(self.sweep_dir, echo=self.echo)
         except Exception as e:  # noqa: BLE001 - never mask the sweep's own outcome
+            summary = None
             print(f"[finetune] could not write the sweep summary: {type(e).__name__}: {e} "
                   f"(retry: finetune summarize {self.sweep_dir})", file=sys.stderr, flush=True)
+        from finetune.tracking.tracker import finish_sweep
+
+        finish_sweep(self.sweep_dir, summary)   # the parent run gets the summary and plots (never raises)
 
     # ------------------------------------------------------------------ job process (local, joblib or Slurm)
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
@@ -132,6 +139,9 @@ class SweepSummary(Callback):
             except Exception:  # noqa: BLE001 - a bad interpolation is often why the job failed
                 return default
 
+        from finetune.tracking.tracker import failed_job
+
+        failed_job(config, job_dir, f"{type(err).__name__}: {first}")   # a failed child run, when tracked
         atomic_write_json(job_dir / "result.json", {
             "status": "failed", "error": f"{type(err).__name__}: {first}",
             "metric_name": str(pick("metric", "eval_loss")), "metric": None, "metrics": {},

@@ -227,10 +227,16 @@ def main(argv=None) -> int:
     p = sub.add_parser("summarize", help="rebuild a sweep's summary (table, CSV, Markdown, plots)")
     p.add_argument("folder")
     p = sub.add_parser("reproduce", help="replay a run's recorded overrides into a new folder and compare")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run folder, or the MLflow run id of a run logged with report_to=mlflow")
+    p.add_argument("--tracking-uri", help="where to look the MLflow run id up (default: $MLFLOW_TRACKING_URI, else "
+                   "the local store outputs/mlflow)")
     p.add_argument("--allow-different", action="store_true", help="run even if code or versions differ")
     p.add_argument("--output-dir", help="the new run folder (default: outputs/runs/<date>/<time>-reproduce-<name>)")
     sub.add_parser("setup-collie", help="create Collie's own virtual environment (.venv-collie)")
+    p = sub.add_parser("mlflow-server", help="a local MLflow tracking server and UI on outputs/mlflow "
+                       "(start: in the background; url: its address; stop)")
+    p.add_argument("action", choices=("start", "stop", "status", "url"))
+    p.add_argument("--port", type=int, help="default 5000, or a free port when 5000 is taken; 0: a free port")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "summarize":
@@ -241,7 +247,14 @@ def main(argv=None) -> int:
         if args.cmd == "reproduce":
             from finetune.report.reproduce import reproduce
 
-            return reproduce(args.run_dir, allow_different=args.allow_different, out_dir=args.output_dir)
+            from finetune.report.reproduce import find_run
+
+            run_dir = find_run(args.run_dir, args.tracking_uri)
+            return reproduce(run_dir, allow_different=args.allow_different, out_dir=args.output_dir)
+        if args.cmd == "mlflow-server":
+            from finetune.tracking.server import main as server
+
+            return server(args.action, args.port)
         if args.cmd == "setup-collie":
             import subprocess
             from pathlib import Path

@@ -71,6 +71,9 @@ def run(cfg: DictConfig) -> Optional[float]:
     if hasattr(launcher, "plan_files"):             # files the launcher adds (k8s manifests), shown by the dry run
         plan.files.update(launcher.plan_files(plan, cfg, run_dir))
 
+    from finetune.tracking import describe
+
+    plan.notes += describe(cfg)                     # where report_to=mlflow / wandb will log (the dry run shows it)
     found = secrets.collect(OmegaConf.to_container(cfg, resolve=True))   # to the workers through their environment
     for step in plan.steps:
         step.env.update(secrets.env_for(found))
@@ -103,8 +106,11 @@ def run(cfg: DictConfig) -> Optional[float]:
 
     timeout_s = float(cfg.timeout_min) * 60 or None
     from finetune.report.metrics import prewarm
+    from finetune.tracking.tracker import RunTracker
 
     prewarm()                  # the plotting/TensorBoard imports load while the steps run, not after them
+    # report_to=mlflow / wandb: logged from a background thread while the steps run (never fails the run)
+    tracker = RunTracker.start(resolved, run_dir, manifest.data, overrides, choices, resume=bool(cfg.resume))
     try:
         for step in plan.steps:
             print(f"[finetune] step {step.name}: {' '.join(launcher.argv(step, cfg))}", flush=True)
@@ -117,6 +123,7 @@ def run(cfg: DictConfig) -> Optional[float]:
                 tail = "\n".join("    " + t for t in result.tail[-15:])
                 manifest.update(status="failed", error=result.reason(), log_tail=result.tail[-15:])
                 _write_result(run_dir, cfg, "failed", {}, result.reason())
+                _end_tracking(tracker, manifest, "failed", {}, result.reason())
                 raise RunError(f"{result.reason()} (log: {result.log})\n  last lines:\n{tail}")
         metrics = backend.collect(cfg, run_dir, ctx)
         from finetune.report.metrics import finalize
@@ -126,17 +133,24 @@ def run(cfg: DictConfig) -> Optional[float]:
         if manifest.data.get("status") != "interrupted":
             manifest.update(status="interrupted", error="interrupted by the user")
         _write_result(run_dir, cfg, "interrupted", {}, "interrupted")
+        _end_tracking(tracker, manifest, "interrupted", {}, "interrupted by the user")
         raise
     except RunError:
         raise
     except Exception as e:  # noqa: BLE001 - collect/report failures fail the run with their message
         manifest.update(status="failed", error=f"{type(e).__name__}: {e}")
         _write_result(run_dir, cfg, "failed", {}, f"{type(e).__name__}: {e}")
+        _end_tracking(tracker, manifest, "failed", {}, f"{type(e).__name__}: {e}")
         raise
     for note in metrics.get("absent") or []:
         print(f"[finetune] note: {note}", flush=True)
-    manifest.update(status="completed", metrics=metrics, finished=_dt.datetime.now().isoformat(timespec="seconds"))
+    if tracker:
+        tracker.wait()                  # the whole history is logged; the run ids go into the manifest
+    manifest.update(status="completed", metrics=metrics, finished=_dt.datetime.now().isoformat(timespec="seconds"),
+                    **({"tracking": tracker.record()} if tracker else {}))
     _write_result(run_dir, cfg, "completed", metrics, None)
+    if tracker:
+        tracker.finish("completed", metrics)
     value = metrics.get(str(cfg.metric))
     if value is None and cfg.metric == "eval_loss":
         value = metrics.get("train_loss")
@@ -145,8 +159,16 @@ def run(cfg: DictConfig) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _end_tracking(tracker, manifest: Manifest, status: str, metrics: dict, error: str) -> None:
+    """A run that failed or was interrupted: its MLflow / W&B run ends with that status and the error."""
+    if tracker:
+        tracker.wait()
+        manifest.update(tracking=tracker.record())
+        tracker.finish(status, metrics, error)
+
+
 # keys a resumed run may hold differently from the recorded one (none changes what is trained)
-_RESUME_SAME_EXCEPT = ("resume", "dry_run", "timeout_min", "launcher.master_port")
+_RESUME_SAME_EXCEPT = ("resume", "dry_run", "timeout_min", "launcher.master_port", "report_to", "tracking")
 
 
 def _check_resumable(run_dir: Path, resolved: dict) -> None:
@@ -156,7 +178,7 @@ def _check_resumable(run_dir: Path, resolved: dict) -> None:
 
     recorded = Manifest.load(run_dir).data.get("config") or {}
     diffs = [d for d in config_differences(recorded, redact(resolved), str(run_dir), str(run_dir))
-             if d.split(":")[0] not in _RESUME_SAME_EXCEPT]
+             if d.split(":")[0].split(".")[0] not in _RESUME_SAME_EXCEPT and d.split(":")[0] not in _RESUME_SAME_EXCEPT]
     if diffs:
         from finetune.errors import ConfigError
 

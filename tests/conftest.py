@@ -5,6 +5,8 @@
   and returns the CompletedProcess plus the run folder.
 - Tiny models are built by the runs themselves on first use, into ``models/`` (as for a user); ``tiny_model``
   builds one for tests that load it directly.
+- ``mlflow_server``: a real MLflow tracking server (SQLite store, local artifact folder, a free localhost port, from
+  its own environment .venv-mlflow, built on first use), stopped by process group whatever happens.
 - Markers: slow (real training), gpu (skipped here), slurm, collie, optuna (skipped with a reason when the
   tool is missing). ``--strict-markers`` is on.
 """
@@ -85,3 +87,17 @@ def tiny_model():
         return build(name, str(REPO / "models" / folder))
 
     return get
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (finetune/tracking/server.py: the same code as `finetune mlflow-server start`):
+    SQLite backend store and artifact folder in a temporary folder, on a free port. Yields {url, pid, store, ...}."""
+    from finetune.tracking.server import start_server, stop_server
+
+    info = start_server(tmp_path_factory.mktemp("mlflow"))
+    try:
+        yield info
+    finally:
+        stop_server(info)
+

@@ -19,6 +19,7 @@ from typing import List
 
 from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
+from finetune.tracking import wants
 
 TASKS = ("embedder", "reranker")
 # keys this backend would ignore: refused when typed (finetune/config/validate.py check_unused_keys)
@@ -221,7 +222,7 @@ def train_args(cfg, run_dir: Path) -> List[str]:
         "--optim", str(cfg.optim),
         "--logging_steps", str(int(cfg.logging_steps)),
         "--seed", str(int(cfg.seed)),
-        "--report_to", "tensorboard" if str(cfg.report_to) == "tensorboard" else "none",
+        "--report_to", "tensorboard" if wants(cfg.report_to, "tensorboard") else "none",   # mlflow/wandb: the driver
         "--disable_tqdm", "True",
     ]
     if int(cfg.max_steps) > 0:

@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 from finetune.backends.llamafactory_keys import KEYS, TEMPLATES
 from finetune.errors import ConfigError, one_of, suggest
 from finetune.plan import Plan, Step
+from finetune.tracking import wants
 
 LF_DIR = "llamafactory"
 # keys this backend would ignore: refused when typed (finetune/config/validate.py check_unused_keys)
@@ -259,7 +260,7 @@ def train_args(cfg, run_dir: Path, ctx: dict, info: Dict[str, dict]) -> Dict[str
     else:
         a["save_strategy"] = "no"
     a["plot_loss"] = bool(b.plot_loss)
-    a["report_to"] = "none"                  # our report (metrics.json, loss.png, tensorboard/) is built from history
+    a["report_to"] = "none"     # metrics.json, loss.png, tensorboard/ and MLflow / W&B (the driver) come from history
     a["include_num_input_tokens_seen"] = "non_padding"
     # optimisation
     a["per_device_train_batch_size"] = int(cfg.micro_batch_size)
@@ -362,7 +363,9 @@ def plan(cfg, run_dir, ctx) -> Plan:
              f"optim {targs['optim']} (always written: transformers' default adamw_torch_fused breaks GaLore/BAdam)",
              "overwrite_output_dir: " + ("false (resume=true: LLaMA-Factory resumes from the last checkpoint)"
                                          if cfg.resume else "true, in a fresh folder (a reused one silently resumes)"),
-             "report_to: none in LLaMA-Factory; metrics.json, loss.png and tensorboard/ are built from history.jsonl"]
+             "report_to: none in LLaMA-Factory; metrics.json, loss.png and tensorboard/ are built from history.jsonl"
+             + ("; MLflow / W&B runs are logged by the driver from it, as for every backend"
+                if wants(cfg.report_to, "mlflow") or wants(cfg.report_to, "wandb") else "")]
     if cfg.hardware.device == "cpu":
         notes.append("CPU: use_cpu=true and CUDA_VISIBLE_DEVICES='' (several visible GPUs make the CLI relaunch "
                      "itself under torchrun)")

@@ -18,7 +18,7 @@ from finetune.errors import ConfigError
 # keys a replay drops from the recorded overrides (the replay sets its own)
 DROP_KEYS = ("output_dir", "resume", "dry_run", "hydra.mode", "hydra.run.dir")
 # keys a resume may set differently from the recorded run: none of them changes what is trained
-RESUME_MAY_CHANGE = ("output_dir", "resume", "dry_run", "timeout_min")
+RESUME_MAY_CHANGE = ("output_dir", "resume", "dry_run", "timeout_min", "report_to", "tracking")
 TRUE = ("true", "yes", "1", "on")
 
 
@@ -94,7 +94,7 @@ def resume_argv(argv: List[str]) -> List[str]:
         key = override_key(o)
         if key in ("output_dir", "resume"):
             continue
-        if key in RESUME_MAY_CHANGE:
+        if key in RESUME_MAY_CHANGE or key.split(".")[0] in RESUME_MAY_CHANGE:
             extra.append(o)
         elif recorded_by_key.get(key) != o:
             was = recorded_by_key.get(key)

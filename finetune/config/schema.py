@@ -17,6 +17,32 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
+# --------------------------------------------------------------------------------------------------- tracking
+
+
+@dataclass
+class MlflowTracking:
+    uri: Optional[str] = None                # null: $MLFLOW_TRACKING_URI, else the local store outputs/mlflow/mlflow.db
+    experiment: Optional[str] = None         # null: $MLFLOW_EXPERIMENT_NAME, else the config name (`name`)
+    log_adapter: bool = False                # also upload the trained adapter as the run's artifact
+
+
+@dataclass
+class WandbTracking:
+    project: Optional[str] = None            # null: $WANDB_PROJECT, else the config name (`name`)
+    entity: Optional[str] = None             # null: your default entity
+    mode: str = "auto"                       # auto | offline | online (auto: online with an API key and W&B reachable)
+
+
+@dataclass
+class TrackingConfig:
+    """report_to=mlflow / wandb (finetune/tracking/): where runs are logged. Read by the driver only."""
+
+    mlflow: MlflowTracking = field(default_factory=MlflowTracking)
+    wandb: WandbTracking = field(default_factory=WandbTracking)
+    flush_s: float = 2.0                     # seconds between two reads of history.jsonl while a step runs
+
+
 # --------------------------------------------------------------------------------------------------- root
 
 
@@ -55,7 +81,8 @@ class RootConfig:
     eval_steps: int = 0                      # 0: evaluate once per epoch
     save_steps: int = 0                      # 0: no intermediate checkpoints
     save_total_limit: int = 2
-    report_to: str = "tensorboard"
+    report_to: Any = "tensorboard"           # tensorboard | mlflow | wandb | none, or a list: [tensorboard,mlflow]
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # --- outputs and run control
     output_dir: Optional[str] = None         # run folder; default outputs/runs/<date>/<time>-<name>
     target_path: Optional[str] = None        # adapter folder; default <run>/lazyllm_lora
@@ -368,6 +395,8 @@ def known_keys() -> List[str]:
     import dataclasses
 
     keys = [f.name for f in dataclasses.fields(RootConfig)]
+    keys += [f"tracking.{t}.{f.name}" for t, node in (("mlflow", MlflowTracking), ("wandb", WandbTracking))
+             for f in dataclasses.fields(node)] + ["tracking.flush_s"]
     for group, options in SCHEMAS.items():
         for node in options.values():
             keys += [f"{group}.{f.name}" for f in dataclasses.fields(node)]

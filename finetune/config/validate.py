@@ -19,7 +19,6 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 OPTIMS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adafactor", "sgd", "adagrad", "rmsprop", "adamw_8bit")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda", "auto")
-REPORT_TO = ("tensorboard", "none")
 LORA_ONLY_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "modules_to_save")
 LORA_METHOD_KEYS = ("method.lora_r", "method.lora_alpha", "method.lora_dropout", "method.lora_target_modules",
                     "method.use_rslora", "method.use_dora", "method.loraplus_lr_ratio", "method.loraplus_lr_embedding",
@@ -242,7 +241,6 @@ def check_sizes(cfg: DictConfig) -> None:
         raise ConfigError("launcher.node_rank", cfg.launcher.node_rank, f"must be in [0, {cfg.launcher.nnodes})")
     _choice("lr_scheduler_type", cfg.lr_scheduler_type, LR_SCHEDULERS)
     _choice("optim", cfg.optim, OPTIMS)
-    _choice("report_to", cfg.report_to, REPORT_TO)
     ws = world_size(cfg)
     dp = max(1, ws // max(1, _model_parallel(cfg)))   # collie: a bad dp x tp x pp is refused by its check
     if cfg.batch_size % (cfg.micro_batch_size * dp) != 0:
@@ -351,6 +349,9 @@ def validate(cfg: DictConfig, overrides: Optional[List[str]] = None) -> dict:
     resolve_user_paths(cfg)                         # every path absolute, against the folder the user ran from
     resolve_hardware(cfg)                           # hardware=auto, cpus/memory_gb 0: detect this machine (no torch)
     check_sizes(cfg)
+    from finetune.tracking import check as check_tracking
+
+    check_tracking(cfg)                             # report_to, tracking.* (defaults filled in and recorded)
     check_hardware(cfg)
     check_kind(cfg)
     check_method(cfg, typed)

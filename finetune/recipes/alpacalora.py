@@ -42,6 +42,10 @@ def all_linear_modules(model) -> list:
     return sorted(names)
 
 
+def _as_list(v) -> list:
+    return [v] if isinstance(v, str) else list(v or [])
+
+
 def as_list(v):
     if v is None:
         return None
@@ -348,7 +352,8 @@ def main(argv=None) -> int:
         save_strategy="steps" if save_steps > 0 else "no",
         save_steps=save_steps or 500,
         save_total_limit=int(cfg["save_total_limit"]) or None,
-        report_to=[] if cfg["report_to"] == "none" else [cfg["report_to"]],
+        # tensorboard here; mlflow / wandb are logged by the driver from history.jsonl (finetune/tracking/)
+        report_to=["tensorboard"] if "tensorboard" in _as_list(cfg["report_to"]) else [],
         seed=seed,
         data_seed=seed,
         train_sampling_strategy="group_by_length" if b.get("group_by_length") and not b.get("packing") else "random",

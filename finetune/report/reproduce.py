@@ -111,7 +111,8 @@ def config_differences(recorded: dict, composed: dict, old_dir: str, new_dir: st
     now = _flatten(composed)
     diffs = []
     for key in sorted(set(rec) | set(now)):
-        if key in ("output_dir",) or key.startswith("auto_choice.") or rec.get(key) == "<redacted>":
+        if key in ("output_dir", "report_to") or key.startswith(("auto_choice.", "tracking.")) \
+                or rec.get(key) == "<redacted>":           # where a run is logged does not change what it trains
             continue
         a, b = rec.get(key, "<absent>"), now.get(key, "<absent>")
         if before_run and _auto(b):
@@ -119,6 +120,48 @@ def config_differences(recorded: dict, composed: dict, old_dir: str, new_dir: st
         if a != b and not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)):
             diffs.append(f"{key}: recorded {a!r}, now {b!r}")
     return diffs
+
+
+def find_run(ref: str, tracking_uri: Optional[str] = None) -> Path:
+    """A run folder, or the MLflow run id of a run logged with report_to=mlflow: its folder is the run's
+    finetune.run_dir tag. When that folder is not on this machine, the run's artifacts (manifest, overrides,
+    history, metrics: everything reproduce reads) are downloaded into outputs/cache/mlflow-runs/<id>."""
+    import re
+
+    path = Path(ref).expanduser()
+    if path.exists() or not re.fullmatch(r"[0-9a-f]{32}", ref):
+        return path
+    from finetune.tracking import mlflow_uri
+    from finetune.tracking.tracker import mlflow_client
+
+    uri = mlflow_uri(tracking_uri)
+    try:
+        run = mlflow_client(uri).get_run(ref)
+    except Exception as e:  # noqa: BLE001 - unknown id, unreachable server: one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError("run", ref, f"neither a run folder nor an MLflow run id found at {uri} ({first[:200]})")
+    folder = run.data.tags.get("finetune.run_dir")
+    if not folder:
+        raise ConfigError("run", ref, f"MLflow run {ref} was not logged by finetune (no finetune.run_dir tag)")
+    if (Path(folder) / "manifest.json").is_file():
+        _say(f"reproduce: MLflow run {ref} is the run folder {folder}")
+        return Path(folder)
+    from finetune.config.paths import OUTPUTS_ROOT
+
+    local = OUTPUTS_ROOT / "cache" / "mlflow-runs" / ref
+    if not (local / "manifest.json").is_file():
+        from mlflow.artifacts import download_artifacts
+
+        local.mkdir(parents=True, exist_ok=True)
+        for name in ("manifest.json", "overrides.yaml", "history.jsonl", "metrics.json"):
+            try:
+                download_artifacts(run_id=ref, artifact_path=name, dst_path=str(local), tracking_uri=uri)
+            except Exception:  # noqa: BLE001 - history/metrics may be missing for a failed run
+                if name == "manifest.json":
+                    raise ConfigError("run", ref, f"its folder {folder} is not on this machine and the run has no "
+                                      "manifest.json artifact")
+    _say(f"reproduce: MLflow run {ref}: its folder {folder} is not here; using its artifacts in {local}")
+    return local
 
 
 def compose(overrides: List[str], env: dict, cwd: str) -> dict:
@@ -224,7 +267,8 @@ def reproduce(run_dir, allow_different: bool = False, *, out_dir=None, tolerance
     # the overrides are replayed as typed: from the folder they were typed in (relative paths), if it still exists
     cwd = manifest.get("cwd") if manifest.get("cwd") and Path(manifest["cwd"]).is_dir() else str(REPO)
     composed = compose(replay, env, cwd)
-    cfg_diffs = config_differences(manifest.get("config") or {}, composed, str(run_dir), str(new_dir), before_run=True)
+    recorded_dir = str(manifest.get("run_dir") or run_dir)
+    cfg_diffs = config_differences(manifest.get("config") or {}, composed, recorded_dir, str(new_dir), before_run=True)
     for d in cfg_diffs[:20]:
         _warn(f"config differs: {d}")
     if len(cfg_diffs) > 20:
@@ -244,7 +288,7 @@ def reproduce(run_dir, allow_different: bool = False, *, out_dir=None, tolerance
         return 1
 
     new_cfg = json.loads((new_dir / "manifest.json").read_text()).get("config") or {}
-    cfg_diffs = config_differences(manifest.get("config") or {}, new_cfg, str(run_dir), str(new_dir))
+    cfg_diffs = config_differences(manifest.get("config") or {}, new_cfg, recorded_dir, str(new_dir))
     for d in cfg_diffs:
         _warn(f"the replayed run's resolved config differs: {d}")
     old_rows, new_rows = read_history(run_dir), read_history(new_dir)

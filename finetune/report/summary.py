@@ -121,6 +121,9 @@ def _value(job: Dict, key: str, raw: str):
 
 
 def _parse_scalar(raw: str):
+    import re
+
+    raw = re.sub(r"\\(.)", r"\1", str(raw))        # Hydra escapes : = , ( ) ... in a multirun job's overrides
     for cast in (int, float):
         try:
             return cast(raw)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Create the MLflow tracking server's own virtual environment, .venv-mlflow at the repo root.
+#
+#   bash scripts/setup_mlflow_env.sh            # or: finetune mlflow-server start (builds it on first use)
+#   bash scripts/setup_mlflow_env.sh --force    # rebuild it
+#
+# Runs only log to MLflow through the client (mlflow-skinny, in requirements.lock). The server (full mlflow 3.17.2:
+# Flask, uvicorn, SQLAlchemy 2, pyarrow < 26, ...) cannot share the main environment (pyarrow 26.0.1 there, and
+# SQLAlchemy 1.4 for the Optuna sweeper), so it lives here. Every package is pinned in requirements-mlflow.lock
+# (a full freeze, installed with --no-deps: pip never resolves or backtracks). Safe to run again: it does nothing
+# when the environment matches the lock. Like scripts/setup_collie_env.sh, it is built once per lock hash under
+# ${FINETUNE_CACHE:-~/.cache/finetune} and .venv-mlflow links to it; FINETUNE_NO_CACHE=1 builds .venv-mlflow in
+# place; FINETUNE_MLFLOW_VENV=<dir> puts it elsewhere. Needs Python 3.11. About 2 minutes and 850 MB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+LOCK=requirements-mlflow.lock
+LOCK_SHA=$(sha256sum "$LOCK" | cut -d' ' -f1)
+HASH=$( (cat "$LOCK"; "$PY" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)
+LINK=${FINETUNE_MLFLOW_VENV:-.venv-mlflow}
+case "$LINK" in /*) ;; *) LINK="$ROOT/$LINK" ;; esac
+
+"$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+  || { echo "setup-mlflow: needs Python 3.11 (set PYTHON=python3.11); $PY is $("$PY" -V 2>&1)" >&2; exit 1; }
+
+if [ "${FINETUNE_NO_CACHE:-0}" = 1 ]; then
+  TARGET="$LINK"
+else
+  TARGET="${FINETUNE_CACHE:-$HOME/.cache/finetune}/mlflow-venv-$HASH"
+fi
+mkdir -p "$(dirname "$TARGET")"
+exec 9>"$TARGET.lock"
+flock 9                                   # one build at a time; a second caller waits, then finds it ready
+[ "${1:-}" = "--force" ] && rm -rf "$TARGET"
+
+if [ -x "$TARGET/bin/mlflow" ] && [ "$(cat "$TARGET/.finetune-lock.sha256" 2>/dev/null)" = "$LOCK_SHA" ]; then
+  echo "setup-mlflow: environment for $LOCK ($HASH) is ready ($TARGET)"
+else
+  start=$(date +%s)
+  echo "setup-mlflow: building the MLflow server's environment in $TARGET (first time: about 2 minutes)"
+  rm -rf "$TARGET"
+  "$PY" -m venv "$TARGET"
+  "$TARGET/bin/python" -m pip install -q --no-deps --progress-bar off -r "$LOCK"
+  "$TARGET/bin/python" -m pip check
+  "$TARGET/bin/mlflow" --version
+  echo "$LOCK_SHA" > "$TARGET/.finetune-lock.sha256"     # written last: an interrupted build is never taken as ready
+  echo "setup-mlflow: built in $(( $(date +%s) - start )) s"
+fi
+
+if [ "$TARGET" != "$LINK" ]; then
+  if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
+    echo "setup-mlflow: $LINK exists and is not our link; leaving it (remove it, or set FINETUNE_NO_CACHE=1)" >&2
+    exit 1
+  fi
+  ln -sfn "$TARGET" "$LINK"
+fi
+echo "setup-mlflow: ready: $LINK -> $TARGET. Try: finetune mlflow-server start"
