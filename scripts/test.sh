@@ -5,14 +5,17 @@
 #   bash scripts/test.sh -m "not slow"   # config, validation and plan tests only (about 2 minutes)
 #   bash scripts/test.sh tests/test_alpacalora.py -k merge
 #
-# Sets up .venv (scripts/setup.sh) and Collie's own .venv-collie (scripts/setup_collie_env.sh); Slurm tests run
-# when Debian's slurm-wlm is installed (.ci/run installs it) and are skipped with the reason otherwise.
+# Sets up .venv (scripts/setup.sh), Collie's own .venv-collie (scripts/setup_collie_env.sh) and the MLflow
+# tracking server's .venv-mlflow (scripts/setup_mlflow_env.sh: tests/test_tracking.py starts real servers); Slurm
+# tests run when Debian's slurm-wlm is installed, the MLflow UI test when Debian's chromium is (.ci/run installs
+# both), and are skipped with the reason otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if [ "${FINETUNE_SKIP_COLLIE:-0}" != 1 ]; then
   bash scripts/setup_collie_env.sh
 fi
+bash scripts/setup_mlflow_env.sh
 # Two workers (the machine has 2 cores; most tests wait on subprocesses); a test file stays on one worker so that
 # its module fixtures (one trained run) are shared, not duplicated. The Slurm tests (a real cluster on this
 # machine) run afterwards on their own, so that the jobs do not compete with the rest for the two cores.

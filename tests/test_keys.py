@@ -26,10 +26,11 @@ SOURCES = {
     "collie": ["finetune/backends/collie.py", "finetune/recipes/collie_worker.py", "finetune/recipes/collie_merge.py"],
 }
 DRIVER = ["finetune/run.py", "finetune/config/validate.py", "finetune/config/resume.py", "finetune/callbacks.py",
-          "finetune/report/metrics.py", "finetune/backends/auto.py"]
+          "finetune/report/metrics.py", "finetune/backends/auto.py", "finetune/tracking/__init__.py",
+          "finetune/tracking/tracker.py"]
 # the driver's own keys: what every backend gets from the driver rather than from its worker
 DRIVER_KEYS = {"name", "output_dir", "allow_outside_outputs", "resume", "dry_run", "explain", "timeout_min", "metric",
-               "fail_fast", "report_to"}
+               "fail_fast", "report_to", "tracking"}
 
 
 def root_keys():

@@ -5,7 +5,10 @@ ones again from another working folder. Each must give the exit code and the out
 - ``bash scripts/setup.sh && .venv/bin/python train.py`` runs first (the README's first command), then every
   other command with the environment activated (``source .venv/bin/activate``), in README order.
 - Placeholders are what a user fills in from what came before: ``<repo>`` the clone, ``outputs/runs/<date>/<time>-
-  <name>`` the newest run folder, ``outputs/multiruns/<date>/<time>`` the newest sweep folder.
+  <name>`` the newest run folder, ``outputs/multiruns/<date>/<time>`` the newest sweep folder, ``<mlflow run id>``
+  the newest run logged to MLflow.
+- ``finetune mlflow-server start`` leaves a real MLflow server running for the commands after it, as for a user;
+  ``finetune mlflow-server stop`` ends it (and the clone fixture stops it whatever happens).
 - ``$ command`` lines of a block are refusals: exit code 2 and exactly the line the README shows.
 - ``bash scripts/test.sh`` is the command that runs this test (CI runs it): it is the one command not run here.
 
@@ -14,6 +17,7 @@ left the README) fails the test, so README and test move together.
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -55,6 +59,18 @@ EXPECT = {
     "finetune reproduce outputs/runs/<date>/<time>-<name>": (0, [r"reproduced: loss curves (identical|match)"], 900),
     'cd "$(mktemp -d)" && python <repo>/train.py output_dir=runs/first': (0, [COMPLETED + r"/tmp/\S+/runs/first"],
                                                                            600),
+    "python train.py report_to=mlflow": (0, [r"\[finetune\] mlflow: run [0-9a-f]{32} in experiment 'run' \(the local "
+                                             r"store outputs/mlflow", COMPLETED], 600),
+    "python train.py 'report_to=[tensorboard,wandb]' max_steps=20": (0, [r"\[finetune\] wandb: offline run \w+ in "
+                                                                         r"\S+/wandb/offline-run-", COMPLETED], 600),
+    # the server runs in the background until `finetune mlflow-server stop` (the clone fixture also stops it)
+    "finetune mlflow-server start": (0, [r"mlflow-server: running: http://127\.0\.0\.1:\d+"], 900),
+    "MLFLOW_TRACKING_URI=$(finetune mlflow-server url) python train.py -m lora_r=4,8 report_to=mlflow max_steps=10":
+        (0, [SWEEP.format(2), r"\[finetune\] mlflow: sweep run [0-9a-f]{32} in experiment 'run' "
+                              r"\(http://127\.0\.0\.1:\d+/#/experiments/\d+/runs/[0-9a-f]{32}\)"], 1200),
+    "finetune reproduce <mlflow run id>": (0, [r"reproduce: MLflow run [0-9a-f]{32} is the run folder",
+                                               r"reproduced: loss curves (identical|match)"], 900),
+    "finetune mlflow-server stop": (0, [r"mlflow-server: stopped"], 120),
 }
 NOT_RUN = {"bash scripts/test.sh": "the command that runs this test (CI runs it)"}
 # the main commands again, from another working folder: <repo>/train.py from a fresh temporary folder
@@ -104,7 +120,13 @@ def test_every_readme_command_has_an_expectation():
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
-    return fresh_clone(tmp_path_factory.mktemp("readme") / "finetune")
+    folder = fresh_clone(tmp_path_factory.mktemp("readme") / "finetune")
+    try:
+        yield folder
+    finally:            # `finetune mlflow-server start` keeps a server running until its stop command: stop it anyway
+        if (folder / "outputs" / "mlflow" / "server.json").exists():
+            subprocess.run([str(folder / ".venv" / "bin" / "finetune"), "mlflow-server", "stop"], cwd=str(folder),
+                           env=user_env(), capture_output=True, timeout=120)
 
 
 def newest(pattern: str, clone: Path) -> str:
@@ -118,6 +140,12 @@ def as_typed(command: str, clone: Path) -> str:
     command = command.replace("<repo>", str(clone))
     if "outputs/runs/<date>/<time>-<name>" in command:
         command = command.replace("outputs/runs/<date>/<time>-<name>", newest("outputs/runs/*/*", clone))
+    if "<mlflow run id>" in command:                  # the newest run logged to MLflow (its tracking.json)
+        found = sorted(clone.glob("outputs/runs/*/*/tracking.json"), key=lambda p: p.stat().st_mtime)
+        ids = [json.loads(p.read_text()).get("mlflow", {}).get("run_id") for p in found]
+        ids = [i for i in ids if i]
+        assert ids, "no run logged to MLflow before this command"
+        command = command.replace("<mlflow run id>", ids[-1])
     if "outputs/multiruns/<date>/<time>" in command:
         command = command.replace("outputs/multiruns/<date>/<time>", newest("outputs/multiruns/*/*", clone))
     return command

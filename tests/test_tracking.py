@@ -53,12 +53,17 @@ def history(run_dir: Path):
 
 
 def assert_history_logged(url: str, run_id: str, run_dir: Path, keys=("loss", "eval_loss", "learning_rate")):
-    """One MLflow point per logged step, with the value history.jsonl holds."""
+    """One MLflow point per logged step, with the value history.jsonl holds (peak_rss_mb is in both the train and
+    the eval row of a step: its first value counts)."""
     rows = history(run_dir)
     c = client(url)
     checked = 0
     for key in keys:
-        want = [(int(r["step"]), float(r[key])) for r in rows if isinstance(r.get(key), (int, float))]
+        first = {}
+        for r in rows:
+            if isinstance(r.get(key), (int, float)):
+                first.setdefault(int(r["step"]), float(r[key]))
+        want = sorted(first.items())
         got = sorted((m.step, m.value) for m in c.get_metric_history(run_id, key))
         assert got == [(s, pytest.approx(v)) for s, v in want], (key, got, want)
         checked += bool(want)
@@ -191,6 +196,26 @@ def test_closed_port_sweep_completes(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 3 and all(ln.startswith("[finetune] warning: mlflow tracking is off") for ln in lines), lines
     assert "summary: " in proc.stdout and (tmp_path / "sweep" / "summary.csv").exists()      # parent + 2 jobs
+
+
+def test_resume_continues_the_mlflow_run(tmp_path):
+    """A run cut short (here: timeout_min) and resumed logs into the same MLflow run, each step once. The local
+    SQLite store (no server) is the same client path as the default outputs/mlflow store."""
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    args = ["backend=dummy", "backend.steps=8", "backend.sleep_s=1", "tracking.flush_s=0.5", "report_to=mlflow",
+            f"tracking.mlflow.uri={uri}"]
+    proc, run = run_train(*args, "timeout_min=0.1", outputs=tmp_path)
+    assert proc.returncode == 1 and "timed out" in proc.stderr, proc.stderr
+    state = read_json(run / "tracking.json")
+    run_id = state["mlflow"]["run_id"]
+    _, runs = runs_of(uri, "run")
+    assert [r.info.status for r in runs] == ["FAILED"] and 0 < state["last_steps"]["loss"] < 8
+    proc, again = run_train(f"output_dir={run}", "resume=true", "timeout_min=0", outputs=None)
+    assert proc.returncode == 0 and again == run, proc.stderr
+    _, runs = runs_of(uri, "run")
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
+    steps = [m.step for m in client(uri).get_metric_history(run_id, "loss")]
+    assert sorted(steps) == list(range(1, 9))           # the dummy logs steps 1.. again on resume: each once here
 
 
 # ------------------------------------------------------------------------------------------- W&B offline
@@ -337,11 +362,11 @@ def test_failed_jobs_are_failed_children(mlflow_server, tmp_path):
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert parent.info.status == "FAILED" and parent.data.metrics["n_failed"] == 3
     assert {n: c.info.status for n, c in children.items()} == {
-        "job-0 backend.steps=0 backend.fail=false": "FAILED", "job-1 backend.steps=0 backend.fail=true": "FAILED",
-        "job-2 backend.steps=2 backend.fail=false": "FINISHED", "job-3 backend.steps=2 backend.fail=true": "FAILED"}
-    assert children["job-0 backend.steps=0 backend.fail=false"].data.tags["finetune.error"] == \
+        "job-0 backend.steps=0 backend.fail=False": "FAILED", "job-1 backend.steps=0 backend.fail=True": "FAILED",
+        "job-2 backend.steps=2 backend.fail=False": "FINISHED", "job-3 backend.steps=2 backend.fail=True": "FAILED"}
+    assert children["job-0 backend.steps=0 backend.fail=False"].data.tags["finetune.error"] == \
         "ConfigError: backend.steps=0: must be > 0"
-    failed = children["job-3 backend.steps=2 backend.fail=true"]
+    failed = children["job-3 backend.steps=2 backend.fail=True"]
     assert failed.data.tags["finetune.error"].startswith("step 'dummy_train' exited with code 3")
     assert "logs" in {a.path for a in client(url).list_artifacts(failed.info.run_id)}   # the failed step's log
 
@@ -381,7 +406,11 @@ def test_every_backend_logs_the_same_way(backend, mlflow_server, tmp_path, tiny_
     assert (r.info.status, r.info.run_name, r.data.tags["finetune.backend"]) == ("FINISHED", run.name, backend)
     assert SCHEME_TAGS <= set(r.data.tags) and SCHEME_PARAMS <= set(r.data.params)
     assert r.data.params["backend"] == backend
-    assert_history_logged(url, r.info.run_id, run, ("loss", "eval_loss"))
+    assert_history_logged(url, r.info.run_id, run, ("loss",))
+    final = read_json(run / "metrics.json")           # the final numbers, under the same names for every backend
+    for k in ("train_loss", "eval_loss", "tokens_per_s"):
+        if isinstance(final.get(k), float):
+            assert r.data.metrics.get(f"final/{k}", r.data.metrics.get(k)) == pytest.approx(final[k]), k
     assert SECRET not in json.dumps({**r.data.params, **r.data.tags})
     SEEN[backend] = r
 

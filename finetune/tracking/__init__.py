@@ -219,7 +219,10 @@ def params(config: Dict[str, Any], overrides: List[str], choices: Dict[str, str]
     for g, option in (choices or {}).items():
         if g not in GROUPS and "/" not in g and option is not None:
             out[g] = option                                      # experiment=..., sweep=..., hparams_search=...
-    out["overrides"] = " ".join(redact([str(o) for o in overrides])) or "(none)"
+    import re
+
+    typed = [re.sub(r"\\(.)", r"\1", str(o)) for o in overrides]     # a multirun job's overrides come escaped (\:)
+    out["overrides"] = " ".join(redact(typed)) or "(none)"
     return {k: _value(v) for k, v in out.items() if not is_secret_key(k)}
 
 

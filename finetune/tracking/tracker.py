@@ -27,6 +27,9 @@ RUN_FILES = ("manifest.json", "config.yaml", "overrides.yaml", "metrics.json", "
 SWEEP_FILES = ("summary.csv", "summary.md", "summary.json", "sweep_jobs.json", "multirun.yaml",
                "optimization_results.yaml")
 NOT_METRICS = ("step", "total_steps")
+# the HF Trainer's end-of-training log event (a mean loss, runtimes): one-off numbers, not per-step series; the
+# run's final numbers come from metrics.json under the same names for every backend (train_loss = last loss)
+END_OF_TRAINING = ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 JOIN_S = 60.0           # the most finish() waits for the background thread (each HTTP call gives up in seconds)
 
@@ -337,7 +340,7 @@ class RunTracker:
             if not _numeric(step):
                 continue
             for k, v in row.items():
-                if k in NOT_METRICS or not _numeric(v) or v != v:
+                if k in NOT_METRICS or k in END_OF_TRAINING or not _numeric(v) or v != v:
                     continue
                 if step > self.last.get(k, -1):
                     points.append((k, v, int(step)))
