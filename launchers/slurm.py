@@ -187,6 +187,21 @@ def _executor(cfg, folder: Path, step_name: str, timeout_s: Optional[float]):
     return ex
 
 
+def plan_files(plan, cfg, run_dir: Path) -> Dict[str, str]:
+    """slurm/<step>.sbatch: the batch script submitit will submit for each step (resources: nodes, CPUs, memory,
+    GPUs from the hardware group, time, partition...), shown by the dry run and kept in the run folder. The command
+    line in it is submitit's own runner of the step (launchers/slurm.py _job_body)."""
+    if (cfg.launcher.cluster or "slurm") != "slurm":
+        return {}
+    out = {}
+    for s in plan.steps:
+        ex = _executor(cfg, Path(run_dir) / "slurm", s.name, float(cfg.timeout_min) * 60 or None)
+        text = ex._executor._make_submission_file_text(
+            f"{sys.executable} -u -m submitit.core._submit {Path(run_dir) / 'slurm'}  # runs step {s.name}", "%j")
+        out[f"slurm/{s.name}.sbatch"] = text
+    return out
+
+
 def _state(job) -> str:
     try:
         return str(job.watcher.get_state(job.job_id, mode="force"))

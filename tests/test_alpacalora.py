@@ -178,6 +178,10 @@ def test_lora_run_outputs_and_counts(lora_run, tiny_model):
               "peak_rss_mb", "train_runtime_s"):
         assert m.get(k) is not None, k
     assert m["tokens_per_s"] > 0 and m["peak_rss_mb"] > 100
+    # tokens/s counts every input token processed (what other tools mean); the supervised targets are fewer
+    assert s["train_tokens"] > s["train_target_tokens"] > 0 and m["tokens_per_s"] > m["target_tokens_per_s"] > 0
+    rows = [json.loads(line) for line in (lora_run / "history.jsonl").read_text().splitlines()]
+    assert all(r["total_steps"] == 12 for r in rows if "loss" in r)         # what the progress line reads
     assert (lora_run / "lazyllm_lora" / "adapter_config.json").exists()
     assert (lora_run / "lazyllm_merge" / "tokenizer.json").exists()
     assert (lora_run / "loss.png").exists() and any((lora_run / "tensorboard").rglob("events.out.tfevents.*"))

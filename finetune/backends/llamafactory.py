@@ -193,6 +193,12 @@ def check(cfg) -> None:
                               "(llamafactory-cli would refuse it)", suggest(key, KEYS))
         kind, kchoices = KEYS[key]
         _check_value(key, value, kind, kchoices)
+    if extra.get("flash_attn") == "fa2":
+        from finetune.auto.hardware import flash_attention_unavailable
+
+        why = flash_attention_unavailable(hw)
+        if why:       # LLaMA-Factory 0.9.5 would log "FlashAttention-2 is not installed." and silently use sdpa
+            raise ConfigError("backend.extra.flash_attn", "fa2", why)
     if extra.get("pure_bf16") and hw.device == "cpu":
         raise ConfigError("backend.extra.pure_bf16", True, "needs a bf16 GPU; on CPU use hardware.precision=bf16")
 
@@ -350,13 +356,15 @@ def plan(cfg, run_dir, ctx) -> Plan:
     env = {"HF_HUB_OFFLINE": "1"}
     if cfg.hardware.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""        # never relaunch under torchrun for GPUs a CPU run does not use
-        if cfg.hardware.deepspeed_stage is not None:
-            env["FORCE_TORCHRUN"] = "1"          # DeepSpeed outside torchrun looks for mpi4py
+    if cfg.hardware.deepspeed_stage is not None:
+        # LLaMA-Factory 0.9.5 refuses DeepSpeed outside a distributed launch ("Please use `FORCE_TORCHRUN=1` to
+        # launch DeepSpeed training.", hparams/parser.py), also for one process on one GPU
+        env["FORCE_TORCHRUN"] = "1"
     out = _out_dir(cfg, run_dir)
     train_cmd = cli("train", lf / "train.yaml")
     steps = [Step(name="train", distributed="env", env=env, progress=str(out / "trainer_log.jsonl"),
                   argv=[sys.executable, "-m", "finetune.backends.llamafactory_worker", "--run-dir", str(run_dir),
-                        "--output-dir", str(out), "--", *train_cmd])]
+                        "--output-dir", str(out), "--device", str(cfg.hardware.device), "--", *train_cmd])]
     outputs = {"lf_output": str(out), ("adapter" if cfg.method.uses_lora else "model"): str(out)}
     notes = [f"stage {cfg.backend.stage}, finetuning_type {targs['finetuning_type']}, template {targs['template']}, "
              f"optim {targs['optim']} (always written: transformers' default adamw_torch_fused breaks GaLore/BAdam)",

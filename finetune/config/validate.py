@@ -227,6 +227,35 @@ def check_hardware(cfg: DictConfig) -> None:
         raise ConfigError("hardware.gpus_per_node", hw.gpus_per_node, "must be > 0 with hardware.device=cuda")
 
 
+def check_layout(cfg: DictConfig) -> None:
+    """Processes, nodes and GPUs agree: the launcher files default to the hardware group's layout (one process per
+    GPU, hardware.nnodes nodes); what the user typed instead must still fit it."""
+    hw, lc = cfg.hardware, cfg.launcher
+    nproc, gpus, launcher = int(lc.nproc_per_node), int(hw.gpus_per_node or 0), str(lc.name)
+    if hw.device == "cuda" and nproc > gpus:
+        raise ConfigError("launcher.nproc_per_node", nproc, f"hardware={hw.name} has {gpus} GPU(s) per node: at most "
+                          f"one process per GPU")
+    if int(hw.nnodes) > 1 and int(lc.nnodes) != int(hw.nnodes):
+        raise ConfigError("launcher.nnodes", int(lc.nnodes), f"hardware={hw.name} describes {int(hw.nnodes)} nodes "
+                          f"(hardware.nnodes); the launcher must use as many")
+    if launcher in ("slurm", "k8s"):
+        if str(hw.name) == "auto":
+            raise ConfigError("hardware", "auto", f"detects the machine you submit from, not the {launcher} nodes the "
+                              "job runs on; name their hardware (hardware=a100_80g_x8, single_gpu, ...) or set "
+                              "hardware.device / hardware.gpus_per_node")
+        if hw.device == "cuda" and int(lc.gpus_per_node) < nproc:
+            raise ConfigError("launcher.gpus_per_node", int(lc.gpus_per_node), f"the {launcher} job would get "
+                              f"{int(lc.gpus_per_node)} GPU(s) per node for {nproc} GPU process(es) (hardware={hw.name})")
+    elif hw.device == "cuda" and not cfg.dry_run:
+        from finetune.auto.hardware import gpus as local_gpus
+
+        here = len(local_gpus())
+        if here < nproc:
+            raise ConfigError("hardware", str(hw.name), f"asks for {nproc} CUDA GPU process(es) but this machine has "
+                              f"{here} visible GPU(s) (nvidia-smi, CUDA_VISIBLE_DEVICES); plan it with dry_run=true, "
+                              "or run it where the GPUs are (launcher=slurm / k8s)")
+
+
 def check_sizes(cfg: DictConfig) -> None:
     _positive(cfg, "batch_size", "micro_batch_size", "cutoff_len", "learning_rate", "num_epochs", "logging_steps",
               "launcher.nproc_per_node", "launcher.nnodes")
@@ -352,6 +381,7 @@ def validate(cfg: DictConfig, overrides: Optional[List[str]] = None) -> dict:
     resolve_hardware(cfg)                           # hardware=auto, cpus/memory_gb 0: detect this machine (no torch)
     check_sizes(cfg)
     check_hardware(cfg)
+    check_layout(cfg)
     check_kind(cfg)
     check_method(cfg, typed)
     check_optimizer_rules(cfg)
