@@ -473,3 +473,17 @@ def test_a_short_run_that_logged_no_step_loss_still_completes(tmp_path):
     assert isinstance(m["train_loss"], float) and isinstance(m["eval_loss"], float)
     assert "first_train_loss" not in m and m["absent"]
     assert read_json(run / "manifest.json")["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_qlora_through_llamafactory_on_cpu(tmp_path):
+    """LLaMA-Factory's QLoRA (quantization_bit 4, bitsandbytes) trains on this CPU; its export merges the adapter into
+    the full-precision base (export.yaml carries no quantisation: LF refuses to merge into a quantised model)."""
+    proc, run = run_train(*FAST, "method=qlora", "merge=true", outputs=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train = (run / "llamafactory" / "train.yaml").read_text()
+    assert "quantization_bit: 4" in train and "quantization_method: bnb" in train
+    assert "quantization" not in (run / "llamafactory" / "export.yaml").read_text()
+    assert "Quantizing model to 4 bit with bitsandbytes" in (run / "logs" / "train.log").read_text()
+    m = read_json(run / "metrics.json")
+    assert m["train_loss"] < m["first_train_loss"] and (run / "lazyllm_merge" / "config.json").exists()

@@ -106,6 +106,7 @@ def _request(cfg: DictConfig, backend: Optional[str], typed: List[str], data_for
         badam_mode=str(meth.get("badam_mode", "layer")) if method == "badam" else "layer",
         badam_update_ratio=float(meth.get("badam_update_ratio", 0.05)) if method == "badam" else 0.05,
         optim=str(c.optim), model_kind=str(cfg.model.kind), data_format=data_format,
+        quantization_bit=int(meth.quantization_bit) if meth.get("quantization_bit") else None,
         candidates=[str(b) for b in cfg.backend.candidates], prefer=str(cfg.backend.prefer),
         micro_batch_size=int(c.micro_batch_size) if "micro_batch_size" in typed else None,
         gradient_checkpointing=bool(c.gradient_checkpointing) if "gradient_checkpointing" in typed else None,

@@ -68,7 +68,7 @@ MANAGED = {
 METHOD_KEYS = {
     "freeze": ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"),
     "lora": ("use_rslora", "use_dora", "loraplus_lr_ratio", "loraplus_lr_embedding", "pissa_init", "pissa_iter",
-             "pissa_convert", "create_new_adapter"),
+             "pissa_convert", "create_new_adapter", "quantization_bit", "quantization_type", "double_quantization"),
     "galore": ("use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
                "galore_proj_type", "galore_layerwise"),
     "badam": ("use_badam", "badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval",
@@ -76,6 +76,7 @@ METHOD_KEYS = {
 }
 for _keys in METHOD_KEYS.values():
     MANAGED.update({k: f"method.{k}" for k in _keys})
+MANAGED["quantization_method"] = "method=qlora (bitsandbytes)"
 MANAGED.update({k: f"backend.{k}" for k in ("preprocessing_num_workers", "overwrite_cache", "per_device_eval_batch_size",
                                              "ddp_timeout", "pref_beta", "pref_loss")})
 
@@ -174,6 +175,12 @@ def check(cfg) -> None:
         if cfg.merge and not m.pissa_convert:
             raise ConfigError("method.pissa_convert", False, "merging a PiSSA adapter needs pissa_convert=true (the "
                               "saved adapter re-runs the randomised SVD on load, so merges would differ); or merge=false")
+    if m.uses_lora and m.get("quantization_bit") == 4 and hw.device == "cpu" and (
+            float(cfg.val_set_size) > 0 or cfg.data.eval_path) and b.eval_strategy != "no":
+        raise ConfigError("method.quantization_bit", 4, "4-bit QLoRA on a CPU cannot evaluate through LLaMA-Factory: "
+                          "bitsandbytes 0.50.2 repacks the 4-bit weights in place for its CPU inference kernel during "
+                          "evaluation (asserting on layers not a multiple of 32); set val_set_size=0, or use "
+                          "backend=alpacalora (which keeps the training kernel for evaluation)")
     if hw.device == "cpu" and cfg.launcher.nnodes > 1:
         raise ConfigError("launcher.nnodes", cfg.launcher.nnodes, "multi-node LLaMA-Factory runs need GPUs")
     # data size vs held-out rows
@@ -241,6 +248,11 @@ def train_args(cfg, run_dir: Path, ctx: dict, info: Dict[str, dict]) -> Dict[str
             a[k] = v
     if fam == "lora" and not m.pissa_init:
         for k in ("pissa_iter", "pissa_convert"):
+            a.pop(k, None)
+    if fam == "lora" and m.get("quantization_bit"):
+        a["quantization_method"] = "bnb"                 # QLoRA through bitsandbytes; the export merges into the
+    else:                                                # full-precision base (export.yaml has no quantisation)
+        for k in ("quantization_bit", "quantization_type", "double_quantization"):
             a.pop(k, None)
     # data
     a["dataset_dir"] = str(lf)

@@ -236,6 +236,11 @@ class LoraMethod(MethodBase):
     pissa_iter: int = 16
     pissa_convert: bool = False
     create_new_adapter: bool = False
+    # QLoRA (method=qlora): the frozen base loaded quantised by bitsandbytes, LoRA trained on top in 16/32 bits; the
+    # merge goes into the full-precision base
+    quantization_bit: Optional[int] = None    # 4 (NF4/FP4) | 8 (LLM.int8) | null: no quantisation
+    quantization_type: str = "nf4"            # nf4 | fp4 (4-bit only)
+    double_quantization: bool = True          # quantise the 4-bit quantisation constants too (4-bit only)
 
 
 @dataclass

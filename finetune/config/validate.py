@@ -23,8 +23,9 @@ REPORT_TO = ("tensorboard", "none")
 LORA_ONLY_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "modules_to_save")
 LORA_METHOD_KEYS = ("method.lora_r", "method.lora_alpha", "method.lora_dropout", "method.lora_target_modules",
                     "method.use_rslora", "method.use_dora", "method.loraplus_lr_ratio", "method.loraplus_lr_embedding",
-                    "method.pissa_init", "method.pissa_iter", "method.pissa_convert", "method.modules_to_save")
-ALL_METHODS = ("full", "freeze", "lora", "loraplus", "rslora", "dora", "pissa", "galore", "badam", "auto")
+                    "method.pissa_init", "method.pissa_iter", "method.pissa_convert", "method.modules_to_save",
+                    "method.quantization_bit", "method.quantization_type", "method.double_quantization")
+ALL_METHODS = ("full", "freeze", "lora", "loraplus", "rslora", "dora", "pissa", "qlora", "galore", "badam", "auto")
 
 
 def _choice(key: str, value, choices: Iterable[str]) -> None:
@@ -157,7 +158,7 @@ def check_method(cfg: DictConfig, typed: List[str]) -> None:
         if bad:
             raise ConfigError(bad[0], OmegaConf.select(cfg, bad[0]),
                               f"LoRA options do not apply to method={meth.name}; use method=lora (or loraplus, "
-                              "rslora, dora, pissa), or drop the option")
+                              "rslora, dora, pissa, qlora), or drop the option")
         return
     r, alpha, dropout = meth.lora_r, meth.lora_alpha, meth.lora_dropout
     if not isinstance(r, int) or r <= 0:
@@ -177,6 +178,28 @@ def check_method(cfg: DictConfig, typed: List[str]) -> None:
         raise ConfigError("method.use_dora", True, "PiSSA and DoRA cannot be combined; choose method=pissa or method=dora")
     if meth.pissa_iter < -1 or meth.pissa_iter == 0:
         raise ConfigError("method.pissa_iter", meth.pissa_iter, "must be -1 (exact SVD) or > 0")
+    check_quantization(cfg)
+
+
+def check_quantization(cfg: DictConfig) -> None:
+    """QLoRA's rules (LLaMA-Factory's, hparams/parser.py): quantisation only under LoRA, 4 or 8 bits, not with PiSSA
+    (its SVD needs the full-precision weights), not stacked on another adapter, not under ZeRO-3 (the 4-bit
+    weights are not partitioned)."""
+    meth = cfg.method
+    bits = meth.get("quantization_bit")
+    if bits is None:
+        return
+    if bits not in (4, 8):
+        raise ConfigError("method.quantization_bit", bits, "one of 4, 8 (bitsandbytes NF4/FP4 or LLM.int8), or null")
+    _choice("method.quantization_type", meth.quantization_type, ("nf4", "fp4"))
+    if meth.pissa_init:
+        raise ConfigError("method.quantization_bit", bits, "PiSSA needs the full-precision weights (its SVD); use "
+                          "method=pissa without quantisation, or method=qlora")
+    if meth.create_new_adapter:
+        raise ConfigError("method.create_new_adapter", True, "a quantised model takes one adapter")
+    if cfg.hardware.deepspeed_stage == 3:
+        raise ConfigError("hardware.deepspeed_stage", 3, "QLoRA's quantised weights are not partitioned by ZeRO-3; "
+                          "use stage 2 (or null)")
 
 
 def check_optimizer_rules(cfg: DictConfig) -> None:

@@ -214,8 +214,44 @@ def _small_model(path: str) -> bool:
 
 
 def numel(p) -> int:
-    """A parameter's size, also when ZeRO-3 partitioned it at load (its local tensor is then empty)."""
+    """A parameter's size, also when ZeRO-3 partitioned it at load (its local tensor is then empty) or bitsandbytes
+    packed it in 4 bits (two weights a byte: the quantisation state knows the real shape)."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    if shape is not None:
+        return int(shape.numel())
     return int(getattr(p, "ds_numel", 0) or p.numel())
+
+
+def quantization_kwargs(m: dict, hw: dict, dtype) -> dict:
+    """QLoRA: the from_pretrained arguments that load the frozen base quantised by bitsandbytes (4-bit NF4/FP4 with
+    its compute in the run's precision, or 8-bit), on this process's device; {} for every other method."""
+    bits = m.get("quantization_bit")
+    if not bits:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if int(bits) == 4:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=m.get("quantization_type") or "nf4",
+                               bnb_4bit_use_double_quant=bool(m.get("double_quantization", True)),
+                               bnb_4bit_compute_dtype=dtype)
+    else:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    device = int(os.environ.get("LOCAL_RANK", "0")) if hw["device"] == "cuda" else "cpu"
+    return {"quantization_config": q, "device_map": {"": device}}
+
+
+def prepare_quantized(model, gradient_checkpointing: bool):
+    """PEFT's preparation of a quantised model for training (norms and other 16-bit layers in fp32, input grads for
+    checkpointing). On a CPU with avx512_bf16, bitsandbytes 0.50.2 repacks 4-bit weights in place for its CPU
+    inference kernel whenever a layer runs without grad in eval mode (the held-out evaluation), which asserts on
+    layers whose size is not a multiple of 32 and leaves the packed weights for the next training step: keep its
+    training kernel for evaluation too (the same weights, the same numbers)."""
+    from peft import prepare_model_for_kbit_training
+
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
 def training_arguments(cfg: dict, world: int, ds_config, has_eval: bool) -> dict:
@@ -339,7 +375,8 @@ def main(argv=None) -> int:
     attn = b.get("attn_implementation") or "auto"
     model = AutoModelForCausalLM.from_pretrained(cfg["model"]["path"], dtype=dtype,
                                                  trust_remote_code=cfg["trust_remote_code"],
-                                                 **({} if attn == "auto" else {"attn_implementation": attn}))
+                                                 **({} if attn == "auto" else {"attn_implementation": attn}),
+                                                 **quantization_kwargs(m, hw, dtype))
     model.config.use_cache = False
     # attention auto on CPU: per batch, eager up to EAGER_MAX_LEN tokens, SDPA above. Measured here (30M Llama,
     # bf16, 4 sequences, forward+backward tokens/s, eager vs sdpa): 112 tokens 1748 vs 1581, 256: 1779 vs 1746,
@@ -352,6 +389,12 @@ def main(argv=None) -> int:
     if dtype != torch.float32:
         log(f"precision: {hw['precision']} mixed (frozen weights {hw['precision']}, trainable weights fp32, autocast)")
     uses_lora = bool(m.get("uses_lora"))
+    quantized = bool(m.get("quantization_bit"))
+    if quantized:
+        model = prepare_quantized(model, bool(cfg["gradient_checkpointing"]))
+        log(f"QLoRA: base loaded in {m['quantization_bit']}-bit"
+            + (f" {m.get('quantization_type')} (double quantisation {bool(m.get('double_quantization'))})"
+               if int(m["quantization_bit"]) == 4 else "") + f", compute {dtype}; the merge uses the full-precision base")
     if uses_lora:
         model = setup_lora(model, m)
     elif m["finetuning_type"] == "freeze":
@@ -359,7 +402,7 @@ def main(argv=None) -> int:
     else:                                                     # full, GaLore, BAdam: every weight is a candidate
         for p in model.parameters():
             p.requires_grad_(True)
-    if dtype != torch.float32 and not ds_config:
+    if dtype != torch.float32 and not ds_config and not quantized:
         # mixed precision as LLaMA-Factory does it: frozen weights stay 16-bit (half the memory, no cast per
         # matmul), the weights the optimizer updates are fp32, the Trainer's autocast runs the matmuls in 16 bits
         for p in model.parameters():
