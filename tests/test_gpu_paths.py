@@ -129,7 +129,7 @@ def sbatch(out: str, step: str = "train") -> str:
 
 def test_slurm_job_asks_for_the_hardwares_gpus_cpus_and_memory(tmp_path):
     script = sbatch(dry(tmp_path, "launcher=slurm", "hardware=a100_80g_x8", "launcher.partition=gpu"))
-    for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=128", "#SBATCH --mem=943718MB",
+    for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=128", "#SBATCH --mem=921GB",
                  "#SBATCH --nodes=1", "#SBATCH --partition=gpu"):
         assert line in script, script
     cpu = sbatch(dry(tmp_path, "launcher=slurm"))
@@ -303,7 +303,8 @@ def test_collie_uses_its_cuda_lock_for_gpu_hardware(tmp_path):
     out = dry(tmp_path, "backend=collie", "hardware=single_gpu", f"backend.venv={tmp_path / 'collie-venv'}")
     argv = argv_of(out, "setup_collie")
     assert argv[-1] == "--cuda"
-    assert "CUDA_VISIBLE_DEVICES" not in env_of(out, "collie_train")
+    gpu_env = env_of(out, "collie_train")
+    assert gpu_env["CUDA_VISIBLE_DEVICES"] == "0" and "DS_ACCELERATOR" not in gpu_env      # the job's GPU
     cpu = dry(tmp_path / "cpu", "backend=collie")
     assert env_of(cpu, "collie_train")["CUDA_VISIBLE_DEVICES"] == "" and env_of(cpu, "collie_train")[
         "DS_ACCELERATOR"] == "cpu"
@@ -360,3 +361,29 @@ def test_gpu_smoke_matrix(tmp_path):
                           cwd=REPO, env=user_env(), capture_output=True, text=True, timeout=3600)
     rows = [json.loads(ln) for ln in (tmp_path / "smoke.jsonl").read_text().splitlines()]
     assert proc.returncode == 0 and rows and all(r["exit_code"] == 0 for r in rows), proc.stdout[-3000:]
+
+
+def test_gpu_smoke_dry_run_prints_every_case_and_each_plans_on_gpus(tmp_path):
+    """scripts/gpu_smoke.sh --dry-run on this CPU prints the matrix; with 4 GPUs made visible (a stand-in
+    nvidia-smi) every case's command validates and plans (as a dry run) on them."""
+    env = fake_nvidia_smi(tmp_path, 4)
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_smoke.sh"), "--dry-run", "--out",
+                           str(tmp_path / "smoke" / "smoke.jsonl")], cwd=REPO, env=user_env(**env), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(ln.split(": ", 1) for ln in proc.stdout.splitlines())
+    expected = {"alpacalora_lora_bf16", "alpacalora_zero2", "alpacalora_zero3_full", "alpacalora_zero2_offload",
+                "alpacalora_fp16", "alpacalora_qlora", "llamafactory_lora", "llamafactory_zero2", "flagembedding",
+                "collie", "auto_explain", "estimator"}
+    assert set(lines) == expected
+    for name, cmd in lines.items():
+        argv = cmd.split()
+        if "dry_run=true" not in argv:
+            argv.append("dry_run=true")
+        if name == "collie":
+            argv.append(f"backend.venv={tmp_path / 'collie-cuda-venv'}")     # built by the run's first step
+        run = subprocess.run(argv, cwd=REPO, env=user_env(**env), capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, f"{name}: {run.stderr[-2000:]}"
+        if name not in ("estimator", "auto_explain"):          # 4 processes: torchrun's, or LLaMA-Factory's own
+            assert "--nproc_per_node=4" in run.stdout or '"NPROC_PER_NODE": "4"' in run.stdout, name
+    assert not (tmp_path / "smoke").exists()                  # a dry run writes nothing

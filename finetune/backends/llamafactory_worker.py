@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     # llamafactory-cli as key=value arguments, which override the yaml (finetune/secrets.py)
     secret_args = [f"{k[len('backend.extra.'):]}={v}" for k, v in json.loads(env.get("FINETUNE_SECRETS") or "{}").items()
                    if k.startswith("backend.extra.")]
+    if env.get("FINETUNE_RESUME") == "1":     # a Slurm job rerun after preemption: LLaMA-Factory continues from its
+        secret_args.append("overwrite_output_dir=false")  # last checkpoint in the output folder
     start = time.monotonic()
     proc = subprocess.Popen(cmd + secret_args, env=env)
     for sig in (signal.SIGINT, signal.SIGTERM):

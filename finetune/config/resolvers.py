@@ -92,7 +92,7 @@ def _eval_resolver(expr, _root_):
 
 
 # what a launcher asks for a CPU job when the hardware group does not say (Slurm/k8s: small CPU jobs)
-CPU_JOB = {"cpus": 2, "mem_gb": 4.0}
+CPU_JOB = {"cpus": 2, "mem_gb": 4}
 
 
 def hardware_job(what: str, hw) -> float:
@@ -106,7 +106,7 @@ def hardware_job(what: str, hw) -> float:
     if what == "cpus":
         return int(hw.cpus) if cuda and hw.cpus else CPU_JOB["cpus"]
     if what == "mem_gb":
-        return round(0.9 * float(hw.memory_gb), 1) if cuda and hw.memory_gb else CPU_JOB["mem_gb"]
+        return int(0.9 * float(hw.memory_gb)) if cuda and hw.memory_gb else CPU_JOB["mem_gb"]   # whole GB (sbatch)
     raise ValueError(f"${{hardware_job:{what}}}: one of nproc, gpus, cpus, mem_gb")
 
 

@@ -335,6 +335,8 @@ class LauncherConfig:
     cluster: Optional[str] = None             # submitit cluster: null = slurm; "local"/"debug" run without Slurm
     job_name: Optional[str] = None            # default: finetune-<run name>-<step>
     poll_s: float = 2.0
+    max_requeues: int = 3                     # slurm: reruns after preemption / time limit before the job fails
+    signal_delay_s: int = 120                 # slurm: USR2 this long before the time limit (the job requeues itself)
     # k8s (manifest generation: a batch/v1 Job, or a Kubeflow PyTorchJob when nnodes > 1)
     image: str = "finetune:latest"
     namespace: str = "default"

@@ -296,6 +296,8 @@ def train(cfg: dict, run_dir: Path) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg["lr_scheduler_type"], warmup, total_steps))
 
     history = run_dir / "history.jsonl"
+    if rank == 0 and history.exists():
+        history.write_text("")       # Collie always trains from step 0 (a rerun of a requeued job): no duplicate rows
     logging_steps = max(1, int(cfg.get("logging_steps") or 1))
 
     class History(Callback):

@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     runner_cls, model_args, data_args, training_args = _runner(args.task, flags)
     out = Path(training_args.output_dir)
     resume_from = None
-    if args.resume and out.is_dir():
+    # --resume (resume=true), or FINETUNE_RESUME=1: a Slurm job rerun after preemption (launchers/slurm_job.py)
+    if (args.resume or os.environ.get("FINETUNE_RESUME") == "1") and out.is_dir():
         resume_from = last_complete_checkpoint(out)
         for ckpt in out.glob("checkpoint-*"):            # cut by a kill: never resumed from, this run's own
             if ckpt.is_dir() and ckpt != resume_from and not (ckpt / COMPLETE).exists():
