@@ -442,3 +442,15 @@ def test_qlora_trains_on_cpu_and_merges_into_the_full_precision_base(tmp_path, t
                     d.p = 0.0                                   # train mode for the kernel, no dropout
         gap = (merged - qtrained(input_ids=ids).logits).abs().max().item()
     assert 0 < quant_error and gap <= 2 * quant_error + 1e-4, (gap, quant_error)
+
+
+@pytest.mark.slow
+def test_zero3_loads_the_weights_partitioned(tmp_path, tiny_model):
+    """Under ZeRO-3 the Trainer's DeepSpeed config exists before from_pretrained, so every rank loads its shard
+    (deepspeed.zero.Init) instead of the whole model; parameter counts still read the full sizes."""
+    out = tmp_path / "z3"
+    _train(out, "method=full", "hardware.deepspeed_stage=3", "max_steps=2", "eval_steps=2")
+    assert "ZeRO-3: weights loaded partitioned across the ranks" in (out / "logs" / "train.log").read_text()
+    s = read_json(out / "train_summary.json")
+    assert s["deepspeed"] is True and s["total_params"] == s["trainable_params"] == \
+        _llama_counts(tiny_model("tiny_llama"))["total"]                 # full sizes (ds_numel), not the shards

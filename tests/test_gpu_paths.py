@@ -387,3 +387,8 @@ def test_gpu_smoke_dry_run_prints_every_case_and_each_plans_on_gpus(tmp_path):
         if name not in ("estimator", "auto_explain"):          # 4 processes: torchrun's, or LLaMA-Factory's own
             assert "--nproc_per_node=4" in run.stdout or '"NPROC_PER_NODE": "4"' in run.stdout, name
     assert not (tmp_path / "smoke").exists()                  # a dry run writes nothing
+
+
+def test_a_slurm_array_sweep_over_hardware_is_refused(tmp_path):
+    line = refused(tmp_path / "s", "hydra/launcher=slurm_sweep", "hardware=single_gpu,a100_80g_x8", "-m")
+    assert line.startswith("error: hardware='single_gpu,a100_80g_x8': hydra/launcher=slurm_sweep asks Slurm for one")

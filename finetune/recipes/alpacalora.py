@@ -378,6 +378,9 @@ def main(argv=None) -> int:
                                                  **({} if attn == "auto" else {"attn_implementation": attn}),
                                                  **quantization_kwargs(m, hw, dtype))
     model.config.use_cache = False
+    partitioned = sum(1 for p in model.parameters() if hasattr(p, "ds_id"))
+    if partitioned:
+        log(f"ZeRO-3: weights loaded partitioned across the ranks ({partitioned} parameters, deepspeed.zero.Init)")
     # attention auto on CPU: per batch, eager up to EAGER_MAX_LEN tokens, SDPA above. Measured here (30M Llama,
     # bf16, 4 sequences, forward+backward tokens/s, eager vs sdpa): 112 tokens 1748 vs 1581, 256: 1779 vs 1746,
     # 512: 1280 vs 1459, 1024: 598 vs 1572. Both give the same loss (within 1e-6); the switch is a config attribute
