@@ -71,6 +71,10 @@ EXPECT = {
     "finetune reproduce <mlflow run id>": (0, [r"reproduce: MLflow run [0-9a-f]{32} is the run folder",
                                                r"reproduced: loss curves (identical|match)"], 900),
     "finetune mlflow-server stop": (0, [r"mlflow-server: stopped"], 120),
+    "python train.py method=qlora": (0, [r"QLoRA: base loaded in 4-bit nf4", COMPLETED], 600),
+    "python train.py hardware=a100_80g_x8 launcher=slurm dry_run=true": (0, [r"#SBATCH --gpus-per-node=8",
+                                                                             r"--nproc_per_node=8"], 120),
+    "bash scripts/gpu_smoke.sh --dry-run": (0, [r"alpacalora_qlora: ", r"estimator: "], 120),
 }
 NOT_RUN = {"bash scripts/test.sh": "the command that runs this test (CI runs it)"}
 # the main commands again, from another working folder: <repo>/train.py from a fresh temporary folder

@@ -44,6 +44,20 @@ def _corpus():
     return lines
 
 
+def planned_config(name: str):
+    """The config.json a builder will write (its shape, for planning before the model is built), or None."""
+    spec = SPECS.get(name)
+    if spec is None:
+        return None
+    common = dict(hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
+                  num_hidden_layers=spec["num_hidden_layers"], num_attention_heads=spec["num_attention_heads"],
+                  vocab_size=spec["vocab"])
+    if "bert" in name:
+        return {"model_type": "bert", "architectures": ["BertModel"], "max_position_embeddings": 512, **common}
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False,
+            "num_key_value_heads": spec["num_key_value_heads"], "max_position_embeddings": 2048, **common}
+
+
 def build_llama(name: str, out: Path) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
