@@ -2,6 +2,7 @@
 nested runs, read the page's text and take a screenshot. Test helper (and how docs/mlflow_ui.png was made):
 
     python tests/browser.py 'http://127.0.0.1:5000/#/experiments/1/runs' docs/mlflow_ui.png
+    python tests/browser.py 'http://127.0.0.1:5000/#/experiments/1/runs?compareRunsMode=CHART' docs/mlflow_ui_charts.png loss
 
 The MLflow 3 runs table collapses child runs under their parent (the expansion state lives in the browser's
 localStorage, not in the URL), so the "+" buttons next to parent runs are clicked before the text is read.
@@ -37,8 +38,16 @@ def chromium() -> str:
     return shutil.which("chromium") or shutil.which("chromium-browser") or ""
 
 
-def runs_page(url: str, screenshot: Path = None, timeout: float = 90.0) -> str:
-    """The text of an MLflow runs page with every parent run expanded; optionally a PNG of it."""
+# type into the chart view's search box (a React input: set the value through the prototype, then an input event)
+FILTER = """((text) => { const i = document.querySelector('input[placeholder="Search metric charts"]');
+  if (!i) return false;
+  Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(i, text);
+  i.dispatchEvent(new Event('input', {bubbles: true})); return true })"""
+
+
+def runs_page(url: str, screenshot: Path = None, timeout: float = 90.0, charts: str = "") -> str:
+    """The text of an MLflow runs page with every parent run expanded; optionally a PNG of it. ``charts``: on the
+    chart view (``?compareRunsMode=CHART``), show only the metric charts whose name holds this text."""
     from websockets.sync.client import connect
 
     profile = tempfile.mkdtemp(prefix="finetune-chromium-")
@@ -88,6 +97,9 @@ def runs_page(url: str, screenshot: Path = None, timeout: float = 90.0) -> str:
                     break
                 wait_for(f"document.querySelectorAll('.ag-row').length > {rows}", 15)
             js(CLOSE_ASSISTANT)
+            if charts:
+                js(f"{FILTER}({json.dumps(charts)})")
+                time.sleep(2.0)
             time.sleep(1.0)
             text = js("document.body.innerText")
             if screenshot:
@@ -105,4 +117,5 @@ def runs_page(url: str, screenshot: Path = None, timeout: float = 90.0) -> str:
 
 
 if __name__ == "__main__":
-    print(runs_page(sys.argv[1], Path(sys.argv[2]) if len(sys.argv) > 2 else None))
+    print(runs_page(sys.argv[1], Path(sys.argv[2]) if len(sys.argv) > 2 else None,
+                    charts=sys.argv[3] if len(sys.argv) > 3 else ""))

@@ -307,7 +307,7 @@ def test_tiny_run_logged_to_the_server(mlflow_server, tmp_path, tiny_model):
     assert len(loss) == 6 and loss[-1] < loss[0]
     metrics = r.data.metrics
     assert metrics["train_loss"] == pytest.approx(read_json(run / "metrics.json")["train_loss"])
-    assert metrics["final/eval_loss"] == pytest.approx(read_json(run / "metrics.json")["eval_loss"])
+    assert metrics["final_eval_loss"] == pytest.approx(read_json(run / "metrics.json")["eval_loss"])
     assert ARTIFACTS <= {a.path for a in client(url).list_artifacts(r.info.run_id)}
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))       # TensorBoard as before
 
@@ -410,7 +410,7 @@ def test_every_backend_logs_the_same_way(backend, mlflow_server, tmp_path, tiny_
     final = read_json(run / "metrics.json")           # the final numbers, under the same names for every backend
     for k in ("train_loss", "eval_loss", "tokens_per_s"):
         if isinstance(final.get(k), float):
-            assert r.data.metrics.get(f"final/{k}", r.data.metrics.get(k)) == pytest.approx(final[k]), k
+            assert r.data.metrics.get(f"final_{k}", r.data.metrics.get(k)) == pytest.approx(final[k]), k
     assert SECRET not in json.dumps({**r.data.params, **r.data.tags})
     SEEN[backend] = r
 

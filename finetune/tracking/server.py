@@ -181,8 +181,8 @@ def main(action: str, port: Optional[int] = None) -> int:
             port = DEFAULT_PORT if port_free(DEFAULT_PORT) else 0
         elif port and not port_free(port):
             raise ConfigError("--port", port, "is in use; choose another port, or --port 0 for a free one")
-        print(f"mlflow-server: starting MLflow {LOCK.read_text().split('mlflow==')[1].split()[0]} on store {store}",
-              flush=True)
+        version = next((ln.split("==")[1] for ln in LOCK.read_text().splitlines() if ln.startswith("mlflow==")), "?")
+        print(f"mlflow-server: starting MLflow {version} on store {store}", flush=True)
         info = start_server(store, port or 0)
         from finetune.run_dir import atomic_write_json
 

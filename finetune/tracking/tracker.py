@@ -392,12 +392,13 @@ class RunTracker:
             self.opened = []
 
     def finish(self, status: str, metrics: Optional[dict] = None, error: Optional[str] = None) -> None:
-        """Final metrics (those not already a logged series, or as final/<name>), artifacts, status."""
+        """Final metrics (those not already a logged series, or as final_<name>), artifacts, status."""
         self.wait()
         final = {}
         for k, v in (metrics or {}).items():
             if _numeric(v) and v == v and k not in NOT_METRICS:
-                final[f"final/{k}" if k in self.series else k] = float(v)
+                # (not final/<name>: the UI would chart a "final" section of one-point charts before the curves)
+                final[f"final_{k}" if k in self.series else k] = float(v)
         self._each("finishing the run", lambda s: s.close(status, final, self.max_step, self.run_dir, error))
         self._save_state()
         for sink in self.opened:
