@@ -50,7 +50,9 @@ def _flags(argv):
     """--key value pairs of a FlagEmbedding command."""
     out, i = {}, 0
     while i < len(argv):
-        if argv[i].startswith("--"):
+        if argv[i] == "--":                         # the wrapper's arguments end here; FlagEmbedding's follow
+            i += 1
+        elif argv[i].startswith("--"):
             out[argv[i][2:]] = argv[i + 1]
             i += 2
         else:
