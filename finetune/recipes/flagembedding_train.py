@@ -53,7 +53,7 @@ def _save_gathered_weights(trainer) -> None:
     and passes it to _save, but FlagEmbedding's _save ignores it and saves self.model.state_dict(): the partitioned,
     empty parameters (a model.safetensors of 0-element tensors that looks complete). Save the gathered one, the rest
     as FlagEmbedding does (tokenizer, training_args.bin)."""
-    ds = trainer.args.hf_deepspeed_config
+    ds = getattr(trainer.args, "hf_deepspeed_config", None)     # only set when DeepSpeed is on
     if ds is None or (ds.config.get("zero_optimization") or {}).get("stage") != 3:
         return
     own_save = trainer._save
