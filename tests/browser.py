@@ -2,7 +2,7 @@
 nested runs, read the page's text and take a screenshot. Test helper (and how docs/mlflow_ui.png was made):
 
     python tests/browser.py 'http://127.0.0.1:5000/#/experiments/1/runs' docs/mlflow_ui.png
-    python tests/browser.py 'http://127.0.0.1:5000/#/experiments/1/runs?compareRunsMode=CHART' docs/mlflow_ui_charts.png loss
+    python tests/browser.py 'http://127.0.0.1:5000/#/experiments/1/runs?compareRunsMode=CHART' charts.png loss
 
 The MLflow 3 runs table collapses child runs under their parent (the expansion state lives in the browser's
 localStorage, not in the URL), so the "+" buttons next to parent runs are clicked before the text is read.
@@ -30,7 +30,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage
 EXPAND = """(() => { let n = 0;
   document.querySelectorAll('button[data-component-id*="runnamecellrenderer"]').forEach(b => {
     if (b.querySelector('path[d^="M7.25 7.25"]')) { b.click(); n++; } }); return n; })()"""
-CLOSE_ASSISTANT = """(() => { const c = document.querySelector('[data-component-id="mlflow.assistant.chat_panel.close"]');
+CLOSE_ASSISTANT = """(() => {
+  const c = document.querySelector('[data-component-id="mlflow.assistant.chat_panel.close"]');
   if (c) { c.click(); return true } return false })()"""
 
 
@@ -76,7 +77,8 @@ def runs_page(url: str, screenshot: Path = None, timeout: float = 90.0, charts: 
                         return msg.get("result", msg)
 
             def js(expr):
-                return cdp("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)["result"].get("value")
+                out = cdp("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)
+                return out["result"].get("value")
 
             def wait_for(expr, seconds):
                 end = time.monotonic() + seconds

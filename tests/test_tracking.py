@@ -86,8 +86,8 @@ def one_warning(proc, target: str = "mlflow") -> str:
     ("report_to=[none,mlflow]", "error: report_to=['none', 'mlflow']: none cannot be combined with other targets"),
     ("report_to=[mlflow,mlflow]", "error: report_to=['mlflow', 'mlflow']: lists a target twice"),
     ("tracking.mlflow.uri=mlruns", "error: tracking.mlflow.uri='mlruns': an MLflow tracking URI: http(s)://HOST:PORT "
-                                   "(a server), sqlite:///PATH (a local store) or databricks (MLflow 3 retired the file "
-                                   "store; use sqlite:///<path>/mlflow.db)"),
+                                   "(a server), sqlite:///PATH (a local store) or databricks (MLflow 3 retired the "
+                                   "file store; use sqlite:///<path>/mlflow.db)"),
     ("tracking.wandb.mode=cloud", "error: tracking.wandb.mode='cloud': one of auto, offline, online (auto: online when "
                                   "an API key is set and W&B answers, else offline)"),
     ("tracking.mlflow.experment=x", "error: tracking.mlflow.experment: unknown key (did you mean "
@@ -131,7 +131,6 @@ def test_default_store_is_under_outputs():
 
 def test_tensorboard_reaches_the_workers_mlflow_does_not(tmp_path):
     """The trainers keep reporting to TensorBoard only; MLflow / W&B are the driver's."""
-    from finetune.backends.llamafactory import train_args
     from finetune.tracking import wants
 
     assert wants(["tensorboard", "mlflow"], "tensorboard") and not wants("mlflow", "tensorboard")
@@ -141,7 +140,6 @@ def test_tensorboard_reaches_the_workers_mlflow_does_not(tmp_path):
     assert '"--report_to", "none"' in proc.stdout
     proc, _ = run_train("backend=llamafactory", "report_to=mlflow", "dry_run=true", outputs=tmp_path)
     assert "report_to: none" in proc.stdout and "MLflow / W&B runs are logged by the driver" in proc.stdout
-    assert train_args   # the LLaMA-Factory yaml is checked in test_llamafactory
 
 
 def test_params_and_tags_hold_no_secret():
@@ -176,8 +174,8 @@ def test_closed_port_completes_with_one_warning_line(tmp_path):
 
     port = free_port()                              # nothing listens there
     t = time.monotonic()
-    proc, run = run_train("backend=dummy", "report_to=[tensorboard,mlflow]", f"tracking.mlflow.uri=http://127.0.0.1:{port}",
-                          outputs=tmp_path)
+    proc, run = run_train("backend=dummy", "report_to=[tensorboard,mlflow]",
+                          f"tracking.mlflow.uri=http://127.0.0.1:{port}", outputs=tmp_path)
     seconds = time.monotonic() - t
     assert proc.returncode == 0, proc.stderr
     line = one_warning(proc)
@@ -190,8 +188,9 @@ def test_closed_port_sweep_completes(tmp_path):
     from launchers.process import free_port
 
     port = free_port()
-    proc, _ = run_train("backend=dummy", "lora_r=4,8", "report_to=mlflow", f"tracking.mlflow.uri=http://127.0.0.1:{port}",
-                        f"hydra.sweep.dir={tmp_path / 'sweep'}", outputs=tmp_path, multirun=True)
+    proc, _ = run_train("backend=dummy", "lora_r=4,8", "report_to=mlflow",
+                        f"tracking.mlflow.uri=http://127.0.0.1:{port}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                        outputs=tmp_path, multirun=True)
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 3 and all(ln.startswith("[finetune] warning: mlflow tracking is off") for ln in lines), lines
@@ -249,8 +248,8 @@ def test_wandb_offline_run_files(tmp_path):
     assert s["summary"]["train_loss"] == pytest.approx(0.4) and s["summary"]["finetune_status"] == "completed"
     records = inspect(folder / f"run-{s['run_id']}.wandb", summary=False)
     run_rec = next(r["run"] for r in records if r["type"] == "run")
-    assert run_rec["job_type"] == "dummy" and "run_group" not in run_rec and sorted(run_rec["tags"]) == ["dummy", "lora",
-                                                                                                       "tiny_llama"]
+    assert run_rec["job_type"] == "dummy" and "run_group" not in run_rec
+    assert sorted(run_rec["tags"]) == ["dummy", "lora", "tiny_llama"]
     logged = [(r["history"]["step"]["num"], r["history"]["item"]["loss"]) for r in records
               if r["type"] == "history" and "loss" in r["history"]["item"]]
     assert logged == [(int(h["step"]), pytest.approx(h["loss"])) for h in history(run)]
@@ -333,7 +332,8 @@ def test_sweep_is_a_parent_run_with_a_child_per_job(alpaca_sweep, mlflow_server)
     assert len(parents) == 1 and len(runs) == 3
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags["finetune.sweep_dir"] == str(folder)
-    assert (parent.data.params["swept"], parent.data.metrics["n_jobs"], parent.data.metrics["n_failed"]) == ("lora_r", 2, 0)
+    assert parent.data.params["swept"] == "lora_r"
+    assert (parent.data.metrics["n_jobs"], parent.data.metrics["n_failed"]) == (2, 0)
     assert {"summary.csv", "summary.md", "summary.json", "loss_curves.png", "metric_vs_lora_r.png"} <= \
         {a.path for a in client(url).list_artifacts(parent.info.run_id)}
     children = client(url).search_runs([parent.info.experiment_id],
@@ -342,7 +342,8 @@ def test_sweep_is_a_parent_run_with_a_child_per_job(alpaca_sweep, mlflow_server)
     assert [c.info.run_name for c in children] == ["job-0 lora_r=4", "job-1 lora_r=8"]
     for job, child in enumerate(children):
         assert child.info.status == "FINISHED" and child.data.params["lora_r"] == ("4", "8")[job]
-        assert child.data.tags["finetune.run_dir"] == str(folder / str(job)) and child.data.tags["finetune.job"] == str(job)
+        assert child.data.tags["finetune.run_dir"] == str(folder / str(job))
+        assert child.data.tags["finetune.job"] == str(job)
         assert_history_logged(url, child.info.run_id, folder / str(job))
         assert ARTIFACTS <= {a.path for a in client(url).list_artifacts(child.info.run_id)}
     best = read_json(folder / "summary.json")
@@ -369,6 +370,24 @@ def test_failed_jobs_are_failed_children(mlflow_server, tmp_path):
     failed = children["job-3 backend.steps=2 backend.fail=True"]
     assert failed.data.tags["finetune.error"].startswith("step 'dummy_train' exited with code 3")
     assert "logs" in {a.path for a in client(url).list_artifacts(failed.info.run_id)}   # the failed step's log
+
+
+@pytest.mark.optuna
+def test_optuna_search_is_a_parent_run(tmp_path):
+    """+hparams_search (Optuna) as any sweep: a parent run, a child per trial named by the values Optuna chose."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="optional extra: pip install hydra-optuna-sweeper")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc, _ = run_train("+hparams_search=lora_optuna", "hydra.sweeper.n_trials=2", "backend=dummy", "report_to=mlflow",
+                        f"tracking.mlflow.uri={uri}", f"hydra.sweep.dir={tmp_path / 'search'}", outputs=tmp_path)
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+    _, runs = runs_of(uri, "run")
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.data.params["swept"] == "lora_r,learning_rate,lora_dropout" and parent.data.params["sweeper"] == \
+        "OptunaSweeper" and parent.info.status == "FINISHED"
+    assert sorted(r.info.run_name.split()[0] for r in children) == ["job-0", "job-1"]
+    for r in children:
+        assert f"lora_r={r.data.params['lora_r']} " in r.info.run_name and "learning_rate=" in r.info.run_name
 
 
 BACKENDS = {
@@ -474,7 +493,8 @@ def test_reproduce_an_mlflow_run_id(mlflow_server, tmp_path):
 
     out = reproduce(run_id, "--tracking-uri", url, "--allow-different", "--output-dir", str(tmp_path / "again"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert f"MLflow run {run_id} is the run folder {run}" in out.stdout and "reproduced: loss curves identical" in out.stdout
+    assert f"MLflow run {run_id} is the run folder {run}" in out.stdout
+    assert "reproduced: loss curves identical" in out.stdout
     shutil.move(str(run), str(tmp_path / "moved"))           # the folder is gone: its artifacts are enough
     out = reproduce(run_id, "--tracking-uri", url, "--allow-different", "--output-dir", str(tmp_path / "again2"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -64,8 +64,9 @@ def describe(cfg) -> List[str]:
     """Plan notes: where this run will be logged (shown by dry_run=true)."""
     notes, chosen = [], targets(cfg.report_to)
     if "mlflow" in chosen:
-        notes.append(f"mlflow: experiment '{cfg.tracking.mlflow.experiment}' at {cfg.tracking.mlflow.uri} (logged by the "
-                     "driver from history.jsonl while the steps run, then metrics and artifacts)")
+        m = cfg.tracking.mlflow
+        notes.append(f"mlflow: experiment '{m.experiment}' at {m.uri} (logged by the driver from history.jsonl while "
+                     "the steps run, then metrics and artifacts)")
     if "wandb" in chosen:
         notes.append(f"wandb: project '{cfg.tracking.wandb.project}', mode {cfg.tracking.wandb.mode} (auto: offline "
                      "unless an API key is set and W&B answers; offline runs stay in <run>/wandb for `wandb sync`)")
@@ -138,8 +139,8 @@ def mlflow_uri(uri: Optional[str]) -> str:
         return uri.rstrip("/")
     if uri.startswith("databricks"):
         return uri
-    hint = ("MLflow 3 retired the file store; use sqlite:///<path>/mlflow.db" if uri.startswith("file:") or "://" not in uri
-            else "")
+    file_store = uri.startswith("file:") or "://" not in uri
+    hint = "MLflow 3 retired the file store; use sqlite:///<path>/mlflow.db" if file_store else ""
     raise ConfigError(key, uri, "an MLflow tracking URI: http(s)://HOST:PORT (a server), sqlite:///PATH (a local "
                       "store) or databricks", hint)
 
@@ -184,7 +185,7 @@ NOT_PARAMS = ("tracking", "output_dir", "target_path", "merge_path", "dry_run", 
 MAX_VALUE = 500
 
 
-def _value(v: Any) -> str:
+def param_value(v: Any) -> str:
     if isinstance(v, bool):
         s = "true" if v else "false"
     elif v is None:
@@ -223,7 +224,7 @@ def params(config: Dict[str, Any], overrides: List[str], choices: Dict[str, str]
 
     typed = [re.sub(r"\\(.)", r"\1", str(o)) for o in overrides]     # a multirun job's overrides come escaped (\:)
     out["overrides"] = " ".join(redact(typed)) or "(none)"
-    return {k: _value(v) for k, v in out.items() if not is_secret_key(k)}
+    return {k: param_value(v) for k, v in out.items() if not is_secret_key(k)}
 
 
 def tags(manifest: Dict[str, Any], run_dir: Path, job: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
@@ -233,8 +234,12 @@ def tags(manifest: Dict[str, Any], run_dir: Path, job: Optional[Dict[str, Any]] 
 
     cfg = manifest.get("config") or {}
     git = manifest.get("git") or {}
-    out = {"finetune.run_dir": str(run_dir), "finetune.backend": (cfg.get("backend") or {}).get("name"),
-           "finetune.method": (cfg.get("method") or {}).get("name"), "finetune.model": (cfg.get("model") or {}).get("name"),
+
+    def name(group):
+        return (cfg.get(group) or {}).get("name")
+
+    out = {"finetune.run_dir": str(run_dir), "finetune.backend": name("backend"), "finetune.method": name("method"),
+           "finetune.model": name("model"),
            "finetune.config_name": cfg.get("name"), "git.commit": git.get("commit"),
            "git.dirty": None if git.get("dirty") is None else str(bool(git["dirty"])).lower(),
            "mlflow.source.git.commit": git.get("commit"), "mlflow.source.name": "train.py",

@@ -168,7 +168,8 @@ class MlflowSink:
         now = int(time.time() * 1000)
         tags = [RunTag("finetune.status", status)]
         if error:
-            tags += [RunTag("finetune.error", error[:5000]), RunTag("mlflow.note.content", f"**{status}**: {error}"[:5000])]
+            tags += [RunTag("finetune.error", error[:5000]),
+                     RunTag("mlflow.note.content", f"**{status}**: {error}"[:5000])]       # the run page's description
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in final.items()],
                               tags=tags, synchronous=True)
         for name in RUN_FILES:
@@ -449,16 +450,17 @@ def start_sweep(config, sweep_dir: Path) -> None:
             from finetune.secrets import redact
 
             git = git_info()
-            run = client.create_run(exp_id, run_name=f"{state['group']} ({', '.join(state['swept']) or 'sweep'})", tags={
+            title = f"{state['group']} ({', '.join(state['swept']) or 'sweep'})"
+            run = client.create_run(exp_id, run_name=title, tags={
                 "finetune.sweep_dir": str(sweep_dir), "finetune.kind": "sweep", "git.commit": str(git.get("commit")),
                 "git.dirty": str(git.get("dirty")).lower(), "mlflow.source.git.commit": str(git.get("commit")),
                 "mlflow.source.name": "train.py", "mlflow.source.type": "LOCAL"})
             from mlflow.entities import Param
 
+            sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).split(".")[-1]
             sweep_params = {"overrides": " ".join(redact([str(o) for o in config.hydra.overrides.task])) or "(none)",
-                            "swept": ",".join(state["swept"]),
-                            "sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).split(".")[-1]}
-            client.log_batch(run.info.run_id, params=[Param(k, T._value(v)) for k, v in sweep_params.items()],
+                            "swept": ",".join(state["swept"]), "sweeper": sweeper}
+            client.log_batch(run.info.run_id, params=[Param(k, T.param_value(v)) for k, v in sweep_params.items()],
                              synchronous=True)
             state["mlflow"] = {"uri": uri, "experiment": name, "experiment_id": exp_id, "run_id": run.info.run_id}
         except Exception as e:  # noqa: BLE001
@@ -482,7 +484,8 @@ def finish_sweep(sweep_dir: Path, summary: Optional[dict]) -> None:
         return
     summary = summary or _read_json(sweep_dir / "summary.json")
     n_jobs, n_failed = int(summary.get("n_jobs") or 0), int(summary.get("n_failed") or 0)
-    best = next((r.get("objective") for r in summary.get("rows") or [] if r.get("job") == summary.get("best_job")), None)
+    rows = summary.get("rows") or []
+    best = next((r.get("objective") for r in rows if r.get("job") == summary.get("best_job")), None)
     best = best if _numeric(best) else None
     metric = summary.get("metric") or "objective"
     numbers = {"n_jobs": n_jobs, "n_failed": n_failed, **({f"best_{metric}": best} if best is not None else {})}
@@ -541,12 +544,13 @@ def failed_job(config, job_dir: Path, error: str) -> None:
         from finetune.secrets import redact
 
         client = mlflow_client(m["uri"])
-        name = T.run_name(Path(job_dir), {"num": num, "swept_values": swept_values(overrides, state.get("swept") or [])})
+        swept = swept_values(overrides, state.get("swept") or [])
+        name = T.run_name(Path(job_dir), {"num": num, "swept_values": swept})
         run = client.create_run(m["experiment_id"], run_name=name, tags={
             "mlflow.parentRunId": m["run_id"], "finetune.sweep_dir": str(Path(job_dir).parent), "finetune.job": num,
             "finetune.run_dir": str(job_dir), "finetune.status": "failed", "finetune.error": error[:5000],
             "mlflow.note.content": f"**failed**: {error}"[:5000]})
-        client.log_batch(run.info.run_id, params=[Param("overrides", T._value(" ".join(redact(overrides))))],
+        client.log_batch(run.info.run_id, params=[Param("overrides", T.param_value(" ".join(redact(overrides))))],
                          tags=[RunTag("finetune.status", "failed")], synchronous=True)
         client.set_terminated(run.info.run_id, "FAILED")
     except Exception as e:  # noqa: BLE001
