@@ -74,7 +74,8 @@ def run(cfg: DictConfig) -> Optional[float]:
     from finetune.tracking import describe
 
     plan.notes += describe(cfg)                     # where report_to=mlflow / wandb will log (the dry run shows it)
-    found = secrets.collect(OmegaConf.to_container(cfg, resolve=True))   # to the workers through their environment
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    found = secrets.collect(resolved)               # secrets reach the workers through their environment only
     for step in plan.steps:
         step.env.update(secrets.env_for(found))
 
@@ -84,7 +85,6 @@ def run(cfg: DictConfig) -> Optional[float]:
         print("dry run: nothing was written")
         return None
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     if cfg.resume:
         _check_resumable(run_dir, resolved)
     run_dir = create_run_dir(run_dir, resume=bool(cfg.resume))
@@ -114,7 +114,7 @@ def run(cfg: DictConfig) -> Optional[float]:
     tracker = RunTracker.start(resolved, run_dir, manifest.data, overrides, choices, resume=bool(cfg.resume))
     try:
         for step in plan.steps:
-            print(f"[finetune] step {step.name}: {' '.join(launcher.argv(step, cfg))}", flush=True)
+            print(f"[finetune] step {step.name}: {' '.join(redact(launcher.argv(step, cfg)))}", flush=True)
             result = launcher.run_step(step, cfg, run_dir, timeout_s)
             manifest.add_step(result.record())
             if result.status == "interrupted":
