@@ -270,9 +270,7 @@ def main(argv=None) -> int:
             summarize(args.folder, echo=True)
             return 0
         if args.cmd == "reproduce":
-            from finetune.report.reproduce import reproduce
-
-            from finetune.report.reproduce import find_run
+            from finetune.report.reproduce import find_run, reproduce
 
             run_dir = find_run(args.run_dir, args.tracking_uri)
             return reproduce(run_dir, allow_different=args.allow_different, out_dir=args.output_dir)

@@ -318,6 +318,10 @@ class RunTracker:
 
     # ---- background thread
     def _loop(self) -> None:
+        try:
+            os.nice(10)         # this thread only (Linux: per-thread): importing mlflow yields the cores to training
+        except OSError:
+            pass
         for sink in self.sinks:
             try:
                 sink.open()
