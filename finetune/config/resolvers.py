@@ -8,6 +8,7 @@
                              + - * / // % ** ( ) are accepted: parsed with ``ast``, never ``eval``'d.
 - ``${repo_root:}``          the folder holding conf/ (so shipped data paths work from any working folder).
 - ``${pkg_path:NAME}``       the folder of an installed Python package, found without importing it.
+- ``${gguf_model_dir:FILE}`` where ``model=gguf`` converts FILE to (models/gguf/<stem>-<key>; finetune/tools/gguf_model.py).
 """
 from __future__ import annotations
 
@@ -73,6 +74,12 @@ def _pkg_path(name: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]))
 
 
+def _gguf_model_dir(path) -> str:
+    from finetune.tools.gguf_model import gguf_model_dir
+
+    return gguf_model_dir(str(path)) if path not in (None, "") else "<model.gguf_file is not set>"
+
+
 def _eval_resolver(expr, _root_):
     def lookup(key):
         from omegaconf import OmegaConf as OC
@@ -86,6 +93,7 @@ def _eval_resolver(expr, _root_):
 
 
 def register() -> None:
-    for name, fn in (("eval", _eval_resolver), ("repo_root", lambda: str(REPO_ROOT)), ("pkg_path", _pkg_path)):
+    for name, fn in (("eval", _eval_resolver), ("repo_root", lambda: str(REPO_ROOT)), ("pkg_path", _pkg_path),
+                     ("gguf_model_dir", _gguf_model_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -184,7 +184,8 @@ class ModelConfig:
     path: str = MISSING                       # folder with config.json (+ tokenizer, weights)
     family: str = "llama"                     # llama | qwen2 | internlm2 | chatglm3 | bert
     kind: str = "causal_lm"                   # causal_lm | encoder
-    builder: Optional[str] = None             # tiny models: built on first use by finetune.tools.tiny_models
+    builder: Optional[str] = None             # built on first use by finetune.tools.tiny_models (tiny, GGUF)
+    gguf_file: Optional[str] = None           # model=gguf: the GGUF file converted into the models cache
     lora_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     all_linear_modules: List[str] = field(default_factory=list)
     embedding_modules: List[str] = field(default_factory=list)   # what "modules_to_save" means for this family

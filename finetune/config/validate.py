@@ -104,14 +104,22 @@ def world_size(cfg: DictConfig) -> int:
 
 def check_model(cfg: DictConfig) -> None:
     m = cfg.model
+    if m.builder == "gguf":
+        check_gguf_file(m.get("gguf_file"))
     path = Path(str(m.path))
     if m.builder and not path.exists():
         from finetune.config.paths import model_cache_dir
+        from finetune.tools.gguf_model import BUILDERS, INSTALL, package_file
 
-        if path == model_cache_dir(str(m.builder)):
+        if m.builder in BUILDERS and package_file(str(m.builder)) is None:
+            spec = BUILDERS[str(m.builder)]
+            raise ConfigError("model", str(m.name), f"is converted on first use from the package "
+                              f"{spec['distribution']}=={spec['version']}, which is not installed: {INSTALL}")
+        if path == model_cache_dir(str(m.builder), m.get("gguf_file")):
             return                                   # a model the project builds on first use, into its cache
         raise ConfigError("model.path", str(path), f"no such folder (model={m.name} is built on first use only into "
-                          f"{model_cache_dir(str(m.builder))}; a model.path you type must hold a model)")
+                          f"{model_cache_dir(str(m.builder), m.get('gguf_file'))}; a model.path you type must hold "
+                          "a model)")
     if not path.exists():
         raise ConfigError("model.path", str(path), "no such folder (a model folder with config.json)")
     if not path.is_dir():
@@ -145,6 +153,17 @@ def check_model(cfg: DictConfig) -> None:
             json.loads(tc.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError("model.path", str(tc), f"tokenizer_config.json is not valid JSON ({e.msg})")
+
+
+def check_gguf_file(value) -> None:
+    if not value:
+        raise ConfigError("model.gguf_file", value, "model=gguf needs the GGUF file to convert (model.gguf_file=...)")
+    p = Path(str(value))
+    if not p.is_file():
+        raise ConfigError("model.gguf_file", str(p), "no such file (a .gguf model file)")
+    with open(p, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ConfigError("model.gguf_file", str(p), "is not a GGUF file (it does not start with 'GGUF')")
 
 
 def check_method(cfg: DictConfig, typed: List[str]) -> None:
