@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
 
@@ -115,6 +117,14 @@ def plan(cfg, run_dir, ctx) -> Plan:
     else:
         outputs["model"] = merged
         notes.append(f"method {cfg.method.name} trains the whole model: it is saved to {merged}, no merge step")
+    if _lora(cfg) and cfg.method.modules_to_save:
+        from finetune.config import model_facts
+
+        wanted = [str(x) for x in OmegaConf.to_container(cfg.method.modules_to_save)] \
+            if OmegaConf.is_config(cfg.method.modules_to_save) else str(cfg.method.modules_to_save).split(",")
+        if model_facts.tied_embeddings(cfg.model) and set(wanted) & model_facts.embedding_names(cfg.model):
+            notes.append(f"tied embeddings: modules_to_save {wanted} trains the one shared embedding/output matrix "
+                         "once (PEFT ensure_weight_tying); the adapter and the merged model keep it tied")
     if cfg.method.name == "pissa" or (_lora(cfg) and cfg.method.pissa_init):
         notes.append("PiSSA: the saved adapter is converted to a plain LoRA delta (rank 2r) against the original "
                      "base, so merging is reproducible" if cfg.method.pissa_convert else

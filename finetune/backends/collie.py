@@ -158,7 +158,24 @@ def check(cfg) -> None:
     if hw.precision == "fp16" and hw.device != "cuda":
         raise ConfigError("hardware.precision", "fp16", "fp16 needs a GPU")
     _check_model_shape(cfg, tp, pp)
+    _check_model_fits_collie(cfg)
     check_venv(cfg)
+
+
+def _check_model_fits_collie(cfg) -> None:
+    """Collie 1.0.7's Llama hard-codes rope base 10000 without scaling (collie/models/llama/model.py) and keeps a
+    separate lm_head: a model with another rope base, or with tied embeddings, would be trained as a different
+    model (refused here rather than after Collie's environment is built; collie_prepare checks the rope again)."""
+    from finetune.config import model_facts
+
+    theta, rope_type, scaling = model_facts.rope(cfg.model)
+    if theta != 10000.0 or rope_type != "default" or scaling:
+        raise ConfigError("model", cfg.model.name, f"uses rope_theta {theta:g} ({rope_type}"
+                          f"{', scaling' if scaling else ''}); Collie 1.0.7's Llama hard-codes rope base 10000 without "
+                          "scaling and would train a different model: use backend=alpacalora or backend=llamafactory")
+    if model_facts.tied_embeddings(cfg.model):
+        raise ConfigError("model", cfg.model.name, "ties its embedding and output layer; Collie 1.0.7's Llama keeps a "
+                          "separate lm_head (it would start untrained): use backend=alpacalora or backend=llamafactory")
 
 
 def _check_model_shape(cfg, tp: int, pp: int) -> None:

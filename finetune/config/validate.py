@@ -190,12 +190,25 @@ def check_method(cfg: DictConfig, typed: List[str]) -> None:
         targets = [t for t in targets.split(",") if t]
     if not targets:
         raise ConfigError("lora_target_modules", targets, "needs at least one module name (or 'all')")
+    _check_tied_targets(cfg, targets)
     if meth.loraplus_lr_ratio is not None and meth.loraplus_lr_ratio <= 0:
         raise ConfigError("method.loraplus_lr_ratio", meth.loraplus_lr_ratio, "must be > 0 (or null)")
     if meth.pissa_init and meth.use_dora:
         raise ConfigError("method.use_dora", True, "PiSSA and DoRA cannot be combined; choose method=pissa or method=dora")
     if meth.pissa_iter < -1 or meth.pissa_iter == 0:
         raise ConfigError("method.pissa_iter", meth.pissa_iter, "must be -1 (exact SVD) or > 0")
+
+
+def _check_tied_targets(cfg: DictConfig, targets) -> None:
+    """LoRA on a tied embedding is wrong on merge: PEFT writes the delta into the one shared matrix, so the output
+    layer changes too (peft 0.18-0.21). The shared matrix is trained with modules_to_save instead."""
+    from finetune.config import model_facts
+
+    hit = sorted(set(str(t) for t in targets) & model_facts.embedding_names(cfg.model))
+    if hit and model_facts.tied_embeddings(cfg.model):
+        raise ConfigError("lora_target_modules", ",".join(str(t) for t in targets),
+                          f"model {cfg.model.name} ties its embedding and output layer: LoRA on {hit[0]} would be merged "
+                          "into the shared matrix and change both; train it with modules_to_save=[embed_tokens] instead")
 
 
 def check_optimizer_rules(cfg: DictConfig) -> None:

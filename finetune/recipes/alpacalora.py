@@ -83,20 +83,48 @@ def setup_freeze(model, m: dict) -> None:
     log(f"freeze: trainable layers {sorted(layer_ids)}, modules {modules or 'all'}, extra {extras}")
 
 
+def tied_embedding_names(model):
+    """(input embedding name, output layer name) when the model shares one matrix between them, else None."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or not getattr(model.config, "tie_word_embeddings", False) or out.weight is not inp.weight:
+        return None
+    names = {id(mod): name.split(".")[-1] for name, mod in model.named_modules()}
+    return names[id(inp)], names[id(out)]
+
+
+def modules_to_save_for(model, wanted):
+    """(modules_to_save, ensure_weight_tying). On a tied model, naming the embedding and/or the output layer means
+    the one shared matrix: it is trained once, as the input embedding, with PEFT's ensure_weight_tying, so that the
+    output layer stays the same matrix in the adapter and in the merge. (PEFT 0.18.1 with both names trains two
+    independent copies and the merged model comes out untied; with lm_head alone and ensure_weight_tying it fails.
+    ensure_weight_tying is never set on an untied model: 0.18.1 would overwrite its lm_head with the embedding.)"""
+    tied = tied_embedding_names(model)
+    if not wanted or tied is None or not set(wanted) & set(tied):
+        return wanted or None, False
+    normalised = [w for w in wanted if w not in tied] + [tied[0]]
+    log(f"tied embeddings: modules_to_save {wanted} -> {normalised} with ensure_weight_tying (the shared "
+        f"{tied[0]}/{tied[1]} matrix is trained once and stays tied in the adapter and the merged model)")
+    return normalised, True
+
+
 def setup_lora(model, m: dict):
     from peft import LoraConfig, get_peft_model
 
     targets = as_list(m["lora_target_modules"])
     if targets == ["all"]:
         targets = all_linear_modules(model)
+    tied = tied_embedding_names(model)
+    if tied and set(targets) & set(tied):
+        raise ValueError(f"lora_target_modules: {sorted(set(targets) & set(tied))} is tied to "
+                         f"{'/'.join(tied)}: LoRA on it would be merged into the shared matrix; use modules_to_save")
     init = True
     if m.get("pissa_init"):
         init = "pissa" if int(m["pissa_iter"]) == -1 else f"pissa_niter_{int(m['pissa_iter'])}"
+    to_save, tie = modules_to_save_for(model, as_list(m.get("modules_to_save")))
     config = LoraConfig(task_type="CAUSAL_LM", r=int(m["lora_r"]), lora_alpha=m["lora_alpha"],
                         lora_dropout=float(m["lora_dropout"]), target_modules=targets, bias="none",
-                        modules_to_save=as_list(m.get("modules_to_save")) or None,
-                        use_rslora=bool(m.get("use_rslora")), use_dora=bool(m.get("use_dora")),
-                        init_lora_weights=init)
+                        modules_to_save=to_save, use_rslora=bool(m.get("use_rslora")), use_dora=bool(m.get("use_dora")),
+                        init_lora_weights=init, **({"ensure_weight_tying": True} if tie else {}))
     log(f"LoRA: r={config.r} alpha={config.lora_alpha} targets={targets} modules_to_save={config.modules_to_save} "
         f"rslora={config.use_rslora} dora={config.use_dora} init={init}")
     return get_peft_model(model, config)
