@@ -142,8 +142,9 @@ def run(cfg: DictConfig) -> Optional[float]:
     value = metrics.get(str(cfg.metric))
     if value is None and cfg.metric == "eval_loss":
         value = metrics.get("train_loss")
-    print(f"[finetune] completed: {run_dir}  " + "  ".join(
-        f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k.endswith("loss")), flush=True)
+    shown = [k for k, v in metrics.items() if isinstance(v, float) and k.endswith("loss")]
+    shown += [k for k in ("base_eval_exact_match", "eval_exact_match") if isinstance(metrics.get(k), float)]
+    print(f"[finetune] completed: {run_dir}  " + "  ".join(f"{k}={metrics[k]:.4g}" for k in shown), flush=True)
     return float(value) if isinstance(value, (int, float)) else None
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from finetune.backends import gen_eval
 from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
 
@@ -55,6 +56,7 @@ def check(cfg) -> None:
         raise ConfigError("hardware.precision", "fp16", "fp16 needs a GPU; use fp32 or bf16 on CPU")
     if b.deepspeed and not Path(str(b.deepspeed)).is_file():
         raise ConfigError("backend.deepspeed", b.deepspeed, "no such file (a DeepSpeed JSON config)")
+    gen_eval.check(cfg)
 
 
 ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2")
@@ -125,6 +127,10 @@ def plan(cfg, run_dir, ctx) -> Plan:
         if model_facts.tied_embeddings(cfg.model) and set(wanted) & model_facts.embedding_names(cfg.model):
             notes.append(f"tied embeddings: modules_to_save {wanted} trains the one shared embedding/output matrix "
                          "once (PEFT ensure_weight_tying); the adapter and the merged model keep it tied")
+    after = merged if (cfg.merge or not _lora(cfg)) else str(Path(str(cfg.model.path)).absolute())
+    first, last = gen_eval.steps(cfg, run_dir, after, adapter=None if (cfg.merge or not _lora(cfg)) else target)
+    steps = first + steps + last
+    notes += gen_eval.note(cfg)
     if cfg.method.name == "pissa" or (_lora(cfg) and cfg.method.pissa_init):
         notes.append("PiSSA: the saved adapter is converted to a plain LoRA delta (rank 2r) against the original "
                      "base, so merging is reproducible" if cfg.method.pissa_convert else

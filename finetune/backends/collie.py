@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from finetune.backends import gen_eval
 from finetune.config.resolvers import REPO_ROOT
 from finetune.config.validate import world_size
 from finetune.errors import ConfigError, one_of
@@ -159,6 +160,7 @@ def check(cfg) -> None:
         raise ConfigError("hardware.precision", "fp16", "fp16 needs a GPU")
     _check_model_shape(cfg, tp, pp)
     _check_model_fits_collie(cfg)
+    gen_eval.check(cfg)
     check_venv(cfg)
 
 
@@ -237,7 +239,12 @@ def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
     if cfg.method.uses_lora:
         notes.append("the adapter is exported in Hugging Face layout (Collie permutes q/k rows at load); "
                      "collie_merge checks base+adapter and merged logits against Collie's own")
-    return Plan(backend="collie", steps=steps, outputs=out, notes=notes)
+    if "merged" in out:
+        first, last = gen_eval.steps(cfg, run_dir, out["merged"])
+    else:
+        first, last = gen_eval.steps(cfg, run_dir, str(Path(str(cfg.model.path)).absolute()), adapter=out["adapter"])
+    notes += gen_eval.note(cfg)
+    return Plan(backend="collie", steps=first + steps + last, outputs=out, notes=notes)
 
 
 def collect(cfg, run_dir: Path, ctx: dict) -> dict:

@@ -33,6 +33,7 @@ from typing import Any, Dict
 
 from omegaconf import OmegaConf
 
+from finetune.backends import gen_eval
 from finetune.backends.llamafactory_keys import KEYS, TEMPLATE_TOKENS, TEMPLATES
 from finetune.errors import ConfigError, one_of, suggest
 from finetune.plan import Plan, Step
@@ -255,6 +256,7 @@ def check(cfg) -> None:
         _check_value(key, value, kind, kchoices)
     if extra.get("pure_bf16") and hw.device == "cpu":
         raise ConfigError("backend.extra.pure_bf16", True, "needs a bf16 GPU; on CPU use hardware.precision=bf16")
+    gen_eval.check(cfg)
 
 
 def _deepspeed_config(hw) -> dict:
@@ -436,7 +438,15 @@ def plan(cfg, run_dir, ctx) -> Plan:
         outputs["merged"] = eargs["export_dir"]
         if cfg.method.uses_lora and cfg.method.pissa_init:
             notes.append("PiSSA: merging pissa_converted/ (a plain LoRA delta on the original model)")
-    return Plan(backend="llamafactory", steps=steps, files=files, outputs=outputs, notes=notes)
+    if cfg.merge:
+        first, last = gen_eval.steps(cfg, run_dir, outputs["merged"])
+    elif cfg.method.uses_lora:
+        first, last = gen_eval.steps(cfg, run_dir, str(Path(str(cfg.model.path)).absolute()),
+                                     adapter=str(out / "pissa_converted" if cfg.method.pissa_init else out))
+    else:
+        first, last = gen_eval.steps(cfg, run_dir, str(out))
+    notes += gen_eval.note(cfg)
+    return Plan(backend="llamafactory", steps=first + steps + last, files=files, outputs=outputs, notes=notes)
 
 
 _PARAMS = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)")

@@ -50,6 +50,11 @@ class RootConfig:
     prompt_template_name: str = "alpaca"
     train_on_inputs: bool = True
     max_samples: Optional[int] = None
+    # --- evaluation by generation (alpacalora, llamafactory, collie): held-out rows answered before and after
+    generate_eval: bool = False              # answer and score the held-out rows before and after training
+    generate_eval_rows: int = 40             # how many held-out rows (0: all of them)
+    max_new_tokens: int = 32                 # per answer (greedy)
+    generate_batch_size: int = 8             # prompts per batch (left-padded)
     # --- logging / checkpoints
     logging_steps: int = 10
     eval_steps: int = 0                      # 0: evaluate once per epoch

@@ -240,6 +240,23 @@ def _small_model(path: str) -> bool:
     return 0 < model_hidden_size(path) <= 256
 
 
+def save_generation_files(cfg: dict, tokenizer, folder: Path) -> None:
+    """Beside the adapter (or the trained model): the tokenizer, a generation config whose EOS/pad are the
+    tokenizer's, and how prompts were built (finetune_prompt.json), so that `finetune generate <folder>` and the
+    merged model (finetune.recipes.common merge copies them) ask the model the way it was trained."""
+    from transformers import GenerationConfig
+
+    from finetune.recipes.prompting import PromptFormat
+
+    tokenizer.save_pretrained(str(folder))
+    base = Path(cfg["model"]["path"])
+    gen = GenerationConfig.from_pretrained(str(base)) if (base / "generation_config.json").exists() \
+        else GenerationConfig()
+    gen.eos_token_id, gen.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    gen.save_pretrained(str(folder))
+    PromptFormat.from_run_config(cfg).to_file(folder)
+
+
 def deepspeed_env() -> None:
     """DeepSpeed needs the torchrun environment even for one process (else it looks for mpi4py)."""
     if "RANK" not in os.environ:
@@ -516,7 +533,7 @@ def main(argv=None) -> int:
     else:
         trainer.save_model(str(artefact))   # every rank calls it: under ZeRO-3 it gathers the shards; rank 0 writes
     if trainer.args.should_save:
-        tokenizer.save_pretrained(str(artefact))
+        save_generation_files(cfg, tokenizer, artefact)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
         summary = {

@@ -427,6 +427,9 @@ def merge_adapter(base_path: str, adapter_path: str, out_path: str, dtype: str =
     model.save_pretrained(tmp)
     src = adapter_path if (Path(adapter_path) / "tokenizer_config.json").exists() else base_path
     copy_tokenizer_files(Path(src), tmp)
+    for name in ("generation_config.json", "finetune_prompt.json"):    # what the run saved for generation
+        if (Path(adapter_path) / name).is_file():
+            shutil.copy2(Path(adapter_path) / name, tmp / name)
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     elif out.exists():                              # replace: the resumed run's own merged model
