@@ -9,6 +9,8 @@
 - ``${repo_root:}``          the folder holding conf/ (so shipped data paths work from any working folder).
 - ``${pkg_path:NAME}``       the folder of an installed Python package, found without importing it.
 - ``${gguf_model_dir:FILE}`` where ``model=gguf`` converts FILE to (models/gguf/<stem>-<key>; finetune/tools/gguf_model.py).
+- ``${metric_direction:NAME}`` maximize for a score (exact match, F1, ROUGE, accuracy, recall, MRR), else minimize
+                             (a loss): the Optuna searches' direction follows ``metric=``.
 """
 from __future__ import annotations
 
@@ -74,6 +76,15 @@ def _pkg_path(name: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]))
 
 
+MAXIMISED = ("exact_match", "f1", "rouge", "accuracy", "accuracies", "recall", "mrr", "ndcg", "gain")
+
+
+def metric_direction(name) -> str:
+    """"maximize" for metrics where higher is better (scores), "minimize" for losses and anything else."""
+    n = str(name).lower()
+    return "maximize" if any(k in n for k in MAXIMISED) and "loss" not in n else "minimize"
+
+
 def _gguf_model_dir(path) -> str:
     from finetune.tools.gguf_model import gguf_model_dir
 
@@ -94,6 +105,6 @@ def _eval_resolver(expr, _root_):
 
 def register() -> None:
     for name, fn in (("eval", _eval_resolver), ("repo_root", lambda: str(REPO_ROOT)), ("pkg_path", _pkg_path),
-                     ("gguf_model_dir", _gguf_model_dir)):
+                     ("gguf_model_dir", _gguf_model_dir), ("metric_direction", metric_direction)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -23,8 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.recipes.common import (COMPLETE, Collator, TokenMeter, atomic_write_text, last_complete_checkpoint, log, pack_examples, peak_rss_mb,
-                                     read_config, split_train_val, tokenized_data, truncate_history)
+from finetune.recipes.common import (COMPLETE, Collator, TokenMeter, atomic_write_text, free_cores,
+                                     last_complete_checkpoint, log, pack_examples, peak_rss_mb, read_config,
+                                     split_train_val, tokenized_data, truncate_history)
 
 EAGER_MAX_LEN = 256          # attention auto on CPU: eager for batches up to this length, SDPA above (measured)
 
@@ -294,7 +295,10 @@ def main(argv=None) -> int:
     threads = int(b.get("torch_threads") or 0)
     if threads == 0 and world == 1 and _small_model(cfg["model"]["path"]):
         threads = 1          # matmuls of a tiny model are too small to split: a 2nd thread only spins (16x slower
-                             # on a busy 2-core machine, measured); bigger models keep the launcher's OMP_NUM_THREADS
+                             # on a busy 2-core machine, measured)
+    elif threads == 0 and world == 1 and hw["device"] == "cpu" and free_cores() < torch.get_num_threads():
+        threads = free_cores()   # bigger models: the cores other processes leave free (a thread on a busy core spins)
+        log(f"threads: {threads} (the machine is busy: load average {os.getloadavg()[0]:.1f})")
     if threads > 0:
         torch.set_num_threads(threads)
     transformers.logging.set_verbosity_warning()

@@ -48,6 +48,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def free_cores() -> int:
+    """Cores not already busy (cores minus the 1-minute load average, at least 1). On a shared 2-core machine a
+    second compute thread only spins while another process holds the other core: measured here for SmolLM2-135M
+    at load average 8, a forward of 8 x 70 tokens took 8.5 s on 1 thread and 18.8 s on 2, greedy generation of 16
+    tokens 15.7 s and 86 s."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, int(cores - os.getloadavg()[0] + 0.5)))
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -17,7 +17,8 @@ A planned step of the alpacalora, llamafactory and collie backends when ``genera
   4. scores: exact match (the answer's first lines against the reference's, whitespace collapsed: a model that
      goes on talking after a right answer is right; one that echoes the input is not), token F1 (ROUGE-1) and
      ROUGE-L F-measures from Google's rouge-score package (no stemming; it needs no downloaded data);
-  5. <run>/eval/generate_<stage>.json (scores, every answer, time, tokens/s); after training also the samples table
+  5. <run>/eval/generate_<stage>.json (scores, every answer, time, tokens/s), eval/heldout.jsonl (the rows, for
+     `finetune generate <run> --data <run>/eval/heldout.jsonl`); after training also the samples table
      <run>/eval/samples.md and samples.jsonl (prompt, reference, before, after). metrics.json, TensorBoard and the
      sweep summary read these (finetune/report/metrics.py).
 """
@@ -31,7 +32,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from finetune.recipes.common import atomic_write_text, encode_rows, log, read_config, read_rows, split_train_val
+from finetune.recipes.common import atomic_write_text, encode_rows, free_cores, log, read_config, read_rows, \
+    split_train_val
 from finetune.recipes.prompting import PromptFormat
 
 # ------------------------------------------------------------------------------------------ held-out rows
@@ -68,8 +70,11 @@ def load_model(model_path: str, adapter: Optional[str] = None, trust_remote_code
     """(model, tokenizer) for generation: the merged or trained model, or the base with the adapter on top; the
     tokenizer saved beside what is evaluated (the adapter's folder, else the model's)."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
     tok_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
@@ -182,6 +187,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.manual_seed(0)
+    threads = free_cores()
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model, tokenizer = load_model(a.model, a.adapter, bool(cfg.get("trust_remote_code")))
     fmt = PromptFormat.from_run_config(cfg)
@@ -191,11 +198,12 @@ def main(argv=None) -> int:
     if not rows:
         print("gen_eval: no held-out rows to answer (val_set_size=0?)", file=sys.stderr)
         return 1
+    atomic_write_text(run_dir / "eval" / "heldout.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     turns = [fmt.row_turns(r) for r in rows]
     prompts = [fmt.encode(tokenizer, t) for t, _ in turns]
     load_s = time.perf_counter() - t0
     log(f"gen_eval ({a.stage}): {len(rows)} held-out rows, {fmt.describe()}, batches of "
-        f"{int(cfg['generate_batch_size'])}, at most {int(cfg['max_new_tokens'])} new tokens")
+        f"{int(cfg['generate_batch_size'])}, at most {int(cfg['max_new_tokens'])} new tokens, {threads} thread(s)")
     t1 = time.perf_counter()
     answers, n_new = generate(model, tokenizer, prompts, int(cfg["max_new_tokens"]), fmt.stop_ids(tokenizer),
                               int(cfg["generate_batch_size"]))
