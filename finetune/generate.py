@@ -2,7 +2,8 @@
 
     finetune generate <run-or-model> --prompt "Reverse the words." [--input "red rice"] [--max-new-tokens N]
     finetune generate <run-or-model> --data rows.json        (alpaca or chat rows; each answer beside its reference)
-    finetune chat <run-or-model>                             (streamed answers, history; /reset, /exit)
+    finetune chat <run-or-model>                             (streamed answers, history; /reset, /exit; a line
+                                                              ending with \ goes on on the next one)
 
 <run-or-model> is a run folder (its merged model, or the base model with its adapter when it was not merged, or the
 model a full fine-tuning saved; prompts are built the way that run trained: finetune/recipes/prompting.py), a model
@@ -135,7 +136,17 @@ def generate_command(path: str, prompt: Optional[str], input_text: Optional[str]
     return 0
 
 
-HELP = "/reset clears the history, /exit (or Ctrl-D) quits"
+HELP = ("/reset clears the history, /exit (or Ctrl-D) quits; end a line with \\ to go on on the next one (alpaca "
+        "prompts: the first line is the instruction, the rest its input)")
+
+
+def read_turn() -> str:
+    """One turn as typed: lines ending with a backslash continue on the next line."""
+    lines = [input("you> ")]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(input("...> "))
+    return "\n".join(lines)
 
 
 def chat_command(path: str, max_new_tokens: Optional[int], system: Optional[str] = None) -> int:
@@ -155,7 +166,7 @@ def chat_command(path: str, max_new_tokens: Optional[int], system: Optional[str]
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     while True:
         try:
-            line = input("you> ")
+            line = read_turn()
         except EOFError:
             print()
             return 0

@@ -248,7 +248,7 @@ def chat_in_pty(argv, lines, timeout=600) -> str:
                 if not data:
                     break
                 out += data
-            if todo and out.rstrip().endswith(b"you>"):
+            if todo and out.rstrip().endswith((b"you>", b"...>")):
                 os.write(fd, (todo.pop(0) + "\n").encode())
         else:
             os.kill(pid, signal.SIGKILL)
@@ -260,12 +260,13 @@ def chat_in_pty(argv, lines, timeout=600) -> str:
 @pytest.mark.slow
 def test_chat_answers_in_a_terminal_with_history_reset_and_exit(showcase):
     screen = chat_in_pty([FINETUNE, "chat", str(showcase)],
-                         ["Reverse the words.", "/reset", "Copy the words exactly.", "/exit"])
+                         ["Reverse the words.\\", "red rice", "/reset", "Copy the words.\\", "red rice", "/exit"])
     assert "/reset clears the history, /exit (or Ctrl-D) quits" in screen, screen
+    assert "...> red rice" in screen                              # the input went on a continuation line
     answers = re.findall(r"model> (.*)", screen)
     assert len(answers) == 2 and all(a.strip() for a in answers), screen
     assert "(history cleared)" in screen
-    assert screen.count("you>") == 4                              # the process ended at /exit
+    assert screen.count("you>") == 4 and screen.rstrip().endswith("/exit")   # the process ended at /exit
 
 
 # ------------------------------------------------------------------------------------------------ other runs

@@ -7,8 +7,9 @@ from a model folder (``finetune_prompt.json``, which the alpacalora backend writ
 model; else the tokenizer's chat template; else the raw text):
 
   alpaca        the alpacalora / collie prompt template (finetune/templates/<name>.json), tokenised as in
-                training (tokenizer(prompt), the tokenizer's own special tokens); in a chat, earlier turns are
-                their prompts and answers in order (a run trained on chat-format rows is ``chat``, as trained)
+                training (tokenizer(prompt), the tokenizer's own special tokens); a typed turn's first line is
+                the instruction and the rest its input; in a chat, earlier turns are their prompts and answers in
+                order (a run trained on chat-format rows is ``chat``, as trained)
   llamafactory  LLaMA-Factory's own template (``template.encode_oneturn``, the ids its SFT training uses; the
                 run's backend.template, or the tokenizer's chat template when it was null)
   chat          the tokenizer's chat template (add_generation_prompt)
@@ -27,6 +28,13 @@ from typing import List, Optional, Tuple
 from finetune.recipes.common import alpaca_prompt, load_template, row_format, to_messages
 
 PROMPT_FILE = "finetune_prompt.json"
+
+
+def split_turn(content: str) -> Tuple[str, Optional[str]]:
+    """A typed chat turn as an alpaca row: the first line is the instruction, the rest its input (the inverse of
+    LLaMA-Factory's alpaca converter, which joins them with a newline)."""
+    first, _, rest = content.strip().partition("\n")
+    return first.strip(), rest.strip() or None
 
 
 @dataclass
@@ -86,7 +94,7 @@ class PromptFormat:
                 if t["role"] == "system":
                     continue
                 if t["role"] == "user":
-                    text += alpaca_prompt(self.template_text, *t.get("alpaca", (t["content"], None)))
+                    text += alpaca_prompt(self.template_text, *t.get("alpaca") or split_turn(t["content"]))
                 else:
                     text += t["content"] + "\n\n"
             return self._ids(tokenizer, text, special=True)
