@@ -13,7 +13,6 @@ Both sides train the same model with the same yaml; only the output folder diffe
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import statistics
 import subprocess
@@ -26,23 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-def _env(outputs: Path) -> dict:
-    env = dict(os.environ)
-    env["FINETUNE_OUTPUTS"] = str(outputs)
-    env.setdefault("FINETUNE_MODELS", str(REPO / "models"))
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def ours(outputs: Path, overrides) -> tuple:
+    run = outputs / f"run-{time.time_ns()}"
     t0 = time.perf_counter()
-    proc = subprocess.run([PY, str(REPO / "train.py"), *overrides], cwd=str(REPO), env=_env(outputs),
+    proc = subprocess.run([PY, str(REPO / "train.py"), *overrides, f"output_dir={run}"], cwd=str(REPO),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    run = sorted(glob.glob(str(outputs / "runs" / "*" / "*")), key=os.path.getmtime)[-1]
-    return wall, Path(run)
+    return wall, run
 
 
 def direct(yaml: Path, out_dir: Path, env: dict) -> float:

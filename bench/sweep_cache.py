@@ -76,7 +76,7 @@ def main() -> int:
 
     from finetune.tools.tiny_models import build
 
-    model = build("tiny_llama", os.environ.get("FINETUNE_MODELS", str(REPO / "models")) + "/tiny-llama")
+    model = build("tiny_llama", str(REPO / "models" / "tiny-llama"))
     rows = json.loads((REPO / "data" / "samples" / "tiny_alpaca.json").read_text())
     with tempfile.TemporaryDirectory(prefix="bench-sweep-cache-") as tmp:
         data = Path(tmp) / "train.json"

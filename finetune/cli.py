@@ -167,8 +167,22 @@ def setup() -> None:
 
     try:
         sys.argv[:] = resume_argv(sys.argv)        # resume=true: the recorded run's overrides, before Hydra parses
+        one_hardware_per_slurm_sweep(sys.argv[1:])
     except ConfigError as e:
         _die(str(e), 2)
+
+
+def one_hardware_per_slurm_sweep(args: List[str]) -> None:
+    """hydra/launcher=slurm_sweep submits a sweep's jobs as one Slurm array with one resource request, sized from the
+    sweep's hardware group (conf/hydra/launcher/slurm_sweep.yaml): sweeping hardware= there would give every job
+    the first option's GPUs. Refused before Hydra starts (its callbacks cannot stop a sweep)."""
+    if not any(a.startswith("hydra/launcher=") and "slurm" in a for a in args):
+        return
+    for a in args:
+        key, _, value = a.partition("=")
+        if key.lstrip("+~") == "hardware" and "," in value:
+            raise ConfigError("hardware", value, "hydra/launcher=slurm_sweep asks Slurm for one set of resources for "
+                              "every job of the sweep; sweep one hardware option per sweep")
 
 
 # Overrides that could set hydra.mode through the config (a sweep/search file, an experiment, hydra.* itself).

@@ -54,7 +54,7 @@ class Plan:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def render(self, run_dir: str, launcher_argv=None) -> str:
+    def render(self, run_dir: str, launcher_argv=None, launcher_env=None) -> str:
         """Human-readable plan for dry runs (secrets shown as <redacted>)."""
         from finetune.secrets import redact
 
@@ -72,8 +72,9 @@ class Plan:
             lines.append(f"  {i}. {s.name}  (log: {run_dir}/{s.log}; distributed: {s.distributed})")
             lines.append(f"     argv: {json.dumps(argv)}")
             lines.append(f"     shell: {shlex.join(argv)}")
-            if s.env:
-                lines.append(f"     env: {json.dumps(redact(s.env), sort_keys=True)}")
+            env = launcher_env(s) if launcher_env else s.env       # what the launcher really adds (GPUs, ranks, ...)
+            if env:
+                lines.append(f"     env: {json.dumps(redact(env), sort_keys=True)}")
             if s.cwd:
                 lines.append(f"     cwd: {s.cwd}")
         for path, text in self.files.items():

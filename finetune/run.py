@@ -78,7 +78,8 @@ def run(cfg: DictConfig) -> Optional[float]:
         step.env.update(secrets.env_for(found))
 
     if cfg.dry_run:
-        print(plan.render(str(run_dir), lambda s: launcher.argv(s, cfg)))
+        print(plan.render(str(run_dir), lambda s: launcher.argv(s, cfg),
+                          (lambda s: launcher.env(s, cfg)) if hasattr(launcher, "env") else None))
         print("dry run: nothing was written")
         return None
 

@@ -28,6 +28,15 @@ def check(cfg) -> None:
                           "use launcher=torchrun (or launcher=slurm) for several nodes")
 
 
+def visible_devices(n: int) -> str:
+    """CUDA_VISIBLE_DEVICES for a step of n processes: the first n of the user's own CUDA_VISIBLE_DEVICES (indices,
+    GPU or MIG UUIDs, a Slurm allocation's), else GPUs 0..n-1. Never renumbers what the user chose."""
+    mine = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if mine:
+        return ",".join(mine[:n])
+    return ",".join(str(i) for i in range(n))
+
+
 def world(cfg) -> Dict[str, int]:
     return {"nproc_per_node": int(cfg.launcher.nproc_per_node), "nnodes": int(cfg.launcher.nnodes),
             "node_rank": int(cfg.launcher.node_rank)}
@@ -49,8 +58,7 @@ def env(step, cfg) -> Dict[str, str]:
     # the worker modules live in this repository; make them importable from the run folder (cwd)
     e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), e.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))) if p)
     if cfg.hardware.device == "cuda" and int(cfg.hardware.gpus_per_node) > 0 and "CUDA_VISIBLE_DEVICES" not in e:
-        n = nproc if step.distributed != "none" else 1
-        e["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
+        e["CUDA_VISIBLE_DEVICES"] = visible_devices(nproc if step.distributed != "none" else 1)
     if step.distributed == "env":
         e.update({"NNODES": str(w["nnodes"]), "NODE_RANK": str(w["node_rank"]),
                   "NPROC_PER_NODE": str(w["nproc_per_node"]), "MASTER_ADDR": str(cfg.launcher.master_addr),

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 
 @dataclass
@@ -70,17 +70,20 @@ class _Interrupted(Exception):
 
 
 def run_process(name: str, argv: List[str], env: Dict[str, str], cwd: Optional[str], log_path: Path,
-                timeout_s: Optional[float] = None, echo: bool = True, progress: Optional[Path] = None) -> StepResult:
+                timeout_s: Optional[float] = None, echo: bool = True, progress: Optional[Path] = None,
+                signals: bool = True, started: Optional[Callable[[subprocess.Popen], None]] = None) -> StepResult:
     """Start argv in its own process group; copy its output to log_path (and our stdout when echo). On a terminal,
-    a step that names a progress file (Step.progress) gets a live progress line below its output."""
+    a step that names a progress file (Step.progress) gets a live progress line below its output. ``signals``:
+    Ctrl-C / SIGTERM interrupt the step (the driver); off in a Slurm job body, which handles them itself.
+    ``started`` receives the child's Popen."""
     from launchers.progress import live_progress
 
     live = live_progress(name, progress, echo)
     with live if live is not None else contextlib.nullcontext():
-        return _run(name, argv, env, cwd, log_path, timeout_s, echo, live)
+        return _run(name, argv, env, cwd, log_path, timeout_s, echo, live, signals, started)
 
 
-def _run(name, argv, env, cwd, log_path: Path, timeout_s, echo: bool, live) -> StepResult:
+def _run(name, argv, env, cwd, log_path: Path, timeout_s, echo: bool, live, signals: bool, started) -> StepResult:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, **env}
     start = time.monotonic()
@@ -94,6 +97,8 @@ def _run(name, argv, env, cwd, log_path: Path, timeout_s, echo: bool, live) -> S
         except OSError as e:
             log.write(f"cannot start: {e}\n".encode())
             return StepResult(name, argv, 127, 0.0, str(log_path), "failed", [f"cannot start {argv[0]!r}: {e.strerror}"])
+        if started is not None:
+            started(proc)
 
         def pump():
             for line in iter(proc.stdout.readline, b""):
@@ -119,7 +124,7 @@ def _run(name, argv, env, cwd, log_path: Path, timeout_s, echo: bool, live) -> S
         def on_signal(signum, frame):
             raise _Interrupted(signum)
 
-        in_main = threading.current_thread() is threading.main_thread()
+        in_main = signals and threading.current_thread() is threading.main_thread()
         if in_main:
             old_int = signal.signal(signal.SIGINT, on_signal)
             old_term = signal.signal(signal.SIGTERM, on_signal)
@@ -128,10 +133,10 @@ def _run(name, argv, env, cwd, log_path: Path, timeout_s, echo: bool, live) -> S
                 proc.wait(timeout=timeout_s if timeout_s else None)
             except subprocess.TimeoutExpired:
                 status = "timeout"
-                _kill_group(proc)
+                kill_group(proc)
         except _Interrupted:
             status = "interrupted"
-            _kill_group(proc, first=signal.SIGINT)
+            kill_group(proc, first=signal.SIGINT)
         finally:
             if in_main:
                 signal.signal(signal.SIGINT, old_int)
@@ -143,7 +148,8 @@ def _run(name, argv, env, cwd, log_path: Path, timeout_s, echo: bool, live) -> S
     return StepResult(name, argv, code, time.monotonic() - start, str(log_path), status, list(tail))
 
 
-def _kill_group(proc: subprocess.Popen, first: int = signal.SIGTERM, grace: float = 10.0) -> None:
+def kill_group(proc: subprocess.Popen, first: int = signal.SIGTERM, grace: float = 10.0) -> None:
+    """Stop a step's process group: `first` (SIGTERM), then SIGKILL after `grace` seconds."""
     try:
         os.killpg(proc.pid, first)
     except (ProcessLookupError, PermissionError):

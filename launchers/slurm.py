@@ -1,9 +1,14 @@
 """Slurm launcher, through submitit (no hand-written sbatch templates).
 
 Each step of the plan becomes one Slurm job: ``launcher.nnodes`` nodes, one task per node, and on each node the
-job body (``_job_body``, below) runs the step's command with ``launchers.process.run_process`` - under torchrun
-with ``nproc_per_node`` ranks for distributed steps, node N of the rendezvous being Slurm's node N, node 0's
-host the rendezvous endpoint. Steps that are not distributed run on node 0 only.
+job body (``StepJob``, launchers/slurm_job.py) runs the step's command with ``launchers.process.run_process`` -
+under torchrun with ``nproc_per_node`` ranks for distributed steps, node N of the rendezvous being Slurm's node N,
+node 0's host the rendezvous endpoint. Steps that are not distributed run on node 0 only.
+
+Preemption: jobs are submitted with ``--requeue`` and ``--signal=USR2@<launcher.signal_delay_s>``. A job that Slurm
+preempts or requeues (SIGTERM) leaves no result and is rerun by Slurm; one that nears its time limit (USR2) requeues
+itself through submitit. The rerun resumes from the run folder's last complete checkpoint (FINETUNE_RESUME=1);
+``launcher.max_requeues`` caps the reruns. The driver waits through REQUEUED / PENDING and records the restarts.
 
 While the job runs, the driver polls its state (sacct, through submitit) and prints every change; the job id,
 its state and submitit's stdout/stderr paths are written to ``<run>/slurm/jobs.json`` as they change and end up
@@ -29,10 +34,12 @@ from typing import Dict, List, Optional
 
 from finetune.config.resolvers import REPO_ROOT
 from finetune.errors import ConfigError
-from launchers.process import StepResult, run_process, tail_of
+from launchers.process import StepResult, tail_of
 
 CLUSTERS = (None, "slurm", "local", "debug")
-FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE")
+FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+# states of a job on its way to a rerun (a preemption with PreemptMode=REQUEUE, `scontrol requeue`): not the end
+REQUEUE_STATES = ("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED", "RESIZING")
 # sbatch options we set from dedicated keys: refuse them in additional_parameters to keep one source of truth
 OWN_SBATCH = ("partition", "account", "qos", "time", "nodes", "ntasks_per_node", "cpus_per_task", "gpus_per_node",
               "mem", "job_name", "output", "error")
@@ -42,6 +49,9 @@ def check(cfg) -> None:
     lc = cfg.launcher
     if lc.cluster not in CLUSTERS:
         raise ConfigError("launcher.cluster", lc.cluster, "one of null (slurm), slurm, local, debug")
+    if int(lc.max_requeues) < 0 or int(lc.signal_delay_s) < 0:
+        raise ConfigError("launcher.max_requeues" if int(lc.max_requeues) < 0 else "launcher.signal_delay_s",
+                          min(int(lc.max_requeues), int(lc.signal_delay_s)), "must be >= 0")
     for key in ("time_min", "cpus_per_task", "mem_gb", "poll_s"):
         if float(lc[key]) <= 0:
             raise ConfigError(f"launcher.{key}", lc[key], "must be > 0")
@@ -104,53 +114,6 @@ def argv(step, cfg) -> List[str]:
     return node_argv(d, _world(cfg), 0, "$(first host of the job)", "$(29500 + job id % 20000)")
 
 
-def _node_addr(node: str) -> str:
-    """An address for a Slurm node name: the name itself when it resolves, else its NodeAddr from scontrol
-    (clusters whose node names are not host names)."""
-    import socket
-    import subprocess
-
-    try:
-        socket.gethostbyname(node)
-        return node
-    except OSError:
-        pass
-    out = subprocess.run(["scontrol", "show", "node", node, "-o"], capture_output=True, text=True, timeout=30).stdout
-    for field in out.split():
-        if field.startswith("NodeAddr="):
-            return field.split("=", 1)[1]
-    return node
-
-
-def _job_body(spec: dict) -> dict:
-    """Runs on every node of the Slurm job (one task per node). Raises when the step fails: Slurm marks the job
-    FAILED and submitit hands the error (with the log tail) back to the driver."""
-    import submitit
-
-    jenv = submitit.JobEnvironment()
-    node, hosts = jenv.node, list(jenv.hostnames) or [jenv.hostname]
-    w = spec["world"]
-    if spec["distributed"] == "none" and node > 0:
-        return {"node": node, "skipped": "not distributed: node 0 only"}
-    port = 29500 + int(str(jenv.job_id).split("_")[0]) % 20000
-    cmd = node_argv(spec, w, node, _node_addr(hosts[0]), port)
-    env = dict(spec["env"])
-    if spec["distributed"] == "env":
-        env.update({"NNODES": str(w["nnodes"]), "NODE_RANK": str(node), "NPROC_PER_NODE": str(w["nproc_per_node"]),
-                    "MASTER_ADDR": _node_addr(hosts[0]), "MASTER_PORT": str(port)})
-        if w["nnodes"] * w["nproc_per_node"] > 1:
-            env["FORCE_TORCHRUN"] = "1"
-    log = Path(spec["log"])
-    if node > 0:
-        log = log.with_name(f"{log.stem}.node{node}{log.suffix}")
-    print(f"[slurm job {jenv.job_id}] node {node}/{w['nnodes']} on {jenv.hostname}: {' '.join(cmd)}", flush=True)
-    res = run_process(spec["name"], cmd, env, spec["cwd"], log, spec["timeout_s"])
-    if not res.ok:
-        tail = "\n".join(res.tail[-15:])
-        raise RuntimeError(f"{res.reason()} on node {node} ({jenv.hostname}); log {res.log}; last lines:\n{tail}")
-    return {"node": node, "host": jenv.hostname, **res.record()}
-
-
 class SlurmStepResult(StepResult):
     def reason(self) -> str:
         job = self.extra.get("slurm_job_id")
@@ -165,7 +128,8 @@ def _executor(cfg, folder: Path, step_name: str, timeout_s: Optional[float]):
     import submitit
 
     lc = cfg.launcher
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=lc.cluster or "slurm")
+    # max_num_timeout: how many times a job near its time limit requeues itself (USR2, submitit's checkpoint)
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=lc.cluster or "slurm", slurm_max_num_timeout=int(lc.max_requeues))
     time_min = int(lc.time_min)
     if timeout_s:
         time_min = min(time_min, max(1, int(timeout_s // 60) + 1))
@@ -183,8 +147,28 @@ def _executor(cfg, folder: Path, step_name: str, timeout_s: Optional[float]):
             params["slurm_additional_parameters"] = extra
         setup = [f"export PYTHONPATH={REPO_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}", *(lc.setup or [])]
         params["slurm_setup"] = setup
+    if ex.cluster == "slurm":
+        # preemption: Slurm reruns the job (--requeue); USR2 signal_delay_s before the time limit lets it requeue
+        # itself through submitit (max_num_timeout caps those); StepJob resumes from the last complete checkpoint
+        params["slurm_additional_parameters"] = {**params.get("slurm_additional_parameters", {}), "requeue": True}
+        params["slurm_signal_delay_s"] = int(lc.signal_delay_s)
     ex.update_parameters(**params)
     return ex
+
+
+def plan_files(plan, cfg, run_dir: Path) -> Dict[str, str]:
+    """slurm/<step>.sbatch: the batch script submitit will submit for each step (resources: nodes, CPUs, memory,
+    GPUs from the hardware group, time, partition...), shown by the dry run and kept in the run folder. The command
+    line in it is submitit's own runner of the step (launchers/slurm_job.py StepJob)."""
+    if (cfg.launcher.cluster or "slurm") != "slurm":
+        return {}
+    out = {}
+    for s in plan.steps:
+        ex = _executor(cfg, Path(run_dir) / "slurm", s.name, float(cfg.timeout_min) * 60 or None)
+        text = ex._executor._make_submission_file_text(
+            f"{sys.executable} -u -m submitit.core._submit {Path(run_dir) / 'slurm'}  # runs step {s.name}", "%j")
+        out[f"slurm/{s.name}.sbatch"] = text
+    return out
 
 
 def _state(job) -> str:
@@ -203,12 +187,15 @@ def _record(path: Path, jobs: dict) -> None:
 def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
     run_dir = Path(run_dir)
     folder = run_dir / "slurm"
+    from launchers.slurm_job import StepJob
+
     spec = {"name": step.name, "argv": list(step.argv), "distributed": step.distributed, "env": env(step, cfg),
             "cwd": step.cwd or str(run_dir), "log": str(run_dir / step.log), "timeout_s": timeout_s,
-            "world": _world(cfg) if step.distributed != "none" else {"nproc_per_node": 1, "nnodes": 1}}
+            "world": _world(cfg) if step.distributed != "none" else {"nproc_per_node": 1, "nnodes": 1},
+            "max_requeues": int(cfg.launcher.max_requeues)}
     ex = _executor(cfg, folder, step.name, timeout_s)
     start = time.monotonic()
-    job = ex.submit(_job_body, spec)
+    job = ex.submit(StepJob(spec))
     jobs_file = folder / "jobs.json"
     try:
         jobs = json.loads(jobs_file.read_text())
@@ -221,16 +208,24 @@ def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
     _record(jobs_file, jobs)
     print(f"[slurm] step {step.name}: submitted job {job.job_id} ({ex.cluster}); logs {job.paths.stdout}", flush=True)
     status, last, running_since = None, None, None
+    info["slurm_restarts"] = 0
     try:
         while True:
             state = _state(job) if ex.cluster == "slurm" else str(job.state)
+            word = state.split()[0]
             if state != last and not (last is None and state.startswith("UNKNOWN")):   # sacct lags the submission
                 print(f"[slurm] job {job.job_id} {state}  ({time.monotonic() - start:.0f} s)", flush=True)
+                if word in REQUEUE_STATES:
+                    info["slurm_restarts"] += 1
+                    running_since = None                   # the rerun's time limit starts when it runs again
+                    print(f"[slurm] job {job.job_id} is requeued (restart {info['slurm_restarts']} of at most "
+                          f"{int(cfg.launcher.max_requeues)}): it resumes from the last complete checkpoint",
+                          flush=True)
                 info["slurm_state"] = last = state
                 _record(jobs_file, jobs)
-            if job.done() or state.split()[0] in FAILED_STATES + ("COMPLETED",):
+            if job.done() or word in FAILED_STATES + ("COMPLETED",):   # done(): a result, or a final state
                 break
-            if running_since is None and state.split()[0] not in ("PENDING", "UNKNOWN", "SUBMITTED", "REQUEUED"):
+            if running_since is None and word not in ("PENDING", "UNKNOWN", "SUBMITTED") + REQUEUE_STATES:
                 running_since = time.monotonic()           # time in the queue does not count against timeout_min
             if timeout_s and running_since is not None and time.monotonic() - running_since > timeout_s:
                 status = "timeout"

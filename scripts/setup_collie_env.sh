@@ -3,6 +3,8 @@
 #
 #   bash scripts/setup_collie_env.sh            # or: finetune setup-collie
 #   bash scripts/setup_collie_env.sh --force    # rebuild it
+#   bash scripts/setup_collie_env.sh --cuda     # for GPU runs: requirements-collie-cuda.lock (torch's CUDA runtime)
+#   bash scripts/setup_collie_env.sh --print-lock [--cuda]   # the lock file it would install, and exit
 #
 # Collie (collie-lm 1.0.7) needs transformers <= 4.50, protobuf 3.20.1 and megatron-core 0.2.0, so it cannot share
 # the main environment. Every package is pinned in requirements-collie.lock (a full freeze, installed with
@@ -17,6 +19,16 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 LOCK=requirements-collie.lock
+FORCE=0
+for arg in "$@"; do
+  case "$arg" in
+    --cuda) LOCK=requirements-collie-cuda.lock ;;
+    --force) FORCE=1 ;;
+    --print-lock) PRINT=1 ;;
+    *) echo "setup-collie: unknown option $arg (--cuda, --force, --print-lock)" >&2; exit 2 ;;
+  esac
+done
+if [ "${PRINT:-0}" = 1 ]; then echo "$LOCK"; exit 0; fi
 LOCK_SHA=$(sha256sum "$LOCK" | cut -d' ' -f1)
 HASH=$( (cat "$LOCK"; "$PY" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)
 LINK=${FINETUNE_COLLIE_VENV:-.venv-collie}
@@ -34,7 +46,7 @@ mkdir -p "$(dirname "$TARGET")"
 # one build at a time (two runs or sweep jobs may ask for it at once); the others wait, then find it ready
 exec 9>"$TARGET.lock"
 flock 9
-[ "${1:-}" = "--force" ] && rm -rf "$TARGET"
+[ "$FORCE" = 1 ] && rm -rf "$TARGET"
 
 if [ -x "$TARGET/bin/python" ] && [ "$(cat "$TARGET/.finetune-lock.sha256" 2>/dev/null)" = "$LOCK_SHA" ]; then
   echo "setup-collie: environment for $LOCK ($HASH) is ready ($TARGET)"
@@ -45,11 +57,18 @@ else
   rm -rf "$TARGET"
   mkdir -p "$(dirname "$TARGET")"
   "$PY" -m venv "$TARGET"
-  "$TARGET/bin/python" -m pip install --no-deps --progress-bar off -r "$LOCK"     # one line per package: progress
+  if [ "$LOCK" = requirements-collie-cuda.lock ]; then
+    # PyPI's CUDA build of torch, never a local CPU wheel (find-links) of the same version
+    PIP_FIND_LINKS= "$TARGET/bin/python" -m pip install --no-deps --progress-bar off --no-cache-dir \
+      --index-url "${PIP_INDEX_URL:-https://pypi.org/simple}" -r "$LOCK"
+  else
+    "$TARGET/bin/python" -m pip install --no-deps --progress-bar off -r "$LOCK"   # one line per package: progress
+  fi
   "$TARGET/bin/python" -m pip check
-  # the worker's own import path: CPU patches (when there is no GPU), then collie
+  # the worker's own import path: CPU patches (for a CPU environment), then collie
+  DEVICE=cpu; [ "$LOCK" = requirements-collie-cuda.lock ] && DEVICE=cuda
   PYTHONPATH="$ROOT" "$TARGET/bin/python" -c \
-    'from finetune.recipes import collie_cpu_patch; collie_cpu_patch.apply(); import collie, peft, transformers; print("setup-collie: collie imports with transformers", transformers.__version__, "peft", peft.__version__)' \
+    "from finetune.recipes import collie_cpu_patch; collie_cpu_patch.apply('$DEVICE'); import collie, peft, transformers; print('setup-collie: collie imports with transformers', transformers.__version__, 'peft', peft.__version__)" \
     2>&1 | grep -v "real_accelerator" || true
   PYTHONPATH="$ROOT" "$TARGET/bin/python" -c 'import collie' >/dev/null 2>&1 \
     || { echo "setup-collie: 'import collie' fails in $TARGET" >&2; exit 1; }

@@ -223,3 +223,18 @@ def test_tp2_full_finetune(tmp_path):
     assert m["tp_size"] == 2 and m["dp_size"] == 1
     check = read_json(run / "merge_check.json")
     assert check["ok"] and check["saved_vs_collie"] < 1e-4, check
+
+
+@needs_venv
+@pytest.mark.collie
+@pytest.mark.slow
+def test_bf16_run_passes_the_merge_check_in_fp32(tmp_path):
+    """Collie in bf16 (what a GPU run uses; DeepSpeed's bf16 runs on this CPU too): the logits probe is computed in
+    fp32 from the bf16-rounded weights and collie_merge recomputes it the same way, so the 1e-3 check holds (bf16
+    compute alone moves these logits by ~6e-3) and still catches a wrong export (~0.3)."""
+    proc, run = run_train(*TINY, "hardware.precision=bf16", "num_epochs=1", "max_samples=48", "val_set_size=8",
+                          outputs=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert read_json(run / "collie_probe.json")["train_dtype"] == "bfloat16"
+    check = read_json(run / "merge_check.json")
+    assert check["ok"] and check["adapter_vs_collie"] < 1e-4, check

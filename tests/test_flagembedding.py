@@ -246,3 +246,49 @@ def test_reranker_trains_and_loads_with_flagreranker(reranker_run):
     s = model.compute_score([(r["query"], r["pos"][0]) for r in ev] + [(r["query"], r["neg"][1]) for r in ev])
     assert len(s) == 40 and all(math.isfinite(x) for x in s)
     assert len(set(round(x, 5) for x in s)) > 1               # it tells pairs apart
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(tmp_path):
+    """Killed mid-training, `output_dir=<run> resume=true` continues from the newest checkpoint that carries the
+    completion marker (the same rule as alpacalora); a checkpoint cut by the kill is never resumed from."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import PY, user_env
+
+    out = tmp_path / "run"
+    argv = [PY, str(REPO / "train.py"), *[o for o in EMBED if not o.startswith("save_steps")], "save_steps=5",
+            "backend.eval=false", f"output_dir={out}"]
+    proc = subprocess.Popen(argv, cwd=str(REPO), env=user_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "embedder" / "checkpoint-10" / "FINETUNE_COMPLETE"
+    deadline = time.time() + 400
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), "no complete checkpoint-10 before the run ended"
+    for pid in [p for p in os.listdir("/proc") if p.isdigit()]:   # the worker (its own session) and the driver
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"finetune.recipes.flagembedding_train" in cmd and str(out).encode() in cmd:
+            os.kill(int(pid), signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+    assert not (out / "flagembedding_train.json").exists()    # it really died mid-training
+    cut = out / "embedder" / "checkpoint-15"                  # as if the kill came in the middle of a save
+    cut.mkdir(exist_ok=True)
+    (cut / "config.json").write_text("{}")
+    done, _ = run_train(f"output_dir={out}", "resume=true", outputs=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = (out / "logs" / "train.log").read_text()
+    assert "resuming from" in log and "checkpoint-10" in log.split("resuming from")[-1].splitlines()[0]
+    s = read_json(out / "flagembedding_train.json")
+    assert s["resumed_from"].endswith("checkpoint-10") and s["global_step"] == 30
+    steps = [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 30    # no duplicated steps after the resume
+    assert (out / "embedder" / "model.safetensors").exists()
+    m = read_json(out / "manifest.json")
+    assert m["status"] == "completed" and len(m["resumes"]) == 1

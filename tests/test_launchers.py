@@ -393,3 +393,45 @@ def test_slurm_sweep_through_hydra_submitit(tmp_path, slurm_cluster):
     assert [r["status"] for r in results] == ["completed", "completed"]
     assert [r["metrics"]["steps"] for r in results] == [2, 4]
     assert list(sweep.glob(".submitit/*/*_log.out")), "no Slurm job logs"
+
+
+REQUEUE_RUN = ["max_samples=160", "val_set_size=32", "batch_size=8", "micro_batch_size=4", "max_steps=12",
+               "learning_rate=1e-3", "logging_steps=1", "eval_steps=12", "report_to=none", "save_steps=4", "merge=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_requeued_job_resumes_and_ends_like_an_uninterrupted_run(tmp_path, slurm_cluster):
+    """A running Slurm job is requeued (`scontrol requeue`, what a preemption with PreemptMode=REQUEUE does): it leaves
+    no result, Slurm reruns it, the rerun resumes from the last complete checkpoint, the run completes, and its loss
+    curve equals an uninterrupted run's (the same steps, the same numbers)."""
+    env = {**os.environ, "SLURM_CONF": slurm_cluster["SLURM_CONF"]}
+    ref_proc, ref = run_train(*REQUEUE_RUN, outputs=tmp_path / "ref", timeout=600)
+    assert ref_proc.returncode == 0, ref_proc.stderr[-3000:]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([PY, str(REPO / "train.py"), *REQUEUE_RUN, "launcher=slurm", "launcher.poll_s=0.5",
+                             f"output_dir={out}"], cwd=str(REPO), env=user_env(SLURM_CONF=slurm_cluster["SLURM_CONF"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marker = out / "checkpoints" / "checkpoint-4" / "FINETUNE_COMPLETE"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), "no complete checkpoint-4 before the job ended"
+    job = read_json(out / "slurm" / "jobs.json")["train"]["slurm_job_id"]
+    subprocess.run(["scontrol", "requeue", job], env=env, check=True, capture_output=True)
+    # Slurm holds a requeued job back for a while (BeginTime); let it start again at once
+    for _ in range(60):
+        time.sleep(1)
+        if subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env,
+                          capture_output=True).returncode == 0:
+            break
+    stdout, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stdout[-4000:]
+    assert "is requeued (restart 1" in stdout
+    step = next(s for s in read_json(out / "manifest.json")["steps"] if s["name"] == "train")
+    assert step["slurm_state"] == "COMPLETED" and step["slurm_restarts"] == 1 and step["nodes"][0]["restarts"] == 1
+    log = (out / "logs" / "train.log").read_text()
+    assert "resuming from" in log and "SIGTERM" in (Path(step["slurm_stdout"]).read_text() + log)
+    curve = lambda run: [(r["step"], r["loss"]) for r in map(json.loads, (run / "history.jsonl").read_text()  # noqa: E731
+                                                                  .splitlines()) if "loss" in r]
+    assert curve(out) == curve(ref) and len(curve(ref)) == 12

@@ -60,6 +60,10 @@ EXPECT = {
     "finetune reproduce outputs/runs/<date>/<time>-<name>": (0, [r"reproduced: loss curves (identical|match)"], 900),
     'cd "$(mktemp -d)" && python <repo>/train.py output_dir=runs/first': (0, [COMPLETED + r"/tmp/\S+/runs/first"],
                                                                            600),
+    "python train.py method=qlora": (0, [r"QLoRA: base loaded in 4-bit nf4", COMPLETED], 600),
+    "python train.py hardware=a100_80g_x8 launcher=slurm dry_run=true": (0, [r"#SBATCH --gpus-per-node=8",
+                                                                             r"--nproc_per_node=8"], 120),
+    "bash scripts/gpu_smoke.sh --dry-run": (0, [r"alpacalora_qlora: ", r"estimator: "], 120),
 }
 NOT_RUN = {"bash scripts/test.sh": "the command that runs this test (CI runs it)"}
 # the main commands again, from another working folder: <repo>/train.py from a fresh temporary folder

@@ -74,7 +74,8 @@ def test_llama3_template_on_a_smollm2_tokenizer_is_refused_with_the_templates_th
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": True}))
     added = [{"id": i, "content": t, "special": True} for i, t in enumerate(["<|endoftext|>", "<|im_start|>",
                                                                                "<|im_end|>"])]
-    (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 3}}, "added_tokens": added}))
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 3}},
+                                                       "added_tokens": added}))
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
                                                               "chat_template": "{{ messages }}"}))
     line = _refused("backend=llamafactory", "model=llama", f"model.path={folder}", "dry_run=true",
@@ -298,6 +299,23 @@ def test_tied_embeddings_trained_once_and_the_merge_stays_tied(tmp_path):
     assert _max_logit_diff(out / "lazyllm_merge", SMOL, out / "lazyllm_lora", TEXTS) < 1e-4
 
 
+LF_PROMPT_IDS = """
+import json, sys
+from llamafactory.data.template import get_template_and_fix_tokenizer
+from llamafactory.hparams import DataArguments
+from transformers import AutoTokenizer
+from finetune.recipes.prompting import PromptFormat
+
+base, folders = sys.argv[1], sys.argv[1:]
+msgs = [{"role": "user", "content": "Reverse the words.\\nred rice"}]
+tok = AutoTokenizer.from_pretrained(base)
+template = get_template_and_fix_tokenizer(tok, DataArguments(template="smollm2"))
+trained, _ = template.encode_oneturn(tok, msgs + [{"role": "assistant", "content": "rice red"}])
+print(json.dumps([PromptFormat("llamafactory", "smollm2").encode(AutoTokenizer.from_pretrained(f), msgs) == trained
+                  for f in folders]))
+"""
+
+
 @pytest.mark.slow
 def test_llamafactory_trains_smollm2_with_its_template(tmp_path):
     """LLaMA-Factory, template smollm2: the loss falls, merged == base + adapter, and the evaluation by generation
@@ -314,18 +332,9 @@ def test_llamafactory_trains_smollm2_with_its_template(tmp_path):
     m = read_json(out / "metrics.json")
     assert "base_eval_exact_match" in m and "eval_exact_match" in m
     assert _max_logit_diff(out / "lazyllm_merge", SMOL, out / "lazyllm_lora", TEXTS) < 1e-4
-    code = ("import json,sys; from transformers import AutoTokenizer; "
-            "from llamafactory.data.template import get_template_and_fix_tokenizer; "
-            "from llamafactory.hparams import DataArguments; from finetune.recipes.prompting import PromptFormat; "
-            "out=[]\n"
-            f"for folder in ({str(SMOL)!r}, {str(out / 'lazyllm_lora')!r}, {str(out / 'lazyllm_merge')!r}):\n"
-            "    tok=AutoTokenizer.from_pretrained(folder); fmt=PromptFormat('llamafactory', 'smollm2')\n"
-            "    msgs=[{'role':'user','content':'Reverse the words.\\nred rice'}]\n"
-            "    t=get_template_and_fix_tokenizer(AutoTokenizer.from_pretrained(" + repr(str(SMOL)) + "), "
-            "DataArguments(template='smollm2'))\n"
-            "    ids,_=t.encode_oneturn(AutoTokenizer.from_pretrained(" + repr(str(SMOL)) + "), msgs+[{'role':'assistant','content':'rice red'}])\n"
-            "    out.append(fmt.encode(tok, msgs)==ids)\n"
-            "print(json.dumps(out))")
-    check = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=user_env(), timeout=600, cwd=REPO)
+    script = tmp_path / "lf_ids.py"          # in its own process: importing LLaMA-Factory is heavy
+    script.write_text(LF_PROMPT_IDS)
+    check = subprocess.run([PY, str(script), str(SMOL), str(out / "lazyllm_lora"), str(out / "lazyllm_merge")],
+                           capture_output=True, text=True, env=user_env(), timeout=600, cwd=REPO)
     assert check.returncode == 0, check.stderr[-2000:]
     assert json.loads(check.stdout.strip().splitlines()[-1]) == [True, True, True]

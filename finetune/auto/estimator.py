@@ -251,6 +251,7 @@ class MethodParams:
     badam_mode: str = "layer"
     badam_update_ratio: float = 0.05
     optim: str = "adamw_torch"
+    quantization_bit: Optional[int] = None   # QLoRA: 8, 4 or 2 (the frozen base weights' storage)
 
     def method_params(self) -> dict:
         return {f.name: (list(getattr(self, f.name)) if isinstance(getattr(self, f.name), list) else getattr(self, f.name))
@@ -264,7 +265,6 @@ class Setup(MethodParams):
     method: str = "lora"                 # full | freeze | lora | galore | badam (lora-like names count as lora)
     precision: str = "bf16"              # fp32 | bf16 | fp16 (mixed precision: fp32 master weights)
     pure_bf16: bool = False              # everything in 16-bit (LLaMA-Factory's pure_bf16)
-    quantization_bit: Optional[int] = None   # QLoRA: 8, 4 or 2
     device: str = "cuda"                 # cuda | cpu
     micro_batch_size: int = 1
     seq_len: int = 1024

@@ -185,6 +185,33 @@ def resolve_hardware(cfg) -> Optional[Dict]:
     return facts or None
 
 
+FLASH_ATTN_MIN = (2, 3, 3)       # transformers' is_flash_attn_2_available()
+
+
+def flash_attention_unavailable(hw) -> Optional[str]:
+    """Why FlashAttention-2 cannot run with this hardware config here, or None. It needs a CUDA GPU, 16-bit
+    precision and the flash-attn package (>= 2.3.3; not in requirements.lock: it is built against the GPU
+    machine's CUDA); checked without importing it, so that a run refuses before anything is written instead of
+    failing after (transformers) or silently falling back to sdpa (LLaMA-Factory 0.9.5)."""
+    import importlib.util
+    from importlib import metadata
+
+    if hw.device != "cuda":
+        return "flash attention needs a CUDA GPU; on CPU use auto, eager or sdpa"
+    if hw.precision not in ("bf16", "fp16"):
+        return f"flash attention runs in bf16 or fp16, not hardware.precision={hw.precision}"
+    if importlib.util.find_spec("flash_attn") is None:
+        return ("the flash-attn package is not installed in this environment (not in requirements.lock: install it "
+                "on the GPU machine with `pip install flash-attn --no-build-isolation`), or use sdpa")
+    try:
+        version = tuple(int(x) for x in re.findall(r"\d+", metadata.version("flash-attn"))[:3])
+    except metadata.PackageNotFoundError:
+        version = ()
+    if version < FLASH_ATTN_MIN:
+        return f"flash-attn {'.'.join(map(str, version)) or '?'} is older than 2.3.3 (transformers needs 2.3.3+)"
+    return None
+
+
 def device_flops(hw) -> float:
     """Peak FLOP/s of one training process's device (one GPU, or the CPU cores one process gets)."""
     if hw.device == "cuda":

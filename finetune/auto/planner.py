@@ -24,7 +24,9 @@ from typing import Dict, List, Optional
 from finetune.auto.estimator import GiB, LORA_LIKE, Estimate, MethodParams, ModelShape, Setup, estimate
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-AUTO_METHODS = ("lora", "freeze", "galore", "badam", "full")     # method=auto tries these
+AUTO_METHODS = ("lora", "qlora", "freeze", "galore", "badam", "full")     # method=auto tries these
+QLORA_SPEED = 0.7      # 4/8-bit weights are dequantised in every forward and backward: QLoRA steps are slower than
+                       # LoRA's (reported 0.6-0.8x on GPUs); so a plan picks QLoRA when LoRA does not fit
 GPU_HEADROOM = 0.90
 CPU_HEADROOM = 0.85
 
@@ -290,6 +292,11 @@ def plan_choice(shape: ModelShape, req: Request, machine: Machine, collie_venv: 
                and procs_per_node % t == 0] or [1]
         for method in methods:
             fam = "lora" if method in LORA_LIKE else method
+            params = req.method_params()
+            if method == "qlora":
+                params["quantization_bit"] = params.get("quantization_bit") or 4
+            elif fam != "lora":
+                params["quantization_bit"] = None
             for tp in tps:
                 dp = max(1, world // tp)
                 if req.batch_size % dp:
@@ -308,6 +315,8 @@ def plan_choice(shape: ModelShape, req: Request, machine: Machine, collie_venv: 
                     zero_opts = [(None, False, False), (2, True, False), (3, True, True)]
                 if fam == "galore":
                     zero_opts = [z for z in zero_opts if z[0] is None] or [(None, False, False)]
+                if method == "qlora":                # quantised weights are not partitioned by ZeRO-3 (refused)
+                    zero_opts = [z for z in zero_opts if z[0] != 3] or [(None, False, False)]
                 if fam == "badam" and req.badam_mode == "layer" and dp > 1:
                     zero_opts = [z for z in zero_opts if z[0] == 3]
                 if fam == "badam" and req.badam_mode == "ratio" and world > 1:
@@ -321,7 +330,7 @@ def plan_choice(shape: ModelShape, req: Request, machine: Machine, collie_venv: 
                                       micro_batch_size=mbs, seq_len=req.seq_len, gradient_checkpointing=bool(gc),
                                       memory_efficient_attention=req.memory_efficient_attention,
                                       zero_stage=zero, offload_optimizer=off_opt, offload_param=off_param, dp=dp, tp=tp,
-                                      **req.method_params())
+                                      **params)
                             est = estimate(shape, s)
                             if machine.device == "cuda":
                                 limit, host_limit = gpu_limit, host_node / max(1, procs_per_node)
@@ -336,7 +345,7 @@ def plan_choice(shape: ModelShape, req: Request, machine: Machine, collie_venv: 
                             elif host_need > host_limit:
                                 why = f"offload needs {host_need / GiB:.1f} GiB host RAM > {host_limit / GiB:.1f}"
                             eff = _efficiency(machine, mbs * req.seq_len, zero, off_opt, off_param, tp,
-                                              machine.nnodes, dp)
+                                              machine.nnodes, dp) * (QLORA_SPEED if s.quantization_bit else 1.0)
                             tps_ = world * machine.flops * eff / max(1.0, est.flops_per_step_token) / max(1, tp)
                             est_time = STARTUP_S.get(b, 10.0) + (req.total_tokens or 1e7) / max(tps_, 1e-9)
                             cands.append(Candidate(backend=b, method=method, micro_batch_size=mbs,

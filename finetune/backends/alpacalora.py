@@ -42,9 +42,12 @@ def check(cfg) -> None:
         raise ConfigError("backend.torch_threads", b.torch_threads, "must be >= 0 (0: let torch decide)")
     if b.attn_implementation not in ATTENTION:
         raise ConfigError("backend.attn_implementation", b.attn_implementation, one_of(ATTENTION))
-    if b.attn_implementation == "flash_attention_2" and cfg.hardware.device != "cuda":
-        raise ConfigError("backend.attn_implementation", "flash_attention_2", "flash attention needs a CUDA GPU; "
-                          "on CPU use auto, eager or sdpa")
+    if b.attn_implementation == "flash_attention_2":
+        from finetune.auto.hardware import flash_attention_unavailable
+
+        why = flash_attention_unavailable(cfg.hardware)
+        if why:
+            raise ConfigError("backend.attn_implementation", "flash_attention_2", why)
     if m.name == "galore":
         if cfg.optim not in ("adamw_torch", "adafactor"):
             raise ConfigError("optim", cfg.optim, "GaLore (galore-torch) runs with optim=adamw_torch or adafactor")

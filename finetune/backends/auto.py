@@ -106,6 +106,7 @@ def _request(cfg: DictConfig, backend: Optional[str], typed: List[str], data_for
         badam_mode=str(meth.get("badam_mode", "layer")) if method == "badam" else "layer",
         badam_update_ratio=float(meth.get("badam_update_ratio", 0.05)) if method == "badam" else 0.05,
         optim=str(c.optim), model_kind=str(cfg.model.kind), data_format=data_format,
+        quantization_bit=int(meth.quantization_bit) if meth.get("quantization_bit") else None,
         candidates=[str(b) for b in cfg.backend.candidates], prefer=str(cfg.backend.prefer),
         micro_batch_size=int(c.micro_batch_size) if "micro_batch_size" in typed else None,
         gradient_checkpointing=bool(c.gradient_checkpointing) if "gradient_checkpointing" in typed else None,
@@ -144,11 +145,16 @@ def choose(cfg: DictConfig, typed: Optional[List[str]] = None, data_format: Opti
 
     typed = _typed_keys() if typed is None else typed
     path = Path(str(cfg.model.path)) / "config.json"
-    if not path.is_file():
+    planned = None
+    if not path.is_file() and cfg.model.builder:             # built on first use: its builder knows the shape
+        from finetune.tools.tiny_models import planned_config
+
+        planned = planned_config(str(cfg.model.builder))
+    if not path.is_file() and planned is None:
         raise ConfigError("model.path", str(cfg.model.path), "backend=auto reads the model's config.json to estimate "
                           "memory; build or download the model first")
     try:
-        shape = ModelShape.from_path(path)
+        shape = ModelShape.from_config(planned) if planned is not None else ModelShape.from_path(path)
     except ValueError as e:
         raise ConfigError("model.path", str(path), str(e))
     fmt = data_format or str(cfg.data.format)

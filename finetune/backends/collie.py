@@ -6,7 +6,7 @@ The plan has three steps:
 
   1. collie_prepare  (Collie's python)  a ``.bin`` copy of a safetensors-only model (Collie reads only *.bin)
   2. collie_train    (Collie's python, torchrun when world size > 1)  finetune.recipes.collie_worker: Collie's
-                     model class + Trainer; without a GPU the five CPU patches (collie_cpu_patch) are applied
+                     model class + Trainer; for hardware.device=cpu the five CPU patches (collie_cpu_patch) are applied
   3. collie_merge    (this environment)  adapter + base -> logits must equal Collie's own; merge_and_unload
                      -> lazyllm_merge (full fine-tuning: the saved model is checked the same way)
 
@@ -28,7 +28,12 @@ from finetune.plan import Plan, Step
 from finetune.report.history import read_history
 
 SETUP_CMD = "bash scripts/setup_collie_env.sh (or: finetune setup-collie)"
-LOCK = REPO_ROOT / "requirements-collie.lock"
+LOCK = REPO_ROOT / "requirements-collie.lock"               # CPU runs
+CUDA_LOCK = REPO_ROOT / "requirements-collie-cuda.lock"     # GPU runs: + the CUDA runtime PyPI's torch build needs
+
+
+def lock_file(cfg) -> Path:
+    return CUDA_LOCK if cfg.hardware.device == "cuda" else LOCK
 # model.family values the adapter supports: Collie also has InternLM2/ChatGLM2 classes, but their weight layouts
 # (fused wqkv, ...) need their own export conversion, which is written and verified for Llama only
 FAMILIES = ("llama",)
@@ -63,7 +68,7 @@ def venv_ready(cfg) -> bool:
     """Does Collie's environment exist, complete and matching requirements-collie.lock?"""
     stamp = venv_dir(cfg) / ".finetune-lock.sha256"
     return (venv_python(cfg).exists() and stamp.is_file()
-            and stamp.read_text().strip() == hashlib.sha256(LOCK.read_bytes()).hexdigest())
+            and stamp.read_text().strip() == hashlib.sha256(lock_file(cfg).read_bytes()).hexdigest())
 
 
 def _cannot_build_venv() -> Optional[str]:
@@ -211,6 +216,9 @@ def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
     # (same op name, other torch), or each environment would rebuild it after the other one ran
     env = {"PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1",
            "TORCH_EXTENSIONS_DIR": str(venv_dir(cfg).resolve() / "torch_extensions")}
+    if cfg.hardware.device == "cpu":
+        # a CPU run on a GPU machine stays on the CPU: DeepSpeed picks its accelerator from torch.cuda otherwise
+        env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
     dp, tp, pp = int(cfg.backend.dp_size), int(cfg.backend.tp_size), int(cfg.backend.pp_size)
     accum = int(cfg.batch_size) // (dp * int(cfg.micro_batch_size))
     # paths as the user typed them are relative to this process's folder; the steps run in the run folder
@@ -220,7 +228,8 @@ def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
              "--target", str(Path(str(cfg.target_path or Path(run_dir) / "lazyllm_lora")).absolute()),
              "--merge", str(Path(str(cfg.merge_path or Path(run_dir) / "lazyllm_merge")).absolute())]
     steps = [] if venv_ready(cfg) else [
-        Step(name="setup_collie", argv=["bash", str(REPO_ROOT / "scripts" / "setup_collie_env.sh")],
+        Step(name="setup_collie", argv=["bash", str(REPO_ROOT / "scripts" / "setup_collie_env.sh"),
+                                        *(["--cuda"] if cfg.hardware.device == "cuda" else [])],
              env={"FINETUNE_COLLIE_VENV": str(venv_dir(cfg))})]
     steps += [
         Step(name="collie_prepare", argv=[py, "-m", "finetune.recipes.collie_worker", "prepare", *paths], env=env),
@@ -233,8 +242,8 @@ def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
                 "a few minutes and about 1.7 GB, once per machine)"),
              f"dp={dp} tp={tp} pp={pp}; global batch {cfg.batch_size} = micro_batch_size {cfg.micro_batch_size} x "
              f"dp {dp} x gradient accumulation {accum}",
-             "without a GPU the worker applies five CPU patches before importing collie (gloo, no .cuda()); "
-             "on a GPU none apply",
+             "hardware.device=cpu: the worker applies five CPU patches before importing collie (gloo, no .cuda()); "
+             "hardware.device=cuda: none, and the job must see a GPU",
              "safetensors-only models get a .bin copy in <run>/collie_base (Collie's loader reads only *.bin)"]
     if cfg.method.uses_lora:
         notes.append("the adapter is exported in Hugging Face layout (Collie permutes q/k rows at load); "

@@ -156,11 +156,24 @@ def check(cfg) -> None:
 
 
 def deepspeed_config(cfg) -> dict:
-    """ZeRO config in the shape of FlagEmbedding's examples/finetune/ds_stage0.json ("auto" filled by HF)."""
+    """ZeRO config in the shape of FlagEmbedding's examples/finetune/ds_stage0.json. The bucket sizes are numbers,
+    not "auto": HF fills "auto" sizes from model.config, which FlagEmbedding's model wrapper does not have
+    (ValueError "The model's config file has neither hidden_size nor hidden_sizes"); they are HF's own formulas on
+    the encoder's hidden size (config.json), or DeepSpeed's defaults when it cannot be read yet."""
+    from finetune.auto.hardware import model_hidden_size
+
     hw = cfg.hardware
-    zero = {"stage": int(hw.deepspeed_stage)}
-    if int(hw.deepspeed_stage) > 0:
-        zero.update({"overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": "auto"})
+    stage = int(hw.deepspeed_stage)
+    hidden = model_hidden_size(cfg.model.path)
+    zero = {"stage": stage}
+    if stage > 0:
+        zero.update({"overlap_comm": False, "contiguous_gradients": True,
+                     "reduce_bucket_size": hidden * hidden if hidden else int(5e8)})
+    if stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": int(0.9 * hidden * hidden) if hidden else int(5e7),
+                     "stage3_param_persistence_threshold": 10 * hidden if hidden else int(1e5),
+                     # the Trainer gathers the full weights for the final save (our train step saves them)
+                     "stage3_gather_16bit_weights_on_model_save": True})
     if hw.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if hw.offload_param:
@@ -282,7 +295,8 @@ def plan(cfg, run_dir, ctx) -> Plan:
     # FlagEmbedding's own runner (MODULES[task] builds the same), wrapped for history.jsonl, tokens/s, complete-
     # checkpoint markers and resume (finetune/recipes/flagembedding_train.py)
     steps.append(Step(name="train", argv=[py, "-m", "finetune.recipes.flagembedding_train", "--task", str(b.task),
-                                          "--run-dir", str(run_dir), *(["--resume"] if cfg.resume else []), "--",
+                                          "--run-dir", str(run_dir), "--device", str(cfg.hardware.device),
+                                          *(["--resume"] if cfg.resume else []), "--",
                                           *train_args(cfg, run_dir)], env=env, distributed="torchrun",
                       progress="history.jsonl"))
     steps.append(Step(name="eval_after", argv=[py, "-m", "finetune.recipes.embed_eval", "--config", conf,

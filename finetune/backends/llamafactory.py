@@ -69,7 +69,7 @@ MANAGED = {
 METHOD_KEYS = {
     "freeze": ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"),
     "lora": ("use_rslora", "use_dora", "loraplus_lr_ratio", "loraplus_lr_embedding", "pissa_init", "pissa_iter",
-             "pissa_convert", "create_new_adapter"),
+             "pissa_convert", "create_new_adapter", "quantization_bit", "quantization_type", "double_quantization"),
     "galore": ("use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
                "galore_proj_type", "galore_layerwise"),
     "badam": ("use_badam", "badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval",
@@ -77,6 +77,7 @@ METHOD_KEYS = {
 }
 for _keys in METHOD_KEYS.values():
     MANAGED.update({k: f"method.{k}" for k in _keys})
+MANAGED["quantization_method"] = "method=qlora (bitsandbytes)"
 MANAGED.update({k: f"backend.{k}" for k in ("preprocessing_num_workers", "overwrite_cache", "per_device_eval_batch_size",
                                              "ddp_timeout", "pref_beta", "pref_loss")})
 
@@ -172,9 +173,9 @@ def check_tied_embeddings(cfg) -> None:
                                else str(m.modules_to_save).split(","))]
     if any(x.strip() in names for x in chosen):
         raise ConfigError("modules_to_save", _csv(m.modules_to_save),
-                          f"model {cfg.model.name} ties its embedding and output layer; LLaMA-Factory 0.9.5 would train "
-                          "two separate copies and untie them in the merge: use modules_to_save=[] or backend=alpacalora "
-                          "(which trains the shared matrix once)")
+                          f"model {cfg.model.name} ties its embedding and output layer; LLaMA-Factory 0.9.5 would "
+                          "train two separate copies and untie them in the merge: use modules_to_save=[] or "
+                          "backend=alpacalora (which trains the shared matrix once)")
 
 
 def _check_value(key: str, value, kind: str, choices) -> None:
@@ -235,6 +236,12 @@ def check(cfg) -> None:
         if cfg.merge and not m.pissa_convert:
             raise ConfigError("method.pissa_convert", False, "merging a PiSSA adapter needs pissa_convert=true (the "
                               "saved adapter re-runs the randomised SVD on load, so merges would differ); or merge=false")
+    if m.uses_lora and m.get("quantization_bit") == 4 and hw.device == "cpu" and (
+            float(cfg.val_set_size) > 0 or cfg.data.eval_path) and b.eval_strategy != "no":
+        raise ConfigError("method.quantization_bit", 4, "4-bit QLoRA on a CPU cannot evaluate through LLaMA-Factory: "
+                          "bitsandbytes 0.50.2 repacks the 4-bit weights in place for its CPU inference kernel during "
+                          "evaluation (asserting on layers not a multiple of 32); set val_set_size=0, or use "
+                          "backend=alpacalora (which keeps the training kernel for evaluation)")
     if hw.device == "cpu" and cfg.launcher.nnodes > 1:
         raise ConfigError("launcher.nnodes", cfg.launcher.nnodes, "multi-node LLaMA-Factory runs need GPUs")
     # data size vs held-out rows
@@ -254,6 +261,12 @@ def check(cfg) -> None:
                               "(llamafactory-cli would refuse it)", suggest(key, KEYS))
         kind, kchoices = KEYS[key]
         _check_value(key, value, kind, kchoices)
+    if extra.get("flash_attn") == "fa2":
+        from finetune.auto.hardware import flash_attention_unavailable
+
+        why = flash_attention_unavailable(hw)
+        if why:       # LLaMA-Factory 0.9.5 would log "FlashAttention-2 is not installed." and silently use sdpa
+            raise ConfigError("backend.extra.flash_attn", "fa2", why)
     if extra.get("pure_bf16") and hw.device == "cpu":
         raise ConfigError("backend.extra.pure_bf16", True, "needs a bf16 GPU; on CPU use hardware.precision=bf16")
     gen_eval.check(cfg)
@@ -297,6 +310,11 @@ def train_args(cfg, run_dir: Path, ctx: dict, info: Dict[str, dict]) -> Dict[str
             a[k] = v
     if fam == "lora" and not m.pissa_init:
         for k in ("pissa_iter", "pissa_convert"):
+            a.pop(k, None)
+    if fam == "lora" and m.get("quantization_bit"):
+        a["quantization_method"] = "bnb"                 # QLoRA through bitsandbytes; the export merges into the
+    else:                                                # full-precision base (export.yaml has no quantisation)
+        for k in ("quantization_bit", "quantization_type", "double_quantization"):
             a.pop(k, None)
     # data
     a["dataset_dir"] = str(lf)
@@ -412,13 +430,15 @@ def plan(cfg, run_dir, ctx) -> Plan:
     env = {"HF_HUB_OFFLINE": "1"}
     if cfg.hardware.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""        # never relaunch under torchrun for GPUs a CPU run does not use
-        if cfg.hardware.deepspeed_stage is not None:
-            env["FORCE_TORCHRUN"] = "1"          # DeepSpeed outside torchrun looks for mpi4py
+    if cfg.hardware.deepspeed_stage is not None:
+        # LLaMA-Factory 0.9.5 refuses DeepSpeed outside a distributed launch ("Please use `FORCE_TORCHRUN=1` to
+        # launch DeepSpeed training.", hparams/parser.py), also for one process on one GPU
+        env["FORCE_TORCHRUN"] = "1"
     out = _out_dir(cfg, run_dir)
     train_cmd = cli("train", lf / "train.yaml")
     steps = [Step(name="train", distributed="env", env=env, progress=str(out / "trainer_log.jsonl"),
                   argv=[sys.executable, "-m", "finetune.backends.llamafactory_worker", "--run-dir", str(run_dir),
-                        "--output-dir", str(out), "--", *train_cmd])]
+                        "--output-dir", str(out), "--device", str(cfg.hardware.device), "--", *train_cmd])]
     outputs = {"lf_output": str(out), ("adapter" if cfg.method.uses_lora else "model"): str(out)}
     notes = [f"stage {cfg.backend.stage}, finetuning_type {targs['finetuning_type']}, template {targs['template']}, "
              f"optim {targs['optim']} (always written: transformers' default adamw_torch_fused breaks GaLore/BAdam)",

@@ -61,10 +61,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--output-dir", required=True)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the config's hardware.device")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     run_dir, out = Path(args.run_dir), Path(args.output_dir)
+    if args.device == "cuda":        # GPU hardware where the job sees no GPU: fail, never train on the CPU silently
+        from finetune.recipes.common import require_device
+
+        require_device({"device": "cuda"})
 
     # LLaMA-Factory relaunches itself with `torchrun` looked up on PATH (several processes, FORCE_TORCHRUN): that
     # must be this environment's torchrun even when the venv is not activated (`.venv/bin/python train.py`)
@@ -76,6 +81,8 @@ def main(argv=None) -> int:
     # llamafactory-cli as key=value arguments, which override the yaml (finetune/secrets.py)
     secret_args = [f"{k[len('backend.extra.'):]}={v}" for k, v in json.loads(env.get("FINETUNE_SECRETS") or "{}").items()
                    if k.startswith("backend.extra.")]
+    if env.get("FINETUNE_RESUME") == "1":     # a Slurm job rerun after preemption: LLaMA-Factory continues from its
+        secret_args.append("overwrite_output_dir=false")  # last checkpoint in the output folder
     start = time.monotonic()
     proc = subprocess.Popen(cmd + secret_args, env=env)
     for sig in (signal.SIGINT, signal.SIGTERM):

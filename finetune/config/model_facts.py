@@ -23,18 +23,19 @@ def _read(path: Path) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
-def _builder_facts(model) -> dict:
+def _builder_facts(model, part: str) -> dict:
+    """A model built on first use: what its builder declares ("config": its config.json, "tokenizer")."""
     if not model.get("builder"):
         return {}
     from finetune.tools.gguf_model import BUILDERS
 
-    return dict((BUILDERS.get(str(model.builder)) or {}).get("facts") or {})
+    return dict((BUILDERS.get(str(model.builder)) or {}).get(part) or {})
 
 
 def model_config(model) -> dict:
-    """config.json of the model folder, else the builder's facts, else {}."""
+    """config.json of the model folder, else the builder's declared config, else {}."""
     meta = _read(Path(str(model.path)) / "config.json")
-    return meta if meta is not None else _builder_facts(model)
+    return meta if meta is not None else _builder_facts(model, "config")
 
 
 def tied_embeddings(model) -> bool:
@@ -69,7 +70,7 @@ def tokenizer_tokens(model) -> Optional[Set[str]]:
     tj = _read(folder / "tokenizer.json")
     tc = _read(folder / "tokenizer_config.json") or {}
     if tj is None and not folder.exists():
-        facts = _builder_facts(model)
+        facts = _builder_facts(model, "tokenizer")
         return set(facts["special_tokens"]) if "special_tokens" in facts else None
     if tj is None:
         return None
@@ -90,7 +91,7 @@ def special_token(model, role: str) -> Optional[str]:
     tc = _read(Path(str(model.path)) / "tokenizer_config.json")
     if tc is not None:
         return _token(tc.get(role))
-    return _builder_facts(model).get(role)
+    return _builder_facts(model, "tokenizer").get(role)
 
 
 def has_chat_template(model) -> bool:
@@ -100,4 +101,4 @@ def has_chat_template(model) -> bool:
     tc = _read(folder / "tokenizer_config.json")
     if tc is not None:
         return bool(tc.get("chat_template"))
-    return bool(_builder_facts(model).get("chat_template"))
+    return bool(_builder_facts(model, "tokenizer").get("chat_template"))

@@ -8,9 +8,16 @@
                              + - * / // % ** ( ) are accepted: parsed with ``ast``, never ``eval``'d.
 - ``${repo_root:}``          the folder holding conf/ (so shipped data paths work from any working folder).
 - ``${pkg_path:NAME}``       the folder of an installed Python package, found without importing it.
-- ``${gguf_model_dir:FILE}`` where ``model=gguf`` converts FILE to (models/gguf/<stem>-<key>; finetune/tools/gguf_model.py).
+- ``${gguf_model_dir:FILE}`` where ``model=gguf`` converts FILE to (models/gguf/<stem>-<key>;
+                             finetune/tools/gguf_model.py).
 - ``${metric_direction:NAME}`` maximize for a score (exact match, F1, ROUGE, accuracy, recall, MRR), else minimize
                              (a loss): the Optuna searches' direction follows ``metric=``.
+- ``${hardware_job:WHAT}``   what one node of the hardware group asks of a launcher: ``nproc`` (processes per node:
+                             one per GPU on CUDA hardware, else 1), ``gpus`` (GPUs per node), ``cpus`` and ``mem_gb``
+                             (a GPU node's cores and 90% of its memory, where the hardware option names them; else
+                             the launcher's small CPU-job defaults). The launcher files default to these, so
+                             ``hardware=a100_80g_x8`` means 8 processes on 8 GPUs unless you type otherwise; they
+                             resolve after validation has detected ``hardware=auto``.
 """
 from __future__ import annotations
 
@@ -103,8 +110,28 @@ def _eval_resolver(expr, _root_):
     return safe_eval(str(expr), lookup)
 
 
+# what a launcher asks for a CPU job when the hardware group does not say (Slurm/k8s: small CPU jobs)
+CPU_JOB = {"cpus": 2, "mem_gb": 4}
+
+
+def hardware_job(what: str, hw) -> float:
+    """See the module docstring (``${hardware_job:WHAT}``); ``hw`` is the composed hardware node."""
+    cuda = str(hw.device) == "cuda"
+    gpus = int(hw.gpus_per_node or 0) if cuda else 0
+    if what == "nproc":
+        return gpus if gpus > 0 else 1
+    if what == "gpus":
+        return gpus
+    if what == "cpus":
+        return int(hw.cpus) if cuda and hw.cpus else CPU_JOB["cpus"]
+    if what == "mem_gb":
+        return int(0.9 * float(hw.memory_gb)) if cuda and hw.memory_gb else CPU_JOB["mem_gb"]   # whole GB (sbatch)
+    raise ValueError(f"${{hardware_job:{what}}}: one of nproc, gpus, cpus, mem_gb")
+
+
 def register() -> None:
     for name, fn in (("eval", _eval_resolver), ("repo_root", lambda: str(REPO_ROOT)), ("pkg_path", _pkg_path),
-                     ("gguf_model_dir", _gguf_model_dir), ("metric_direction", metric_direction)):
+                     ("gguf_model_dir", _gguf_model_dir), ("metric_direction", metric_direction),
+                     ("hardware_job", lambda what, _root_: hardware_job(str(what), _root_.hardware))):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

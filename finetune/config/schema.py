@@ -242,6 +242,11 @@ class LoraMethod(MethodBase):
     pissa_iter: int = 16
     pissa_convert: bool = False
     create_new_adapter: bool = False
+    # QLoRA (method=qlora): the frozen base loaded quantised by bitsandbytes, LoRA trained on top in 16/32 bits; the
+    # merge goes into the full-precision base
+    quantization_bit: Optional[int] = None    # 4 (NF4/FP4) | 8 (LLM.int8) | null: no quantisation
+    quantization_type: str = "nf4"            # nf4 | fp4 (4-bit only)
+    double_quantization: bool = True          # quantise the 4-bit quantisation constants too (4-bit only)
 
 
 @dataclass
@@ -336,6 +341,8 @@ class LauncherConfig:
     cluster: Optional[str] = None             # submitit cluster: null = slurm; "local"/"debug" run without Slurm
     job_name: Optional[str] = None            # default: finetune-<run name>-<step>
     poll_s: float = 2.0
+    max_requeues: int = 3                     # slurm: reruns after preemption / time limit before the job fails
+    signal_delay_s: int = 120                 # slurm: USR2 this long before the time limit (the job requeues itself)
     # k8s (manifest generation: a batch/v1 Job, or a Kubeflow PyTorchJob when nnodes > 1)
     image: str = "finetune:latest"
     namespace: str = "default"

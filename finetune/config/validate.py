@@ -23,8 +23,9 @@ REPORT_TO = ("tensorboard", "none")
 LORA_ONLY_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "modules_to_save")
 LORA_METHOD_KEYS = ("method.lora_r", "method.lora_alpha", "method.lora_dropout", "method.lora_target_modules",
                     "method.use_rslora", "method.use_dora", "method.loraplus_lr_ratio", "method.loraplus_lr_embedding",
-                    "method.pissa_init", "method.pissa_iter", "method.pissa_convert", "method.modules_to_save")
-ALL_METHODS = ("full", "freeze", "lora", "loraplus", "rslora", "dora", "pissa", "galore", "badam", "auto")
+                    "method.pissa_init", "method.pissa_iter", "method.pissa_convert", "method.modules_to_save",
+                    "method.quantization_bit", "method.quantization_type", "method.double_quantization")
+ALL_METHODS = ("full", "freeze", "lora", "loraplus", "rslora", "dora", "pissa", "qlora", "galore", "badam", "auto")
 
 
 def _choice(key: str, value, choices: Iterable[str]) -> None:
@@ -176,7 +177,7 @@ def check_method(cfg: DictConfig, typed: List[str]) -> None:
         if bad:
             raise ConfigError(bad[0], OmegaConf.select(cfg, bad[0]),
                               f"LoRA options do not apply to method={meth.name}; use method=lora (or loraplus, "
-                              "rslora, dora, pissa), or drop the option")
+                              "rslora, dora, pissa, qlora), or drop the option")
         return
     r, alpha, dropout = meth.lora_r, meth.lora_alpha, meth.lora_dropout
     if not isinstance(r, int) or r <= 0:
@@ -197,6 +198,28 @@ def check_method(cfg: DictConfig, typed: List[str]) -> None:
         raise ConfigError("method.use_dora", True, "PiSSA and DoRA cannot be combined; choose method=pissa or method=dora")
     if meth.pissa_iter < -1 or meth.pissa_iter == 0:
         raise ConfigError("method.pissa_iter", meth.pissa_iter, "must be -1 (exact SVD) or > 0")
+    check_quantization(cfg)
+
+
+def check_quantization(cfg: DictConfig) -> None:
+    """QLoRA's rules (LLaMA-Factory's, hparams/parser.py): quantisation only under LoRA, 4 or 8 bits, not with PiSSA
+    (its SVD needs the full-precision weights), not stacked on another adapter, not under ZeRO-3 (the 4-bit
+    weights are not partitioned)."""
+    meth = cfg.method
+    bits = meth.get("quantization_bit")
+    if bits is None:
+        return
+    if bits not in (4, 8):
+        raise ConfigError("method.quantization_bit", bits, "one of 4, 8 (bitsandbytes NF4/FP4 or LLM.int8), or null")
+    _choice("method.quantization_type", meth.quantization_type, ("nf4", "fp4"))
+    if meth.pissa_init:
+        raise ConfigError("method.quantization_bit", bits, "PiSSA needs the full-precision weights (its SVD); use "
+                          "method=pissa without quantisation, or method=qlora")
+    if meth.create_new_adapter:
+        raise ConfigError("method.create_new_adapter", True, "a quantised model takes one adapter")
+    if cfg.hardware.deepspeed_stage == 3:
+        raise ConfigError("hardware.deepspeed_stage", 3, "QLoRA's quantised weights are not partitioned by ZeRO-3; "
+                          "use stage 2 (or null)")
 
 
 def _check_tied_targets(cfg: DictConfig, targets) -> None:
@@ -207,8 +230,9 @@ def _check_tied_targets(cfg: DictConfig, targets) -> None:
     hit = sorted(set(str(t) for t in targets) & model_facts.embedding_names(cfg.model))
     if hit and model_facts.tied_embeddings(cfg.model):
         raise ConfigError("lora_target_modules", ",".join(str(t) for t in targets),
-                          f"model {cfg.model.name} ties its embedding and output layer: LoRA on {hit[0]} would be merged "
-                          "into the shared matrix and change both; train it with modules_to_save=[embed_tokens] instead")
+                          f"model {cfg.model.name} ties its embedding and output layer: LoRA on {hit[0]} would be "
+                          "merged into the shared matrix and change both; train it with modules_to_save=[embed_tokens] "
+                          "instead")
 
 
 def check_optimizer_rules(cfg: DictConfig) -> None:
@@ -257,6 +281,35 @@ def check_hardware(cfg: DictConfig) -> None:
         raise ConfigError("hardware.offload_param", True, "parameter offload needs hardware.deepspeed_stage=3")
     if hw.device == "cuda" and hw.gpus_per_node <= 0:
         raise ConfigError("hardware.gpus_per_node", hw.gpus_per_node, "must be > 0 with hardware.device=cuda")
+
+
+def check_layout(cfg: DictConfig) -> None:
+    """Processes, nodes and GPUs agree: the launcher files default to the hardware group's layout (one process per
+    GPU, hardware.nnodes nodes); what the user typed instead must still fit it."""
+    hw, lc = cfg.hardware, cfg.launcher
+    nproc, gpus, launcher = int(lc.nproc_per_node), int(hw.gpus_per_node or 0), str(lc.name)
+    if hw.device == "cuda" and nproc > gpus:
+        raise ConfigError("launcher.nproc_per_node", nproc, f"hardware={hw.name} has {gpus} GPU(s) per node: at most "
+                          f"one process per GPU")
+    if int(hw.nnodes) > 1 and int(lc.nnodes) != int(hw.nnodes):
+        raise ConfigError("launcher.nnodes", int(lc.nnodes), f"hardware={hw.name} describes {int(hw.nnodes)} nodes "
+                          f"(hardware.nnodes); the launcher must use as many")
+    if launcher in ("slurm", "k8s"):
+        if str(hw.name) == "auto":
+            raise ConfigError("hardware", "auto", f"detects the machine you submit from, not the {launcher} nodes the "
+                              "job runs on; name their hardware (hardware=a100_80g_x8, single_gpu, ...) or set "
+                              "hardware.device / hardware.gpus_per_node")
+        if hw.device == "cuda" and int(lc.gpus_per_node) < nproc:
+            raise ConfigError("launcher.gpus_per_node", int(lc.gpus_per_node), f"the {launcher} job would get "
+                              f"{int(lc.gpus_per_node)} GPU(s) per node for {nproc} GPU process(es) (hardware={hw.name})")
+    elif hw.device == "cuda" and not cfg.dry_run:
+        from finetune.auto.hardware import gpus as local_gpus
+
+        here = len(local_gpus())
+        if here < nproc:
+            raise ConfigError("hardware", str(hw.name), f"asks for {nproc} CUDA GPU process(es) but this machine has "
+                              f"{here} visible GPU(s) (nvidia-smi, CUDA_VISIBLE_DEVICES); plan it with dry_run=true, "
+                              "or run it where the GPUs are (launcher=slurm / k8s)")
 
 
 def check_sizes(cfg: DictConfig) -> None:
@@ -384,6 +437,7 @@ def validate(cfg: DictConfig, overrides: Optional[List[str]] = None) -> dict:
     resolve_hardware(cfg)                           # hardware=auto, cpus/memory_gb 0: detect this machine (no torch)
     check_sizes(cfg)
     check_hardware(cfg)
+    check_layout(cfg)
     check_kind(cfg)
     check_method(cfg, typed)
     check_optimizer_rules(cfg)

@@ -23,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.recipes.common import (COMPLETE, Collator, TokenMeter, atomic_write_text, free_cores,
-                                     last_complete_checkpoint, log, pack_examples, peak_rss_mb, read_config,
-                                     split_train_val, tokenized_data, truncate_history)
+from finetune.recipes.common import (COMPLETE, Collator, TokenMeter, atomic_write_text, deepspeed_env, free_cores,
+                                     last_complete_checkpoint, log, require_device, pack_examples, peak_rss_mb,
+                                     read_config, split_train_val, tokenized_data, truncate_history)
 
 EAGER_MAX_LEN = 256          # attention auto on CPU: eager for batches up to this length, SDPA above (measured)
 
@@ -258,13 +258,98 @@ def save_generation_files(cfg: dict, tokenizer, folder: Path) -> None:
     PromptFormat.from_run_config(cfg).to_file(folder)
 
 
-def deepspeed_env() -> None:
-    """DeepSpeed needs the torchrun environment even for one process (else it looks for mpi4py)."""
-    if "RANK" not in os.environ:
-        from launchers.process import free_port
+def numel(p) -> int:
+    """A parameter's size, also when ZeRO-3 partitioned it at load (its local tensor is then empty) or bitsandbytes
+    packed it in 4 bits (two weights a byte: the quantisation state knows the real shape)."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    if shape is not None:
+        return int(shape.numel())
+    return int(getattr(p, "ds_numel", 0) or p.numel())
 
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+
+def quantization_kwargs(m: dict, hw: dict, dtype) -> dict:
+    """QLoRA: the from_pretrained arguments that load the frozen base quantised by bitsandbytes (4-bit NF4/FP4 with
+    its compute in the run's precision, or 8-bit), on this process's device; {} for every other method."""
+    bits = m.get("quantization_bit")
+    if not bits:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if int(bits) == 4:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=m.get("quantization_type") or "nf4",
+                               bnb_4bit_use_double_quant=bool(m.get("double_quantization", True)),
+                               bnb_4bit_compute_dtype=dtype)
+    else:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    device = int(os.environ.get("LOCAL_RANK", "0")) if hw["device"] == "cuda" else "cpu"
+    return {"quantization_config": q, "device_map": {"": device}}
+
+
+def prepare_quantized(model, gradient_checkpointing: bool):
+    """PEFT's preparation of a quantised model for training (norms and other 16-bit layers in fp32, input grads for
+    checkpointing). On a CPU with avx512_bf16, bitsandbytes 0.50.2 repacks 4-bit weights in place for its CPU
+    inference kernel whenever a layer runs without grad in eval mode (the held-out evaluation), which asserts on
+    layers whose size is not a multiple of 32 and leaves the packed weights for the next training step: keep its
+    training kernel for evaluation too (the same weights, the same numbers)."""
+    from peft import prepare_model_for_kbit_training
+
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def training_arguments(cfg: dict, world: int, ds_config, has_eval: bool) -> dict:
+    """The HF TrainingArguments of a run, as keyword arguments (a plain dict: the GPU paths are checked on a CPU by
+    building it for a GPU hardware config). Precision: bf16 or fp16 mixed precision (fp16 with the GradScaler's loss
+    scaling) on trainable weights kept in fp32; under DeepSpeed the same flags fill its "auto" bf16/fp16 blocks."""
+    m, b, hw = cfg["method"], cfg["backend"], cfg["hardware"]
+    seed, eval_steps, save_steps = int(cfg["seed"]), int(cfg["eval_steps"]), int(cfg["save_steps"])
+    optim_kw = {"optim": cfg["optim"]}
+    if m.get("use_galore") and m.get("galore_layerwise"):
+        # one optimizer per parameter, stepped from its post-accumulate-grad hook as soon as its gradient exists,
+        # so that only one layer's gradients live at a time (transformers' implementation of LLaMA-Factory's
+        # layer-wise GaLore; single process, no gradient accumulation: both checked at compose time)
+        names = {"adamw_torch": "galore_adamw_layerwise", "adafactor": "galore_adafactor_layerwise"}
+        targets = as_list(m["galore_target"])
+        optim_kw = dict(optim=names[cfg["optim"]],
+                        optim_target_modules="all-linear" if targets == ["all"] else targets,
+                        optim_args=f"rank={int(m['galore_rank'])},update_proj_gap={int(m['galore_update_interval'])},"
+                                   f"scale={float(m['galore_scale'])},proj_type={m['galore_proj_type']}")
+    report = cfg["report_to"] if isinstance(cfg["report_to"], list) else [cfg["report_to"]]
+    return dict(
+        output_dir=str(Path(cfg["_run_dir"]) / "checkpoints"),
+        per_device_train_batch_size=int(cfg["micro_batch_size"]),
+        per_device_eval_batch_size=int(cfg["micro_batch_size"]),
+        gradient_accumulation_steps=max(1, int(cfg["batch_size"]) // (int(cfg["micro_batch_size"]) * world)),
+        num_train_epochs=float(cfg["num_epochs"]),
+        max_steps=int(cfg["max_steps"]),
+        learning_rate=float(cfg["learning_rate"]),
+        warmup_steps=float(cfg["warmup_ratio"]),               # < 1: a ratio of the total steps (transformers 5)
+        lr_scheduler_type=cfg["lr_scheduler_type"],
+        weight_decay=float(cfg["weight_decay"]),
+        max_grad_norm=float(cfg["max_grad_norm"]),
+        **optim_kw,
+        logging_steps=int(cfg["logging_steps"]),
+        eval_strategy=("steps" if eval_steps > 0 else "epoch") if has_eval else "no",
+        eval_steps=eval_steps or None,
+        save_strategy="steps" if save_steps > 0 else "no",
+        save_steps=save_steps or 500,
+        save_total_limit=int(cfg["save_total_limit"]) or None,
+        report_to=[r for r in report if r != "none"],
+        seed=seed,
+        data_seed=seed,
+        train_sampling_strategy="group_by_length" if b.get("group_by_length") and not b.get("packing") else "random",
+        dataloader_num_workers=int(b.get("dataloader_num_workers") or 0),
+        bf16=hw["precision"] == "bf16",
+        fp16=hw["precision"] == "fp16",
+        use_cpu=hw["device"] == "cpu" and not ds_config,
+        ddp_backend="gloo" if hw["device"] == "cpu" and world > 1 else None,
+        ddp_find_unused_parameters=False if world > 1 else None,
+        deepspeed=ds_config or None,
+        remove_unused_columns=False,
+        disable_tqdm=not sys.stderr.isatty(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
@@ -286,11 +371,12 @@ def main(argv=None) -> int:
         os.environ["OMP_NUM_THREADS"] = str(b["torch_threads"])
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
 
-    # 1. libraries (heavy: only here, in the worker)
+    # 1. libraries (heavy: only here, in the worker); GPU hardware where this process sees no GPU: stop here
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
+    require_device(hw)
     libs_rss = peak_rss_mb()          # the libraries' share of the peak: the rest is model, data and training state
     threads = int(b.get("torch_threads") or 0)
     if threads == 0 and world == 1 and _small_model(cfg["model"]["path"]):
@@ -322,14 +408,27 @@ def main(argv=None) -> int:
     if b.get("show_prompt") and int(os.environ.get("RANK", "0")) == 0:
         print(tokenizer.decode(train_set[0]["input_ids"]), flush=True)
 
-    # 4. model + method. Seed BEFORE loading and wrapping, so LoRA/PiSSA init and reruns are bitwise identical.
+    # 4. Trainer arguments BEFORE the model: under ZeRO-3 they hold the DeepSpeed config that from_pretrained reads
+    #    (is_deepspeed_zero3_enabled) to load the weights already partitioned (deepspeed.zero.Init), instead of every
+    #    rank loading the whole model into host memory
+    args = TrainingArguments(**training_arguments(cfg, world, ds_config, has_eval=bool(val_set)))
+    if m.get("use_galore") and m.get("galore_layerwise"):
+        log(f"GaLore layer-wise: {args.optim}, targets {args.optim_target_modules}, {args.optim_args} (the logged "
+            "grad norm is 0: gradients are consumed by the per-layer steps; optimizer moments are not checkpointed, "
+            "so a resumed run restarts them)")
+
+    # 5. model + method. Seed BEFORE loading and wrapping, so LoRA/PiSSA init and reruns are bitwise identical.
     transformers.set_seed(seed)
     dtype = torch.bfloat16 if hw["precision"] == "bf16" else torch.float16 if hw["precision"] == "fp16" else torch.float32
     attn = b.get("attn_implementation") or "auto"
     model = AutoModelForCausalLM.from_pretrained(cfg["model"]["path"], dtype=dtype,
                                                  trust_remote_code=cfg["trust_remote_code"],
-                                                 **({} if attn == "auto" else {"attn_implementation": attn}))
+                                                 **({} if attn == "auto" else {"attn_implementation": attn}),
+                                                 **quantization_kwargs(m, hw, dtype))
     model.config.use_cache = False
+    partitioned = sum(1 for p in model.parameters() if hasattr(p, "ds_id"))
+    if partitioned:
+        log(f"ZeRO-3: weights loaded partitioned across the ranks ({partitioned} parameters, deepspeed.zero.Init)")
     # attention auto on CPU: per batch, eager up to EAGER_MAX_LEN tokens, SDPA above. Measured here (30M Llama,
     # bf16, 4 sequences, forward+backward tokens/s, eager vs sdpa): 112 tokens 1748 vs 1581, 256: 1779 vs 1746,
     # 512: 1280 vs 1459, 1024: 598 vs 1572. Both give the same loss (within 1e-6); the switch is a config attribute
@@ -341,6 +440,12 @@ def main(argv=None) -> int:
     if dtype != torch.float32:
         log(f"precision: {hw['precision']} mixed (frozen weights {hw['precision']}, trainable weights fp32, autocast)")
     uses_lora = bool(m.get("uses_lora"))
+    quantized = bool(m.get("quantization_bit"))
+    if quantized:
+        model = prepare_quantized(model, bool(cfg["gradient_checkpointing"]))
+        log(f"QLoRA: base loaded in {m['quantization_bit']}-bit"
+            + (f" {m.get('quantization_type')} (double quantisation {bool(m.get('double_quantization'))})"
+               if int(m["quantization_bit"]) == 4 else "") + f", compute {dtype}; the merge uses the full-precision base")
     if uses_lora:
         model = setup_lora(model, m)
     elif m["finetuning_type"] == "freeze":
@@ -348,7 +453,7 @@ def main(argv=None) -> int:
     else:                                                     # full, GaLore, BAdam: every weight is a candidate
         for p in model.parameters():
             p.requires_grad_(True)
-    if dtype != torch.float32 and not ds_config:
+    if dtype != torch.float32 and not ds_config and not quantized:
         # mixed precision as LLaMA-Factory does it: frozen weights stay 16-bit (half the memory, no cast per
         # matmul), the weights the optimizer updates are fp32, the Trainer's autocast runs the matmuls in 16 bits
         for p in model.parameters():
@@ -359,57 +464,8 @@ def main(argv=None) -> int:
         if uses_lora:
             model.enable_input_require_grads()
 
-    # 5. Trainer: batch = micro x accumulation x world; cosine with warmup; checkpoints; tensorboard
-    accum = max(1, int(cfg["batch_size"]) // (int(cfg["micro_batch_size"]) * world))
-    eval_steps = int(cfg["eval_steps"])
-    save_steps = int(cfg["save_steps"])
-    ckpt_dir = run_dir / "checkpoints"
-    optim_kw = {"optim": cfg["optim"]}
-    if m.get("use_galore") and m.get("galore_layerwise"):
-        # one optimizer per parameter, stepped from its post-accumulate-grad hook as soon as its gradient exists,
-        # so that only one layer's gradients live at a time (transformers' implementation of LLaMA-Factory's
-        # layer-wise GaLore; single process, no gradient accumulation: both checked at compose time)
-        names = {"adamw_torch": "galore_adamw_layerwise", "adafactor": "galore_adafactor_layerwise"}
-        targets = as_list(m["galore_target"])
-        optim_kw = dict(optim=names[cfg["optim"]],
-                        optim_target_modules="all-linear" if targets == ["all"] else targets,
-                        optim_args=f"rank={int(m['galore_rank'])},update_proj_gap={int(m['galore_update_interval'])},"
-                                   f"scale={float(m['galore_scale'])},proj_type={m['galore_proj_type']}")
-        log(f"GaLore layer-wise: {optim_kw['optim']}, targets {optim_kw['optim_target_modules']}, {optim_kw['optim_args']} "
-            "(the logged grad norm is 0: gradients are consumed by the per-layer steps; optimizer moments are not "
-            "checkpointed, so a resumed run restarts them)")
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir),
-        per_device_train_batch_size=int(cfg["micro_batch_size"]),
-        per_device_eval_batch_size=int(cfg["micro_batch_size"]),
-        gradient_accumulation_steps=accum,
-        num_train_epochs=float(cfg["num_epochs"]),
-        max_steps=int(cfg["max_steps"]),
-        learning_rate=float(cfg["learning_rate"]),
-        warmup_steps=float(cfg["warmup_ratio"]),               # < 1: a ratio of the total steps (transformers 5)
-        lr_scheduler_type=cfg["lr_scheduler_type"],
-        weight_decay=float(cfg["weight_decay"]),
-        max_grad_norm=float(cfg["max_grad_norm"]),
-        **optim_kw,
-        logging_steps=int(cfg["logging_steps"]),
-        eval_strategy=("steps" if eval_steps > 0 else "epoch") if val_set else "no",
-        eval_steps=eval_steps or None,
-        save_strategy="steps" if save_steps > 0 else "no",
-        save_steps=save_steps or 500,
-        save_total_limit=int(cfg["save_total_limit"]) or None,
-        report_to=[] if cfg["report_to"] == "none" else [cfg["report_to"]],
-        seed=seed,
-        data_seed=seed,
-        train_sampling_strategy="group_by_length" if b.get("group_by_length") and not b.get("packing") else "random",
-        dataloader_num_workers=int(b.get("dataloader_num_workers") or 0),
-        bf16=hw["precision"] == "bf16",
-        use_cpu=hw["device"] == "cpu" and not ds_config,
-        ddp_backend="gloo" if hw["device"] == "cpu" and world > 1 else None,
-        ddp_find_unused_parameters=False if world > 1 else None,
-        deepspeed=ds_config or None,
-        remove_unused_columns=False,
-        disable_tqdm=not sys.stderr.isatty(),
-    )
+    # 6. Trainer: batch = micro x accumulation x world; cosine with warmup; checkpoints; tensorboard
+    accum, ckpt_dir = args.gradient_accumulation_steps, Path(args.output_dir)
     counter = {"other_s": 0.0}
     meter = TokenMeter(world, tokenizer.pad_token_id)
 
@@ -472,7 +528,7 @@ def main(argv=None) -> int:
         """Trainable parameters once the optimizer exists (BAdam freezes all but the active block there)."""
 
         def on_train_begin(self, args, state, control, model=None, **kw):
-            n = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+            n = sum(numel(p) for p in trainer.model.parameters() if p.requires_grad)
             if n != trainable:
                 log(f"trainable parameters after the optimizer set-up: {n:,}")
             counter["trainable"] = n
@@ -489,8 +545,8 @@ def main(argv=None) -> int:
 
         trainer.accelerator.clip_grad_norm_ = MethodType(clip_grad_norm_old_version, trainer.accelerator)
         trainer.add_callback(BAdamCallback)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     log(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%), method={m['name']}, "
         f"world={world}, accumulation={accum}")
 

@@ -1,7 +1,9 @@
 """Monkeypatches that let collie-lm 1.0.7 run on a machine without a GPU (CPU torch, gloo).
 
 Runs inside Collie's own environment (.venv-collie), imported by collie_worker.py BEFORE ``import collie``.
-``apply()`` does nothing when CUDA is available: on a GPU machine Collie runs unpatched (nccl, cuda).
+``apply(device)`` follows the run's configured hardware.device, never what happens to be installed: ``cpu`` always
+patches (also on a GPU machine: the run asked for the CPU); ``cuda`` never patches, and stops with one line when
+this process sees no GPU (a CPU build of torch, a job without GPUs), instead of training on the CPU in silence.
 Each patch names the Collie line it works around (notes/collie-on-cpu.md); removing any one brings back an error.
 No file in site-packages is edited.
 """
@@ -12,11 +14,16 @@ import functools
 APPLIED = []
 
 
-def apply() -> list:
-    """Apply the five patches when no GPU is present. Returns the names of the patches applied."""
+def apply(device: str = "cpu") -> list:
+    """Apply the five patches for a CPU run. Returns the names of the patches applied."""
     import torch
 
-    if torch.cuda.is_available() or APPLIED:
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"hardware.device=cuda, but Collie's torch {torch.__version__} (CUDA build "
+                             f"{torch.version.cuda}) sees no GPU here")
+        return APPLIED
+    if APPLIED:
         return APPLIED
 
     # 1) collie/utils/dist_utils.py setup_distribution: deepspeed.init_distributed(dist_backend="nccl", ...)

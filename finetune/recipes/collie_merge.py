@@ -55,7 +55,9 @@ def main() -> int:
     if cfg["method"]["uses_lora"]:
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=trust)
+        # the base as Collie held it (bf16/fp16 training rounds the frozen weights), computed in fp32 like the probe
+        train_dtype = getattr(torch, (probe or {}).get("train_dtype", "float32"))
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=train_dtype, trust_remote_code=trust).float()
         model = PeftModel.from_pretrained(base, str(target))
         if probe is not None:
             collie = [torch.tensor(x) for x in probe["logits"]]
@@ -75,6 +77,9 @@ def main() -> int:
                   file=sys.stderr)
             return 1
         if cfg.get("merge", True):
+            if train_dtype != torch.float32:       # the merged model: the original (unrounded) base + the adapter
+                base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=trust)
+                merged = PeftModel.from_pretrained(base, str(target)).merge_and_unload()
             merged.save_pretrained(str(merge))
             for pattern in ("tokeniz*", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"):
                 for f in glob.glob(str(Path(base_path) / pattern)):

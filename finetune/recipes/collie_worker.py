@@ -188,6 +188,16 @@ def _collie_to_hf_rows(w, heads: int):
     return rearrange(w, "(h t two) r -> (h two t) r", h=heads, two=2).contiguous()
 
 
+def reduce_device(dist) -> str:
+    """Where a tensor for a collective must live: NCCL reduces only CUDA tensors ("No backend type associated with
+    device type cpu"), gloo CPU ones."""
+    import torch
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
+
+
 def train(cfg: dict, run_dir: Path) -> int:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("RANK", "0")
@@ -197,7 +207,8 @@ def train(cfg: dict, run_dir: Path) -> int:
 
     from finetune.recipes import collie_cpu_patch
 
-    patches = collie_cpu_patch.apply()
+    device = (cfg.get("hardware") or {}).get("device", "cpu")
+    patches = collie_cpu_patch.apply(device)
     import torch
     import torch.distributed as dist
     from transformers import AutoTokenizer
@@ -285,6 +296,8 @@ def train(cfg: dict, run_dir: Path) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg["lr_scheduler_type"], warmup, total_steps))
 
     history = run_dir / "history.jsonl"
+    if rank == 0 and history.exists():
+        history.write_text("")       # Collie always trains from step 0 (a rerun of a requeued job): no duplicate rows
     logging_steps = max(1, int(cfg.get("logging_steps") or 1))
 
     class History(Callback):
@@ -367,18 +380,28 @@ def train(cfg: dict, run_dir: Path) -> int:
     trainer.train()
     runtime = time.time() - t0
 
-    # Collie's own logits on fixed inputs: the exported adapter / model must reproduce them.
+    # Collie's own logits on fixed inputs: the exported adapter / model must reproduce them. Computed in fp32 on
+    # the engine's device (its weights cast up for the probe, then back): collie_merge recomputes them in fp32 from
+    # the same 16-bit-rounded weights, so the 1e-3 check stays meaningful under bf16/fp16 training (bf16 compute
+    # alone moves logits by ~6e-3) and still catches a wrong q/k layout (~0.3)
     probe = None
     if pp == 1:
         rows = (eval_rows or train_rows)[:PROBE_ROWS]
         texts = [to_collie([r], template, "", True)[0]["text"] for r in rows]
         trainer.engine.eval()
+        module = trainer.engine.module
+        train_dtype = next(module.parameters()).dtype
+        dev = next(module.parameters()).device
+        module.float()
         logits = []
         with torch.no_grad():
             for t in texts:
-                ids = tokenizer(t, return_tensors="pt")["input_ids"]
-                logits.append((ids[0].tolist(), trainer.engine(input_ids=ids)["logits"][0].float().tolist()))
-        probe = {"input_ids": [x[0] for x in logits], "logits": [x[1] for x in logits]}
+                ids = tokenizer(t, return_tensors="pt")["input_ids"].to(dev)
+                out = module(input_ids=ids)["logits"][0].float().cpu().tolist()
+                logits.append((ids[0].tolist(), out))
+        module.to(train_dtype)
+        probe = {"input_ids": [x[0] for x in logits], "logits": [x[1] for x in logits],
+                 "train_dtype": str(train_dtype).replace("torch.", "")}
 
     target = Path(cfg.get("target_path") or run_dir / "lazyllm_lora")
     merge = Path(cfg.get("merge_path") or run_dir / "lazyllm_merge")
@@ -395,9 +418,10 @@ def train(cfg: dict, run_dir: Path) -> int:
                 if (src / name).exists() and not (merge / name).exists():
                     shutil.copy2(src / name, merge / name)
 
-    tokens = torch.tensor([float(hist_cb.tokens), float(hist_cb.targets)])
+    tokens = torch.tensor([float(hist_cb.tokens), float(hist_cb.targets)], device=reduce_device(dist))
     if dist.is_initialized():
         dist.all_reduce(tokens)
+    tokens = tokens.cpu()
     if rank == 0:
         if probe is not None:
             write_json(run_dir / "collie_probe.json", probe)

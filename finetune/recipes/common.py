@@ -57,6 +57,31 @@ def free_cores() -> int:
     return max(1, min(cores, int(cores - os.getloadavg()[0] + 0.5)))
 
 
+def deepspeed_env() -> None:
+    """DeepSpeed needs the torchrun environment even for one process: without RANK/WORLD_SIZE it falls into MPI
+    discovery (ModuleNotFoundError: mpi4py). torchrun sets them for several processes; this fills them for one."""
+    if "RANK" not in os.environ:
+        from launchers.process import free_port
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+
+
+def require_device(hw: dict) -> str:
+    """The torch device a worker runs on, from the config's hardware.device: 'cpu', or 'cuda' only when this
+    process sees a CUDA GPU. A GPU hardware option where the job got no GPU (a Slurm node, a pod, a laptop) fails
+    here with one line, instead of training on the CPU in silence."""
+    if hw.get("device") != "cuda":
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(f"hardware.device=cuda, but this process sees no CUDA GPU (torch {torch.__version__}, CUDA "
+                         f"build {torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}) "
+                         "on " + os.uname().nodename)
+    return "cuda"
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.recipes.common import read_config
+from finetune.recipes.common import read_config, require_device
 
 
 def read_jsonl(path: str):
@@ -73,7 +73,11 @@ def group_loss(logits_per_row):
 
 
 def evaluate(cfg: dict, model_path: str, eval_path: str, corpus_path) -> dict:
+    """recall@k / MRR / nDCG / held-out loss, in fp32 (before and after stay comparable) on the run's device: one
+    GPU (cuda:0 of the visible ones) on GPU hardware, else the CPU. Not devices=None: FlagEmbedding would then take
+    every GPU and start a process pool."""
     b = cfg["backend"]
+    device = "cuda:0" if require_device(cfg["hardware"]) == "cuda" else "cpu"
     task = b["task"]
     qlen = b["query_max_len"] or (512 if task == "embedder" else 256)
     plen = b["passage_max_len"] or (512 if task == "embedder" else 256)
@@ -114,7 +118,7 @@ def evaluate(cfg: dict, model_path: str, eval_path: str, corpus_path) -> dict:
 
         model = FlagModel(model_path, normalize_embeddings=bool(b["normalize_embeddings"]), use_fp16=False,
                           query_instruction_for_retrieval=b["query_instruction_for_retrieval"],
-                          query_instruction_format=b["query_instruction_format"], devices="cpu",
+                          query_instruction_format=b["query_instruction_format"], devices=device,
                           pooling_method=b["sentence_pooling_method"], trust_remote_code=bool(cfg["trust_remote_code"]),
                           batch_size=int(b["eval_batch_size"]), query_max_length=qlen, passage_max_length=plen)
         q = np.asarray(model.encode_queries(queries))
@@ -131,7 +135,7 @@ def evaluate(cfg: dict, model_path: str, eval_path: str, corpus_path) -> dict:
     else:
         from FlagEmbedding import FlagReranker
 
-        model = FlagReranker(model_path, use_fp16=False, devices="cpu",
+        model = FlagReranker(model_path, use_fp16=False, devices=device,
                              query_instruction_for_rerank=b["query_instruction_for_rerank"],
                              query_instruction_format=b["query_instruction_format"],
                              trust_remote_code=bool(cfg["trust_remote_code"]), batch_size=int(b["eval_batch_size"]),

