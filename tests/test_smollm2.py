@@ -207,12 +207,12 @@ def test_saved_tokenizer_and_prompt_files_give_the_training_prompt_ids(showcase)
     for folder in (showcase / "lazyllm_lora", showcase / "lazyllm_merge"):
         tok = AutoTokenizer.from_pretrained(folder)
         fmt = PromptFormat.for_folder(folder, tok)
-        assert fmt.kind == "alpaca" and fmt.template == "alpaca"
+        assert fmt.kind == "alpaca" and fmt.template == cfg["prompt_template_name"] == "alpaca_short"
         gen = GenerationConfig.from_pretrained(folder)
         assert gen.eos_token_id == tok.eos_token_id == 2 and gen.pad_token_id == 2
         assert tok.chat_template == base_tok.chat_template
         for row in rows:
-            ex = encode_alpaca(row, base_tok, load_template("alpaca"), int(cfg["cutoff_len"]), False)
+            ex = encode_alpaca(row, base_tok, load_template("alpaca_short"), int(cfg["cutoff_len"]), False)
             n = sum(1 for label in ex["labels"] if label == -100)           # the prompt part training masked
             assert fmt.encode(tok, fmt.row_turns(row)[0]) == ex["input_ids"][:n]
 
