@@ -330,8 +330,10 @@ def test_llamafactory_trains_smollm2_with_its_template(tmp_path):
     """LLaMA-Factory, template smollm2: the loss falls, merged == base + adapter, and the evaluation by generation
     builds prompts with LLaMA-Factory's own template (the ids its training used) from the saved tokenizer."""
     out = tmp_path / "lf"
+    # one compute thread: on a shared 2-core machine a second one spins (LLaMA-Factory here: 50 s a step with 2)
     proc, _ = run_train("backend=llamafactory", "model=smollm2_135m", "lora_target_modules=all", "lora_r=16",
-                        "lora_alpha=32", "max_steps=8", "batch_size=4", "micro_batch_size=4", "cutoff_len=96",
+                        "launcher.omp_num_threads=1",
+                        "lora_alpha=32", "max_steps=6", "batch_size=4", "micro_batch_size=4", "cutoff_len=96",
                         "val_set_size=16", "learning_rate=1e-3", "logging_steps=1", "warmup_ratio=0.0",
                         "generate_eval=true", "generate_eval_rows=8", "max_new_tokens=12", f"output_dir={out}",
                         outputs=tmp_path, timeout=2400)
