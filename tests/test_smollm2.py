@@ -349,3 +349,18 @@ def test_llamafactory_trains_smollm2_with_its_template(tmp_path):
                            capture_output=True, text=True, env=user_env(), timeout=600, cwd=REPO)
     assert check.returncode == 0, check.stderr[-2000:]
     assert json.loads(check.stdout.strip().splitlines()[-1]) == [True, True, True]
+
+
+def test_optuna_direction_follows_the_metric():
+    """+hparams_search=...: a loss is minimised, metric=eval_exact_match maximised (the sweeper's direction)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from finetune.cli import setup
+
+    setup()
+    for metric, direction in (("eval_loss", "minimize"), ("eval_exact_match", "maximize")):
+        with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+            cfg = compose("config", overrides=["+hparams_search=lora_optuna", f"metric={metric}",
+                                               "generate_eval=true"], return_hydra_config=True)
+        assert OmegaConf.select(cfg, "hydra.sweeper.direction") == direction
