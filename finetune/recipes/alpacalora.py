@@ -140,7 +140,9 @@ def keep_modules_to_save(model, adapter_dir: Path) -> None:
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    extra = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items() if "lora_" not in k}
+    # cloned: a tied model's embed_tokens and lm_head entries are one tensor (ensure_weight_tying), which
+    # safetensors refuses to write twice ("Some tensors share memory"); PEFT's own save writes them as copies too
+    extra = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items() if "lora_" not in k}
     if not extra:
         return
     path = Path(adapter_dir) / "adapter_model.safetensors"
