@@ -168,8 +168,19 @@ def setup() -> None:
     try:
         sys.argv[:] = resume_argv(sys.argv)        # resume=true: the recorded run's overrides, before Hydra parses
         one_hardware_per_slurm_sweep(sys.argv[1:])
+        no_dry_run_search(sys.argv[1:])
     except ConfigError as e:
         _die(str(e), 2)
+
+
+def no_dry_run_search(args: List[str]) -> None:
+    """An Optuna search picks each trial from the results of the ones before, and a dry run has none (Optuna would
+    end with "No trials are completed yet"): refused, with how to see a trial's plan."""
+    values = {a.partition("=")[0].lstrip("+~"): a.partition("=")[2] for a in args if "=" in a}
+    if values.get("hparams_search") and values.get("dry_run", "").lower() in ("true", "yes", "1", "on"):
+        raise ConfigError("dry_run", True, f"an Optuna search (+hparams_search={values['hparams_search']}) samples each "
+                          "trial from the results of the earlier ones, which a dry run does not have; dry-run one "
+                          "trial as a single run: python train.py <the trial's keys> dry_run=true")
 
 
 def one_hardware_per_slurm_sweep(args: List[str]) -> None:

@@ -73,7 +73,8 @@ def run(cfg: DictConfig) -> Optional[float]:
     if hasattr(launcher, "plan_files"):             # files the launcher adds (k8s manifests), shown by the dry run
         plan.files.update(launcher.plan_files(plan, cfg, run_dir))
 
-    found = secrets.collect(OmegaConf.to_container(cfg, resolve=True))   # to the workers through their environment
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    found = secrets.collect(resolved)               # secrets reach the workers through their environment only
     for step in plan.steps:
         step.env.update(secrets.env_for(found))
 
@@ -83,7 +84,6 @@ def run(cfg: DictConfig) -> Optional[float]:
         print("dry run: nothing was written")
         return None
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     if cfg.resume:
         _check_resumable(run_dir, resolved)
     run_dir = create_run_dir(run_dir, resume=bool(cfg.resume))
@@ -110,7 +110,7 @@ def run(cfg: DictConfig) -> Optional[float]:
     prewarm()                  # the plotting/TensorBoard imports load while the steps run, not after them
     try:
         for step in plan.steps:
-            print(f"[finetune] step {step.name}: {' '.join(launcher.argv(step, cfg))}", flush=True)
+            print(f"[finetune] step {step.name}: {' '.join(redact(launcher.argv(step, cfg)))}", flush=True)
             result = launcher.run_step(step, cfg, run_dir, timeout_s)
             manifest.add_step(result.record())
             if result.status == "interrupted":

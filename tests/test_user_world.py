@@ -284,3 +284,9 @@ def test_progress_reader_understands_every_backend_row():
         {"step": 3, "total": 10, "loss": 1.5, "tokens_per_s": 900.0}
     lf = {"current_steps": 4, "total_steps": 16, "loss": 2.0, "throughput": 321.5, "percentage": 25.0}
     assert read_progress(lf) == {"step": 4, "total": 16, "loss": 2.0, "tokens_per_s": 321.5}
+
+
+def test_dry_run_of_an_optuna_search_is_refused_with_the_way_to_see_a_trial(tmp_path):
+    proc, _ = run_train("+hparams_search=lora_optuna", "dry_run=true", outputs=tmp_path)
+    one_line_refusal(proc, "dry_run=True: an Optuna search (+hparams_search=lora_optuna) samples each trial",
+                     "dry_run=true")

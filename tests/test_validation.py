@@ -17,7 +17,7 @@ CASES = [
     (["lora_rr=3"], "lora_rr: unknown key (did you mean 'lora_r'?)"),
     (["method.lora_rr=3"], "did you mean 'method.lora_r'?"),
     (["backend=colie"], "backend='colie': one of alpacalora, auto, collie, dummy, flagembedding, llamafactory (did you mean 'collie'?)"),
-    (["method=qlora"], "method='qlora': one of"),
+    (["method=qlra"], "method='qlra': one of"),
     (["hardware=gpu"], "hardware='gpu'"),
     (["+experiment=nope"], "experiment='nope'"),
     # wrong types

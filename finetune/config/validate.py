@@ -144,16 +144,16 @@ def check_model(cfg: DictConfig) -> None:
     if not has_tok:
         raise ConfigError("model.path", str(path), "has no tokenizer files (tokenizer.json, tokenizer_config.json, "
                           "tokenizer.model or vocab.txt)")
-    weights = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.safetensors.index.json", "*.bin.index.json")
-    if not cfg.dry_run and not any(any(path.glob(w)) for w in weights):
-        raise ConfigError("model.path", str(path), "holds no weights (*.safetensors, *.bin): a model shape can only be "
-                          "planned, with dry_run=true")
     tc = path / "tokenizer_config.json"
     if tc.is_file():
         try:
             json.loads(tc.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError("model.path", str(tc), f"tokenizer_config.json is not valid JSON ({e.msg})")
+    weights = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.safetensors.index.json", "*.bin.index.json")
+    if not cfg.dry_run and not any(any(path.glob(w)) for w in weights):
+        raise ConfigError("model.path", str(path), "holds no weights (*.safetensors, *.bin): a model shape can only be "
+                          "planned, with dry_run=true")
 
 
 def check_gguf_file(value) -> None:

@@ -53,7 +53,7 @@ def _save_gathered_weights(trainer) -> None:
     and passes it to _save, but FlagEmbedding's _save ignores it and saves self.model.state_dict(): the partitioned,
     empty parameters (a model.safetensors of 0-element tensors that looks complete). Save the gathered one, the rest
     as FlagEmbedding does (tokenizer, training_args.bin)."""
-    ds = trainer.args.hf_deepspeed_config
+    ds = getattr(trainer.args, "hf_deepspeed_config", None)
     if ds is None or (ds.config.get("zero_optimization") or {}).get("stage") != 3:
         return
     own_save = trainer._save
@@ -73,6 +73,25 @@ def _save_gathered_weights(trainer) -> None:
         log(f"ZeRO-3: saved the gathered weights ({len(state_dict)} tensors) to {output_dir}")
 
     trainer._save = _save
+
+
+def _load_encoder_from_checkpoint(trainer) -> None:
+    """Resume: FlagEmbedding saves a checkpoint's weights with the encoder's own save_pretrained (keys without the
+    wrapper's "model." prefix), but transformers 5.6 loads them into the wrapper (every key missing, then
+    AttributeError '..._keys_to_ignore_on_save'): load them into the encoder itself, strictly. The optimizer,
+    scheduler and RNG states are restored by the Trainer as usual (DeepSpeed checkpoints load their own way)."""
+    own_load = trainer._load_from_checkpoint
+
+    def _load(resume_from_checkpoint, model=None):
+        weights = Path(resume_from_checkpoint) / "model.safetensors"
+        if model is not None or getattr(trainer, "is_deepspeed_enabled", False) or not weights.is_file():
+            return own_load(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+
+        trainer.model.model.load_state_dict(load_file(str(weights)), strict=True)
+        log(f"resume: loaded the encoder's weights from {weights}")
+
+    trainer._load_from_checkpoint = _load
 
 
 def _checkpoint_marker():
@@ -138,6 +157,7 @@ def main(argv=None) -> int:
 
     trainer.training_step, trainer.log = training_step, log_with_throughput
     _save_gathered_weights(trainer)
+    _load_encoder_from_checkpoint(trainer)
     trainer.add_callback(history_callback(run_dir))
     trainer.add_callback(_checkpoint_marker())
     from transformers.trainer_callback import PrinterCallback
