@@ -2,7 +2,8 @@
 
 - ``train.py``: the Hydra app (@hydra.main). ``setup()`` registers the schemas and resolvers and installs an
   error reporter that turns every refusal (ours or Hydra's compose errors) into one line on stderr, exit 2.
-- ``finetune`` (console script): helper commands (``check``, ``summarize``, ``reproduce``, ``setup-collie``).
+- ``finetune`` (console script): helper commands (``summarize``, ``reproduce``, ``setup-collie``, ``generate``,
+  ``chat``).
 """
 from __future__ import annotations
 
@@ -262,6 +263,18 @@ def main(argv=None) -> int:
                        "(start: in the background; url: its address; stop)")
     p.add_argument("action", choices=("start", "stop", "status", "url"))
     p.add_argument("--port", type=int, help="default 5000, or a free port when 5000 is taken; 0: a free port")
+    p = sub.add_parser("generate", help="answer prompts with a trained run (its merged model, or base + adapter), "
+                       "a model folder or an adapter folder; prompts built as the run trained")
+    p.add_argument("run", metavar="run-or-model")
+    p.add_argument("--prompt", help="the instruction (one prompt; the answer is streamed)")
+    p.add_argument("--input", help="the input that goes with --prompt (alpaca rows have instruction + input)")
+    p.add_argument("--data", help="a file of alpaca or chat rows: each answered, beside its reference")
+    p.add_argument("--max-new-tokens", type=int, help="default: the run's max_new_tokens, else 128")
+    p = sub.add_parser("chat", help="chat in the terminal with a trained run, a model or an adapter "
+                       "(streamed answers, history kept; /reset, /exit)")
+    p.add_argument("run", metavar="run-or-model")
+    p.add_argument("--max-new-tokens", type=int, help="default: the run's max_new_tokens, else 128")
+    p.add_argument("--system", help="a system message (chat templates that have one)")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "summarize":
@@ -278,6 +291,14 @@ def main(argv=None) -> int:
             from finetune.tracking.server import main as server
 
             return server(args.action, args.port)
+        if args.cmd == "generate":
+            from finetune.generate import generate_command
+
+            return generate_command(args.run, args.prompt, args.input, args.data, args.max_new_tokens)
+        if args.cmd == "chat":
+            from finetune.generate import chat_command
+
+            return chat_command(args.run, args.max_new_tokens, args.system)
         if args.cmd == "setup-collie":
             import subprocess
             from pathlib import Path

@@ -38,11 +38,13 @@ def _hydra_facts():
 
 
 def model_build_step(cfg: DictConfig) -> Optional[Step]:
-    """Tiny models are built on first use, into their own folder (a cache shared by runs), atomically."""
+    """Models the project makes itself (tiny random models; real ones converted from a GGUF file) are built on
+    first use, into their own folder (a cache shared by runs), atomically."""
     if not cfg.model.builder or (Path(str(cfg.model.path)) / "config.json").exists():
         return None
+    gguf = ["--gguf-file", str(cfg.model.gguf_file)] if cfg.model.get("gguf_file") else []
     return Step(name="build_model", argv=[sys.executable, "-m", "finetune.tools.tiny_models", str(cfg.model.builder),
-                                          str(cfg.model.path)])
+                                          str(cfg.model.path), *gguf])
 
 
 def prepare(cfg: DictConfig, overrides: Optional[List[str]] = None):
@@ -155,8 +157,9 @@ def run(cfg: DictConfig) -> Optional[float]:
     value = metrics.get(str(cfg.metric))
     if value is None and cfg.metric == "eval_loss":
         value = metrics.get("train_loss")
-    print(f"[finetune] completed: {run_dir}  " + "  ".join(
-        f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k.endswith("loss")), flush=True)
+    shown = [k for k, v in metrics.items() if isinstance(v, float) and k.endswith("loss")]
+    shown += [k for k in ("base_eval_exact_match", "eval_exact_match") if isinstance(metrics.get(k), float)]
+    print(f"[finetune] completed: {run_dir}  " + "  ".join(f"{k}={metrics[k]:.4g}" for k in shown), flush=True)
     return float(value) if isinstance(value, (int, float)) else None
 
 

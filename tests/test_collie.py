@@ -123,7 +123,8 @@ def _losses(run):
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("collie_lora")
-    proc, run = run_train(*TINY, "lora_r=8", "lora_alpha=16", "lora_dropout=0.0", outputs=out, timeout=900)
+    proc, run = run_train(*TINY, "lora_r=8", "lora_alpha=16", "lora_dropout=0.0", "generate_eval=true",
+                          "generate_eval_rows=8", "max_new_tokens=8", outputs=out, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run
 
@@ -147,6 +148,13 @@ def test_lora_loss_falls_and_outputs(lora_run):
     assert (lora_run / "lazyllm_lora" / "adapter_config.json").exists()
     assert (lora_run / "lazyllm_merge" / "config.json").exists()
     assert list((lora_run / "lazyllm_merge").glob("tokenizer*"))
+    # the evaluation by generation answered Collie's own held-out rows with the base model and the merged one
+    assert m["generate_eval_rows"] == 8 and "base_eval_exact_match" in m and "eval_token_f1" in m
+    heldout = [json.loads(x) for x in (lora_run / "eval" / "heldout.jsonl").read_text().splitlines()]
+    from finetune.recipes.collie_worker import load_rows, split_rows
+
+    assert heldout == split_rows(read_json(lora_run / "resolved_config.json"),
+                                 load_rows(read_json(lora_run / "resolved_config.json")))[1][:8]
 
 
 @needs_venv

@@ -17,13 +17,17 @@ from conftest import REPO
 
 ROOT_KEYS = None
 
+# the evaluation by generation: planned by these backends (finetune/backends/gen_eval.py), run by its own worker
+GEN_EVAL = ["finetune/backends/gen_eval.py", "finetune/recipes/gen_eval.py"]
 # where each backend's code reads the config: its adapter (plan) and the worker processes it starts
 SOURCES = {
-    "alpacalora": ["finetune/backends/alpacalora.py", "finetune/recipes/alpacalora.py", "finetune/recipes/common.py"],
-    "llamafactory": ["finetune/backends/llamafactory.py", "finetune/backends/llamafactory_worker.py"],
+    "alpacalora": ["finetune/backends/alpacalora.py", "finetune/recipes/alpacalora.py", "finetune/recipes/common.py",
+                   *GEN_EVAL],
+    "llamafactory": ["finetune/backends/llamafactory.py", "finetune/backends/llamafactory_worker.py", *GEN_EVAL],
     "flagembedding": ["finetune/backends/flagembedding.py", "finetune/recipes/flagembedding_train.py",
                       "finetune/recipes/embed_eval.py"],
-    "collie": ["finetune/backends/collie.py", "finetune/recipes/collie_worker.py", "finetune/recipes/collie_merge.py"],
+    "collie": ["finetune/backends/collie.py", "finetune/recipes/collie_worker.py", "finetune/recipes/collie_merge.py",
+               *GEN_EVAL],
 }
 DRIVER = ["finetune/run.py", "finetune/config/validate.py", "finetune/config/resume.py", "finetune/callbacks.py",
           "finetune/report/metrics.py", "finetune/backends/auto.py", "finetune/tracking/__init__.py",
@@ -88,7 +92,8 @@ CASES = [(b, k) for b in sorted(SOURCES) for k in getattr(__import__(f"finetune.
 VALUES = {"cutoff_len": "256", "val_set_size": "16", "eval_steps": "5", "train_on_inputs": "false",
           "prompt_template_name": "alpaca_short", "merge": "true", "merge_path": "/tmp/x", "save_steps": "5",
           "save_total_limit": "3", "method.use_rslora": "true", "method.use_dora": "true",
-          "method.loraplus_lr_ratio": "4", "method.pissa_init": "true", "method.create_new_adapter": "true"}
+          "method.loraplus_lr_ratio": "4", "method.pissa_init": "true", "method.create_new_adapter": "true",
+          "generate_eval": "true", "generate_eval_rows": "8", "max_new_tokens": "16", "generate_batch_size": "4"}
 
 
 @pytest.mark.parametrize("backend,key", CASES, ids=[f"{b}-{k}" for b, k in CASES])

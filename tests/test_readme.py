@@ -36,6 +36,11 @@ EXPECT = {
     "bash scripts/setup.sh && .venv/bin/python train.py": (0, [r"setup: ready", COMPLETED + r".*eval_loss="], 1800),
     "python train.py backend=collie lora_r=16": (0, [r"setup-collie: ", r"\[collie_merge\]", COMPLETED], 1800),
     "python train.py": (0, [COMPLETED], 600),
+    "python train.py experiment=smollm2_lora": (0, [r"gen_eval \(before\)", COMPLETED + r".*base_eval_exact_match=0"
+                                                    r"(\.0\d*)?\s+eval_exact_match=(0\.[2-9]\d*|1)\b"], 1800),
+    'finetune generate outputs/runs/<date>/<time>-<name> --prompt "Copy the words." --input "red rice"':
+        (0, [r"\[finetune generate\] the merged model .*prompt template alpaca", r"(?m)^red rice$"], 600),
+    "finetune chat outputs/runs/<date>/<time>-<name>": (0, [r"/reset clears the history", r"you> "], 600),
     "python train.py dry_run=true": (0, [r"steps:\n  1\. train", r"dry run: nothing was written"], 120),
     "python train.py method=dora lora_r=16 num_epochs=1": (0, [r"dora=True", COMPLETED], 600),
     "python train.py method=pissa": (0, [r"PiSSA conversion: kept the trained", COMPLETED], 600),
@@ -160,7 +165,7 @@ def shell(command: str, cwd: Path, clone: Path, timeout: float, activate: bool =
     line = f"source {clone}/.venv/bin/activate && {command}" if activate else command
     t0 = time.monotonic()
     proc = subprocess.run(["bash", "-c", line], cwd=str(cwd), env=user_env(), capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, stdin=subprocess.DEVNULL)      # `finetune chat` reads to the end: exits
     return proc, time.monotonic() - t0
 
 

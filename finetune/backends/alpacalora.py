@@ -10,6 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from finetune.backends import gen_eval
 from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
 
@@ -56,6 +59,7 @@ def check(cfg) -> None:
         raise ConfigError("hardware.precision", "fp16", "fp16 needs a GPU; use fp32 or bf16 on CPU")
     if b.deepspeed and not Path(str(b.deepspeed)).is_file():
         raise ConfigError("backend.deepspeed", b.deepspeed, "no such file (a DeepSpeed JSON config)")
+    gen_eval.check(cfg)
 
 
 ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2")
@@ -118,6 +122,18 @@ def plan(cfg, run_dir, ctx) -> Plan:
     else:
         outputs["model"] = merged
         notes.append(f"method {cfg.method.name} trains the whole model: it is saved to {merged}, no merge step")
+    if _lora(cfg) and cfg.method.modules_to_save:
+        from finetune.config import model_facts
+
+        wanted = [str(x) for x in OmegaConf.to_container(cfg.method.modules_to_save)] \
+            if OmegaConf.is_config(cfg.method.modules_to_save) else str(cfg.method.modules_to_save).split(",")
+        if model_facts.tied_embeddings(cfg.model) and set(wanted) & model_facts.embedding_names(cfg.model):
+            notes.append(f"tied embeddings: modules_to_save {wanted} trains the one shared embedding/output matrix "
+                         "once (PEFT ensure_weight_tying); the adapter and the merged model keep it tied")
+    after = merged if (cfg.merge or not _lora(cfg)) else str(Path(str(cfg.model.path)).absolute())
+    first, last = gen_eval.steps(cfg, run_dir, after, adapter=None if (cfg.merge or not _lora(cfg)) else target)
+    steps = first + steps + last
+    notes += gen_eval.note(cfg)
     if cfg.method.name == "pissa" or (_lora(cfg) and cfg.method.pissa_init):
         notes.append("PiSSA: the saved adapter is converted to a plain LoRA delta (rank 2r) against the original "
                      "base, so merging is reproducible" if cfg.method.pissa_convert else

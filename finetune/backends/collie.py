@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from finetune.backends import gen_eval
 from finetune.config.resolvers import REPO_ROOT
 from finetune.config.validate import world_size
 from finetune.errors import ConfigError, one_of
@@ -163,7 +164,25 @@ def check(cfg) -> None:
     if hw.precision == "fp16" and hw.device != "cuda":
         raise ConfigError("hardware.precision", "fp16", "fp16 needs a GPU")
     _check_model_shape(cfg, tp, pp)
+    _check_model_fits_collie(cfg)
+    gen_eval.check(cfg)
     check_venv(cfg)
+
+
+def _check_model_fits_collie(cfg) -> None:
+    """Collie 1.0.7's Llama hard-codes rope base 10000 without scaling (collie/models/llama/model.py) and keeps a
+    separate lm_head: a model with another rope base, or with tied embeddings, would be trained as a different
+    model (refused here rather than after Collie's environment is built; collie_prepare checks the rope again)."""
+    from finetune.config import model_facts
+
+    theta, rope_type, scaling = model_facts.rope(cfg.model)
+    if theta != 10000.0 or rope_type != "default" or scaling:
+        raise ConfigError("model", cfg.model.name, f"uses rope_theta {theta:g} ({rope_type}"
+                          f"{', scaling' if scaling else ''}); Collie 1.0.7's Llama hard-codes rope base 10000 without "
+                          "scaling and would train a different model: use backend=alpacalora or backend=llamafactory")
+    if model_facts.tied_embeddings(cfg.model):
+        raise ConfigError("model", cfg.model.name, "ties its embedding and output layer; Collie 1.0.7's Llama keeps a "
+                          "separate lm_head (it would start untrained): use backend=alpacalora or backend=llamafactory")
 
 
 def _check_model_shape(cfg, tp: int, pp: int) -> None:
@@ -229,7 +248,12 @@ def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
     if cfg.method.uses_lora:
         notes.append("the adapter is exported in Hugging Face layout (Collie permutes q/k rows at load); "
                      "collie_merge checks base+adapter and merged logits against Collie's own")
-    return Plan(backend="collie", steps=steps, outputs=out, notes=notes)
+    if "merged" in out:
+        first, last = gen_eval.steps(cfg, run_dir, out["merged"])
+    else:
+        first, last = gen_eval.steps(cfg, run_dir, str(Path(str(cfg.model.path)).absolute()), adapter=out["adapter"])
+    notes += gen_eval.note(cfg)
+    return Plan(backend="collie", steps=first + steps + last, outputs=out, notes=notes)
 
 
 def collect(cfg, run_dir: Path, ctx: dict) -> dict:

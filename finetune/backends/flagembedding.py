@@ -31,6 +31,8 @@ NOT_USED = {
     "prompt_template_name": "queries take backend.query_instruction_for_retrieval (or _for_rerank) instead",
     "merge": "the whole encoder is trained and saved (no adapter, nothing to merge)",
     "merge_path": "the whole encoder is trained and saved in target_path (no adapter, nothing to merge)",
+    **{k: "an encoder does not generate: FlagEmbedding scores retrieval (recall@k / MRR) before and after training "
+          "(backend.eval)" for k in ("generate_eval", "generate_eval_rows", "max_new_tokens", "generate_batch_size")},
 }
 MODULES = {"embedder": "FlagEmbedding.finetune.embedder.encoder_only.base",
            "reranker": "FlagEmbedding.finetune.reranker.encoder_only.base"}

@@ -33,7 +33,8 @@ from typing import Any, Dict
 
 from omegaconf import OmegaConf
 
-from finetune.backends.llamafactory_keys import KEYS, TEMPLATES
+from finetune.backends import gen_eval
+from finetune.backends.llamafactory_keys import KEYS, TEMPLATE_TOKENS, TEMPLATES
 from finetune.errors import ConfigError, one_of, suggest
 from finetune.plan import Plan, Step
 from finetune.tracking import wants
@@ -122,6 +123,62 @@ def _has_chat_template(model_path: Path) -> bool:
         return False
 
 
+def _misfit(name: str, tokens: set, bos, where: str = "the tokenizer") -> str:
+    """Why template ``name`` does not fit a tokenizer with these single-id ``tokens`` and BOS, or ""."""
+    needed, uses_bos = TEMPLATE_TOKENS.get(name, ((), False))
+    missing = [t for t in needed if t not in tokens]
+    if missing:
+        return (f"needs the token(s) {', '.join(missing)}, which {where} lacks (LLaMA-Factory would add them without "
+                "resizing the model: IndexError in training)")
+    if uses_bos and bos and (bos in needed or bos in TEMPLATE_TOKENS["chatml"][0]):
+        return f"puts the tokenizer's BOS before the turns, and {where}'s BOS is the chat marker {bos}"
+    return ""
+
+
+def check_template_fits(cfg) -> None:
+    """A template whose special tokens the tokenizer lacks is refused, with the templates that fit: LLaMA-Factory
+    would add them as new tokens without resizing the embeddings (llama3 on SmolLM2: <|eot_id|> becomes EOS with
+    id 49152 and training fails with 'IndexError: index out of range in self')."""
+    from finetune.config import model_facts
+
+    tokens = model_facts.tokenizer_tokens(cfg.model)
+    if tokens is None:                              # a sentencepiece-only tokenizer: not readable without it
+        return
+    bos = model_facts.special_token(cfg.model, "bos_token")
+    folder = Path(str(cfg.model.path)).name
+    why = _misfit(str(cfg.backend.template), tokens, bos, f"the tokenizer of {folder}")
+    if not why:
+        return
+    meta = model_facts.model_config(cfg.model)
+    hint = " ".join(str(x) for x in (cfg.model.name, folder, meta.get("_name_or_path"), meta.get("_model_name_or_path"),
+                                     meta.get("model_type")) if x).lower().replace(" ", "")
+    fits = [n for n, (needed, _) in TEMPLATE_TOKENS.items() if needed and not _misfit(n, tokens, bos)]
+    fits.sort(key=lambda n: (n not in hint, n not in ("chatml", "default"), len(n), n))
+    shown = ", ".join(fits[:6]) + (", ..." if len(fits) > 6 else "")
+    own = " or null (the tokenizer's own chat template)" if model_facts.has_chat_template(cfg.model) else ""
+    raise ConfigError("backend.template", cfg.backend.template,
+                      f"{why}; templates that fit: {shown or 'default'}{own}")
+
+
+def check_tied_embeddings(cfg) -> None:
+    """LLaMA-Factory 0.9.5 passes additional_target to PEFT as modules_to_save without ensure_weight_tying: on a
+    model whose embedding and output layer share one matrix it trains separate copies and the merged model comes
+    out untied (peft 0.18.1); the alpacalora backend trains the shared matrix once."""
+    from finetune.config import model_facts
+
+    m = cfg.method
+    if not m.uses_lora or not _plain(m.modules_to_save) or not model_facts.tied_embeddings(cfg.model):
+        return
+    names = model_facts.embedding_names(cfg.model)
+    chosen = [str(x) for x in (_plain(m.modules_to_save) if not isinstance(_plain(m.modules_to_save), str)
+                               else str(m.modules_to_save).split(","))]
+    if any(x.strip() in names for x in chosen):
+        raise ConfigError("modules_to_save", _csv(m.modules_to_save),
+                          f"model {cfg.model.name} ties its embedding and output layer; LLaMA-Factory 0.9.5 would "
+                          "train two separate copies and untie them in the merge: use modules_to_save=[] or "
+                          "backend=alpacalora (which trains the shared matrix once)")
+
+
 def _check_value(key: str, value, kind: str, choices) -> None:
     where = f"backend.extra.{key}"
     if value is None:
@@ -145,16 +202,20 @@ def check(cfg) -> None:
     if b.eval_strategy not in EVAL_STRATEGIES:
         raise ConfigError("backend.eval_strategy", b.eval_strategy, one_of(EVAL_STRATEGIES))
     if b.template is None:
+        tiny = cfg.model.builder and not cfg.model.builder.startswith(("smollm", "gguf"))
+        if tiny:
+            raise ConfigError("backend.template", None, f"tiny model {cfg.model.name} has no chat template; "
+                              "use backend.template=default")
         if not cfg.model.builder and not _has_chat_template(Path(str(cfg.model.path))):
             raise ConfigError("backend.template", None, "the tokenizer has no chat template, so LLaMA-Factory would use "
                               "its `empty` template (no EOS: the model never learns to stop); set backend.template="
                               "default for base models, or the model's template name")
-        if cfg.model.builder:
-            raise ConfigError("backend.template", None, f"tiny model {cfg.model.name} has no chat template; "
-                              "use backend.template=default")
     elif b.template not in TEMPLATES:
         raise ConfigError("backend.template", b.template, f"not one of LLaMA-Factory's {len(TEMPLATES)} template names "
                           "(listed in finetune/backends/llamafactory_keys.py)", suggest(b.template, TEMPLATES))
+    else:
+        check_template_fits(cfg)
+    check_tied_embeddings(cfg)
     choices = KEYS["pref_loss"][1]
     if b.pref_loss not in choices:
         raise ConfigError("backend.pref_loss", b.pref_loss, one_of(choices), suggest(b.pref_loss, choices))
@@ -209,6 +270,7 @@ def check(cfg) -> None:
             raise ConfigError("backend.extra.flash_attn", "fa2", why)
     if extra.get("pure_bf16") and hw.device == "cpu":
         raise ConfigError("backend.extra.pure_bf16", True, "needs a bf16 GPU; on CPU use hardware.precision=bf16")
+    gen_eval.check(cfg)
 
 
 def _deepspeed_config(hw) -> dict:
@@ -399,7 +461,15 @@ def plan(cfg, run_dir, ctx) -> Plan:
         outputs["merged"] = eargs["export_dir"]
         if cfg.method.uses_lora and cfg.method.pissa_init:
             notes.append("PiSSA: merging pissa_converted/ (a plain LoRA delta on the original model)")
-    return Plan(backend="llamafactory", steps=steps, files=files, outputs=outputs, notes=notes)
+    if cfg.merge:
+        first, last = gen_eval.steps(cfg, run_dir, outputs["merged"])
+    elif cfg.method.uses_lora:
+        first, last = gen_eval.steps(cfg, run_dir, str(Path(str(cfg.model.path)).absolute()),
+                                     adapter=str(out / "pissa_converted" if cfg.method.pissa_init else out))
+    else:
+        first, last = gen_eval.steps(cfg, run_dir, str(out))
+    notes += gen_eval.note(cfg)
+    return Plan(backend="llamafactory", steps=first + steps + last, files=files, outputs=outputs, notes=notes)
 
 
 _PARAMS = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)")

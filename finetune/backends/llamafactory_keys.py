@@ -490,6 +490,132 @@ TEMPLATES = (
     'zephyr',
 )
 
+# template -> (tokens it needs as single ids in the tokenizer, whether it inserts the tokenizer's BOS):
+# its chat markers, {token} slots and the stop word replacing EOS (template_tokens below)
+TEMPLATE_TOKENS = {
+    'aeva': (('<sop>', '<|assistant|>', '<|system|>', '<|user|>'), False),
+    'alpaca': ((), False),
+    'bailing': (('</role>', '<role>'), False),
+    'bailing_v2': (('</role>', '<role>', '<|role_end|>'), False),
+    'breeze': ((), True),
+    'chatglm3': (('<|assistant|>', '<|system|>', '<|user|>', '[gMASK]', 'sop'), False),
+    'chatml': (('<|im_end|>', '<|im_start|>'), False),
+    'chatml_de': (('<|im_end|>', '<|im_start|>'), False),
+    'cohere': (('<|CHATBOT_TOKEN|>', '<|END_OF_TURN_TOKEN|>', '<|START_OF_TURN_TOKEN|>', '<|SYSTEM_TOKEN|>', '<|USER_TOKEN|>'), True),
+    'cpm4': (('<|im_end|>', '<|im_start|>'), True),
+    'dbrx': (('<|im_end|>', '<|im_start|>'), False),
+    'deepseek': ((), True),
+    'deepseek3': ((), True),
+    'deepseekcoder': (('<|EOT|>',), True),
+    'deepseekr1': ((), True),
+    'default': ((), False),
+    'dots_ocr': (('<|assistant|>', '<|endofassistant|>', '<|endofsystem|>', '<|endofuser|>', '<|system|>', '<|user|>'), False),
+    'empty': ((), False),
+    'ernie': (('<|im_end|>', '<|im_start|>'), False),
+    'ernie_nothink': (('<|begin_of_sentence|>', '<|end_of_sentence|>'), False),
+    'ernie_vl': (('<|end_of_sentence|>',), False),
+    'exaone': ((), False),
+    'falcon': ((), False),
+    'falcon_h1': (('<|im_end|>', '<|im_start|>'), True),
+    'fewshot': ((), False),
+    'gemma': (('<end_of_turn>', '<start_of_turn>'), True),
+    'gemma2': (('<end_of_turn>', '<start_of_turn>'), True),
+    'gemma3': (('<end_of_turn>', '<start_of_turn>'), True),
+    'gemma3n': (('<end_of_turn>', '<start_of_turn>'), True),
+    'gemma4': (('<turn|>', '<|think|>'), True),
+    'gemma4n': (('<turn|>', '<|think|>'), True),
+    'glm4': (('<sop>', '<|assistant|>', '<|system|>', '<|user|>'), False),
+    'glm4_5v': (('<sop>', '<|assistant|>', '<|system|>', '<|user|>'), False),
+    'glm4_7': (('<sop>', '<|assistant|>', '<|system|>', '<|user|>'), False),
+    'glm4_moe': (('<sop>', '<|assistant|>', '<|system|>', '<|user|>'), False),
+    'glm4v': (('<sop>', '<|assistant|>', '<|system|>', '<|user|>'), False),
+    'glm_ocr': (('<sop>', '<|assistant|>', '<|system|>', '<|user|>'), False),
+    'glmz1': (('<sop>', '<|assistant|>', '<|system|>', '<|user|>'), False),
+    'gpt_oss': (('<|end|>', '<|message|>', '<|start|>'), False),
+    'granite3': (('<|end_of_role|>', '<|end_of_text|>', '<|start_of_role|>'), False),
+    'granite3_vision': (('<|assistant|>', '<|system|>', '<|user|>'), False),
+    'granite4': (('<|end_of_role|>', '<|end_of_text|>', '<|start_of_role|>'), False),
+    'hunyuan': (('<|eos|>', '<|extra_0|>', '<|extra_4|>', '<|startoftext|>'), False),
+    'hunyuan_small': ((), False),
+    'hy3': (('<｜hy_eos｜>',), True),
+    'index': (('<unk>',), False),
+    'intern2': (('<|im_end|>', '<|im_start|>'), True),
+    'intern_s1': (('<|im_end|>', '<|im_start|>'), True),
+    'intern_vl': (('<|im_end|>', '<|im_start|>'), True),
+    'keye_vl': (('<|im_end|>', '<|im_start|>'), False),
+    'kimi_vl': (('<|im_assistant|>', '<|im_end|>', '<|im_middle|>', '<|im_system|>', '<|im_user|>'), False),
+    'lfm2': (('<|im_end|>', '<|im_start|>'), False),
+    'lfm2_vl': (('<|im_end|>', '<|im_start|>'), False),
+    'llama2': ((), True),
+    'llama2_zh': ((), True),
+    'llama3': (('<|end_header_id|>', '<|eot_id|>', '<|start_header_id|>'), True),
+    'llama4': (('<|eot|>', '<|header_end|>', '<|header_start|>'), True),
+    'llava': ((), False),
+    'llava_next': ((), False),
+    'llava_next_llama3': (('<|end_header_id|>', '<|eot_id|>', '<|start_header_id|>'), True),
+    'llava_next_mistral': ((), True),
+    'llava_next_qwen': (('<|im_end|>', '<|im_start|>'), False),
+    'llava_next_video': ((), False),
+    'llava_next_video_mistral': ((), True),
+    'llava_next_video_yi': (('<|im_end|>', '<|im_start|>'), False),
+    'llava_next_yi': (('<|im_end|>', '<|im_start|>'), False),
+    'mimo': (('<|im_end|>', '<|im_start|>'), False),
+    'mimo_v2': (('<|im_end|>', '<|im_start|>'), False),
+    'mimo_vl': (('<|im_end|>', '<|im_start|>'), False),
+    'minicpm_o': (('<|im_end|>', '<|im_start|>'), False),
+    'minicpm_v': (('<|im_end|>', '<|im_start|>'), False),
+    'minicpm_v_4_6': (('<|im_end|>', '<|im_start|>'), False),
+    'minimax1': (('<beginning_of_sentence>', '<end_of_sentence>'), False),
+    'minimax2': ((), False),
+    'ministral': ((), True),
+    'ministral3': ((), True),
+    'mistral': ((), True),
+    'mistral_small': ((), True),
+    'mllama': (('<|end_header_id|>', '<|eot_id|>', '<|start_header_id|>'), True),
+    'moonlight': (('<|im_assistant|>', '<|im_end|>', '<|im_middle|>', '<|im_system|>', '<|im_user|>'), False),
+    'olmo': (('<|assistant|>', '<|user|>'), False),
+    'openchat': ((), True),
+    'openchat-3.6': (('<|end_header_id|>', '<|eot_id|>', '<|start_header_id|>'), True),
+    'opencoder': (('<|im_end|>', '<|im_start|>'), False),
+    'paligemma': ((), True),
+    'paligemma_chat': (('<end_of_turn>', '<start_of_turn>'), True),
+    'phi': (('<|assistant|>', '<|end|>', '<|system|>', '<|user|>'), False),
+    'phi4': (('<|im_end|>', '<|im_sep|>', '<|im_start|>'), False),
+    'phi4_mini': (('<|assistant|>', '<|end|>', '<|system|>', '<|user|>'), False),
+    'phi_small': (('<|assistant|>', '<|end|>', '<|system|>', '<|user|>'), False),
+    'pixtral': ((), True),
+    'qwen': (('<|im_end|>', '<|im_start|>'), False),
+    'qwen2_audio': (('<|im_end|>', '<|im_start|>'), False),
+    'qwen2_omni': (('<|im_end|>', '<|im_start|>'), False),
+    'qwen2_vl': (('<|im_end|>', '<|im_start|>'), False),
+    'qwen3': (('<|im_end|>', '<|im_start|>'), False),
+    'qwen3_5': (('<|im_end|>', '<|im_start|>'), False),
+    'qwen3_5_nothink': (('<|im_end|>', '<|im_start|>'), False),
+    'qwen3_6': (('<|im_end|>', '<|im_start|>'), False),
+    'qwen3_nothink': (('<|im_end|>', '<|im_start|>'), False),
+    'qwen3_omni': (('<|im_end|>', '<|im_start|>'), False),
+    'qwen3_omni_nothink': (('<|im_end|>', '<|im_start|>'), False),
+    'qwen3_vl': (('<|im_end|>', '<|im_start|>'), False),
+    'qwen3_vl_nothink': (('<|im_end|>', '<|im_start|>'), False),
+    'sailor': (('<|im_end|>', '<|im_start|>'), False),
+    'seed_coder': ((), True),
+    'seed_oss': ((), True),
+    'smollm': (('<|im_end|>', '<|im_start|>'), False),
+    'smollm2': (('<|im_end|>', '<|im_start|>'), False),
+    'solar': ((), False),
+    'starchat': (('<|assistant|>', '<|end|>', '<|system|>', '<|user|>'), False),
+    'telechat2': (('<_bot>', '<_system>', '<_user>'), False),
+    'vicuna': ((), False),
+    'video_llava': ((), False),
+    'xuanyuan': ((), False),
+    'yi': (('<|im_end|>', '<|im_start|>'), False),
+    'yi_vl': ((), False),
+    'youtu': (('<|Assistant|>', '<|User|>', '<|end_of_text|>'), True),
+    'youtu_vl': (('<|begin_of_text|>', '<|end_of_text|>'), False),
+    'yuan': (('<eod>', '<sep>'), False),
+    'zephyr': (('<|assistant|>', '<|system|>', '<|user|>'), False),
+}
+
 
 def _introspect() -> dict:
     """Read the installed LLaMA-Factory (heavy: imports torch and transformers). Dev time / tests only."""
@@ -527,7 +653,33 @@ def _introspect() -> dict:
         for f in dataclasses.fields(cls):
             if f.init:
                 keys[f.name] = kind(hints.get(f.name, f.type))
-    return {"version": llamafactory.__version__, "keys": keys, "templates": tuple(sorted(_templates))}
+    return {"version": llamafactory.__version__, "keys": keys, "templates": tuple(sorted(_templates)),
+            "template_tokens": {n: template_tokens(t) for n, t in sorted(_templates.items())}}
+
+
+# chat-turn markers inside a template's string slots: <|im_start|>, <start_of_turn>, </s>, ... (not [INST] or
+# <<SYS>>, which Llama-2/Mistral tokenizers read as plain text)
+_MARKER = r"<\|[^<>|\s]+\|>|(?<!<)</?[A-Za-z_][A-Za-z0-9_]*>(?!>)"
+
+
+def template_tokens(template) -> tuple:
+    """(tokens the template needs as single ids, whether it inserts the tokenizer's BOS): the markers of its
+    prefix/system/user/assistant slots, its {"token": ...} slots, and the stop word that replaces EOS
+    (LLaMA-Factory adds missing ones as new tokens without resizing the model: IndexError in training)."""
+    import re
+
+    needed, bos = set(), False
+    for part in ("format_prefix", "format_system", "format_user", "format_assistant"):
+        for slot in getattr(getattr(template, part), "slots", []):
+            if isinstance(slot, dict):
+                needed.add(slot["token"])
+            elif isinstance(slot, set):
+                bos = bos or "bos_token" in slot
+            elif isinstance(slot, str):
+                needed |= set(re.findall(_MARKER, slot))
+    if template.replace_eos and template.stop_words:
+        needed.add(template.stop_words[0])
+    return tuple(sorted(needed)), bos
 
 
 def render(info: dict) -> str:
@@ -536,9 +688,13 @@ def render(info: dict) -> str:
     _, _, tail = src.partition("\n\ndef _introspect")
     lines = ["{"] + [f"    {k!r}: {v!r}," for k, v in sorted(info["keys"].items())] + ["}"]
     tl = ["("] + [f"    {t!r}," for t in info["templates"]] + [")"]
+    tt = ["{"] + [f"    {n!r}: {v!r}," for n, v in sorted(info["template_tokens"].items())] + ["}"]
     return (head + f'VERSION = "{info["version"]}"\n\n'
             "# name -> (kind, allowed values or None); kind is bool | int | float | str | choice | any\n"
-            f"KEYS = {chr(10).join(lines)}\n\nTEMPLATES = {chr(10).join(tl)}\n\n\ndef _introspect" + tail)
+            f"KEYS = {chr(10).join(lines)}\n\nTEMPLATES = {chr(10).join(tl)}\n\n"
+            "# template -> (tokens it needs as single ids in the tokenizer, whether it inserts the tokenizer's BOS):\n"
+            "# its chat markers, {token} slots and the stop word replacing EOS (template_tokens below)\n"
+            f"TEMPLATE_TOKENS = {chr(10).join(tt)}\n\n\ndef _introspect" + tail)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ OUTPUTS_ROOT = REPO_ROOT / "outputs"
 MODELS_DIR = REPO_ROOT / "models"
 
 # config keys that hold a path typed by the user (or a default that is already absolute)
-PATH_KEYS = ("output_dir", "target_path", "merge_path", "model.path", "data.path", "data.eval_path",
+PATH_KEYS = ("output_dir", "target_path", "merge_path", "model.gguf_file", "model.path", "data.path", "data.eval_path",
              "data.corpus_path", "backend.deepspeed", "backend.venv")
 
 
@@ -57,6 +57,10 @@ def resolve_user_paths(cfg: DictConfig, base: Path = None) -> None:
             OmegaConf.update(cfg, key, str(absolute(value, base)), merge=False)
 
 
-def model_cache_dir(builder: str) -> Path:
+def model_cache_dir(builder: str, gguf_file: str = None) -> Path:
     """The folder a model the project builds itself (``model.builder``) is built into, on first use."""
+    if builder == "gguf" and gguf_file:
+        from finetune.tools.gguf_model import gguf_model_dir
+
+        return Path(gguf_model_dir(gguf_file))
     return MODELS_DIR / builder.replace("_", "-")

@@ -8,6 +8,10 @@
                              + - * / // % ** ( ) are accepted: parsed with ``ast``, never ``eval``'d.
 - ``${repo_root:}``          the folder holding conf/ (so shipped data paths work from any working folder).
 - ``${pkg_path:NAME}``       the folder of an installed Python package, found without importing it.
+- ``${gguf_model_dir:FILE}`` where ``model=gguf`` converts FILE to (models/gguf/<stem>-<key>;
+                             finetune/tools/gguf_model.py).
+- ``${metric_direction:NAME}`` maximize for a score (exact match, F1, ROUGE, accuracy, recall, MRR), else minimize
+                             (a loss): the Optuna searches' direction follows ``metric=``.
 - ``${hardware_job:WHAT}``   what one node of the hardware group asks of a launcher: ``nproc`` (processes per node:
                              one per GPU on CUDA hardware, else 1), ``gpus`` (GPUs per node), ``cpus`` and ``mem_gb``
                              (a GPU node's cores and 90% of its memory, where the hardware option names them; else
@@ -79,6 +83,21 @@ def _pkg_path(name: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]))
 
 
+MAXIMISED = ("exact_match", "f1", "rouge", "accuracy", "accuracies", "recall", "mrr", "ndcg", "gain")
+
+
+def metric_direction(name) -> str:
+    """"maximize" for metrics where higher is better (scores), "minimize" for losses and anything else."""
+    n = str(name).lower()
+    return "maximize" if any(k in n for k in MAXIMISED) and "loss" not in n else "minimize"
+
+
+def _gguf_model_dir(path) -> str:
+    from finetune.tools.gguf_model import gguf_model_dir
+
+    return gguf_model_dir(str(path)) if path not in (None, "") else "<model.gguf_file is not set>"
+
+
 def _eval_resolver(expr, _root_):
     def lookup(key):
         from omegaconf import OmegaConf as OC
@@ -112,6 +131,7 @@ def hardware_job(what: str, hw) -> float:
 
 def register() -> None:
     for name, fn in (("eval", _eval_resolver), ("repo_root", lambda: str(REPO_ROOT)), ("pkg_path", _pkg_path),
+                     ("gguf_model_dir", _gguf_model_dir), ("metric_direction", metric_direction),
                      ("hardware_job", lambda what, _root_: hardware_job(str(what), _root_.hardware))):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -76,6 +76,11 @@ class RootConfig:
     prompt_template_name: str = "alpaca"
     train_on_inputs: bool = True
     max_samples: Optional[int] = None
+    # --- evaluation by generation (alpacalora, llamafactory, collie): held-out rows answered before and after
+    generate_eval: bool = False              # answer and score the held-out rows before and after training
+    generate_eval_rows: int = 40             # how many held-out rows (0: all of them)
+    max_new_tokens: int = 32                 # per answer (greedy)
+    generate_batch_size: int = 8             # prompts per batch (left-padded)
     # --- logging / checkpoints
     logging_steps: int = 10
     eval_steps: int = 0                      # 0: evaluate once per epoch
@@ -211,7 +216,8 @@ class ModelConfig:
     path: str = MISSING                       # folder with config.json (+ tokenizer, weights)
     family: str = "llama"                     # llama | qwen2 | internlm2 | chatglm3 | bert
     kind: str = "causal_lm"                   # causal_lm | encoder
-    builder: Optional[str] = None             # tiny models: built on first use by finetune.tools.tiny_models
+    builder: Optional[str] = None             # built on first use by finetune.tools.tiny_models (tiny, GGUF)
+    gguf_file: Optional[str] = None           # model=gguf: the GGUF file converted into the models cache
     lora_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     all_linear_modules: List[str] = field(default_factory=list)
     embedding_modules: List[str] = field(default_factory=list)   # what "modules_to_save" means for this family

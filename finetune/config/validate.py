@@ -104,14 +104,22 @@ def world_size(cfg: DictConfig) -> int:
 
 def check_model(cfg: DictConfig) -> None:
     m = cfg.model
+    if m.builder == "gguf":
+        check_gguf_file(m.get("gguf_file"))
     path = Path(str(m.path))
     if m.builder and not path.exists():
         from finetune.config.paths import model_cache_dir
+        from finetune.tools.gguf_model import BUILDERS, INSTALL, package_file
 
-        if path == model_cache_dir(str(m.builder)):
+        if m.builder in BUILDERS and package_file(str(m.builder)) is None:
+            spec = BUILDERS[str(m.builder)]
+            raise ConfigError("model", str(m.name), f"is converted on first use from the package "
+                              f"{spec['distribution']}=={spec['version']}, which is not installed: {INSTALL}")
+        if path == model_cache_dir(str(m.builder), m.get("gguf_file")):
             return                                   # a model the project builds on first use, into its cache
         raise ConfigError("model.path", str(path), f"no such folder (model={m.name} is built on first use only into "
-                          f"{model_cache_dir(str(m.builder))}; a model.path you type must hold a model)")
+                          f"{model_cache_dir(str(m.builder), m.get('gguf_file'))}; a model.path you type must hold "
+                          "a model)")
     if not path.exists():
         raise ConfigError("model.path", str(path), "no such folder (a model folder with config.json)")
     if not path.is_dir():
@@ -147,6 +155,17 @@ def check_model(cfg: DictConfig) -> None:
                           "planned, with dry_run=true")
 
 
+def check_gguf_file(value) -> None:
+    if not value:
+        raise ConfigError("model.gguf_file", value, "model=gguf needs the GGUF file to convert (model.gguf_file=...)")
+    p = Path(str(value))
+    if not p.is_file():
+        raise ConfigError("model.gguf_file", str(p), "no such file (a .gguf model file)")
+    with open(p, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ConfigError("model.gguf_file", str(p), "is not a GGUF file (it does not start with 'GGUF')")
+
+
 def check_method(cfg: DictConfig, typed: List[str]) -> None:
     meth = cfg.method
     _choice("method", meth.name, ALL_METHODS)
@@ -171,6 +190,7 @@ def check_method(cfg: DictConfig, typed: List[str]) -> None:
         targets = [t for t in targets.split(",") if t]
     if not targets:
         raise ConfigError("lora_target_modules", targets, "needs at least one module name (or 'all')")
+    _check_tied_targets(cfg, targets)
     if meth.loraplus_lr_ratio is not None and meth.loraplus_lr_ratio <= 0:
         raise ConfigError("method.loraplus_lr_ratio", meth.loraplus_lr_ratio, "must be > 0 (or null)")
     if meth.pissa_init and meth.use_dora:
@@ -199,6 +219,19 @@ def check_quantization(cfg: DictConfig) -> None:
     if cfg.hardware.deepspeed_stage == 3:
         raise ConfigError("hardware.deepspeed_stage", 3, "QLoRA's quantised weights are not partitioned by ZeRO-3; "
                           "use stage 2 (or null)")
+
+
+def _check_tied_targets(cfg: DictConfig, targets) -> None:
+    """LoRA on a tied embedding is wrong on merge: PEFT writes the delta into the one shared matrix, so the output
+    layer changes too (peft 0.18-0.21). The shared matrix is trained with modules_to_save instead."""
+    from finetune.config import model_facts
+
+    hit = sorted(set(str(t) for t in targets) & model_facts.embedding_names(cfg.model))
+    if hit and model_facts.tied_embeddings(cfg.model):
+        raise ConfigError("lora_target_modules", ",".join(str(t) for t in targets),
+                          f"model {cfg.model.name} ties its embedding and output layer: LoRA on {hit[0]} would be "
+                          "merged into the shared matrix and change both; train it with modules_to_save=[embed_tokens] "
+                          "instead")
 
 
 def check_optimizer_rules(cfg: DictConfig) -> None:

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.recipes.common import (COMPLETE, Collator, TokenMeter, atomic_write_text, deepspeed_env,
+from finetune.recipes.common import (COMPLETE, Collator, TokenMeter, atomic_write_text, deepspeed_env, free_cores,
                                      last_complete_checkpoint, log, require_device, pack_examples, peak_rss_mb,
                                      read_config, split_train_val, tokenized_data, truncate_history)
 
@@ -84,20 +84,48 @@ def setup_freeze(model, m: dict) -> None:
     log(f"freeze: trainable layers {sorted(layer_ids)}, modules {modules or 'all'}, extra {extras}")
 
 
+def tied_embedding_names(model):
+    """(input embedding name, output layer name) when the model shares one matrix between them, else None."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or not getattr(model.config, "tie_word_embeddings", False) or out.weight is not inp.weight:
+        return None
+    names = {id(mod): name.split(".")[-1] for name, mod in model.named_modules()}
+    return names[id(inp)], names[id(out)]
+
+
+def modules_to_save_for(model, wanted):
+    """(modules_to_save, ensure_weight_tying). On a tied model, naming the embedding and/or the output layer means
+    the one shared matrix: it is trained once, as the input embedding, with PEFT's ensure_weight_tying, so that the
+    output layer stays the same matrix in the adapter and in the merge. (PEFT 0.18.1 with both names trains two
+    independent copies and the merged model comes out untied; with lm_head alone and ensure_weight_tying it fails.
+    ensure_weight_tying is never set on an untied model: 0.18.1 would overwrite its lm_head with the embedding.)"""
+    tied = tied_embedding_names(model)
+    if not wanted or tied is None or not set(wanted) & set(tied):
+        return wanted or None, False
+    normalised = [w for w in wanted if w not in tied] + [tied[0]]
+    log(f"tied embeddings: modules_to_save {wanted} -> {normalised} with ensure_weight_tying (the shared "
+        f"{tied[0]}/{tied[1]} matrix is trained once and stays tied in the adapter and the merged model)")
+    return normalised, True
+
+
 def setup_lora(model, m: dict):
     from peft import LoraConfig, get_peft_model
 
     targets = as_list(m["lora_target_modules"])
     if targets == ["all"]:
         targets = all_linear_modules(model)
+    tied = tied_embedding_names(model)
+    if tied and set(targets) & set(tied):
+        raise ValueError(f"lora_target_modules: {sorted(set(targets) & set(tied))} is tied to "
+                         f"{'/'.join(tied)}: LoRA on it would be merged into the shared matrix; use modules_to_save")
     init = True
     if m.get("pissa_init"):
         init = "pissa" if int(m["pissa_iter"]) == -1 else f"pissa_niter_{int(m['pissa_iter'])}"
+    to_save, tie = modules_to_save_for(model, as_list(m.get("modules_to_save")))
     config = LoraConfig(task_type="CAUSAL_LM", r=int(m["lora_r"]), lora_alpha=m["lora_alpha"],
                         lora_dropout=float(m["lora_dropout"]), target_modules=targets, bias="none",
-                        modules_to_save=as_list(m.get("modules_to_save")) or None,
-                        use_rslora=bool(m.get("use_rslora")), use_dora=bool(m.get("use_dora")),
-                        init_lora_weights=init)
+                        modules_to_save=to_save, use_rslora=bool(m.get("use_rslora")), use_dora=bool(m.get("use_dora")),
+                        init_lora_weights=init, **({"ensure_weight_tying": True} if tie else {}))
     log(f"LoRA: r={config.r} alpha={config.lora_alpha} targets={targets} modules_to_save={config.modules_to_save} "
         f"rslora={config.use_rslora} dora={config.use_dora} init={init}")
     return get_peft_model(model, config)
@@ -112,7 +140,9 @@ def keep_modules_to_save(model, adapter_dir: Path) -> None:
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    extra = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items() if "lora_" not in k}
+    # cloned: a tied model's embed_tokens and lm_head entries are one tensor (ensure_weight_tying), which
+    # safetensors refuses to write twice ("Some tensors share memory"); PEFT's own save writes them as copies too
+    extra = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items() if "lora_" not in k}
     if not extra:
         return
     path = Path(adapter_dir) / "adapter_model.safetensors"
@@ -211,6 +241,23 @@ def _small_model(path: str) -> bool:
     from finetune.auto.hardware import model_hidden_size
 
     return 0 < model_hidden_size(path) <= 256
+
+
+def save_generation_files(cfg: dict, tokenizer, folder: Path) -> None:
+    """Beside the adapter (or the trained model): the tokenizer, a generation config whose EOS/pad are the
+    tokenizer's, and how prompts were built (finetune_prompt.json), so that `finetune generate <folder>` and the
+    merged model (finetune.recipes.common merge copies them) ask the model the way it was trained."""
+    from transformers import GenerationConfig
+
+    from finetune.recipes.prompting import PromptFormat
+
+    tokenizer.save_pretrained(str(folder))
+    base = Path(cfg["model"]["path"])
+    gen = GenerationConfig.from_pretrained(str(base)) if (base / "generation_config.json").exists() \
+        else GenerationConfig()
+    gen.eos_token_id, gen.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    gen.save_pretrained(str(folder))
+    PromptFormat.from_run_config(cfg).to_file(folder)
 
 
 def numel(p) -> int:
@@ -337,7 +384,10 @@ def main(argv=None) -> int:
     threads = int(b.get("torch_threads") or 0)
     if threads == 0 and world == 1 and _small_model(cfg["model"]["path"]):
         threads = 1          # matmuls of a tiny model are too small to split: a 2nd thread only spins (16x slower
-                             # on a busy 2-core machine, measured); bigger models keep the launcher's OMP_NUM_THREADS
+                             # on a busy 2-core machine, measured)
+    elif threads == 0 and world == 1 and hw["device"] == "cpu" and free_cores() < torch.get_num_threads():
+        threads = free_cores()   # bigger models: the cores other processes leave free (a thread on a busy core spins)
+        log(f"threads: {threads} (the machine is busy: load average {os.getloadavg()[0]:.1f})")
     if threads > 0:
         torch.set_num_threads(threads)
     transformers.logging.set_verbosity_warning()
@@ -546,7 +596,7 @@ def main(argv=None) -> int:
     else:
         trainer.save_model(str(artefact))   # every rank calls it: under ZeRO-3 it gathers the shards; rank 0 writes
     if trainer.args.should_save:
-        tokenizer.save_pretrained(str(artefact))
+        save_generation_files(cfg, tokenizer, artefact)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
         summary = {

