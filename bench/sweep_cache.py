@@ -2,7 +2,7 @@
 
 Runs N "jobs" as separate processes, as a sweep does, each preparing the same training data the way the
 alpacalora recipe does (read the rows, hash data + tokenizer files for the key, alpaca prompt template, tokenise
-with the tiny Llama's tokenizer, cutoff, label masking: finetune.recipes.common.encode_rows) through
+with the tiny Llama's tokenizer, cutoff, label masking: finetune.recipes.data.encode_rows) through
 ``get_or_build``. Reports each job's data-preparation time and jobs 2..N against job 1 (target <= 0.1x).
 
     python bench/sweep_cache.py                        # 4 sequential jobs, 3,200 rows
@@ -32,7 +32,8 @@ def job(args) -> int:
     from transformers import AutoTokenizer
 
     from finetune.data_cache import file_digest, get_or_build
-    from finetune.recipes.common import TOKENIZER_FILES, data_files, encode_rows, load_template, read_rows
+    from finetune.recipes.data import TOKENIZER_FILES, data_files, encode_rows, read_rows
+    from finetune.recipes.templates import load_template
 
     tok = AutoTokenizer.from_pretrained(args.model)
     t0 = time.perf_counter()

@@ -118,7 +118,7 @@ def generate_command(path: str, prompt: Optional[str], input_text: Optional[str]
         generate(model, tokenizer, [fmt.encode(tokenizer, turns)], limit, fmt.stop_ids(tokenizer), 1,
                  streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
         return 0
-    from finetune.recipes.common import read_rows
+    from finetune.recipes.data import read_rows
 
     rows = read_rows(data)
     pairs = [fmt.row_turns(r) for r in rows]

@@ -1,6 +1,6 @@
 """What a backend asks to be run: a Plan of files to write and Steps to execute. Standard library only.
 
-A backend builds the Plan (finetune/backends/<name>.py: plan()); a launcher runs its steps (launchers/);
+A backend builds the Plan (finetune/backends/<name>.py: plan()); a launcher runs its steps (finetune/launchers/);
 the run folder (finetune/run_dir.py) records both in the manifest. A dry run prints it and writes nothing.
 """
 from __future__ import annotations

@@ -19,8 +19,8 @@ from finetune.plan import Plan, Step
 from finetune import secrets
 from finetune.run_dir import Manifest, atomic_write, atomic_write_json, create_run_dir, default_run_dir
 from finetune.secrets import redact
-from launchers import get_launcher
-from launchers.process import free_port
+from finetune.launchers import get_launcher
+from finetune.launchers.process import free_port
 
 
 def _hydra_facts():

@@ -49,7 +49,7 @@ def test_dry_run_plan_has_train_and_merge_steps(tmp_path):
     proc, _ = run_train("dry_run=true", f"output_dir={tmp_path / 'r'}", outputs=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert '"-m", "finetune.recipes.alpacalora"' in proc.stdout
-    assert '"-m", "finetune.recipes.common", "merge"' in proc.stdout
+    assert '"-m", "finetune.recipes.merge"' in proc.stdout
     assert "accumulation 16 x 1 process" in proc.stdout          # 64 / 4 / 1
     assert not (tmp_path / "r").exists()
 
@@ -61,7 +61,7 @@ def test_dry_run_deepspeed_config_and_full_method_has_no_merge(tmp_path):
     text = proc.stdout.split("--- deepspeed.json", 1)[1]
     ds = json.loads(text[: text.index("\n}") + 2])
     assert ds["zero_optimization"]["stage"] == 3 and ds["train_micro_batch_size_per_gpu"] == "auto"
-    assert "finetune.recipes.common" not in proc.stdout
+    assert "finetune.recipes.merge" not in proc.stdout
 
 
 @pytest.mark.parametrize("override,key", [
@@ -81,7 +81,9 @@ def test_bad_input_refused_with_one_line(tmp_path, override, key):
 def test_train_on_inputs_masks_prompt_tokens(tiny_model):
     from transformers import AutoTokenizer
 
-    from finetune.recipes.common import IGNORE_INDEX, alpaca_prompt, encode_alpaca, load_template
+    from finetune.recipes.common import IGNORE_INDEX
+    from finetune.recipes.data import encode_alpaca
+    from finetune.recipes.templates import alpaca_prompt, load_template
 
     tok = AutoTokenizer.from_pretrained(tiny_model("tiny_llama"))
     tpl = load_template("alpaca")
@@ -100,7 +102,8 @@ def test_train_on_inputs_masks_prompt_tokens(tiny_model):
 def test_sharegpt_rows_use_chat_template_and_mask_user_turns(tiny_model):
     from transformers import AutoTokenizer
 
-    from finetune.recipes.common import IGNORE_INDEX, encode_messages, to_messages
+    from finetune.recipes.common import IGNORE_INDEX
+    from finetune.recipes.data import encode_messages, to_messages
 
     tok = AutoTokenizer.from_pretrained(tiny_model("tiny_llama"))
     row = {"conversations": [{"from": "human", "value": "Copy the words.\niron salt"}, {"from": "gpt", "value": "iron salt"}]}
@@ -120,7 +123,8 @@ def test_packing_has_no_cross_contamination(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.recipes.common import IGNORE_INDEX, Collator, pack_examples
+    from finetune.recipes.common import IGNORE_INDEX
+    from finetune.recipes.data import Collator, pack_examples
 
     exs = [{"input_ids": list(range(5 + i, 5 + i + n)), "labels": list(range(5 + i, 5 + i + n))}
            for i, n in enumerate((7, 5, 9, 4, 12))]

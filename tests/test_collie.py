@@ -151,7 +151,7 @@ def test_lora_loss_falls_and_outputs(lora_run):
     # the evaluation by generation answered Collie's own held-out rows with the base model and the merged one
     assert m["generate_eval_rows"] == 8 and "base_eval_exact_match" in m and "eval_token_f1" in m
     heldout = [json.loads(x) for x in (lora_run / "eval" / "heldout.jsonl").read_text().splitlines()]
-    from finetune.recipes.collie_worker import load_rows, split_rows
+    from finetune.recipes.collie import load_rows, split_rows
 
     assert heldout == split_rows(read_json(lora_run / "resolved_config.json"),
                                  load_rows(read_json(lora_run / "resolved_config.json")))[1][:8]

@@ -69,7 +69,7 @@ def test_embedder_plan_reference_defaults(tmp_path):
     train = plan.steps[1]
     assert train.distributed == "torchrun"
     # FlagEmbedding's own runner, wrapped for history.jsonl, tokens/s and complete checkpoints
-    assert train.argv[1:5] == ["-m", "finetune.recipes.flagembedding_train", "--task", "embedder"]
+    assert train.argv[1:5] == ["-m", "finetune.recipes.flagembedding", "--task", "embedder"]
     assert train.progress == "history.jsonl"
     f = _flags(train.argv)
     # the reference's embedder defaults (LazyLLM's FlagembeddingFinetune)
@@ -96,7 +96,7 @@ def test_reranker_plan_drops_embedder_only_flags(tmp_path):
     _, plan = _plan(["backend=flagembedding", "backend.task=reranker", "backend.query_instruction_for_rerank=Q: "],
                     tmp_path)
     train = plan.steps[1]
-    assert train.argv[2:5] == ["finetune.recipes.flagembedding_train", "--task", "reranker"]
+    assert train.argv[2:5] == ["finetune.recipes.flagembedding", "--task", "reranker"]
     f = _flags(train.argv)
     assert f["query_max_len"] == "256" and f["passage_max_len"] == "256"      # reference reranker lengths
     assert f["query_instruction_for_rerank"] == "Q: "
@@ -276,7 +276,7 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(tmp_pa
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"finetune.recipes.flagembedding_train" in cmd and str(out).encode() in cmd:
+        if b"finetune.recipes.flagembedding" in cmd and str(out).encode() in cmd:
             os.kill(int(pid), signal.SIGKILL)
     proc.kill()
     proc.wait()

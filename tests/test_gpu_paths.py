@@ -103,7 +103,7 @@ def test_gpu_hardware_detected_by_nvidia_smi(tmp_path):
 
 
 def test_local_launcher_keeps_the_users_visible_devices(monkeypatch):
-    from launchers.local import visible_devices
+    from finetune.launchers.local import visible_devices
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert visible_devices(2) == "0,1"
@@ -280,7 +280,7 @@ def test_flagembedding_deepspeed_one_process_trains_and_saves_full_weights(tmp_p
 
 
 def test_collie_reduce_device_follows_the_backend(monkeypatch):
-    from finetune.recipes.collie_worker import reduce_device
+    from finetune.recipes.collie import reduce_device
 
     class Dist:
         def __init__(self, backend):

@@ -21,12 +21,12 @@ ROOT_KEYS = None
 GEN_EVAL = ["finetune/backends/gen_eval.py", "finetune/recipes/gen_eval.py"]
 # where each backend's code reads the config: its adapter (plan) and the worker processes it starts
 SOURCES = {
-    "alpacalora": ["finetune/backends/alpacalora.py", "finetune/recipes/alpacalora.py", "finetune/recipes/common.py",
+    "alpacalora": ["finetune/backends/alpacalora.py", "finetune/recipes/alpacalora.py", "finetune/recipes/data.py",
                    *GEN_EVAL],
-    "llamafactory": ["finetune/backends/llamafactory.py", "finetune/backends/llamafactory_worker.py", *GEN_EVAL],
-    "flagembedding": ["finetune/backends/flagembedding.py", "finetune/recipes/flagembedding_train.py",
-                      "finetune/recipes/embed_eval.py"],
-    "collie": ["finetune/backends/collie.py", "finetune/recipes/collie_worker.py", "finetune/recipes/collie_merge.py",
+    "llamafactory": ["finetune/backends/llamafactory.py", "finetune/recipes/llamafactory.py", *GEN_EVAL],
+    "flagembedding": ["finetune/backends/flagembedding.py", "finetune/recipes/flagembedding.py",
+                      "finetune/recipes/flagembedding_eval.py"],
+    "collie": ["finetune/backends/collie.py", "finetune/recipes/collie.py", "finetune/recipes/collie_merge.py",
                *GEN_EVAL],
 }
 DRIVER = ["finetune/run.py", "finetune/config/validate.py", "finetune/config/resume.py", "finetune/callbacks.py",

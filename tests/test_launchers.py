@@ -87,7 +87,7 @@ def test_node_rank_refused_in_one_line_exit_2(tmp_path):
                           f"output_dir={tmp_path}/x", outputs=tmp_path, timeout=120)
     assert proc.returncode == 2 and run is None and not (tmp_path / "x").exists()
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "launcher.node_rank=1" in lines[0] and "launchers.torchrun join" in lines[0], proc.stderr
+    assert len(lines) == 1 and "launcher.node_rank=1" in lines[0] and "finetune.launchers.torchrun join" in lines[0], proc.stderr
 
 
 @pytest.mark.parametrize("overrides,words", [
@@ -146,7 +146,7 @@ def test_environment_set_per_launcher():
     """OMP threads split over the ranks, repo on PYTHONPATH, GPUs pinned to the ranks asked for (local/torchrun);
     on Slurm the threads come from cpus_per_task and CUDA_VISIBLE_DEVICES is left to Slurm's allocation."""
     from finetune.plan import Step
-    from launchers import local, slurm
+    from finetune.launchers import local, slurm
 
     step = Step(name="train", argv=[sys.executable, "-m", "x"], distributed="torchrun")
     cfg = _compose("launcher=local", "launcher.nproc_per_node=2")
@@ -165,7 +165,7 @@ def test_environment_set_per_launcher():
 
 
 def test_run_process_exit_codes_and_timeout(tmp_path):
-    from launchers.process import run_process
+    from finetune.launchers.process import run_process
 
     ok = run_process("ok", [PY, "-c", "print('hello')"], {}, str(tmp_path), tmp_path / "ok.log", echo=False)
     assert ok.ok and ok.exit_code == 0 and ok.tail == ["hello"] and "hello" in (tmp_path / "ok.log").read_text()
@@ -181,7 +181,7 @@ def test_run_process_exit_codes_and_timeout(tmp_path):
 
 
 def test_join_refuses_a_folder_without_plan_or_a_finished_run(tmp_path):
-    from launchers.torchrun import join
+    from finetune.launchers.torchrun import join
 
     assert join(tmp_path, 1, wait_s=0.5) == 2
     (tmp_path / "manifest.json").write_text(json.dumps({"status": "completed", "plan": {"steps": []}}))
@@ -209,7 +209,7 @@ def _two_nodes(tmp_path, *overrides, timeout=600):
     node0 = subprocess.Popen([PY, str(REPO / "train.py"), "launcher=torchrun", "launcher.nnodes=2",
                               "launcher.nproc_per_node=1", f"output_dir={run_dir}", *overrides],
                              cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    node1 = subprocess.run([PY, "-m", "launchers.torchrun", "join", str(run_dir), "--node-rank", "1", "--wait-min", "5"],
+    node1 = subprocess.run([PY, "-m", "finetune.launchers.torchrun", "join", str(run_dir), "--node-rank", "1", "--wait-min", "5"],
                            cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
     out0, _ = node0.communicate(timeout=timeout)
     assert node0.returncode == 0, out0[-4000:]

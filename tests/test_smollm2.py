@@ -201,7 +201,8 @@ def test_saved_tokenizer_and_prompt_files_give_the_training_prompt_ids(showcase)
     and build the held-out prompts into the ids training used (label-masked prefix of the training example)."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from finetune.recipes.common import encode_alpaca, load_template
+    from finetune.recipes.data import encode_alpaca
+    from finetune.recipes.templates import load_template
     from finetune.recipes.prompting import PromptFormat
 
     cfg = read_json(showcase / "resolved_config.json")

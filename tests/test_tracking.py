@@ -170,7 +170,7 @@ def test_params_and_tags_hold_no_secret():
 
 
 def test_closed_port_completes_with_one_warning_line(tmp_path):
-    from launchers.process import free_port
+    from finetune.launchers.process import free_port
 
     port = free_port()                              # nothing listens there
     t = time.monotonic()
@@ -185,7 +185,7 @@ def test_closed_port_completes_with_one_warning_line(tmp_path):
 
 
 def test_closed_port_sweep_completes(tmp_path):
-    from launchers.process import free_port
+    from finetune.launchers.process import free_port
 
     port = free_port()
     proc, _ = run_train("backend=dummy", "lora_r=4,8", "report_to=mlflow",
@@ -241,7 +241,7 @@ def test_wandb_offline_run_files(tmp_path):
                           env={"HOME": str(home)})
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
     folder = offline_run(run)
-    assert f"[finetune] wandb: offline run " in proc.stdout and f"wandb sync {folder}" in proc.stdout
+    assert "[finetune] wandb: offline run " in proc.stdout and f"wandb sync {folder}" in proc.stdout
     s = inspect(folder, summary=True)
     assert (s["name"], s["project"], s["state"], s["exit_code"]) == (run.name, "wb", "finished", 0)
     assert s["config"]["backend"] == "dummy" and s["config"]["run_dir"] == str(run) and s["config"]["lora_r"] == "8"

@@ -124,7 +124,7 @@ def test_merge_never_deletes_an_existing_folder(tmp_path, tiny_model):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    proc = subprocess.run([PY, "-m", "finetune.recipes.common", "merge", "--base", str(tiny_model()), "--adapter",
+    proc = subprocess.run([PY, "-m", "finetune.recipes.merge", "--base", str(tiny_model()), "--adapter",
                            str(tmp_path / "none"), "--out", str(out)], cwd=REPO, env=user_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0 and "exists and is not empty" in proc.stderr
@@ -176,7 +176,7 @@ def test_secret_in_the_config_never_reaches_a_file_of_the_run(tmp_path):
 
 def test_llamafactory_worker_passes_secrets_as_arguments(tmp_path, monkeypatch):
     """The worker appends backend.extra secrets as key=value after the yaml (they override the <redacted> there)."""
-    from finetune.backends import llamafactory_worker
+    from finetune.recipes import llamafactory as llamafactory_worker
 
     seen = {}
 
@@ -278,7 +278,7 @@ def test_progress_line_on_a_terminal_plain_lines_in_the_log(tmp_path):
 
 
 def test_progress_reader_understands_every_backend_row():
-    from launchers.progress import read_progress
+    from finetune.launchers.progress import read_progress
 
     assert read_progress({"step": 3, "total_steps": 10, "loss": 1.5, "tokens_per_s": 900.0}) == \
         {"step": 3, "total": 10, "loss": 1.5, "tokens_per_s": 900.0}

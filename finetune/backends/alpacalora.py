@@ -1,7 +1,7 @@
 """alpacalora: our own alpaca-lora recipe on HF Trainer + PEFT (finetune/recipes/alpacalora.py), every method.
 
 Plan:  [deepspeed.json]  ->  train (python -m finetune.recipes.alpacalora; torchrun when nproc_per_node > 1)
-       ->  merge (python -m finetune.recipes.common merge; LoRA methods, unless merge=false)
+       ->  merge (python -m finetune.recipes.merge; LoRA methods, unless merge=false)
 Standard library + omegaconf only at import.
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
     if _lora(cfg):
         outputs["adapter"] = target
         if cfg.merge:
-            steps.append(Step(name="merge", argv=[py, "-m", "finetune.recipes.common", "merge",
+            steps.append(Step(name="merge", argv=[py, "-m", "finetune.recipes.merge",
                                                   "--base", str(Path(str(cfg.model.path)).absolute()), "--adapter", target, "--out", merged,
                                                   "--dtype", "bfloat16" if cfg.hardware.precision == "bf16"
                                                   and cfg.hardware.device != "cpu" else "float32",

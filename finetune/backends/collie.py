@@ -5,7 +5,7 @@ Collie needs transformers <= 4.50, protobuf 3.20.1 and megatron-core 0.2.0, so i
 The plan has three steps:
 
   1. collie_prepare  (Collie's python)  a ``.bin`` copy of a safetensors-only model (Collie reads only *.bin)
-  2. collie_train    (Collie's python, torchrun when world size > 1)  finetune.recipes.collie_worker: Collie's
+  2. collie_train    (Collie's python, torchrun when world size > 1)  finetune.recipes.collie: Collie's
                      model class + Trainer; for hardware.device=cpu the five CPU patches (collie_cpu_patch) are applied
   3. collie_merge    (this environment)  adapter + base -> logits must equal Collie's own; merge_and_unload
                      -> lazyllm_merge (full fine-tuning: the saved model is checked the same way)
@@ -232,8 +232,8 @@ def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
                                         *(["--cuda"] if cfg.hardware.device == "cuda" else [])],
              env={"FINETUNE_COLLIE_VENV": str(venv_dir(cfg))})]
     steps += [
-        Step(name="collie_prepare", argv=[py, "-m", "finetune.recipes.collie_worker", "prepare", *paths], env=env),
-        Step(name="collie_train", argv=[py, "-m", "finetune.recipes.collie_worker", "train", *paths], env=env,
+        Step(name="collie_prepare", argv=[py, "-m", "finetune.recipes.collie", "prepare", *paths], env=env),
+        Step(name="collie_train", argv=[py, "-m", "finetune.recipes.collie", "train", *paths], env=env,
              distributed="torchrun", progress="history.jsonl"),
         Step(name="collie_merge", argv=[sys.executable, "-m", "finetune.recipes.collie_merge", *paths]),
     ]

@@ -1,10 +1,10 @@
 """flagembedding: embedder and reranker fine-tuning through FlagEmbedding 1.4.2's own entry modules.
 
 Steps of a run (all argv lists, no shell):
-  1. eval_before  python -m finetune.recipes.embed_eval --stage before   (recall@k / MRR of the base model)
+  1. eval_before  python -m finetune.recipes.flagembedding_eval --stage before   (recall@k / MRR of the base model)
   2. train        python -m FlagEmbedding.finetune.<embedder|reranker>.encoder_only.base --flags...
                   (the launcher wraps it in torchrun when world size > 1; DeepSpeed JSON from the hardware group)
-  3. eval_after   python -m finetune.recipes.embed_eval --stage after    (the saved model, through FlagModel /
+  3. eval_after   python -m finetune.recipes.flagembedding_eval --stage after    (the saved model, through FlagModel /
                   FlagReranker; also turns the trainer's TensorBoard scalars into history.jsonl)
 
 Which reference flags are not passed, and why: see conf/backend/flagembedding.yaml and the schema's docstring.
@@ -288,19 +288,19 @@ def plan(cfg, run_dir, ctx) -> Plan:
         if cfg.data.corpus_path:
             data_args += ["--corpus", _abs(cfg.data.corpus_path)]
     if do_eval:
-        steps.append(Step(name="eval_before", argv=[py, "-m", "finetune.recipes.embed_eval", "--config", conf,
+        steps.append(Step(name="eval_before", argv=[py, "-m", "finetune.recipes.flagembedding_eval", "--config", conf,
                                                      "--stage", "before", "--model", _abs(cfg.model.path), *data_args], env=env,
                           rank0_only=True))
     elif b.eval:
         notes.append("no held-out set (data.eval_path is null): recall@k / MRR are not computed")
     # FlagEmbedding's own runner (MODULES[task] builds the same), wrapped for history.jsonl, tokens/s, complete-
-    # checkpoint markers and resume (finetune/recipes/flagembedding_train.py)
-    steps.append(Step(name="train", argv=[py, "-m", "finetune.recipes.flagembedding_train", "--task", str(b.task),
+    # checkpoint markers and resume (finetune/recipes/flagembedding.py)
+    steps.append(Step(name="train", argv=[py, "-m", "finetune.recipes.flagembedding", "--task", str(b.task),
                                           "--run-dir", str(run_dir), "--device", str(cfg.hardware.device),
                                           *(["--resume"] if cfg.resume else []), "--",
                                           *train_args(cfg, run_dir)], env=env, distributed="torchrun",
                       progress="history.jsonl"))
-    steps.append(Step(name="eval_after", argv=[py, "-m", "finetune.recipes.embed_eval", "--config", conf,
+    steps.append(Step(name="eval_after", argv=[py, "-m", "finetune.recipes.flagembedding_eval", "--config", conf,
                                                 "--stage", "after", "--model", str(out), *data_args]
                       + ([] if do_eval else ["--no-eval"]), env=env, rank0_only=True))
     return Plan(backend="flagembedding", steps=steps, files=files, notes=notes,

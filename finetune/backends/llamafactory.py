@@ -8,7 +8,7 @@ plan() maps the config onto two LLaMA-Factory YAML files and a dataset_info.json
     dataset_info.json   one entry per data file, columns/tags read from the rows (llamafactory_data.py)
     export.yaml         LLaMA-Factory's export: merge the adapter (or re-save a full/freeze model) into merge_path
 
-Steps: `train` (llamafactory-cli train, wrapped by llamafactory_worker to record peak memory and convert
+Steps: `train` (llamafactory-cli train, wrapped by recipes/llamafactory.py to record peak memory and convert
 trainer_state.json into <run>/history.jsonl) and `merge` (llamafactory-cli export), when merge=true.
 
 Known traps, handled on purpose (each is in plan.notes of the dry run):
@@ -438,7 +438,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
     out = _out_dir(cfg, run_dir)
     train_cmd = cli("train", lf / "train.yaml")
     steps = [Step(name="train", distributed="env", env=env, progress=str(out / "trainer_log.jsonl"),
-                  argv=[sys.executable, "-m", "finetune.backends.llamafactory_worker", "--run-dir", str(run_dir),
+                  argv=[sys.executable, "-m", "finetune.recipes.llamafactory", "--run-dir", str(run_dir),
                         "--output-dir", str(out), "--device", str(cfg.hardware.device), "--", *train_cmd])]
     outputs = {"lf_output": str(out), ("adapter" if cfg.method.uses_lora else "model"): str(out)}
     notes = [f"stage {cfg.backend.stage}, finetuning_type {targs['finetuning_type']}, template {targs['template']}, "

@@ -447,7 +447,7 @@ def validate(cfg: DictConfig, overrides: Optional[List[str]] = None) -> dict:
     facts = {"data": check_data(cfg)}
     backend.check(cfg)
     check_unused_keys(cfg, overrides)
-    from launchers import check_launcher
+    from finetune.launchers import check_launcher
 
-    check_launcher(cfg)              # the launcher's own rules (launchers/<name>.py: check)
+    check_launcher(cfg)              # the launcher's own rules (finetune/launchers/<name>.py: check)
     return facts

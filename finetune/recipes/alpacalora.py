@@ -11,7 +11,7 @@ Run by the alpacalora backend as its own process (no Hydra here):
 Writes into the run folder: history.jsonl (one row per log event), tensorboard/, checkpoints/checkpoint-N
 (complete ones carry a FINETUNE_COMPLETE marker written last), the adapter in target_path (LoRA methods) or
 the whole model in merge_path (full, freeze, GaLore, BAdam), and train_summary.json (parameter counts, real
-tokens/s, peak RSS, runtime). The merge of a LoRA adapter is a separate plan step (finetune.recipes.common merge).
+tokens/s, peak RSS, runtime). The merge of a LoRA adapter is a separate plan step (finetune.recipes.merge).
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.recipes.common import (COMPLETE, Collator, TokenMeter, atomic_write_text, deepspeed_env, free_cores,
-                                     last_complete_checkpoint, log, require_device, pack_examples, peak_rss_mb,
-                                     read_config, split_train_val, tokenized_data, truncate_history)
+from finetune.recipes.common import (COMPLETE, atomic_write_text, deepspeed_env, free_cores, last_complete_checkpoint,
+                                     log, peak_rss_mb, read_config, require_device, TokenMeter, truncate_history)
+from finetune.recipes.data import Collator, pack_examples, split_train_val, tokenized_data
 
 EAGER_MAX_LEN = 256          # attention auto on CPU: eager for batches up to this length, SDPA above (measured)
 
@@ -246,7 +246,7 @@ def _small_model(path: str) -> bool:
 def save_generation_files(cfg: dict, tokenizer, folder: Path) -> None:
     """Beside the adapter (or the trained model): the tokenizer, a generation config whose EOS/pad are the
     tokenizer's, and how prompts were built (finetune_prompt.json), so that `finetune generate <folder>` and the
-    merged model (finetune.recipes.common merge copies them) ask the model the way it was trained."""
+    merged model (finetune.recipes.merge copies them) ask the model the way it was trained."""
     from transformers import GenerationConfig
 
     from finetune.recipes.prompting import PromptFormat

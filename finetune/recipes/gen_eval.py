@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from finetune.recipes.common import atomic_write_text, encode_rows, free_cores, log, read_config, read_rows, \
-    split_train_val
+from finetune.recipes.common import atomic_write_text, free_cores, log, read_config
+from finetune.recipes.data import encode_rows, read_rows, split_train_val
 from finetune.recipes.prompting import PromptFormat
 
 # ------------------------------------------------------------------------------------------ held-out rows
@@ -46,7 +46,7 @@ def heldout_rows(cfg: dict, tokenizer) -> List[dict]:
     if backend == "llamafactory" and cfg["data"].get("eval_path"):
         return read_rows(cfg["data"]["eval_path"])
     if backend == "collie":
-        from finetune.recipes.collie_worker import load_rows, split_rows
+        from finetune.recipes.collie import load_rows, split_rows
 
         return split_rows(cfg, load_rows(cfg))[1]
     rows = read_rows(cfg["data"]["path"])

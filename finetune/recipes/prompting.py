@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from finetune.recipes.common import alpaca_prompt, load_template, row_format, to_messages
+from finetune.recipes.data import row_format, to_messages
+from finetune.recipes.templates import alpaca_prompt, load_template
 
 PROMPT_FILE = "finetune_prompt.json"
 

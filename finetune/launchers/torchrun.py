@@ -11,7 +11,7 @@ config, never writes the manifest and never collects, so the nodes cannot overwr
 
     node 0:  python train.py launcher=torchrun launcher.nnodes=2 launcher.master_addr=HOST0 \\
                  launcher.master_port=29500 output_dir=/shared/run1
-    node 1:  python -m launchers.torchrun join /shared/run1 --node-rank 1
+    node 1:  python -m finetune.launchers.torchrun join /shared/run1 --node-rank 1
 
 ``train.py ... launcher.node_rank=1`` is refused with the join command, since a second driver would create a
 second run folder. With ``rdzv_backend=static`` (the default here) node N really is node N, so global rank 0 -
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from finetune.errors import ConfigError, one_of
-from launchers import local
-from launchers.process import StepResult, run_process, tail_of
+from finetune.launchers import local
+from finetune.launchers.process import StepResult, run_process, tail_of
 
 RDZV_BACKENDS = ("static", "c10d")
 
@@ -40,10 +40,10 @@ def check(cfg) -> None:
     if int(lc.node_rank) > 0:
         raise ConfigError("launcher.node_rank", int(lc.node_rank),
                           "train.py runs node 0 (it creates the run folder); start the other nodes with "
-                          "`python -m launchers.torchrun join <run folder> --node-rank N`")
+                          "`python -m finetune.launchers.torchrun join <run folder> --node-rank N`")
     if int(lc.nnodes) > 1 and not cfg.output_dir:
         raise ConfigError("output_dir", None, f"a {int(lc.nnodes)}-node run needs output_dir=<shared folder> so the "
-                          "other nodes can join it (python -m launchers.torchrun join <output_dir> --node-rank N)")
+                          "other nodes can join it (python -m finetune.launchers.torchrun join <output_dir> --node-rank N)")
     if int(lc.nnodes) > 1 and not cfg.resume and not cfg.dry_run:
         out = Path(str(cfg.output_dir)).expanduser()
         if out.is_dir() and any(out.iterdir()):
@@ -170,7 +170,7 @@ def join(run_dir: Path, node_rank: int, wait_s: float = 600.0, timeout_s: Option
 
 
 def main(args: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m launchers.torchrun",
+    ap = argparse.ArgumentParser(prog="python -m finetune.launchers.torchrun",
                                  description="Join a multi-node run started by node 0 (python train.py ... output_dir=DIR).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     j = sub.add_parser("join", help="run node N of the run in RUN_DIR")

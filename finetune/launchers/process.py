@@ -76,7 +76,7 @@ def run_process(name: str, argv: List[str], env: Dict[str, str], cwd: Optional[s
     a step that names a progress file (Step.progress) gets a live progress line below its output. ``signals``:
     Ctrl-C / SIGTERM interrupt the step (the driver); off in a Slurm job body, which handles them itself.
     ``started`` receives the child's Popen."""
-    from launchers.progress import live_progress
+    from finetune.launchers.progress import live_progress
 
     live = live_progress(name, progress, echo)
     with live if live is not None else contextlib.nullcontext():

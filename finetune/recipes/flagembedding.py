@@ -9,7 +9,7 @@ runner and trainer), plus what every backend of this project gives:
   a kill, are removed: they are this run's own);
 - <run>/flagembedding_train.json: runtime, tokens, samples/s and the trainer's mean loss.
 
-    python -m finetune.recipes.flagembedding_train --task embedder --run-dir R [--resume] [--device cuda] -- <flags>
+    python -m finetune.recipes.flagembedding --task embedder --run-dir R [--resume] [--device cuda] -- <flags>
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.recipes.common import (COMPLETE, TokenMeter, atomic_write_text, deepspeed_env, history_callback,
-                                     last_complete_checkpoint, log, peak_rss_mb, require_device, truncate_history)
+from finetune.recipes.common import (COMPLETE, atomic_write_text, deepspeed_env, history_callback,
+                                     last_complete_checkpoint, log, peak_rss_mb, require_device, TokenMeter,
+                                     truncate_history)
 
 
 def _runner(task: str, flags):
@@ -112,7 +113,7 @@ def _checkpoint_marker():
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m finetune.recipes.flagembedding_train")
+    ap = argparse.ArgumentParser(prog="python -m finetune.recipes.flagembedding")
     ap.add_argument("--task", choices=("embedder", "reranker"), required=True)
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     runner_cls, model_args, data_args, training_args = _runner(args.task, flags)
     out = Path(training_args.output_dir)
     resume_from = None
-    # --resume (resume=true), or FINETUNE_RESUME=1: a Slurm job rerun after preemption (launchers/slurm_job.py)
+    # --resume (resume=true), or FINETUNE_RESUME=1: a Slurm job rerun after preemption (finetune/launchers/slurm_job.py)
     if (args.resume or os.environ.get("FINETUNE_RESUME") == "1") and out.is_dir():
         resume_from = last_complete_checkpoint(out)
         for ckpt in out.glob("checkpoint-*"):            # cut by a kill: never resumed from, this run's own

@@ -1,7 +1,7 @@
 """The collie backend's worker: runs INSIDE Collie's own environment (.venv-collie), one process per rank.
 
-    <venv-collie>/bin/python -m finetune.recipes.collie_worker prepare --config <run>/resolved_config.json
-    <venv-collie>/bin/python [-m torch.distributed.run ...] -m finetune.recipes.collie_worker train --config ...
+    <venv-collie>/bin/python -m finetune.recipes.collie prepare --config <run>/resolved_config.json
+    <venv-collie>/bin/python [-m torch.distributed.run ...] -m finetune.recipes.collie train --config ...
 
 Imports only what that environment has (torch, transformers 4.50, peft, deepspeed, megatron-core, collie,
 safetensors): no hydra, no omegaconf, nothing else from this repository but collie_cpu_patch. The resolved

@@ -1,7 +1,7 @@
 """The llamafactory backend's train step: run `llamafactory-cli train <yaml>` as a child process, then turn what
 LLaMA-Factory wrote into this project's per-run files. Standard library only (LLaMA-Factory runs in the child).
 
-    python -m finetune.backends.llamafactory_worker --run-dir R --output-dir O -- llamafactory-cli train R/llamafactory/train.yaml
+    python -m finetune.recipes.llamafactory --run-dir R --output-dir O -- llamafactory-cli train R/llamafactory/train.yaml
 
 - exits with the CLI's exit code (a failed training fails the step; nothing is swallowed);
 - <run>/history.jsonl: one row per log event from O/trainer_state.json `log_history` (loss, eval_loss,

@@ -1,6 +1,6 @@
 """Held-out retrieval evaluation for the flagembedding backend, through FlagEmbedding's own inference classes.
 
-    python -m finetune.recipes.embed_eval --config <run>/resolved_config.json --stage before|after --model PATH
+    python -m finetune.recipes.flagembedding_eval --config <run>/resolved_config.json --stage before|after --model PATH
 
 - Embedder: ``FlagModel`` encodes the held-out queries (with the training instruction) and the corpus; passages
   are ranked by inner product of the (normalised) embeddings.

@@ -22,9 +22,9 @@ def get_launcher(name: str) -> ModuleType:
     if name not in LAUNCHERS:
         raise ConfigError("launcher", name, one_of(LAUNCHERS), suggest(name, LAUNCHERS))
     try:
-        return importlib.import_module(f"launchers.{name}")
+        return importlib.import_module(f"finetune.launchers.{name}")
     except ModuleNotFoundError as e:
-        if e.name == f"launchers.{name}":
+        if e.name == f"finetune.launchers.{name}":
             raise ConfigError("launcher", name, "is not available in this version") from None
         raise
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from finetune.errors import ConfigError
-from launchers.process import StepResult, run_process, tail_of
+from finetune.launchers.process import StepResult, run_process, tail_of
 
 PYTORCHJOB_API = "kubeflow.org/v1"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from finetune.config.resolvers import REPO_ROOT
-from launchers.process import StepResult, free_port, run_process
+from finetune.launchers.process import StepResult, free_port, run_process
 
 
 def _cores() -> int:

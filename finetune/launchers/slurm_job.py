@@ -1,9 +1,9 @@
 """The body of a Slurm job: runs one step of a plan on one node, survives preemption and requeues.
 
-Imported by submitit on the compute node (and by launchers/slurm.py when it submits); kept apart from
-launchers/slurm.py so that composing a config never imports submitit.
+Imported by submitit on the compute node (and by finetune/launchers/slurm.py when it submits); kept apart from
+finetune/launchers/slurm.py so that composing a config never imports submitit.
 
-- The step runs as a child process group (launchers/process.py run_process), node N of its rendezvous.
+- The step runs as a child process group (finetune/launchers/process.py run_process), node N of its rendezvous.
 - SIGTERM (Slurm taking the node back: preemption with PreemptMode=REQUEUE, `scontrol requeue`, a node drain) stops
   the step and leaves the job WITHOUT a result, so Slurm's rerun of the job (it is submitted with --requeue) is the
   only outcome; the driver waits through REQUEUED / PENDING.
@@ -23,7 +23,7 @@ from typing import Optional
 
 import submitit
 
-from launchers.process import kill_group, run_process
+from finetune.launchers.process import kill_group, run_process
 
 
 def node_addr(node: str) -> str:
@@ -44,7 +44,7 @@ def node_addr(node: str) -> str:
 
 
 class StepJob(submitit.helpers.Checkpointable):
-    """One plan step as a Slurm job body (one task per node). ``spec`` is what launchers/slurm.py submits."""
+    """One plan step as a Slurm job body (one task per node). ``spec`` is what finetune/launchers/slurm.py submits."""
 
     def __init__(self, spec: dict):
         self.spec = spec
@@ -57,7 +57,7 @@ class StepJob(submitit.helpers.Checkpointable):
         self.spec, self._child = state["spec"], None
 
     def __call__(self) -> dict:
-        from launchers.slurm import node_argv
+        from finetune.launchers.slurm import node_argv
 
         spec = self.spec
         jenv = submitit.JobEnvironment()

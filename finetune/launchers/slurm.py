@@ -1,7 +1,7 @@
 """Slurm launcher, through submitit (no hand-written sbatch templates).
 
 Each step of the plan becomes one Slurm job: ``launcher.nnodes`` nodes, one task per node, and on each node the
-job body (``StepJob``, launchers/slurm_job.py) runs the step's command with ``launchers.process.run_process`` -
+job body (``StepJob``, finetune/launchers/slurm_job.py) runs the step's command with ``finetune.launchers.process.run_process`` -
 under torchrun with ``nproc_per_node`` ranks for distributed steps, node N of the rendezvous being Slurm's node N,
 node 0's host the rendezvous endpoint. Steps that are not distributed run on node 0 only.
 
@@ -34,7 +34,7 @@ from typing import Dict, List, Optional
 
 from finetune.config.resolvers import REPO_ROOT
 from finetune.errors import ConfigError
-from launchers.process import StepResult, tail_of
+from finetune.launchers.process import StepResult, tail_of
 
 CLUSTERS = (None, "slurm", "local", "debug")
 FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
@@ -159,7 +159,7 @@ def _executor(cfg, folder: Path, step_name: str, timeout_s: Optional[float]):
 def plan_files(plan, cfg, run_dir: Path) -> Dict[str, str]:
     """slurm/<step>.sbatch: the batch script submitit will submit for each step (resources: nodes, CPUs, memory,
     GPUs from the hardware group, time, partition...), shown by the dry run and kept in the run folder. The command
-    line in it is submitit's own runner of the step (launchers/slurm_job.py StepJob)."""
+    line in it is submitit's own runner of the step (finetune/launchers/slurm_job.py StepJob)."""
     if (cfg.launcher.cluster or "slurm") != "slurm":
         return {}
     out = {}
@@ -187,7 +187,7 @@ def _record(path: Path, jobs: dict) -> None:
 def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
     run_dir = Path(run_dir)
     folder = run_dir / "slurm"
-    from launchers.slurm_job import StepJob
+    from finetune.launchers.slurm_job import StepJob
 
     spec = {"name": step.name, "argv": list(step.argv), "distributed": step.distributed, "env": env(step, cfg),
             "cwd": step.cwd or str(run_dir), "log": str(run_dir / step.log), "timeout_s": timeout_s,
