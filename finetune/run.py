@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.backends import get_backend
 from finetune.config.validate import validate, world_size
-from finetune.errors import RunError
+from finetune.errors import ConfigError, RunError
 from finetune.plan import Plan, Step
 from finetune import secrets
 from finetune.run_dir import Manifest, atomic_write, atomic_write_json, create_run_dir, default_run_dir
@@ -47,16 +47,32 @@ def model_build_step(cfg: DictConfig) -> Optional[Step]:
                                           str(cfg.model.path), *gguf])
 
 
+def check_unused_keys(cfg: DictConfig, backend, overrides: List[str]) -> None:
+    """A key a backend would silently ignore is refused when typed: each backend lists them (NOT_USED: key ->
+    what to use instead) in finetune/backends/<name>.py. tests/test_keys.py checks every root key against every
+    backend: it is used, or listed there."""
+    typed = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    for key, hint in getattr(backend, "NOT_USED", {}).items():
+        if key in typed:
+            raise ConfigError(key, typed[key], f"is not used by backend {cfg.backend.name}; {hint}")
+
+
 def prepare(cfg: DictConfig, overrides: Optional[List[str]] = None):
-    """Validate, resolve the launcher port, choose the run folder and build the plan. Writes nothing."""
+    """Every check, in order: the config's own rules (finetune/config/validate.py), then the backend's (its check and
+    the keys it would ignore), then the launcher's; then the launcher port. Writes nothing."""
+    overrides = list(overrides or [])
+    backend = get_backend(cfg.backend.name)            # an unknown backend name is refused here, first
     facts = validate(cfg, overrides)
+    backend.check(cfg)                                 # backend=auto writes its choice into cfg here
+    check_unused_keys(cfg, get_backend(cfg.backend.name), overrides)
+    launcher = get_launcher(cfg.launcher.name)
+    if hasattr(launcher, "check"):
+        launcher.check(cfg)
     with open_dict(cfg):
         if int(cfg.launcher.master_port) == 0 and world_size(cfg) > 1:
             cfg.launcher.master_port = free_port()
     # backend=auto wrote its choice into cfg (cfg.backend is the chosen one); it still plans, to record the choice
-    backend = get_backend("auto" if "auto_choice" in cfg else cfg.backend.name)
-    launcher = get_launcher(cfg.launcher.name)
-    return facts, backend, launcher
+    return facts, get_backend("auto" if "auto_choice" in cfg else cfg.backend.name), launcher
 
 
 def run(cfg: DictConfig) -> Optional[float]:

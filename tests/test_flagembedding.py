@@ -38,10 +38,10 @@ def _compose(overrides):
 
 def _plan(overrides, tmp_path):
     from finetune.backends import flagembedding as fe
-    from finetune.config.validate import validate
+    from finetune.run import prepare
 
     cfg = _compose(overrides)
-    facts = validate(cfg)
+    facts, _, _ = prepare(cfg, overrides)
     ctx = {"data": facts["data"], "world_size": fe.world_size(cfg), "run_dir": str(tmp_path)}
     return cfg, fe.plan(cfg, tmp_path, ctx)
 

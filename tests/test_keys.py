@@ -78,13 +78,14 @@ def test_every_root_key_is_used_or_refused(backend):
 
 
 def _validate(overrides):
+    """Every check the driver runs before a run starts (config, backend, launcher)."""
     from finetune.cli import setup
-    from finetune.config.validate import validate
+    from finetune.run import prepare
 
     setup()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = compose("config", overrides=overrides)
-    return validate(cfg, overrides)
+    return prepare(cfg, overrides)
 
 
 CASES = [(b, k) for b in sorted(SOURCES) for k in getattr(__import__(f"finetune.backends.{b}", fromlist=["x"]),

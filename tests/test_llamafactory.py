@@ -34,17 +34,17 @@ def compose_plan(tmp_path: Path, *overrides: str, backend: str = "llamafactory")
     from omegaconf import OmegaConf
 
     from finetune.cli import setup
-    from finetune.config.validate import validate, world_size
-    from finetune.backends import get_backend
+    from finetune.config.validate import world_size
+    from finetune.run import prepare
 
     setup()
     GlobalHydra.instance().clear()
     overrides = ["backend=llamafactory", *overrides]
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    facts = validate(cfg, overrides)
+    facts, backend_, _ = prepare(cfg, overrides)
     run_dir = tmp_path / "run"
-    plan = get_backend(cfg.backend.name).plan(cfg, run_dir, {"data": facts["data"], "world_size": world_size(cfg),
+    plan = backend_.plan(cfg, run_dir, {"data": facts["data"], "world_size": world_size(cfg),
                                                                "run_dir": str(run_dir)})
     if backend != "llamafactory":
         return cfg, plan, None

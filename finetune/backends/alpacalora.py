@@ -17,7 +17,7 @@ from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
-# keys this backend would ignore: refused when typed (finetune/config/validate.py check_unused_keys)
+# keys this backend would ignore: refused when typed (finetune/run.py check_unused_keys)
 NOT_USED = {
     "method.create_new_adapter": "the alpacalora recipe trains one adapter on the base model (LLaMA-Factory's "
                                  "create_new_adapter stacks a new one on an existing adapter: use backend=llamafactory)",

@@ -37,7 +37,7 @@ def lock_file(cfg) -> Path:
 # model.family values the adapter supports: Collie also has InternLM2/ChatGLM2 classes, but their weight layouts
 # (fused wqkv, ...) need their own export conversion, which is written and verified for Llama only
 FAMILIES = ("llama",)
-# keys this backend would ignore: refused when typed (finetune/config/validate.py check_unused_keys)
+# keys this backend would ignore: refused when typed (finetune/run.py check_unused_keys)
 NOT_USED = {
     "eval_steps": "the collie backend evaluates the held-out rows once per epoch",
     "save_steps": "the collie backend saves the final adapter/model only (no intermediate checkpoints)",

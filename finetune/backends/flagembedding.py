@@ -22,7 +22,7 @@ from finetune.plan import Plan, Step
 from finetune.tracking import wants
 
 TASKS = ("embedder", "reranker")
-# keys this backend would ignore: refused when typed (finetune/config/validate.py check_unused_keys)
+# keys this backend would ignore: refused when typed (finetune/run.py check_unused_keys)
 NOT_USED = {
     "cutoff_len": "the encoder's lengths are backend.query_max_len and backend.passage_max_len",
     "val_set_size": "the held-out queries are data.eval_path (recall@k / MRR before and after training)",

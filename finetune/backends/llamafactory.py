@@ -40,7 +40,7 @@ from finetune.plan import Plan, Step
 from finetune.tracking import wants
 
 LF_DIR = "llamafactory"
-# keys this backend would ignore: refused when typed (finetune/config/validate.py check_unused_keys)
+# keys this backend would ignore: refused when typed (finetune/run.py check_unused_keys)
 NOT_USED = {
     "prompt_template_name": "LLaMA-Factory formats prompts with its chat template: set backend.template",
 }
@@ -195,10 +195,17 @@ def _check_value(key: str, value, kind: str, choices) -> None:
         raise ConfigError(where, value, "must be a string (comma-separated for lists)")
 
 
+# the data formats each stage trains on (data.format is the detected one after validation)
+STAGE_FORMATS = {"sft": ("alpaca", "sharegpt"), "pt": ("text", "alpaca"), "rm": ("preference",),
+                 "dpo": ("preference",), "kto": ("kto",)}
+
+
 def check(cfg) -> None:
     b, m, hw = cfg.backend, cfg.method, cfg.hardware
     if b.stage not in STAGES:
         raise ConfigError("backend.stage", b.stage, one_of(STAGES), suggest(b.stage, STAGES))
+    if cfg.data.format not in STAGE_FORMATS[b.stage]:
+        raise ConfigError("data.format", cfg.data.format, f"this backend/stage takes {', '.join(STAGE_FORMATS[b.stage])}")
     if b.eval_strategy not in EVAL_STRATEGIES:
         raise ConfigError("backend.eval_strategy", b.eval_strategy, one_of(EVAL_STRATEGIES))
     if b.template is None:

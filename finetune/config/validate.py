@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.config.paths import OUTPUTS_ROOT, resolve_user_paths
 from finetune.errors import ConfigError, close_match, one_of, suggest
@@ -335,9 +335,8 @@ def check_sizes(cfg: DictConfig) -> None:
 
 
 def _model_parallel(cfg: DictConfig) -> int:
-    if cfg.backend.name == "collie":
-        return int(cfg.backend.tp_size) * int(cfg.backend.pp_size)
-    return 1
+    """Ranks that hold one model copy together (tensor x pipeline parallel, for backends that have them)."""
+    return int(cfg.backend.get("tp_size") or 1) * int(cfg.backend.get("pp_size") or 1)
 
 
 def check_paths(cfg: DictConfig) -> None:
@@ -386,31 +385,19 @@ def _made_by_run(path: Path, run_dir) -> bool:
     return str(path) in {str(v) for v in outputs.values()}
 
 
-def check_unused_keys(cfg: DictConfig, overrides: List[str]) -> None:
-    """A key a backend would silently ignore is refused when typed: each backend lists them (NOT_USED: key ->
-    what to use instead) in finetune/backends/<name>.py. tests/test_keys.py checks every root key against every
-    backend: it is used, or listed there."""
-    from finetune.backends import get_backend
-
-    typed = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
-    for key, hint in getattr(get_backend(cfg.backend.name), "NOT_USED", {}).items():
-        if key in typed:
-            raise ConfigError(key, typed[key], f"is not used by backend {cfg.backend.name}; {hint}")
-
-
 def check_data(cfg: DictConfig) -> dict:
+    """The data files, row by row, in a format the backend takes (backend.data_formats); data.format=auto becomes
+    the detected format, so the backends' own checks (LLaMA-Factory's per stage) read it without reading the
+    files again."""
     from finetune import data_check
-    allowed = list(cfg.backend.data_formats)
-    stage_formats = {"sft": ["alpaca", "sharegpt"], "pt": ["text", "alpaca"], "rm": ["preference"],
-                     "dpo": ["preference"], "kto": ["kto"]}
-    if cfg.backend.name == "llamafactory":
-        _choice("backend.stage", cfg.backend.stage, stage_formats)
-        allowed = stage_formats[cfg.backend.stage]
+
     fmt = cfg.data.format
     _choice("data.format", fmt, ("auto",) + data_check.FORMATS)
-    info = data_check.check_data(str(cfg.data.path), fmt, allowed)
+    info = data_check.check_data(str(cfg.data.path), fmt, list(cfg.backend.data_formats))
     if cfg.data.eval_path:
         data_check.check_data(str(cfg.data.eval_path), info["format"], [], key="data.eval_path")
+    with open_dict(cfg):
+        cfg.data.format = info["format"]
     return info
 
 
@@ -422,15 +409,14 @@ def check_kind(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig, overrides: Optional[List[str]] = None) -> dict:
-    """All rules. Returns facts learned on the way (data format, row count, data hashes)."""
-    from finetune.backends import get_backend
-
+    """The config's own rules, before anything is written. Returns facts learned on the way (data format, row count,
+    data hashes). Nothing of a backend or launcher is imported here: the driver runs their own checks next
+    (finetune/run.py prepare)."""
     from finetune.auto.hardware import resolve_hardware
 
     overrides = list(overrides or [])
     typed = _typed_keys(overrides)
     check_added_keys(cfg, overrides)
-    backend = get_backend(cfg.backend.name)         # raises ConfigError for unknown backends
     resolve_user_paths(cfg)                         # every path absolute, against the folder the user ran from
     resolve_hardware(cfg)                           # hardware=auto, cpus/memory_gb 0: detect this machine (no torch)
     check_sizes(cfg)
@@ -444,10 +430,4 @@ def validate(cfg: DictConfig, overrides: Optional[List[str]] = None) -> dict:
     check_optimizer_rules(cfg)
     check_paths(cfg)
     check_model(cfg)
-    facts = {"data": check_data(cfg)}
-    backend.check(cfg)
-    check_unused_keys(cfg, overrides)
-    from finetune.launchers import check_launcher
-
-    check_launcher(cfg)              # the launcher's own rules (finetune/launchers/<name>.py: check)
-    return facts
+    return {"data": check_data(cfg)}

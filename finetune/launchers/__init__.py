@@ -5,7 +5,7 @@ Each launcher module has:
     env(step, cfg) -> dict                             environment added for that step
     run_step(step, cfg, run_dir, timeout_s) -> StepResult
 and optionally:
-    check(cfg)                                         launcher rules (ConfigError), run by validation
+    check(cfg)                                         launcher rules (ConfigError), run by the driver
     plan_files(plan, cfg, run_dir) -> {path: text}     extra files for the run folder (k8s manifests)
 """
 from __future__ import annotations
@@ -27,10 +27,3 @@ def get_launcher(name: str) -> ModuleType:
         if e.name == f"finetune.launchers.{name}":
             raise ConfigError("launcher", name, "is not available in this version") from None
         raise
-
-
-def check_launcher(cfg) -> None:
-    """The launcher's own rules (called by finetune.config.validate, before anything is written)."""
-    mod = get_launcher(str(cfg.launcher.name))
-    if hasattr(mod, "check"):
-        mod.check(cfg)

@@ -65,10 +65,6 @@ def tail_of(path: Path, n: int = 20) -> List[str]:
         return []
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def run_process(name: str, argv: List[str], env: Dict[str, str], cwd: Optional[str], log_path: Path,
                 timeout_s: Optional[float] = None, echo: bool = True, progress: Optional[Path] = None,
                 signals: bool = True, started: Optional[Callable[[subprocess.Popen], None]] = None) -> StepResult:
@@ -88,64 +84,68 @@ def _run(name, argv, env, cwd, log_path: Path, timeout_s, echo: bool, live, sign
     full_env = {**os.environ, **env}
     start = time.monotonic()
     tail: deque = deque(maxlen=20)
-    with open(log_path, "ab") as log:
-        log.write(f"$ {' '.join(argv)}\n".encode())
-        log.flush()
-        try:
-            proc = subprocess.Popen(argv, env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        except OSError as e:
-            log.write(f"cannot start: {e}\n".encode())
-            return StepResult(name, argv, 127, 0.0, str(log_path), "failed", [f"cannot start {argv[0]!r}: {e.strerror}"])
-        if started is not None:
-            started(proc)
-
-        def pump():
-            for line in iter(proc.stdout.readline, b""):
-                log.write(line)
-                log.flush()
-                text = line.decode("utf-8", "replace").rstrip("\n")
-                tail.append(text)
-                if echo:
-                    try:
-                        if live is not None:
-                            live.print(text)
-                        else:
-                            sys.stdout.write(text + "\n")
-                            sys.stdout.flush()
-                    except (OSError, ValueError):
-                        pass
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        status = None
-        old_int = old_term = None
-
-        def on_signal(signum, frame):
-            raise _Interrupted(signum)
-
-        in_main = signals and threading.current_thread() is threading.main_thread()
-        if in_main:
-            old_int = signal.signal(signal.SIGINT, on_signal)
-            old_term = signal.signal(signal.SIGTERM, on_signal)
-        try:
+    caught: List[int] = []           # Ctrl-C / SIGTERM seen while the step runs (installed before the child starts)
+    in_main = signals and threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if in_main else {}
+    try:
+        with open(log_path, "ab") as log:
+            log.write(f"$ {' '.join(argv)}\n".encode())
+            log.flush()
             try:
-                proc.wait(timeout=timeout_s if timeout_s else None)
-            except subprocess.TimeoutExpired:
-                status = "timeout"
-                kill_group(proc)
-        except _Interrupted:
-            status = "interrupted"
-            kill_group(proc, first=signal.SIGINT)
-        finally:
-            if in_main:
-                signal.signal(signal.SIGINT, old_int)
-                signal.signal(signal.SIGTERM, old_term)
-        reader.join(timeout=10)
-        code = proc.returncode
+                proc = subprocess.Popen(argv, env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+            except OSError as e:
+                log.write(f"cannot start: {e}\n".encode())
+                return StepResult(name, argv, 127, 0.0, str(log_path), "failed",
+                                  [f"cannot start {argv[0]!r}: {e.strerror}"])
+            if started is not None:
+                started(proc)
+            reader = threading.Thread(target=_pump, args=(proc, log, tail, echo, live), daemon=True)
+            reader.start()
+            status = _wait(proc, caught, start + timeout_s if timeout_s else None)
+            reader.join(timeout=10)
+            code = proc.returncode
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
     if status is None:
         status = "completed" if code == 0 else ("killed" if code is not None and code < 0 else "failed")
     return StepResult(name, argv, code, time.monotonic() - start, str(log_path), status, list(tail))
+
+
+def _wait(proc: subprocess.Popen, caught: List[int], deadline: Optional[float]) -> Optional[str]:
+    """Wait for the step; "interrupted" (the user's signal is passed on as SIGINT, then SIGKILL), "timeout", or
+    None when it ended by itself."""
+    while True:
+        if caught:
+            kill_group(proc, first=signal.SIGINT)
+            return "interrupted"
+        try:
+            proc.wait(timeout=0.2)
+            return None
+        except subprocess.TimeoutExpired:
+            if deadline is not None and time.monotonic() > deadline:
+                kill_group(proc)
+                return "timeout"
+
+
+def _pump(proc: subprocess.Popen, log, tail: deque, echo: bool, live) -> None:
+    """Copy the child's output to its log, the tail buffer and (echo) our stdout or the live progress display."""
+    for line in iter(proc.stdout.readline, b""):
+        log.write(line)
+        log.flush()
+        text = line.decode("utf-8", "replace").rstrip("\n")
+        tail.append(text)
+        if echo:
+            try:
+                if live is not None:
+                    live.print(text)
+                else:
+                    sys.stdout.write(text + "\n")
+                    sys.stdout.flush()
+            except (OSError, ValueError):
+                pass
 
 
 def kill_group(proc: subprocess.Popen, first: int = signal.SIGTERM, grace: float = 10.0) -> None:
