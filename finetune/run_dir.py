@@ -20,40 +20,18 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from finetune.config.paths import OUTPUTS_ROOT
 from finetune.config.resolvers import REPO_ROOT
+from finetune.osutil import atomic_write, atomic_write_json  # noqa: F401 - imported from here by many modules
 from finetune.secrets import redact
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "trl", "deepspeed", "llamafactory",
             "FlagEmbedding", "hydra-core", "omegaconf", "galore-torch", "badam", "submitit", "tokenizers",
             "sentence-transformers", "tensorboard", "numpy")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def slug(name: str) -> str:

@@ -13,6 +13,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from finetune.backends import gen_eval
+from finetune.config.derived import (adapter_dir, deepspeed_offload, grad_accum, hf_deepspeed_config, merged_dir,
+                                     world_size)
 from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
 
@@ -55,8 +57,6 @@ def check(cfg) -> None:
         raise ConfigError("method.badam_mode", "ratio", "ratio-wise BAdam does not run under DeepSpeed")
     if _lora(cfg) and m.pissa_init and cfg.hardware.deepspeed_stage == 3:
         raise ConfigError("hardware.deepspeed_stage", 3, "PiSSA initialisation does not work under ZeRO-3")
-    if cfg.hardware.precision == "fp16" and cfg.hardware.device == "cpu":
-        raise ConfigError("hardware.precision", "fp16", "fp16 needs a GPU; use fp32 or bf16 on CPU")
     if b.deepspeed and not Path(str(b.deepspeed)).is_file():
         raise ConfigError("backend.deepspeed", b.deepspeed, "no such file (a DeepSpeed JSON config)")
     gen_eval.check(cfg)
@@ -74,18 +74,9 @@ def deepspeed_config(cfg) -> dict:
     if hw.deepspeed_stage == 3:
         zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto",
                     stage3_gather_16bit_weights_on_model_save=True)
-    if hw.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": hw.device != "cpu"}
-    if hw.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": hw.device != "cpu"}
+    zero.update(deepspeed_offload(hw, pin_memory=hw.device != "cpu"))
     zero = {k: v for k, v in zero.items() if v is not None}
-    return {
-        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-        "zero_optimization": zero,
-    }
+    return hf_deepspeed_config(zero)
 
 
 def plan(cfg, run_dir, ctx) -> Plan:
@@ -98,14 +89,13 @@ def plan(cfg, run_dir, ctx) -> Plan:
         files[DS_FILE] = json.dumps(deepspeed_config(cfg), indent=1) + "\n"
         env["FINETUNE_DEEPSPEED"] = DS_FILE
         notes.append(f"DeepSpeed ZeRO-{cfg.hardware.deepspeed_stage} config generated into {DS_FILE}")
-    ws = int(ctx.get("world_size", 1))
-    accum = int(cfg.batch_size) // (int(cfg.micro_batch_size) * ws)
+    ws, accum = world_size(cfg), grad_accum(cfg)
     notes.append(f"method {cfg.method.name}; global batch {cfg.batch_size} = micro {cfg.micro_batch_size} x "
                  f"accumulation {accum} x {ws} process(es)")
     steps = [Step(name="train", argv=[py, "-m", "finetune.recipes.alpacalora", "--config", cfg_path], env=env,
                   distributed="torchrun", progress="history.jsonl")]
-    target = str(cfg.target_path or run_dir / "lazyllm_lora")
-    merged = str(cfg.merge_path or run_dir / "lazyllm_merge")
+    target = str(adapter_dir(cfg, run_dir))
+    merged = str(merged_dir(cfg, run_dir))
     outputs = {"history": str(run_dir / "history.jsonl"), "tensorboard": str(run_dir / "tensorboard")}
     if _lora(cfg):
         outputs["adapter"] = target

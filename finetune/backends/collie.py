@@ -22,7 +22,7 @@ from typing import Optional
 
 from finetune.backends import gen_eval
 from finetune.config.resolvers import REPO_ROOT
-from finetune.config.validate import world_size
+from finetune.config.derived import adapter_dir, grad_accum, merged_dir, world_size
 from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
 from finetune.report.history import read_history
@@ -203,9 +203,9 @@ def _check_model_shape(cfg, tp: int, pp: int) -> None:
 def outputs(cfg, run_dir: Path) -> dict:
     out = {}
     if cfg.method.uses_lora:
-        out["adapter"] = str(cfg.target_path or Path(run_dir) / "lazyllm_lora")
+        out["adapter"] = str(adapter_dir(cfg, run_dir))
     if cfg.merge or not cfg.method.uses_lora:
-        out["merged"] = str(cfg.merge_path or Path(run_dir) / "lazyllm_merge")
+        out["merged"] = str(merged_dir(cfg, run_dir))
     return out
 
 
@@ -220,13 +220,12 @@ def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
         # a CPU run on a GPU machine stays on the CPU: DeepSpeed picks its accelerator from torch.cuda otherwise
         env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
     dp, tp, pp = int(cfg.backend.dp_size), int(cfg.backend.tp_size), int(cfg.backend.pp_size)
-    accum = int(cfg.batch_size) // (dp * int(cfg.micro_batch_size))
+    accum = grad_accum(cfg, data_parallel=dp)
     # paths as the user typed them are relative to this process's folder; the steps run in the run folder
     out = outputs(cfg, run_dir)
     paths = ["--config", rc, "--model", str(Path(str(cfg.model.path)).absolute()),
              "--data", str(Path(str(cfg.data.path)).absolute()),
-             "--target", str(Path(str(cfg.target_path or Path(run_dir) / "lazyllm_lora")).absolute()),
-             "--merge", str(Path(str(cfg.merge_path or Path(run_dir) / "lazyllm_merge")).absolute())]
+             "--target", str(adapter_dir(cfg, run_dir)), "--merge", str(merged_dir(cfg, run_dir))]
     steps = [] if venv_ready(cfg) else [
         Step(name="setup_collie", argv=["bash", str(REPO_ROOT / "scripts" / "setup_collie_env.sh"),
                                         *(["--cuda"] if cfg.hardware.device == "cuda" else [])],

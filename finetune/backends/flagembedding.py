@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import List
 
+from finetune.config.derived import deepspeed_offload, grad_accum, world_size
 from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
 from finetune.tracking import wants
@@ -62,10 +63,6 @@ def output_dir(cfg, run_dir) -> Path:
 def _abs(path) -> str:
     """Workers run in the run folder: pass paths absolute (relative ones are taken from the driver's folder)."""
     return str(Path(str(path)).expanduser().absolute())
-
-
-def world_size(cfg) -> int:
-    return int(cfg.launcher.nproc_per_node) * int(cfg.launcher.nnodes)
 
 
 # ------------------------------------------------------------------------------------------------ check
@@ -142,8 +139,6 @@ def check(cfg) -> None:
         raise ConfigError("backend.eval_k", list(b.eval_k), "must be a non-empty list of integers > 0")
     if b.eval_batch_size <= 0:
         raise ConfigError("backend.eval_batch_size", b.eval_batch_size, "must be > 0")
-    if cfg.hardware.device == "cpu" and cfg.hardware.precision == "fp16":   # also a general rule; kept local
-        raise ConfigError("hardware.precision", "fp16", "fp16 needs a GPU; on hardware=cpu use fp32 or bf16")
     if cfg.method.name != "full":
         raise ConfigError("method", cfg.method.name, "backend flagembedding trains encoder models in full (method=full)")
     _check_rows(str(cfg.data.path), "data.path", str(b.task), bool(b.knowledge_distillation), need_neg=True)
@@ -175,10 +170,7 @@ def deepspeed_config(cfg) -> dict:
                      "stage3_param_persistence_threshold": 10 * hidden if hidden else int(1e5),
                      # the Trainer gathers the full weights for the final save (our train step saves them)
                      "stage3_gather_16bit_weights_on_model_save": True})
-    if hw.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    if hw.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    zero.update(deepspeed_offload(hw, pin_memory=False))
     return {
         "zero_optimization": zero,
         "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 12},
@@ -195,7 +187,7 @@ def train_args(cfg, run_dir: Path) -> List[str]:
     """The FlagEmbedding/HF flags, in a fixed order (the command is byte-stable across processes)."""
     b, ws = cfg.backend, world_size(cfg)
     run_dir = Path(run_dir)
-    accum = max(1, int(cfg.batch_size) // (int(cfg.micro_batch_size) * ws))
+    accum = grad_accum(cfg)
     a = [
         "--model_name_or_path", _abs(cfg.model.path),
         "--output_dir", str(output_dir(cfg, run_dir)),
@@ -274,7 +266,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
     files, notes, steps = {}, [], []
     if cfg.hardware.deepspeed_stage is not None:
         files["ds_config.json"] = json.dumps(deepspeed_config(cfg), indent=2) + "\n"
-    ws = int(ctx.get("world_size", world_size(cfg)))
+    ws = world_size(cfg)
     if b.task == "embedder" and b.negatives_cross_device and ws == 1:
         notes.append("negatives_cross_device not passed: one process (FlagEmbedding needs torch.distributed for it)")
     if b.task == "reranker":

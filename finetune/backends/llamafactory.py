@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 
 from finetune.backends import gen_eval
 from finetune.backends.llamafactory_keys import KEYS, TEMPLATE_TOKENS, TEMPLATES
+from finetune.config.derived import adapter_dir, deepspeed_offload, grad_accum, hf_deepspeed_config, merged_dir
 from finetune.errors import ConfigError, one_of, suggest
 from finetune.plan import Plan, Step
 from finetune.tracking import wants
@@ -92,18 +93,6 @@ def _csv(v) -> str:
     if isinstance(v, (list, tuple)):
         return ",".join(str(x) for x in v)
     return str(v)
-
-
-def _world(cfg) -> int:
-    return int(cfg.launcher.nproc_per_node) * int(cfg.launcher.nnodes)
-
-
-def _out_dir(cfg, run_dir: Path) -> Path:
-    return Path(str(cfg.target_path)).expanduser().absolute() if cfg.target_path else Path(run_dir) / "lazyllm_lora"
-
-
-def _merge_dir(cfg, run_dir: Path) -> Path:
-    return Path(str(cfg.merge_path)).expanduser().absolute() if cfg.merge_path else Path(run_dir) / "lazyllm_merge"
 
 
 def _lf_method(cfg) -> str:
@@ -281,16 +270,10 @@ def check(cfg) -> None:
 
 
 def _deepspeed_config(hw) -> dict:
-    zero: Dict[str, Any] = {"stage": int(hw.deepspeed_stage)}
-    if hw.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if hw.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    zero: Dict[str, Any] = {"stage": int(hw.deepspeed_stage), **deepspeed_offload(hw, pin_memory=True)}
     if int(hw.deepspeed_stage) == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "zero_optimization": zero}
+    return hf_deepspeed_config(zero)
 
 
 def train_args(cfg, run_dir: Path, ctx: dict, info: Dict[str, dict]) -> Dict[str, Any]:
@@ -298,7 +281,6 @@ def train_args(cfg, run_dir: Path, ctx: dict, info: Dict[str, dict]) -> Dict[str
     run_dir = Path(run_dir)
     lf = run_dir / LF_DIR
     m, hw, b = cfg.method, cfg.hardware, cfg.backend
-    ws = max(1, int(ctx.get("world_size") or _world(cfg)))
     a: Dict[str, Any] = {
         "model_name_or_path": str(Path(str(cfg.model.path)).absolute()),
         "trust_remote_code": bool(cfg.trust_remote_code),
@@ -339,7 +321,7 @@ def train_args(cfg, run_dir: Path, ctx: dict, info: Dict[str, dict]) -> Dict[str
     a["overwrite_cache"] = bool(b.overwrite_cache)
     a["preprocessing_num_workers"] = int(b.preprocessing_num_workers)
     # output
-    a["output_dir"] = str(_out_dir(cfg, run_dir))
+    a["output_dir"] = str(adapter_dir(cfg, run_dir))
     a["overwrite_output_dir"] = not bool(cfg.resume)
     a["logging_steps"] = int(cfg.logging_steps)
     if int(cfg.save_steps) > 0:
@@ -351,7 +333,7 @@ def train_args(cfg, run_dir: Path, ctx: dict, info: Dict[str, dict]) -> Dict[str
     a["include_num_input_tokens_seen"] = "non_padding"
     # optimisation
     a["per_device_train_batch_size"] = int(cfg.micro_batch_size)
-    a["gradient_accumulation_steps"] = max(1, int(cfg.batch_size) // (int(cfg.micro_batch_size) * ws))
+    a["gradient_accumulation_steps"] = grad_accum(cfg)
     a["learning_rate"] = float(cfg.learning_rate)
     a["num_train_epochs"] = float(cfg.num_epochs)
     if int(cfg.max_steps) > 0:
@@ -402,7 +384,7 @@ def _dataset_info(cfg, ctx: dict) -> Dict[str, dict]:
 
 
 def export_args(cfg, run_dir: Path) -> Dict[str, Any]:
-    out = _out_dir(cfg, run_dir)
+    out = adapter_dir(cfg, run_dir)
     m = cfg.method
     a: Dict[str, Any] = {"model_name_or_path": str(Path(str(cfg.model.path)).absolute()),
                          "trust_remote_code": bool(cfg.trust_remote_code), "template": str(cfg.backend.template)}
@@ -411,7 +393,7 @@ def export_args(cfg, run_dir: Path) -> Dict[str, Any]:
         a.update(adapter_name_or_path=str(adapter), finetuning_type="lora")
     else:                                     # full / freeze / GaLore / BAdam: the trained folder is the model
         a.update(model_name_or_path=str(out), finetuning_type="full")
-    a.update(export_dir=str(_merge_dir(cfg, run_dir)), export_size=5, export_device="cpu",
+    a.update(export_dir=str(merged_dir(cfg, run_dir)), export_size=5, export_device="cpu",
              export_legacy_format=False)
     return a
 
@@ -442,7 +424,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
         # LLaMA-Factory 0.9.5 refuses DeepSpeed outside a distributed launch ("Please use `FORCE_TORCHRUN=1` to
         # launch DeepSpeed training.", hparams/parser.py), also for one process on one GPU
         env["FORCE_TORCHRUN"] = "1"
-    out = _out_dir(cfg, run_dir)
+    out = adapter_dir(cfg, run_dir)
     train_cmd = cli("train", lf / "train.yaml")
     steps = [Step(name="train", distributed="env", env=env, progress=str(out / "trainer_log.jsonl"),
                   argv=[sys.executable, "-m", "finetune.recipes.llamafactory", "--run-dir", str(run_dir),
@@ -491,7 +473,7 @@ def _read_json(path: Path):
 
 def collect(cfg, run_dir, ctx) -> dict:
     run_dir = Path(run_dir)
-    out = _out_dir(cfg, run_dir)
+    out = adapter_dir(cfg, run_dir)
     metrics: Dict[str, Any] = {}
     from finetune.report.history import read_history
 
@@ -538,7 +520,7 @@ def collect(cfg, run_dir, ctx) -> dict:
     if absent:
         metrics["absent"] = absent
     metrics["lf_output"] = str(out)
-    merged = _merge_dir(cfg, run_dir)
+    merged = merged_dir(cfg, run_dir)
     if cfg.merge and (merged / "config.json").exists():
         metrics["merged_path"] = str(merged)
     return metrics

@@ -11,6 +11,7 @@ from typing import Iterable, List, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from finetune.config.derived import grad_accum, world_size
 from finetune.config.paths import OUTPUTS_ROOT, resolve_user_paths
 from finetune.errors import ConfigError, close_match, one_of, suggest
 
@@ -96,10 +97,6 @@ def check_added_keys(cfg: DictConfig, overrides: List[str]) -> None:
                 if known_path else "the root config"
             hint = f"{where} has no such key; see `python train.py --cfg job` for every key"
         raise ConfigError(key, text=f"{key}: unknown key ({hint})")
-
-
-def world_size(cfg: DictConfig) -> int:
-    return int(cfg.launcher.nproc_per_node) * int(cfg.launcher.nnodes)
 
 
 def check_model(cfg: DictConfig) -> None:
@@ -237,7 +234,7 @@ def _check_tied_targets(cfg: DictConfig, targets) -> None:
 def check_optimizer_rules(cfg: DictConfig) -> None:
     meth, hw = cfg.method, cfg.hardware
     ws = world_size(cfg)
-    accum = cfg.batch_size // max(1, cfg.micro_batch_size * ws)
+    accum = grad_accum(cfg)
     if meth.name == "galore":
         _choice("method.galore_proj_type", meth.galore_proj_type, ("std", "reverse_std", "right", "left", "full"))
         _positive(cfg, "method.galore_rank", "method.galore_update_interval", "method.galore_scale")

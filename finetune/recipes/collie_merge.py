@@ -17,6 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from finetune.config.derived import adapter_dir, merged_dir
 from finetune.recipes.common import read_config
 
 TOL = 1e-3     # max |logit difference|; fp32 on CPU gives ~1e-6, a wrong q/k layout gives ~1e-1
@@ -37,8 +38,7 @@ def main() -> int:
 
     torch.manual_seed(0)
     base_path = cfg["model"]["path"]
-    target = Path(cfg.get("target_path") or run_dir / "lazyllm_lora")
-    merge = Path(cfg.get("merge_path") or run_dir / "lazyllm_merge")
+    target, merge = adapter_dir(cfg, run_dir), merged_dir(cfg, run_dir)
     probe_file = run_dir / "collie_probe.json"
     probe = json.loads(probe_file.read_text()) if probe_file.exists() else None
     trust = bool(cfg.get("trust_remote_code"))

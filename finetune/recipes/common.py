@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Dict
 
+from finetune.osutil import atomic_write as atomic_write_text  # noqa: F401 - the workers' name for it
+
 IGNORE_INDEX = -100                   # the label of a token that is not trained on
 
 
@@ -33,14 +35,6 @@ def read_config(path: str) -> dict:
     from finetune.secrets import merge_secrets
 
     return merge_secrets(json.loads(Path(path).read_text(encoding="utf-8")))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def free_cores() -> int:

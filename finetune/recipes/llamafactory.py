@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from finetune.osutil import atomic_write
+
 SKIP = {"step", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss",
         "train_tokens_per_second"}
 
@@ -106,13 +108,8 @@ def main(argv=None) -> int:
             "total_tokens": tokens or None,
             "tokens_per_s": round(tokens / runtime, 2) if tokens and runtime else None,
             "global_step": state.get("global_step")}
-    (run_dir / "llamafactory").mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "llamafactory" / ".worker.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / "llamafactory" / "worker.json")
-    tmp = run_dir / ".history.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, run_dir / "history.jsonl")
+    atomic_write(run_dir / "llamafactory" / "worker.json", json.dumps(info, indent=2) + "\n")
+    atomic_write(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     losses = [r["loss"] for r in rows if "loss" in r]
     if losses:
         print(f"[llamafactory] {len(losses)} logged losses: first {losses[0]:.4f}, last {losses[-1]:.4f}; "

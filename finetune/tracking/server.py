@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from typing import Optional
 
 from finetune.config.resolvers import REPO_ROOT
 from finetune.errors import ConfigError
+from finetune.osutil import free_port, port_free
 from finetune.tracking import LOCAL_STORE
 
 SETUP = REPO_ROOT / "scripts" / "setup_mlflow_env.sh"
@@ -55,21 +55,6 @@ def ensure_venv() -> Path:
         if code != 0:
             raise RuntimeError(f"bash {SETUP} failed (exit {code})")
     return venv_dir().resolve() / "bin" / "mlflow"
-
-
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:

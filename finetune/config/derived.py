@@ -1,0 +1,67 @@
+"""Values derived from the config, computed in one place (like LLaMA-Factory's ``__post_init__``).
+
+Every function takes a mapping: the driver's DictConfig and a worker's resolved_config.json dict
+(finetune.recipes.common.read_config) read the same keys the same way. Standard library only, so the Collie
+worker, which runs in its own environment, can import it too.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+# Output folder names inside a run folder: the LazyLLM convention (the system this project replaces); a user
+# who wants other names sets target_path / merge_path.
+ADAPTER_DIR = "lazyllm_lora"
+MERGED_DIR = "lazyllm_merge"
+
+
+def world_size(cfg: Mapping) -> int:
+    """Processes in the run: launcher.nproc_per_node x launcher.nnodes."""
+    launcher = cfg["launcher"]
+    return int(launcher["nproc_per_node"]) * int(launcher["nnodes"])
+
+
+def grad_accum(cfg: Mapping, data_parallel: Optional[int] = None) -> int:
+    """Gradient accumulation steps: global batch_size / (micro_batch_size x data-parallel ranks), at least 1.
+    data_parallel defaults to the world size (Collie divides it by tensor x pipeline parallel ranks)."""
+    dp = world_size(cfg) if data_parallel is None else int(data_parallel)
+    return max(1, int(cfg["batch_size"]) // max(1, int(cfg["micro_batch_size"]) * dp))
+
+
+def _user_or_default(value: Any, run_dir, name: str) -> Path:
+    return Path(str(value)).expanduser().absolute() if value else Path(run_dir) / name
+
+
+def adapter_dir(cfg: Mapping, run_dir) -> Path:
+    """Where the trained adapter (or a full model, for backends that merge it later) goes: target_path, else
+    <run>/lazyllm_lora."""
+    return _user_or_default(cfg.get("target_path"), run_dir, ADAPTER_DIR)
+
+
+def merged_dir(cfg: Mapping, run_dir) -> Path:
+    """Where the merged (or fully trained) model goes: merge_path, else <run>/lazyllm_merge."""
+    return _user_or_default(cfg.get("merge_path"), run_dir, MERGED_DIR)
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed
+
+
+def deepspeed_offload(hw: Mapping, pin_memory: bool) -> Dict[str, dict]:
+    """The ZeRO offload entries hardware.offload_optimizer / offload_param ask for (CPU offload)."""
+    out = {}
+    if hw["offload_optimizer"]:
+        out["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
+    if hw["offload_param"]:
+        out["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
+    return out
+
+
+def hf_deepspeed_config(zero: dict) -> dict:
+    """A DeepSpeed config HF Trainer completes itself: every "auto" value is filled from TrainingArguments."""
+    return {
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+    }
