@@ -44,8 +44,16 @@ def root_keys():
             ("backend", "model", "method", "hardware", "data", "launcher")]
 
 
+# root keys read through finetune/config/derived.py: code that calls the function reads them
+DERIVED_READS = {"grad_accum(": ("batch_size", "micro_batch_size"), "adapter_dir(": ("target_path",),
+                 "merged_dir(": ("merge_path",)}
+
+
 def reads(text: str, key: str) -> bool:
-    """Does the code read the key (cfg.key, m.key, cfg["key"], cfg.get("key"), select(cfg, "key"))?"""
+    """Does the code read the key (cfg.key, m.key, cfg["key"], cfg.get("key"), select(cfg, "key"), or a function of
+    finetune/config/derived.py that reads it)?"""
+    if any(call in text and key in keys for call, keys in DERIVED_READS.items()):
+        return True
     return bool(re.search(rf"\.{key}\b|[\"']{key}[\"']", text))
 
 

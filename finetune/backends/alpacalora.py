@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from finetune.backends import gen_eval
 from finetune.config.derived import (adapter_dir, deepspeed_offload, grad_accum, hf_deepspeed_config, merged_dir,
                                      world_size)
+from finetune.config.schema import AlpacaloraBackend, choices
 from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
 
@@ -62,7 +63,7 @@ def check(cfg) -> None:
     gen_eval.check(cfg)
 
 
-ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2")
+ATTENTION = choices(AlpacaloraBackend, "attn_implementation")
 
 
 def deepspeed_config(cfg) -> dict:

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from finetune.config.schema import AutoBackend, choices
 from finetune.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -204,8 +205,9 @@ def check(cfg) -> None:
             raise ConfigError("backend.candidates", list(cfg.backend.candidates), f"each must be {one_of(allowed)}")
     if not len(cfg.backend.candidates):
         raise ConfigError("backend.candidates", [], f"needs at least one of {', '.join(allowed)}")
-    if cfg.backend.prefer not in ("fastest", "least_memory"):
-        raise ConfigError("backend.prefer", cfg.backend.prefer, one_of(["fastest", "least_memory"]))
+    prefer = choices(AutoBackend, "prefer")
+    if cfg.backend.prefer not in prefer:
+        raise ConfigError("backend.prefer", cfg.backend.prefer, one_of(prefer))
     typed = _typed_keys()
     data_format, rows = None, 0
     try:

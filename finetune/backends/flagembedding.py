@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import List
 
 from finetune.config.derived import deepspeed_offload, grad_accum, world_size
+from finetune.config.schema import FlagembeddingBackend, choices
 from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
 from finetune.tracking import wants
 
-TASKS = ("embedder", "reranker")
+TASKS = choices(FlagembeddingBackend, "task")
 # keys this backend would ignore: refused when typed (finetune/run.py check_unused_keys)
 NOT_USED = {
     "cutoff_len": "the encoder's lengths are backend.query_max_len and backend.passage_max_len",
@@ -39,8 +40,8 @@ MODULES = {"embedder": "FlagEmbedding.finetune.embedder.encoder_only.base",
            "reranker": "FlagEmbedding.finetune.reranker.encoder_only.base"}
 # the reference's task defaults for the max lengths (LazyLLM: embed 512, rerank 256)
 DEFAULT_LEN = {"embedder": 512, "reranker": 256}
-POOLING = ("cls", "mean", "last_token")
-KD_LOSS = ("kl_div", "m3_kd_loss")
+POOLING = choices(FlagembeddingBackend, "sentence_pooling_method")
+KD_LOSS = choices(FlagembeddingBackend, "kd_loss_type")
 EMBEDDER_ONLY = ("temperature", "sentence_pooling_method", "normalize_embeddings", "kd_loss_type",
                  "negatives_cross_device", "query_instruction_for_retrieval")
 

@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 from finetune.backends import gen_eval
 from finetune.backends.llamafactory_keys import KEYS, TEMPLATE_TOKENS, TEMPLATES
 from finetune.config.derived import adapter_dir, deepspeed_offload, grad_accum, hf_deepspeed_config, merged_dir
+from finetune.config.schema import LlamafactoryBackend, choices
 from finetune.errors import ConfigError, one_of, suggest
 from finetune.plan import Plan, Step
 from finetune.tracking import wants
@@ -45,9 +46,9 @@ LF_DIR = "llamafactory"
 NOT_USED = {
     "prompt_template_name": "LLaMA-Factory formats prompts with its chat template: set backend.template",
 }
-STAGES = ("pt", "sft", "rm", "dpo", "kto")
+STAGES = choices(LlamafactoryBackend, "stage")
 GALORE_OPTIMS = ("adamw_torch", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor")
-EVAL_STRATEGIES = ("steps", "epoch", "no")
+EVAL_STRATEGIES = choices(LlamafactoryBackend, "eval_strategy")
 
 # LF keys this adapter writes from our own config: set them through our keys, not backend.extra
 MANAGED = {
@@ -190,13 +191,37 @@ STAGE_FORMATS = {"sft": ("alpaca", "sharegpt"), "pt": ("text", "alpaca"), "rm": 
 
 
 def check(cfg) -> None:
-    b, m, hw = cfg.backend, cfg.method, cfg.hardware
+    """LLaMA-Factory's own rules, checked before its 7-30 s import: stage and data, template, method, layout, and
+    the backend.extra keys."""
+    b = cfg.backend
     if b.stage not in STAGES:
         raise ConfigError("backend.stage", b.stage, one_of(STAGES), suggest(b.stage, STAGES))
     if cfg.data.format not in STAGE_FORMATS[b.stage]:
         raise ConfigError("data.format", cfg.data.format, f"this backend/stage takes {', '.join(STAGE_FORMATS[b.stage])}")
     if b.eval_strategy not in EVAL_STRATEGIES:
         raise ConfigError("backend.eval_strategy", b.eval_strategy, one_of(EVAL_STRATEGIES))
+    check_template(cfg)
+    check_tied_embeddings(cfg)
+    losses = KEYS["pref_loss"][1]
+    if b.pref_loss not in losses:
+        raise ConfigError("backend.pref_loss", b.pref_loss, one_of(losses), suggest(b.pref_loss, losses))
+    if b.preprocessing_num_workers is not None and b.preprocessing_num_workers < 1:
+        raise ConfigError("backend.preprocessing_num_workers", b.preprocessing_num_workers, "must be >= 1")
+    check_method_rules(cfg)
+    if cfg.hardware.device == "cpu" and cfg.launcher.nnodes > 1:
+        raise ConfigError("launcher.nnodes", cfg.launcher.nnodes, "multi-node LLaMA-Factory runs need GPUs")
+    # data size vs held-out rows
+    if float(cfg.val_set_size) == 1:
+        raise ConfigError("val_set_size", cfg.val_set_size, "LLaMA-Factory reads 1 as the whole set: use a fraction "
+                          "in (0, 1) or a row count >= 2")
+    check_extra(cfg)
+    gen_eval.check(cfg)
+
+
+def check_template(cfg) -> None:
+    """backend.template: a LLaMA-Factory template name that fits the tokenizer, or null when the tokenizer has a
+    chat template of its own (LLaMA-Factory would otherwise fall back to `empty`, which has no EOS)."""
+    b = cfg.backend
     if b.template is None:
         tiny = cfg.model.builder and not cfg.model.builder.startswith(("smollm", "gguf"))
         if tiny:
@@ -211,13 +236,11 @@ def check(cfg) -> None:
                           "(listed in finetune/backends/llamafactory_keys.py)", suggest(b.template, TEMPLATES))
     else:
         check_template_fits(cfg)
-    check_tied_embeddings(cfg)
-    choices = KEYS["pref_loss"][1]
-    if b.pref_loss not in choices:
-        raise ConfigError("backend.pref_loss", b.pref_loss, one_of(choices), suggest(b.pref_loss, choices))
-    if b.preprocessing_num_workers is not None and b.preprocessing_num_workers < 1:
-        raise ConfigError("backend.preprocessing_num_workers", b.preprocessing_num_workers, "must be >= 1")
-    # method rules LLaMA-Factory enforces only after its 7-30 s import
+
+
+def check_method_rules(cfg) -> None:
+    """Method rules LLaMA-Factory enforces only after its 7-30 s import (optimizer, PiSSA, 4-bit QLoRA on CPU)."""
+    b, m, hw = cfg.backend, cfg.method, cfg.hardware
     opt = str(cfg.optim)
     if m.name == "galore" and opt not in GALORE_OPTIMS:
         raise ConfigError("optim", opt, f"LLaMA-Factory's GaLore takes {', '.join(GALORE_OPTIMS)} "
@@ -239,15 +262,12 @@ def check(cfg) -> None:
                           "bitsandbytes 0.50.2 repacks the 4-bit weights in place for its CPU inference kernel during "
                           "evaluation (asserting on layers not a multiple of 32); set val_set_size=0, or use "
                           "backend=alpacalora (which keeps the training kernel for evaluation)")
-    if hw.device == "cpu" and cfg.launcher.nnodes > 1:
-        raise ConfigError("launcher.nnodes", cfg.launcher.nnodes, "multi-node LLaMA-Factory runs need GPUs")
-    # data size vs held-out rows
-    vs = float(cfg.val_set_size)
-    if vs == 1:
-        raise ConfigError("val_set_size", cfg.val_set_size, "LLaMA-Factory reads 1 as the whole set: use a fraction "
-                          "in (0, 1) or a row count >= 2")
-    # backend.extra: only keys llamafactory-cli accepts, none we already write
-    extra = _plain(b.extra) or {}
+
+
+def check_extra(cfg) -> None:
+    """backend.extra: only keys llamafactory-cli accepts, with values of their type, none we already write."""
+    hw = cfg.hardware
+    extra = _plain(cfg.backend.extra) or {}
     if not isinstance(extra, dict):
         raise ConfigError("backend.extra", extra, "must be a mapping of LLaMA-Factory keys")
     for key, value in extra.items():
@@ -266,7 +286,6 @@ def check(cfg) -> None:
             raise ConfigError("backend.extra.flash_attn", "fa2", why)
     if extra.get("pure_bf16") and hw.device == "cpu":
         raise ConfigError("backend.extra.pure_bf16", True, "needs a bf16 GPU; on CPU use hardware.precision=bf16")
-    gen_eval.check(cfg)
 
 
 def _deepspeed_config(hw) -> dict:
@@ -277,14 +296,29 @@ def _deepspeed_config(hw) -> dict:
 
 
 def train_args(cfg, run_dir: Path, ctx: dict, info: Dict[str, dict]) -> Dict[str, Any]:
-    """The LLaMA-Factory train yaml as a dict (plain values, in a readable order); info: dataset_info entries."""
+    """The LLaMA-Factory train yaml as a dict (plain values, in a readable order); info: dataset_info entries.
+    Sections in yaml order: model and method, data, output, optimisation, evaluation, hardware; backend.extra last."""
     run_dir = Path(run_dir)
     lf = run_dir / LF_DIR
-    m, hw, b = cfg.method, cfg.hardware, cfg.backend
+    evals = [n for n in info if n.startswith("eval")]
+    a: Dict[str, Any] = {}
+    a.update(_model_args(cfg))
+    a.update(_data_args(cfg, lf, info, evals))
+    a.update(_output_args(cfg, run_dir))
+    a.update(_optim_args(cfg))
+    a.update(_eval_args(cfg, evals))
+    a.update(_hardware_args(cfg.hardware, lf))
+    a.update(_plain(cfg.backend.extra) or {})
+    return a
+
+
+def _model_args(cfg) -> Dict[str, Any]:
+    """The model, the stage and the method's own keys (LoRA family, freeze, GaLore, BAdam; QLoRA through bnb)."""
+    m = cfg.method
     a: Dict[str, Any] = {
         "model_name_or_path": str(Path(str(cfg.model.path)).absolute()),
         "trust_remote_code": bool(cfg.trust_remote_code),
-        "stage": str(b.stage),
+        "stage": str(cfg.backend.stage),
         "do_train": True,
         "finetuning_type": str(m.finetuning_type),
     }
@@ -306,11 +340,12 @@ def train_args(cfg, run_dir: Path, ctx: dict, info: Dict[str, dict]) -> Dict[str
     else:                                                # full-precision base (export.yaml has no quantisation)
         for k in ("quantization_bit", "quantization_type", "double_quantization"):
             a.pop(k, None)
-    # data
-    a["dataset_dir"] = str(lf)
-    info_names = list(info)
-    a["dataset"] = ",".join(n for n in info_names if n.startswith("train"))
-    evals = [n for n in info_names if n.startswith("eval")]
+    return a
+
+
+def _data_args(cfg, lf: Path, info: Dict[str, dict], evals: list) -> Dict[str, Any]:
+    b = cfg.backend
+    a: Dict[str, Any] = {"dataset_dir": str(lf), "dataset": ",".join(n for n in info if n.startswith("train"))}
     if evals:
         a["eval_dataset"] = ",".join(evals)
     a["template"] = str(b.template)
@@ -320,37 +355,43 @@ def train_args(cfg, run_dir: Path, ctx: dict, info: Dict[str, dict]) -> Dict[str
         a["max_samples"] = int(cfg.max_samples)
     a["overwrite_cache"] = bool(b.overwrite_cache)
     a["preprocessing_num_workers"] = int(b.preprocessing_num_workers)
-    # output
-    a["output_dir"] = str(adapter_dir(cfg, run_dir))
-    a["overwrite_output_dir"] = not bool(cfg.resume)
-    a["logging_steps"] = int(cfg.logging_steps)
+    return a
+
+
+def _output_args(cfg, run_dir: Path) -> Dict[str, Any]:
+    a: Dict[str, Any] = {"output_dir": str(adapter_dir(cfg, run_dir)), "overwrite_output_dir": not bool(cfg.resume),
+                         "logging_steps": int(cfg.logging_steps)}
     if int(cfg.save_steps) > 0:
         a.update(save_strategy="steps", save_steps=int(cfg.save_steps), save_total_limit=int(cfg.save_total_limit))
     else:
         a["save_strategy"] = "no"
-    a["plot_loss"] = bool(b.plot_loss)
+    a["plot_loss"] = bool(cfg.backend.plot_loss)
     a["report_to"] = "none"     # metrics.json, loss.png, tensorboard/ and MLflow / W&B (the driver) come from history
     a["include_num_input_tokens_seen"] = "non_padding"
-    # optimisation
-    a["per_device_train_batch_size"] = int(cfg.micro_batch_size)
-    a["gradient_accumulation_steps"] = grad_accum(cfg)
-    a["learning_rate"] = float(cfg.learning_rate)
-    a["num_train_epochs"] = float(cfg.num_epochs)
+    return a
+
+
+def _optim_args(cfg) -> Dict[str, Any]:
+    b = cfg.backend
+    a: Dict[str, Any] = {"per_device_train_batch_size": int(cfg.micro_batch_size),
+                         "gradient_accumulation_steps": grad_accum(cfg),
+                         "learning_rate": float(cfg.learning_rate), "num_train_epochs": float(cfg.num_epochs)}
     if int(cfg.max_steps) > 0:
         a["max_steps"] = int(cfg.max_steps)
-    a["lr_scheduler_type"] = str(cfg.lr_scheduler_type)
-    a["warmup_ratio"] = float(cfg.warmup_ratio)
-    a["weight_decay"] = float(cfg.weight_decay)
-    a["max_grad_norm"] = float(cfg.max_grad_norm)
-    a["optim"] = str(cfg.optim)
-    a["seed"] = int(cfg.seed)
-    a["disable_gradient_checkpointing"] = not bool(cfg.gradient_checkpointing)
-    a["ddp_timeout"] = int(b.ddp_timeout)
+    a.update(lr_scheduler_type=str(cfg.lr_scheduler_type), warmup_ratio=float(cfg.warmup_ratio),
+             weight_decay=float(cfg.weight_decay), max_grad_norm=float(cfg.max_grad_norm), optim=str(cfg.optim),
+             seed=int(cfg.seed), disable_gradient_checkpointing=not bool(cfg.gradient_checkpointing),
+             ddp_timeout=int(b.ddp_timeout))
     if b.stage in ("dpo", "kto"):
         a["pref_beta"] = float(b.pref_beta)
         if b.stage == "dpo":
             a["pref_loss"] = str(b.pref_loss)
-    # evaluation
+    return a
+
+
+def _eval_args(cfg, evals: list) -> Dict[str, Any]:
+    """An eval set (data.eval_path) or a held-out share (val_set_size), unless backend.eval_strategy=no."""
+    b, a = cfg.backend, {}
     vs = float(cfg.val_set_size)
     if evals or (vs > 0 and b.eval_strategy != "no"):
         if not evals:
@@ -360,7 +401,11 @@ def train_args(cfg, run_dir: Path, ctx: dict, info: Dict[str, dict]) -> Dict[str
             a.update(eval_strategy="steps", eval_steps=int(cfg.eval_steps))
         else:
             a["eval_strategy"] = "epoch" if b.eval_strategy != "no" else "no"
-    # hardware
+    return a
+
+
+def _hardware_args(hw, lf: Path) -> Dict[str, Any]:
+    a: Dict[str, Any] = {}
     if hw.precision == "bf16":
         a["bf16"] = True
     elif hw.precision == "fp16":
@@ -369,7 +414,6 @@ def train_args(cfg, run_dir: Path, ctx: dict, info: Dict[str, dict]) -> Dict[str
         a["deepspeed"] = str(lf / "ds_config.json")
     elif hw.device == "cpu":
         a["use_cpu"] = True
-    a.update(_plain(b.extra) or {})
     return a
 
 

@@ -9,13 +9,34 @@ Layout of the composed config:
 Each group option's YAML file (conf/<group>/<option>.yaml) starts with a defaults entry naming its schema,
 e.g. ``- /schema/method/lora@_here_``, so a typo or a wrong type in that file or in an override fails at
 compose time.
+
+A field's allowed values and help sit next to it, in the dataclass field's metadata (``arg(default, help,
+choices)``, as LLaMA-Factory's ``field(metadata={"help": ...})``); validation and the backends read them back with
+``choices(Schema, "field")``, so each list of allowed values is written once.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence, Tuple
 
 from omegaconf import MISSING
+
+
+def arg(default: Any, help: str = "", choices: Optional[Sequence] = None) -> Any:   # noqa: A002 - LLaMA-Factory's name
+    """A dataclass field whose help and allowed values live in its metadata (read by ``choices``)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    return field(default=default, metadata=meta)
+
+
+def choices(schema, name: str) -> Tuple:
+    """The allowed values declared on ``schema.name`` (arg(..., choices=...))."""
+    for f in dataclasses.fields(schema):
+        if f.name == name:
+            return f.metadata["choices"]
+    raise KeyError(f"{schema.__name__} has no field {name!r}")
 
 # --------------------------------------------------------------------------------------------------- tracking
 
@@ -31,7 +52,8 @@ class MlflowTracking:
 class WandbTracking:
     project: Optional[str] = None            # null: $WANDB_PROJECT, else the config name (`name`)
     entity: Optional[str] = None             # null: your default entity
-    mode: str = "auto"                       # auto | offline | online (auto: online with an API key and W&B reachable)
+    mode: str = arg("auto", "auto: online with an API key and W&B reachable, else offline",
+                    choices=("auto", "offline", "online"))
 
 
 @dataclass
@@ -48,7 +70,8 @@ class TrackingConfig:
 
 @dataclass
 class RootConfig:
-    """Top-level keys. Backends set their own defaults for these (conf/backend/*.yaml, package _global_)."""
+    """Top-level keys. The defaults below are the alpacalora backend's (the reference's AlpacaloraFinetune);
+    other backends set their own for these (conf/backend/*.yaml, package _global_)."""
 
     name: str = "run"
     seed: int = 42
@@ -61,10 +84,15 @@ class RootConfig:
     cutoff_len: int = 1030
     val_set_size: float = 200                # >= 1: number of held-out rows; in (0, 1): fraction; 0: none
     warmup_ratio: float = 0.1
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: str = arg("cosine", "transformers' scheduler names",
+                                 choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                          "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau",
+                                          "cosine_with_min_lr", "warmup_stable_decay"))
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    optim: str = "adamw_torch"
+    optim: str = arg("adamw_torch", "transformers' optimizer names",
+                     choices=("adamw_torch", "adamw_torch_fused", "adamw_hf", "adafactor", "sgd", "adagrad", "rmsprop",
+                              "adamw_8bit"))
     gradient_checkpointing: bool = False
     # --- LoRA family (used by method=lora/loraplus/rslora/dora/pissa)
     lora_r: int = 8
@@ -137,18 +165,20 @@ class AlpacaloraBackend(BackendBase):
     dataloader_num_workers: int = 0
     show_prompt: bool = False
     torch_threads: int = 0            # 0: let torch decide (torchrun sets OMP_NUM_THREADS per rank)
-    attn_implementation: str = "auto"  # auto | eager | sdpa | flash_attention_2 (auto: see finetune/recipes/alpacalora.py)
+    attn_implementation: str = arg("auto", "auto: see finetune/recipes/alpacalora.py",
+                                   choices=("auto", "eager", "sdpa", "flash_attention_2"))
 
 
 @dataclass
 class LlamafactoryBackend(BackendBase):
-    stage: str = "sft"                       # pt | sft | rm | dpo | kto
+    stage: str = arg("sft", "LLaMA-Factory's training stage", choices=("pt", "sft", "rm", "dpo", "kto"))
     template: Optional[str] = "${model.template}"
     preprocessing_num_workers: int = 1
     overwrite_cache: bool = True
     plot_loss: bool = True
     per_device_eval_batch_size: int = 1
-    eval_strategy: str = "steps"
+    eval_strategy: str = arg("steps", "steps: every eval_steps (0: once per epoch); no: no evaluation",
+                             choices=("steps", "epoch", "no"))
     ddp_timeout: int = 180000000
     pref_beta: float = 0.1
     pref_loss: str = "sigmoid"
@@ -171,7 +201,7 @@ class FlagembeddingBackend(BackendBase):
                             query_instruction_for_rerank).
     """
 
-    task: str = "embedder"                   # embedder | reranker
+    task: str = arg("embedder", "what FlagEmbedding trains", choices=("embedder", "reranker"))
     train_group_size: int = 8                # 1 positive + (n-1) negatives per query
     query_max_len: Optional[int] = None      # null: task default (reference: embedder 512, reranker 256)
     passage_max_len: Optional[int] = None    # null: task default (reference: embedder 512, reranker 256)
@@ -182,9 +212,9 @@ class FlagembeddingBackend(BackendBase):
     knowledge_distillation: bool = False     # needs pos_scores / neg_scores in every row
     dataloader_drop_last: bool = True
     temperature: float = 0.02
-    sentence_pooling_method: str = "cls"     # cls | mean | last_token
+    sentence_pooling_method: str = arg("cls", "embedder only", choices=("cls", "mean", "last_token"))
     normalize_embeddings: bool = True
-    kd_loss_type: str = "kl_div"             # kl_div | m3_kd_loss
+    kd_loss_type: str = arg("kl_div", "embedder only; knowledge_distillation=true", choices=("kl_div", "m3_kd_loss"))
     negatives_cross_device: bool = True
     eval_k: List[int] = field(default_factory=lambda: [1, 5, 10])
     eval: bool = True                        # recall@k / MRR on data.eval_path before and after training
@@ -204,7 +234,7 @@ class CollieBackend(BackendBase):
 class AutoBackend(BackendBase):
     # backends to consider, in order of preference for near-ties (finetune/auto/planner.py)
     candidates: List[str] = field(default_factory=lambda: ["alpacalora", "llamafactory", "collie", "flagembedding"])
-    prefer: str = "fastest"                  # fastest (estimated wall time) | least_memory
+    prefer: str = arg("fastest", "fastest: estimated wall time", choices=("fastest", "least_memory"))
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -215,7 +245,8 @@ class ModelConfig:
     name: str = MISSING
     path: str = MISSING                       # folder with config.json (+ tokenizer, weights)
     family: str = "llama"                     # llama | qwen2 | internlm2 | chatglm3 | bert
-    kind: str = "causal_lm"                   # causal_lm | encoder
+    kind: str = arg("causal_lm", "what the model is; each backend trains some kinds (backend.model_kinds)",
+                    choices=("causal_lm", "encoder"))
     builder: Optional[str] = None             # built on first use by finetune.tools.tiny_models (tiny, GGUF)
     gguf_file: Optional[str] = None           # model=gguf: the GGUF file converted into the models cache
     lora_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -272,7 +303,7 @@ class LoraMethod(MethodBase):
     # QLoRA (method=qlora): the frozen base loaded quantised by bitsandbytes, LoRA trained on top in 16/32 bits; the
     # merge goes into the full-precision base
     quantization_bit: Optional[int] = None    # 4 (NF4/FP4) | 8 (LLM.int8) | null: no quantisation
-    quantization_type: str = "nf4"            # nf4 | fp4 (4-bit only)
+    quantization_type: str = arg("nf4", "4-bit only", choices=("nf4", "fp4"))
     double_quantization: bool = True          # quantise the 4-bit quantisation constants too (4-bit only)
 
 
@@ -285,7 +316,7 @@ class GaloreMethod(MethodBase):
     galore_rank: int = 16
     galore_update_interval: int = 200
     galore_scale: float = 0.25
-    galore_proj_type: str = "std"
+    galore_proj_type: str = arg("std", "GaLore's projection", choices=("std", "reverse_std", "right", "left", "full"))
     galore_layerwise: bool = False
 
 
@@ -294,12 +325,14 @@ class BadamMethod(MethodBase):
     name: str = "badam"
     finetuning_type: str = "full"
     use_badam: bool = True
-    badam_mode: str = "layer"
+    badam_mode: str = arg("layer", "layer: one block at a time; ratio: a fraction of each matrix",
+                          choices=("layer", "ratio"))
     badam_start_block: Optional[int] = None
-    badam_switch_mode: str = "ascending"
+    badam_switch_mode: str = arg("ascending", "order of the layer blocks",
+                                 choices=("ascending", "descending", "random", "fixed"))
     badam_switch_interval: int = 50
     badam_update_ratio: float = 0.05
-    badam_mask_mode: str = "adjacent"
+    badam_mask_mode: str = arg("adjacent", "ratio mode's mask", choices=("adjacent", "scatter"))
     badam_verbose: int = 0
 
 
@@ -315,14 +348,15 @@ class AutoMethod(MethodBase):
 @dataclass
 class HardwareConfig:
     name: str = MISSING
-    device: str = "cpu"                       # cpu | cuda | auto
+    device: str = arg("cpu", "auto: detected (finetune/auto/hardware.py)", choices=("cpu", "cuda", "auto"))
     gpu_type: Optional[str] = None
     gpus_per_node: int = 0
     gpu_memory_gb: float = 0.0                # GiB per GPU
     nnodes: int = 1
     cpus: int = 0                             # 0: detect (finetune/auto/hardware.py)
     memory_gb: float = 0.0                    # host RAM per node, GiB; 0: detect
-    precision: str = "fp32"                   # fp32 | bf16 | fp16 | auto (hardware=auto: detected)
+    precision: str = arg("fp32", "also auto with hardware=auto (detected, then one of these); fp16 needs a GPU",
+                         choices=("fp32", "bf16", "fp16"))
     deepspeed_stage: Optional[int] = None     # None: no DeepSpeed; 0, 1, 2 or 3
     offload_optimizer: bool = False
     offload_param: bool = False

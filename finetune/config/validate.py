@@ -13,13 +13,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.config.derived import grad_accum, world_size
 from finetune.config.paths import OUTPUTS_ROOT, resolve_user_paths
+from finetune.config.schema import (BadamMethod, GaloreMethod, HardwareConfig, LoraMethod, ModelConfig, RootConfig,
+                                    choices)
 from finetune.errors import ConfigError, close_match, one_of, suggest
 
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
-OPTIMS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adafactor", "sgd", "adagrad", "rmsprop", "adamw_8bit")
-PRECISIONS = ("fp32", "bf16", "fp16")
-DEVICES = ("cpu", "cuda", "auto")
 LORA_ONLY_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "modules_to_save")
 LORA_METHOD_KEYS = ("method.lora_r", "method.lora_alpha", "method.lora_dropout", "method.lora_target_modules",
                     "method.use_rslora", "method.use_dora", "method.loraplus_lr_ratio", "method.loraplus_lr_embedding",
@@ -207,7 +204,7 @@ def check_quantization(cfg: DictConfig) -> None:
         return
     if bits not in (4, 8):
         raise ConfigError("method.quantization_bit", bits, "one of 4, 8 (bitsandbytes NF4/FP4 or LLM.int8), or null")
-    _choice("method.quantization_type", meth.quantization_type, ("nf4", "fp4"))
+    _choice("method.quantization_type", meth.quantization_type, choices(LoraMethod, "quantization_type"))
     if meth.pissa_init:
         raise ConfigError("method.quantization_bit", bits, "PiSSA needs the full-precision weights (its SVD); use "
                           "method=pissa without quantisation, or method=qlora")
@@ -236,7 +233,7 @@ def check_optimizer_rules(cfg: DictConfig) -> None:
     ws = world_size(cfg)
     accum = grad_accum(cfg)
     if meth.name == "galore":
-        _choice("method.galore_proj_type", meth.galore_proj_type, ("std", "reverse_std", "right", "left", "full"))
+        _choice("method.galore_proj_type", meth.galore_proj_type, choices(GaloreMethod, "galore_proj_type"))
         _positive(cfg, "method.galore_rank", "method.galore_update_interval", "method.galore_scale")
         if meth.galore_layerwise and accum > 1:
             raise ConfigError("method.galore_layerwise", True,
@@ -248,9 +245,8 @@ def check_optimizer_rules(cfg: DictConfig) -> None:
             raise ConfigError("hardware.deepspeed_stage", hw.deepspeed_stage, "GaLore is incompatible with DeepSpeed; "
                               "use hardware.deepspeed_stage=null")
     if meth.name == "badam":
-        _choice("method.badam_mode", meth.badam_mode, ("layer", "ratio"))
-        _choice("method.badam_switch_mode", meth.badam_switch_mode, ("ascending", "descending", "random", "fixed"))
-        _choice("method.badam_mask_mode", meth.badam_mask_mode, ("adjacent", "scatter"))
+        for key in ("badam_mode", "badam_switch_mode", "badam_mask_mode"):
+            _choice(f"method.{key}", meth[key], choices(BadamMethod, key))
         if not 0 < meth.badam_update_ratio <= 1:
             raise ConfigError("method.badam_update_ratio", meth.badam_update_ratio, "must be in (0, 1]")
         if meth.badam_mode == "ratio" and ws > 1:
@@ -265,8 +261,8 @@ def check_optimizer_rules(cfg: DictConfig) -> None:
 
 def check_hardware(cfg: DictConfig) -> None:
     hw = cfg.hardware
-    _choice("hardware.device", hw.device, DEVICES)
-    _choice("hardware.precision", hw.precision, PRECISIONS)
+    _choice("hardware.device", hw.device, choices(HardwareConfig, "device"))
+    _choice("hardware.precision", hw.precision, choices(HardwareConfig, "precision"))
     if hw.device == "cpu" and hw.precision == "fp16":
         raise ConfigError("hardware.precision", "fp16", "fp16 needs a GPU; on hardware=cpu use fp32 or bf16")
     if hw.deepspeed_stage is not None and hw.deepspeed_stage not in (0, 1, 2, 3):
@@ -321,8 +317,8 @@ def check_sizes(cfg: DictConfig) -> None:
         raise ConfigError("max_samples", cfg.max_samples, "must be > 0 (or null for all)")
     if cfg.launcher.node_rank < 0 or cfg.launcher.node_rank >= cfg.launcher.nnodes:
         raise ConfigError("launcher.node_rank", cfg.launcher.node_rank, f"must be in [0, {cfg.launcher.nnodes})")
-    _choice("lr_scheduler_type", cfg.lr_scheduler_type, LR_SCHEDULERS)
-    _choice("optim", cfg.optim, OPTIMS)
+    _choice("lr_scheduler_type", cfg.lr_scheduler_type, choices(RootConfig, "lr_scheduler_type"))
+    _choice("optim", cfg.optim, choices(RootConfig, "optim"))
     ws = world_size(cfg)
     dp = max(1, ws // max(1, _model_parallel(cfg)))   # collie: a bad dp x tp x pp is refused by its check
     if cfg.batch_size % (cfg.micro_batch_size * dp) != 0:
@@ -399,7 +395,7 @@ def check_data(cfg: DictConfig) -> dict:
 
 
 def check_kind(cfg: DictConfig) -> None:
-    _choice("model.kind", cfg.model.kind, ("causal_lm", "encoder"))
+    _choice("model.kind", cfg.model.kind, choices(ModelConfig, "kind"))
     if cfg.model.kind not in cfg.backend.model_kinds:
         raise ConfigError("model", cfg.model.name, f"is a {cfg.model.kind} model; backend {cfg.backend.name} trains "
                           f"{' or '.join(cfg.backend.model_kinds)} models")

@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from finetune.config.paths import OUTPUTS_ROOT
+from finetune.config.schema import WandbTracking, choices
 from finetune.errors import ConfigError, one_of
 
 TARGETS = ("tensorboard", "mlflow", "wandb", "none")
 LOCAL_STORE = OUTPUTS_ROOT / "mlflow"                  # the default MLflow store: mlflow.db + artifacts/
 WANDB_HOME = OUTPUTS_ROOT / "cache" / "wandb"          # W&B's data/cache/config folders (not ~/.local, ~/.cache)
 URI_SCHEMES = ("http://", "https://", "sqlite:///", "databricks")
-WANDB_MODES = ("auto", "offline", "online")
+WANDB_MODES = choices(WandbTracking, "mode")
 # the MLflow client's HTTP retry defaults wait about 4 minutes on a dead server; these give up in seconds
 MLFLOW_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
