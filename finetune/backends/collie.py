@@ -126,7 +126,7 @@ def check_venv(cfg) -> None:
 
 
 def check(cfg) -> None:
-    b, meth, hw = cfg.backend, cfg.method, cfg.hardware
+    b, meth = cfg.backend, cfg.method
     dp, tp, pp = int(b.dp_size), int(b.tp_size), int(b.pp_size)
     ws = world_size(cfg)
     if dp * tp * pp != ws:
@@ -161,8 +161,6 @@ def check(cfg) -> None:
         raise ConfigError("lr_scheduler_type", cfg.lr_scheduler_type, f"the collie backend implements {one_of(SCHEDULERS)}")
     if cfg.optim not in OPTIMS:
         raise ConfigError("optim", cfg.optim, f"the collie backend uses torch AdamW: {one_of(OPTIMS)}")
-    if hw.precision == "fp16" and hw.device != "cuda":
-        raise ConfigError("hardware.precision", "fp16", "fp16 needs a GPU")
     _check_model_shape(cfg, tp, pp)
     _check_model_fits_collie(cfg)
     gen_eval.check(cfg)

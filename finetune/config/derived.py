@@ -21,6 +21,12 @@ def world_size(cfg: Mapping) -> int:
     return int(launcher["nproc_per_node"]) * int(launcher["nnodes"])
 
 
+def process_layout(cfg: Mapping) -> Dict[str, int]:
+    """The torchrun layout the launchers pass on: processes per node and nodes."""
+    launcher = cfg["launcher"]
+    return {"nproc_per_node": int(launcher["nproc_per_node"]), "nnodes": int(launcher["nnodes"])}
+
+
 def grad_accum(cfg: Mapping, data_parallel: Optional[int] = None) -> int:
     """Gradient accumulation steps: global batch_size / (micro_batch_size x data-parallel ranks), at least 1.
     data_parallel defaults to the world size (Collie divides it by tensor x pipeline parallel ranks)."""

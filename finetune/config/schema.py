@@ -439,8 +439,6 @@ SCHEMAS = {
 
 def known_keys() -> List[str]:
     """Every key the schemas define, dotted (for close-match suggestions)."""
-    import dataclasses
-
     keys = [f.name for f in dataclasses.fields(RootConfig)]
     keys += [f"tracking.{t}.{f.name}" for t, node in (("mlflow", MlflowTracking), ("wandb", WandbTracking))
              for f in dataclasses.fields(node)] + ["tracking.flush_s"]

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from finetune.config.derived import process_layout
 from finetune.errors import ConfigError
 from finetune.launchers.process import StepResult, run_process, tail_of
 
@@ -64,7 +65,7 @@ def job_name(run_dir: Path, step_name: str) -> str:
 def _world(cfg, step) -> Dict[str, int]:
     if step.distributed == "none":
         return {"nproc_per_node": 1, "nnodes": 1}
-    return {"nproc_per_node": int(cfg.launcher.nproc_per_node), "nnodes": int(cfg.launcher.nnodes)}
+    return process_layout(cfg)
 
 
 def argv(step, cfg) -> List[str]:

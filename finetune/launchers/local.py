@@ -9,8 +9,10 @@ import os
 from pathlib import Path
 from typing import Dict, List
 
+from finetune.config.derived import process_layout
 from finetune.config.resolvers import REPO_ROOT
-from finetune.launchers.process import StepResult, free_port, run_process
+from finetune.launchers.process import StepResult, run_process
+from finetune.osutil import free_port
 
 
 def _cores() -> int:
@@ -38,8 +40,7 @@ def visible_devices(n: int) -> str:
 
 
 def world(cfg) -> Dict[str, int]:
-    return {"nproc_per_node": int(cfg.launcher.nproc_per_node), "nnodes": int(cfg.launcher.nnodes),
-            "node_rank": int(cfg.launcher.node_rank)}
+    return {**process_layout(cfg), "node_rank": int(cfg.launcher.node_rank)}
 
 
 def _port(cfg) -> int:

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from finetune.config.derived import process_layout
 from finetune.config.resolvers import REPO_ROOT
 from finetune.errors import ConfigError
 from finetune.launchers.process import StepResult, tail_of
@@ -81,10 +82,6 @@ def _own_key(k: str) -> str:
         k.replace("-", "_"), k.replace("-", "_"))
 
 
-def _world(cfg) -> Dict[str, int]:
-    return {"nproc_per_node": int(cfg.launcher.nproc_per_node), "nnodes": int(cfg.launcher.nnodes)}
-
-
 def env(step, cfg) -> Dict[str, str]:
     """Environment for the step on the compute node. GPUs: Slurm sets CUDA_VISIBLE_DEVICES from the allocation."""
     lc = cfg.launcher
@@ -111,7 +108,7 @@ def node_argv(step, w: Dict[str, int], node: int, master_addr: str, master_port:
 def argv(step, cfg) -> List[str]:
     """What the dry run shows: the command node 0 runs inside the Slurm job."""
     d = {"argv": step.argv, "distributed": step.distributed}
-    return node_argv(d, _world(cfg), 0, "$(first host of the job)", "$(29500 + job id % 20000)")
+    return node_argv(d, process_layout(cfg), 0, "$(first host of the job)", "$(29500 + job id % 20000)")
 
 
 class SlurmStepResult(StepResult):
@@ -191,7 +188,7 @@ def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
 
     spec = {"name": step.name, "argv": list(step.argv), "distributed": step.distributed, "env": env(step, cfg),
             "cwd": step.cwd or str(run_dir), "log": str(run_dir / step.log), "timeout_s": timeout_s,
-            "world": _world(cfg) if step.distributed != "none" else {"nproc_per_node": 1, "nnodes": 1},
+            "world": process_layout(cfg) if step.distributed != "none" else {"nproc_per_node": 1, "nnodes": 1},
             "max_requeues": int(cfg.launcher.max_requeues)}
     ex = _executor(cfg, folder, step.name, timeout_s)
     start = time.monotonic()
