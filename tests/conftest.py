@@ -77,6 +77,31 @@ def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def refusal(*overrides: str, outputs: Path) -> tuple:
+    """(exit code, message) train.py gives for these overrides, found in-process: Hydra's compose, then every check
+    of finetune.run.prepare, errors turned into the one line by finetune.cli.classify. 0 and "" when accepted.
+    About 0.3 s a case instead of a process start; the exit-code / one-line / nothing-written contract itself is
+    run as a user would in tests/test_validation.py."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from finetune.cli import classify, setup
+    from finetune.run import prepare
+
+    setup()
+    GlobalHydra.instance().clear()
+    typed = [f"output_dir={outputs / 'run'}", *overrides]
+    try:
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=typed)
+        prepare(cfg, typed)
+    except Exception as e:  # noqa: BLE001 - every refusal, as the CLI reports it
+        return classify(e)
+    finally:
+        GlobalHydra.instance().clear()
+    return 0, ""
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """Build (once) and return the path of a tiny model by builder name."""
