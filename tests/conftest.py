@@ -17,6 +17,7 @@ import re
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,39 @@ def run_train(*overrides: str, outputs: Path | None, timeout: float = 900, env: 
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def run_in_terminal(argv, cwd=None, answers=(), timeout: float = 600) -> str:
+    """Run argv under a pseudo-terminal, as in a user's terminal (COLUMNS=120), with the user's
+    environment; each of ``answers`` is typed once a prompt (`you> ` or `...> `) shows. Returns the screen."""
+    import pty
+    import select
+    import signal
+
+    pid, fd = pty.fork()
+    if pid == 0:                                   # the child: exec with the user's environment
+        if cwd is not None:
+            os.chdir(cwd)
+        os.execve(argv[0], argv, user_env(COLUMNS="120"))
+    out, deadline, todo = b"", time.time() + timeout, list(answers)
+    try:
+        while time.time() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1)
+            if ready:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                out += data
+            if todo and out.rstrip().endswith((b"you>", b"...>")):
+                os.write(fd, (todo.pop(0) + "\n").encode())
+        else:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        os.waitpid(pid, 0)
+    return out.decode("utf-8", "replace").replace("\r\n", "\n")
 
 
 def refusal(*overrides: str, outputs: Path) -> tuple:

@@ -231,13 +231,19 @@ def stop_servers(folder: Path) -> None:
                        env=user_env(), capture_output=True, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory):
-    folder = make_clone(tmp_path_factory.mktemp("readme") / "finetune", setup=False)
-    try:
-        yield folder
-    finally:
-        stop_servers(folder)
+def clone_fixture(name: str, setup: bool):
+    """A module's fresh clone (see make_clone); whatever happens, a server a command left running is stopped."""
+    @pytest.fixture(scope="module")
+    def clone(tmp_path_factory):
+        folder = make_clone(tmp_path_factory.mktemp(name) / "finetune", setup)
+        try:
+            yield folder
+        finally:
+            stop_servers(folder)
+    return clone
+
+
+clone = clone_fixture("readme", setup=False)
 
 
 def newest(pattern: str, clone: Path) -> str:

@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from test_readme import ELSEWHERE, SECOND, make_clone, run_from_another_folder, run_readme_command, stop_servers
+from test_readme import ELSEWHERE, SECOND, clone_fixture, run_from_another_folder, run_readme_command
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory):
-    folder = make_clone(tmp_path_factory.mktemp("readme2") / "finetune", setup=True)
-    try:
-        yield folder
-    finally:
-        stop_servers(folder)
+clone = clone_fixture("readme2", setup=True)
 
 
 @pytest.mark.slow
