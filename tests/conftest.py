@@ -44,6 +44,24 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+_README_TIMES: list = []
+
+
+def pytest_runtest_logreport(report):
+    """The README commands' wall times (tests/test_readme*.py record them), for the table at the end."""
+    props = dict(report.user_properties)
+    if report.when == "call" and "readme_command" in props:
+        _README_TIMES.append((props["readme_command"], props.get("exit"), props.get("seconds"), report.outcome))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each README command as typed, its exit code and wall time on this machine (under the suite's load)."""
+    if _README_TIMES:
+        terminalreporter.section("README commands: exit code and wall time")
+        for command, code, seconds, outcome in _README_TIMES:
+            terminalreporter.write_line(f"{seconds:>7} s  exit {code}  {outcome:<7} {command}")
+
+
 def user_env(**extra) -> dict:
     """The environment a user's shell gives train.py: this one without our own FINETUNE_* settings or
     HYDRA_FULL_ERROR (tests get isolation the way a user would: output_dir=, hydra.sweep.dir=)."""

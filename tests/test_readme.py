@@ -288,6 +288,8 @@ def run_readme_command(command: str, clone: Path, record_property) -> None:
     code, patterns, timeout = EXPECT[command]
     first = command == COMMANDS[0]
     proc, seconds = shell(as_typed(command, clone), clone, clone, timeout, activate=not first)
+    record_property("readme_command", command)
+    record_property("exit", proc.returncode)
     record_property("seconds", round(seconds, 1))
     print(f"README: {command}  -> exit {proc.returncode} in {seconds:.0f} s")
     check(proc, code, patterns, command)
@@ -310,10 +312,13 @@ def test_readme_refusal(command, expected, clone):
     assert not list((clone / "outputs").glob("runs/*/*-run-refused*"))
 
 
-def run_from_another_folder(command: str, clone: Path, tmp_path: Path) -> None:
+def run_from_another_folder(command: str, clone: Path, tmp_path: Path, record_property) -> None:
     code, patterns, timeout = EXPECT[command]
     elsewhere = command.replace("python train.py", f"python {clone}/train.py", 1)
     proc, seconds = shell(elsewhere, tmp_path, clone, timeout)
+    record_property("readme_command", f"(from another folder) {elsewhere.replace(str(clone), '<repo>')}")
+    record_property("exit", proc.returncode)
+    record_property("seconds", round(seconds, 1))
     print(f"README (from {tmp_path}): {elsewhere}  -> exit {proc.returncode} in {seconds:.0f} s")
     check(proc, code, patterns, elsewhere)
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "models").exists()
@@ -321,5 +326,5 @@ def run_from_another_folder(command: str, clone: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [c for c in ELSEWHERE if c in FIRST])
-def test_readme_command_from_another_folder(command, clone, tmp_path):
-    run_from_another_folder(command, clone, tmp_path)
+def test_readme_command_from_another_folder(command, clone, tmp_path, record_property):
+    run_from_another_folder(command, clone, tmp_path, record_property)

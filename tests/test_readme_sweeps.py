@@ -19,5 +19,5 @@ def test_readme_command(command, clone, record_property):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [c for c in ELSEWHERE if c in SECOND])
-def test_readme_command_from_another_folder(command, clone, tmp_path):
-    run_from_another_folder(command, clone, tmp_path)
+def test_readme_command_from_another_folder(command, clone, tmp_path, record_property):
+    run_from_another_folder(command, clone, tmp_path, record_property)
