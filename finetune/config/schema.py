@@ -38,6 +38,7 @@ def choices(schema, name: str) -> Tuple:
             return f.metadata["choices"]
     raise KeyError(f"{schema.__name__} has no field {name!r}")
 
+
 # --------------------------------------------------------------------------------------------------- tracking
 
 
