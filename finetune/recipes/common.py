@@ -43,6 +43,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """atomic_write_text for bytes (a safetensors file rewritten in place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def free_cores() -> int:
     """Cores not already busy (cores minus the 1-minute load average, at least 1). On a shared 2-core machine a
     second compute thread only spins while another process holds the other core: measured here for SmolLM2-135M
