@@ -48,7 +48,12 @@ EAGER_MAX_LEN = 256          # attention auto on CPU: eager for batches up to th
 
 
 def all_linear_modules(model) -> list:
-    """LLaMA-Factory's find_all_linear_modules: last name segment of every *Linear* module except lm_head."""
+    """LLaMA-Factory's find_all_linear_modules: last name segment of every *Linear* module except lm_head.
+    Not PEFT's target_modules="all-linear": on Llama and SmolLM2, tied or not, it wraps the same layers, but it
+    writes every full module path into adapter_config.json on small models (<= 20 of them) instead of these
+    names, it also takes Conv1D layers, and it leaves out the output layer only as get_output_embeddings() reports
+    it (None for remote-code models without an lm_head attribute, e.g. ChatGLM3's output_layer). GaLore's "all"
+    uses this list too."""
     names = set()
     for name, module in model.named_modules():
         cls = type(module).__name__
