@@ -615,10 +615,10 @@ def setup_model(cfg: dict, ds_config) -> tuple:
     return model, attention_config
 
 
-def build_trainer(cfg: dict, model, args, tokenizer, train_set, val_set, attention_config, run_state: RunState):
+def build_trainer(cfg: dict, model, args, tokenizer, train_set, val_set, *, attention_config, run_state: RunState,
+                  world: int):
     """The Trainer: batch = micro x accumulation x world, cosine with warmup, checkpoints, tensorboard, our history
     callback (one plain line per event, instead of HF's printer), BAdam's callback and gradient clipping."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     trainer = RecipeTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
                             data_collator=Collator(tokenizer.pad_token_id),
                             callbacks=[history_callback(Path(cfg["_run_dir"]))], method=cfg["method"],
@@ -760,7 +760,8 @@ def main(argv=None) -> int:
     model, attention_config = setup_model(cfg, ds_config)
     total = sum(numel(p) for p in model.parameters())
     run_state = RunState(trainable=sum(numel(p) for p in model.parameters() if p.requires_grad))
-    trainer = build_trainer(cfg, model, args, tokenizer, train_set, val_set, attention_config, run_state)
+    trainer = build_trainer(cfg, model, args, tokenizer, train_set, val_set, attention_config=attention_config,
+                            run_state=run_state, world=world)
     log(f"parameters: {run_state.trainable:,} trainable of {total:,} ({100 * run_state.trainable / total:.3f}%), "
         f"method={m['name']}, world={world}, accumulation={args.gradient_accumulation_steps}")
     pissa_init_dir = save_pissa_init(cfg, trainer, model)
