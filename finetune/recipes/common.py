@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Dict
 
 from finetune.osutil import atomic_write as atomic_write_text  # noqa: F401 - the workers' name for it
+from finetune.osutil import atomic_write_bytes  # noqa: F401 - used by the recipes
 
 IGNORE_INDEX = -100                   # the label of a token that is not trained on
 
