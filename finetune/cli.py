@@ -29,55 +29,42 @@ def _groups() -> dict:
 
 
 def explain_hydra_error(ex: BaseException) -> str:
-    """One line for Hydra/OmegaConf compose errors."""
-    text = str(ex)
-    cause = ex.__cause__
-    full = text + ("\n" + str(cause) if cause else "")
-    m = re.search(r"Could not find '([^']+)/([^']+)'", full)
-    if m:
-        group, option = m.group(1).strip("/"), m.group(2)
-        options = _groups().get(group.split("/")[-1], [])
+    """One line for Hydra/OmegaConf compose errors, from the exceptions' own fields (Hydra's missing_cfg_file,
+    options and override; OmegaConf's full_key, value and object_type), not from their message text. Each kind is
+    pinned by a test (tests/test_hydra_messages.py), so a Hydra or OmegaConf upgrade that changes them fails there."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+    if isinstance(ex, MissingConfigException) and "/" in (ex.missing_cfg_file or ""):     # backend=colie
+        group, option = ex.missing_cfg_file.rsplit("/", 1)
+        options = list(ex.options or _groups().get(group.split("/")[-1], []))
         allowed = ("one of " + ", ".join(options)) if options else f"no options in conf/{group}/"
         return str(ConfigError(group, option, allowed, suggest(option, options)))
-    m = re.search(r"Could not (?:override|append to|delete) '([^']+)'", full) or re.search(r"Key '([^']+)' is not in struct", full)
-    if m and re.search(r"not in struct|not in '\w+'|No match in the defaults|Key not found", full):
-        key = m.group(1)
-        hint = suggest(key, _known_keys()) or "see `python train.py --cfg job` for every key"
-        return f"{key}: unknown key ({hint})"
-    m = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", full)
-    if m:
-        key = re.search(r"full_key: (\S+)", full)
-        return str(ConfigError(key.group(1) if key else "value", m.group(1), f"must be {m.group(2).lower()}"))
-    m = re.search(r"Value '([^']*)' is not a valid (\w+)", full)
-    if m:
-        key = re.search(r"full_key: (\S+)", full) or re.search(r"Error merging override ([^=\s]+)=", full)
-        return str(ConfigError(key.group(1) if key else "value", m.group(1), f"must be a {m.group(2)} (true/false)"
-                               if m.group(2) == "bool" else f"must be a {m.group(2)}"))
-    m = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", full)
-    if m:
-        key = re.search(r"full_key: (\S+)", full)
-        return str(ConfigError(key.group(1) if key else "value", m.group(1), f"one of {m.group(2)}"))
-    m = re.search(r"Error merging override ([^=\s]+)=(\S*)", full)
-    if m and cause is not None:
-        reason = str(cause).strip().splitlines()[0]
-        reason = re.sub(r"^field '[^']+' ", "", reason)
-        return str(ConfigError(m.group(1), m.group(2), reason))
-    m = re.search(r"Missing mandatory value: (\S+)", full)
-    if m:
-        return f"{m.group(1)}: required value is missing (set {m.group(1)}=...)"
-    if "while parsing" in full or "while scanning" in full or "mapping values are not allowed" in full:
-        where = re.search(r'in "([^"]+)", line (\d+)', full)
-        loc = f"{where.group(1)} line {where.group(2)}" if where else "a config file"
-        first = full.strip().splitlines()[0]
-        return f"{loc}: malformed YAML ({first})"
-    m = re.search(r"Error parsing override '([^']*)'", full)
-    if m:
-        return f"override {m.group(1)!r}: cannot be parsed (KEY=VALUE; quote values with special characters)"
-    lines = [ln.strip() for ln in full.splitlines() if ln.strip() and not ln.startswith(("    full_key", "    object_type"))]
-    first = lines[0] if lines else type(ex).__name__
-    if first.endswith(":") and len(lines) > 1:          # "In 'x': ValidationError raised while composing config:"
-        first = f"{first} {lines[1]}"
-    return first
+    if isinstance(ex, OverrideParseException):                                        # lora_r   lora_r=[1
+        return f"override {ex.override!r}: cannot be parsed (KEY=VALUE; quote values with special characters)"
+    inner = ex if isinstance(ex, OmegaConfBaseException) else ex.__cause__
+    if isinstance(inner, (ConfigKeyError, AttributeError)) and getattr(inner, "full_key", None):  # lora_rr=3
+        key = inner.full_key
+        return f"{key}: unknown key ({suggest(key, _known_keys()) or 'see `python train.py --cfg job` for every key'})"
+    if isinstance(inner, ValidationError) and getattr(inner, "full_key", None):      # lora_r=abc
+        return str(ConfigError(inner.full_key, inner.value, _expected_type(inner)))
+    if isinstance(inner, MissingMandatoryValue) and getattr(inner, "full_key", None):
+        return f"{inner.full_key}: required value is missing (set {inner.full_key}=...)"
+    lines = [ln.strip() for ln in str(ex).splitlines() if ln.strip() and not ln.startswith(("    full_key", "    object_type"))]
+    return lines[0] if lines else type(ex).__name__
+
+
+def _expected_type(err) -> str:
+    """What a schema field takes, from its annotation (OmegaConf's error carries the dataclass and the key)."""
+    import dataclasses
+    import typing
+
+    fields = {f.name: f for f in dataclasses.fields(err.object_type)} if dataclasses.is_dataclass(err.object_type) else {}
+    field = fields.get(str(err.key))
+    hint = typing.get_type_hints(err.object_type).get(field.name) if field else None
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return {int: "must be integer", float: "must be float", bool: "must be a bool (true/false)",
+            str: "must be a string"}.get(args[0], str(err.msg).splitlines()[0])
 
 
 def classify(e: BaseException):

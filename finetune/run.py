@@ -4,6 +4,7 @@ Called by train.py (inside @hydra.main) once per run or sweep job. Heavy librari
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import sys
 import time
@@ -76,38 +77,67 @@ def prepare(cfg: DictConfig, overrides: Optional[List[str]] = None):
 
 
 def run(cfg: DictConfig) -> Optional[float]:
+    """One run: check -> plan -> (dry run: show it) -> write the run folder -> execute the steps -> collect metrics.
+    The bookkeeping of how it ended (manifest status, result.json, the tracker) is `recorded`'s."""
     overrides, choices, job_dir, command = _hydra_facts()
     facts, backend, launcher = prepare(cfg, overrides)
-
     run_dir = Path(str(cfg.output_dir)) if cfg.output_dir else Path(job_dir) if job_dir else default_run_dir(cfg.name)
     run_dir = run_dir.expanduser().absolute()
     ctx = {"data": facts["data"], "world_size": world_size(cfg), "run_dir": str(run_dir)}
-    plan: Plan = backend.plan(cfg, run_dir, ctx)
-    build = model_build_step(cfg)
-    if build:
-        plan.steps.insert(0, build)
-    if hasattr(launcher, "plan_files"):             # files the launcher adds (k8s manifests), shown by the dry run
-        plan.files.update(launcher.plan_files(plan, cfg, run_dir))
-
-    from finetune.tracking import describe
-
-    plan.notes += describe(cfg)                     # where report_to=mlflow / wandb will log (the dry run shows it)
+    plan = build_plan(cfg, backend, launcher, run_dir, ctx)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     found = secrets.collect(resolved)               # secrets reach the workers through their environment only
     for step in plan.steps:
         step.env.update(secrets.env_for(found))
-
     if cfg.dry_run:
         print(plan.render(str(run_dir), lambda s: launcher.argv(s, cfg),
                           (lambda s: launcher.env(s, cfg)) if hasattr(launcher, "env") else None))
         print("dry run: nothing was written")
         return None
 
+    run_dir, manifest = write_run_folder(cfg, run_dir, plan, resolved, facts, overrides, choices, command, ctx)
+    print(f"[finetune] backend={cfg.backend.name} run folder: {run_dir}", flush=True)
+    from finetune.report.metrics import finalize, prewarm
+    from finetune.tracking.tracker import RunTracker
+
+    prewarm()                  # the plotting/TensorBoard imports load while the steps run, not after them
+    # report_to=mlflow / wandb: logged from a background thread while the steps run (never fails the run)
+    tracker = RunTracker.start(resolved, run_dir, manifest.data, overrides, choices, resume=bool(cfg.resume))
+    with recorded(cfg, run_dir, manifest, tracker):
+        execute(plan, launcher, cfg, run_dir, manifest)
+        metrics = finalize(run_dir, backend.collect(cfg, run_dir, ctx))
+    complete(cfg, run_dir, manifest, tracker, metrics)
+    value = metrics.get(str(cfg.metric))
+    if value is None and cfg.metric == "eval_loss":
+        value = metrics.get("train_loss")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def build_plan(cfg: DictConfig, backend, launcher, run_dir: Path, ctx: dict) -> Plan:
+    """The backend's plan, with the model build step when the model is ours to build, the launcher's own files
+    (k8s manifests, sbatch scripts) and where tracking will log: everything the dry run shows."""
+    plan: Plan = backend.plan(cfg, run_dir, ctx)
+    build = model_build_step(cfg)
+    if build:
+        plan.steps.insert(0, build)
+    if hasattr(launcher, "plan_files"):
+        plan.files.update(launcher.plan_files(plan, cfg, run_dir))
+    from finetune.tracking import describe
+
+    plan.notes += describe(cfg)
+    return plan
+
+
+def write_run_folder(cfg: DictConfig, run_dir: Path, plan: Plan, resolved: dict, facts: dict, overrides: List[str],
+                     choices: dict, command: List[str], ctx: dict):
+    """Create the run folder (or reopen it, resume=true) and write what the steps read: the manifest, config.yaml
+    and overrides.yaml (a resume keeps the original run's: reproduce replays them), resolved_config.json and the
+    plan's files. Every file is redacted. Returns (run_dir, manifest)."""
     if cfg.resume:
         _check_resumable(run_dir, resolved)
     run_dir = create_run_dir(run_dir, resume=bool(cfg.resume))
     ctx["run_dir"] = str(run_dir)
-    if cfg.resume:           # config.yaml and overrides.yaml stay the original run's (what reproduce replays)
+    if cfg.resume:
         manifest = Manifest.load(run_dir)
         manifest.data.setdefault("resumes", []).append(
             {"time": _dt.datetime.now().isoformat(timespec="seconds"), "command": redact(command)})
@@ -121,62 +151,78 @@ def run(cfg: DictConfig) -> Optional[float]:
         atomic_write(run_dir / rel, redact(text))
     manifest.update(status="running", plan=plan.to_dict(), outputs=plan.outputs,
                     **({"auto_choice": ctx["auto_choice"]} if "auto_choice" in ctx else {}))
-    print(f"[finetune] backend={cfg.backend.name} run folder: {run_dir}", flush=True)
+    return run_dir, manifest
 
+
+class StepFailed(RunError):
+    """A required step ended badly (exit code, timeout, killed); carries its result for the manifest."""
+
+    def __init__(self, result):
+        tail = "\n".join("    " + t for t in result.tail[-15:])
+        super().__init__(f"{result.reason()} (log: {result.log})\n  last lines:\n{tail}")
+        self.result = result
+
+
+def execute(plan: Plan, launcher, cfg: DictConfig, run_dir: Path, manifest: Manifest) -> None:
+    """Run the plan's steps in order through the launcher, each recorded in the manifest. An interrupted step
+    raises KeyboardInterrupt, a failed required one StepFailed; an optional one that failed is recorded only."""
     timeout_s = float(cfg.timeout_min) * 60 or None
-    from finetune.report.metrics import prewarm
-    from finetune.tracking.tracker import RunTracker
+    for step in plan.steps:
+        print(f"[finetune] step {step.name}: {' '.join(redact(launcher.argv(step, cfg)))}", flush=True)
+        result = launcher.run_step(step, cfg, run_dir, timeout_s)
+        manifest.add_step(result.record())
+        if result.status == "interrupted":
+            manifest.update(status="interrupted", error=result.reason())
+            raise KeyboardInterrupt
+        if not result.ok and not step.optional:
+            raise StepFailed(result)
 
-    prewarm()                  # the plotting/TensorBoard imports load while the steps run, not after them
-    # report_to=mlflow / wandb: logged from a background thread while the steps run (never fails the run)
-    tracker = RunTracker.start(resolved, run_dir, manifest.data, overrides, choices, resume=bool(cfg.resume))
+
+@contextlib.contextmanager
+def recorded(cfg: DictConfig, run_dir: Path, manifest: Manifest, tracker):
+    """How a run that did not complete ended, written whatever the cause (like lightning-hydra-template's
+    task_wrapper): the manifest's status and error, result.json (what a sweep summary reads) and the MLflow / W&B
+    run's end. Interrupted: exit 130; a failed step: its reason and log tail; anything else while collecting the
+    metrics: the exception."""
     try:
-        for step in plan.steps:
-            print(f"[finetune] step {step.name}: {' '.join(redact(launcher.argv(step, cfg)))}", flush=True)
-            result = launcher.run_step(step, cfg, run_dir, timeout_s)
-            manifest.add_step(result.record())
-            if result.status == "interrupted":
-                manifest.update(status="interrupted", error=result.reason())
-                raise KeyboardInterrupt
-            if not result.ok and not step.optional:
-                tail = "\n".join("    " + t for t in result.tail[-15:])
-                manifest.update(status="failed", error=result.reason(), log_tail=result.tail[-15:])
-                _write_result(run_dir, cfg, "failed", {}, result.reason())
-                _end_tracking(tracker, manifest, "failed", {}, result.reason())
-                raise RunError(f"{result.reason()} (log: {result.log})\n  last lines:\n{tail}")
-        metrics = backend.collect(cfg, run_dir, ctx)
-        from finetune.report.metrics import finalize
-
-        metrics = finalize(run_dir, metrics)
+        yield
     except KeyboardInterrupt:
         if manifest.data.get("status") != "interrupted":
             manifest.update(status="interrupted", error="interrupted by the user")
-        _write_result(run_dir, cfg, "interrupted", {}, "interrupted")
-        _end_tracking(tracker, manifest, "interrupted", {}, "interrupted by the user")
+        _end(cfg, run_dir, manifest, tracker, "interrupted", "interrupted", "interrupted by the user")
         raise
-    except RunError:
+    except StepFailed as e:
+        reason = e.result.reason()
+        manifest.update(status="failed", error=reason, log_tail=e.result.tail[-15:])
+        _end(cfg, run_dir, manifest, tracker, "failed", reason, reason)
         raise
     except Exception as e:  # noqa: BLE001 - collect/report failures fail the run with their message
-        manifest.update(status="failed", error=f"{type(e).__name__}: {e}")
-        _write_result(run_dir, cfg, "failed", {}, f"{type(e).__name__}: {e}")
-        _end_tracking(tracker, manifest, "failed", {}, f"{type(e).__name__}: {e}")
+        error = f"{type(e).__name__}: {e}"
+        manifest.update(status="failed", error=error)
+        _end(cfg, run_dir, manifest, tracker, "failed", error, error)
         raise
+
+
+def _end(cfg, run_dir: Path, manifest: Manifest, tracker, status: str, result_error: str, tracker_error: str) -> None:
+    _write_result(run_dir, cfg, status, {}, result_error)
+    _end_tracking(tracker, manifest, status, {}, tracker_error)
+
+
+def complete(cfg: DictConfig, run_dir: Path, manifest: Manifest, tracker, metrics: dict) -> None:
+    """A completed run: notes on metrics the backend could not give, the tracker drained (its run ids go into the
+    manifest), status completed, result.json, and the one summary line."""
     for note in metrics.get("absent") or []:
         print(f"[finetune] note: {note}", flush=True)
     if tracker:
-        tracker.wait()                  # the whole history is logged; the run ids go into the manifest
+        tracker.wait()
     manifest.update(status="completed", metrics=metrics, finished=_dt.datetime.now().isoformat(timespec="seconds"),
                     **({"tracking": tracker.record()} if tracker else {}))
     _write_result(run_dir, cfg, "completed", metrics, None)
     if tracker:
         tracker.finish("completed", metrics)
-    value = metrics.get(str(cfg.metric))
-    if value is None and cfg.metric == "eval_loss":
-        value = metrics.get("train_loss")
     shown = [k for k, v in metrics.items() if isinstance(v, float) and k.endswith("loss")]
     shown += [k for k in ("base_eval_exact_match", "eval_exact_match") if isinstance(metrics.get(k), float)]
     print(f"[finetune] completed: {run_dir}  " + "  ".join(f"{k}={metrics[k]:.4g}" for k in shown), flush=True)
-    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _end_tracking(tracker, manifest: Manifest, status: str, metrics: dict, error: str) -> None:

@@ -29,23 +29,8 @@ for arg in "$@"; do
   esac
 done
 if [ "${PRINT:-0}" = 1 ]; then echo "$LOCK"; exit 0; fi
-LOCK_SHA=$(sha256sum "$LOCK" | cut -d' ' -f1)
-HASH=$( (cat "$LOCK"; "$PY" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)
-LINK=${FINETUNE_COLLIE_VENV:-.venv-collie}
-case "$LINK" in /*) ;; *) LINK="$ROOT/$LINK" ;; esac
-
-"$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
-  || { echo "setup-collie: needs Python 3.11 (set PYTHON=python3.11); $PY is $("$PY" -V 2>&1)" >&2; exit 1; }
-
-if [ "${FINETUNE_NO_CACHE:-0}" = 1 ]; then
-  TARGET="$LINK"
-else
-  TARGET="${FINETUNE_CACHE:-$HOME/.cache/finetune}/collie-venv-$HASH"
-fi
-mkdir -p "$(dirname "$TARGET")"
-# one build at a time (two runs or sweep jobs may ask for it at once); the others wait, then find it ready
-exec 9>"$TARGET.lock"
-flock 9
+source scripts/env_cache.sh
+env_prepare setup-collie "$LOCK" "${FINETUNE_COLLIE_VENV:-.venv-collie}" collie-venv
 [ "$FORCE" = 1 ] && rm -rf "$TARGET"
 
 if [ -x "$TARGET/bin/python" ] && [ "$(cat "$TARGET/.finetune-lock.sha256" 2>/dev/null)" = "$LOCK_SHA" ]; then
@@ -82,11 +67,5 @@ else
   echo "setup-collie: built in $(( $(date +%s) - start )) s"
 fi
 
-if [ "$TARGET" != "$LINK" ]; then
-  if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
-    echo "setup-collie: $LINK exists and is not our link; leaving it (remove it, or set FINETUNE_NO_CACHE=1)" >&2
-    exit 1
-  fi
-  ln -sfn "$TARGET" "$LINK"
-fi
+env_link setup-collie
 echo "setup-collie: ready: $LINK -> $TARGET. Try: python train.py backend=collie"

@@ -16,22 +16,8 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 LOCK=requirements-mlflow.lock
-LOCK_SHA=$(sha256sum "$LOCK" | cut -d' ' -f1)
-HASH=$( (cat "$LOCK"; "$PY" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)
-LINK=${FINETUNE_MLFLOW_VENV:-.venv-mlflow}
-case "$LINK" in /*) ;; *) LINK="$ROOT/$LINK" ;; esac
-
-"$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
-  || { echo "setup-mlflow: needs Python 3.11 (set PYTHON=python3.11); $PY is $("$PY" -V 2>&1)" >&2; exit 1; }
-
-if [ "${FINETUNE_NO_CACHE:-0}" = 1 ]; then
-  TARGET="$LINK"
-else
-  TARGET="${FINETUNE_CACHE:-$HOME/.cache/finetune}/mlflow-venv-$HASH"
-fi
-mkdir -p "$(dirname "$TARGET")"
-exec 9>"$TARGET.lock"
-flock 9                                   # one build at a time; a second caller waits, then finds it ready
+source scripts/env_cache.sh
+env_prepare setup-mlflow "$LOCK" "${FINETUNE_MLFLOW_VENV:-.venv-mlflow}" mlflow-venv
 [ "${1:-}" = "--force" ] && rm -rf "$TARGET"
 
 if [ -x "$TARGET/bin/mlflow" ] && [ "$(cat "$TARGET/.finetune-lock.sha256" 2>/dev/null)" = "$LOCK_SHA" ]; then
@@ -48,11 +34,5 @@ else
   echo "setup-mlflow: built in $(( $(date +%s) - start )) s"
 fi
 
-if [ "$TARGET" != "$LINK" ]; then
-  if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
-    echo "setup-mlflow: $LINK exists and is not our link; leaving it (remove it, or set FINETUNE_NO_CACHE=1)" >&2
-    exit 1
-  fi
-  ln -sfn "$TARGET" "$LINK"
-fi
+env_link setup-mlflow
 echo "setup-mlflow: ready: $LINK -> $TARGET. Try: finetune mlflow-server start"

@@ -12,10 +12,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Collie's and the MLflow server's environments build side by side (mostly downloads and unpacking). Meanwhile, for
+# the whole suite, DeepSpeed's CPU Adam op is compiled into the torch extensions cache: the first ZeRO run that
+# offloads its optimizer would JIT-build it (g++, about 3 minutes on 2 cores) inside a test otherwise.
+pids=()
 if [ "${FINETUNE_SKIP_COLLIE:-0}" != 1 ]; then
-  bash scripts/setup_collie_env.sh
+  bash scripts/setup_collie_env.sh 2>&1 | sed -u 's/^/[collie env] /' &
+  pids+=($!)
 fi
-bash scripts/setup_mlflow_env.sh
+bash scripts/setup_mlflow_env.sh 2>&1 | sed -u 's/^/[mlflow env] /' &
+pids+=($!)
+if [ $# -eq 0 ]; then
+  (t0=$(date +%s)
+   if .venv/bin/python -c 'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()' >/dev/null 2>&1
+   then echo "test: DeepSpeed's CPU Adam op is built ($(( $(date +%s) - t0 )) s)"
+   else echo "test: could not pre-build DeepSpeed's CPU Adam op (the ZeRO offload test builds it)"; fi) &
+  pids+=($!)
+fi
+for pid in "${pids[@]}"; do
+  wait "$pid"
+done
 # Two workers (the machine has 2 cores; most tests wait on subprocesses); a test file stays on one worker so that
 # its module fixtures (one trained run) are shared, not duplicated. The Slurm tests (a real cluster on this
 # machine) run afterwards on their own, so that the jobs do not compete with the rest for the two cores.

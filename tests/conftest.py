@@ -17,6 +17,7 @@ import re
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,24 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+_README_TIMES: list = []
+
+
+def pytest_runtest_logreport(report):
+    """The README commands' wall times (tests/test_readme*.py record them), for the table at the end."""
+    props = dict(report.user_properties)
+    if report.when == "call" and "readme_command" in props:
+        _README_TIMES.append((props["readme_command"], props.get("exit"), props.get("seconds"), report.outcome))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each README command as typed, its exit code and wall time on this machine (under the suite's load)."""
+    if _README_TIMES:
+        terminalreporter.section("README commands: exit code and wall time")
+        for command, code, seconds, outcome in _README_TIMES:
+            terminalreporter.write_line(f"{seconds:>7} s  exit {code}  {outcome:<7} {command}")
 
 
 def user_env(**extra) -> dict:
@@ -75,6 +94,64 @@ def run_train(*overrides: str, outputs: Path | None, timeout: float = 900, env: 
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def run_in_terminal(argv, cwd=None, answers=(), timeout: float = 600) -> str:
+    """Run argv under a pseudo-terminal, as in a user's terminal (COLUMNS=120), with the user's
+    environment; each of ``answers`` is typed once a prompt (`you> ` or `...> `) shows. Returns the screen."""
+    import pty
+    import select
+    import signal
+
+    pid, fd = pty.fork()
+    if pid == 0:                                   # the child: exec with the user's environment
+        if cwd is not None:
+            os.chdir(cwd)
+        os.execve(argv[0], argv, user_env(COLUMNS="120"))
+    out, deadline, todo = b"", time.time() + timeout, list(answers)
+    try:
+        while time.time() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1)
+            if ready:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                out += data
+            if todo and out.rstrip().endswith((b"you>", b"...>")):
+                os.write(fd, (todo.pop(0) + "\n").encode())
+        else:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        os.waitpid(pid, 0)
+    return out.decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+def refusal(*overrides: str, outputs: Path) -> tuple:
+    """(exit code, message) train.py gives for these overrides, found in-process: Hydra's compose, then every check
+    of finetune.run.prepare, errors turned into the one line by finetune.cli.classify. 0 and "" when accepted.
+    About 0.3 s a case instead of a process start; the exit-code / one-line / nothing-written contract itself is
+    run as a user would in tests/test_validation.py."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from finetune.cli import classify, setup
+    from finetune.run import prepare
+
+    setup()
+    GlobalHydra.instance().clear()
+    typed = [f"output_dir={outputs / 'run'}", *overrides]
+    try:
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=typed)
+        prepare(cfg, typed)
+    except Exception as e:  # noqa: BLE001 - every refusal, as the CLI reports it
+        return classify(e)
+    finally:
+        GlobalHydra.instance().clear()
+    return 0, ""
 
 
 @pytest.fixture(scope="session")

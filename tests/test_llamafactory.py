@@ -409,29 +409,6 @@ def test_failing_step_fails_the_run_with_the_log_tail(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-def test_same_experiment_on_alpacalora_and_llamafactory(tmp_path, tiny_model):
-    """One table of final losses for the same experiment on both backends; both must fall."""
-    tiny_model("tiny_llama")
-    from finetune.errors import ConfigError
-
-    try:                                 # does alpacalora plan this experiment? (it was being built in parallel)
-        compose_plan(tmp_path, "experiment=llamafactory_lora_sft", "backend=alpacalora", backend="alpacalora")
-    except ConfigError as e:
-        if "not implemented" in str(e):
-            pytest.skip(f"alpacalora backend's plan() still raises 'not implemented' in this checkout: {e}")
-        raise
-    rows = []
-    for backend in ("alpacalora", "llamafactory"):
-        proc, run = run_train("experiment=llamafactory_lora_sft", f"backend={backend}", "merge=false", "val_set_size=0",
-                              "max_steps=12", outputs=tmp_path / backend)
-        m = train_ok(proc, run, backend)
-        ls = assert_falls(run, backend)
-        rows.append((backend, ls[0], ls[-1], m.get("train_runtime_s")))
-    table = "\n".join(f"{b:<14} first {f:.4f}  final {l:.4f}  runtime {r}" for b, f, l, r in rows)
-    print("\nsame experiment, two backends:\n" + table)
-
-
-@pytest.mark.slow
 def test_two_processes_on_gloo(tmp_path, tiny_model):
     """launcher.nproc_per_node=2: LLaMA-Factory relaunches itself under torchrun (FORCE_TORCHRUN, the torchrun
     of this environment even when it is not activated) and trains data-parallel on gloo; one output folder."""

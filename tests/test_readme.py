@@ -27,6 +27,7 @@ import pytest
 
 from conftest import REPO, user_env
 from test_setup import fresh_clone
+from test_sweeps import summary_rows
 
 README = REPO / "README.md"
 COMPLETED = r"\[finetune\] completed: "
@@ -82,9 +83,93 @@ EXPECT = {
     "bash scripts/gpu_smoke.sh --dry-run": (0, [r"alpacalora_qlora: ", r"estimator: "], 120),
 }
 NOT_RUN = {"bash scripts/test.sh": "the command that runs this test (CI runs it)"}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _history_losses(job: Path):
+    return [r["loss"] for r in map(json.loads, (job / "history.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def _lora_r_sweep(clone: Path) -> None:
+    """Every job of the sweep in the summary, alpha paired with r, each job's loss falling, the summary's objective
+    what the job returned, trainable parameters growing by r*(in+out) per module, and the plot against lora_r."""
+    folder = clone / newest("outputs/multiruns/*/*", clone)
+    rows = summary_rows(folder)
+    assert [(r["lora_r"], r["lora_alpha"], r["status"]) for r in rows] == [
+        ("4", "8", "completed"), ("8", "16", "completed"), ("16", "32", "completed")]
+    for row in rows:
+        job = folder / row["job"]
+        losses = _history_losses(job)
+        assert len(losses) >= 3 and losses[-1] < losses[0], losses
+        result = json.loads((job / "result.json").read_text())
+        assert result["metric_name"] == "eval_loss" and result["metric"] == result["metrics"]["eval_loss"] > 0
+        assert float(row["objective"]) == pytest.approx(result["metric"])
+    params = [int(r["trainable_params"]) for r in rows]
+    assert params[0] < params[1] < params[2] and (params[1] - params[0]) % 4 == 0
+    assert (folder / "metric_vs_lora_r.png").read_bytes()[:8] == PNG
+
+
+def _backends_sweep(clone: Path) -> None:
+    """One experiment on two backends, compared in one table and one plot; the backends' own differing defaults are
+    columns, not plot axes."""
+    folder = clone / newest("outputs/multiruns/*/*", clone)
+    rows = summary_rows(folder)
+    assert [(r["backend"], r["status"]) for r in rows] == [("alpacalora", "completed"), ("llamafactory", "completed")]
+    assert all(float(r["eval_loss"]) > 0 and float(r["train_loss"]) > 0 for r in rows)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["params"][0] == "backend" and summary["n_failed"] == 0
+    assert (folder / "loss_curves.png").read_bytes()[:8] == PNG and (folder / "metric_vs_backend.png").exists()
+    assert not list(folder.glob("metric_vs_lora_alpha.png"))
+    for row in rows:
+        losses = _history_losses(folder / row["job"])
+        assert len(losses) >= 3 and losses[-1] < losses[0], (row["backend"], losses)
+
+
+def _optuna(clone: Path) -> None:
+    """Optuna got what train.py returned: its best value is the summary's best objective; alpha stays 2 x r."""
+    from omegaconf import OmegaConf
+
+    folder = clone / newest("outputs/multiruns/*/*", clone)
+    rows = summary_rows(folder)
+    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
+    objectives = [float(r["objective"]) for r in rows]
+    assert OmegaConf.load(folder / "optimization_results.yaml").best_value == pytest.approx(min(objectives))
+    assert json.loads((folder / "summary.json").read_text())["best_job"] == rows[objectives.index(min(objectives))]["job"]
+    assert all(int(r["lora_alpha"]) == 2 * int(r["lora_r"]) for r in rows)
+
+
+def _reproduced(clone: Path) -> None:
+    """The replay of a CPU run with the same versions: the same loss and eval curves bit for bit, no config change."""
+    report = json.loads((clone / newest("outputs/runs/*/*/reproduce.json", clone)).read_text())
+    curves = {c["key"]: c for c in report["curves"]}
+    assert curves["loss"]["steps_compared"] >= 3 and curves["loss"]["identical"], curves
+    assert curves["eval_loss"]["identical"], curves
+    metrics = {m["metric"]: m for m in report["metrics"]}
+    assert metrics["eval_loss"]["diff"] == 0 and metrics["trainable_params"]["diff"] == 0
+    assert not report["config_differences"]
+
+
+# what a command left behind, checked after it (the README runs are the suite's real sweeps and replays)
+AFTER = {
+    "python train.py -m lora_r=4,8,16 'lora_alpha=${eval:2*lora_r}' max_steps=10": _lora_r_sweep,
+    "python train.py -m backend=alpacalora,llamafactory experiment=llamafactory_lora_sft": _backends_sweep,
+    "python train.py +hparams_search=lora_optuna hydra.sweeper.n_trials=3 max_steps=8": _optuna,
+    "finetune reproduce outputs/runs/<date>/<time>-<name>": _reproduced,
+}
 # the main commands again, from another working folder: <repo>/train.py from a fresh temporary folder
 ELSEWHERE = ["python train.py dry_run=true", "python train.py method=dora lora_r=16 num_epochs=1",
              "python train.py -m lora_r=4,8,16 'lora_alpha=${eval:2*lora_r}' max_steps=10"]
+# Two fresh clones run the README side by side (tests/test_readme_sweeps.py runs the second): this file from the
+# README's first command to the single runs and the replay of the newest one; the other from the sweeps on (its
+# clone set up by the user's `bash scripts/setup.sh`). Each keeps README order.
+SECOND_FROM = "python train.py -m lora_r=4,8,16 'lora_alpha=${eval:2*lora_r}' max_steps=10"
+
+
+def split_commands():
+    runnable = [c for c in COMMANDS if c not in NOT_RUN]
+    at = runnable.index(SECOND_FROM)
+    replay = "finetune reproduce outputs/runs/<date>/<time>-<name>"     # replays the newest single run: the first's
+    return runnable[:at] + [replay], [c for c in runnable[at:] if c != replay]
 
 
 def readme_blocks():
@@ -118,6 +203,7 @@ def strip_comment(line: str) -> str:
 
 
 COMMANDS, REFUSALS = readme_blocks()
+FIRST, SECOND = split_commands()
 
 
 def test_every_readme_command_has_an_expectation():
@@ -125,17 +211,39 @@ def test_every_readme_command_has_an_expectation():
     assert set(EXPECT) - set(COMMANDS) == set(), "expectations for commands that left the README"
     assert COMMANDS[0] == "bash scripts/setup.sh && .venv/bin/python train.py"
     assert len(REFUSALS) >= 5
+    assert sorted(FIRST + SECOND) == sorted(c for c in COMMANDS if c not in NOT_RUN)
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory):
-    folder = fresh_clone(tmp_path_factory.mktemp("readme") / "finetune")
-    try:
-        yield folder
-    finally:            # `finetune mlflow-server start` keeps a server running until its stop command: stop it anyway
-        if (folder / "outputs" / "mlflow" / "server.json").exists():
-            subprocess.run([str(folder / ".venv" / "bin" / "finetune"), "mlflow-server", "stop"], cwd=str(folder),
-                           env=user_env(), capture_output=True, timeout=120)
+def make_clone(dest: Path, setup: bool) -> Path:
+    """A fresh clone; ``setup``: the user's setup command first (bash scripts/setup.sh), for a clone whose commands
+    do not start with the README's first one."""
+    folder = fresh_clone(dest)
+    if setup:
+        proc, _ = shell("bash scripts/setup.sh", folder, folder, 1800, activate=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return folder
+
+
+def stop_servers(folder: Path) -> None:
+    """`finetune mlflow-server start` keeps a server running until its stop command: stop it anyway."""
+    if (folder / "outputs" / "mlflow" / "server.json").exists():
+        subprocess.run([str(folder / ".venv" / "bin" / "finetune"), "mlflow-server", "stop"], cwd=str(folder),
+                       env=user_env(), capture_output=True, timeout=120)
+
+
+def clone_fixture(name: str, setup: bool):
+    """A module's fresh clone (see make_clone); whatever happens, a server a command left running is stopped."""
+    @pytest.fixture(scope="module")
+    def clone(tmp_path_factory):
+        folder = make_clone(tmp_path_factory.mktemp(name) / "finetune", setup)
+        try:
+            yield folder
+        finally:
+            stop_servers(folder)
+    return clone
+
+
+clone = clone_fixture("readme", setup=False)
 
 
 def newest(pattern: str, clone: Path) -> str:
@@ -176,15 +284,23 @@ def check(proc, code: int, patterns, command: str) -> None:
         assert re.search(p, out), f"{command}: no {p!r} in the output\n{out[-4000:]}"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c not in NOT_RUN])
-def test_readme_command(command, clone, record_property):
+def run_readme_command(command: str, clone: Path, record_property) -> None:
     code, patterns, timeout = EXPECT[command]
     first = command == COMMANDS[0]
     proc, seconds = shell(as_typed(command, clone), clone, clone, timeout, activate=not first)
+    record_property("readme_command", command)
+    record_property("exit", proc.returncode)
     record_property("seconds", round(seconds, 1))
     print(f"README: {command}  -> exit {proc.returncode} in {seconds:.0f} s")
     check(proc, code, patterns, command)
+    if command in AFTER:
+        AFTER[command](clone)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", FIRST)
+def test_readme_command(command, clone, record_property):
+    run_readme_command(command, clone, record_property)
 
 
 @pytest.mark.slow
@@ -196,12 +312,19 @@ def test_readme_refusal(command, expected, clone):
     assert not list((clone / "outputs").glob("runs/*/*-run-refused*"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("command", ELSEWHERE)
-def test_readme_command_from_another_folder(command, clone, tmp_path):
+def run_from_another_folder(command: str, clone: Path, tmp_path: Path, record_property) -> None:
     code, patterns, timeout = EXPECT[command]
     elsewhere = command.replace("python train.py", f"python {clone}/train.py", 1)
     proc, seconds = shell(elsewhere, tmp_path, clone, timeout)
+    record_property("readme_command", f"(from another folder) {elsewhere.replace(str(clone), '<repo>')}")
+    record_property("exit", proc.returncode)
+    record_property("seconds", round(seconds, 1))
     print(f"README (from {tmp_path}): {elsewhere}  -> exit {proc.returncode} in {seconds:.0f} s")
     check(proc, code, patterns, elsewhere)
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [c for c in ELSEWHERE if c in FIRST])
+def test_readme_command_from_another_folder(command, clone, tmp_path, record_property):
+    run_from_another_folder(command, clone, tmp_path, record_property)

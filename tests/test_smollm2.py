@@ -10,16 +10,14 @@ embeddings, templates that do not fit the tokenizer, Collie's rope base), scorin
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import FINETUNE, PY, REPO, read_json, run_train, user_env
+from conftest import FINETUNE, PY, REPO, read_json, run_in_terminal, run_train, user_env
 
 SMOL = REPO / "models" / "smollm2-135m"
 
@@ -242,39 +240,10 @@ def test_finetune_generate_prints_the_trained_answers(showcase):
     assert f"    -> {proc.stdout.strip()}" in expected.stdout, (proc.stdout, expected.stdout)
 
 
-def chat_in_pty(argv, lines, timeout=600) -> str:
-    """Run the chat under a pseudo-terminal, type each line once the prompt `you> ` shows; return the screen."""
-    import pty
-    import select
-
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execve(argv[0], argv, user_env(COLUMNS="120"))
-    out, deadline, todo = b"", time.time() + timeout, list(lines)
-    try:
-        while time.time() < deadline:
-            ready, _, _ = select.select([fd], [], [], 1)
-            if ready:
-                try:
-                    data = os.read(fd, 65536)
-                except OSError:
-                    break
-                if not data:
-                    break
-                out += data
-            if todo and out.rstrip().endswith((b"you>", b"...>")):
-                os.write(fd, (todo.pop(0) + "\n").encode())
-        else:
-            os.kill(pid, signal.SIGKILL)
-    finally:
-        os.waitpid(pid, 0)
-    return out.decode("utf-8", "replace").replace("\r\n", "\n")
-
-
 @pytest.mark.slow
 def test_chat_answers_in_a_terminal_with_history_reset_and_exit(showcase):
-    screen = chat_in_pty([FINETUNE, "chat", str(showcase)],
-                         ["Reverse the words.\\", "red rice", "/reset", "Copy the words.\\", "red rice", "/exit"])
+    answers = ["Reverse the words.\\", "red rice", "/reset", "Copy the words.\\", "red rice", "/exit"]
+    screen = run_in_terminal([FINETUNE, "chat", str(showcase)], answers=answers)
     assert "/reset clears the history, /exit (or Ctrl-D) quits" in screen, screen
     assert "...> red rice" in screen                              # the input went on a continuation line
     answers = re.findall(r"model> (.*)", screen)

@@ -1,12 +1,12 @@
 """Sweeps: multiruns with paired interpolations, per-job results, the summary (also after a failed job),
-fail_fast, `finetune summarize`, the sweep files, the shared tokenised-data cache, and an Optuna search.
+fail_fast, `finetune summarize`, the sweep files and the shared tokenised-data cache.
 
-Plumbing runs on backend=dummy (about a second a job); the real sweeps train the tiny Llama for a few steps.
+Plumbing runs on backend=dummy (about a second a job). The real sweeps (LoRA ranks, methods, two backends side by
+side, the Optuna search) are the README's commands, run and inspected by tests/test_readme_sweeps.py.
 """
 from __future__ import annotations
 
 import csv
-import json
 import multiprocessing as mp
 import subprocess
 import time
@@ -17,8 +17,6 @@ import pytest
 from conftest import FINETUNE, REPO, read_json, run_train
 
 PNG = b"\x89PNG\r\n\x1a\n"
-TINY = ["max_steps=4", "batch_size=4", "micro_batch_size=4", "val_set_size=8", "eval_steps=4", "logging_steps=1",
-        "cutoff_len=128", "max_samples=64", "merge=false", "learning_rate=3e-3"]
 
 
 def sweep(tmp_path: Path, *overrides: str, name: str = "sweep"):
@@ -195,62 +193,3 @@ def test_data_cache_datasets_and_failed_build(tmp_path):
         get_or_build({"k": 2}, boom, cache_dir=tmp_path)
     assert get_or_build({"k": 2}, lambda: {"ok": True}, cache_dir=tmp_path) == {"ok": True}
 
-
-# ------------------------------------------------------------------------------------------- real runs
-
-
-@pytest.mark.slow
-def test_lora_rank_sweep_on_tiny_model(tmp_path, tiny_model):
-    tiny_model("tiny_llama")
-    proc, folder = sweep(tmp_path, "+sweep=lora_rank", "lora_r=4,16", *TINY)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = summary_rows(folder)
-    assert [(r["lora_r"], r["lora_alpha"], r["status"]) for r in rows] == [("4", "8", "completed"),
-                                                                           ("16", "32", "completed")]
-    for job in ("0", "1"):
-        hist = [json.loads(line) for line in (folder / job / "history.jsonl").read_text().splitlines()]
-        losses = [h["loss"] for h in hist if "loss" in h]
-        assert len(losses) == 4 and losses[-1] < losses[0], losses
-        result = read_json(folder / job / "result.json")
-        assert result["metric_name"] == "eval_loss" and result["metric"] == result["metrics"]["eval_loss"] > 0
-        assert float(rows[int(job)]["objective"]) == pytest.approx(result["metric"])
-    params = {r["lora_r"]: int(r["trainable_params"]) for r in rows}
-    assert params["16"] > params["4"] and (params["16"] - params["4"]) % 12 == 0   # r*(in+out) per LoRA module
-    assert (folder / "metric_vs_lora_r.png").read_bytes()[:8] == PNG
-
-
-@pytest.mark.slow
-@pytest.mark.optuna
-def test_optuna_search_three_trials(tmp_path, tiny_model):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="optional extra: pip install hydra-optuna-sweeper")
-    tiny_model("tiny_llama")
-    proc, folder = sweep(tmp_path, "+hparams_search=lora_optuna", "hydra.sweeper.n_trials=3", *TINY)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = summary_rows(folder)
-    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
-    from omegaconf import OmegaConf
-
-    best = OmegaConf.load(folder / "optimization_results.yaml")
-    objectives = [float(r["objective"]) for r in rows]
-    assert best.best_value == pytest.approx(min(objectives))            # Optuna got what train.py returned
-    assert read_json(folder / "summary.json")["best_job"] == rows[objectives.index(min(objectives))]["job"]
-    for r in rows:
-        assert int(r["lora_alpha"]) == 2 * int(r["lora_r"])
-
-
-@pytest.mark.slow
-def test_backends_side_by_side(tmp_path, tiny_model):
-    """-m backend=alpacalora,llamafactory: one experiment on two backends, compared in one table and one plot;
-    the backends' own differing defaults are listed."""
-    tiny_model("tiny_llama")
-    proc, folder = sweep(tmp_path, "backend=alpacalora,llamafactory", *TINY)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = summary_rows(folder)
-    assert [(r["backend"], r["status"]) for r in rows] == [("alpacalora", "completed"), ("llamafactory", "completed")]
-    assert all(float(r["eval_loss"]) > 0 and float(r["train_loss"]) > 0 for r in rows)
-    summary = read_json(folder / "summary.json")
-    assert summary["params"][0] == "backend" and summary["n_failed"] == 0
-    assert (folder / "loss_curves.png").read_bytes()[:8] == PNG and (folder / "metric_vs_backend.png").exists()
-    assert not list(folder.glob("metric_vs_lora_alpha.png"))          # backend defaults are columns, not axes
-    for job in ("0", "1"):
-        assert len([line for line in (folder / job / "history.jsonl").read_text().splitlines() if '"loss"' in line]) >= 3

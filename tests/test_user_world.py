@@ -6,15 +6,12 @@ Each test runs train.py as a subprocess with the user's environment (no FINETUNE
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import time
 
 import pytest
 
-from conftest import PY, REPO, read_json, run_train, user_env
+from conftest import PY, REPO, read_json, run_in_terminal, run_train, user_env
 
 TINY = ["max_samples=64", "val_set_size=8", "batch_size=4", "micro_batch_size=4", "max_steps=4", "logging_steps=1",
         "cutoff_len=128"]
@@ -237,37 +234,11 @@ def test_collie_refuses_resume(tmp_path):
 # ------------------------------------------------------------------------------------------- the terminal
 
 
-def run_in_pty(argv, cwd, timeout=600) -> str:
-    """Run argv under a pseudo-terminal (as in a user's terminal); return everything it printed."""
-    import pty
-    import select
-
-    pid, fd = pty.fork()
-    if pid == 0:                                   # the child: exec with the user's environment
-        os.chdir(cwd)
-        os.execve(argv[0], argv, user_env(COLUMNS="120"))
-    out, deadline = b"", time.time() + timeout
-    while time.time() < deadline:
-        ready, _, _ = select.select([fd], [], [], 1)
-        if ready:
-            try:
-                data = os.read(fd, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            out += data
-    else:
-        os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    return out.decode("utf-8", "replace")
-
-
 @pytest.mark.slow
 def test_progress_line_on_a_terminal_plain_lines_in_the_log(tmp_path):
     out = tmp_path / "run"
-    text = run_in_pty([PY, str(REPO / "train.py"), *TINY, "max_steps=6", "merge=false", f"output_dir={out}"],
-                      cwd=REPO)
+    text = run_in_terminal([PY, str(REPO / "train.py"), *TINY, "max_steps=6", "merge=false", f"output_dir={out}"],
+                           cwd=REPO)
     plain = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", text)
     bars = [ln for ln in re.split(r"[\r\n]", plain) if re.search(r"\btrain\b.*\d+/6\b", ln)]
     assert bars, plain[-3000:]

@@ -1,7 +1,9 @@
 """Bad input is refused with one line (key, value, what is allowed), exit code 2, before any output folder exists.
 
-Table-driven: add a row to CASES (overrides, expected text in the message) or to FILE_CASES (a bad data file or
-model folder made by a small function). Each case runs train.py as a subprocess, as a user would.
+Table-driven: add a row to CASES (overrides, expected text in the message) or to _bad_files (a bad data file or
+model folder made by a small function). The cases are checked in-process (conftest.refusal: Hydra's compose and
+every check, reported as the CLI does); the contract itself (exit code 2, exactly one line on stderr, no traceback,
+nothing written) is run as a user types it for one case of each kind (CONTRACT), the files and the YAML error.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_train
+from conftest import refusal, run_train
 
 CASES = [
     # unknown keys and groups (close-match suggestions)
@@ -57,12 +59,23 @@ CASES = [
     (["data.path=/nonexistent/x.json"], "data.path='/nonexistent/x.json': no such file or folder"),
     (["model=llama"], "model.path: required value is missing"),
     (["model=llama", "model.path=/nonexistent"], "model.path='/nonexistent': no such folder"),
-    (["resume=true"], "holds no run to resume (no manifest.json)"),        # run_train adds output_dir=<new folder>
     (["allow_outside_outputs=false", "output_dir=/tmp/elsewhere"], "output_dir='/tmp/elsewhere': must be inside"),
     # model kind vs backend
     (["model=tiny_bert"], "model='tiny_bert': is a encoder model; backend alpacalora trains causal_lm models"),
     # override syntax
-    (["lora_r"], "lora_r"),
+    (["lora_r"], "override 'lora_r': cannot be parsed"),
+    (["lora_r=[1"], "override 'lora_r=[1': cannot be parsed"),
+]
+# one case of each kind, run as a user types it: Hydra's compose errors (unknown key, group option, type, syntax),
+# our rules, paths, and the ones decided before Hydra starts (resume replays the recorded run's overrides)
+CONTRACT = [
+    (["lora_rr=3"], "lora_rr: unknown key (did you mean 'lora_r'?)"),
+    (["backend=colie"], "(did you mean 'collie'?)"),
+    (["lora_r=abc"], "lora_r='abc': must be integer"),
+    (["lora_r"], "override 'lora_r': cannot be parsed"),
+    (["batch_size=10"], "batch_size=10: must be a multiple of micro_batch_size"),
+    (["model=llama", "model.path=/nonexistent"], "model.path='/nonexistent': no such folder"),
+    (["resume=true"], "holds no run to resume (no manifest.json)"),        # run_train adds output_dir=<new folder>
 ]
 
 
@@ -125,6 +138,14 @@ def _check_refusal(overrides, expected, outputs: Path):
 
 @pytest.mark.parametrize("overrides,expected", CASES, ids=[" ".join(c[0]) for c in CASES])
 def test_refused(overrides, expected, tmp_path):
+    code, message = refusal(*overrides, outputs=tmp_path / "outputs")
+    assert code == 2 and expected in message, (code, message)
+    assert "\n" not in message
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("overrides,expected", CONTRACT, ids=[" ".join(c[0]) for c in CONTRACT])
+def test_refused_as_typed(overrides, expected, tmp_path):
     _check_refusal(overrides, expected, tmp_path / "outputs")
 
 

@@ -184,100 +184,132 @@ def _record(path: Path, jobs: dict) -> None:
     atomic_write_json(path, jobs)
 
 
+class _Submitted:
+    """One step's Slurm job and its record in slurm/jobs.json (rewritten at every state change)."""
+
+    def __init__(self, job, cluster: str, jobs_file: Path):
+        self.job, self.cluster, self.jobs_file, self.start = job, cluster, jobs_file, time.monotonic()
+        try:
+            self.jobs = json.loads(jobs_file.read_text())
+        except (OSError, ValueError):
+            self.jobs = {}
+        self.info = {"slurm_job_id": str(job.job_id), "slurm_state": "SUBMITTED", "slurm_cluster": cluster,
+                     "slurm_stdout": str(job.paths.stdout), "slurm_stderr": str(job.paths.stderr),
+                     "slurm_submission_file": str(job.paths.submission_file), "slurm_restarts": 0}
+
+    def state(self) -> str:
+        return _state(self.job) if self.cluster == "slurm" else str(self.job.state)
+
+    def record(self, name: str, **update) -> None:
+        self.info.update(update)
+        self.jobs[name] = self.info
+        _record(self.jobs_file, self.jobs)
+
+    def say(self, state: str) -> None:
+        print(f"[slurm] job {self.job.job_id} {state}  ({time.monotonic() - self.start:.0f} s)", flush=True)
+
+
 def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
-    run_dir = Path(run_dir)
-    folder = run_dir / "slurm"
+    """Submit the step as one Slurm job (submitit; finetune/launchers/slurm_job.py runs it on the nodes), follow its
+    state until it ends (requeues included; the time limit counts from when it runs), and return its result."""
     from finetune.launchers.slurm_job import StepJob
 
+    run_dir = Path(run_dir)
     spec = {"name": step.name, "argv": list(step.argv), "distributed": step.distributed, "env": env(step, cfg),
             "cwd": step.cwd or str(run_dir), "log": str(run_dir / step.log), "timeout_s": timeout_s,
             "world": _world(cfg) if step.distributed != "none" else {"nproc_per_node": 1, "nnodes": 1},
             "max_requeues": int(cfg.launcher.max_requeues)}
-    ex = _executor(cfg, folder, step.name, timeout_s)
-    start = time.monotonic()
-    job = ex.submit(StepJob(spec))
-    jobs_file = folder / "jobs.json"
+    ex = _executor(cfg, run_dir / "slurm", step.name, timeout_s)
+    sub = _Submitted(ex.submit(StepJob(spec)), ex.cluster, run_dir / "slurm" / "jobs.json")
+    sub.record(step.name)
+    print(f"[slurm] step {step.name}: submitted job {sub.job.job_id} ({ex.cluster}); logs {sub.job.paths.stdout}",
+          flush=True)
     try:
-        jobs = json.loads(jobs_file.read_text())
-    except (OSError, ValueError):
-        jobs = {}
-    info = {"slurm_job_id": str(job.job_id), "slurm_state": "SUBMITTED", "slurm_cluster": ex.cluster,
-            "slurm_stdout": str(job.paths.stdout), "slurm_stderr": str(job.paths.stderr),
-            "slurm_submission_file": str(job.paths.submission_file)}
-    jobs[step.name] = info
-    _record(jobs_file, jobs)
-    print(f"[slurm] step {step.name}: submitted job {job.job_id} ({ex.cluster}); logs {job.paths.stdout}", flush=True)
-    status, last, running_since = None, None, None
-    info["slurm_restarts"] = 0
-    try:
-        while True:
-            state = _state(job) if ex.cluster == "slurm" else str(job.state)
-            word = state.split()[0]
-            if state != last and not (last is None and state.startswith("UNKNOWN")):   # sacct lags the submission
-                print(f"[slurm] job {job.job_id} {state}  ({time.monotonic() - start:.0f} s)", flush=True)
-                if word in REQUEUE_STATES:
-                    info["slurm_restarts"] += 1
-                    running_since = None                   # the rerun's time limit starts when it runs again
-                    print(f"[slurm] job {job.job_id} is requeued (restart {info['slurm_restarts']} of at most "
-                          f"{int(cfg.launcher.max_requeues)}): it resumes from the last complete checkpoint",
-                          flush=True)
-                info["slurm_state"] = last = state
-                _record(jobs_file, jobs)
-            if job.done() or word in FAILED_STATES + ("COMPLETED",):   # done(): a result, or a final state
-                break
-            if running_since is None and word not in ("PENDING", "UNKNOWN", "SUBMITTED") + REQUEUE_STATES:
-                running_since = time.monotonic()           # time in the queue does not count against timeout_min
-            if timeout_s and running_since is not None and time.monotonic() - running_since > timeout_s:
-                status = "timeout"
-                job.cancel(check=False)
-                break
-            time.sleep(float(cfg.launcher.poll_s))
+        status, last = _follow(sub, step.name, cfg, timeout_s)
     except KeyboardInterrupt:
-        job.cancel(check=False)
-        info["slurm_state"] = "CANCELLED (interrupted)"
-        _record(jobs_file, jobs)
-        return SlurmStepResult(step.name, [], None, time.monotonic() - start, str(run_dir / step.log), "interrupted",
-                               extra=dict(info))
-    error, results = None, []
-    if status is None and last and last.split()[0] in FAILED_STATES and not last.startswith("FAILED"):
-        error = f"slurm job {job.job_id} ended {last}"     # cancelled/timeout/oom: no result will come
-    elif status is None:
-        try:
-            results = job.results()
-        except Exception as e:  # noqa: BLE001 - FailedJobError / UncompletedJobError: the job did not succeed
-            error = f"{type(e).__name__}: {e}"
-    final = _state(job) if ex.cluster == "slurm" else str(job.state)
-    if ex.cluster == "slurm":
-        # sacct lags the result file by a few seconds: wait (briefly) for the final state to be recorded
-        deadline = time.monotonic() + 20
-        while final.split()[0] in ("RUNNING", "PENDING", "COMPLETING", "UNKNOWN", "SUBMITTED") \
-                and time.monotonic() < deadline:
-            time.sleep(0.5)
-            final = _state(job)
+        sub.job.cancel(check=False)
+        sub.record(step.name, slurm_state="CANCELLED (interrupted)")
+        return SlurmStepResult(step.name, [], None, time.monotonic() - sub.start, str(run_dir / step.log),
+                               "interrupted", extra=dict(sub.info))
+    error, results = _outcome(sub, status, last)
+    final = _final_state(sub)
     if final != last:
-        print(f"[slurm] job {job.job_id} {final}  ({time.monotonic() - start:.0f} s)", flush=True)
-    info["slurm_state"] = final
-    _record(jobs_file, jobs)
-    duration = time.monotonic() - start
+        sub.say(final)
+    sub.record(step.name, slurm_state=final)
     code = None
     for r in results:
         if isinstance(r, dict) and r.get("exit_code") is not None:
             code = r["exit_code"]
-    if status is None:
-        status = "completed" if error is None else "failed"
+    status = status or ("completed" if error is None else "failed")
     tail = []
     if status != "completed":
-        tail = tail_of(run_dir / step.log, 15) or []
-        err_tail = tail_of(Path(job.paths.stderr), 10)
-        if err_tail:
-            tail += [f"--- {job.paths.stderr}"] + err_tail
-        if error and not tail:
-            tail = error.splitlines()[-15:]
-        info["error"] = (error or "")[-2000:]
+        tail = _failure_tail(run_dir / step.log, Path(sub.job.paths.stderr), error)
+        sub.info["error"] = (error or "")[-2000:]
     return SlurmStepResult(step.name, [str(a) for a in node_argv(spec, spec["world"], 0, "<node0>", 0)],
-                           code if code is not None else (0 if status == "completed" else None), duration,
-                           str(run_dir / step.log), status, tail,
-                           extra={**info, "nodes": [r for r in results if isinstance(r, dict)]})
+                           code if code is not None else (0 if status == "completed" else None),
+                           time.monotonic() - sub.start, str(run_dir / step.log), status, tail,
+                           extra={**sub.info, "nodes": [r for r in results if isinstance(r, dict)]})
+
+
+def _follow(sub: _Submitted, name: str, cfg, timeout_s) -> tuple:
+    """Poll the job until it ends. Returns (status, last state seen): status "timeout" when it ran longer than
+    timeout_s (it is cancelled; time in the queue does not count), else None."""
+    last, running_since = None, None
+    while True:
+        state = sub.state()
+        word = state.split()[0]
+        if state != last and not (last is None and state.startswith("UNKNOWN")):   # sacct lags the submission
+            sub.say(state)
+            if word in REQUEUE_STATES:
+                sub.info["slurm_restarts"] += 1
+                running_since = None                   # the rerun's time limit starts when it runs again
+                print(f"[slurm] job {sub.job.job_id} is requeued (restart {sub.info['slurm_restarts']} of at most "
+                      f"{int(cfg.launcher.max_requeues)}): it resumes from the last complete checkpoint", flush=True)
+            last = state
+            sub.record(name, slurm_state=state)
+        if sub.job.done() or word in FAILED_STATES + ("COMPLETED",):   # done(): a result, or a final state
+            return None, last
+        if running_since is None and word not in ("PENDING", "UNKNOWN", "SUBMITTED") + REQUEUE_STATES:
+            running_since = time.monotonic()
+        if timeout_s and running_since is not None and time.monotonic() - running_since > timeout_s:
+            sub.job.cancel(check=False)
+            return "timeout", last
+        time.sleep(float(cfg.launcher.poll_s))
+
+
+def _outcome(sub: _Submitted, status, last) -> tuple:
+    """(error or None, the nodes' results). A job cancelled, timed out or killed for memory has no result."""
+    if status is None and last and last.split()[0] in FAILED_STATES and not last.startswith("FAILED"):
+        return f"slurm job {sub.job.job_id} ended {last}", []
+    if status is None:
+        try:
+            return None, sub.job.results()
+        except Exception as e:  # noqa: BLE001 - FailedJobError / UncompletedJobError: the job did not succeed
+            return f"{type(e).__name__}: {e}", []
+    return None, []
+
+
+def _final_state(sub: _Submitted) -> str:
+    """The job's final state; sacct lags the result file by a few seconds, so wait (briefly) for it."""
+    final = sub.state()
+    if sub.cluster == "slurm":
+        deadline = time.monotonic() + 20
+        while final.split()[0] in ("RUNNING", "PENDING", "COMPLETING", "UNKNOWN", "SUBMITTED") \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+            final = sub.state()
+    return final
+
+
+def _failure_tail(log: Path, stderr: Path, error) -> list:
+    """The last lines that say why: the step's log, then the job's stderr, else the error itself."""
+    tail = tail_of(log, 15) or []
+    err_tail = tail_of(stderr, 10)
+    if err_tail:
+        tail += [f"--- {stderr}"] + err_tail
+    if error and not tail:
+        tail = error.splitlines()[-15:]
+    return tail
 
 
 if __name__ == "__main__":

@@ -242,37 +242,19 @@ def reproduce(run_dir, allow_different: bool = False, *, out_dir=None, tolerance
 
     run_dir = Path(run_dir).expanduser().absolute()
     manifest, overrides = load_record(run_dir)
-    status = manifest.get("status")
-    if status != "completed":
-        _warn(f"the recorded run's status is {status!r}: only what it logged can be compared")
+    if manifest.get("status") != "completed":
+        _warn(f"the recorded run's status is {manifest.get('status')!r}: only what it logged can be compared")
     name = (manifest.get("config") or {}).get("name") or "run"
     new_dir = Path(out_dir).expanduser().absolute() if out_dir else default_run_dir(f"reproduce-{name}")
     auto_choice = manifest.get("auto_choice") or (manifest.get("config") or {}).get("auto_choice")
     replay = replay_overrides(overrides, auto_choice) + [f"output_dir={new_dir}", "hydra.mode=RUN"]
     env = {**os.environ, **(env or {})}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-
-    _say(f"reproduce: {run_dir}")
-    _say(f"  recorded: commit {(manifest.get('git') or {}).get('commit')} dirty={(manifest.get('git') or {}).get('dirty')}"
-         f", python {manifest.get('python')}, created {manifest.get('created')}")
-    _say(f"  overrides: {' '.join(overrides) or '(none)'}")
-    if auto_choice and auto_choice.get("overrides"):
-        _say(f"  backend=auto chose: {' '.join(auto_choice['overrides'])} (replayed as typed, not decided again)")
-    blocking, warnings = environment_differences(manifest)
-    for w in warnings:
-        _warn(w)
-    for b in blocking:
-        _warn(f"differs from the recorded run: {b}")
-
     # the overrides are replayed as typed: from the folder they were typed in (relative paths), if it still exists
     cwd = manifest.get("cwd") if manifest.get("cwd") and Path(manifest["cwd"]).is_dir() else str(REPO)
-    composed = compose(replay, env, cwd)
-    recorded_dir = str(manifest.get("run_dir") or run_dir)
-    cfg_diffs = config_differences(manifest.get("config") or {}, composed, recorded_dir, str(new_dir), before_run=True)
-    for d in cfg_diffs[:20]:
-        _warn(f"config differs: {d}")
-    if len(cfg_diffs) > 20:
-        _warn(f"... and {len(cfg_diffs) - 20} more config differences")
+
+    blocking, warnings, cfg_diffs = _before_replay(run_dir, manifest, overrides, auto_choice, replay, env, cwd,
+                                                   new_dir)
     if (blocking or cfg_diffs) and not allow_different:
         what = "code or package versions" if blocking else "the composed config"
         sys.stderr.write(f"error: reproduce: {what} differ from the recorded run ({len(blocking)} environment, "
@@ -287,6 +269,41 @@ def reproduce(run_dir, allow_different: bool = False, *, out_dir=None, tolerance
         sys.stderr.write(f"reproduce: the replayed run failed (exit {proc.returncode}); see {new_dir}/logs\n")
         return 1
 
+    report = _compare(run_dir, new_dir, manifest, tolerance)
+    report.update(overrides=overrides, replayed=replay, environment_differences=blocking, warnings=warnings)
+    atomic_write_json(new_dir / "reproduce.json", report)
+    return _print_report(report, run_dir, new_dir, tolerance)
+
+
+def _before_replay(run_dir: Path, manifest: dict, overrides, auto_choice, replay, env, cwd, new_dir: Path):
+    """What could make the replay differ, said before it runs: package and code versions (blocking) or platform
+    (warnings), and the config composed now against the recorded one. Returns (blocking, warnings, config diffs)."""
+    git = manifest.get("git") or {}
+    _say(f"reproduce: {run_dir}")
+    _say(f"  recorded: commit {git.get('commit')} dirty={git.get('dirty')}, python {manifest.get('python')}, "
+         f"created {manifest.get('created')}")
+    _say(f"  overrides: {' '.join(overrides) or '(none)'}")
+    if auto_choice and auto_choice.get("overrides"):
+        _say(f"  backend=auto chose: {' '.join(auto_choice['overrides'])} (replayed as typed, not decided again)")
+    blocking, warnings = environment_differences(manifest)
+    for w in warnings:
+        _warn(w)
+    for b in blocking:
+        _warn(f"differs from the recorded run: {b}")
+    composed = compose(replay, env, cwd)
+    recorded_dir = str(manifest.get("run_dir") or run_dir)
+    cfg_diffs = config_differences(manifest.get("config") or {}, composed, recorded_dir, str(new_dir), before_run=True)
+    for d in cfg_diffs[:20]:
+        _warn(f"config differs: {d}")
+    if len(cfg_diffs) > 20:
+        _warn(f"... and {len(cfg_diffs) - 20} more config differences")
+    return blocking, warnings, cfg_diffs
+
+
+def _compare(run_dir: Path, new_dir: Path, manifest: dict, tolerance: float) -> dict:
+    """The replayed run against the recorded one: resolved configs, loss and eval-loss curves step by step,
+    final metrics, and both curves on one plot."""
+    recorded_dir = str(manifest.get("run_dir") or run_dir)
     new_cfg = json.loads((new_dir / "manifest.json").read_text()).get("config") or {}
     cfg_diffs = config_differences(manifest.get("config") or {}, new_cfg, recorded_dir, str(new_dir))
     for d in cfg_diffs:
@@ -294,19 +311,20 @@ def reproduce(run_dir, allow_different: bool = False, *, out_dir=None, tolerance
     old_rows, new_rows = read_history(run_dir), read_history(new_dir)
     curves = [compare_curves(old_rows, new_rows, k) for k in ("loss", "eval_loss")]
     curves = [c for c in curves if c["steps_recorded"] or c["steps_new"]]
-    old_m = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else (manifest.get("metrics") or {})
+    old_m = (json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file()
+             else (manifest.get("metrics") or {}))
     new_m = json.loads((new_dir / "metrics.json").read_text()) if (new_dir / "metrics.json").is_file() else {}
-    metrics = compare_metrics(old_m, new_m)
     matched = bool(curves) and all(c["same_steps"] and c["max_rel_diff"] is not None and c["max_rel_diff"] <= tolerance
                                    for c in curves)
-    identical = bool(curves) and all(c["identical"] for c in curves)
     png = plot_both(new_dir / "reproduce_loss.png", old_rows, new_rows, f"{run_dir.name} vs reproduction")
-    report = {"recorded": str(run_dir), "reproduced": str(new_dir), "overrides": overrides, "replayed": replay,
-              "environment_differences": blocking, "warnings": warnings, "config_differences": cfg_diffs,
-              "curves": curves, "metrics": metrics, "tolerance": tolerance, "matched": matched,
-              "identical": identical, "plot": png}
-    atomic_write_json(new_dir / "reproduce.json", report)
+    return {"recorded": str(run_dir), "reproduced": str(new_dir), "config_differences": cfg_diffs,
+            "curves": curves, "metrics": compare_metrics(old_m, new_m), "tolerance": tolerance, "matched": matched,
+            "identical": bool(curves) and all(c["identical"] for c in curves), "plot": png}
 
+
+def _print_report(report: dict, run_dir: Path, new_dir: Path, tolerance: float) -> int:
+    """The comparison as two tables and a verdict line. Returns 0 when the curves match, else 1."""
+    curves = report["curves"]
     _say("")
     _say(f"{'curve':<12} {'steps (rec/new)':>16} {'max |diff|':>12} {'identical':>9}")
     for c in curves:
@@ -314,13 +332,13 @@ def reproduce(run_dir, allow_different: bool = False, *, out_dir=None, tolerance
              f"{_fmt(c['max_abs_diff']):>12} {str(c['identical']):>9}")
     _say("")
     _say(f"{'metric':<24} {'recorded':>14} {'reproduced':>14} {'difference':>14}")
-    for m in metrics:
+    for m in report["metrics"]:
         note = "  (timing: varies run to run)" if m["timing"] else ""
         _say(f"{m['metric']:<24} {_fmt(m['recorded']):>14} {_fmt(m['new']):>14} {_fmt(m['diff']):>14}{note}")
     _say("")
-    if identical:
+    if report["identical"]:
         _say(f"reproduced: loss curves identical ({new_dir})")
-    elif matched:
+    elif report["matched"]:
         _say(f"reproduced: loss curves match within {tolerance:g} (relative) ({new_dir})")
     else:
         worst = max((c["max_abs_diff"] or 0.0) for c in curves) if curves else math.nan

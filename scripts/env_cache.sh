@@ -1,0 +1,37 @@
+# Sourced by scripts/setup_collie_env.sh and scripts/setup_mlflow_env.sh: how a tool's own virtual environment is
+# cached once per lock hash under ${FINETUNE_CACHE:-~/.cache/finetune} and linked into the clone.
+#
+#   env_prepare <tag> <lock file> <link> <cache name>   sets LOCK_SHA, HASH, LINK (absolute) and TARGET, checks
+#                                                       Python 3.11, and holds the build lock (fd 9) until exit
+#   env_link <tag>                                      points LINK at TARGET (unless they are the same folder)
+#
+# FINETUNE_NO_CACHE=1 builds in place (TARGET = LINK). Expects ROOT (the repo) and PY (the Python) to be set.
+
+env_prepare() {
+  local tag=$1 lock=$2 link=$3 name=$4
+  LOCK_SHA=$(sha256sum "$lock" | cut -d' ' -f1)
+  HASH=$( (cat "$lock"; "$PY" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)
+  case "$link" in /*) LINK=$link ;; *) LINK="$ROOT/$link" ;; esac
+  "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+    || { echo "$tag: needs Python 3.11 (set PYTHON=python3.11); $PY is $("$PY" -V 2>&1)" >&2; exit 1; }
+  if [ "${FINETUNE_NO_CACHE:-0}" = 1 ]; then
+    TARGET="$LINK"
+  else
+    TARGET="${FINETUNE_CACHE:-$HOME/.cache/finetune}/$name-$HASH"
+  fi
+  mkdir -p "$(dirname "$TARGET")"
+  # one build at a time (two runs or sweep jobs may ask for it at once); the others wait, then find it ready
+  exec 9>"$TARGET.lock"
+  flock 9
+}
+
+env_link() {
+  local tag=$1
+  if [ "$TARGET" != "$LINK" ]; then
+    if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
+      echo "$tag: $LINK exists and is not our link; leaving it (remove it, or set FINETUNE_NO_CACHE=1)" >&2
+      exit 1
+    fi
+    ln -sfn "$TARGET" "$LINK"
+  fi
+}
