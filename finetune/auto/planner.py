@@ -20,7 +20,7 @@ import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 from finetune.auto.estimator import GiB, LORA_LIKE, Estimate, MethodParams, ModelShape, Setup, estimate
 
@@ -285,24 +285,15 @@ def _efficiency(machine: Machine, tokens_per_micro: int, zero: Optional[int], of
     return eff
 
 
-@dataclass(frozen=True)
-class Combination:
-    """One way to run a backend, before it is estimated: the knobs the search turns."""
+class Combination(NamedTuple):
+    """One way to run a backend, before it is estimated."""
 
-    backend: str
-    method: str
     request: Request                           # the request as this backend sees it
     params: dict                               # method settings for the estimator's Setup
-    micro_batch_size: int
-    grad_accum: int
-    gradient_checkpointing: bool
-    zero_stage: Optional[int]
-    offload_optimizer: bool
-    offload_param: bool
-    dp: int
-    tp: int
     world: int                                 # processes in the whole job
-    nproc_per_node: int
+    knobs: dict                                # what the search turned: the Candidate fields backend, method,
+                                               # micro_batch_size, grad_accum, gradient_checkpointing, zero_stage,
+                                               # offload_optimizer, offload_param, dp, tp, nproc_per_node
 
 
 def process_counts(req: Request, machine: Machine):
@@ -391,11 +382,10 @@ def combinations(backends, base_req: Request, machine: Machine, per_backend: Opt
                 for mbs, gc, (zero, off_opt, off_param) in itertools.product(
                         micro_batch_options(req, per_rank), checkpointing_options(req),
                         zero_options(backend, method, req, machine, dp)):
-                    yield Combination(backend=backend, method=method, request=req, params=params,
-                                      micro_batch_size=mbs, grad_accum=per_rank // mbs,
-                                      gradient_checkpointing=bool(gc), zero_stage=zero, offload_optimizer=off_opt,
-                                      offload_param=off_param, dp=dp, tp=tp, world=world,
-                                      nproc_per_node=procs_per_node)
+                    knobs = dict(backend=backend, method=method, micro_batch_size=mbs, grad_accum=per_rank // mbs,
+                                 gradient_checkpointing=bool(gc), zero_stage=zero, offload_optimizer=off_opt,
+                                 offload_param=off_param, dp=dp, tp=tp, nproc_per_node=procs_per_node)
+                    yield Combination(request=req, params=params, world=world, knobs=knobs)
 
 
 def memory_limits(machine: Machine, procs_per_node: int):
@@ -418,33 +408,28 @@ def why_it_does_not_fit(need: float, limit: float, host_need: float, host_limit:
 
 def tokens_per_second(machine: Machine, combo: Combination, est: Estimate, quantized: bool) -> float:
     """processes x device FLOP/s x efficiency / training FLOPs per token (divided over the tensor-parallel group)."""
-    eff = _efficiency(machine, combo.micro_batch_size * combo.request.seq_len, combo.zero_stage,
-                      combo.offload_optimizer, combo.offload_param, combo.tp, machine.nnodes,
-                      combo.dp) * (QLORA_SPEED if quantized else 1.0)
-    return combo.world * machine.flops * eff / max(1.0, est.flops_per_step_token) / max(1, combo.tp)
+    k = combo.knobs
+    eff = _efficiency(machine, k["micro_batch_size"] * combo.request.seq_len, k["zero_stage"], k["offload_optimizer"],
+                      k["offload_param"], k["tp"], machine.nnodes, k["dp"]) * (QLORA_SPEED if quantized else 1.0)
+    return combo.world * machine.flops * eff / max(1.0, est.flops_per_step_token) / max(1, k["tp"])
 
 
 def evaluate(shape: ModelShape, combo: Combination, machine: Machine) -> Candidate:
     """Estimate one combination: memory against the limits, throughput, time including startup."""
-    req = combo.request
-    setup = Setup(method=method_family(combo.method), precision=req.precision, device=machine.device,
-                  micro_batch_size=combo.micro_batch_size, seq_len=req.seq_len,
-                  gradient_checkpointing=combo.gradient_checkpointing,
-                  memory_efficient_attention=req.memory_efficient_attention, zero_stage=combo.zero_stage,
-                  offload_optimizer=combo.offload_optimizer, offload_param=combo.offload_param, dp=combo.dp,
-                  tp=combo.tp, **combo.params)
+    req, k = combo.request, combo.knobs
+    setup = Setup(method=method_family(k["method"]), precision=req.precision, device=machine.device,
+                  micro_batch_size=k["micro_batch_size"], seq_len=req.seq_len,
+                  gradient_checkpointing=k["gradient_checkpointing"],
+                  memory_efficient_attention=req.memory_efficient_attention, zero_stage=k["zero_stage"],
+                  offload_optimizer=k["offload_optimizer"], offload_param=k["offload_param"], dp=k["dp"], tp=k["tp"],
+                  **combo.params)
     est = estimate(shape, setup)
-    limit, host_limit = memory_limits(machine, combo.nproc_per_node)
+    limit, host_limit = memory_limits(machine, k["nproc_per_node"])
     host_need = est.host_bytes if machine.device == "cuda" else 0.0
     tokens_per_s = tokens_per_second(machine, combo, est, quantized=bool(setup.quantization_bit))
-    est_time = STARTUP_S.get(combo.backend, 10.0) + (req.total_tokens or 1e7) / max(tokens_per_s, 1e-9)
-    return Candidate(backend=combo.backend, method=combo.method, micro_batch_size=combo.micro_batch_size,
-                     grad_accum=combo.grad_accum, gradient_checkpointing=combo.gradient_checkpointing,
-                     zero_stage=combo.zero_stage, offload_optimizer=combo.offload_optimizer,
-                     offload_param=combo.offload_param, dp=combo.dp, tp=combo.tp,
-                     nproc_per_node=combo.nproc_per_node, nnodes=machine.nnodes, estimate=est, limit_bytes=limit,
-                     host_limit_bytes=host_limit, tokens_per_s=tokens_per_s,
-                     fits=est.total <= limit and host_need <= host_limit,
+    est_time = STARTUP_S.get(k["backend"], 10.0) + (req.total_tokens or 1e7) / max(tokens_per_s, 1e-9)
+    return Candidate(**k, nnodes=machine.nnodes, estimate=est, limit_bytes=limit, host_limit_bytes=host_limit,
+                     tokens_per_s=tokens_per_s, fits=est.total <= limit and host_need <= host_limit,
                      why_not=why_it_does_not_fit(est.total, limit, host_need, host_limit), est_time_s=est_time)
 
 
