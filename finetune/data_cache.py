@@ -16,8 +16,8 @@ API (standard library only at import; ``datasets`` is imported only for a datase
 - ``build_fn()``: returns either JSON-serialisable data (a list of {"input_ids", "labels", ...} dicts: stored
   as one JSON file) or a ``datasets.Dataset``/``DatasetDict`` (stored with ``save_to_disk``, returned by
   ``load_from_disk``, memory-mapped). The same kind comes back on a hit.
-- Safe under parallel jobs: one builder per key at a time (an exclusive ``fcntl`` lock on ``<key>.lock``; the
-  others wait, then read), and the entry appears atomically (written to a temp name in the same folder, then
+- Safe under parallel jobs: one builder per key at a time (an exclusive ``filelock`` lock on ``<key>.lock``;
+  the others wait, then read), and the entry appears atomically (written to a temp name in the same folder, then
   renamed), so a reader never sees half an entry and a killed builder leaves only a temp file.
 - Where: ``$FINETUNE_DATA_CACHE``, else ``<repo>/outputs/cache/tokenized``, or the ``cache_dir`` argument. ``FINETUNE_DATA_CACHE=off`` disables it (always builds).
 - ``python -m finetune.data_cache list|clear [--cache-dir DIR]`` shows or empties it.
@@ -68,17 +68,13 @@ def cache_key(key_parts: Dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-@contextlib.contextmanager
 def _locked(lock_path: Path):
-    import fcntl
+    """One builder per key across processes: filelock's exclusive lock on ``<key>.lock`` (fcntl.flock on Linux),
+    waited for without a timeout, released when the block ends or the process dies."""
+    from filelock import FileLock
 
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return FileLock(str(lock_path))
 
 
 def _entry(root: Path, key: str) -> Optional[Path]:

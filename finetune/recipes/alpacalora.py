@@ -1,7 +1,9 @@
-"""The alpaca-lora recipe on HF Trainer + PEFT, every tuning method. One flat file, read top to bottom:
+"""The alpaca-lora recipe on HF Trainer + PEFT, every tuning method. main() at the bottom reads as the recipe, one
+step per line; each step is a plain function above it, with explicit arguments and return values:
 
-    config -> tokenizer -> data (prompt template, label masking, held-out split) -> model + method
-           -> Trainer (optimizer per method, checkpoints, resume) -> train -> evaluate -> save -> summary
+    config -> setup_process -> setup_tokenizer -> setup_data (prompt template, label masking, held-out split)
+           -> TrainingArguments -> setup_model (model + method) -> build_trainer (optimizer per method, checkpoints)
+           -> resume_point -> train (+ a final evaluation) -> save_artefact -> write_summary
 
 Run by the alpacalora backend as its own process (no Hydra here):
 
@@ -21,10 +23,22 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import MethodType
+from typing import Any, Optional
 
-from finetune.recipes.common import (COMPLETE, atomic_write_text, deepspeed_env, free_cores, last_complete_checkpoint,
-                                     log, peak_rss_mb, read_config, require_device, TokenMeter, truncate_history)
+# Heavy libraries at the top: this module is only ever run as the worker process (python -m ...). What main() puts
+# in the environment first (DeepSpeed's rank variables, OMP_NUM_THREADS, TensorBoard's folder) is read later, when
+# TrainingArguments and DeepSpeed are set up; the thread count itself is set with torch.set_num_threads.
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+
+from finetune.recipes.common import (COMPLETE, TokenMeter, atomic_write_bytes, atomic_write_text, deepspeed_env,
+                                     free_cores, history_callback, last_complete_checkpoint, log, peak_rss_mb,
+                                     read_config, require_device, truncate_history)
 from finetune.recipes.data import Collator, pack_examples, split_train_val, tokenized_data
 
 EAGER_MAX_LEN = 256          # attention auto on CPU: eager for batches up to this length, SDPA above (measured)
@@ -34,12 +48,18 @@ EAGER_MAX_LEN = 256          # attention auto on CPU: eager for batches up to th
 
 
 def all_linear_modules(model) -> list:
-    """LLaMA-Factory's find_all_linear_modules: last name segment of every *Linear* module except lm_head."""
+    """LLaMA-Factory's find_all_linear_modules: last name segment of every *Linear* module except lm_head.
+    Not PEFT's target_modules="all-linear": on Llama and SmolLM2, tied or not, it wraps the same layers, but it
+    writes every full module path into adapter_config.json on small models (<= 20 of them) instead of these
+    names, it also takes Conv1D layers, and it leaves out the output layer only as get_output_embeddings() reports
+    it (None for remote-code models without an lm_head attribute, e.g. ChatGLM3's output_layer). GaLore's "all"
+    uses this list too."""
     names = set()
     for name, module in model.named_modules():
         cls = type(module).__name__
-        if "Linear" in cls and "Embedding" not in cls and name.split(".")[-1] not in ("lm_head", "output_layer", "output"):
-            names.add(name.split(".")[-1])
+        last = name.split(".")[-1]
+        if "Linear" in cls and "Embedding" not in cls and last not in ("lm_head", "output_layer", "output"):
+            names.add(last)
     return sorted(names)
 
 
@@ -69,7 +89,8 @@ def setup_freeze(model, m: dict) -> None:
     modules = None if m["freeze_trainable_modules"] in ("all", None) else as_list(m["freeze_trainable_modules"])
     for mod in modules or []:
         if mod not in in_layer:
-            raise ValueError(f"method.freeze_trainable_modules: module {mod!r} not found; choose from {sorted(in_layer)}")
+            raise ValueError(f"method.freeze_trainable_modules: module {mod!r} not found; "
+                             f"choose from {sorted(in_layer)}")
     extras = as_list(m.get("freeze_extra_modules")) or []
     for mod in extras:
         if mod not in outside:
@@ -138,7 +159,7 @@ def keep_modules_to_save(model, adapter_dir: Path) -> None:
     loading the adapter fails (KeyError '...embed_tokens.weight'). They need no conversion (PiSSA changes only the
     LoRA target layers): write them back into the converted adapter, unchanged."""
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     # cloned: a tied model's embed_tokens and lm_head entries are one tensor (ensure_weight_tying), which
     # safetensors refuses to write twice ("Some tensors share memory"); PEFT's own save writes them as copies too
@@ -148,92 +169,118 @@ def keep_modules_to_save(model, adapter_dir: Path) -> None:
     path = Path(adapter_dir) / "adapter_model.safetensors"
     tensors = load_file(str(path))
     tensors.update({k: v for k, v in extra.items() if k not in tensors})
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
     log(f"PiSSA conversion: kept the trained {', '.join(sorted({k.split('.')[-2] for k in extra}))} in the adapter")
 
 
 def decay_parameter_names(model) -> set:
+    """The parameters that get weight decay: LLaMA-Factory's rule (every parameter outside torch LayerNorm layers,
+    biases excluded; RMSNorm weights do decay). HF Trainer's own default also exempts *norm* names, so the groups
+    are built here, for every optimizer we build."""
     from transformers.trainer_pt_utils import get_parameter_names
 
     try:
         from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
     except ImportError:  # pragma: no cover
-        import torch
         ALL_LAYERNORM_LAYERS = [torch.nn.LayerNorm]
     return {n for n in get_parameter_names(model, ALL_LAYERNORM_LAYERS) if "bias" not in n}
 
 
-def custom_optimizer(model, args, m: dict):
-    """LLaMA-Factory's create_custom_optimizer: LoRA+, GaLore (galore-torch), BAdam (badam); None = HF default."""
-    from transformers import Trainer
+def decay_groups(named, decay: set, weight_decay: float) -> list:
+    """[no-decay group, decay group] of the trainable (name, parameter) pairs."""
+    return [dict(params=[p for n, p in named if n not in decay], weight_decay=0.0),
+            dict(params=[p for n, p in named if n in decay], weight_decay=weight_decay)]
 
-    decay = decay_parameter_names(model)
+
+def loraplus_optimizer(model, args, m: dict):
+    """LoRA+ (LLaMA-Factory's grouping): B matrices (and 1-d weights) at loraplus_lr_ratio x the learning rate,
+    LoRA-on-embedding B matrices at loraplus_lr_embedding, the rest (A matrices, modules_to_save) at the learning
+    rate. Not PEFT's create_loraplus_optimizer: in peft 0.18.1 its embedding group is always empty (it asks
+    isinstance(param, lora.Embedding) of the parameter, not of its module; huggingface/peft#3499, fixed after
+    0.18.1 by #3503), so lora_embedding_B would train at the plain learning rate instead of loraplus_lr_embedding.
+    Without LoRA on an embedding the groups, learning rates and weight decay are the same (checked)."""
+    optim_cls, kw = Trainer.get_optimizer_cls_and_kwargs(args)
+    ratio, lr, decay = float(m["loraplus_lr_ratio"]), args.learning_rate, decay_parameter_names(model)
+    groups = {"lora_a": [], "lora_b": [], "lora_b_nodecay": [], "embedding": []}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "lora_embedding_B" in n:
+            groups["embedding"].append(p)
+        elif "lora_B" in n or p.ndim == 1:
+            groups["lora_b" if n in decay else "lora_b_nodecay"].append(p)
+        else:
+            groups["lora_a"].append(p)
+    param_groups = [
+        dict(params=groups["lora_a"], lr=lr, weight_decay=args.weight_decay),
+        dict(params=groups["lora_b"], lr=lr * ratio, weight_decay=args.weight_decay),
+        dict(params=groups["lora_b_nodecay"], lr=lr * ratio, weight_decay=0.0),
+        dict(params=groups["embedding"], lr=float(m.get("loraplus_lr_embedding", 1e-6)),
+             weight_decay=args.weight_decay),
+    ]
+    log(f"LoRA+: B learning rate x{ratio}")
+    return optim_cls([g for g in param_groups if g["params"]], **kw)
+
+
+def galore_optimizer(model, args, m: dict):
+    """LLaMA-Factory's GaLore (galore-torch): the 2-d weights of the target Linear layers projected to rank
+    galore_rank, the rest plain, weight decay as for every other method. Not transformers' optim="galore_adamw"
+    (used for the layer-wise variant): in transformers 5.6.0 it builds GaLoreAdamW with lr only (eps 1e-6, its
+    default, instead of adam_epsilon 1e-8) and groups without weight decay, and its "all-linear" also projects an
+    untied lm_head; the loss curves would differ."""
+    from galore_torch import GaLoreAdafactor, GaLoreAdamW
+
+    targets = as_list(m["galore_target"])
+    if targets == ["all"]:
+        targets = all_linear_modules(model)
+    galore = [p for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+              and any(t in name for t in targets) for p in mod.parameters() if p.requires_grad and p.ndim > 1]
+    ids = {id(p) for p in galore}
+    rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
+    _, kw = Trainer.get_optimizer_cls_and_kwargs(args)
+    optim_cls = {"adamw_torch": GaLoreAdamW, "adafactor": GaLoreAdafactor}.get(args.optim)
+    if optim_cls is None:
+        raise ValueError(f"GaLore runs with optim adamw_torch or adafactor, not {args.optim}")
+    gk = dict(rank=int(m["galore_rank"]), update_proj_gap=int(m["galore_update_interval"]),
+              scale=float(m["galore_scale"]), proj_type=m["galore_proj_type"])
+    log(f"GaLore: {len(galore)} projected matrices, {gk}")
+    return optim_cls([*decay_groups(rest, decay_parameter_names(model), args.weight_decay),
+                      dict(params=galore, weight_decay=args.weight_decay, **gk)], **kw)
+
+
+def badam_optimizer(model, args, m: dict):
+    """LLaMA-Factory's BAdam: one block of layers trained at a time (layer mode, switched every
+    badam_switch_interval steps) or a random share of each weight (ratio mode, embeddings excluded)."""
+    optim_cls, kw = Trainer.get_optimizer_cls_and_kwargs(args)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = decay_groups(named, decay_parameter_names(model), args.weight_decay)
+    if m["badam_mode"] == "layer":
+        from badam import BlockOptimizer
+
+        log(f"BAdam layer mode: switch every {m['badam_switch_interval']} steps, {m['badam_switch_mode']}")
+        return BlockOptimizer(base_optimizer=optim_cls(groups, **kw),
+                              named_parameters_list=list(model.named_parameters()), block_prefix_list=None,
+                              switch_block_every=int(m["badam_switch_interval"]),
+                              start_block=m.get("badam_start_block"), switch_mode=m["badam_switch_mode"],
+                              verbose=int(m["badam_verbose"]))
+    from badam import BlockOptimizerRatio
+
+    log(f"BAdam ratio mode: update ratio {m['badam_update_ratio']}, mask {m['badam_mask_mode']}")
+    kw = {k: v for k, v in kw.items() if k not in ("fused", "foreach")}
+    return BlockOptimizerRatio(param_groups=groups, named_parameters_list=list(model.named_parameters()),
+                               update_ratio=float(m["badam_update_ratio"]), mask_mode=m["badam_mask_mode"],
+                               verbose=int(m["badam_verbose"]), include_embedding=False, **kw)
+
+
+def custom_optimizer(model, args, m: dict):
+    """LLaMA-Factory's create_custom_optimizer: LoRA+, GaLore, BAdam; None = the HF default (every other method,
+    and layer-wise GaLore, which TrainingArguments.optim=galore_*_layerwise builds)."""
     if m.get("loraplus_lr_ratio"):
-        optim_cls, kw = Trainer.get_optimizer_cls_and_kwargs(args)
-        ratio, lr = float(m["loraplus_lr_ratio"]), args.learning_rate
-        groups = {"lora_a": [], "lora_b": [], "lora_b_nodecay": [], "embedding": []}
-        for n, p in named:
-            if "lora_embedding_B" in n:
-                groups["embedding"].append(p)
-            elif "lora_B" in n or p.ndim == 1:
-                groups["lora_b" if n in decay else "lora_b_nodecay"].append(p)
-            else:
-                groups["lora_a"].append(p)
-        param_groups = [
-            dict(params=groups["lora_a"], lr=lr, weight_decay=args.weight_decay),
-            dict(params=groups["lora_b"], lr=lr * ratio, weight_decay=args.weight_decay),
-            dict(params=groups["lora_b_nodecay"], lr=lr * ratio, weight_decay=0.0),
-            dict(params=groups["embedding"], lr=float(m.get("loraplus_lr_embedding", 1e-6)),
-                 weight_decay=args.weight_decay),
-        ]
-        log(f"LoRA+: B learning rate x{ratio}")
-        return optim_cls([g for g in param_groups if g["params"]], **kw)
-    if m.get("use_galore") and m.get("galore_layerwise"):
-        return None              # transformers' layer-wise GaLore (TrainingArguments.optim=galore_*_layerwise)
+        return loraplus_optimizer(model, args, m)
     if m.get("use_galore"):
-        import torch
-        from galore_torch import GaLoreAdafactor, GaLoreAdamW
-
-        targets = as_list(m["galore_target"])
-        if targets == ["all"]:
-            targets = all_linear_modules(model)
-        galore = [p for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
-                  and any(t in name for t in targets) for p in mod.parameters() if p.requires_grad and p.ndim > 1]
-        ids = {id(p) for p in galore}
-        rest_decay = [p for n, p in named if id(p) not in ids and n in decay]
-        rest_nodecay = [p for n, p in named if id(p) not in ids and n not in decay]
-        _, kw = Trainer.get_optimizer_cls_and_kwargs(args)
-        optim_cls = {"adamw_torch": GaLoreAdamW, "adafactor": GaLoreAdafactor}.get(args.optim)
-        if optim_cls is None:
-            raise ValueError(f"GaLore runs with optim adamw_torch or adafactor, not {args.optim}")
-        gk = dict(rank=int(m["galore_rank"]), update_proj_gap=int(m["galore_update_interval"]),
-                  scale=float(m["galore_scale"]), proj_type=m["galore_proj_type"])
-        log(f"GaLore: {len(galore)} projected matrices, {gk}")
-        return optim_cls([dict(params=rest_nodecay, weight_decay=0.0),
-                          dict(params=rest_decay, weight_decay=args.weight_decay),
-                          dict(params=galore, weight_decay=args.weight_decay, **gk)], **kw)
+        return None if m.get("galore_layerwise") else galore_optimizer(model, args, m)
     if m.get("use_badam"):
-        optim_cls, kw = Trainer.get_optimizer_cls_and_kwargs(args)
-        groups = [dict(params=[p for n, p in named if n not in decay], weight_decay=0.0),
-                  dict(params=[p for n, p in named if n in decay], weight_decay=args.weight_decay)]
-        if m["badam_mode"] == "layer":
-            from badam import BlockOptimizer
-
-            log(f"BAdam layer mode: switch every {m['badam_switch_interval']} steps, {m['badam_switch_mode']}")
-            return BlockOptimizer(base_optimizer=optim_cls(groups, **kw), named_parameters_list=list(model.named_parameters()),
-                                  block_prefix_list=None, switch_block_every=int(m["badam_switch_interval"]),
-                                  start_block=m.get("badam_start_block"), switch_mode=m["badam_switch_mode"],
-                                  verbose=int(m["badam_verbose"]))
-        from badam import BlockOptimizerRatio
-
-        log(f"BAdam ratio mode: update ratio {m['badam_update_ratio']}, mask {m['badam_mask_mode']}")
-        kw = {k: v for k, v in kw.items() if k not in ("fused", "foreach")}
-        return BlockOptimizerRatio(param_groups=groups, named_parameters_list=list(model.named_parameters()),
-                                   update_ratio=float(m["badam_update_ratio"]), mask_mode=m["badam_mask_mode"],
-                                   verbose=int(m["badam_verbose"]), include_embedding=False, **kw)
+        return badam_optimizer(model, args, m)
     return None
 
 
@@ -355,33 +402,114 @@ def training_arguments(cfg: dict, world: int, ds_config, has_eval: bool) -> dict
     )
 
 
-# ---------------------------------------------------------------------------------------------- the recipe
+# ---------------------------------------------------------------------------------------------- the Trainer
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m finetune.recipes.alpacalora")
-    ap.add_argument("--config", required=True, help="<run>/resolved_config.json written by the driver")
-    cfg = read_config(ap.parse_args(argv).config)
-    run_dir = Path(cfg["_run_dir"])           # every path in the config is absolute (resolved at validation)
-    m, b, hw = cfg["method"], cfg["backend"], cfg["hardware"]
-    ds_config = b.get("deepspeed") or os.environ.get("FINETUNE_DEEPSPEED")   # the plan's generated file
+@dataclass
+class RunState:
+    """What the Trainer and its callbacks share with the recipe: the trainable parameter count (counted at set-up,
+    recounted once the optimizer exists), when training began, and the time spent outside training."""
+
+    trainable: int
+    t_begin: Optional[float] = None   # set-up done (optimizer, DeepSpeed's engine, JIT-built ops)
+    other_s: float = 0.0              # evaluations and checkpoint saves: tokens/s leaves them out
+
+    @contextlib.contextmanager
+    def not_training(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.other_s += time.perf_counter() - t
+
+
+class RecipeTrainer(Trainer):
+    """HF Trainer + our optimizer choice, per-batch attention choice, real-token counting, tokens/s and peak RSS in
+    every log event, and complete-checkpoint markers."""
+
+    def __init__(self, *a, method: dict, meter: TokenMeter, run_state: RunState, attention_config=None, **kw):
+        self.method, self.meter, self.run_state = method, meter, run_state
+        self.attention_config = attention_config        # the model config whose attention switches per batch
+        super().__init__(*a, **kw)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = custom_optimizer(self.model, self.args, self.method)
+        return super().create_optimizer(model) if model is not None else super().create_optimizer()
+
+    def compute_loss(self, model, inputs, *a, **kw):
+        if self.attention_config is not None:
+            impl = "eager" if inputs["input_ids"].shape[-1] <= EAGER_MAX_LEN else "sdpa"
+            if self.attention_config._attn_implementation != impl:
+                self.attention_config._attn_implementation = impl
+        return super().compute_loss(model, inputs, *a, **kw)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.meter.count(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs, *a, **kw):
+        if "loss" in logs:
+            logs.update(self.meter.rates())         # input tokens/s and supervised target tokens/s, all ranks
+            logs["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        return super().log(logs, *a, **kw)
+
+    def evaluate(self, *a, **kw):
+        with self.run_state.not_training():
+            return super().evaluate(*a, **kw)
+
+    def _save_checkpoint(self, model, trial):
+        with self.run_state.not_training():
+            super()._save_checkpoint(model, trial)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            if self.args.should_save:            # written last, atomically: the checkpoint is complete
+                step_dir = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+                atomic_write_text(step_dir / COMPLETE, str(time.time()))
+
+
+class TrainingBegins(TrainerCallback):
+    """Once the optimizer exists: the trainable count (BAdam freezes all but the active block there), the optimizer
+    in use, and the start of the training clock."""
+
+    def __init__(self, trainer: Trainer, run_state: RunState):
+        self.trainer, self.run_state = trainer, run_state
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        n = sum(numel(p) for p in self.trainer.model.parameters() if p.requires_grad)
+        if n != self.run_state.trainable:
+            log(f"trainable parameters after the optimizer set-up: {n:,}")
+        self.run_state.trainable = n
+        inner = getattr(getattr(self.trainer, "deepspeed", None), "basic_optimizer", None)
+        log(f"optimizer: {type(self.trainer.optimizer).__name__}"
+            + (f" (DeepSpeed, over {type(inner).__name__})" if inner is not None else ""))
+        self.run_state.t_begin = time.perf_counter()
+
+
+# ---------------------------------------------------------------------------------------------- the recipe steps
+
+
+def deepspeed_config(cfg: dict, run_dir: Path) -> Optional[str]:
+    """The DeepSpeed JSON of the run (the plan's generated file), with DeepSpeed's one-process environment."""
+    ds_config = cfg["backend"].get("deepspeed") or os.environ.get("FINETUNE_DEEPSPEED")
     if ds_config and not os.path.isabs(ds_config):
         ds_config = str(run_dir / ds_config)
     if ds_config:
         deepspeed_env()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if int(b.get("torch_threads") or 0) > 0:
-        os.environ["OMP_NUM_THREADS"] = str(b["torch_threads"])
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    return ds_config or None
 
-    # 1. libraries (heavy: only here, in the worker); GPU hardware where this process sees no GPU: stop here
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-    require_device(hw)
-    libs_rss = peak_rss_mb()          # the libraries' share of the peak: the rest is model, data and training state
+def setup_process(cfg: dict, world: int) -> float:
+    """Device check (GPU hardware where this process sees no GPU: stop here), threads, library log level; returns
+    the peak RSS once the libraries are loaded (their share of the peak: the rest is model, data and training
+    state)."""
+    b, hw = cfg["backend"], cfg["hardware"]
     threads = int(b.get("torch_threads") or 0)
+    if threads > 0:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg["_run_dir"]) / "tensorboard"))
+    require_device(hw)
+    libs_rss = peak_rss_mb()
     if threads == 0 and world == 1 and _small_model(cfg["model"]["path"]):
         threads = 1          # matmuls of a tiny model are too small to split: a 2nd thread only spins (16x slower
                              # on a busy 2-core machine, measured)
@@ -391,39 +519,41 @@ def main(argv=None) -> int:
     if threads > 0:
         torch.set_num_threads(threads)
     transformers.logging.set_verbosity_warning()
-    seed = int(cfg["seed"])
+    return libs_rss
 
-    # 2. tokenizer: a pad token distinct from EOS when the model has one (the reference uses id 0, unk)
+
+def setup_tokenizer(cfg: dict):
+    """The model's tokenizer with a pad token distinct from EOS when the model has one (the reference uses id 0,
+    unk)."""
     tokenizer = AutoTokenizer.from_pretrained(cfg["model"]["path"], trust_remote_code=cfg["trust_remote_code"])
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
 
-    # 3. data: template -> tokens + labels (train_on_inputs), cutoff_len + EOS, cached; held-out split, seed 42
+
+def setup_data(cfg: dict, tokenizer):
+    """Template -> tokens + labels (train_on_inputs), cutoff_len + EOS, cached; held-out split (seed 42); packing."""
+    b = cfg["backend"]
     examples = tokenized_data(cfg, tokenizer)
     train_set, val_set = split_train_val(examples, float(cfg["val_set_size"]), seed=42)
     log(f"data: {len(examples)} examples -> {len(train_set)} train, {len(val_set)} held out "
-        f"(train_on_inputs={cfg['train_on_inputs']}, cutoff_len={cfg['cutoff_len']}, template={cfg['prompt_template_name']})")
+        f"(train_on_inputs={cfg['train_on_inputs']}, cutoff_len={cfg['cutoff_len']}, "
+        f"template={cfg['prompt_template_name']})")
     if b.get("packing"):
         n_examples = len(train_set)
-        train_set = pack_examples(train_set, int(cfg["cutoff_len"]), seed=seed)
+        train_set = pack_examples(train_set, int(cfg["cutoff_len"]), seed=int(cfg["seed"]))
         log(f"packing: {n_examples} training examples -> {len(train_set)} rows of <= {cfg['cutoff_len']} tokens "
             f"(no attention across examples; the held-out set stays unpacked)")
     if b.get("show_prompt") and int(os.environ.get("RANK", "0")) == 0:
         print(tokenizer.decode(train_set[0]["input_ids"]), flush=True)
+    return train_set, val_set
 
-    # 4. Trainer arguments BEFORE the model: under ZeRO-3 they hold the DeepSpeed config that from_pretrained reads
-    #    (is_deepspeed_zero3_enabled) to load the weights already partitioned (deepspeed.zero.Init), instead of every
-    #    rank loading the whole model into host memory
-    args = TrainingArguments(**training_arguments(cfg, world, ds_config, has_eval=bool(val_set)))
-    if m.get("use_galore") and m.get("galore_layerwise"):
-        log(f"GaLore layer-wise: {args.optim}, targets {args.optim_target_modules}, {args.optim_args} (the logged "
-            "grad norm is 0: gradients are consumed by the per-layer steps; optimizer moments are not checkpointed, "
-            "so a resumed run restarts them)")
 
-    # 5. model + method. Seed BEFORE loading and wrapping, so LoRA/PiSSA init and reruns are bitwise identical.
-    transformers.set_seed(seed)
-    dtype = torch.bfloat16 if hw["precision"] == "bf16" else torch.float16 if hw["precision"] == "fp16" else torch.float32
-    attn = b.get("attn_implementation") or "auto"
+def load_model(cfg: dict, dtype):
+    """from_pretrained in the run's precision (under ZeRO-3 already partitioned: the TrainingArguments built before
+    hold the DeepSpeed config it reads), quantised for QLoRA."""
+    m, hw = cfg["method"], cfg["hardware"]
+    attn = cfg["backend"].get("attn_implementation") or "auto"
     model = AutoModelForCausalLM.from_pretrained(cfg["model"]["path"], dtype=dtype,
                                                  trust_remote_code=cfg["trust_remote_code"],
                                                  **({} if attn == "auto" else {"attn_implementation": attn}),
@@ -432,24 +562,40 @@ def main(argv=None) -> int:
     partitioned = sum(1 for p in model.parameters() if hasattr(p, "ds_id"))
     if partitioned:
         log(f"ZeRO-3: weights loaded partitioned across the ranks ({partitioned} parameters, deepspeed.zero.Init)")
-    # attention auto on CPU: per batch, eager up to EAGER_MAX_LEN tokens, SDPA above. Measured here (30M Llama,
-    # bf16, 4 sequences, forward+backward tokens/s, eager vs sdpa): 112 tokens 1748 vs 1581, 256: 1779 vs 1746,
-    # 512: 1280 vs 1459, 1024: 598 vs 1572. Both give the same loss (within 1e-6); the switch is a config attribute
-    # the attention layers read on every call.
-    model_config = model.config
-    switch_attention = attn == "auto" and hw["device"] == "cpu" and model_config._attn_implementation == "sdpa"
-    if switch_attention:
-        log(f"attention: auto on CPU: eager for batches up to {EAGER_MAX_LEN} tokens, sdpa above")
+    return model
+
+
+def attention_to_switch(cfg: dict, model):
+    """Attention auto on CPU: per batch, eager up to EAGER_MAX_LEN tokens, SDPA above; returns the model config
+    whose attention the Trainer switches, or None. Measured here (30M Llama, bf16, 4 sequences, forward+backward
+    tokens/s, eager vs sdpa): 112 tokens 1748 vs 1581, 256: 1779 vs 1746, 512: 1280 vs 1459, 1024: 598 vs 1572.
+    Both give the same loss (within 1e-6); the switch is a config attribute the attention layers read on every
+    call."""
+    attn = cfg["backend"].get("attn_implementation") or "auto"
+    if attn != "auto" or cfg["hardware"]["device"] != "cpu" or model.config._attn_implementation != "sdpa":
+        return None
+    log(f"attention: auto on CPU: eager for batches up to {EAGER_MAX_LEN} tokens, sdpa above")
+    return model.config
+
+
+def setup_model(cfg: dict, ds_config) -> tuple:
+    """(model with the method applied, the config whose attention switches per batch or None). Seeded BEFORE
+    loading and wrapping, so LoRA/PiSSA init and reruns are bitwise identical."""
+    m, hw = cfg["method"], cfg["hardware"]
+    transformers.set_seed(int(cfg["seed"]))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hw["precision"], torch.float32)
+    model = load_model(cfg, dtype)
+    attention_config = attention_to_switch(cfg, model)
     if dtype != torch.float32:
         log(f"precision: {hw['precision']} mixed (frozen weights {hw['precision']}, trainable weights fp32, autocast)")
-    uses_lora = bool(m.get("uses_lora"))
     quantized = bool(m.get("quantization_bit"))
     if quantized:
         model = prepare_quantized(model, bool(cfg["gradient_checkpointing"]))
         log(f"QLoRA: base loaded in {m['quantization_bit']}-bit"
             + (f" {m.get('quantization_type')} (double quantisation {bool(m.get('double_quantization'))})"
-               if int(m["quantization_bit"]) == 4 else "") + f", compute {dtype}; the merge uses the full-precision base")
-    if uses_lora:
+               if int(m["quantization_bit"]) == 4 else "")
+            + f", compute {dtype}; the merge uses the full-precision base")
+    if m.get("uses_lora"):
         model = setup_lora(model, m)
     elif m["finetuning_type"] == "freeze":
         setup_freeze(model, m)
@@ -464,105 +610,47 @@ def main(argv=None) -> int:
                 p.data = p.data.float()
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
-        if uses_lora:
+        if m.get("uses_lora"):
             model.enable_input_require_grads()
+    return model, attention_config
 
-    # 6. Trainer: batch = micro x accumulation x world; cosine with warmup; checkpoints; tensorboard
-    accum, ckpt_dir = args.gradient_accumulation_steps, Path(args.output_dir)
-    counter = {"other_s": 0.0}
-    meter = TokenMeter(world, tokenizer.pad_token_id)
 
-    @contextlib.contextmanager
-    def not_training():
-        """Time that is not training time (evaluations, checkpoint saves): tokens/s leaves it out."""
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            counter["other_s"] += time.perf_counter() - t
-
-    class RecipeTrainer(Trainer):
-        """HF Trainer + our optimizer choice, real-token counting, tokens/s and peak RSS in every log event,
-        and complete-checkpoint markers."""
-
-        def create_optimizer(self, model=None):
-            if self.optimizer is None:
-                self.optimizer = custom_optimizer(self.model, self.args, m)
-            return super().create_optimizer(model) if model is not None else super().create_optimizer()
-
-        def compute_loss(self, model, inputs, *a, **kw):
-            if switch_attention:
-                impl = "eager" if inputs["input_ids"].shape[-1] <= EAGER_MAX_LEN else "sdpa"
-                if model_config._attn_implementation != impl:
-                    model_config._attn_implementation = impl
-            return super().compute_loss(model, inputs, *a, **kw)
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            meter.count(inputs)
-            return super().training_step(model, inputs, num_items_in_batch)
-
-        def log(self, logs, *a, **kw):
-            if "loss" in logs:
-                logs.update(meter.rates())         # input tokens/s and supervised target tokens/s, all ranks
-                logs["peak_rss_mb"] = round(peak_rss_mb(), 1)
-            return super().log(logs, *a, **kw)
-
-        def evaluate(self, *a, **kw):
-            with not_training():
-                return super().evaluate(*a, **kw)
-
-        def _save_checkpoint(self, model, trial):
-            with not_training():
-                super()._save_checkpoint(model, trial)
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.barrier()
-                if self.args.should_save:            # written last, atomically: the checkpoint is complete
-                    atomic_write_text(ckpt_dir / f"checkpoint-{self.state.global_step}" / COMPLETE, str(time.time()))
-
-    from finetune.recipes.common import history_callback
-    from transformers.trainer_callback import PrinterCallback, TrainerCallback
-
+def build_trainer(cfg: dict, model, args, tokenizer, train_set, val_set, *, attention_config, run_state: RunState,
+                  world: int):
+    """The Trainer: batch = micro x accumulation x world, cosine with warmup, checkpoints, tensorboard, our history
+    callback (one plain line per event, instead of HF's printer), BAdam's callback and gradient clipping."""
     trainer = RecipeTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
                             data_collator=Collator(tokenizer.pad_token_id),
-                            callbacks=[history_callback(run_dir)])
-    trainer.remove_callback(PrinterCallback)           # our history callback prints one plain line per event
-
-    class CountAtStart(TrainerCallback):
-        """Trainable parameters once the optimizer exists (BAdam freezes all but the active block there)."""
-
-        def on_train_begin(self, args, state, control, model=None, **kw):
-            n = sum(numel(p) for p in trainer.model.parameters() if p.requires_grad)
-            if n != trainable:
-                log(f"trainable parameters after the optimizer set-up: {n:,}")
-            counter["trainable"] = n
-            inner = getattr(getattr(trainer, "deepspeed", None), "basic_optimizer", None)
-            log(f"optimizer: {type(trainer.optimizer).__name__}"
-                + (f" (DeepSpeed, over {type(inner).__name__})" if inner is not None else ""))
-            counter["t_begin"] = time.perf_counter()      # set-up done (DeepSpeed's engine, JIT-built ops)
-
-    trainer.add_callback(CountAtStart())
-    if m.get("use_badam"):                 # as LLaMA-Factory: BAdam's sparse (ratio) gradients need its own clipping
-        from types import MethodType
-
+                            callbacks=[history_callback(Path(cfg["_run_dir"]))], method=cfg["method"],
+                            meter=TokenMeter(world, tokenizer.pad_token_id), run_state=run_state,
+                            attention_config=attention_config)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(TrainingBegins(trainer, run_state))
+    if cfg["method"].get("use_badam"):     # as LLaMA-Factory: BAdam's sparse (ratio) gradients need its own clipping
         from badam import BAdamCallback, clip_grad_norm_old_version
 
         trainer.accelerator.clip_grad_norm_ = MethodType(clip_grad_norm_old_version, trainer.accelerator)
         trainer.add_callback(BAdamCallback)
-    total = sum(numel(p) for p in model.parameters())
-    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
-    log(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%), method={m['name']}, "
-        f"world={world}, accumulation={accum}")
+    return trainer
 
-    # PiSSA: keep the initial adapter so that the final one can be converted into a plain LoRA delta
-    pissa_init_dir = run_dir / "pissa_init"
-    if uses_lora and m.get("pissa_init") and m.get("pissa_convert") and trainer.args.should_save \
-            and not (pissa_init_dir / "adapter_config.json").exists():
+
+def save_pissa_init(cfg: dict, trainer, model) -> Optional[Path]:
+    """PiSSA with conversion: the initial adapter, kept so that the final one can be converted into a plain LoRA
+    delta; its folder, or None for every other method."""
+    m, pissa_init_dir = cfg["method"], Path(cfg["_run_dir"]) / "pissa_init"
+    if not (m.get("uses_lora") and m.get("pissa_init") and m.get("pissa_convert")):
+        return None
+    if trainer.args.should_save and not (pissa_init_dir / "adapter_config.json").exists():
         init = model.peft_config["default"].init_lora_weights
         model.peft_config["default"].init_lora_weights = True
         model.save_pretrained(str(pissa_init_dir))
         model.peft_config["default"].init_lora_weights = init
+    return pissa_init_dir
 
-    # 6. resume from the last complete checkpoint of this run folder (re-run or resume=true)
+
+def resume_point(trainer, run_dir: Path) -> Optional[Path]:
+    """The last complete checkpoint of this run folder (re-run or resume=true), history.jsonl cut back to it."""
+    ckpt_dir = Path(trainer.args.output_dir)
     resume_from = last_complete_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
     if resume_from is not None:
         step = int(resume_from.name.split("-")[1])
@@ -571,25 +659,37 @@ def main(argv=None) -> int:
             truncate_history(run_dir, step)
     elif trainer.args.should_save:
         truncate_history(run_dir, 0)
+    return resume_from
 
-    # 7. train, then a final evaluation if the last step had none
-    t0 = trainer._t_start = time.perf_counter()
+
+@dataclass
+class Timing:
+    output: Any            # the Trainer's TrainOutput
+    runtime_s: float       # trainer.train() as a whole
+    compute_s: float       # from the first step to the end, without the evaluations and checkpoint saves
+
+
+def train(trainer, run_state: RunState, resume_from: Optional[Path], has_eval: bool) -> Timing:
+    """Train (from the checkpoint, if any), then a final evaluation if the last step had none."""
+    t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     t_end = time.perf_counter()
-    runtime = t_end - t0
-    # training time: from the first step (after the optimizer/DeepSpeed set-up) to the end, without the
-    # evaluations and checkpoint saves in between
-    train_s = t_end - counter.get("t_begin", t0) - counter["other_s"]
+    begin = run_state.t_begin if run_state.t_begin is not None else t0
+    timing = Timing(output=out, runtime_s=t_end - t0, compute_s=t_end - begin - run_state.other_s)
     hist = trainer.state.log_history
-    if val_set and not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in hist):
+    if has_eval and not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in hist):
         trainer.evaluate()
+    return timing
 
-    # 8. save: adapter (LoRA methods; PiSSA converted to a plain LoRA) or the whole model
+
+def save_artefact(cfg: dict, trainer, model, tokenizer, pissa_init_dir: Optional[Path]) -> Path:
+    """The adapter (LoRA methods; PiSSA converted to a plain LoRA) or the whole model, with the files `finetune
+    generate` and the merge read; its folder."""
+    run_dir, uses_lora = Path(cfg["_run_dir"]), bool(cfg["method"].get("uses_lora"))
     target = Path(cfg.get("target_path") or run_dir / "lazyllm_lora")
     merged = Path(cfg.get("merge_path") or run_dir / "lazyllm_merge")
-    pissa_convert = uses_lora and m.get("pissa_init") and m.get("pissa_convert")
     artefact = target if uses_lora else merged
-    if pissa_convert:                       # (PiSSA is refused under ZeRO-3, so rank 0 holds the whole adapter)
+    if pissa_init_dir is not None:         # (PiSSA is refused under ZeRO-3, so rank 0 holds the whole adapter)
         if trainer.args.should_save:
             model.save_pretrained(str(target), path_initial_model_for_weight_conversion=str(pissa_init_dir))
             keep_modules_to_save(model, target)
@@ -597,27 +697,82 @@ def main(argv=None) -> int:
         trainer.save_model(str(artefact))   # every rank calls it: under ZeRO-3 it gathers the shards; rank 0 writes
     if trainer.args.should_save:
         save_generation_files(cfg, tokenizer, artefact)
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
-        summary = {
-            "method": m["name"], "total_params": int(total), "trainable_params": int(counter.get("trainable", trainable)),
-            "train_loss": losses[-1] if losses else None, "first_train_loss": losses[0] if losses else None,
-            "eval_loss": evals[-1] if evals else None, "global_step": trainer.state.global_step,
-            "train_runtime_s": runtime, "train_compute_s": train_s,
-            "train_tokens": meter.input * world, "train_target_tokens": meter.target * world,
-            "tokens_per_s": meter.input * world / train_s if train_s > 0 else None,
-            "target_tokens_per_s": meter.target * world / train_s if train_s > 0 else None,
-            "precision": hw["precision"],
-            "peak_rss_mb": peak_rss_mb(), "libraries_rss_mb": libs_rss,
-            "training_rss_mb": peak_rss_mb() - libs_rss, "world_size": world, "gradient_accumulation_steps": accum,
-            "resumed_from": str(resume_from) if resume_from else None, "artefact": str(artefact),
-            "deepspeed": bool(trainer.is_deepspeed_enabled),
-            "train_examples": len(train_set), "eval_examples": len(val_set),
-            "mean_train_loss_hf": out.training_loss,
-        }
-        atomic_write_text(run_dir / "train_summary.json", json.dumps(summary, indent=1))
-        log(f"saved {artefact}; train_loss={summary['train_loss']} eval_loss={summary['eval_loss']} "
-            f"tokens/s={summary['tokens_per_s']:.1f} peak_rss={summary['peak_rss_mb']:.0f} MiB")
+    return artefact
+
+
+def write_summary(cfg: dict, trainer, run_state: RunState, timing: Timing, *, total: int, libs_rss: float,
+                  resume_from: Optional[Path], artefact: Path) -> None:
+    """train_summary.json: parameter counts, losses, real tokens/s over the training time, peak RSS, runtime."""
+    meter, world, train_s = trainer.meter, trainer.meter.world, timing.compute_s
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    summary = {
+        "method": cfg["method"]["name"], "total_params": int(total), "trainable_params": int(run_state.trainable),
+        "train_loss": losses[-1] if losses else None, "first_train_loss": losses[0] if losses else None,
+        "eval_loss": evals[-1] if evals else None, "global_step": trainer.state.global_step,
+        "train_runtime_s": timing.runtime_s, "train_compute_s": train_s,
+        "train_tokens": meter.input * world, "train_target_tokens": meter.target * world,
+        "tokens_per_s": meter.input * world / train_s if train_s > 0 else None,
+        "target_tokens_per_s": meter.target * world / train_s if train_s > 0 else None,
+        "precision": cfg["hardware"]["precision"],
+        "peak_rss_mb": peak_rss_mb(), "libraries_rss_mb": libs_rss,
+        "training_rss_mb": peak_rss_mb() - libs_rss, "world_size": world,
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+        "resumed_from": str(resume_from) if resume_from else None, "artefact": str(artefact),
+        "deepspeed": bool(trainer.is_deepspeed_enabled),
+        "train_examples": len(trainer.train_dataset), "eval_examples": len(trainer.eval_dataset or []),
+        "mean_train_loss_hf": timing.output.training_loss,
+    }
+    atomic_write_text(Path(cfg["_run_dir"]) / "train_summary.json", json.dumps(summary, indent=1))
+    log(f"saved {artefact}; train_loss={summary['train_loss']} eval_loss={summary['eval_loss']} "
+        f"tokens/s={summary['tokens_per_s']:.1f} peak_rss={summary['peak_rss_mb']:.0f} MiB")
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m finetune.recipes.alpacalora")
+    ap.add_argument("--config", required=True, help="<run>/resolved_config.json written by the driver")
+    cfg = read_config(ap.parse_args(argv).config)
+    run_dir = Path(cfg["_run_dir"])           # every path in the config is absolute (resolved at validation)
+    m = cfg["method"]
+
+    # 1. process: DeepSpeed's environment, device, threads
+    ds_config = deepspeed_config(cfg, run_dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    libs_rss = setup_process(cfg, world)
+
+    # 2. tokenizer and data
+    tokenizer = setup_tokenizer(cfg)
+    train_set, val_set = setup_data(cfg, tokenizer)
+
+    # 3. Trainer arguments BEFORE the model: under ZeRO-3 they hold the DeepSpeed config that from_pretrained reads
+    #    (is_deepspeed_zero3_enabled) to load the weights already partitioned (deepspeed.zero.Init), instead of every
+    #    rank loading the whole model into host memory
+    args = TrainingArguments(**training_arguments(cfg, world, ds_config, has_eval=bool(val_set)))
+    if m.get("use_galore") and m.get("galore_layerwise"):
+        log(f"GaLore layer-wise: {args.optim}, targets {args.optim_target_modules}, {args.optim_args} (the logged "
+            "grad norm is 0: gradients are consumed by the per-layer steps; optimizer moments are not checkpointed, "
+            "so a resumed run restarts them)")
+
+    # 4. model + method, 5. Trainer
+    model, attention_config = setup_model(cfg, ds_config)
+    total = sum(numel(p) for p in model.parameters())
+    run_state = RunState(trainable=sum(numel(p) for p in model.parameters() if p.requires_grad))
+    trainer = build_trainer(cfg, model, args, tokenizer, train_set, val_set, attention_config=attention_config,
+                            run_state=run_state, world=world)
+    log(f"parameters: {run_state.trainable:,} trainable of {total:,} ({100 * run_state.trainable / total:.3f}%), "
+        f"method={m['name']}, world={world}, accumulation={args.gradient_accumulation_steps}")
+    pissa_init_dir = save_pissa_init(cfg, trainer, model)
+
+    # 6. train (resumed from the last complete checkpoint of this run folder), evaluate, save, summarise
+    resume_from = resume_point(trainer, run_dir)
+    timing = train(trainer, run_state, resume_from, has_eval=bool(val_set))
+    artefact = save_artefact(cfg, trainer, model, tokenizer, pissa_init_dir)
+    if trainer.args.should_save:
+        write_summary(cfg, trainer, run_state, timing, total=total, libs_rss=libs_rss, resume_from=resume_from,
+                      artefact=artefact)
     return 0
 
 
