@@ -354,69 +354,86 @@ def activation_bytes_per_token(shape: ModelShape, s: Setup) -> Dict[str, float]:
     return {"per_layer": per_layer, "layer_input": layer_input, "head": head}
 
 
-def estimate(shape: ModelShape, s: Setup) -> Estimate:
-    fam = _method_family(s.method)
-    P = shape.total_params()
-    L = shape.layers
-    half = s.pure_bf16 or s.precision in ("bf16", "fp16")
-    store = 2.0 if half else 4.0                      # dtype frozen weights are loaded in
-    mixed = half and not s.pure_bf16                  # fp32 master copies of trainable weights + autocast copy
-    master = 4.0 if not s.pure_bf16 else 2.0
-    grad_b = 4.0 if not s.pure_bf16 else 2.0
-    state_b = 4.0 if not s.pure_bf16 else 2.0
-    n_states = _optimizer_state_count(s.optim)
+@dataclass(frozen=True)
+class Dtypes:
+    """Bytes per value under a Setup's precision."""
 
-    # --- which parameters train, and how the weights are stored
-    trainable = 0.0
-    extra_weights = 0.0                               # weights besides the base model (adapters, copies)
+    half: bool          # 16-bit storage (bf16 / fp16, mixed or pure)
+    store: float        # frozen weights as loaded
+    mixed: bool         # mixed precision: fp32 master copies of trainable weights + the 16-bit copy autocast keeps
+    master: float       # trainable weights
+    grad: float         # gradients
+    state: float        # optimizer states
+
+    @classmethod
+    def of(cls, s: Setup) -> "Dtypes":
+        half = s.pure_bf16 or s.precision in ("bf16", "fp16")
+        full = 4.0 if not s.pure_bf16 else 2.0
+        return cls(half=half, store=2.0 if half else 4.0, mixed=half and not s.pure_bf16, master=full, grad=full,
+                   state=full)
+
+
+def trainable_split(shape: ModelShape, s: Setup, fam: str):
+    """(trainable, frozen base parameters, extra weights besides the base model: LoRA adapters and full copies)."""
+    P = shape.total_params()
     if fam == "full" or fam == "galore":
-        trainable = float(P)
-        frozen = 0.0
-    elif fam == "freeze":
-        n = min(abs(int(s.freeze_trainable_layers)), L)
-        trainable = float(n * shape.layer_params())
-        frozen = P - trainable
-    elif fam == "badam":
+        return float(P), 0.0, 0.0
+    if fam == "freeze":
+        trainable = float(min(abs(int(s.freeze_trainable_layers)), shape.layers) * shape.layer_params())
+        return trainable, P - trainable, 0.0
+    if fam == "badam":
         if s.badam_mode == "ratio":
             trainable = float(P) * float(s.badam_update_ratio)
         else:
             trainable = float(shape.layer_params())     # one block (decoder layer) at a time
-        frozen = P - trainable
-    else:  # lora
-        adapters = float(shape.lora_params(s.lora_r, s.lora_targets))
-        copies = float(shape.saved_module_params(s.modules_to_save))
-        trainable = adapters + copies
-        extra_weights = trainable
-        frozen = float(P)
+        return trainable, P - trainable, 0.0
+    adapters = float(shape.lora_params(s.lora_r, s.lora_targets))     # lora
+    copies = float(shape.saved_module_params(s.modules_to_save))
+    trainable = adapters + copies
+    return trainable, float(P), trainable
+
+
+def weight_bytes(shape: ModelShape, s: Setup, fam: str, d: Dtypes, trainable: float, frozen: float,
+                 extra_weights: float) -> float:
+    """Frozen weights (quantised for QLoRA, embeddings and lm_head 16-bit) + trainable ones in their dtypes."""
     if s.quantization_bit:
         emb = shape.embedding_params() + shape.head_params()
         weights_frozen = (frozen - emb) * (s.quantization_bit / 8.0) * 1.03 + emb * 2.0   # + quantisation constants
     else:
-        weights_frozen = frozen * store
+        weights_frozen = frozen * d.store
     if fam == "badam":
         # the whole model stays in its storage dtype; the active block also gets an fp32 master copy when mixed
-        weights = P * store + (trainable * 4.0 if (half and not s.pure_bf16) else 0.0)
-    elif fam in ("full", "galore", "freeze"):
-        weights = weights_frozen + trainable * (master + (2.0 if mixed else 0.0))
-    else:
-        weights = weights_frozen + extra_weights * (master + (2.0 if mixed else 0.0))
+        return shape.total_params() * d.store + (trainable * 4.0 if (d.half and not s.pure_bf16) else 0.0)
+    if fam in ("full", "galore", "freeze"):
+        return weights_frozen + trainable * (d.master + (2.0 if d.mixed else 0.0))
+    return weights_frozen + extra_weights * (d.master + (2.0 if d.mixed else 0.0))
 
-    # --- gradients and optimizer states
-    grads = trainable * grad_b
+
+def gradient_and_optimizer_bytes(shape: ModelShape, s: Setup, fam: str, d: Dtypes, trainable: float):
+    """(gradients, optimizer states). GaLore keeps states of the projected gradients plus the projections (and,
+    layer-wise, the gradients of one layer at a time)."""
+    P = shape.total_params()
+    n_states = _optimizer_state_count(s.optim)
+    grads = trainable * d.grad
     if fam == "galore":
         mats = [(fi, fo, c) for fi, fo, c in shape.module_shapes(["all"])]
-        proj = sum(L * c * (s.galore_rank * max(fi, fo) * n_states * state_b + s.galore_rank * min(fi, fo) * state_b)
+        proj = sum(shape.layers * c * (s.galore_rank * max(fi, fo) * n_states * d.state
+                                       + s.galore_rank * min(fi, fo) * d.state)
                    for fi, fo, c in mats)
-        in_layers = sum(L * fi * fo * c for fi, fo, c in mats)
-        optimizer = proj + (P - in_layers) * n_states * state_b
+        in_layers = sum(shape.layers * fi * fo * c for fi, fo, c in mats)
+        optimizer = proj + (P - in_layers) * n_states * d.state
         if s.galore_layerwise:
-            grads = shape.layer_params() * grad_b + (P - in_layers) * grad_b
-    else:
-        optimizer = trainable * n_states * state_b
-        if fam == "badam" and not s.pure_bf16 and not half:
-            optimizer = trainable * n_states * 4.0
+            grads = shape.layer_params() * d.grad + (P - in_layers) * d.grad
+        return grads, optimizer
+    optimizer = trainable * n_states * d.state
+    if fam == "badam" and not s.pure_bf16 and not d.half:
+        optimizer = trainable * n_states * 4.0
+    return grads, optimizer
 
-    # --- DeepSpeed ZeRO and tensor parallelism
+
+def shard(s: Setup, d: Dtypes, trainable: float, weights: float, grads: float, optimizer: float):
+    """DeepSpeed ZeRO (divide over dp, offload to host) and tensor parallelism (divide over tp):
+    (weights, gradients, optimizer states on the device, bytes offloaded to the host)."""
     host = 0.0
     z = s.zero_stage or 0
     dp = max(1, s.dp)
@@ -427,35 +444,47 @@ def estimate(shape: ModelShape, s: Setup) -> Estimate:
     if z >= 3:
         weights /= dp
     if s.offload_optimizer and z >= 2:
-        host += optimizer + (trainable * 4.0 / (dp if z >= 1 else 1) if mixed else 0.0)
+        host += optimizer + (trainable * 4.0 / (dp if z >= 1 else 1) if d.mixed else 0.0)
         optimizer = 0.0
     if s.offload_param and z >= 3:
         host += weights
         weights = weights * 0.1                      # the gathered working set of a few layers stays on the device
     tp = max(1, s.tp)
-    weights /= tp
-    grads /= tp
-    optimizer /= tp
+    return weights / tp, grads / tp, optimizer / tp, host
 
-    # --- activations
+
+def activation_total(shape: ModelShape, s: Setup) -> float:
+    """Activation bytes of one micro batch: every layer's, or under checkpointing each layer's input plus the layers
+    being recomputed (see GC_LAYERS); plus the head."""
     act = activation_bytes_per_token(shape, s)
     tokens = s.micro_batch_size * s.seq_len
+    L = shape.layers
     if s.gradient_checkpointing:
-        # each layer's input is kept; in the backward pass one layer at a time is recomputed (see GC_LAYERS)
         gc_layers = GC_LAYERS.get(s.device, GC_LAYERS["cuda"])
-        activations = tokens * (L * act["layer_input"] + gc_layers * act["per_layer"] + act["head"])
-    else:
-        activations = tokens * (L * act["per_layer"] + act["head"])
+        return tokens * (L * act["layer_input"] + gc_layers * act["per_layer"] + act["head"])
+    return tokens * (L * act["per_layer"] + act["head"])
 
-    runtime = RUNTIME_BYTES.get(s.device, RUNTIME_BYTES["cuda"])
-    parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
-             "runtime": runtime}
 
+def step_flops_per_token(shape: ModelShape, s: Setup, fam: str, trainable: float) -> float:
+    """Training FLOPs per token: forward + backward through activations + backward for the trained share of the
+    weights [+ the recompute under checkpointing]."""
     fwd = shape.flops_per_token(s.seq_len)
-    frac = 1.0 if fam in ("full", "galore") else min(1.0, trainable / max(1.0, P))
-    step_flops = fwd * (1.0 + 1.0 + frac) + (fwd if s.gradient_checkpointing else 0.0)   # fwd + bwd(act) + bwd(w)
-    return Estimate(total_params=int(P), trainable_params=int(trainable), parts=parts, host_bytes=host,
-                    flops_per_step_token=step_flops)
+    frac = 1.0 if fam in ("full", "galore") else min(1.0, trainable / max(1.0, shape.total_params()))
+    return fwd * (1.0 + 1.0 + frac) + (fwd if s.gradient_checkpointing else 0.0)
+
+
+def estimate(shape: ModelShape, s: Setup) -> Estimate:
+    """Bytes on one device per part (module docstring) and the training FLOPs per token."""
+    fam = _method_family(s.method)
+    d = Dtypes.of(s)
+    trainable, frozen, extra_weights = trainable_split(shape, s, fam)
+    weights = weight_bytes(shape, s, fam, d, trainable, frozen, extra_weights)
+    grads, optimizer = gradient_and_optimizer_bytes(shape, s, fam, d, trainable)
+    weights, grads, optimizer, host = shard(s, d, trainable, weights, grads, optimizer)
+    parts = {"weights": weights, "gradients": grads, "optimizer": optimizer,
+             "activations": activation_total(shape, s), "runtime": RUNTIME_BYTES.get(s.device, RUNTIME_BYTES["cuda"])}
+    return Estimate(total_params=int(shape.total_params()), trainable_params=int(trainable), parts=parts,
+                    host_bytes=host, flops_per_step_token=step_flops_per_token(shape, s, fam, trainable))
 
 
 def load_shape(model_path) -> ModelShape:

@@ -16,10 +16,11 @@ launcher.nproc_per_node) are kept as given.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 from finetune.auto.estimator import GiB, LORA_LIKE, Estimate, MethodParams, ModelShape, Setup, estimate
 
@@ -227,6 +228,37 @@ def backend_available(name: str, machine: Machine, collie_venv: Optional[str] = 
     return None
 
 
+def request_for(backend: str, base_req: Request, per_backend: Optional[Dict[str, Request]]) -> Request:
+    """The request as ``backend`` would see it (its own defaults), else the user's."""
+    return (per_backend or {}).get(backend, base_req)
+
+
+def why_cannot_train(req: Request, info: dict) -> Optional[str]:
+    """None when the backend (its backend_info) trains this model kind, data format and method; else why not."""
+    if req.model_kind not in info["model_kinds"]:
+        return f"does not train {req.model_kind} models"
+    if req.data_format not in info["data_formats"]:
+        return f"does not read data.format={req.data_format}"
+    if req.method != "auto" and req.method not in info["methods"]:
+        return f"cannot run method={req.method}"
+    return None
+
+
+def usable_backends(base_req: Request, machine: Machine, collie_venv: Optional[str],
+                    per_backend: Optional[Dict[str, Request]]):
+    """([(backend, its backend_info)] in backend.candidates order, {skipped backend: why})."""
+    usable, skipped = [], {}
+    for backend in base_req.candidates:
+        why = backend_available(backend, machine, collie_venv)
+        info = backend_info(backend) if why is None else {}
+        why = why or why_cannot_train(request_for(backend, base_req, per_backend), info)
+        if why:
+            skipped[backend] = why
+        else:
+            usable.append((backend, info))
+    return usable, skipped
+
+
 # ------------------------------------------------------------------------------------------------ search
 
 
@@ -253,131 +285,194 @@ def _efficiency(machine: Machine, tokens_per_micro: int, zero: Optional[int], of
     return eff
 
 
-def plan_choice(shape: ModelShape, req: Request, machine: Machine, collie_venv: Optional[str] = None,
-                per_backend: Optional[Dict[str, Request]] = None) -> Choice:
-    """Estimate every combination and pick one. ``per_backend``: the request as each backend would see it (its
-    own defaults for batch size, LoRA modules_to_save, ...); ``req`` otherwise."""
-    skipped: Dict[str, str] = {}
-    backends = []
-    base_req = req
-    for b in base_req.candidates:
-        req = (per_backend or {}).get(b, base_req)
-        why = backend_available(b, machine, collie_venv)
-        if why is None:
-            info = backend_info(b)
-            if req.model_kind not in info["model_kinds"]:
-                why = f"does not train {req.model_kind} models"
-            elif req.data_format not in info["data_formats"]:
-                why = f"does not read data.format={req.data_format}"
-            elif req.method != "auto" and req.method not in info["methods"]:
-                why = f"cannot run method={req.method}"
-        if why:
-            skipped[b] = why
-        else:
-            backends.append((b, info))
+class Combination(NamedTuple):
+    """One way to run a backend, before it is estimated."""
 
-    gpu_limit = machine.gpu_memory_gb * GiB * GPU_HEADROOM
-    host_node = machine.memory_gb * GiB * CPU_HEADROOM if machine.memory_gb else float("inf")
+    request: Request                           # the request as this backend sees it
+    params: dict                               # method settings for the estimator's Setup
+    world: int                                 # processes in the whole job
+    knobs: dict                                # what the search turned: the Candidate fields backend, method,
+                                               # micro_batch_size, grad_accum, gradient_checkpointing, zero_stage,
+                                               # offload_optimizer, offload_param, dp, tp, nproc_per_node
 
-    cands: List[Candidate] = []
-    for b, info in backends:
-        req = (per_backend or {}).get(b, base_req)
-        world = machine.gpus_per_node * machine.nnodes if machine.device == "cuda" else 1
-        procs_per_node = machine.gpus_per_node if machine.device == "cuda" else 1
-        if req.nproc_per_node:
-            procs_per_node = int(req.nproc_per_node)
-            world = procs_per_node * machine.nnodes
-        methods = [m for m in AUTO_METHODS if m in info["methods"]] if req.method == "auto" else [req.method]
-        tps = [t for t in (1, 2, 4, 8) if b in TENSOR_PARALLEL and machine.device == "cuda"
-               and procs_per_node % t == 0] or [1]
-        for method in methods:
-            fam = "lora" if method in LORA_LIKE else method
-            params = req.method_params()
-            if method == "qlora":
-                params["quantization_bit"] = params.get("quantization_bit") or 4
-            elif fam != "lora":
-                params["quantization_bit"] = None
-            for tp in tps:
+
+def process_counts(req: Request, machine: Machine):
+    """(processes in the job, processes per node): one per GPU, one on a CPU, or launcher.nproc_per_node."""
+    world = machine.gpus_per_node * machine.nnodes if machine.device == "cuda" else 1
+    procs_per_node = machine.gpus_per_node if machine.device == "cuda" else 1
+    if req.nproc_per_node:
+        procs_per_node = int(req.nproc_per_node)
+        world = procs_per_node * machine.nnodes
+    return world, procs_per_node
+
+
+def method_options(req: Request, info: dict) -> List[str]:
+    """method=auto: every AUTO_METHODS entry the backend runs; else the method asked for."""
+    return [m for m in AUTO_METHODS if m in info["methods"]] if req.method == "auto" else [req.method]
+
+
+def method_family(method: str) -> str:
+    """What the estimator calls the method: LoRA variants count as lora."""
+    return "lora" if method in LORA_LIKE else method
+
+
+def method_settings(method: str, req: Request) -> dict:
+    """The request's method settings for this method: QLoRA defaults to 4 bits, non-LoRA methods load unquantised."""
+    params = req.method_params()
+    if method == "qlora":
+        params["quantization_bit"] = params.get("quantization_bit") or 4
+    elif method_family(method) != "lora":
+        params["quantization_bit"] = None
+    return params
+
+
+def tensor_parallel_options(backend: str, machine: Machine, procs_per_node: int) -> List[int]:
+    """Tensor-parallel sizes to try: Collie on GPUs splits layers over 1, 2, 4 or 8 of a node's processes."""
+    return [t for t in (1, 2, 4, 8) if backend in TENSOR_PARALLEL and machine.device == "cuda"
+            and procs_per_node % t == 0] or [1]
+
+
+def micro_batch_options(req: Request, per_rank: int) -> List[int]:
+    """The typed micro_batch_size, else every divisor of the per-rank batch; only sizes that divide it."""
+    options = [req.micro_batch_size] if req.micro_batch_size else _divisors(per_rank)
+    return [mbs for mbs in options if per_rank % mbs == 0]
+
+
+def checkpointing_options(req: Request) -> List[bool]:
+    return [req.gradient_checkpointing] if req.gradient_checkpointing is not None else [False, True]
+
+
+def zero_options(backend: str, method: str, req: Request, machine: Machine, dp: int):
+    """[(ZeRO stage, offload optimizer, offload params)] to try: the typed stage, none where DeepSpeed does not
+    apply (CPU, Collie), else sharding / offload steps; minus what the method cannot use."""
+    family = method_family(method)
+    if req.zero_fixed:
+        options = [(req.zero_stage, False, False)]
+    elif machine.device != "cuda" or backend == "collie":
+        options = [(None, False, False)]
+    elif dp > 1:
+        options = [(None, False, False), (2, False, False), (3, False, False), (3, True, False), (3, True, True)]
+    else:
+        options = [(None, False, False), (2, True, False), (3, True, True)]
+    if family == "galore":
+        options = [z for z in options if z[0] is None] or [(None, False, False)]
+    if method == "qlora":                    # quantised weights are not partitioned by ZeRO-3 (refused)
+        options = [z for z in options if z[0] != 3] or [(None, False, False)]
+    if family == "badam" and req.badam_mode == "layer" and dp > 1:
+        options = [z for z in options if z[0] == 3]
+    return options
+
+
+def combinations(backends, base_req: Request, machine: Machine, per_backend: Optional[Dict[str, Request]]):
+    """Every combination to estimate, in a fixed order (backend, method, tp, micro batch, checkpointing, ZeRO):
+    ties between equally good plans go to the first."""
+    for backend, info in backends:
+        req = request_for(backend, base_req, per_backend)
+        world, procs_per_node = process_counts(req, machine)
+        tp_options = tensor_parallel_options(backend, machine, procs_per_node)
+        for method in method_options(req, info):
+            if method_family(method) == "badam" and req.badam_mode == "ratio" and world > 1:
+                continue                     # ratio-mode BAdam runs in one process only
+            params = method_settings(method, req)
+            for tp in tp_options:
                 dp = max(1, world // tp)
                 if req.batch_size % dp:
                     continue
                 per_rank = req.batch_size // dp
-                mbs_opts = [req.micro_batch_size] if req.micro_batch_size else _divisors(per_rank)
-                gc_opts = [req.gradient_checkpointing] if req.gradient_checkpointing is not None else [False, True]
-                if req.zero_fixed:
-                    zero_opts = [(req.zero_stage, False, False)]
-                elif machine.device != "cuda" or b == "collie":
-                    zero_opts = [(None, False, False)]
-                elif dp > 1:
-                    zero_opts = [(None, False, False), (2, False, False), (3, False, False), (3, True, False),
-                                 (3, True, True)]
-                else:
-                    zero_opts = [(None, False, False), (2, True, False), (3, True, True)]
-                if fam == "galore":
-                    zero_opts = [z for z in zero_opts if z[0] is None] or [(None, False, False)]
-                if method == "qlora":                # quantised weights are not partitioned by ZeRO-3 (refused)
-                    zero_opts = [z for z in zero_opts if z[0] != 3] or [(None, False, False)]
-                if fam == "badam" and req.badam_mode == "layer" and dp > 1:
-                    zero_opts = [z for z in zero_opts if z[0] == 3]
-                if fam == "badam" and req.badam_mode == "ratio" and world > 1:
-                    continue
-                for mbs in mbs_opts:
-                    if per_rank % mbs:
-                        continue
-                    for gc in gc_opts:
-                        for zero, off_opt, off_param in zero_opts:
-                            s = Setup(method=fam, precision=req.precision, device=machine.device,
-                                      micro_batch_size=mbs, seq_len=req.seq_len, gradient_checkpointing=bool(gc),
-                                      memory_efficient_attention=req.memory_efficient_attention,
-                                      zero_stage=zero, offload_optimizer=off_opt, offload_param=off_param, dp=dp, tp=tp,
-                                      **params)
-                            est = estimate(shape, s)
-                            if machine.device == "cuda":
-                                limit, host_limit = gpu_limit, host_node / max(1, procs_per_node)
-                                host_need = est.host_bytes
-                            else:       # the processes of a node share its RAM; offload stays in the same RAM
-                                limit = host_node / max(1, procs_per_node)
-                                host_limit, host_need = float("inf"), 0.0
-                            fits = est.total <= limit and host_need <= host_limit
-                            why = ""
-                            if est.total > limit:
-                                why = f"needs {est.total / GiB:.1f} GiB > {limit / GiB:.1f} GiB"
-                            elif host_need > host_limit:
-                                why = f"offload needs {host_need / GiB:.1f} GiB host RAM > {host_limit / GiB:.1f}"
-                            eff = _efficiency(machine, mbs * req.seq_len, zero, off_opt, off_param, tp,
-                                              machine.nnodes, dp) * (QLORA_SPEED if s.quantization_bit else 1.0)
-                            tps_ = world * machine.flops * eff / max(1.0, est.flops_per_step_token) / max(1, tp)
-                            est_time = STARTUP_S.get(b, 10.0) + (req.total_tokens or 1e7) / max(tps_, 1e-9)
-                            cands.append(Candidate(backend=b, method=method, micro_batch_size=mbs,
-                                                   grad_accum=per_rank // mbs, gradient_checkpointing=bool(gc),
-                                                   zero_stage=zero, offload_optimizer=off_opt, offload_param=off_param,
-                                                   dp=dp, tp=tp, nproc_per_node=procs_per_node, nnodes=machine.nnodes,
-                                                   estimate=est, limit_bytes=limit, host_limit_bytes=host_limit,
-                                                   tokens_per_s=tps_, fits=fits, why_not=why, est_time_s=est_time))
-    req = base_req
-    fitting = [c for c in cands if c.fits]
-    if not backends:
-        return Choice(None, cands, "no candidate backend can run here: " +
-                      "; ".join(f"{b}: {w}" for b, w in skipped.items()), machine, skipped)
-    order = {b: i for i, b in enumerate(req.candidates)}
-    if not fitting:
-        smallest = min(cands, key=lambda c: c.need_bytes / max(1.0, c.limit_bytes)) if cands else None
-        if smallest is None:
-            return Choice(None, cands, f"no plan: batch_size={req.batch_size} cannot be split over the "
-                          "processes of this hardware", machine, skipped, order, req.prefer)
-        p = smallest.estimate.parts
-        return Choice(None, cands,
-                      f"nothing fits: the smallest plan ({smallest.label()}) needs {smallest.need_bytes / GiB:.1f} GiB "
-                      f"per device (weights {p['weights'] / GiB:.1f}, gradients {p['gradients'] / GiB:.1f}, "
-                      f"optimizer {p['optimizer'] / GiB:.1f}, activations {p['activations'] / GiB:.1f}, runtime "
-                      f"{p['runtime'] / GiB:.1f}) for {smallest.estimate.total_params / 1e9:.2f}B parameters, "
-                      f"but the hardware has {smallest.limit_bytes / GiB:.1f} GiB usable per device", machine, skipped,
-                      order, req.prefer)
-    order = {b: i for i, b in enumerate(req.candidates)}
-    best = min(fitting, key=lambda c: c.sort_key(order, req.prefer))
+                for mbs, gc, (zero, off_opt, off_param) in itertools.product(
+                        micro_batch_options(req, per_rank), checkpointing_options(req),
+                        zero_options(backend, method, req, machine, dp)):
+                    knobs = dict(backend=backend, method=method, micro_batch_size=mbs, grad_accum=per_rank // mbs,
+                                 gradient_checkpointing=bool(gc), zero_stage=zero, offload_optimizer=off_opt,
+                                 offload_param=off_param, dp=dp, tp=tp, nproc_per_node=procs_per_node)
+                    yield Combination(request=req, params=params, world=world, knobs=knobs)
+
+
+def memory_limits(machine: Machine, procs_per_node: int):
+    """(usable bytes per device, usable host bytes per process for offload). On a CPU the processes of a node share
+    its RAM and offload stays in the same RAM (no separate host limit)."""
+    gpu_limit = machine.gpu_memory_gb * GiB * GPU_HEADROOM
+    host_node = machine.memory_gb * GiB * CPU_HEADROOM if machine.memory_gb else float("inf")
+    if machine.device == "cuda":
+        return gpu_limit, host_node / max(1, procs_per_node)
+    return host_node / max(1, procs_per_node), float("inf")
+
+
+def why_it_does_not_fit(need: float, limit: float, host_need: float, host_limit: float) -> str:
+    if need > limit:
+        return f"needs {need / GiB:.1f} GiB > {limit / GiB:.1f} GiB"
+    if host_need > host_limit:
+        return f"offload needs {host_need / GiB:.1f} GiB host RAM > {host_limit / GiB:.1f}"
+    return ""
+
+
+def tokens_per_second(machine: Machine, combo: Combination, est: Estimate, quantized: bool) -> float:
+    """processes x device FLOP/s x efficiency / training FLOPs per token (divided over the tensor-parallel group)."""
+    k = combo.knobs
+    eff = _efficiency(machine, k["micro_batch_size"] * combo.request.seq_len, k["zero_stage"], k["offload_optimizer"],
+                      k["offload_param"], k["tp"], machine.nnodes, k["dp"]) * (QLORA_SPEED if quantized else 1.0)
+    return combo.world * machine.flops * eff / max(1.0, est.flops_per_step_token) / max(1, k["tp"])
+
+
+def evaluate(shape: ModelShape, combo: Combination, machine: Machine) -> Candidate:
+    """Estimate one combination: memory against the limits, throughput, time including startup."""
+    req, k = combo.request, combo.knobs
+    setup = Setup(method=method_family(k["method"]), precision=req.precision, device=machine.device,
+                  micro_batch_size=k["micro_batch_size"], seq_len=req.seq_len,
+                  gradient_checkpointing=k["gradient_checkpointing"],
+                  memory_efficient_attention=req.memory_efficient_attention, zero_stage=k["zero_stage"],
+                  offload_optimizer=k["offload_optimizer"], offload_param=k["offload_param"], dp=k["dp"], tp=k["tp"],
+                  **combo.params)
+    est = estimate(shape, setup)
+    limit, host_limit = memory_limits(machine, k["nproc_per_node"])
+    host_need = est.host_bytes if machine.device == "cuda" else 0.0
+    tokens_per_s = tokens_per_second(machine, combo, est, quantized=bool(setup.quantization_bit))
+    est_time = STARTUP_S.get(k["backend"], 10.0) + (req.total_tokens or 1e7) / max(tokens_per_s, 1e-9)
+    return Candidate(**k, nnodes=machine.nnodes, estimate=est, limit_bytes=limit, host_limit_bytes=host_limit,
+                     tokens_per_s=tokens_per_s, fits=est.total <= limit and host_need <= host_limit,
+                     why_not=why_it_does_not_fit(est.total, limit, host_need, host_limit), est_time_s=est_time)
+
+
+# ------------------------------------------------------------------------------------------------ the choice
+
+
+def no_backend_reason(skipped: Dict[str, str]) -> str:
+    return "no candidate backend can run here: " + "; ".join(f"{b}: {w}" for b, w in skipped.items())
+
+
+def nothing_fits_reason(candidates: List[Candidate], req: Request) -> str:
+    """Why no plan: the batch cannot be split, or the smallest plan (relative to its limit) with its numbers."""
+    if not candidates:
+        return f"no plan: batch_size={req.batch_size} cannot be split over the processes of this hardware"
+    smallest = min(candidates, key=lambda c: c.need_bytes / max(1.0, c.limit_bytes))
+    p = smallest.estimate.parts
+    return (f"nothing fits: the smallest plan ({smallest.label()}) needs {smallest.need_bytes / GiB:.1f} GiB "
+            f"per device (weights {p['weights'] / GiB:.1f}, gradients {p['gradients'] / GiB:.1f}, "
+            f"optimizer {p['optimizer'] / GiB:.1f}, activations {p['activations'] / GiB:.1f}, runtime "
+            f"{p['runtime'] / GiB:.1f}) for {smallest.estimate.total_params / 1e9:.2f}B parameters, "
+            f"but the hardware has {smallest.limit_bytes / GiB:.1f} GiB usable per device")
+
+
+def choice_reason(best: Candidate, fitting: List[Candidate], candidates: List[Candidate], prefer: str) -> str:
     share = best.need_bytes / max(1.0, best.limit_bytes)
-    reason = (f"{best.label()}: estimated {best.need_bytes / GiB:.2f} GiB of {best.limit_bytes / GiB:.1f} GiB usable "
-              f"per device ({share:.0%}), about {best.tokens_per_s:,.0f} tokens/s, about {best.est_time_s:,.0f} s "
-              f"with startup; {'fastest' if req.prefer != 'least_memory' else 'least memory'} of {len(fitting)} "
-              f"fitting plans (of {len(cands)} estimated)")
-    return Choice(best, cands, reason, machine, skipped, order, req.prefer)
+    return (f"{best.label()}: estimated {best.need_bytes / GiB:.2f} GiB of {best.limit_bytes / GiB:.1f} GiB usable "
+            f"per device ({share:.0%}), about {best.tokens_per_s:,.0f} tokens/s, about {best.est_time_s:,.0f} s "
+            f"with startup; {'fastest' if prefer != 'least_memory' else 'least memory'} of {len(fitting)} "
+            f"fitting plans (of {len(candidates)} estimated)")
+
+
+def plan_choice(shape: ModelShape, req: Request, machine: Machine, collie_venv: Optional[str] = None,
+                per_backend: Optional[Dict[str, Request]] = None) -> Choice:
+    """Estimate every combination and pick one. ``per_backend``: the request as each backend would see it (its
+    own defaults for batch size, LoRA modules_to_save, ...); ``req`` otherwise."""
+    backends, skipped = usable_backends(req, machine, collie_venv, per_backend)
+    candidates = [evaluate(shape, combo, machine) for combo in combinations(backends, req, machine, per_backend)]
+    if not backends:
+        return Choice(None, candidates, no_backend_reason(skipped), machine, skipped)
+    order = {b: i for i, b in enumerate(req.candidates)}
+    fitting = [c for c in candidates if c.fits]
+    if not fitting:
+        return Choice(None, candidates, nothing_fits_reason(candidates, req), machine, skipped, order, req.prefer)
+    best = min(fitting, key=lambda c: c.sort_key(order, req.prefer))
+    return Choice(best, candidates, choice_reason(best, fitting, candidates, req.prefer), machine, skipped, order,
+                  req.prefer)

@@ -28,9 +28,10 @@ import shutil
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.recipes.common import input_tokens, read_config, target_tokens
+from finetune.recipes.common import read_config
 
 PROMPTS = {
     # alpaca-lora's templates/alpaca.json and alpaca_short.json
@@ -198,44 +199,36 @@ def reduce_device(dist) -> str:
     return "cpu"
 
 
-def train(cfg: dict, run_dir: Path) -> int:
+def set_distributed_env() -> None:
+    """A single process started without torchrun: the variables torch.distributed and DeepSpeed read."""
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
-    from finetune.recipes import collie_cpu_patch
 
-    device = (cfg.get("hardware") or {}).get("device", "cpu")
-    patches = collie_cpu_patch.apply(device)
-    import torch
-    import torch.distributed as dist
-    from transformers import AutoTokenizer
+@dataclass(frozen=True)
+class Parallel:
+    """Data / tensor / pipeline parallel sizes, the micro batch and the gradient accumulation that makes up
+    batch_size over the data-parallel ranks."""
 
-    import collie
-    from collie import CollieConfig, CollieDatasetForTraining, Trainer
-    from collie.callbacks.callback import Callback
+    dp: int
+    tp: int
+    pp: int
+    micro: int
+    accum: int
 
-    rank = int(os.environ["RANK"])
-    b, meth, hw = cfg["backend"], cfg["method"], cfg["hardware"]
-    if patches:
-        log(f"no GPU: applied CPU patches {patches}")
-    model_info = json.loads((run_dir / "collie_model.json").read_text())
-    model_path = model_info["path"]
-    dp, tp, pp = int(b["dp_size"]), int(b["tp_size"]), int(b["pp_size"])
-    micro = int(cfg["micro_batch_size"])
-    accum = max(1, int(cfg["batch_size"]) // (dp * micro))
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Parallel":
+        b = cfg["backend"]
+        dp, micro = int(b["dp_size"]), int(cfg["micro_batch_size"])
+        return cls(dp=dp, tp=int(b["tp_size"]), pp=int(b["pp_size"]), micro=micro,
+                   accum=max(1, int(cfg["batch_size"]) // (dp * micro)))
 
-    config = CollieConfig.from_pretrained(model_path, trust_remote_code=bool(cfg.get("trust_remote_code")))
-    config.dp_size, config.tp_size, config.pp_size = dp, tp, pp
-    config.train_epochs = int(cfg["num_epochs"])
-    config.train_micro_batch_size = micro
-    config.gradient_accumulation_steps = accum
-    config.eval_batch_size = micro
-    config.checkpointing = bool(cfg.get("gradient_checkpointing"))
-    config.use_flash = False                  # flash_attn is not in requirements-collie.lock
-    config.seed = int(cfg["seed"])
+
+def deepspeed_config(cfg: dict) -> dict:
+    hw = cfg["hardware"]
     ds = {"steps_per_print": 10 ** 9, "zero_optimization": {"stage": int(hw.get("deepspeed_stage") or 0)}}
     if float(cfg.get("max_grad_norm") or 0) > 0:
         ds["gradient_clipping"] = float(cfg["max_grad_norm"])
@@ -243,199 +236,244 @@ def train(cfg: dict, run_dir: Path) -> int:
         ds["bf16"] = {"enabled": True}
     elif hw.get("precision") == "fp16":
         ds["fp16"] = {"enabled": True}
-    config.ds_config = ds
-    if meth["uses_lora"]:
-        from peft import LoraConfig, TaskType
+    return ds
 
-        targets = meth["lora_target_modules"]
-        targets = [t for t in targets.split(",") if t] if isinstance(targets, str) else list(targets)
-        if targets == ["all"]:
-            targets = list(cfg["model"].get("all_linear_modules") or [])
-        mts = meth.get("modules_to_save")
-        mts = [m for m in mts.split(",") if m] if isinstance(mts, str) else (list(mts) if mts else None)
-        config.peft_config = LoraConfig(r=int(meth["lora_r"]), lora_alpha=meth["lora_alpha"],
-                                        lora_dropout=float(meth["lora_dropout"]), target_modules=targets,
-                                        modules_to_save=mts, bias="none", task_type=TaskType.CAUSAL_LM)
+
+def _name_list(value):
+    """A comma-separated string or a list -> a list of names."""
+    return [t for t in value.split(",") if t] if isinstance(value, str) else list(value)
+
+
+def lora_config(cfg: dict):
+    """PEFT's LoraConfig for Collie (target "all": the model's linear modules)."""
+    from peft import LoraConfig, TaskType
+
+    meth = cfg["method"]
+    targets = _name_list(meth["lora_target_modules"])
+    if targets == ["all"]:
+        targets = list(cfg["model"].get("all_linear_modules") or [])
+    mts = meth.get("modules_to_save")
+    mts = _name_list(mts) if isinstance(mts, str) or mts else None
+    return LoraConfig(r=int(meth["lora_r"]), lora_alpha=meth["lora_alpha"], lora_dropout=float(meth["lora_dropout"]),
+                      target_modules=targets, modules_to_save=mts, bias="none", task_type=TaskType.CAUSAL_LM)
+
+
+def build_collie_config(cfg: dict, model_path: str, par: Parallel):
+    """CollieConfig: parallel sizes, batch, epochs, checkpointing, seed, the DeepSpeed config and LoRA."""
+    from collie import CollieConfig
+
+    config = CollieConfig.from_pretrained(model_path, trust_remote_code=bool(cfg.get("trust_remote_code")))
+    config.dp_size, config.tp_size, config.pp_size = par.dp, par.tp, par.pp
+    config.train_epochs = int(cfg["num_epochs"])
+    config.train_micro_batch_size = par.micro
+    config.gradient_accumulation_steps = par.accum
+    config.eval_batch_size = par.micro
+    config.checkpointing = bool(cfg.get("gradient_checkpointing"))
+    config.use_flash = False                  # flash_attn is not in requirements-collie.lock
+    config.seed = int(cfg["seed"])
+    config.ds_config = deepspeed_config(cfg)
+    if cfg["method"]["uses_lora"]:
+        config.peft_config = lora_config(cfg)
+    return config
+
+
+def load_tokenizer(cfg: dict, model_path: str):
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=bool(cfg.get("trust_remote_code")))
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=bool(cfg.get("trust_remote_code")))
     except ValueError as e:         # a transformers-5 tokenizer_config.json next to *.bin weights
         if "TokenizersBackend" not in str(e):
             raise
         from transformers import PreTrainedTokenizerFast
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(model_path)
+        return PreTrainedTokenizerFast.from_pretrained(model_path)
+
+
+@dataclass
+class Data:
+    template: dict
+    train_rows: list
+    eval_rows: list
+    train_ds: object                  # CollieDatasetForTraining
+    eval_ds: object                   # CollieDatasetForTraining, or None without held-out rows
+
+
+def setup_data(cfg: dict, tokenizer) -> Data:
+    """Alpaca rows split into train / held out (seeded), prompted with the template, as Collie datasets."""
+    from collie import CollieDatasetForTraining
+
     template = PROMPTS[cfg.get("prompt_template_name") or "alpaca"]
     train_rows, eval_rows = split_rows(cfg, load_rows(cfg))
     eos = tokenizer.eos_token or ""
     cutoff = int(cfg.get("cutoff_len") or -1)
-    train_ds = CollieDatasetForTraining(to_collie(train_rows, template, eos, bool(cfg.get("train_on_inputs", True))),
-                                        tokenizer, max_length=cutoff)
-    eval_ds = CollieDatasetForTraining(to_collie(eval_rows, template, eos, bool(cfg.get("train_on_inputs", True))),
-                                       tokenizer, max_length=cutoff) if eval_rows else None
+    on_inputs = bool(cfg.get("train_on_inputs", True))
+    train_ds = CollieDatasetForTraining(to_collie(train_rows, template, eos, on_inputs), tokenizer, max_length=cutoff)
+    eval_ds = CollieDatasetForTraining(to_collie(eval_rows, template, eos, on_inputs), tokenizer,
+                                       max_length=cutoff) if eval_rows else None
+    return Data(template, train_rows, eval_rows, train_ds, eval_ds)
+
+
+def setup_model(cfg: dict, model_path: str, config, par: Parallel):
+    """Collie's own model class for model.family; returns (model, total parameters, trainable parameters)."""
+    import collie
 
     model_cls = getattr(collie, MODEL_CLASSES[cfg["model"].get("family", "llama")])
     model = model_cls.from_pretrained(model_path, config=config)
     if hasattr(model, "set_cache"):
         model.set_cache(False)
-    if meth["uses_lora"] and hasattr(model, "enable_input_require_grads"):
+    if cfg["method"]["uses_lora"] and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log(f"model {type(model).__name__}: {total} parameters on this rank, {trainable} trainable; "
-        f"dp={dp} tp={tp} pp={pp} micro_batch={micro} accumulation={accum}")
+        f"dp={par.dp} tp={par.tp} pp={par.pp} micro_batch={par.micro} accumulation={par.accum}")
+    return model, total, trainable
+
+
+def optimizer_steps(train_rows: int, par: Parallel, epochs: int) -> int:
+    micro_per_epoch = math.ceil(train_rows / (par.micro * par.dp))
+    if par.pp == 1:     # DeepSpeed counts micro-batches across epochs and steps every `accum` of them
+        return max(1, micro_per_epoch * epochs // par.accum)
+    # under pipeline parallelism one Collie batch is a whole optimizer step
+    return max(1, math.ceil(train_rows / (par.micro * par.accum * par.dp)) * epochs)
+
+
+def build_optimizer(cfg: dict, model, total_steps: int):
+    """AdamW over the trainable parameters and the LR schedule (warmup, then constant / linear / cosine)."""
+    import torch
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(cfg["learning_rate"]),
                                   weight_decay=float(cfg.get("weight_decay") or 0.0))
-    micro_per_epoch = math.ceil(len(train_ds) / (micro * dp))
-    if pp == 1:     # DeepSpeed counts micro-batches across epochs and steps every `accum` of them
-        total_steps = max(1, micro_per_epoch * config.train_epochs // accum)
-    else:           # under pipeline parallelism one Collie batch is a whole optimizer step
-        total_steps = max(1, math.ceil(len(train_ds) / (micro * accum * dp)) * config.train_epochs)
     warmup = int(float(cfg.get("warmup_ratio") or 0) * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg["lr_scheduler_type"], warmup, total_steps))
+    return optimizer, scheduler
 
+
+def fresh_history(run_dir: Path, rank: int) -> Path:
+    """<run>/history.jsonl, emptied: Collie always trains from step 0 (a rerun of a requeued job): no duplicate rows."""
     history = run_dir / "history.jsonl"
     if rank == 0 and history.exists():
-        history.write_text("")       # Collie always trains from step 0 (a rerun of a requeued job): no duplicate rows
-    logging_steps = max(1, int(cfg.get("logging_steps") or 1))
+        history.write_text("")
+    return history
 
-    class History(Callback):
-        """history.jsonl rows per optimizer step (loss averaged over its micro-batches) and per-epoch eval loss."""
 
-        def __init__(self):
-            self.window, self.tokens, self.win_tokens, self.last_step = [], 0, 0, 0
-            self.targets = self.win_targets = 0
-            self.t0 = self.t_last = time.time()
-            self.rows = []
+def logits_probe(trainer, tokenizer, data: Data) -> dict:
+    """Collie's own logits on fixed inputs: the exported adapter / model must reproduce them. Computed in fp32 on
+    the engine's device (its weights cast up for the probe, then back): collie_merge recomputes them in fp32 from
+    the same 16-bit-rounded weights, so the 1e-3 check stays meaningful under bf16/fp16 training (bf16 compute
+    alone moves logits by ~6e-3) and still catches a wrong q/k layout (~0.3)."""
+    import torch
 
-        def write(self, row):
-            self.rows.append(row)
-            if rank == 0:
-                with open(history, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+    rows = (data.eval_rows or data.train_rows)[:PROBE_ROWS]
+    texts = [to_collie([r], data.template, "", True)[0]["text"] for r in rows]
+    trainer.engine.eval()
+    module = trainer.engine.module
+    train_dtype = next(module.parameters()).dtype
+    dev = next(module.parameters()).device
+    module.float()
+    logits = []
+    with torch.no_grad():
+        for t in texts:
+            ids = tokenizer(t, return_tensors="pt")["input_ids"].to(dev)
+            out = module(input_ids=ids)["logits"][0].float().cpu().tolist()
+            logits.append((ids[0].tolist(), out))
+    module.to(train_dtype)
+    return {"input_ids": [x[0] for x in logits], "logits": [x[1] for x in logits],
+            "train_dtype": str(train_dtype).replace("torch.", "")}
 
-        def on_train_begin(self, trainer):
-            self.t0 = self.t_last = time.time()
 
-        def on_train_batch_begin(self, trainer, batch):
-            # input tokens (every non-padding token: tokens/s as other tools count it) and supervised targets
-            n = input_tokens(batch, tokenizer.pad_token_id)
-            t = target_tokens(batch["labels"]) if "labels" in batch else 0
-            self.tokens += n
-            self.win_tokens += n
-            self.targets += t
-            self.win_targets += t
-
-        def on_train_batch_end(self, trainer, loss):
-            self.window.append(float(loss))
-            step = int(trainer.engine.global_steps)
-            if step == self.last_step:
-                return
-            self.last_step = step
-            now = time.time()
-            row = {"step": step, "total_steps": total_steps,
-                   "epoch": round(trainer.epoch_idx + (trainer.batch_idx + 1) / trainer.steps_per_epoch, 4),
-                   "loss": sum(self.window) / len(self.window), "learning_rate": float(trainer.lr),
-                   "tokens_per_s": self.win_tokens * dp / max(1e-9, now - self.t_last),
-                   "target_tokens_per_s": self.win_targets * dp / max(1e-9, now - self.t_last)}
-            try:
-                gn = trainer.engine.get_global_grad_norm()
-                if gn is not None:
-                    row["grad_norm"] = float(gn)
-            except Exception:  # noqa: BLE001 - not every engine computes it
-                pass
-            self.window, self.win_tokens, self.win_targets, self.t_last = [], 0, 0, now
-            if step % logging_steps == 0 or step == total_steps:
-                self.write(row)
-            print(f"[collie_worker] rank {rank} step {step} loss {row['loss']:.4f} lr {row['learning_rate']:.3g}",
-                  flush=True) if rank == 0 else None
-
-        def on_train_epoch_end(self, trainer):
-            if eval_ds is None or pp > 1:
-                return
-            value = eval_loss(trainer)
-            self.write({"step": int(trainer.engine.global_steps), "epoch": trainer.epoch_idx + 1, "eval_loss": value})
-            log(f"epoch {trainer.epoch_idx + 1} eval_loss {value:.4f}")
-
-    def eval_loss(trainer) -> float:
-        """Token-weighted loss over the whole held-out set, on every rank (tp ranks compute together)."""
-        engine = trainer.engine
-        engine.eval()
-        tot, count = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, len(eval_ds), micro):
-                batch = trainer.train_dataset_collate_fn([eval_ds[j] for j in range(i, min(i + micro, len(eval_ds)))])
-                out = engine(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-                n = int((batch["labels"][..., 1:] != -100).sum())
-                tot += float(trainer.loss_fn(out["logits"], batch["labels"])) * n
-                count += n
-        engine.train()
-        return tot / max(1, count)
-
-    hist_cb = History()
-    trainer = Trainer(model=model, config=config, tokenizer=tokenizer, optimizer=optimizer, lr_scheduler=scheduler,
-                      train_dataset=train_ds, callbacks=[hist_cb])
-    t0 = time.time()
-    trainer.train()
-    runtime = time.time() - t0
-
-    # Collie's own logits on fixed inputs: the exported adapter / model must reproduce them. Computed in fp32 on
-    # the engine's device (its weights cast up for the probe, then back): collie_merge recomputes them in fp32 from
-    # the same 16-bit-rounded weights, so the 1e-3 check stays meaningful under bf16/fp16 training (bf16 compute
-    # alone moves logits by ~6e-3) and still catches a wrong q/k layout (~0.3)
-    probe = None
-    if pp == 1:
-        rows = (eval_rows or train_rows)[:PROBE_ROWS]
-        texts = [to_collie([r], template, "", True)[0]["text"] for r in rows]
-        trainer.engine.eval()
-        module = trainer.engine.module
-        train_dtype = next(module.parameters()).dtype
-        dev = next(module.parameters()).device
-        module.float()
-        logits = []
-        with torch.no_grad():
-            for t in texts:
-                ids = tokenizer(t, return_tensors="pt")["input_ids"].to(dev)
-                out = module(input_ids=ids)["logits"][0].float().cpu().tolist()
-                logits.append((ids[0].tolist(), out))
-        module.to(train_dtype)
-        probe = {"input_ids": [x[0] for x in logits], "logits": [x[1] for x in logits],
-                 "train_dtype": str(train_dtype).replace("torch.", "")}
-
+def save_outputs(cfg: dict, run_dir: Path, trainer, config, source: str, rank: int) -> None:
+    """The adapter in HF layout (target_path) or the full model with its config and tokenizer (merge_path).
+    Collie's saves are collectives: every rank takes part, rank 0 writes the export."""
     target = Path(cfg.get("target_path") or run_dir / "lazyllm_lora")
     merge = Path(cfg.get("merge_path") or run_dir / "lazyllm_merge")
-    if meth["uses_lora"]:
+    if cfg["method"]["uses_lora"]:
         raw = run_dir / "collie_adapter"
-        trainer.save_peft(str(raw))           # collective: every rank takes part
+        trainer.save_peft(str(raw))
         if rank == 0:
-            export_adapter(raw, target, config, model_info["source"])
+            export_adapter(raw, target, config, source)
     else:
-        trainer.save_model(str(merge))        # collective; writes HF-layout *.bin
+        trainer.save_model(str(merge))        # writes HF-layout *.bin
         if rank == 0:
-            src = Path(model_info["source"])
+            src = Path(source)
             for name in ("config.json",) + TOKENIZER_FILES:
                 if (src / name).exists() and not (merge / name).exists():
                     shutil.copy2(src / name, merge / name)
 
-    tokens = torch.tensor([float(hist_cb.tokens), float(hist_cb.targets)], device=reduce_device(dist))
+
+def tokens_over_ranks(history) -> tuple:
+    """(input tokens, target tokens) summed over every rank."""
+    import torch
+    import torch.distributed as dist
+
+    tokens = torch.tensor([float(history.tokens), float(history.targets)], device=reduce_device(dist))
     if dist.is_initialized():
         dist.all_reduce(tokens)
     tokens = tokens.cpu()
+    return float(tokens[0]), float(tokens[1])
+
+
+def write_summary(run_dir: Path, *, total: int, trainable: int, par: Parallel, runtime: float, tokens: tuple,
+                  data: Data, steps: int, patches: list) -> None:
+    """<run>/collie_summary.json (rank 0). Tokens/s counts each sample once: tp x pp ranks share a batch."""
+    import torch
+
+    import collie
+
+    shared = par.tp * par.pp
+    write_json(run_dir / "collie_summary.json", {
+        "total_params": total, "trainable_params": trainable, "params_counted_per_rank": shared > 1,
+        "train_runtime_s": runtime, "tokens_per_s": tokens[0] / shared / max(1e-9, runtime),
+        "target_tokens_per_s": tokens[1] / shared / max(1e-9, runtime),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "train_rows": len(data.train_rows), "eval_rows": len(data.eval_rows), "optimizer_steps": steps,
+        "gradient_accumulation_steps": par.accum, "dp_size": par.dp, "tp_size": par.tp, "pp_size": par.pp,
+        "cpu_patches": patches, "collie_version": getattr(collie, "__version__", "1.0.7"),
+        "torch_version": torch.__version__, "world_size": int(os.environ["WORLD_SIZE"]),
+    })
+
+
+def train(cfg: dict, run_dir: Path) -> int:
+    set_distributed_env()
+    from finetune.recipes import collie_cpu_patch
+
+    patches = collie_cpu_patch.apply((cfg.get("hardware") or {}).get("device", "cpu"))   # before importing collie
+    import torch.distributed as dist
+    from collie import Trainer
+
+    from finetune.recipes.collie_history import History
+
+    rank = int(os.environ["RANK"])
+    if patches:
+        log(f"no GPU: applied CPU patches {patches}")
+    model_info = json.loads((run_dir / "collie_model.json").read_text())
+    par = Parallel.from_config(cfg)
+    config = build_collie_config(cfg, model_info["path"], par)
+    tokenizer = load_tokenizer(cfg, model_info["path"])
+    data = setup_data(cfg, tokenizer)
+    model, total, trainable = setup_model(cfg, model_info["path"], config, par)
+    total_steps = optimizer_steps(len(data.train_ds), par, config.train_epochs)
+    optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+    history = History(path=fresh_history(run_dir, rank), rank=rank, dp=par.dp, pp=par.pp, total_steps=total_steps,
+                      logging_steps=max(1, int(cfg.get("logging_steps") or 1)), tokenizer=tokenizer,
+                      eval_ds=data.eval_ds, micro_batch_size=par.micro)
+    trainer = Trainer(model=model, config=config, tokenizer=tokenizer, optimizer=optimizer, lr_scheduler=scheduler,
+                      train_dataset=data.train_ds, callbacks=[history])
+    t0 = time.time()
+    trainer.train()
+    runtime = time.time() - t0
+
+    probe = logits_probe(trainer, tokenizer, data) if par.pp == 1 else None
+    save_outputs(cfg, run_dir, trainer, config, model_info["source"], rank)
+    tokens = tokens_over_ranks(history)
     if rank == 0:
         if probe is not None:
             write_json(run_dir / "collie_probe.json", probe)
-        write_json(run_dir / "collie_summary.json", {
-            "total_params": total, "trainable_params": trainable, "params_counted_per_rank": tp * pp > 1,
-            "train_runtime_s": runtime, "tokens_per_s": float(tokens[0]) / (tp * pp) / max(1e-9, runtime),
-            "target_tokens_per_s": float(tokens[1]) / (tp * pp) / max(1e-9, runtime),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-            "train_rows": len(train_rows), "eval_rows": len(eval_rows), "optimizer_steps": int(trainer.engine.global_steps),
-            "gradient_accumulation_steps": accum, "dp_size": dp, "tp_size": tp, "pp_size": pp,
-            "cpu_patches": patches, "collie_version": getattr(collie, "__version__", "1.0.7"),
-            "torch_version": torch.__version__, "world_size": int(os.environ["WORLD_SIZE"]),
-        })
-        log(f"done: {int(trainer.engine.global_steps)} optimizer steps in {runtime:.1f}s")
+        steps = int(trainer.engine.global_steps)
+        write_summary(run_dir, total=total, trainable=trainable, par=par, runtime=runtime, tokens=tokens, data=data,
+                      steps=steps, patches=patches)
+        log(f"done: {steps} optimizer steps in {runtime:.1f}s")
     if dist.is_initialized():
         dist.barrier()
     return 0

@@ -72,89 +72,126 @@ def group_loss(logits_per_row):
     return tot / max(1, len(logits_per_row))
 
 
+def relevance(rows: list, corpus):
+    """(docs, candidates, relevant). With a corpus: every query ranks all of ``docs`` (the corpus texts plus any
+    positive it lacks), relevant = the row's pos_id or the indexes of its pos texts; candidates is None. Without:
+    docs is None and each query ranks its own pos + neg (candidates), relevant = the pos indexes."""
+    if corpus is None:
+        return None, own_candidates(rows), own_relevant(rows)
+    docs = [c["text"] for c in corpus]
+    ids = {str(c["id"]): i for i, c in enumerate(corpus)}
+    index = {t: i for i, t in enumerate(docs)}
+    relevant = []
+    for r in rows:
+        if "pos_id" in r and str(r["pos_id"]) in ids:
+            relevant.append({ids[str(r["pos_id"])]})
+            continue
+        rel = set()
+        for p in r["pos"]:
+            if p not in index:                         # a positive the corpus lacks: add it
+                index[p] = len(docs)
+                docs.append(p)
+            rel.add(index[p])
+        relevant.append(rel)
+    return docs, None, relevant
+
+
+def own_candidates(rows: list) -> list:
+    return [list(r["pos"]) + list(r.get("neg") or []) for r in rows]
+
+
+def own_relevant(rows: list) -> list:
+    return [set(range(len(r["pos"]))) for r in rows]
+
+
+def loss_groups(rows: list, group: int):
+    """(queries, groups) for the held-out loss: each row with negatives, its first pos + group-1 negatives."""
+    groups = [[r["pos"][0]] + list(r.get("neg") or [])[: group - 1] for r in rows if r.get("neg")]
+    return [r["query"] for r in rows if r.get("neg")], groups
+
+
+def embedder_scores(cfg: dict, model_path: str, device: str, queries, docs, candidates, group_q, groups):
+    """FlagModel: inner products of the query and passage embeddings; (scores per query, logits per loss group:
+    the group's scores over the training temperature)."""
+    import numpy as np
+    from FlagEmbedding import FlagModel
+
+    b = cfg["backend"]
+    qlen, plen = max_lengths(b)
+    model = FlagModel(model_path, normalize_embeddings=bool(b["normalize_embeddings"]), use_fp16=False,
+                      query_instruction_for_retrieval=b["query_instruction_for_retrieval"],
+                      query_instruction_format=b["query_instruction_format"], devices=device,
+                      pooling_method=b["sentence_pooling_method"], trust_remote_code=bool(cfg["trust_remote_code"]),
+                      batch_size=int(b["eval_batch_size"]), query_max_length=qlen, passage_max_length=plen)
+    q = np.asarray(model.encode_queries(queries))
+    if docs is not None:
+        scores = (q @ np.asarray(model.encode_corpus(docs)).T).tolist()
+    else:
+        scores = [(q[i:i + 1] @ np.asarray(model.encode_corpus(c)).T)[0].tolist() for i, c in enumerate(candidates)]
+    logits = []
+    if groups:
+        gq = np.asarray(model.encode_queries(group_q))
+        for i, g in enumerate(groups):
+            p = np.asarray(model.encode_corpus(g))
+            logits.append(((gq[i:i + 1] @ p.T)[0] / float(b["temperature"])).tolist())
+    return scores, logits
+
+
+def rerank_scores(model, pairs) -> list:
+    """FlagReranker.compute_score as a list of floats (it returns a bare number for one pair)."""
+    s = model.compute_score(pairs)
+    return [float(x) for x in (s if isinstance(s, (list, tuple)) else [s])]
+
+
+def reranker_scores(cfg: dict, model_path: str, device: str, rows, queries, docs, candidates, relevant, group_q,
+                    groups):
+    """FlagReranker scores every (query, passage) pair; a corpus larger than backend.eval_max_corpus is too big to
+    score everything, so each query then ranks its own pos + neg. Returns (scores, relevant, logits)."""
+    from FlagEmbedding import FlagReranker
+
+    b = cfg["backend"]
+    qlen, plen = max_lengths(b)
+    model = FlagReranker(model_path, use_fp16=False, devices=device,
+                         query_instruction_for_rerank=b["query_instruction_for_rerank"],
+                         query_instruction_format=b["query_instruction_format"],
+                         trust_remote_code=bool(cfg["trust_remote_code"]), batch_size=int(b["eval_batch_size"]),
+                         max_length=qlen + plen)
+    if docs is not None and len(docs) <= int(b["eval_max_corpus"]):
+        flat = rerank_scores(model, [(qq, d) for qq in queries for d in docs])
+        scores = [flat[i * len(docs):(i + 1) * len(docs)] for i in range(len(queries))]
+    else:
+        if docs is not None:                             # too big to score everything: rank pos + neg only
+            candidates, relevant = own_candidates(rows), own_relevant(rows)
+        scores = [rerank_scores(model, [(qq, d) for d in c]) for qq, c in zip(queries, candidates)]
+    logits = [rerank_scores(model, [(qq, d) for d in g]) for qq, g in zip(group_q, groups)]
+    return scores, relevant, logits
+
+
+def max_lengths(b: dict):
+    """(query, passage) token limits: the configured ones, else FlagEmbedding's defaults for the task."""
+    default = 512 if b["task"] == "embedder" else 256
+    return b["query_max_len"] or default, b["passage_max_len"] or default
+
+
 def evaluate(cfg: dict, model_path: str, eval_path: str, corpus_path) -> dict:
     """recall@k / MRR / nDCG / held-out loss, in fp32 (before and after stay comparable) on the run's device: one
     GPU (cuda:0 of the visible ones) on GPU hardware, else the CPU. Not devices=None: FlagEmbedding would then take
     every GPU and start a process pool."""
     b = cfg["backend"]
     device = "cuda:0" if require_device(cfg["hardware"]) == "cuda" else "cpu"
-    task = b["task"]
-    qlen = b["query_max_len"] or (512 if task == "embedder" else 256)
-    plen = b["passage_max_len"] or (512 if task == "embedder" else 256)
-    group = int(b["train_group_size"])
-    ks = [int(k) for k in b["eval_k"]]
     rows = read_jsonl(eval_path)
     corpus = read_jsonl(corpus_path) if corpus_path else None
-
     queries = [r["query"] for r in rows]
-    if corpus is not None:
-        docs = [c["text"] for c in corpus]
-        ids = {str(c["id"]): i for i, c in enumerate(corpus)}
-        index = {t: i for i, t in enumerate(docs)}
-        relevant = []
-        for r in rows:
-            if "pos_id" in r and str(r["pos_id"]) in ids:
-                relevant.append({ids[str(r["pos_id"])]})
-                continue
-            rel = set()
-            for p in r["pos"]:
-                if p not in index:                         # a positive the corpus lacks: add it
-                    index[p] = len(docs)
-                    docs.append(p)
-                rel.add(index[p])
-            relevant.append(rel)
-        candidates = None
-    else:
-        docs = None
-        candidates = [list(r["pos"]) + list(r.get("neg") or []) for r in rows]
-        relevant = [set(range(len(r["pos"]))) for r in rows]
-    groups = [[r["pos"][0]] + list(r.get("neg") or [])[: group - 1] for r in rows if r.get("neg")]
-    group_q = [r["query"] for r in rows if r.get("neg")]
+    docs, candidates, relevant = relevance(rows, corpus)
+    group_q, groups = loss_groups(rows, int(b["train_group_size"]))
 
     t0 = time.time()
-    if task == "embedder":
-        import numpy as np
-        from FlagEmbedding import FlagModel
-
-        model = FlagModel(model_path, normalize_embeddings=bool(b["normalize_embeddings"]), use_fp16=False,
-                          query_instruction_for_retrieval=b["query_instruction_for_retrieval"],
-                          query_instruction_format=b["query_instruction_format"], devices=device,
-                          pooling_method=b["sentence_pooling_method"], trust_remote_code=bool(cfg["trust_remote_code"]),
-                          batch_size=int(b["eval_batch_size"]), query_max_length=qlen, passage_max_length=plen)
-        q = np.asarray(model.encode_queries(queries))
-        if docs is not None:
-            scores = (q @ np.asarray(model.encode_corpus(docs)).T).tolist()
-        else:
-            scores = [(q[i:i + 1] @ np.asarray(model.encode_corpus(c)).T)[0].tolist() for i, c in enumerate(candidates)]
-        logits = []
-        if groups:
-            gq = np.asarray(model.encode_queries(group_q))
-            for i, g in enumerate(groups):
-                p = np.asarray(model.encode_corpus(g))
-                logits.append(((gq[i:i + 1] @ p.T)[0] / float(b["temperature"])).tolist())
+    if b["task"] == "embedder":
+        scores, logits = embedder_scores(cfg, model_path, device, queries, docs, candidates, group_q, groups)
     else:
-        from FlagEmbedding import FlagReranker
-
-        model = FlagReranker(model_path, use_fp16=False, devices=device,
-                             query_instruction_for_rerank=b["query_instruction_for_rerank"],
-                             query_instruction_format=b["query_instruction_format"],
-                             trust_remote_code=bool(cfg["trust_remote_code"]), batch_size=int(b["eval_batch_size"]),
-                             max_length=qlen + plen)
-
-        def score(pairs):
-            s = model.compute_score(pairs)
-            return [float(x) for x in (s if isinstance(s, (list, tuple)) else [s])]
-
-        if docs is not None and len(docs) <= int(b["eval_max_corpus"]):
-            flat = score([(qq, d) for qq in queries for d in docs])
-            scores = [flat[i * len(docs):(i + 1) * len(docs)] for i in range(len(queries))]
-        else:
-            if docs is not None:                             # too big to score everything: rank pos + neg only
-                candidates = [list(r["pos"]) + list(r.get("neg") or []) for r in rows]
-                relevant = [set(range(len(r["pos"]))) for r in rows]
-            scores = [score([(qq, d) for d in c]) for qq, c in zip(queries, candidates)]
-        logits = [score([(qq, d) for d in g]) for qq, g in zip(group_q, groups)]
-    m = rank_metrics(scores, relevant, ks)
+        scores, relevant, logits = reranker_scores(cfg, model_path, device, rows, queries, docs, candidates, relevant,
+                                                   group_q, groups)
+    m = rank_metrics(scores, relevant, [int(k) for k in b["eval_k"]])
     if logits:
         m["loss"] = group_loss(logits)
     return {"metrics": m, "queries": len(queries), "corpus": len(docs) if docs is not None else None,
