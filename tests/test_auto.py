@@ -179,9 +179,9 @@ def test_every_hardware_option_composes_and_resolves(hw):
     from hydra import compose, initialize_config_dir
 
     from finetune.auto.hardware import resolve_hardware
-    from finetune.config.schema import register
+    from finetune.cli import setup
 
-    register()
+    setup()                                     # the schemas and resolvers (${repo_root:}), as train.py registers
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"hardware={hw}"])
     resolve_hardware(cfg)
