@@ -14,14 +14,15 @@ from typing import List, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.backends import get_backend
-from finetune.config.validate import validate, world_size
+from finetune.config.derived import world_size
+from finetune.config.validate import validate
 from finetune.errors import ConfigError, RunError
 from finetune.plan import Plan, Step
 from finetune import secrets
 from finetune.run_dir import Manifest, atomic_write, atomic_write_json, create_run_dir, default_run_dir
 from finetune.secrets import redact
 from finetune.launchers import get_launcher
-from finetune.launchers.process import free_port
+from finetune.osutil import free_port
 
 
 def _hydra_facts():

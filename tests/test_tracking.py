@@ -170,7 +170,7 @@ def test_params_and_tags_hold_no_secret():
 
 
 def test_closed_port_completes_with_one_warning_line(tmp_path):
-    from finetune.launchers.process import free_port
+    from finetune.osutil import free_port
 
     port = free_port()                              # nothing listens there
     t = time.monotonic()
@@ -185,7 +185,7 @@ def test_closed_port_completes_with_one_warning_line(tmp_path):
 
 
 def test_closed_port_sweep_completes(tmp_path):
-    from finetune.launchers.process import free_port
+    from finetune.osutil import free_port
 
     port = free_port()
     proc, _ = run_train("backend=dummy", "lora_r=4,8", "report_to=mlflow",

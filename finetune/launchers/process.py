@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -45,12 +44,6 @@ class StepResult:
         if self.status == "interrupted":
             return f"step {self.name!r} was interrupted"
         return f"step {self.name!r} exited with code {self.exit_code}"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tail_of(path: Path, n: int = 20) -> List[str]:

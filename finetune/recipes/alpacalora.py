@@ -39,6 +39,7 @@ from transformers.trainer_callback import PrinterCallback
 from finetune.recipes.common import (COMPLETE, TokenMeter, atomic_write_bytes, atomic_write_text, deepspeed_env,
                                      free_cores, history_callback, last_complete_checkpoint, log, peak_rss_mb,
                                      read_config, require_device, truncate_history)
+from finetune.config.derived import adapter_dir, grad_accum, merged_dir
 from finetune.recipes.data import Collator, pack_examples, split_train_val, tokenized_data
 
 EAGER_MAX_LEN = 256          # attention auto on CPU: eager for batches up to this length, SDPA above (measured)
@@ -370,7 +371,7 @@ def training_arguments(cfg: dict, world: int, ds_config, has_eval: bool) -> dict
         output_dir=str(Path(cfg["_run_dir"]) / "checkpoints"),
         per_device_train_batch_size=int(cfg["micro_batch_size"]),
         per_device_eval_batch_size=int(cfg["micro_batch_size"]),
-        gradient_accumulation_steps=max(1, int(cfg["batch_size"]) // (int(cfg["micro_batch_size"]) * world)),
+        gradient_accumulation_steps=grad_accum(cfg, data_parallel=world),
         num_train_epochs=float(cfg["num_epochs"]),
         max_steps=int(cfg["max_steps"]),
         learning_rate=float(cfg["learning_rate"]),
@@ -686,8 +687,7 @@ def save_artefact(cfg: dict, trainer, model, tokenizer, pissa_init_dir: Optional
     """The adapter (LoRA methods; PiSSA converted to a plain LoRA) or the whole model, with the files `finetune
     generate` and the merge read; its folder."""
     run_dir, uses_lora = Path(cfg["_run_dir"]), bool(cfg["method"].get("uses_lora"))
-    target = Path(cfg.get("target_path") or run_dir / "lazyllm_lora")
-    merged = Path(cfg.get("merge_path") or run_dir / "lazyllm_merge")
+    target, merged = adapter_dir(cfg, run_dir), merged_dir(cfg, run_dir)
     artefact = target if uses_lora else merged
     if pissa_init_dir is not None:         # (PiSSA is refused under ZeRO-3, so rank 0 holds the whole adapter)
         if trainer.args.should_save:

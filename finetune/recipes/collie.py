@@ -25,12 +25,13 @@ import os
 import random
 import resource
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.config.derived import adapter_dir, grad_accum, merged_dir
+from finetune.osutil import free_port
 from finetune.recipes.common import read_config
 
 PROMPTS = {
@@ -176,12 +177,6 @@ def _lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _collie_to_hf_rows(w, heads: int):
     """Undo Collie's load-time q/k row permutation: Collie stores rows as (h t two), HF Llama as (h two t)."""
     from einops import rearrange
@@ -205,7 +200,7 @@ def set_distributed_env() -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 @dataclass(frozen=True)
@@ -224,7 +219,7 @@ class Parallel:
         b = cfg["backend"]
         dp, micro = int(b["dp_size"]), int(cfg["micro_batch_size"])
         return cls(dp=dp, tp=int(b["tp_size"]), pp=int(b["pp_size"]), micro=micro,
-                   accum=max(1, int(cfg["batch_size"]) // (dp * micro)))
+                   accum=grad_accum(cfg, data_parallel=dp))
 
 
 def deepspeed_config(cfg: dict) -> dict:
@@ -386,8 +381,7 @@ def logits_probe(trainer, tokenizer, data: Data) -> dict:
 def save_outputs(cfg: dict, run_dir: Path, trainer, config, source: str, rank: int) -> None:
     """The adapter in HF layout (target_path) or the full model with its config and tokenizer (merge_path).
     Collie's saves are collectives: every rank takes part, rank 0 writes the export."""
-    target = Path(cfg.get("target_path") or run_dir / "lazyllm_lora")
-    merge = Path(cfg.get("merge_path") or run_dir / "lazyllm_merge")
+    target, merge = adapter_dir(cfg, run_dir), merged_dir(cfg, run_dir)
     if cfg["method"]["uses_lora"]:
         raw = run_dir / "collie_adapter"
         trainer.save_peft(str(raw))

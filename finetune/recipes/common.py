@@ -51,7 +51,7 @@ def deepspeed_env() -> None:
     """DeepSpeed needs the torchrun environment even for one process: without RANK/WORLD_SIZE it falls into MPI
     discovery (ModuleNotFoundError: mpi4py). torchrun sets them for several processes; this fills them for one."""
     if "RANK" not in os.environ:
-        from finetune.launchers.process import free_port
+        from finetune.osutil import free_port
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
