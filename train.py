@@ -7,6 +7,7 @@
 
 Composing and validating import only hydra/omegaconf; the backends run as separate processes.
 """
+
 import hydra
 
 from finetune.cli import setup, task

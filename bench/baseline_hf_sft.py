@@ -5,6 +5,7 @@ DataCollatorForSeq2Seq with dynamic padding, library defaults otherwise). The ba
 
 Prints one JSON line: real (unmasked target) tokens/s, eval loss, peak RSS, runtime.
 """
+
 import argparse
 import json
 import resource
@@ -14,14 +15,17 @@ import torch
 import transformers
 from datasets import load_dataset
 from peft import LoraConfig, get_peft_model
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                          TrainingArguments)
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-          "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
-          "### Input:\n{input}\n\n### Response:\n")
-PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+    "### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", required=True)
@@ -57,8 +61,17 @@ train = split["train"].shuffle(seed=a.seed).map(tokenize, remove_columns=data.co
 val = split["test"].map(tokenize, remove_columns=data.column_names)
 
 model = AutoModelForCausalLM.from_pretrained(a.model)
-model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
-                                         modules_to_save=["embed_tokens", "lm_head"], task_type="CAUSAL_LM"))
+model = get_peft_model(
+    model,
+    LoraConfig(
+        r=8,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["embed_tokens", "lm_head"],
+        task_type="CAUSAL_LM",
+    ),
+)
 tokens = {"n": 0}
 
 
@@ -75,17 +88,44 @@ class FromFirstStep(transformers.TrainerCallback):
         tokens["t_begin"] = time.perf_counter()
 
 
-args = TrainingArguments(output_dir=a.out, per_device_train_batch_size=a.micro, per_device_eval_batch_size=a.micro,
-                         gradient_accumulation_steps=a.batch // a.micro, max_steps=a.max_steps, learning_rate=a.lr,
-                         warmup_steps=0.1, lr_scheduler_type="cosine", logging_steps=1, eval_strategy="no",
-                         save_strategy="no", report_to=[], use_cpu=True, seed=a.seed, disable_tqdm=True)
-trainer = T(model=model, args=args, train_dataset=train, eval_dataset=val,
-            data_collator=DataCollatorForSeq2Seq(tok, pad_to_multiple_of=8, return_tensors="pt", padding=True),
-            callbacks=[FromFirstStep()])
+args = TrainingArguments(
+    output_dir=a.out,
+    per_device_train_batch_size=a.micro,
+    per_device_eval_batch_size=a.micro,
+    gradient_accumulation_steps=a.batch // a.micro,
+    max_steps=a.max_steps,
+    learning_rate=a.lr,
+    warmup_steps=0.1,
+    lr_scheduler_type="cosine",
+    logging_steps=1,
+    eval_strategy="no",
+    save_strategy="no",
+    report_to=[],
+    use_cpu=True,
+    seed=a.seed,
+    disable_tqdm=True,
+)
+trainer = T(
+    model=model,
+    args=args,
+    train_dataset=train,
+    eval_dataset=val,
+    data_collator=DataCollatorForSeq2Seq(tok, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+    callbacks=[FromFirstStep()],
+)
 t0 = time.perf_counter()
 trainer.train()
 runtime = time.perf_counter() - tokens.get("t_begin", t0)
 ev = trainer.evaluate()
-print(json.dumps({"tokens_per_s": tokens["n"] / runtime, "train_tokens": tokens["n"], "train_runtime_s": runtime,
-                  "eval_loss": ev["eval_loss"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "threads": torch.get_num_threads()}))
+print(
+    json.dumps(
+        {
+            "tokens_per_s": tokens["n"] / runtime,
+            "train_tokens": tokens["n"],
+            "train_runtime_s": runtime,
+            "eval_loss": ev["eval_loss"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": torch.get_num_threads(),
+        }
+    )
+)

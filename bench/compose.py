@@ -5,6 +5,7 @@
 Measured in the same run: a bare Hydra app with one trivial config (the floor any Hydra CLI pays), then our
 train.py. Prints median wall times and the ratios (target <= 1.2x). Run it on an otherwise idle machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-BARE_APP = '''
+BARE_APP = """
 import hydra
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -26,7 +27,7 @@ def main(cfg):
 
 if __name__ == "__main__":
     main()
-'''
+"""
 
 
 def timed(argv, cwd, repeat, expect):
@@ -56,8 +57,11 @@ def main() -> None:
         ours_bad = timed([py, "train.py", "lora_rr=3"], REPO, args.repeat, 2)
         ours_rule = timed([py, "train.py", "batch_size=10"], REPO, args.repeat, 2)
     print(f"{'case':44s} {'bare app':>9s} {'train.py':>9s} {'ratio':>6s}")
-    for name, a, b in (("--cfg job", base_cfg, ours_cfg), ("unknown key (compose error)", base_bad, ours_bad),
-                       ("cross-field rule (batch_size=10)", base_bad, ours_rule)):
+    for name, a, b in (
+        ("--cfg job", base_cfg, ours_cfg),
+        ("unknown key (compose error)", base_bad, ours_bad),
+        ("cross-field rule (batch_size=10)", base_bad, ours_rule),
+    ):
         print(f"{name:44s} {a:8.3f}s {b:8.3f}s {b / a:5.2f}x")
     print("target: <= 1.20x")
 

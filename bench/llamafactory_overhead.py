@@ -10,6 +10,7 @@
 3. prints each wall time, the medians and the ratio ours / direct (target <= 1.05).
 Both sides train the same model with the same yaml; only the output folder differs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,13 @@ PY = sys.executable
 def ours(outputs: Path, overrides) -> tuple:
     run = outputs / f"run-{time.time_ns()}"
     t0 = time.perf_counter()
-    proc = subprocess.run([PY, str(REPO / "train.py"), *overrides, f"output_dir={run}"], cwd=str(REPO),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        [PY, str(REPO / "train.py"), *overrides, f"output_dir={run}"],
+        cwd=str(REPO),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -39,8 +45,14 @@ def ours(outputs: Path, overrides) -> tuple:
 def direct(yaml: Path, out_dir: Path, env: dict) -> float:
     cli = Path(PY).parent / "llamafactory-cli"
     t0 = time.perf_counter()
-    proc = subprocess.run([PY, str(cli), "train", str(yaml), f"output_dir={out_dir}"], env=env, cwd=str(out_dir.parent),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        [PY, str(cli), "train", str(yaml), f"output_dir={out_dir}"],
+        env=env,
+        cwd=str(out_dir.parent),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"llamafactory-cli failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -60,8 +72,13 @@ def main() -> int:
         yaml = run / "llamafactory" / "train.yaml"
         print(f"yaml: {yaml} (warm-up run through train.py: {warm:.2f} s)")
         # the same environment the train step gets (CPU pinning, offline hub), minus our PYTHONPATH additions
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   OMP_NUM_THREADS=str(len(os.sched_getaffinity(0))))
+        env = dict(
+            os.environ,
+            CUDA_VISIBLE_DEVICES="",
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            OMP_NUM_THREADS=str(len(os.sched_getaffinity(0))),
+        )
         d_times, o_times = [], []
         for i in range(args.repeats):
             out = tmp / f"direct{i}" / "out"

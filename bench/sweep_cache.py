@@ -13,6 +13,7 @@ with the tiny Llama's tokenizer, cutoff, label masking: finetune.recipes.data.en
 Tokenizer loading is not counted (every run loads its tokenizer anyway); the timed part is what a cache hit
 saves: reading rows, hashing, prompt formatting, tokenisation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,14 @@ def job(args) -> int:
     tok = AutoTokenizer.from_pretrained(args.model)
     t0 = time.perf_counter()
     tok_files = [Path(args.model) / f for f in TOKENIZER_FILES if (Path(args.model) / f).is_file()]
-    key = {"data": file_digest(data_files(args.data)), "tokenizer": file_digest(tok_files),
-           "template": load_template("alpaca"), "cutoff_len": 256, "train_on_inputs": False, "max_samples": None}
+    key = {
+        "data": file_digest(data_files(args.data)),
+        "tokenizer": file_digest(tok_files),
+        "template": load_template("alpaca"),
+        "cutoff_len": 256,
+        "train_on_inputs": False,
+        "max_samples": None,
+    }
     info: dict = {}
 
     def build():
@@ -53,8 +60,17 @@ def job(args) -> int:
     examples = get_or_build(key, build, cache_dir=args.cache_dir, info=info)
     seconds = time.perf_counter() - t0
     ids = examples["input_ids"] if args.format == "arrow" else [e["input_ids"] for e in examples]
-    print(json.dumps({"seconds": seconds, "hit": info["hit"], "waited_s": info["waited_s"],
-                      "examples": len(examples), "tokens": sum(len(i) for i in ids)}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "hit": info["hit"],
+                "waited_s": info["waited_s"],
+                "examples": len(examples),
+                "tokens": sum(len(i) for i in ids),
+            }
+        )
+    )
     return 0
 
 
@@ -63,9 +79,13 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=4)
     ap.add_argument("--parallel", type=int, default=1, help="jobs started at once")
     ap.add_argument("--repeat", type=int, default=10, help="copies of the 320 sample rows (varied)")
-    ap.add_argument("--format", choices=["json", "arrow"], default="json",
-                    help="what build_fn returns: a list of dicts (JSON entry, what the alpacalora recipe uses) or a "
-                         "datasets.Dataset (Arrow entry, memory-mapped on a hit)")
+    ap.add_argument(
+        "--format",
+        choices=["json", "arrow"],
+        default="json",
+        help="what build_fn returns: a list of dicts (JSON entry, what the alpacalora recipe uses) or a "
+        "datasets.Dataset (Arrow entry, memory-mapped on a hit)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON line only")
     ap.add_argument("--job", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -81,15 +101,32 @@ def main() -> int:
     rows = json.loads((REPO / "data" / "samples" / "tiny_alpaca.json").read_text())
     with tempfile.TemporaryDirectory(prefix="bench-sweep-cache-") as tmp:
         data = Path(tmp) / "train.json"
-        data.write_text(json.dumps([{**r, "instruction": f"{r['instruction']} (variant {i})"}
-                                    for i in range(args.repeat) for r in rows]))
+        data.write_text(
+            json.dumps(
+                [{**r, "instruction": f"{r['instruction']} (variant {i})"} for i in range(args.repeat) for r in rows]
+            )
+        )
         cache = Path(tmp) / "cache"
-        argv = [sys.executable, __file__, "--job", "--format", args.format, "--model", str(model), "--data", str(data), "--cache-dir", str(cache)]
+        argv = [
+            sys.executable,
+            __file__,
+            "--job",
+            "--format",
+            args.format,
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--cache-dir",
+            str(cache),
+        ]
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         results = []
         for start in range(0, args.jobs, args.parallel):
-            procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-                     for _ in range(min(args.parallel, args.jobs - start))]
+            procs = [
+                subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                for _ in range(min(args.parallel, args.jobs - start))
+            ]
             for p in procs:
                 out, err = p.communicate()
                 if p.returncode != 0:
@@ -103,23 +140,40 @@ def main() -> int:
     waiters = [r for r in results if r["hit"] and r["waited_s"] > 0.05]
     others = [r["seconds"] for r in results if r["hit"] and r not in waiters]
     ratio = (sum(others) / len(others)) / first if others else float("nan")
-    summary = {"jobs": args.jobs, "parallel": args.parallel, "format": args.format, "rows": len(rows) * args.repeat,
-               "examples": results[0]["examples"], "tokens": results[0]["tokens"], "builds": len(builds),
-               "job1_s": round(first, 3), "jobs2_n_mean_s": round(sum(others) / len(others), 4) if others else None,
-               "ratio": round(ratio, 4), "target": 0.1, "waited_on_build": len(waiters), "ok": bool(len(builds) == 1 and ratio <= 0.1),
-               "per_job": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results]}
+    summary = {
+        "jobs": args.jobs,
+        "parallel": args.parallel,
+        "format": args.format,
+        "rows": len(rows) * args.repeat,
+        "examples": results[0]["examples"],
+        "tokens": results[0]["tokens"],
+        "builds": len(builds),
+        "job1_s": round(first, 3),
+        "jobs2_n_mean_s": round(sum(others) / len(others), 4) if others else None,
+        "ratio": round(ratio, 4),
+        "target": 0.1,
+        "waited_on_build": len(waiters),
+        "ok": bool(len(builds) == 1 and ratio <= 0.1),
+        "per_job": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results],
+    }
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{summary['rows']} rows -> {summary['examples']} examples, {summary['tokens']} tokens; "
-              f"{args.jobs} jobs, {args.parallel} at a time")
+        print(
+            f"{summary['rows']} rows -> {summary['examples']} examples, {summary['tokens']} tokens; "
+            f"{args.jobs} jobs, {args.parallel} at a time"
+        )
         for i, r in enumerate(results, 1):
-            print(f"  job {i}: {r['seconds']:.3f} s  {'hit' if r['hit'] else 'built'}"
-                  + (f" (waited {r['waited_s']:.2f} s for the lock)" if r["waited_s"] > 0.01 else ""))
+            print(
+                f"  job {i}: {r['seconds']:.3f} s  {'hit' if r['hit'] else 'built'}"
+                + (f" (waited {r['waited_s']:.2f} s for the lock)" if r["waited_s"] > 0.01 else "")
+            )
         if waiters:
             print(f"{len(waiters)} job(s) started during the build, waited for it and read it (not rebuilt)")
-        print(f"build: {first:.3f} s; later jobs: {summary['jobs2_n_mean_s']} s on average; "
-              f"ratio {ratio:.4f} (target <= 0.1): {'OK' if summary['ok'] else 'NOT MET'}; builds: {len(builds)}")
+        print(
+            f"build: {first:.3f} s; later jobs: {summary['jobs2_n_mean_s']} s on average; "
+            f"ratio {ratio:.4f} (target <= 0.1): {'OK' if summary['ok'] else 'NOT MET'}; builds: {len(builds)}"
+        )
     return 0 if summary["ok"] else 1
 
 

@@ -16,6 +16,7 @@ every job succeeded (a failed job makes the sweeper raise first), and it gives c
 Only the standard library, omegaconf and hydra are imported here (the summary's matplotlib/rich are imported
 when it is written).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -41,7 +42,7 @@ def planned_jobs(config: DictConfig) -> Optional[List[List[str]]]:
 
     params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
     arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-    lists = {}      # the same expansion as BasicSweeper.split_arguments, but keeping each value as typed
+    lists = {}  # the same expansion as BasicSweeper.split_arguments, but keeping each value as typed
     for ov in OverridesParser.create().parse_overrides(arguments):
         key = ov.get_key_element()
         if ov.is_sweep_override():
@@ -61,7 +62,7 @@ class SweepSummary(Callback):
     # ------------------------------------------------------------------ driver process
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if bool(OmegaConf.select(config, "dry_run", default=False)):
-            return                              # each job prints its plan and writes nothing: no summary
+            return  # each job prints its plan and writes nothing: no summary
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         self.started = time.time()
         basic = OmegaConf.select(config, "hydra.sweeper._target_", default="") == BASIC_SWEEPER
@@ -76,14 +77,18 @@ class SweepSummary(Callback):
             print(f"[finetune] sweep: could not list the planned jobs ({type(e).__name__}: {e})", file=sys.stderr)
         from finetune.tracking.tracker import start_sweep
 
-        start_sweep(config, self.sweep_dir)   # report_to=mlflow: the parent run of the jobs' runs (never raises)
+        start_sweep(config, self.sweep_dir)  # report_to=mlflow: the parent run of the jobs' runs (never raises)
         if jobs is not None:
             from finetune.run_dir import atomic_write_json
 
-            atomic_write_json(self.sweep_dir / "sweep_jobs.json", {
-                "jobs": {str(i): job for i, job in enumerate(jobs)},
-                "fail_fast": bool(OmegaConf.select(config, "fail_fast", default=False)),
-                "started": self.started})
+            atomic_write_json(
+                self.sweep_dir / "sweep_jobs.json",
+                {
+                    "jobs": {str(i): job for i, job in enumerate(jobs)},
+                    "fail_fast": bool(OmegaConf.select(config, "fail_fast", default=False)),
+                    "started": self.started,
+                },
+            )
             print(f"[finetune] sweep of {len(jobs)} jobs into {self.sweep_dir}", flush=True)
         atexit.register(self._fallback)
 
@@ -108,11 +113,15 @@ class SweepSummary(Callback):
             summary = summarize(self.sweep_dir, echo=self.echo)
         except Exception as e:  # noqa: BLE001 - never mask the sweep's own outcome
             summary = None
-            print(f"[finetune] could not write the sweep summary: {type(e).__name__}: {e} "
-                  f"(retry: finetune summarize {self.sweep_dir})", file=sys.stderr, flush=True)
+            print(
+                f"[finetune] could not write the sweep summary: {type(e).__name__}: {e} "
+                f"(retry: finetune summarize {self.sweep_dir})",
+                file=sys.stderr,
+                flush=True,
+            )
         from finetune.tracking.tracker import finish_sweep
 
-        finish_sweep(self.sweep_dir, summary)   # the parent run gets the summary and plots (never raises)
+        finish_sweep(self.sweep_dir, summary)  # the parent run gets the summary and plots (never raises)
 
     # ------------------------------------------------------------------ job process (local, joblib or Slurm)
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
@@ -121,7 +130,7 @@ class SweepSummary(Callback):
         if job_return.status != JobStatus.FAILED:
             return
         if str(OmegaConf.select(config, "hydra.mode", default="")) != "RunMode.MULTIRUN":
-            return                      # a single run's folder is ours (finetune/run.py); Hydra's run dir is "."
+            return  # a single run's folder is ours (finetune/run.py); Hydra's run dir is "."
         out = OmegaConf.select(config, "hydra.runtime.output_dir", default=None)
         if not out:
             return
@@ -141,9 +150,18 @@ class SweepSummary(Callback):
 
         from finetune.tracking.tracker import failed_job
 
-        failed_job(config, job_dir, f"{type(err).__name__}: {first}")   # a failed child run, when tracked
-        atomic_write_json(job_dir / "result.json", {
-            "status": "failed", "error": f"{type(err).__name__}: {first}",
-            "metric_name": str(pick("metric", "eval_loss")), "metric": None, "metrics": {},
-            "overrides": list(config.hydra.overrides.task), "backend": pick("backend.name"),
-            "method": pick("method.name"), "time": time.time()})
+        failed_job(config, job_dir, f"{type(err).__name__}: {first}")  # a failed child run, when tracked
+        atomic_write_json(
+            job_dir / "result.json",
+            {
+                "status": "failed",
+                "error": f"{type(err).__name__}: {first}",
+                "metric_name": str(pick("metric", "eval_loss")),
+                "metric": None,
+                "metrics": {},
+                "overrides": list(config.hydra.overrides.task),
+                "backend": pick("backend.name"),
+                "method": pick("method.name"),
+                "time": time.time(),
+            },
+        )

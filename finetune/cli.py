@@ -5,6 +5,7 @@
 - ``finetune`` (console script): helper commands (``summarize``, ``reproduce``, ``setup-collie``, ``generate``,
   ``chat``).
 """
+
 from __future__ import annotations
 
 import os
@@ -35,22 +36,26 @@ def explain_hydra_error(ex: BaseException) -> str:
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-    if isinstance(ex, MissingConfigException) and "/" in (ex.missing_cfg_file or ""):     # backend=colie
+    if isinstance(ex, MissingConfigException) and "/" in (ex.missing_cfg_file or ""):  # backend=colie
         group, option = ex.missing_cfg_file.rsplit("/", 1)
         options = list(ex.options or _groups().get(group.split("/")[-1], []))
         allowed = ("one of " + ", ".join(options)) if options else f"no options in conf/{group}/"
         return str(ConfigError(group, option, allowed, suggest(option, options)))
-    if isinstance(ex, OverrideParseException):                                        # lora_r   lora_r=[1
+    if isinstance(ex, OverrideParseException):  # lora_r   lora_r=[1
         return f"override {ex.override!r}: cannot be parsed (KEY=VALUE; quote values with special characters)"
     inner = ex if isinstance(ex, OmegaConfBaseException) else ex.__cause__
     if isinstance(inner, (ConfigKeyError, AttributeError)) and getattr(inner, "full_key", None):  # lora_rr=3
         key = inner.full_key
         return f"{key}: unknown key ({suggest(key, _known_keys()) or 'see `python train.py --cfg job` for every key'})"
-    if isinstance(inner, ValidationError) and getattr(inner, "full_key", None):      # lora_r=abc
+    if isinstance(inner, ValidationError) and getattr(inner, "full_key", None):  # lora_r=abc
         return str(ConfigError(inner.full_key, inner.value, _expected_type(inner)))
     if isinstance(inner, MissingMandatoryValue) and getattr(inner, "full_key", None):
         return f"{inner.full_key}: required value is missing (set {inner.full_key}=...)"
-    lines = [ln.strip() for ln in str(ex).splitlines() if ln.strip() and not ln.startswith(("    full_key", "    object_type"))]
+    lines = [
+        ln.strip()
+        for ln in str(ex).splitlines()
+        if ln.strip() and not ln.startswith(("    full_key", "    object_type"))
+    ]
     return lines[0] if lines else type(ex).__name__
 
 
@@ -59,12 +64,18 @@ def _expected_type(err) -> str:
     import dataclasses
     import typing
 
-    fields = {f.name: f for f in dataclasses.fields(err.object_type)} if dataclasses.is_dataclass(err.object_type) else {}
+    fields = (
+        {f.name: f for f in dataclasses.fields(err.object_type)} if dataclasses.is_dataclass(err.object_type) else {}
+    )
     field = fields.get(str(err.key))
     hint = typing.get_type_hints(err.object_type).get(field.name) if field else None
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    return {int: "must be integer", float: "must be float", bool: "must be a bool (true/false)",
-            str: "must be a string"}.get(args[0], str(err.msg).splitlines()[0])
+    return {
+        int: "must be integer",
+        float: "must be float",
+        bool: "must be a bool (true/false)",
+        str: "must be a string",
+    }.get(args[0], str(err.msg).splitlines()[0])
 
 
 def classify(e: BaseException):
@@ -78,7 +89,7 @@ def classify(e: BaseException):
     if isinstance(e, RunError):
         return 1, f"run failed: {e}"
     for inner in (e.__cause__, e.__context__):
-        if isinstance(inner, ConfigError):          # raised inside a resolver or a schema hook, wrapped
+        if isinstance(inner, ConfigError):  # raised inside a resolver or a schema hook, wrapped
             return 2, str(inner)
     y = e if isinstance(e, yaml.YAMLError) else e.__cause__ if isinstance(e.__cause__, yaml.YAMLError) else None
     if y is not None:
@@ -153,7 +164,7 @@ def setup() -> None:
     from finetune.config.resume import resume_argv
 
     try:
-        sys.argv[:] = resume_argv(sys.argv)        # resume=true: the recorded run's overrides, before Hydra parses
+        sys.argv[:] = resume_argv(sys.argv)  # resume=true: the recorded run's overrides, before Hydra parses
         one_hardware_per_slurm_sweep(sys.argv[1:])
         no_dry_run_search(sys.argv[1:])
     except ConfigError as e:
@@ -165,9 +176,13 @@ def no_dry_run_search(args: List[str]) -> None:
     end with "No trials are completed yet"): refused, with how to see a trial's plan."""
     values = {a.partition("=")[0].lstrip("+~"): a.partition("=")[2] for a in args if "=" in a}
     if values.get("hparams_search") and values.get("dry_run", "").lower() in ("true", "yes", "1", "on"):
-        raise ConfigError("dry_run", True, f"an Optuna search (+hparams_search={values['hparams_search']}) samples each "
-                          "trial from the results of the earlier ones, which a dry run does not have; dry-run one "
-                          "trial as a single run: python train.py <the trial's keys> dry_run=true")
+        raise ConfigError(
+            "dry_run",
+            True,
+            f"an Optuna search (+hparams_search={values['hparams_search']}) samples each "
+            "trial from the results of the earlier ones, which a dry run does not have; dry-run one "
+            "trial as a single run: python train.py <the trial's keys> dry_run=true",
+        )
 
 
 def one_hardware_per_slurm_sweep(args: List[str]) -> None:
@@ -179,8 +194,12 @@ def one_hardware_per_slurm_sweep(args: List[str]) -> None:
     for a in args:
         key, _, value = a.partition("=")
         if key.lstrip("+~") == "hardware" and "," in value:
-            raise ConfigError("hardware", value, "hydra/launcher=slurm_sweep asks Slurm for one set of resources for "
-                              "every job of the sweep; sweep one hardware option per sweep")
+            raise ConfigError(
+                "hardware",
+                value,
+                "hydra/launcher=slurm_sweep asks Slurm for one set of resources for "
+                "every job of the sweep; sweep one hardware option per sweep",
+            )
 
 
 # Overrides that could set hydra.mode through the config (a sweep/search file, an experiment, hydra.* itself).
@@ -234,31 +253,43 @@ def _skip_mode_probe() -> None:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="finetune", description="finetune helper commands "
-                                     "(training itself: python train.py ...)")
+    parser = argparse.ArgumentParser(
+        prog="finetune", description="finetune helper commands (training itself: python train.py ...)"
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("summarize", help="rebuild a sweep's summary (table, CSV, Markdown, plots)")
     p.add_argument("folder")
     p = sub.add_parser("reproduce", help="replay a run's recorded overrides into a new folder and compare")
     p.add_argument("run_dir", help="a run folder, or the MLflow run id of a run logged with report_to=mlflow")
-    p.add_argument("--tracking-uri", help="where to look the MLflow run id up (default: $MLFLOW_TRACKING_URI, else "
-                   "the local store outputs/mlflow)")
+    p.add_argument(
+        "--tracking-uri",
+        help="where to look the MLflow run id up (default: $MLFLOW_TRACKING_URI, else the local store outputs/mlflow)",
+    )
     p.add_argument("--allow-different", action="store_true", help="run even if code or versions differ")
     p.add_argument("--output-dir", help="the new run folder (default: outputs/runs/<date>/<time>-reproduce-<name>)")
     sub.add_parser("setup-collie", help="create Collie's own virtual environment (.venv-collie)")
-    p = sub.add_parser("mlflow-server", help="a local MLflow tracking server and UI on outputs/mlflow "
-                       "(start: in the background; url: its address; stop)")
+    p = sub.add_parser(
+        "mlflow-server",
+        help="a local MLflow tracking server and UI on outputs/mlflow "
+        "(start: in the background; url: its address; stop)",
+    )
     p.add_argument("action", choices=("start", "stop", "status", "url"))
     p.add_argument("--port", type=int, help="default 5000, or a free port when 5000 is taken; 0: a free port")
-    p = sub.add_parser("generate", help="answer prompts with a trained run (its merged model, or base + adapter), "
-                       "a model folder or an adapter folder; prompts built as the run trained")
+    p = sub.add_parser(
+        "generate",
+        help="answer prompts with a trained run (its merged model, or base + adapter), "
+        "a model folder or an adapter folder; prompts built as the run trained",
+    )
     p.add_argument("run", metavar="run-or-model")
     p.add_argument("--prompt", help="the instruction (one prompt; the answer is streamed)")
     p.add_argument("--input", help="the input that goes with --prompt (alpaca rows have instruction + input)")
     p.add_argument("--data", help="a file of alpaca or chat rows: each answered, beside its reference")
     p.add_argument("--max-new-tokens", type=int, help="default: the run's max_new_tokens, else 128")
-    p = sub.add_parser("chat", help="chat in the terminal with a trained run, a model or an adapter "
-                       "(streamed answers, history kept; /reset, /exit)")
+    p = sub.add_parser(
+        "chat",
+        help="chat in the terminal with a trained run, a model or an adapter "
+        "(streamed answers, history kept; /reset, /exit)",
+    )
     p.add_argument("run", metavar="run-or-model")
     p.add_argument("--max-new-tokens", type=int, help="default: the run's max_new_tokens, else 128")
     p.add_argument("--system", help="a system message (chat templates that have one)")

@@ -19,9 +19,11 @@ API (standard library only at import; ``datasets`` is imported only for a datase
 - Safe under parallel jobs: one builder per key at a time (an exclusive ``filelock`` lock on ``<key>.lock``;
   the others wait, then read), and the entry appears atomically (written to a temp name in the same folder, then
   renamed), so a reader never sees half an entry and a killed builder leaves only a temp file.
-- Where: ``$FINETUNE_DATA_CACHE``, else ``<repo>/outputs/cache/tokenized``, or the ``cache_dir`` argument. ``FINETUNE_DATA_CACHE=off`` disables it (always builds).
+- Where: ``$FINETUNE_DATA_CACHE``, else ``<repo>/outputs/cache/tokenized``, or the ``cache_dir`` argument.
+  ``FINETUNE_DATA_CACHE=off`` disables it (always builds).
 - ``python -m finetune.data_cache list|clear [--cache-dir DIR]`` shows or empties it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -121,8 +123,9 @@ def _store(root: Path, key: str, value, key_parts: dict) -> Path:
     return final
 
 
-def get_or_build(key_parts: Dict[str, Any], build_fn: Callable[[], Any], *, cache_dir=None,
-                 info: Optional[dict] = None):
+def get_or_build(
+    key_parts: Dict[str, Any], build_fn: Callable[[], Any], *, cache_dir=None, info: Optional[dict] = None
+):
     """Return the cached value for ``key_parts``, building it with ``build_fn()`` (once, under a lock) if absent.
 
     ``info`` (optional dict) receives: key, path, hit (True when read from the cache), seconds (total time in
@@ -140,20 +143,20 @@ def get_or_build(key_parts: Dict[str, Any], build_fn: Callable[[], Any], *, cach
     root.mkdir(parents=True, exist_ok=True)
     value = None
     path = _entry(root, key)
-    if path is not None:                                   # fast path: no lock needed to read a finished entry
+    if path is not None:  # fast path: no lock needed to read a finished entry
         value, rec["hit"] = _load(path), True
     else:
         t_lock = time.perf_counter()
         with _locked(root / f"{key}.lock"):
             rec["waited_s"] = time.perf_counter() - t_lock
-            path = _entry(root, key)                       # another job may have built it while we waited
+            path = _entry(root, key)  # another job may have built it while we waited
             if path is not None:
                 value, rec["hit"] = _load(path), True
             else:
                 value = build_fn()
                 path = _store(root, key, value, key_parts)
                 if type(value).__module__.startswith("datasets"):
-                    value = _load(path)                    # memory-mapped from the cache, as a hit would be
+                    value = _load(path)  # memory-mapped from the cache, as a hit would be
     rec["path"] = str(path)
     rec["seconds"] = time.perf_counter() - t0
     if info is not None:

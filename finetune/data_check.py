@@ -8,6 +8,7 @@ Formats:
   text        {"text"}                                                   (pt)
   embedding   {"query", "pos": [str], "neg": [str], "pos_scores"?, "neg_scores"?, "prompt"?, "type"?}
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,19 +41,19 @@ def iter_rows(file: Path, key: str = "data.path") -> Iterator[Tuple[int, object]
     try:
         raw = file.read_bytes()
     except OSError as e:
-        raise ConfigError(key, str(file), f"cannot be read ({e.strerror})")
+        raise ConfigError(key, str(file), f"cannot be read ({e.strerror})") from None
     if not raw.strip():
         raise ConfigError(key, str(file), "file is empty")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ConfigError(key, str(file), f"not UTF-8 (byte {e.start})")
+        raise ConfigError(key, str(file), f"not UTF-8 (byte {e.start})") from None
     stripped = text.lstrip()
     if file.suffix == ".json" and stripped.startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(key, str(file), f"not valid JSON (line {e.lineno}: {e.msg})")
+            raise ConfigError(key, str(file), f"not valid JSON (line {e.lineno}: {e.msg})") from None
         yield from enumerate(rows, start=1)
         return
     n = 0
@@ -63,7 +64,8 @@ def iter_rows(file: Path, key: str = "data.path") -> Iterator[Tuple[int, object]
         try:
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
-            raise ConfigError(key, str(file), f"line {lineno} is not valid JSON ({e.msg}); expected JSON or JSONL")
+            why = f"line {lineno} is not valid JSON ({e.msg}); expected JSON or JSONL"
+            raise ConfigError(key, str(file), why) from None
 
 
 def detect_format(row: object) -> str:
@@ -150,9 +152,13 @@ def check_data(path: str, fmt: str, allowed: List[str], key: str = "data.path", 
             if detected == "auto":
                 detected = detect_format(row)
                 if detected == "unknown":
-                    raise ConfigError(key, str(f), f"row {n}: cannot tell the format from its keys "
-                                      f"{sorted(row) if isinstance(row, dict) else type(row).__name__}; "
-                                      f"set data.format to {', '.join(FORMATS)}")
+                    raise ConfigError(
+                        key,
+                        str(f),
+                        f"row {n}: cannot tell the format from its keys "
+                        f"{sorted(row) if isinstance(row, dict) else type(row).__name__}; "
+                        f"set data.format to {', '.join(FORMATS)}",
+                    )
             problem = check_row(row, detected)
             if problem:
                 raise ConfigError(key, str(f), f"row {n} {problem} (data.format={detected})")

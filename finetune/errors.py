@@ -1,4 +1,5 @@
 """Errors the user can fix. Each is reported as one line on stderr with exit code 2 (see finetune/cli.py)."""
+
 from __future__ import annotations
 
 import difflib
@@ -10,7 +11,9 @@ class ConfigError(Exception):
 
     exit_code = 2
 
-    def __init__(self, key: str, value: object = None, allowed: str = "", hint: str = "", *, text: Optional[str] = None):
+    def __init__(
+        self, key: str, value: object = None, allowed: str = "", hint: str = "", *, text: Optional[str] = None
+    ):
         self.key, self.value, self.allowed, self.hint = key, value, allowed, hint
         if text is None:
             text = f"{key}={value!r}" if value is not None else key

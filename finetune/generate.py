@@ -1,4 +1,4 @@
-"""Use what was trained: ``finetune generate`` and ``finetune chat`` (the `finetune` command, finetune/cli.py).
+r"""Use what was trained: ``finetune generate`` and ``finetune chat`` (the `finetune` command, finetune/cli.py).
 
     finetune generate <run-or-model> --prompt "Reverse the words." [--input "red rice"] [--max-new-tokens N]
     finetune generate <run-or-model> --data rows.json        (alpaca or chat rows; each answer beside its reference)
@@ -14,6 +14,7 @@ generation, so the same prompt gives the same answer.
 What is resolved here (the folder, the files to load) is checked before torch is imported: a wrong path is one
 line on stderr, exit 2.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,10 @@ DEFAULT_MAX_NEW_TOKENS = 128
 
 @dataclass
 class Target:
-    model: str                       # model folder to load
-    adapter: Optional[str]           # LoRA adapter to put on it
-    run_config: Optional[dict]       # the run's resolved config (prompt format, max_new_tokens)
-    what: str                        # for the user: which folder is answering
+    model: str  # model folder to load
+    adapter: Optional[str]  # LoRA adapter to put on it
+    run_config: Optional[dict]  # the run's resolved config (prompt format, max_new_tokens)
+    what: str  # for the user: which folder is answering
 
     def prompt_format(self, tokenizer):
         from finetune.recipes.prompting import PromptFormat
@@ -67,8 +68,12 @@ def resolve(path: str, key: str = "run") -> Target:
             return Target(base, str(adapter), cfg, f"{base} with the adapter {adapter}")
         if _has(outputs.get("model"), "config.json"):
             return Target(outputs["model"], None, cfg, f"the trained model {outputs['model']}")
-        raise ConfigError(key, str(folder), "this run folder holds no trained model yet (no merged model, adapter or "
-                          "saved model: did the run complete?)")
+        raise ConfigError(
+            key,
+            str(folder),
+            "this run folder holds no trained model yet (no merged model, adapter or "
+            "saved model: did the run complete?)",
+        )
     if _has(folder, "adapter_config.json"):
         meta = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
         base = meta.get("base_model_name_or_path")
@@ -77,8 +82,12 @@ def resolve(path: str, key: str = "run") -> Target:
         return Target(str(base), str(folder), None, f"{base} with the adapter {folder}")
     if _has(folder, "config.json"):
         return Target(str(folder), None, None, f"the model {folder}")
-    raise ConfigError(key, str(folder), "not a run folder (resolved_config.json), a model folder (config.json) or "
-                      "an adapter folder (adapter_config.json)")
+    raise ConfigError(
+        key,
+        str(folder),
+        "not a run folder (resolved_config.json), a model folder (config.json) or "
+        "an adapter folder (adapter_config.json)",
+    )
 
 
 def _load(target: Target):
@@ -95,8 +104,14 @@ def _max_new(target: Target, given: Optional[int]) -> int:
     return int((target.run_config or {}).get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
 
 
-def generate_command(path: str, prompt: Optional[str], input_text: Optional[str], data: Optional[str],
-                     max_new_tokens: Optional[int], batch_size: int = 8) -> int:
+def generate_command(
+    path: str,
+    prompt: Optional[str],
+    input_text: Optional[str],
+    data: Optional[str],
+    max_new_tokens: Optional[int],
+    batch_size: int = 8,
+) -> int:
     if (prompt is None) == (data is None):
         raise ConfigError("prompt", prompt, "give exactly one of --prompt TEXT or --data FILE (or use finetune chat)")
     if data is not None and not Path(data).is_file():
@@ -106,38 +121,58 @@ def generate_command(path: str, prompt: Optional[str], input_text: Optional[str]
     target = resolve(path)
     model, tokenizer, fmt = _load(target)
     limit = _max_new(target, max_new_tokens)
-    print(f"[finetune generate] {target.what}; {fmt.describe()}; greedy, at most {limit} new tokens",
-          file=sys.stderr, flush=True)
+    print(
+        f"[finetune generate] {target.what}; {fmt.describe()}; greedy, at most {limit} new tokens",
+        file=sys.stderr,
+        flush=True,
+    )
     from finetune.recipes.gen_eval import answer_of, generate
 
     if prompt is not None:
         from transformers import TextStreamer
 
-        turns = [{"role": "user", "content": "\n".join(x for x in (prompt, input_text) if x),
-                  "alpaca": (prompt, input_text or None)}]
-        generate(model, tokenizer, [fmt.encode(tokenizer, turns)], limit, fmt.stop_ids(tokenizer), 1,
-                 streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+        turns = [
+            {
+                "role": "user",
+                "content": "\n".join(x for x in (prompt, input_text) if x),
+                "alpaca": (prompt, input_text or None),
+            }
+        ]
+        generate(
+            model,
+            tokenizer,
+            [fmt.encode(tokenizer, turns)],
+            limit,
+            fmt.stop_ids(tokenizer),
+            1,
+            streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+        )
         return 0
     from finetune.recipes.data import read_rows
 
     rows = read_rows(data)
     pairs = [fmt.row_turns(r) for r in rows]
-    answers, _ = generate(model, tokenizer, [fmt.encode(tokenizer, t) for t, _ in pairs], limit,
-                          fmt.stop_ids(tokenizer), batch_size)
+    answers, _ = generate(
+        model, tokenizer, [fmt.encode(tokenizer, t) for t, _ in pairs], limit, fmt.stop_ids(tokenizer), batch_size
+    )
     right = 0
     for i, ((turns, ref), ans) in enumerate(zip(pairs, answers), 1):
-        ok = answer_of(ans, len(answer_of(ref, 10 ** 6).splitlines())) == answer_of(ref, 10 ** 6)
+        ok = answer_of(ans, len(answer_of(ref, 10**6).splitlines())) == answer_of(ref, 10**6)
         right += ok
         shown = " | ".join(" ".join(t["content"].split()) for t in turns)
-        print(f"[{i}] {shown}\n    -> {ans.strip()}" + (f"    ({'right' if ok else 'reference: ' + ref})"
-                                                         if ref else ""), flush=True)
+        print(
+            f"[{i}] {shown}\n    -> {ans.strip()}" + (f"    ({'right' if ok else 'reference: ' + ref})" if ref else ""),
+            flush=True,
+        )
     if any(ref for _, ref in pairs):
         print(f"exact match: {right}/{len(rows)}", flush=True)
     return 0
 
 
-HELP = ("/reset clears the history, /exit (or Ctrl-D) quits; end a line with \\ to go on on the next one (alpaca "
-        "prompts: the first line is the instruction, the rest its input)")
+HELP = (
+    "/reset clears the history, /exit (or Ctrl-D) quits; end a line with \\ to go on on the next one (alpaca "
+    "prompts: the first line is the instruction, the rest its input)"
+)
 
 
 def read_turn() -> str:
@@ -159,8 +194,11 @@ def chat_command(path: str, max_new_tokens: Optional[int], system: Optional[str]
     from finetune.recipes.gen_eval import generate
 
     limit = _max_new(target, max_new_tokens)
-    print(f"[finetune chat] {target.what}\n[finetune chat] {fmt.describe()}; greedy, at most {limit} new tokens "
-          f"per answer; {HELP}", flush=True)
+    print(
+        f"[finetune chat] {target.what}\n[finetune chat] {fmt.describe()}; greedy, at most {limit} new tokens "
+        f"per answer; {HELP}",
+        flush=True,
+    )
     start: List[dict] = [{"role": "system", "content": system}] if system else []
     history = list(start)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -184,6 +222,7 @@ def chat_command(path: str, max_new_tokens: Optional[int], system: Optional[str]
             continue
         history.append({"role": "user", "content": text})
         print("model> ", end="", flush=True)
-        answers, _ = generate(model, tokenizer, [fmt.encode(tokenizer, history)], limit, fmt.stop_ids(tokenizer), 1,
-                              streamer=streamer)
+        answers, _ = generate(
+            model, tokenizer, [fmt.encode(tokenizer, history)], limit, fmt.stop_ids(tokenizer), 1, streamer=streamer
+        )
         history.append({"role": "assistant", "content": answers[0].strip()})

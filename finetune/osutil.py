@@ -1,5 +1,6 @@
 """Small standard-library helpers the driver and the worker processes share (also Collie's, which runs in its own
 environment): atomic file writes and a free TCP port. One definition of each."""
+
 from __future__ import annotations
 
 import json

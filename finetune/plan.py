@@ -3,6 +3,7 @@
 A backend builds the Plan (finetune/backends/<name>.py: plan()); a launcher runs its steps (finetune/launchers/);
 the run folder (finetune/run_dir.py) records both in the manifest. A dry run prints it and writes nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,12 @@ class Step:
     argv: List[str]
     env: Dict[str, str] = field(default_factory=dict)
     cwd: Optional[str] = None
-    log: str = ""                      # log file, relative to the run folder (default logs/<name>.log)
+    log: str = ""  # log file, relative to the run folder (default logs/<name>.log)
     distributed: str = "none"
-    rank0_only: bool = False           # in a multi-node run, only node_rank 0 runs this step
-    optional: bool = False             # a failure is recorded but does not fail the run
-    progress: str = ""                 # JSONL the step appends to as it trains (step, total_steps, loss, tokens/s),
-                                       # relative to the run folder or absolute: a live progress line on a terminal
+    rank0_only: bool = False  # in a multi-node run, only node_rank 0 runs this step
+    optional: bool = False  # a failure is recorded but does not fail the run
+    progress: str = ""  # JSONL the step appends to as it trains (step, total_steps, loss, tokens/s),
+    # relative to the run folder or absolute: a live progress line on a terminal
 
     def __post_init__(self):
         if not self.log:
@@ -47,9 +48,9 @@ class Step:
 class Plan:
     backend: str
     steps: List[Step] = field(default_factory=list)
-    files: Dict[str, str] = field(default_factory=dict)     # run-relative path -> text written before the steps
-    outputs: Dict[str, str] = field(default_factory=dict)   # what the run produces: adapter, merged, ...
-    notes: List[str] = field(default_factory=list)          # decisions worth showing (auto backend, traps avoided)
+    files: Dict[str, str] = field(default_factory=dict)  # run-relative path -> text written before the steps
+    outputs: Dict[str, str] = field(default_factory=dict)  # what the run produces: adapter, merged, ...
+    notes: List[str] = field(default_factory=list)  # decisions worth showing (auto backend, traps avoided)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +73,7 @@ class Plan:
             lines.append(f"  {i}. {s.name}  (log: {run_dir}/{s.log}; distributed: {s.distributed})")
             lines.append(f"     argv: {json.dumps(argv)}")
             lines.append(f"     shell: {shlex.join(argv)}")
-            env = launcher_env(s) if launcher_env else s.env       # what the launcher really adds (GPUs, ranks, ...)
+            env = launcher_env(s) if launcher_env else s.env  # what the launcher really adds (GPUs, ranks, ...)
             if env:
                 lines.append(f"     env: {json.dumps(redact(env), sort_keys=True)}")
             if s.cwd:

@@ -2,6 +2,7 @@
 
 Called by train.py (inside @hydra.main) once per run or sweep job. Heavy libraries are never imported here.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,16 +14,16 @@ from typing import List, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from finetune import secrets
 from finetune.backends import get_backend
 from finetune.config.derived import world_size
 from finetune.config.validate import validate
 from finetune.errors import ConfigError, RunError
-from finetune.plan import Plan, Step
-from finetune import secrets
-from finetune.run_dir import Manifest, atomic_write, atomic_write_json, create_run_dir, default_run_dir
-from finetune.secrets import redact
 from finetune.launchers import get_launcher
 from finetune.osutil import free_port
+from finetune.plan import Plan, Step
+from finetune.run_dir import Manifest, atomic_write, atomic_write_json, create_run_dir, default_run_dir
+from finetune.secrets import redact
 
 
 def _hydra_facts():
@@ -34,7 +35,9 @@ def _hydra_facts():
         hc = HydraConfig.get()
     except Exception:  # noqa: BLE001 - not under Hydra (tests calling run() directly)
         return [], {}, None, sys.argv[:]
-    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/") and not k.startswith("schema/")}
+    choices = {
+        k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/") and not k.startswith("schema/")
+    }
     job_dir = hc.runtime.output_dir if hc.mode == RunMode.MULTIRUN else None
     return list(hc.overrides.task), choices, job_dir, [sys.executable, *sys.argv]
 
@@ -45,8 +48,10 @@ def model_build_step(cfg: DictConfig) -> Optional[Step]:
     if not cfg.model.builder or (Path(str(cfg.model.path)) / "config.json").exists():
         return None
     gguf = ["--gguf-file", str(cfg.model.gguf_file)] if cfg.model.get("gguf_file") else []
-    return Step(name="build_model", argv=[sys.executable, "-m", "finetune.tools.tiny_models", str(cfg.model.builder),
-                                          str(cfg.model.path), *gguf])
+    return Step(
+        name="build_model",
+        argv=[sys.executable, "-m", "finetune.tools.tiny_models", str(cfg.model.builder), str(cfg.model.path), *gguf],
+    )
 
 
 def check_unused_keys(cfg: DictConfig, backend, overrides: List[str]) -> None:
@@ -63,9 +68,9 @@ def prepare(cfg: DictConfig, overrides: Optional[List[str]] = None):
     """Every check, in order: the config's own rules (finetune/config/validate.py), then the backend's (its check and
     the keys it would ignore), then the launcher's; then the launcher port. Writes nothing."""
     overrides = list(overrides or [])
-    backend = get_backend(cfg.backend.name)            # an unknown backend name is refused here, first
+    backend = get_backend(cfg.backend.name)  # an unknown backend name is refused here, first
     facts = validate(cfg, overrides)
-    backend.check(cfg)                                 # backend=auto writes its choice into cfg here
+    backend.check(cfg)  # backend=auto writes its choice into cfg here
     check_unused_keys(cfg, get_backend(cfg.backend.name), overrides)
     launcher = get_launcher(cfg.launcher.name)
     if hasattr(launcher, "check"):
@@ -87,12 +92,17 @@ def run(cfg: DictConfig) -> Optional[float]:
     ctx = {"data": facts["data"], "world_size": world_size(cfg), "run_dir": str(run_dir)}
     plan = build_plan(cfg, backend, launcher, run_dir, ctx)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    found = secrets.collect(resolved)               # secrets reach the workers through their environment only
+    found = secrets.collect(resolved)  # secrets reach the workers through their environment only
     for step in plan.steps:
         step.env.update(secrets.env_for(found))
     if cfg.dry_run:
-        print(plan.render(str(run_dir), lambda s: launcher.argv(s, cfg),
-                          (lambda s: launcher.env(s, cfg)) if hasattr(launcher, "env") else None))
+        print(
+            plan.render(
+                str(run_dir),
+                lambda s: launcher.argv(s, cfg),
+                (lambda s: launcher.env(s, cfg)) if hasattr(launcher, "env") else None,
+            )
+        )
         print("dry run: nothing was written")
         return None
 
@@ -101,7 +111,7 @@ def run(cfg: DictConfig) -> Optional[float]:
     from finetune.report.metrics import finalize, prewarm
     from finetune.tracking.tracker import RunTracker
 
-    prewarm()                  # the plotting/TensorBoard imports load while the steps run, not after them
+    prewarm()  # the plotting/TensorBoard imports load while the steps run, not after them
     # report_to=mlflow / wandb: logged from a background thread while the steps run (never fails the run)
     tracker = RunTracker.start(resolved, run_dir, manifest.data, overrides, choices, resume=bool(cfg.resume))
     with recorded(cfg, run_dir, manifest, tracker):
@@ -129,8 +139,17 @@ def build_plan(cfg: DictConfig, backend, launcher, run_dir: Path, ctx: dict) -> 
     return plan
 
 
-def write_run_folder(cfg: DictConfig, run_dir: Path, plan: Plan, resolved: dict, facts: dict, overrides: List[str],
-                     choices: dict, command: List[str], ctx: dict):
+def write_run_folder(
+    cfg: DictConfig,
+    run_dir: Path,
+    plan: Plan,
+    resolved: dict,
+    facts: dict,
+    overrides: List[str],
+    choices: dict,
+    command: List[str],
+    ctx: dict,
+):
     """Create the run folder (or reopen it, resume=true) and write what the steps read: the manifest, config.yaml
     and overrides.yaml (a resume keeps the original run's: reproduce replays them), resolved_config.json and the
     plan's files. Every file is redacted. Returns (run_dir, manifest)."""
@@ -141,17 +160,29 @@ def write_run_folder(cfg: DictConfig, run_dir: Path, plan: Plan, resolved: dict,
     if cfg.resume:
         manifest = Manifest.load(run_dir)
         manifest.data.setdefault("resumes", []).append(
-            {"time": _dt.datetime.now().isoformat(timespec="seconds"), "command": redact(command)})
+            {"time": _dt.datetime.now().isoformat(timespec="seconds"), "command": redact(command)}
+        )
     else:
-        manifest = Manifest.new(run_dir, config=resolved, overrides=overrides, choices=choices,
-                                data_facts=facts["data"], seed=int(cfg.seed), command=command)
+        manifest = Manifest.new(
+            run_dir,
+            config=resolved,
+            overrides=overrides,
+            choices=choices,
+            data_facts=facts["data"],
+            seed=int(cfg.seed),
+            command=command,
+        )
         atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(redact(resolved))))
         atomic_write(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(redact(list(overrides)))))
     atomic_write_json(run_dir / "resolved_config.json", redact({**resolved, "_run_dir": str(run_dir), "_ctx": ctx}))
     for rel, text in plan.files.items():
         atomic_write(run_dir / rel, redact(text))
-    manifest.update(status="running", plan=plan.to_dict(), outputs=plan.outputs,
-                    **({"auto_choice": ctx["auto_choice"]} if "auto_choice" in ctx else {}))
+    manifest.update(
+        status="running",
+        plan=plan.to_dict(),
+        outputs=plan.outputs,
+        **({"auto_choice": ctx["auto_choice"]} if "auto_choice" in ctx else {}),
+    )
     return run_dir, manifest
 
 
@@ -216,8 +247,12 @@ def complete(cfg: DictConfig, run_dir: Path, manifest: Manifest, tracker, metric
         print(f"[finetune] note: {note}", flush=True)
     if tracker:
         tracker.wait()
-    manifest.update(status="completed", metrics=metrics, finished=_dt.datetime.now().isoformat(timespec="seconds"),
-                    **({"tracking": tracker.record()} if tracker else {}))
+    manifest.update(
+        status="completed",
+        metrics=metrics,
+        finished=_dt.datetime.now().isoformat(timespec="seconds"),
+        **({"tracking": tracker.record()} if tracker else {}),
+    )
     _write_result(run_dir, cfg, "completed", metrics, None)
     if tracker:
         tracker.finish("completed", metrics)
@@ -244,21 +279,37 @@ def _check_resumable(run_dir: Path, resolved: dict) -> None:
     from finetune.report.reproduce import config_differences
 
     recorded = Manifest.load(run_dir).data.get("config") or {}
-    diffs = [d for d in config_differences(recorded, redact(resolved), str(run_dir), str(run_dir))
-             if d.split(":")[0].split(".")[0] not in _RESUME_SAME_EXCEPT and d.split(":")[0] not in _RESUME_SAME_EXCEPT]
+    diffs = [
+        d
+        for d in config_differences(recorded, redact(resolved), str(run_dir), str(run_dir))
+        if d.split(":")[0].split(".")[0] not in _RESUME_SAME_EXCEPT and d.split(":")[0] not in _RESUME_SAME_EXCEPT
+    ]
     if diffs:
         from finetune.errors import ConfigError
 
-        raise ConfigError("resume", True, f"the config composed now differs from the one the run in {run_dir} was "
-                          f"started with ({diffs[0]}{f'; and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); "
-                          "start a new run instead")
+        raise ConfigError(
+            "resume",
+            True,
+            f"the config composed now differs from the one the run in {run_dir} was "
+            f"started with ({diffs[0]}{f'; and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); "
+            "start a new run instead",
+        )
 
 
 def _write_result(run_dir: Path, cfg: DictConfig, status: str, metrics: dict, error: Optional[str]) -> None:
     """result.json: what a sweep summary reads for this job (Hydra's callbacks do not see job results)."""
     overrides, _, _, _ = _hydra_facts()
-    atomic_write_json(run_dir / "result.json", {
-        "status": status, "error": error, "metric_name": str(cfg.metric),
-        "metric": metrics.get(str(cfg.metric)), "metrics": metrics, "overrides": redact(overrides),
-        "backend": cfg.backend.name, "method": cfg.method.name, "time": time.time(),
-    })
+    atomic_write_json(
+        run_dir / "result.json",
+        {
+            "status": status,
+            "error": error,
+            "metric_name": str(cfg.metric),
+            "metric": metrics.get(str(cfg.metric)),
+            "metrics": metrics,
+            "overrides": redact(overrides),
+            "backend": cfg.backend.name,
+            "method": cfg.method.name,
+            "time": time.time(),
+        },
+    )

@@ -11,6 +11,7 @@ Each run folder holds:
   overrides.yaml         the overrides as typed (replayed by `finetune reproduce`)
   logs/<step>.log        each step's output
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -29,9 +30,26 @@ from finetune.config.resolvers import REPO_ROOT
 from finetune.osutil import atomic_write, atomic_write_json  # noqa: F401 - imported from here by many modules
 from finetune.secrets import redact
 
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "trl", "deepspeed", "llamafactory",
-            "FlagEmbedding", "hydra-core", "omegaconf", "galore-torch", "badam", "submitit", "tokenizers",
-            "sentence-transformers", "tensorboard", "numpy")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "trl",
+    "deepspeed",
+    "llamafactory",
+    "FlagEmbedding",
+    "hydra-core",
+    "omegaconf",
+    "galore-torch",
+    "badam",
+    "submitit",
+    "tokenizers",
+    "sentence-transformers",
+    "tensorboard",
+    "numpy",
+)
 
 
 def slug(name: str) -> str:
@@ -62,7 +80,7 @@ def create_run_dir(path: Path, resume: bool) -> Path:
             return path
         except FileExistsError:
             if path.is_dir() and not any(path.iterdir()):
-                return path                         # an empty folder made for us (Hydra's multirun job folder)
+                return path  # an empty folder made for us (Hydra's multirun job folder)
             n += 1
             path = base.with_name(f"{base.name}-{n}")
         except OSError as e:
@@ -100,8 +118,9 @@ class Manifest:
         self.data = data
 
     @classmethod
-    def new(cls, run_dir: Path, *, config: dict, overrides, choices: dict, data_facts: dict, seed: int,
-            command: list) -> "Manifest":
+    def new(
+        cls, run_dir: Path, *, config: dict, overrides, choices: dict, data_facts: dict, seed: int, command: list
+    ) -> "Manifest":
         data = {
             "schema": 1,
             "status": "created",

@@ -7,6 +7,7 @@
 - The worker processes get the secrets through their environment (``FINETUNE_SECRETS``: JSON of dotted key ->
   value); ``merge_secrets`` puts them back into the config a worker reads.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,12 @@ ENV = "FINETUNE_SECRETS"
 _SECRET = re.compile(r"(secret|password|passwd|api[_-]?key|credential|private[_-]?key)", re.I)
 _TOKEN = re.compile(r"(^|_)(token|auth|access[_-]?token)$", re.I)
 # tokenizer/model settings that end in _token but are not credentials
-_NOT_SECRET = re.compile(r"^(pad|eos|bos|unk|sep|cls|mask|special|chat|im_start|im_end|new_special|add_special|"
-                         r"max_new|max|num|skip_special)_?tokens?$", re.I)
-_values: set = set()          # secret values seen in this process (replaced wherever they appear)
+_NOT_SECRET = re.compile(
+    r"^(pad|eos|bos|unk|sep|cls|mask|special|chat|im_start|im_end|new_special|add_special|"
+    r"max_new|max|num|skip_special)_?tokens?$",
+    re.I,
+)
+_values: set = set()  # secret values seen in this process (replaced wherever they appear)
 
 
 def is_secret_key(key: str) -> bool:

@@ -15,6 +15,7 @@ cannot read job states and waiting on a cancelled job blocks forever.
 
 Standard library only; no shell strings (every command is an argv list).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-DAEMONS = ("slurmd", "slurmctld", "slurmdbd", "mariadbd")      # stop order
+DAEMONS = ("slurmd", "slurmctld", "slurmdbd", "mariadbd")  # stop order
 NEEDED = ("munged", "slurmctld", "slurmd", "slurmdbd", "mariadbd", "mariadb-install-db", "sacctmgr", "sinfo")
 CLUSTER = "finetune"
-DB_PASS = "finetune-test"            # a throw-away database bound to 127.0.0.1 in a temp folder
+DB_PASS = "finetune-test"  # a throw-away database bound to 127.0.0.1 in a temp folder
 
 
 class ClusterError(RuntimeError):
@@ -82,7 +83,9 @@ def _free_ports(n: int) -> List[int]:
     return ports
 
 
-def _run(argv: List[str], env: Optional[dict] = None, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+def _run(
+    argv: List[str], env: Optional[dict] = None, check: bool = True, timeout: float = 60, **kw
+) -> subprocess.CompletedProcess:
     p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, **kw)
     if check and p.returncode != 0:
         raise ClusterError(f"{' '.join(argv)} exited {p.returncode}: {(p.stderr or p.stdout).strip()[-800:]}")
@@ -177,61 +180,72 @@ def write_configs(base: Path, ports: Dict[str, int], nodes: int = 1) -> Path:
     if nodes == 1:
         node_lines = [f"NodeName={host} CPUs={cpus} RealMemory={mem} State=UNKNOWN"]
     else:
-        node_lines = [f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={ports['slurmd'] + i} CPUs={cpus} "
-                      f"RealMemory={mem} State=UNKNOWN" for i, n in enumerate(names)]
+        node_lines = [
+            f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={ports['slurmd'] + i} CPUs={cpus} "
+            f"RealMemory={mem} State=UNKNOWN"
+            for i, n in enumerate(names)
+        ]
     etc = base / "etc"
     for d in ("etc", "state", "spool", "log", "run"):
         (base / d).mkdir(parents=True, exist_ok=True)
     conf = etc / "slurm.conf"
-    conf.write_text("\n".join([
-        f"ClusterName={CLUSTER}",
-        f"SlurmctldHost={host}",
-        "SlurmUser=root",
-        f"SlurmctldPort={ports['slurmctld']}",
-        f"SlurmdPort={ports['slurmd']}",
-        "AuthType=auth/munge",
-        "CredType=cred/munge",
-        f"StateSaveLocation={base}/state",
-        f"SlurmdSpoolDir={base}/spool/slurmd-%n",
-        f"SlurmctldPidFile={base}/run/slurmctld.pid",
-        f"SlurmdPidFile={base}/run/slurmd-%n.pid",
-        f"SlurmctldLogFile={base}/log/slurmctld.log",
-        f"SlurmdLogFile={base}/log/slurmd-%n.log",
-        "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none",
-        "MpiDefault=none",
-        "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_Core_Memory",
-        "DefMemPerCPU=1024",
-        "ReturnToService=2",
-        "MailProg=/bin/true",
-        "KillWait=5",
-        "MinJobAge=300",
-        "AccountingStorageType=accounting_storage/slurmdbd",
-        "AccountingStorageHost=localhost",
-        f"AccountingStoragePort={ports['slurmdbd']}",
-        "JobAcctGatherType=jobacct_gather/linux",
-        "JobAcctGatherFrequency=30",
-        *node_lines,
-        f"PartitionName=debug Nodes={','.join(names)} Default=YES MaxTime=INFINITE State=UP",
-        "",
-    ]))
+    conf.write_text(
+        "\n".join(
+            [
+                f"ClusterName={CLUSTER}",
+                f"SlurmctldHost={host}",
+                "SlurmUser=root",
+                f"SlurmctldPort={ports['slurmctld']}",
+                f"SlurmdPort={ports['slurmd']}",
+                "AuthType=auth/munge",
+                "CredType=cred/munge",
+                f"StateSaveLocation={base}/state",
+                f"SlurmdSpoolDir={base}/spool/slurmd-%n",
+                f"SlurmctldPidFile={base}/run/slurmctld.pid",
+                f"SlurmdPidFile={base}/run/slurmd-%n.pid",
+                f"SlurmctldLogFile={base}/log/slurmctld.log",
+                f"SlurmdLogFile={base}/log/slurmd-%n.log",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "MpiDefault=none",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core_Memory",
+                "DefMemPerCPU=1024",
+                "ReturnToService=2",
+                "MailProg=/bin/true",
+                "KillWait=5",
+                "MinJobAge=300",
+                "AccountingStorageType=accounting_storage/slurmdbd",
+                "AccountingStorageHost=localhost",
+                f"AccountingStoragePort={ports['slurmdbd']}",
+                "JobAcctGatherType=jobacct_gather/linux",
+                "JobAcctGatherFrequency=30",
+                *node_lines,
+                f"PartitionName=debug Nodes={','.join(names)} Default=YES MaxTime=INFINITE State=UP",
+                "",
+            ]
+        )
+    )
     dbd = etc / "slurmdbd.conf"
-    dbd.write_text("\n".join([
-        "AuthType=auth/munge",
-        "DbdHost=localhost",
-        f"DbdPort={ports['slurmdbd']}",
-        "SlurmUser=root",
-        f"LogFile={base}/log/slurmdbd.log",
-        f"PidFile={base}/run/slurmdbd.pid",
-        "StorageType=accounting_storage/mysql",
-        "StorageHost=127.0.0.1",
-        f"StoragePort={ports['mariadb']}",
-        "StorageUser=slurm",
-        f"StoragePass={DB_PASS}",
-        "StorageLoc=slurm_acct_db",
-        "",
-    ]))
+    dbd.write_text(
+        "\n".join(
+            [
+                "AuthType=auth/munge",
+                "DbdHost=localhost",
+                f"DbdPort={ports['slurmdbd']}",
+                "SlurmUser=root",
+                f"LogFile={base}/log/slurmdbd.log",
+                f"PidFile={base}/run/slurmdbd.pid",
+                "StorageType=accounting_storage/mysql",
+                "StorageHost=127.0.0.1",
+                f"StoragePort={ports['mariadb']}",
+                "StorageUser=slurm",
+                f"StoragePass={DB_PASS}",
+                "StorageLoc=slurm_acct_db",
+                "",
+            ]
+        )
+    )
     dbd.chmod(0o600)
     return conf
 
@@ -244,28 +258,55 @@ def _start_mariadb(base: Path, port: int) -> None:
     if not (db / "mysql").exists():
         db.mkdir(exist_ok=True)
         os.chown(db, mysql.pw_uid, mysql.pw_gid)
-        _run([_which("mariadb-install-db"), "--user=mysql", f"--datadir={db}", "--auth-root-authentication-method=socket",
-              "--skip-test-db"], timeout=120)
-    dbrun = base / "dbrun"                          # socket and pid file: a folder the mysql user owns
+        _run(
+            [
+                _which("mariadb-install-db"),
+                "--user=mysql",
+                f"--datadir={db}",
+                "--auth-root-authentication-method=socket",
+                "--skip-test-db",
+            ],
+            timeout=120,
+        )
+    dbrun = base / "dbrun"  # socket and pid file: a folder the mysql user owns
     dbrun.mkdir(exist_ok=True)
     os.chown(dbrun, mysql.pw_uid, mysql.pw_gid)
     sock = dbrun / "mariadb.sock"
     log = base / "log" / "mariadb.log"
     log.touch()
     os.chown(log, mysql.pw_uid, mysql.pw_gid)
-    proc = subprocess.Popen([_which("mariadbd"), "--no-defaults", "--user=mysql", f"--datadir={db}", f"--socket={sock}",
-                             f"--pid-file={dbrun}/mariadbd.pid", "--bind-address=127.0.0.1", f"--port={port}",
-                             f"--log-error={log}", "--skip-log-bin"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            _which("mariadbd"),
+            "--no-defaults",
+            "--user=mysql",
+            f"--datadir={db}",
+            f"--socket={sock}",
+            f"--pid-file={dbrun}/mariadbd.pid",
+            "--bind-address=127.0.0.1",
+            f"--port={port}",
+            f"--log-error={log}",
+            "--skip-log-bin",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     (base / "run" / "mariadbd.pid").write_text(str(proc.pid))
-    _wait_for(lambda: proc.poll() is not None or (sock.exists() and _pid_alive(dbrun / "mariadbd.pid")), "mariadbd", 60, log)
+    _wait_for(
+        lambda: proc.poll() is not None or (sock.exists() and _pid_alive(dbrun / "mariadbd.pid")), "mariadbd", 60, log
+    )
     if proc.poll() is not None:
-        raise ClusterError(f"mariadbd exited {proc.returncode}: " + " | ".join(log.read_text(errors="replace").splitlines()[-3:]))
-    sql = (f"CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '{DB_PASS}';"
-           f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{DB_PASS}';"
-           "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
-           "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;")
+        raise ClusterError(
+            f"mariadbd exited {proc.returncode}: " + " | ".join(log.read_text(errors="replace").splitlines()[-3:])
+        )
+    sql = (
+        f"CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '{DB_PASS}';"
+        f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{DB_PASS}';"
+        "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
+        "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
+    )
     _run([_which("mariadb"), f"--socket={sock}", "-u", "root", "-e", sql])
 
 
@@ -298,8 +339,12 @@ def start(base: Path, timeout: float = 60.0, nodes: int = 1) -> Dict[str, str]:
         (base / "cluster.json").write_text(json.dumps(state, indent=2))
         _start_mariadb(base, ports["mariadb"])
         _run([_which("slurmdbd")], env=env)
-        _wait_for(lambda: _run(["sacctmgr", "-n", "list", "cluster"], env=env, check=False, timeout=10).returncode == 0,
-                  "slurmdbd", timeout, base / "log" / "slurmdbd.log")
+        _wait_for(
+            lambda: _run(["sacctmgr", "-n", "list", "cluster"], env=env, check=False, timeout=10).returncode == 0,
+            "slurmdbd",
+            timeout,
+            base / "log" / "slurmdbd.log",
+        )
         _run(["sacctmgr", "-i", "add", "cluster", CLUSTER], env=env, check=False)
         _run([_which("slurmctld"), "-f", str(conf)], env=env)
         for name in state["nodes"]:
@@ -330,7 +375,7 @@ def stop(base: Path, grace: float = 15.0) -> None:
     if conf.exists() and _pid_alive(base / "run" / "slurmctld.pid"):
         _run(["scancel", "--full", "-u", "root"], env=_env(conf), check=False, timeout=10)
     pid_files = [base / "run" / f"{name}.pid" for name in DAEMONS]
-    pid_files[1:1] = sorted((base / "run").glob("slurmd-*.pid"))         # every slurmd, before slurmctld
+    pid_files[1:1] = sorted((base / "run").glob("slurmd-*.pid"))  # every slurmd, before slurmctld
     for pid_file in pid_files:
         pid = _pid_alive(pid_file)
         if not pid:

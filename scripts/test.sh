@@ -40,6 +40,9 @@ if [ $# -gt 0 ]; then
   exec "${PYTEST[@]}" "$@"
 fi
 rc=0
+# the formatter and the linter (configured in pyproject.toml [tool.ruff]): a diff or a finding fails the run
+.venv/bin/python -m ruff format --check . || rc=1
+.venv/bin/python -m ruff check . || rc=1
 "${PYTEST[@]}" -m "not slurm" || rc=$?
 .venv/bin/python -m pytest -q -m slurm --durations=10 || { r=$?; [ $r -eq 5 ] || rc=$r; }
 exit $rc

@@ -7,6 +7,7 @@ nested runs, read the page's text and take a screenshot. Test helper (and how do
 The MLflow 3 runs table collapses child runs under their parent (the expansion state lives in the browser's
 localStorage, not in the URL), so the "+" buttons next to parent runs are clicked before the text is read.
 """
+
 from __future__ import annotations
 
 import base64
@@ -22,10 +23,24 @@ import time
 import urllib.request
 from pathlib import Path
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic", "--disable-default-apps",
-         "--disable-extensions", "--hide-scrollbars", "--window-size=1400,900", "--remote-debugging-port=0",
-         "--remote-debugging-address=127.0.0.1", "about:blank"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--hide-scrollbars",
+    "--window-size=1400,900",
+    "--remote-debugging-port=0",
+    "--remote-debugging-address=127.0.0.1",
+    "about:blank",
+]
 # the "+" icon of a collapsed parent run in the runs table (MLflow 3.17's design system)
 EXPAND = """(() => { let n = 0;
   document.querySelectorAll('button[data-component-id*="runnamecellrenderer"]').forEach(b => {
@@ -52,19 +67,27 @@ def runs_page(url: str, screenshot: Path = None, timeout: float = 90.0, charts: 
     from websockets.sync.client import connect
 
     profile = tempfile.mkdtemp(prefix="finetune-chromium-")
-    proc = subprocess.Popen([chromium(), f"--user-data-dir={profile}", *FLAGS], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [chromium(), f"--user-data-dir={profile}", *FLAGS],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         ws_url = None
-        for line in proc.stderr:                   # "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/..."
+        for line in proc.stderr:  # "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/..."
             m = re.search(r"DevTools listening on (ws://\S+)", line)
             if m:
                 ws_url = m.group(1)
                 break
         assert ws_url, "chromium did not start its DevTools endpoint"
         port = ws_url.split(":")[2].split("/")[0]
-        page = next(t for t in json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=30))
-                    if t["type"] == "page")
+        page = next(
+            t
+            for t in json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=30))
+            if t["type"] == "page"
+        )
         with connect(page["webSocketDebuggerUrl"], max_size=50_000_000, open_timeout=30) as ws:
             counter = [0]
 
@@ -91,8 +114,9 @@ def runs_page(url: str, screenshot: Path = None, timeout: float = 90.0, charts: 
             cdp("Page.enable")
             cdp("Runtime.enable")
             cdp("Page.navigate", url=url)
-            assert wait_for("document.querySelector('.ag-row a[href*=\"/runs/\"]') !== null", timeout), \
+            assert wait_for("document.querySelector('.ag-row a[href*=\"/runs/\"]') !== null", timeout), (
                 f"the runs table did not render: {js('document.body.innerText')[:500]!r}"
+            )
             for _ in range(3):
                 rows = js("document.querySelectorAll('.ag-row').length")
                 if not js(EXPAND):
@@ -119,5 +143,10 @@ def runs_page(url: str, screenshot: Path = None, timeout: float = 90.0, charts: 
 
 
 if __name__ == "__main__":
-    print(runs_page(sys.argv[1], Path(sys.argv[2]) if len(sys.argv) > 2 else None,
-                    charts=sys.argv[3] if len(sys.argv) > 3 else ""))
+    print(
+        runs_page(
+            sys.argv[1],
+            Path(sys.argv[2]) if len(sys.argv) > 2 else None,
+            charts=sys.argv[3] if len(sys.argv) > 3 else "",
+        )
+    )

@@ -10,11 +10,12 @@
 - Markers: slow (real training), gpu (skipped here), slurm, collie, optuna (skipped with a reason when the
   tool is missing). ``--strict-markers`` is on.
 """
+
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-FINETUNE = str(Path(PY).parent / "finetune")        # the console script, as users type it
+FINETUNE = str(Path(PY).parent / "finetune")  # the console script, as users type it
 
 
 def _has_cuda() -> bool:
@@ -70,8 +71,14 @@ def user_env(**extra) -> dict:
     return env
 
 
-def run_train(*overrides: str, outputs: Path | None, timeout: float = 900, env: dict | None = None,
-              multirun=False, cwd: Path = REPO):
+def run_train(
+    *overrides: str,
+    outputs: Path | None,
+    timeout: float = 900,
+    env: dict | None = None,
+    multirun=False,
+    cwd: Path = REPO,
+):
     """Run train.py as a user types it; return (CompletedProcess, the run folder or None).
 
     ``outputs`` is this test's folder: a single run goes to ``outputs/run`` (``output_dir=``), a sweep to
@@ -85,8 +92,9 @@ def run_train(*overrides: str, outputs: Path | None, timeout: float = 900, env: 
     elif outputs is not None and not sweep and "output_dir" not in keys:
         where = [f"output_dir={Path(outputs) / 'run'}"]
     argv = [PY, str(REPO / "train.py"), *(["-m"] if multirun else []), *overrides, *where]
-    proc = subprocess.run(argv, cwd=str(cwd), env=user_env(**(env or {})), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        argv, cwd=str(cwd), env=user_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+    )
     found = re.findall(r"^\[finetune\] backend=\S+ run folder: (.+)$", proc.stdout, re.M)
     run = Path(found[-1]) if found and not sweep else None
     return proc, (run if run is not None and (run / "manifest.json").exists() else None)
@@ -104,7 +112,7 @@ def run_in_terminal(argv, cwd=None, answers=(), timeout: float = 600) -> str:
     import signal
 
     pid, fd = pty.fork()
-    if pid == 0:                                   # the child: exec with the user's environment
+    if pid == 0:  # the child: exec with the user's environment
         if cwd is not None:
             os.chdir(cwd)
         os.execve(argv[0], argv, user_env(COLUMNS="120"))
@@ -177,4 +185,3 @@ def mlflow_server(tmp_path_factory):
         yield info
     finally:
         stop_server(info)
-

@@ -3,6 +3,7 @@
 One LoRA run (module fixture) serves the merge, determinism, resume and DDP comparisons. Real runs are
 `slow`; each trains the tiny Llama for a dozen optimizer steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,20 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import PY, REPO, read_json, run_train, user_env
 
 # a tiny job: 12 optimizer steps of 8 rows (2 micro-batches of 4), a fixed held-out set of 32 rows
-SMALL = ["max_samples=160", "val_set_size=32", "batch_size=8", "micro_batch_size=4", "max_steps=12",
-         "learning_rate=1e-3", "logging_steps=1", "eval_steps=12", "report_to=none"]
+SMALL = [
+    "max_samples=160",
+    "val_set_size=32",
+    "batch_size=8",
+    "micro_batch_size=4",
+    "max_steps=12",
+    "learning_rate=1e-3",
+    "logging_steps=1",
+    "eval_steps=12",
+    "report_to=none",
+]
 
 
 def _train(out: Path, *overrides, expect_ok=True, env=None):
@@ -29,7 +38,7 @@ def _train(out: Path, *overrides, expect_ok=True, env=None):
 
 
 def _losses(run: Path):
-    rows = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines() if l.strip()]
+    rows = [json.loads(ln) for ln in (run / "history.jsonl").read_text().splitlines() if ln.strip()]
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
@@ -37,7 +46,7 @@ def _llama_counts(model_dir: Path) -> dict:
     c = read_json(model_dir / "config.json")
     h, i, v, L = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
     kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
-    layer = h * h + 2 * h * kv + h * h + 3 * h * i + 2 * h      # q, k, v, o, gate/up/down, two norms
+    layer = h * h + 2 * h * kv + h * h + 3 * h * i + 2 * h  # q, k, v, o, gate/up/down, two norms
     emb = v * h
     return {"h": h, "kv": kv, "L": L, "layer": layer, "emb": emb, "total": L * layer + 2 * emb + h}
 
@@ -50,13 +59,14 @@ def test_dry_run_plan_has_train_and_merge_steps(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert '"-m", "finetune.recipes.alpacalora"' in proc.stdout
     assert '"-m", "finetune.recipes.merge"' in proc.stdout
-    assert "accumulation 16 x 1 process" in proc.stdout          # 64 / 4 / 1
+    assert "accumulation 16 x 1 process" in proc.stdout  # 64 / 4 / 1
     assert not (tmp_path / "r").exists()
 
 
 def test_dry_run_deepspeed_config_and_full_method_has_no_merge(tmp_path):
-    proc, _ = run_train("dry_run=true", "method=full", "hardware.deepspeed_stage=3", f"output_dir={tmp_path / 'r'}",
-                        outputs=tmp_path)
+    proc, _ = run_train(
+        "dry_run=true", "method=full", "hardware.deepspeed_stage=3", f"output_dir={tmp_path / 'r'}", outputs=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout.split("--- deepspeed.json", 1)[1]
     ds = json.loads(text[: text.index("\n}") + 2])
@@ -64,16 +74,19 @@ def test_dry_run_deepspeed_config_and_full_method_has_no_merge(tmp_path):
     assert "finetune.recipes.merge" not in proc.stdout
 
 
-@pytest.mark.parametrize("override,key", [
-    ("prompt_template_name=nope", "prompt_template_name"),
-    ("method=galore method.galore_layerwise=true", "method.galore_layerwise"),      # accumulation 16, needs 1
-    ("backend.attn_implementation=flash_attention_2", "backend.attn_implementation"),
-    ("backend.attn_implementation=fast", "backend.attn_implementation"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("prompt_template_name=nope", "prompt_template_name"),
+        ("method=galore method.galore_layerwise=true", "method.galore_layerwise"),  # accumulation 16, needs 1
+        ("backend.attn_implementation=flash_attention_2", "backend.attn_implementation"),
+        ("backend.attn_implementation=fast", "backend.attn_implementation"),
+    ],
+)
 def test_bad_input_refused_with_one_line(tmp_path, override, key):
     proc, _ = run_train(*override.split(), outputs=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and key in lines[0], proc.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -95,7 +108,7 @@ def test_train_on_inputs_masks_prompt_tokens(tiny_model):
     assert masked["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert masked["labels"][n_prompt:] == masked["input_ids"][n_prompt:] and len(masked["labels"]) > n_prompt
     assert full["labels"] == full["input_ids"]
-    cut = encode_alpaca(row, tok, tpl, 8, train_on_inputs=True)          # cutoff_len truncates (no room for EOS)
+    cut = encode_alpaca(row, tok, tpl, 8, train_on_inputs=True)  # cutoff_len truncates (no room for EOS)
     assert len(cut["input_ids"]) == 8
 
 
@@ -106,9 +119,14 @@ def test_sharegpt_rows_use_chat_template_and_mask_user_turns(tiny_model):
     from finetune.recipes.data import encode_messages, to_messages
 
     tok = AutoTokenizer.from_pretrained(tiny_model("tiny_llama"))
-    row = {"conversations": [{"from": "human", "value": "Copy the words.\niron salt"}, {"from": "gpt", "value": "iron salt"}]}
+    row = {
+        "conversations": [
+            {"from": "human", "value": "Copy the words.\niron salt"},
+            {"from": "gpt", "value": "iron salt"},
+        ]
+    }
     ex = encode_messages(to_messages(row), tok, 1030, train_on_inputs=False)
-    trained = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX]
+    trained = [i for i, ln in zip(ex["input_ids"], ex["labels"]) if ln != IGNORE_INDEX]
     assert tok.decode(trained).strip().startswith("iron salt") and trained[-1] == tok.eos_token_id
     assert "### Instruction:" in tok.decode(ex["input_ids"])
 
@@ -126,8 +144,10 @@ def test_packing_has_no_cross_contamination(tiny_model):
     from finetune.recipes.common import IGNORE_INDEX
     from finetune.recipes.data import Collator, pack_examples
 
-    exs = [{"input_ids": list(range(5 + i, 5 + i + n)), "labels": list(range(5 + i, 5 + i + n))}
-           for i, n in enumerate((7, 5, 9, 4, 12))]
+    exs = [
+        {"input_ids": list(range(5 + i, 5 + i + n)), "labels": list(range(5 + i, 5 + i + n))}
+        for i, n in enumerate((7, 5, 9, 4, 12))
+    ]
     rows = pack_examples(exs, max_len=20, seed=0)
     assert sum(r["n_examples"] for r in rows) == 5 and all(len(r["input_ids"]) <= 20 for r in rows)
     assert sorted(sum(1 for p in r["position_ids"] if p == 0) for r in rows) == sorted(r["n_examples"] for r in rows)
@@ -173,19 +193,27 @@ def test_lora_run_outputs_and_counts(lora_run, tiny_model):
     c = _llama_counts(tiny_model("tiny_llama"))
     s = read_json(lora_run / "train_summary.json")
     r = 8
-    lora = c["L"] * (r * (c["h"] + c["h"]) + r * (c["h"] + c["kv"]))     # q_proj and v_proj: r*(d_in + d_out)
-    assert s["trainable_params"] == lora + 2 * c["emb"]                   # + modules_to_save embed_tokens, lm_head
-    losses = [l for _, l in _losses(lora_run)]
+    lora = c["L"] * (r * (c["h"] + c["h"]) + r * (c["h"] + c["kv"]))  # q_proj and v_proj: r*(d_in + d_out)
+    assert s["trainable_params"] == lora + 2 * c["emb"]  # + modules_to_save embed_tokens, lm_head
+    losses = [ln for _, ln in _losses(lora_run)]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
     m = read_json(lora_run / "metrics.json")
-    for k in ("train_loss", "eval_loss", "first_train_loss", "total_params", "trainable_params", "tokens_per_s",
-              "peak_rss_mb", "train_runtime_s"):
+    for k in (
+        "train_loss",
+        "eval_loss",
+        "first_train_loss",
+        "total_params",
+        "trainable_params",
+        "tokens_per_s",
+        "peak_rss_mb",
+        "train_runtime_s",
+    ):
         assert m.get(k) is not None, k
     assert m["tokens_per_s"] > 0 and m["peak_rss_mb"] > 100
     # tokens/s counts every input token processed (what other tools mean); the supervised targets are fewer
     assert s["train_tokens"] > s["train_target_tokens"] > 0 and m["tokens_per_s"] > m["target_tokens_per_s"] > 0
     rows = [json.loads(line) for line in (lora_run / "history.jsonl").read_text().splitlines()]
-    assert all(r["total_steps"] == 12 for r in rows if "loss" in r)         # what the progress line reads
+    assert all(r["total_steps"] == 12 for r in rows if "loss" in r)  # what the progress line reads
     assert (lora_run / "lazyllm_lora" / "adapter_config.json").exists()
     assert (lora_run / "lazyllm_merge" / "tokenizer.json").exists()
     assert (lora_run / "loss.png").exists() and any((lora_run / "tensorboard").rglob("events.out.tfevents.*"))
@@ -206,7 +234,7 @@ def test_merged_logits_equal_base_plus_adapter(lora_run, tiny_model):
         a, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
         plain = AutoModelForCausalLM.from_pretrained(tiny_model("tiny_llama"))(input_ids=ids).logits
     assert (a - b).abs().max().item() < 1e-4
-    assert (a - plain).abs().max().item() > 1e-3                           # the adapter did change the model
+    assert (a - plain).abs().max().item() > 1e-3  # the adapter did change the model
 
 
 @pytest.mark.slow
@@ -238,7 +266,7 @@ def test_resume_after_sigkill_equals_uninterrupted(lora_run, tmp_path):
             os.kill(int(pid), signal.SIGKILL)
     proc.kill()
     proc.wait()
-    assert not (out / "train_summary.json").exists()                      # it really died mid-training
+    assert not (out / "train_summary.json").exists()  # it really died mid-training
     # what a user types to continue: the folder and resume=true; the run's own overrides are replayed
     proc, _ = run_train(f"output_dir={out}", "resume=true", outputs=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -267,23 +295,41 @@ def test_ddp_two_processes_gloo_equals_single(lora_run, tmp_path):
 METHODS = {
     # name: (overrides, expected trainable count from the model's shape)
     "full": (["method=full"], lambda c: c["total"]),
-    "freeze": (["method=freeze", "method.freeze_trainable_layers=1", "method.freeze_extra_modules=norm"],
-               lambda c: c["layer"] + c["h"]),                               # last layer + final norm (segment match)
+    "freeze": (
+        ["method=freeze", "method.freeze_trainable_layers=1", "method.freeze_extra_modules=norm"],
+        lambda c: c["layer"] + c["h"],
+    ),  # last layer + final norm (segment match)
     "loraplus": (["method=loraplus", "modules_to_save=null"], lambda c: c["L"] * 8 * (3 * c["h"] + c["kv"])),
-    "rslora": (["method=rslora", "modules_to_save=null", "train_on_inputs=false"],
-               lambda c: c["L"] * 8 * (3 * c["h"] + c["kv"])),
-    "dora": (["method=dora", "modules_to_save=null"],
-             lambda c: c["L"] * (8 * (3 * c["h"] + c["kv"]) + c["h"] + c["kv"])),   # + magnitude vectors
-    "pissa": (["method=pissa", "modules_to_save=null", "method.pissa_iter=-1"],
-              lambda c: c["L"] * 8 * (3 * c["h"] + c["kv"])),
+    "rslora": (
+        ["method=rslora", "modules_to_save=null", "train_on_inputs=false"],
+        lambda c: c["L"] * 8 * (3 * c["h"] + c["kv"]),
+    ),
+    "dora": (
+        ["method=dora", "modules_to_save=null"],
+        lambda c: c["L"] * (8 * (3 * c["h"] + c["kv"]) + c["h"] + c["kv"]),
+    ),  # + magnitude vectors
+    "pissa": (
+        ["method=pissa", "modules_to_save=null", "method.pissa_iter=-1"],
+        lambda c: c["L"] * 8 * (3 * c["h"] + c["kv"]),
+    ),
     # as a user types it: the default modules_to_save (embed_tokens, lm_head) kept through the PiSSA conversion
     "pissa_default": (["method=pissa"], lambda c: c["L"] * 8 * (3 * c["h"] + c["kv"]) + 2 * c["emb"]),
     "galore": (["method=galore", "method.galore_rank=8", "method.galore_update_interval=4"], lambda c: c["total"]),
-    "galore_layerwise": (["method=galore", "method.galore_layerwise=true", "batch_size=4", "method.galore_rank=8",
-                          "method.galore_update_interval=4"], lambda c: c["total"]),
-    "badam_layer": (["method=badam", "method.badam_switch_interval=4"], lambda c: c["layer"]),   # one block at a time
-    "badam_ratio": (["method=badam", "method.badam_mode=ratio", "method.badam_update_ratio=0.5"],
-                    lambda c: c["total"] - 2 * c["emb"]),                      # embeddings excluded
+    "galore_layerwise": (
+        [
+            "method=galore",
+            "method.galore_layerwise=true",
+            "batch_size=4",
+            "method.galore_rank=8",
+            "method.galore_update_interval=4",
+        ],
+        lambda c: c["total"],
+    ),
+    "badam_layer": (["method=badam", "method.badam_switch_interval=4"], lambda c: c["layer"]),  # one block at a time
+    "badam_ratio": (
+        ["method=badam", "method.badam_mode=ratio", "method.badam_update_ratio=0.5"],
+        lambda c: c["total"] - 2 * c["emb"],
+    ),  # embeddings excluded
 }
 
 
@@ -299,7 +345,7 @@ def test_method_trains_and_artefact_loads(name, tmp_path, tiny_model):
     model_dir = tiny_model("tiny_llama")
     s = read_json(out / "train_summary.json")
     assert s["trainable_params"] == expected(_llama_counts(model_dir)), s
-    losses = [l for _, l in _losses(out)]
+    losses = [ln for _, ln in _losses(out)]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     ids = torch.randint(3, 500, (1, 16), generator=torch.Generator().manual_seed(0))
     base_logits = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids).logits
@@ -321,10 +367,10 @@ def test_method_trains_and_artefact_loads(name, tmp_path, tiny_model):
             used = re.search(r"tokenised data: .* \((/\S+\.json)\)", (out / "logs" / "train.log").read_text())
             cache = Path(used.group(1))
             ex = json.loads(cache.read_text())[0]
-            assert ex["labels"][0] == -100 and ex["labels"][-1] == ex["input_ids"][-1]   # prompt masked
+            assert ex["labels"][0] == -100 and ex["labels"][-1] == ex["input_ids"][-1]  # prompt masked
         if name == "dora":
             assert cfg["use_dora"] is True
-        if name == "pissa":                                              # converted: a plain LoRA of rank 2r
+        if name == "pissa":  # converted: a plain LoRA of rank 2r
             assert cfg["r"] == 16 and cfg["init_lora_weights"] is True
     else:
         model = AutoModelForCausalLM.from_pretrained(out / "lazyllm_merge")
@@ -386,7 +432,7 @@ def test_bf16_mixed_precision_on_cpu(tmp_path, tiny_model):
     s = read_json(out / "train_summary.json")
     assert s["precision"] == "bf16"
     assert "precision: bf16 mixed" in (out / "logs" / "train.log").read_text()
-    losses = [l for _, l in _losses(out)]
+    losses = [ln for _, ln in _losses(out)]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
     from safetensors.torch import load_file
 
@@ -407,7 +453,7 @@ def test_packing_run_trains(tmp_path):
     _train(out, "backend.packing=true", "cutoff_len=256")
     log = (out / "logs" / "train.log").read_text()
     assert "packing: 128 training examples -> " in log
-    losses = [l for _, l in _losses(out)]
+    losses = [ln for _, ln in _losses(out)]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
     assert read_json(out / "train_summary.json")["eval_loss"] is not None
 
@@ -424,7 +470,7 @@ def test_qlora_trains_on_cpu_and_merges_into_the_full_precision_base(tmp_path, t
     out = tmp_path / "qlora"
     proc = _train(out, "method=qlora")
     assert "QLoRA: base loaded in 4-bit nf4" in (out / "logs" / "train.log").read_text()
-    losses = [l for _, l in _losses(out)]
+    losses = [ln for _, ln in _losses(out)]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     assert read_json(out / "metrics.json")["eval_loss"] > 0 and "merge" in proc.stdout
     model_dir = tiny_model("tiny_llama")
@@ -433,17 +479,23 @@ def test_qlora_trains_on_cpu_and_merges_into_the_full_precision_base(tmp_path, t
         merged = AutoModelForCausalLM.from_pretrained(out / "lazyllm_merge")(input_ids=ids).logits
         full = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "lazyllm_lora")
         assert (merged - full(input_ids=ids).logits).abs().max().item() < 1e-4
-        q = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                        bnb_4bit_use_double_quant=True,
-                                                        bnb_4bit_compute_dtype=torch.float32), device_map={"": "cpu"})
-        qbase = AutoModelForCausalLM.from_pretrained(model_dir, **q).train()        # the training kernel (see recipe)
+        q = dict(
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32,
+            ),
+            device_map={"": "cpu"},
+        )
+        qbase = AutoModelForCausalLM.from_pretrained(model_dir, **q).train()  # the training kernel (see recipe)
         base = AutoModelForCausalLM.from_pretrained(model_dir)
         quant_error = (qbase(input_ids=ids).logits - base(input_ids=ids).logits).abs().max().item()
         qtrained = PeftModel.from_pretrained(qbase, out / "lazyllm_lora").train()
         for mod in qtrained.modules():
             if hasattr(mod, "lora_dropout"):
                 for d in mod.lora_dropout.values():
-                    d.p = 0.0                                   # train mode for the kernel, no dropout
+                    d.p = 0.0  # train mode for the kernel, no dropout
         gap = (merged - qtrained(input_ids=ids).logits).abs().max().item()
     assert 0 < quant_error and gap <= 2 * quant_error + 1e-4, (gap, quant_error)
 
@@ -456,5 +508,7 @@ def test_zero3_loads_the_weights_partitioned(tmp_path, tiny_model):
     _train(out, "method=full", "hardware.deepspeed_stage=3", "max_steps=2", "eval_steps=2")
     assert "ZeRO-3: weights loaded partitioned across the ranks" in (out / "logs" / "train.log").read_text()
     s = read_json(out / "train_summary.json")
-    assert s["deepspeed"] is True and s["total_params"] == s["trainable_params"] == \
-        _llama_counts(tiny_model("tiny_llama"))["total"]                 # full sizes (ds_numel), not the shards
+    assert (
+        s["deepspeed"] is True
+        and s["total_params"] == s["trainable_params"] == _llama_counts(tiny_model("tiny_llama"))["total"]
+    )  # full sizes (ds_numel), not the shards

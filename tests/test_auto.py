@@ -6,6 +6,7 @@ Tolerances (stated once, used below):
 - measured peak RSS of real HF Trainer runs on a 24M-parameter Llama on this CPU: total within 12 %, and the part
   above the measured import baseline (weights, gradients, optimizer, activations) within 30 %
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import PY, REPO, read_json, run_train, user_env
 
 from finetune.auto.estimator import GiB, ModelShape, Setup, estimate
@@ -28,8 +28,8 @@ PUBLISHED = {
     "llama-3-8b": 8_030_261_248,
     "qwen2-0.5b": 494_032_768,
     "qwen2-7b": 7_615_616_512,
-    "internlm2-7b": 7.74e9,       # "7.74B" (InternLM2 technical report)
-    "chatglm3-6b": 6.24e9,        # "6.24B" (hidden 4096, 28 layers, multi-query groups 2)
+    "internlm2-7b": 7.74e9,  # "7.74B" (InternLM2 technical report)
+    "chatglm3-6b": 6.24e9,  # "6.24B" (hidden 4096, 28 layers, multi-query groups 2)
 }
 
 
@@ -86,8 +86,9 @@ LF_TABLE_7B = [
 
 @pytest.mark.parametrize("label,kw,published_gb", LF_TABLE_7B, ids=[r[0] for r in LF_TABLE_7B])
 def test_estimate_matches_llamafactory_table_for_7b(label, kw, published_gb):
-    est = estimate(shape("llama-2-7b"), Setup(device="cuda", micro_batch_size=1, seq_len=1024,
-                                              gradient_checkpointing=True, **kw))
+    est = estimate(
+        shape("llama-2-7b"), Setup(device="cuda", micro_batch_size=1, seq_len=1024, gradient_checkpointing=True, **kw)
+    )
     got = est.total / 1e9
     assert abs(got - published_gb) / published_gb <= 0.20, f"{label}: estimate {got:.1f} GB vs published {published_gb}"
 
@@ -97,7 +98,7 @@ def test_estimator_rules():
     base = dict(device="cuda", micro_batch_size=4, seq_len=2048, precision="bf16", method="full", dp=8)
     plain = estimate(s7, Setup(**base))
     gc = estimate(s7, Setup(**base, gradient_checkpointing=True))
-    assert gc.parts["activations"] < plain.parts["activations"] / 3      # the logits (128k vocabulary) remain
+    assert gc.parts["activations"] < plain.parts["activations"] / 3  # the logits (128k vocabulary) remain
     z1, z2, z3 = (estimate(s7, Setup(**base, zero_stage=z)) for z in (1, 2, 3))
     assert z1.parts["optimizer"] == pytest.approx(plain.parts["optimizer"] / 8)
     assert z2.parts["gradients"] == pytest.approx(plain.parts["gradients"] / 8)
@@ -105,7 +106,7 @@ def test_estimator_rules():
     off = estimate(s7, Setup(**base, zero_stage=3, offload_optimizer=True, offload_param=True))
     assert off.parts["optimizer"] == 0 and off.host_bytes > 0
     lora = estimate(s7, Setup(**{**base, "method": "lora"}, lora_r=16))
-    assert lora.trainable_params == 32 * 16 * ((4096 + 4096) + (4096 + 1024))   # q_proj + v_proj, r=16
+    assert lora.trainable_params == 32 * 16 * ((4096 + 4096) + (4096 + 1024))  # q_proj + v_proj, r=16
     assert estimate(s7, Setup(**{**base, "method": "lora"}, lora_r=64)).trainable_params == 4 * lora.trainable_params
     tp2 = estimate(s7, Setup(**{**base, "dp": 4}, tp=2))
     assert tp2.parts["weights"] == pytest.approx(plain.parts["weights"] / 2)
@@ -120,9 +121,16 @@ def _machine(name: str) -> Machine:
     from finetune.auto.hardware import device_flops
 
     hw = OmegaConf.load(REPO / "conf" / "hardware" / f"{name}.yaml")
-    return Machine(device=hw.device, gpus_per_node=hw.gpus_per_node, gpu_memory_gb=hw.gpu_memory_gb,
-                   gpu_type=hw.gpu_type, nnodes=hw.get("nnodes", 1), cpus=hw.get("cpus", 2),
-                   memory_gb=hw.get("memory_gb", 16), flops=device_flops(hw))
+    return Machine(
+        device=hw.device,
+        gpus_per_node=hw.gpus_per_node,
+        gpu_memory_gb=hw.gpu_memory_gb,
+        gpu_type=hw.gpu_type,
+        nnodes=hw.get("nnodes", 1),
+        cpus=hw.get("cpus", 2),
+        memory_gb=hw.get("memory_gb", 16),
+        flops=device_flops(hw),
+    )
 
 
 def test_chooser_on_named_hardware_fits_and_uses_zero_when_needed():
@@ -131,20 +139,30 @@ def test_chooser_on_named_hardware_fits_and_uses_zero_when_needed():
     c = big.chosen
     assert c is not None and c.fits and c.need_bytes <= c.limit_bytes
     assert c.dp == 8 and c.micro_batch_size * c.grad_accum * c.dp == 64
-    assert c.zero_stage in (2, 3)                           # 8B full (18 bytes/param = 135 GiB) needs sharding
+    assert c.zero_stage in (2, 3)  # 8B full (18 bytes/param = 135 GiB) needs sharding
     assert c is min((x for x in big.candidates if x.fits), key=lambda x: x.sort_key(big.order))
     # the same model, full fine-tuning, on one 24 GB GPU with 64 GiB host RAM: refused with the numbers
     small = plan_choice(shape("llama-3-8b"), req, _machine("rtx4090"))
     assert small.chosen is None and "nothing fits" in small.reason and "GiB" in small.reason
     # but the small Qwen2 fits there without DeepSpeed (the reference would have read "0.5B" as 5B)
-    q = plan_choice(shape("qwen2-0.5b"), Request(batch_size=16, seq_len=1024, method="full", precision="bf16",
-                                                   candidates=["alpacalora"]), _machine("rtx4090"))
+    q = plan_choice(
+        shape("qwen2-0.5b"),
+        Request(batch_size=16, seq_len=1024, method="full", precision="bf16", candidates=["alpacalora"]),
+        _machine("rtx4090"),
+    )
     assert q.chosen is not None and q.chosen.zero_stage is None
 
 
 def test_chooser_keeps_typed_values_and_method_auto_picks_a_fitting_method():
-    req = Request(batch_size=32, seq_len=1024, method="auto", precision="bf16", micro_batch_size=2,
-                  gradient_checkpointing=True, candidates=["alpacalora", "llamafactory"])
+    req = Request(
+        batch_size=32,
+        seq_len=1024,
+        method="auto",
+        precision="bf16",
+        micro_batch_size=2,
+        gradient_checkpointing=True,
+        candidates=["alpacalora", "llamafactory"],
+    )
     ch = plan_choice(shape("qwen2-7b"), req, _machine("single_gpu"))
     assert ch.chosen.micro_batch_size == 2 and ch.chosen.gradient_checkpointing is True
     assert ch.chosen.method in ("lora", "freeze", "galore", "badam", "full")
@@ -162,7 +180,7 @@ def test_hardware_detection_is_this_machine():
     d = detect()
     assert d["cpus"] == cpu_cores() == len(os.sched_getaffinity(0))
     meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
-    assert d["memory_gb"] <= int(meminfo["MemTotal"].split()[0]) / 2 ** 20 + 1e-6
+    assert d["memory_gb"] <= int(meminfo["MemTotal"].split()[0]) / 2**20 + 1e-6
     assert d["memory_gb"] > 0.5
     # the GPUs are what nvidia-smi lists (none on a CPU-only machine, without an assumption either way)
     import shutil
@@ -173,15 +191,16 @@ def test_hardware_detection_is_this_machine():
         assert all(g["memory_gb"] > 0 for g in d["gpus"])
 
 
-@pytest.mark.parametrize("hw", ["auto", "cpu", "a100_80g_x8", "h100_x8", "rtx4090", "single_gpu", "multi_gpu",
-                                "multi_node"])
+@pytest.mark.parametrize(
+    "hw", ["auto", "cpu", "a100_80g_x8", "h100_x8", "rtx4090", "single_gpu", "multi_gpu", "multi_node"]
+)
 def test_every_hardware_option_composes_and_resolves(hw):
     from hydra import compose, initialize_config_dir
 
     from finetune.auto.hardware import resolve_hardware
     from finetune.cli import setup
 
-    setup()                                     # the schemas and resolvers (${repo_root:}), as train.py registers
+    setup()  # the schemas and resolvers (${repo_root:}), as train.py registers
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"hardware={hw}"])
     resolve_hardware(cfg)
@@ -200,8 +219,10 @@ def test_gpu_detection_parses_nvidia_smi(tmp_path, monkeypatch):
     from finetune.config.schema import register
 
     smi = tmp_path / "nvidia-smi"
-    smi.write_text("#!/bin/sh\necho '0, NVIDIA A100-SXM4-80GB, 81920, 8.0'\necho '1, NVIDIA A100-SXM4-80GB, 81920, 8.0'\n"
-                   "echo '2, NVIDIA A100-SXM4-80GB, 81920, 8.0'\n")
+    smi.write_text(
+        "#!/bin/sh\necho '0, NVIDIA A100-SXM4-80GB, 81920, 8.0'\necho '1, NVIDIA A100-SXM4-80GB, 81920, 8.0'\n"
+        "echo '2, NVIDIA A100-SXM4-80GB, 81920, 8.0'\n"
+    )
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
@@ -211,7 +232,13 @@ def test_gpu_detection_parses_nvidia_smi(tmp_path, monkeypatch):
         cfg = compose(config_name="config", overrides=["hardware=auto"])
     resolve_hardware(cfg)
     hw = cfg.hardware
-    assert (hw.device, hw.gpus_per_node, hw.gpu_memory_gb, hw.precision, hw.gpu_tflops) == ("cuda", 2, 80.0, "bf16", 312.0)
+    assert (hw.device, hw.gpus_per_node, hw.gpu_memory_gb, hw.precision, hw.gpu_tflops) == (
+        "cuda",
+        2,
+        80.0,
+        "bf16",
+        312.0,
+    )
     assert hw.gpu_type == "A100-SXM4-80GB"
 
 
@@ -229,8 +256,16 @@ def _fake_model(tmp_path: Path, name: str) -> Path:
 
 def test_model_that_does_not_fit_is_refused_with_numbers(tmp_path):
     m = _fake_model(tmp_path, "llama-2-7b")
-    proc, run = run_train("backend=auto", "method=auto", "model=llama", f"model.path={m}", "hardware=cpu",
-                          "hardware.memory_gb=8", "dry_run=true", outputs=tmp_path / "out")     # a shape: planned
+    proc, run = run_train(
+        "backend=auto",
+        "method=auto",
+        "model=llama",
+        f"model.path={m}",
+        "hardware=cpu",
+        "hardware.memory_gb=8",
+        "dry_run=true",
+        outputs=tmp_path / "out",
+    )  # a shape: planned
     assert proc.returncode == 2, proc.stdout + proc.stderr
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1, proc.stderr
@@ -251,7 +286,7 @@ def test_explain_dry_run_shows_choice_and_concrete_plan(tmp_path):
     assert "[auto] hardware: CPU:" in out and "[auto] choice: alpacalora/lora" in out
     assert "need GiB" in out and "backend: alpacalora" in out and "finetune.recipes.alpacalora" in out
     assert "replace backend=auto with: backend=alpacalora method=lora micro_batch_size=" in out
-    assert run is None                                      # a dry run writes nothing
+    assert run is None  # a dry run writes nothing
 
 
 # ----------------------------------------------------------------------------------------------- real runs
@@ -259,15 +294,24 @@ def test_explain_dry_run_shows_choice_and_concrete_plan(tmp_path):
 
 def _probe(model: Path, *args: str) -> dict:
     env = user_env(OMP_NUM_THREADS=2)
-    proc = subprocess.run([PY, "-m", "finetune.auto.probe", str(model), "--seq", "128", "--steps", "2", *args],
-                          cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [PY, "-m", "finetune.auto.probe", str(model), "--seq", "128", "--steps", "2", *args],
+        cwd=str(REPO),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('{"peak_rss"')][-1])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args", [("--method", "lora", "--mbs", "8"), ("--method", "full", "--mbs", "8", "--gc")],
-                         ids=["lora-activations", "full-checkpointed"])
+@pytest.mark.parametrize(
+    "args",
+    [("--method", "lora", "--mbs", "8"), ("--method", "full", "--mbs", "8", "--gc")],
+    ids=["lora-activations", "full-checkpointed"],
+)
 def test_estimate_matches_measured_peak_rss_on_cpu(args, tiny_model):
     """A real HF Trainer step (24M-parameter Llama, 1024 tokens) measured with ru_maxrss vs the estimate."""
     d = _probe(tiny_model("tiny_llama_30m"), *args)
@@ -276,7 +320,7 @@ def test_estimate_matches_measured_peak_rss_on_cpu(args, tiny_model):
     assert est["trainable_params"] == d["trainable_params"]
     total = est["total_gib"] * GiB
     assert abs(total - d["peak_rss"]) / d["peak_rss"] <= 0.12, (total / GiB, d["peak_rss"] / GiB)
-    above = total - est["parts"]["runtime"] + 0.1 * GiB      # runtime = import baseline + 0.1 GiB
+    above = total - est["parts"]["runtime"] + 0.1 * GiB  # runtime = import baseline + 0.1 GiB
     measured_above = d["peak_rss"] - d["base_rss"]
     assert abs(above - measured_above) / measured_above <= 0.30, (above / GiB, measured_above / GiB)
 
@@ -292,9 +336,19 @@ def test_small_model_on_cpu_picks_native_backend_and_runs(tmp_path):
     if why:
         pytest.skip(f"the alpacalora backend cannot plan yet: {why}")
     out = tmp_path / "run"
-    proc, _ = run_train("backend=auto", "max_samples=160", "val_set_size=32", "batch_size=8", "max_steps=12",
-                        "learning_rate=1e-3", "logging_steps=1", "eval_steps=12", "report_to=none",
-                        f"output_dir={out}", outputs=tmp_path / "outputs")
+    proc, _ = run_train(
+        "backend=auto",
+        "max_samples=160",
+        "val_set_size=32",
+        "batch_size=8",
+        "max_steps=12",
+        "learning_rate=1e-3",
+        "logging_steps=1",
+        "eval_steps=12",
+        "report_to=none",
+        f"output_dir={out}",
+        outputs=tmp_path / "outputs",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     manifest = read_json(out / "manifest.json")
     choice = manifest["auto_choice"]

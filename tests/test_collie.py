@@ -7,6 +7,7 @@ Real runs, tiny Llama, one module-scoped run each:
 - dp=2 (2 processes over gloo): the loss falls, each rank saw half the data.
 - tp=2, method=full (Collie's tensor parallelism over gloo): the saved model reproduces Collie's logits.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, read_json, run_train
 
 VENV = Path(os.environ.get("FINETUNE_COLLIE_VENV", REPO / ".venv-collie"))
@@ -22,13 +22,27 @@ if not VENV.is_absolute():
     VENV = REPO / VENV
 HAS_VENV = (VENV / "bin" / "python").exists() and (VENV / ".finetune-lock.sha256").exists()
 # on CI (CI=true) the environment must be there (scripts/test.sh builds it): never a silent skip
-needs_venv = pytest.mark.skipif(not HAS_VENV and os.environ.get("CI", "").lower() != "true", reason=f"Collie's environment {VENV} is missing; create it with "
-                                                     "bash scripts/setup_collie_env.sh")
+needs_venv = pytest.mark.skipif(
+    not HAS_VENV and os.environ.get("CI", "").lower() != "true",
+    reason=f"Collie's environment {VENV} is missing; create it with bash scripts/setup_collie_env.sh",
+)
 
 # a tiny, fast recipe: 64 training rows, 16 held out, global batch 8
-TINY = ["backend=collie", "model=tiny_llama", "data=tiny_alpaca", "max_samples=80", "val_set_size=16",
-        "batch_size=8", "micro_batch_size=4", "num_epochs=3", "learning_rate=2e-3", "cutoff_len=128",
-        "logging_steps=1", "warmup_ratio=0.0", "lr_scheduler_type=constant"]
+TINY = [
+    "backend=collie",
+    "model=tiny_llama",
+    "data=tiny_alpaca",
+    "max_samples=80",
+    "val_set_size=16",
+    "batch_size=8",
+    "micro_batch_size=4",
+    "num_epochs=3",
+    "learning_rate=2e-3",
+    "cutoff_len=128",
+    "logging_steps=1",
+    "warmup_ratio=0.0",
+    "lr_scheduler_type=constant",
+]
 
 
 def _refused(proc, *words):
@@ -56,17 +70,30 @@ def test_missing_venv_is_built_by_a_planned_step(tmp_path):
 
 def test_missing_venv_that_cannot_be_built_is_refused(tmp_path):
     """Offline (here: the package index on a closed port), the environment cannot be built: one line, exit 2."""
-    proc, run = run_train("backend=collie", "lora_r=16", f"backend.venv={tmp_path / 'no-such-venv'}", outputs=tmp_path,
-                          env={"PIP_INDEX_URL": "http://127.0.0.1:9/simple"})
-    _refused(proc, "backend.venv", "cannot be built here", "127.0.0.1 is unreachable", "bash scripts/setup_collie_env.sh")
+    proc, run = run_train(
+        "backend=collie",
+        "lora_r=16",
+        f"backend.venv={tmp_path / 'no-such-venv'}",
+        outputs=tmp_path,
+        env={"PIP_INDEX_URL": "http://127.0.0.1:9/simple"},
+    )
+    _refused(
+        proc, "backend.venv", "cannot be built here", "127.0.0.1 is unreachable", "bash scripts/setup_collie_env.sh"
+    )
     assert run is None
 
 
 def test_world_size_must_equal_dp_tp_pp(tmp_path):
     proc, _ = run_train("backend=collie", "backend.dp_size=2", outputs=tmp_path)
     _refused(proc, "backend.dp_size", "2 x 1 x 1 = 2", "world size 1")
-    proc, _ = run_train("backend=collie", "method=full", "backend.tp_size=2", "launcher.nproc_per_node=4",
-                        "backend.dp_size=1", outputs=tmp_path)
+    proc, _ = run_train(
+        "backend=collie",
+        "method=full",
+        "backend.tp_size=2",
+        "launcher.nproc_per_node=4",
+        "backend.dp_size=1",
+        outputs=tmp_path,
+    )
     _refused(proc, "1 x 2 x 1 = 2", "world size 4")
 
 
@@ -85,16 +112,19 @@ def test_dp_size_follows_the_launcher():
     assert list(cfg.modules_to_save) == ["embed_tokens", "lm_head"]
 
 
-@pytest.mark.parametrize("overrides,words", [
-    (["method=galore"], ["method='galore'", "full, lora"]),
-    (["method=dora"], ["method='dora'"]),
-    (["launcher.nproc_per_node=2", "backend.tp_size=2"], ["backend.tp_size=2", "LoRA"]),
-    (["launcher.nproc_per_node=2", "backend.pp_size=2"], ["backend.pp_size=2", "DeepSpeed 0.19.8"]),
-    (["max_steps=5"], ["max_steps=5", "num_epochs"]),
-    (["num_epochs=1.5"], ["num_epochs=1.5", "integer"]),
-    (["prompt_template_name=vigogne"], ["prompt_template_name", "alpaca"]),
-    (["model=qwen2", "model.path=" + str(REPO / "models" / "tiny-llama")], ["model.family='qwen2'"]),
-])
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["method=galore"], ["method='galore'", "full, lora"]),
+        (["method=dora"], ["method='dora'"]),
+        (["launcher.nproc_per_node=2", "backend.tp_size=2"], ["backend.tp_size=2", "LoRA"]),
+        (["launcher.nproc_per_node=2", "backend.pp_size=2"], ["backend.pp_size=2", "DeepSpeed 0.19.8"]),
+        (["max_steps=5"], ["max_steps=5", "num_epochs"]),
+        (["num_epochs=1.5"], ["num_epochs=1.5", "integer"]),
+        (["prompt_template_name=vigogne"], ["prompt_template_name", "alpaca"]),
+        (["model=qwen2", "model.path=" + str(REPO / "models" / "tiny-llama")], ["model.family='qwen2'"]),
+    ],
+)
 def test_refusals(tmp_path, overrides, words):
     proc, _ = run_train("backend=collie", *overrides, outputs=tmp_path)
     _refused(proc, *words)
@@ -107,7 +137,9 @@ def test_dry_run_plan(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "collie_prepare" in out and "collie_train" in out and "collie_merge" in out
-    assert str(VENV.resolve() / "bin" / "python") in out and "torch.distributed.run" in out and "--nproc_per_node=2" in out
+    assert (
+        str(VENV.resolve() / "bin" / "python") in out and "torch.distributed.run" in out and "--nproc_per_node=2" in out
+    )
     assert "dp=2 tp=1 pp=1" in out and "gradient accumulation 1" in out
     assert run is None
 
@@ -123,8 +155,17 @@ def _losses(run):
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("collie_lora")
-    proc, run = run_train(*TINY, "lora_r=8", "lora_alpha=16", "lora_dropout=0.0", "generate_eval=true",
-                          "generate_eval_rows=8", "max_new_tokens=8", outputs=out, timeout=900)
+    proc, run = run_train(
+        *TINY,
+        "lora_r=8",
+        "lora_alpha=16",
+        "lora_dropout=0.0",
+        "generate_eval=true",
+        "generate_eval_rows=8",
+        "max_new_tokens=8",
+        outputs=out,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run
 
@@ -134,7 +175,7 @@ def lora_run(tmp_path_factory):
 @pytest.mark.slow
 def test_lora_loss_falls_and_outputs(lora_run):
     loss, evals, rows = _losses(lora_run)
-    assert len(loss) == 24                                          # 64 rows / 8 x 3 epochs, logged every step
+    assert len(loss) == 24  # 64 rows / 8 x 3 epochs, logged every step
     k = len(loss) // 4
     assert sum(loss[-k:]) / k < sum(loss[:k]) / k - 0.3, loss
     assert len(evals) == 3 and evals[-1] < evals[0], evals
@@ -153,8 +194,12 @@ def test_lora_loss_falls_and_outputs(lora_run):
     heldout = [json.loads(x) for x in (lora_run / "eval" / "heldout.jsonl").read_text().splitlines()]
     from finetune.recipes.collie import load_rows, split_rows
 
-    assert heldout == split_rows(read_json(lora_run / "resolved_config.json"),
-                                 load_rows(read_json(lora_run / "resolved_config.json")))[1][:8]
+    assert (
+        heldout
+        == split_rows(
+            read_json(lora_run / "resolved_config.json"), load_rows(read_json(lora_run / "resolved_config.json"))
+        )[1][:8]
+    )
 
 
 @needs_venv
@@ -180,8 +225,9 @@ def test_lora_merged_model_matches_collie_and_adapter(lora_run):
     # the conversion is needed: Collie's raw save_peft output (q rows in Collie's layout) does NOT reproduce them
     from peft import PeftModel
 
-    raw = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(REPO / "models" / "tiny-llama")),
-                                    str(lora_run / "collie_adapter")).eval()
+    raw = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(REPO / "models" / "tiny-llama")), str(lora_run / "collie_adapter")
+    ).eval()
     with torch.no_grad():
         ids, ref = probe["input_ids"][0], torch.tensor(probe["logits"][0])
         assert (raw(input_ids=torch.tensor([ids])).logits[0] - ref).abs().max() > 1e-3
@@ -197,12 +243,13 @@ def test_lora_merged_model_matches_collie_and_adapter(lora_run):
 @pytest.mark.collie
 @pytest.mark.slow
 def test_dp2_two_processes(tmp_path):
-    proc, run = run_train(*TINY, "launcher.nproc_per_node=2", "val_set_size=0", "merge=false", outputs=tmp_path,
-                          timeout=900)
+    proc, run = run_train(
+        *TINY, "launcher.nproc_per_node=2", "val_set_size=0", "merge=false", outputs=tmp_path, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     loss, _, _ = _losses(run)
     m = read_json(run / "metrics.json")
-    assert m["dp_size"] == 2 and m["gradient_accumulation_steps"] == 1 and len(loss) == 30   # 80/8 x 3 epochs
+    assert m["dp_size"] == 2 and m["gradient_accumulation_steps"] == 1 and len(loss) == 30  # 80/8 x 3 epochs
     k = len(loss) // 4
     assert sum(loss[-k:]) / k < sum(loss[:k]) / k - 0.3, loss
     assert read_json(run / "merge_check.json")["ok"]
@@ -213,8 +260,16 @@ def test_dp2_two_processes(tmp_path):
 @pytest.mark.collie
 @pytest.mark.slow
 def test_tp2_full_finetune(tmp_path):
-    proc, run = run_train(*TINY, "method=full", "launcher.nproc_per_node=2", "backend.tp_size=2", "val_set_size=16",
-                          "learning_rate=1e-3", outputs=tmp_path, timeout=900)
+    proc, run = run_train(
+        *TINY,
+        "method=full",
+        "launcher.nproc_per_node=2",
+        "backend.tp_size=2",
+        "val_set_size=16",
+        "learning_rate=1e-3",
+        outputs=tmp_path,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     loss, evals, _ = _losses(run)
     k = len(loss) // 4
@@ -232,8 +287,15 @@ def test_bf16_run_passes_the_merge_check_in_fp32(tmp_path):
     """Collie in bf16 (what a GPU run uses; DeepSpeed's bf16 runs on this CPU too): the logits probe is computed in
     fp32 from the bf16-rounded weights and collie_merge recomputes it the same way, so the 1e-3 check holds (bf16
     compute alone moves these logits by ~6e-3) and still catches a wrong export (~0.3)."""
-    proc, run = run_train(*TINY, "hardware.precision=bf16", "num_epochs=1", "max_samples=48", "val_set_size=8",
-                          outputs=tmp_path, timeout=900)
+    proc, run = run_train(
+        *TINY,
+        "hardware.precision=bf16",
+        "num_epochs=1",
+        "max_samples=48",
+        "val_set_size=8",
+        outputs=tmp_path,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert read_json(run / "collie_probe.json")["train_dtype"] == "bfloat16"
     check = read_json(run / "merge_check.json")

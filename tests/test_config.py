@@ -1,4 +1,5 @@
 """Config tier: every group option and experiment composes; the root schema and resolvers behave."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,11 +46,29 @@ def test_every_experiment_composes(experiment):
 
 def test_group_defaults_and_reference_values():
     cfg = _compose([])
-    assert (cfg.backend.name, cfg.model.name, cfg.method.name, cfg.hardware.name, cfg.data.name, cfg.launcher.name) == \
-        ("alpacalora", "tiny_llama", "lora", "cpu", "tiny_alpaca", "local")
+    assert (cfg.backend.name, cfg.model.name, cfg.method.name, cfg.hardware.name, cfg.data.name, cfg.launcher.name) == (
+        "alpacalora",
+        "tiny_llama",
+        "lora",
+        "cpu",
+        "tiny_alpaca",
+        "local",
+    )
     # alpacalora defaults mirror the reference (seeds/finetune_backends_reference.md)
-    assert (cfg.batch_size, cfg.micro_batch_size, cfg.num_epochs, cfg.learning_rate, cfg.cutoff_len) == (64, 4, 2, 5e-4, 1030)
-    assert (cfg.val_set_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.train_on_inputs) == (200, 8, 32, 0.05, True)
+    assert (cfg.batch_size, cfg.micro_batch_size, cfg.num_epochs, cfg.learning_rate, cfg.cutoff_len) == (
+        64,
+        4,
+        2,
+        5e-4,
+        1030,
+    )
+    assert (cfg.val_set_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.train_on_inputs) == (
+        200,
+        8,
+        32,
+        0.05,
+        True,
+    )
     assert list(cfg.method.lora_target_modules) == ["q_proj", "v_proj"]
 
 
@@ -58,7 +77,7 @@ def test_short_keys_flow_into_groups_backend_collie():
     cfg = _compose(["backend=collie", "lora_r=16"])
     assert cfg.backend.name == "collie"
     assert cfg.lora_r == 16 and cfg.method.lora_r == 16
-    assert cfg.lora_alpha == 16 and cfg.num_epochs == 3          # collie's reference defaults
+    assert cfg.lora_alpha == 16 and cfg.num_epochs == 3  # collie's reference defaults
     cfg = _compose(["backend=llamafactory"])
     assert cfg.learning_rate == 1e-4 and cfg.cutoff_len == 1024 and cfg.method.lora_alpha == 16
 
@@ -76,7 +95,7 @@ def test_method_flags():
 def test_eval_resolver_pairs_alpha_to_rank():
     cfg = _compose(["lora_r=16", "lora_alpha=${eval:2*lora_r}"])
     assert cfg.lora_alpha == 32 and cfg.method.lora_alpha == 32
-    cfg = _compose(["lora_r=4", "lora_alpha='${eval:2*${lora_r}}'"])   # the nested form, quoted for Hydra
+    cfg = _compose(["lora_r=4", "lora_alpha='${eval:2*${lora_r}}'"])  # the nested form, quoted for Hydra
     assert cfg.lora_alpha == 8
 
 

@@ -2,6 +2,7 @@
 a step that exits non-zero, hangs past the timeout, is killed by a signal, or is interrupted with SIGINT.
 Each must fail the run (or mark it interrupted) in the manifest, with the log tail, and a non-zero exit code.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-
 
 from conftest import REPO, read_json, run_train, user_env
 
@@ -35,7 +35,7 @@ def _check_manifest(run):
     assert m["choices"]["backend"] == "dummy" and m["choices"]["model"] == "tiny_llama"
     assert set(m["git"]) == {"commit", "dirty"}
     assert m["packages"]["hydra-core"] and m["packages"]["torch"] and m["python"] and m["platform"]
-    (path, digest), = m["data"]["files"].items()
+    ((path, digest),) = m["data"]["files"].items()
     assert path.endswith("tiny_alpaca.json") and re.fullmatch(r"[0-9a-f]{64}", digest)
     step = m["steps"][-1]
     assert step["name"] == "dummy_train" and step["exit_code"] == 0 and step["duration_s"] >= 0
@@ -58,7 +58,7 @@ def test_step_exit_code_fails_the_run_with_log_tail(tmp_path):
     proc, run = run_train("backend=dummy", "backend.fail=true", outputs=tmp_path)
     assert proc.returncode == 1
     assert "run failed: step 'dummy_train' exited with code 3" in proc.stderr
-    assert "failing as asked" in proc.stderr              # the log tail
+    assert "failing as asked" in proc.stderr  # the log tail
     m = read_json(run / "manifest.json")
     assert m["status"] == "failed" and m["steps"][-1]["exit_code"] == 3
     assert any("failing as asked" in line for line in m["log_tail"])
@@ -68,16 +68,23 @@ def test_step_exit_code_fails_the_run_with_log_tail(tmp_path):
 
 def test_step_timeout_fails_the_run(tmp_path):
     t0 = time.monotonic()
-    proc, run = run_train("backend=dummy", "backend.steps=100", "backend.sleep_s=1", "timeout_min=0.05",
-                          outputs=tmp_path)
+    proc, run = run_train(
+        "backend=dummy", "backend.steps=100", "backend.sleep_s=1", "timeout_min=0.05", outputs=tmp_path
+    )
     assert proc.returncode == 1 and "timed out after" in proc.stderr
     assert time.monotonic() - t0 < 60
     assert read_json(run / "manifest.json")["steps"][-1]["status"] == "timeout"
 
 
 def _start(tmp_path, *overrides):
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *overrides, f"output_dir={tmp_path / 'run'}"],
-                            cwd=str(REPO), env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *overrides, f"output_dir={tmp_path / 'run'}"],
+        cwd=str(REPO),
+        env=user_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_manifest(tmp_path, status="running", timeout=60):

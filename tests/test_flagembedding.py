@@ -2,6 +2,7 @@
 embedder and the reranker on the tiny random BERT (slow): the loss falls, the saved model loads with
 FlagEmbedding's FlagModel / FlagReranker and scores like the run's own evaluation, metrics.json carries
 recall@k / MRR before and after training."""
+
 from __future__ import annotations
 
 import json
@@ -9,26 +10,44 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import REPO, read_json, run_train
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, read_json, run_train
 from finetune.cli import setup
 
 setup()
 
 # small and fast on 2 busy cores: lengths 32, group 4, 2 epochs of 60 rows at batch 4 -> 30 steps
-FAST = ["backend=flagembedding", "backend.query_max_len=32", "backend.passage_max_len=32",
-        "backend.train_group_size=4", "num_epochs=2", "batch_size=4", "micro_batch_size=4",
-        "gradient_checkpointing=false", "save_steps=0", "backend.eval_batch_size=128",
-        "launcher.omp_num_threads=1"]   # 1 thread: a 120k-parameter model gains nothing from 2, and loses 15x on busy cores
+FAST = [
+    "backend=flagembedding",
+    "backend.query_max_len=32",
+    "backend.passage_max_len=32",
+    "backend.train_group_size=4",
+    "num_epochs=2",
+    "batch_size=4",
+    "micro_batch_size=4",
+    "gradient_checkpointing=false",
+    "save_steps=0",
+    "backend.eval_batch_size=128",
+    "launcher.omp_num_threads=1",
+]  # 1 thread: a 120k-parameter model gains nothing from 2, and loses 15x on busy cores
 # no query instruction: a random model's mean pooling would be dominated by the shared instruction tokens
-EMBED = FAST + ["learning_rate=1e-3", "backend.sentence_pooling_method=mean", "backend.temperature=0.1",
-                "backend.query_instruction_for_retrieval=null"]
+EMBED = FAST + [
+    "learning_rate=1e-3",
+    "backend.sentence_pooling_method=mean",
+    "backend.temperature=0.1",
+    "backend.query_instruction_for_retrieval=null",
+]
 # the reranker learns on the packaged pretrained MiniLM (a fresh 1-label head): on the tiny random BERT every
 # (query, passage) pair gets the same [CLS] features and the loss stays at ln(group) for hundreds of steps
 # eval_max_corpus=10: rank each query's own pos + 7 neg (160 pairs) instead of all 80 passages (1600 pairs)
-RERANK = FAST + ["backend.task=reranker", "model=minilm", "learning_rate=1e-4",
-                 "backend.query_instruction_for_rerank=null", "backend.eval_max_corpus=10"]
+RERANK = FAST + [
+    "backend.task=reranker",
+    "model=minilm",
+    "learning_rate=1e-4",
+    "backend.query_instruction_for_rerank=null",
+    "backend.eval_max_corpus=10",
+]
 
 
 def _compose(overrides):
@@ -50,7 +69,7 @@ def _flags(argv):
     """--key value pairs of a FlagEmbedding command."""
     out, i = {}, 0
     while i < len(argv):
-        if argv[i] == "--":                         # the wrapper's arguments end here; FlagEmbedding's follow
+        if argv[i] == "--":  # the wrapper's arguments end here; FlagEmbedding's follow
             i += 1
         elif argv[i].startswith("--"):
             out[argv[i][2:]] = argv[i + 1]
@@ -93,22 +112,38 @@ def test_embedder_plan_reference_defaults(tmp_path):
 
 
 def test_reranker_plan_drops_embedder_only_flags(tmp_path):
-    _, plan = _plan(["backend=flagembedding", "backend.task=reranker", "backend.query_instruction_for_rerank=Q: "],
-                    tmp_path)
+    _, plan = _plan(
+        ["backend=flagembedding", "backend.task=reranker", "backend.query_instruction_for_rerank=Q: "], tmp_path
+    )
     train = plan.steps[1]
     assert train.argv[2:5] == ["finetune.recipes.flagembedding", "--task", "reranker"]
     f = _flags(train.argv)
-    assert f["query_max_len"] == "256" and f["passage_max_len"] == "256"      # reference reranker lengths
+    assert f["query_max_len"] == "256" and f["passage_max_len"] == "256"  # reference reranker lengths
     assert f["query_instruction_for_rerank"] == "Q: "
-    for flag in ("temperature", "sentence_pooling_method", "normalize_embeddings", "kd_loss_type",
-                 "negatives_cross_device", "query_instruction_for_retrieval", "overwrite_output_dir"):
+    for flag in (
+        "temperature",
+        "sentence_pooling_method",
+        "normalize_embeddings",
+        "kd_loss_type",
+        "negatives_cross_device",
+        "query_instruction_for_retrieval",
+        "overwrite_output_dir",
+    ):
         assert flag not in f, flag
 
 
 def test_two_ranks_and_deepspeed(tmp_path):
     """World size 2: cross-device negatives on, accumulation split across ranks; DeepSpeed JSON from hardware."""
-    _, plan = _plan(["backend=flagembedding", "launcher.nproc_per_node=2", "batch_size=8", "micro_batch_size=2",
-                     "hardware.deepspeed_stage=2"], tmp_path)
+    _, plan = _plan(
+        [
+            "backend=flagembedding",
+            "launcher.nproc_per_node=2",
+            "batch_size=8",
+            "micro_batch_size=2",
+            "hardware.deepspeed_stage=2",
+        ],
+        tmp_path,
+    )
     f = _flags(plan.steps[1].argv)
     assert f["negatives_cross_device"] == "True" and f["gradient_accumulation_steps"] == "2"
     assert f["deepspeed"] == str(tmp_path / "ds_config.json") and "use_cpu" not in f
@@ -135,7 +170,7 @@ def test_shipped_retrieval_set_is_deterministic(tmp_path):
     evals = [json.loads(line) for line in (tmp_path / "tiny_embedding_eval.jsonl").read_text().splitlines()]
     train = [json.loads(line) for line in (tmp_path / "tiny_embedding_train.jsonl").read_text().splitlines()]
     assert all(r["pos_id"] in corpus for r in evals)
-    assert not {r["pos"][0] for r in evals} & {p for r in train for p in r["pos"] + r["neg"]}   # held out
+    assert not {r["pos"][0] for r in evals} & {p for r in train for p in r["pos"] + r["neg"]}  # held out
 
 
 # ------------------------------------------------------------------------------------------------ refusals
@@ -150,23 +185,50 @@ def _bad(tmp_path, rows):
 GOOD = {"query": "q", "pos": ["a"], "neg": ["b", "c"]}
 
 
-@pytest.mark.parametrize("rows,extra,expect", [
-    ([GOOD, GOOD, {"query": "q", "pos": ["a"], "neg": []}], [], "bad.jsonl row 3: field 'neg' must be a non-empty list"),
-    ([GOOD, {"query": "q", "pos": "a", "neg": ["b"]}], [], "row 2"),
-    ([GOOD, {"query": "q", "pos": ["a"], "neg": ["b"], "prompt": 3}], [], "bad.jsonl row 2: field 'prompt' must be a string"),
-    ([GOOD], ["backend.knowledge_distillation=true"], "bad.jsonl row 1: backend.knowledge_distillation=true needs field 'pos_scores'"),
-    ([GOOD], ["hardware.precision=fp16"], "hardware.precision='fp16': fp16 needs a GPU"),
-    ([GOOD], ["backend.task=ranker"], "backend.task='ranker': one of embedder, reranker (did you mean 'reranker'?)"),
-    ([GOOD], ["backend.sentence_pooling_method=max"], "backend.sentence_pooling_method='max': one of cls, last_token, mean"),
-    ([GOOD], ["backend.query_instruction_format='Q: {}'"], "backend.query_instruction_format='Q: {}': must hold exactly two {}"),
-])
+@pytest.mark.parametrize(
+    "rows,extra,expect",
+    [
+        (
+            [GOOD, GOOD, {"query": "q", "pos": ["a"], "neg": []}],
+            [],
+            "bad.jsonl row 3: field 'neg' must be a non-empty list",
+        ),
+        ([GOOD, {"query": "q", "pos": "a", "neg": ["b"]}], [], "row 2"),
+        (
+            [GOOD, {"query": "q", "pos": ["a"], "neg": ["b"], "prompt": 3}],
+            [],
+            "bad.jsonl row 2: field 'prompt' must be a string",
+        ),
+        (
+            [GOOD],
+            ["backend.knowledge_distillation=true"],
+            "bad.jsonl row 1: backend.knowledge_distillation=true needs field 'pos_scores'",
+        ),
+        ([GOOD], ["hardware.precision=fp16"], "hardware.precision='fp16': fp16 needs a GPU"),
+        (
+            [GOOD],
+            ["backend.task=ranker"],
+            "backend.task='ranker': one of embedder, reranker (did you mean 'reranker'?)",
+        ),
+        (
+            [GOOD],
+            ["backend.sentence_pooling_method=max"],
+            "backend.sentence_pooling_method='max': one of cls, last_token, mean",
+        ),
+        (
+            [GOOD],
+            ["backend.query_instruction_format='Q: {}'"],
+            "backend.query_instruction_format='Q: {}': must hold exactly two {}",
+        ),
+    ],
+)
 def test_bad_input_refused_at_compose_time(tmp_path, rows, extra, expect):
     bad = _bad(tmp_path, rows)
     proc, run = run_train("backend=flagembedding", f"data.path={bad}", *extra, outputs=tmp_path / "out", timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and expect in lines[0], proc.stderr
-    assert run is None                                     # nothing written
+    assert run is None  # nothing written
 
 
 # ------------------------------------------------------------------------------------------------ real runs (slow)
@@ -199,12 +261,22 @@ def reranker_run(tmp_path_factory, tiny_model):
 def _check_common(run, task):
     m = read_json(run / "metrics.json")
     losses = _history_losses(run)
-    assert len(losses) == 30                                  # 2 epochs x 60 rows / batch 4, logged every step
+    assert len(losses) == 30  # 2 epochs x 60 rows / batch 4, logged every step
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.8 * first, (first, last)                  # the loss falls
+    assert last < 0.8 * first, (first, last)  # the loss falls
     assert m["first_train_loss"] == losses[0] and m["train_loss"] == losses[-1]
-    for k in ("eval_recall_at_1", "eval_recall_at_5", "eval_recall_at_10", "eval_mrr", "eval_ndcg_at_10", "eval_loss",
-              "base_eval_recall_at_1", "base_eval_mrr", "base_eval_loss", "eval_mrr_gain"):
+    for k in (
+        "eval_recall_at_1",
+        "eval_recall_at_5",
+        "eval_recall_at_10",
+        "eval_mrr",
+        "eval_ndcg_at_10",
+        "eval_loss",
+        "base_eval_recall_at_1",
+        "base_eval_mrr",
+        "base_eval_loss",
+        "eval_mrr_gain",
+    ):
         assert isinstance(m[k], float) and math.isfinite(m[k]), k
     assert 0 <= m["eval_recall_at_1"] <= m["eval_recall_at_5"] <= m["eval_recall_at_10"] <= 1
     assert m["task"] == task and m["total_params"] == m["trainable_params"] > 100_000
@@ -220,13 +292,18 @@ def _check_common(run, task):
 @pytest.mark.slow
 def test_embedder_trains_and_loads_with_flagmodel(embedder_run):
     m, after = _check_common(embedder_run, "embedder")
-    assert m["eval_loss"] < m["base_eval_loss"]               # the held-out contrastive loss improved
+    assert m["eval_loss"] < m["base_eval_loss"]  # the held-out contrastive loss improved
     import numpy as np
     from FlagEmbedding import FlagModel
 
     cfg = read_json(embedder_run / "resolved_config.json")
-    model = FlagModel(str(embedder_run / "embedder"), use_fp16=False, devices="cpu", pooling_method="mean",
-                      query_instruction_for_retrieval=cfg["backend"]["query_instruction_for_retrieval"])
+    model = FlagModel(
+        str(embedder_run / "embedder"),
+        use_fp16=False,
+        devices="cpu",
+        pooling_method="mean",
+        query_instruction_for_retrieval=cfg["backend"]["query_instruction_for_retrieval"],
+    )
     ev = [json.loads(x) for x in (REPO / "data/samples/tiny_embedding_eval.jsonl").read_text().splitlines()]
     corpus = [json.loads(x) for x in (REPO / "data/samples/tiny_embedding_corpus.jsonl").read_text().splitlines()]
     q = model.encode_queries([r["query"] for r in ev])
@@ -248,7 +325,7 @@ def test_reranker_trains_and_loads_with_flagreranker(reranker_run):
     ev = [json.loads(x) for x in (REPO / "data/samples/tiny_embedding_eval.jsonl").read_text().splitlines()]
     s = model.compute_score([(r["query"], r["pos"][0]) for r in ev] + [(r["query"], r["neg"][1]) for r in ev])
     assert len(s) == 40 and all(math.isfinite(x) for x in s)
-    assert len(set(round(x, 5) for x in s)) > 1               # it tells pairs apart
+    assert len(set(round(x, 5) for x in s)) > 1  # it tells pairs apart
 
 
 @pytest.mark.slow
@@ -263,15 +340,21 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(tmp_pa
     from conftest import PY, user_env
 
     out = tmp_path / "run"
-    argv = [PY, str(REPO / "train.py"), *[o for o in EMBED if not o.startswith("save_steps")], "save_steps=5",
-            "backend.eval=false", f"output_dir={out}"]
+    argv = [
+        PY,
+        str(REPO / "train.py"),
+        *[o for o in EMBED if not o.startswith("save_steps")],
+        "save_steps=5",
+        "backend.eval=false",
+        f"output_dir={out}",
+    ]
     proc = subprocess.Popen(argv, cwd=str(REPO), env=user_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = out / "embedder" / "checkpoint-10" / "FINETUNE_COMPLETE"
     deadline = time.time() + 400
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert marker.exists(), "no complete checkpoint-10 before the run ended"
-    for pid in [p for p in os.listdir("/proc") if p.isdigit()]:   # the worker (its own session) and the driver
+    for pid in [p for p in os.listdir("/proc") if p.isdigit()]:  # the worker (its own session) and the driver
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
@@ -280,8 +363,8 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(tmp_pa
             os.kill(int(pid), signal.SIGKILL)
     proc.kill()
     proc.wait()
-    assert not (out / "flagembedding_train.json").exists()    # it really died mid-training
-    cut = out / "embedder" / "checkpoint-15"                  # as if the kill came in the middle of a save
+    assert not (out / "flagembedding_train.json").exists()  # it really died mid-training
+    cut = out / "embedder" / "checkpoint-15"  # as if the kill came in the middle of a save
     cut.mkdir(exist_ok=True)
     (cut / "config.json").write_text("{}")
     done, _ = run_train(f"output_dir={out}", "resume=true", outputs=tmp_path, timeout=600)
@@ -292,8 +375,24 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(tmp_pa
     assert s["resumed_from"].endswith("checkpoint-10") and s["global_step"] == 30
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
-    assert steps == list(range(1, 31))                        # every step once: no duplicates after the resume
+    assert steps == list(range(1, 31))  # every step once: no duplicates after the resume
     assert "resume: loaded the encoder's weights from" in log
     assert (out / "embedder" / "model.safetensors").exists()
     m = read_json(out / "manifest.json")
     assert m["status"] == "completed" and len(m["resumes"]) == 1
+
+
+def test_eval_device_follows_the_hardware(monkeypatch):
+    """The embedding evaluation runs where the run trains: one GPU (cuda:0 of the visible ones) on GPU hardware, the
+    CPU on hardware=cpu; GPU hardware where the process sees no GPU fails with one line (never evaluates on CPU in
+    silence). The GPU case is checked with torch reporting a GPU, the way a GPU job sees it."""
+    import torch
+
+    from finetune.recipes.flagembedding_eval import eval_device
+
+    assert eval_device({"device": "cpu"}) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert eval_device({"device": "cuda"}) == "cuda:0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="hardware.device=cuda, but this process sees no CUDA GPU"):
+        eval_device({"device": "cuda"})

@@ -4,6 +4,7 @@ where detection matters, and the library calls the GPU paths make, made on CPU t
 
 Tests that truly need a GPU are marked `gpu` (skipped here with the reason).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import PY, REPO, run_train, user_env
 
 A100 = "{i}, NVIDIA A100-SXM4-80GB, 81920, 8.0"
@@ -55,8 +55,9 @@ def env_of(out: str, step: str) -> dict:
 # ------------------------------------------------------------------------------------------- process layout
 
 
-@pytest.mark.parametrize("hardware,nproc", [("single_gpu", 1), ("multi_gpu", 8), ("a100_80g_x8", 8), ("h100_x8", 8),
-                                            ("rtx4090", 1)])
+@pytest.mark.parametrize(
+    "hardware,nproc", [("single_gpu", 1), ("multi_gpu", 8), ("a100_80g_x8", 8), ("h100_x8", 8), ("rtx4090", 1)]
+)
 def test_hardware_sets_the_process_layout(tmp_path, hardware, nproc):
     out = dry(tmp_path, f"hardware={hardware}")
     argv = argv_of(out, "train")
@@ -71,18 +72,23 @@ def test_multi_node_hardware_reaches_the_launcher(tmp_path):
     out = dry(tmp_path, "hardware=multi_node", "launcher=torchrun", f"output_dir={tmp_path / 'shared'}")
     argv = argv_of(out, "train")
     assert "--nproc_per_node=8" in argv and "--nnodes=2" in argv
-    assert "x 16 process(es)" in out                     # the ZeRO shards the planner sized: 16 ranks
+    assert "x 16 process(es)" in out  # the ZeRO shards the planner sized: 16 ranks
 
 
-@pytest.mark.parametrize("overrides,words", [
-    (["hardware=single_gpu", "launcher.nproc_per_node=2"], ["launcher.nproc_per_node=2", "1 GPU(s) per node"]),
-    (["hardware=multi_node", "launcher=torchrun", "launcher.nnodes=1"], ["launcher.nnodes=1", "describes 2 nodes"]),
-    (["hardware=a100_80g_x8", "launcher=slurm", "launcher.gpus_per_node=0"],
-     ["launcher.gpus_per_node=0", "0 GPU(s) per node for 8 GPU process(es)"]),
-    (["hardware=auto", "launcher=slurm"], ["hardware='auto'", "not the slurm nodes"]),
-    (["hardware=auto", "launcher=k8s"], ["hardware='auto'", "not the k8s nodes"]),
-    (["hardware=single_gpu"], ["hardware='single_gpu'", "this machine has 0 visible GPU(s)"]),
-])
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["hardware=single_gpu", "launcher.nproc_per_node=2"], ["launcher.nproc_per_node=2", "1 GPU(s) per node"]),
+        (["hardware=multi_node", "launcher=torchrun", "launcher.nnodes=1"], ["launcher.nnodes=1", "describes 2 nodes"]),
+        (
+            ["hardware=a100_80g_x8", "launcher=slurm", "launcher.gpus_per_node=0"],
+            ["launcher.gpus_per_node=0", "0 GPU(s) per node for 8 GPU process(es)"],
+        ),
+        (["hardware=auto", "launcher=slurm"], ["hardware='auto'", "not the slurm nodes"]),
+        (["hardware=auto", "launcher=k8s"], ["hardware='auto'", "not the k8s nodes"]),
+        (["hardware=single_gpu"], ["hardware='single_gpu'", "this machine has 0 visible GPU(s)"]),
+    ],
+)
 def test_layouts_that_cannot_work_are_refused(tmp_path, overrides, words):
     line = refused(tmp_path, *overrides)
     for w in words:
@@ -95,9 +101,14 @@ def test_gpu_hardware_detected_by_nvidia_smi(tmp_path):
     env = fake_nvidia_smi(tmp_path, 4)
     out = dry(tmp_path, "hardware=auto", env=env)
     assert "--nproc_per_node=4" in argv_of(out, "train")
-    cfg = subprocess.run([PY, str(REPO / "train.py"), "hardware=auto", "--cfg", "job", "--resolve"], cwd=REPO,
-                         env=user_env(**env), capture_output=True, text=True).stdout
-    assert "precision: auto" in cfg              # composed; detection happens at validation (the dry run above)
+    cfg = subprocess.run(
+        [PY, str(REPO / "train.py"), "hardware=auto", "--cfg", "job", "--resolve"],
+        cwd=REPO,
+        env=user_env(**env),
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "precision: auto" in cfg  # composed; detection happens at validation (the dry run above)
     mine = dry(tmp_path, "hardware=auto", env={**env, "CUDA_VISIBLE_DEVICES": "2,3"})
     assert "--nproc_per_node=2" in argv_of(mine, "train")
 
@@ -129,8 +140,13 @@ def sbatch(out: str, step: str = "train") -> str:
 
 def test_slurm_job_asks_for_the_hardwares_gpus_cpus_and_memory(tmp_path):
     script = sbatch(dry(tmp_path, "launcher=slurm", "hardware=a100_80g_x8", "launcher.partition=gpu"))
-    for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=128", "#SBATCH --mem=921GB",
-                 "#SBATCH --nodes=1", "#SBATCH --partition=gpu"):
+    for line in (
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=128",
+        "#SBATCH --mem=921GB",
+        "#SBATCH --nodes=1",
+        "#SBATCH --partition=gpu",
+    ):
         assert line in script, script
     cpu = sbatch(dry(tmp_path, "launcher=slurm"))
     assert "--gpus-per-node" not in cpu and "#SBATCH --cpus-per-task=2" in cpu and "#SBATCH --mem=4GB" in cpu
@@ -155,8 +171,9 @@ def test_slurm_sweep_launcher_asks_for_the_hardwares_gpus():
 
     setup()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose("config", overrides=["hydra/launcher=slurm_sweep", "hardware=a100_80g_x8"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config", overrides=["hydra/launcher=slurm_sweep", "hardware=a100_80g_x8"], return_hydra_config=True
+        )
     assert cfg.hydra.launcher.gpus_per_node == 8 and cfg.hydra.launcher.cpus_per_task == 128
 
 
@@ -190,12 +207,21 @@ def test_alpacalora_mixed_precision_arguments_for_a_gpu(precision, tmp_path):
     kw = training_arguments(cfg, world=1, ds_config=None, has_eval=True)
     assert kw["fp16"] is (precision == "fp16") and kw["bf16"] is (precision == "bf16") and kw["use_cpu"] is False
     ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-                              "gradient_accumulation_steps": "auto", "fp16": {"enabled": "auto"},
-                              "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2}}))
+    ds.write_text(
+        json.dumps(
+            {
+                "train_batch_size": "auto",
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "fp16": {"enabled": "auto"},
+                "bf16": {"enabled": "auto"},
+                "zero_optimization": {"stage": 2},
+            }
+        )
+    )
     kw = training_arguments(cfg, world=1, ds_config=str(ds), has_eval=True)
     real = transformers.training_args.is_torch_bf16_gpu_available
-    transformers.training_args.is_torch_bf16_gpu_available = lambda *a, **k: True    # no GPU here to ask
+    transformers.training_args.is_torch_bf16_gpu_available = lambda *a, **k: True  # no GPU here to ask
     try:
         args = TrainingArguments(**{**kw, "output_dir": str(tmp_path)})
     finally:
@@ -216,10 +242,13 @@ def test_alpacalora_fp16_freeze_forward_needs_autocast():
         assert trainable(frozen(x)).dtype == torch.float16
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["backend.attn_implementation=flash_attention_2", "hardware=single_gpu"], "backend.attn_implementation"),
-    (["backend=llamafactory", "+backend.extra.flash_attn=fa2", "hardware=single_gpu"], "backend.extra.flash_attn"),
-])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["backend.attn_implementation=flash_attention_2", "hardware=single_gpu"], "backend.attn_implementation"),
+        (["backend=llamafactory", "+backend.extra.flash_attn=fa2", "hardware=single_gpu"], "backend.extra.flash_attn"),
+    ],
+)
 def test_flash_attention_refused_unless_installed(tmp_path, overrides, key):
     line = refused(tmp_path, *overrides, "dry_run=true")
     assert line.startswith(f"error: {key}=") and "flash-attn package is not installed" in line
@@ -228,8 +257,9 @@ def test_flash_attention_refused_unless_installed(tmp_path, overrides, key):
     (fake / "flash_attn").mkdir(parents=True)
     (fake / "flash_attn" / "__init__.py").write_text("__version__ = '2.7.0'\n")
     (fake / "flash_attn-2.7.0.dist-info").mkdir()
-    (fake / "flash_attn-2.7.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: flash-attn\n"
-                                                                    "Version: 2.7.0\n")
+    (fake / "flash_attn-2.7.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: flash-attn\nVersion: 2.7.0\n"
+    )
     dry(tmp_path / "ok", *overrides, env={"PYTHONPATH": str(fake)})
 
 
@@ -242,13 +272,13 @@ def test_a_gpu_job_that_sees_no_gpu_fails(tmp_path):
         require_device({"device": "cuda"})
 
 
-# ------------------------------------------------------------------------------------------- LLaMA-Factory, FlagEmbedding
+# ------------------------------------------------------------------------------------ LLaMA-Factory, FlagEmbedding
 
 
 def test_llamafactory_deepspeed_on_one_gpu_forces_torchrun(tmp_path):
     out = dry(tmp_path, "backend=llamafactory", "hardware=single_gpu", "hardware.deepspeed_stage=2")
     assert env_of(out, "train")["FORCE_TORCHRUN"] == "1"
-    assert '"--device", "cuda"' in out                                     # the worker checks the job's GPU
+    assert '"--device", "cuda"' in out  # the worker checks the job's GPU
 
 
 def test_flagembedding_deepspeed_config_has_numbers_and_gathers_zero3_weights(tmp_path):
@@ -267,10 +297,21 @@ def test_flagembedding_deepspeed_one_process_trains_and_saves_full_weights(tmp_p
     empty partitions."""
     from safetensors.torch import load_file
 
-    proc, run = run_train("backend=flagembedding", f"hardware.deepspeed_stage={stage}", "backend.query_max_len=32",
-                          "backend.passage_max_len=32", "backend.train_group_size=4", "max_steps=3", "batch_size=4",
-                          "micro_batch_size=4", "gradient_checkpointing=false", "save_steps=0", "backend.eval=false",
-                          outputs=tmp_path, timeout=900)
+    proc, run = run_train(
+        "backend=flagembedding",
+        f"hardware.deepspeed_stage={stage}",
+        "backend.query_max_len=32",
+        "backend.passage_max_len=32",
+        "backend.train_group_size=4",
+        "max_steps=3",
+        "batch_size=4",
+        "micro_batch_size=4",
+        "gradient_checkpointing=false",
+        "save_steps=0",
+        "backend.eval=false",
+        outputs=tmp_path,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     tensors = load_file(str(run / "embedder" / "model.safetensors"))
     assert len(tensors) == 39 and all(t.numel() > 0 for t in tensors.values())
@@ -304,12 +345,17 @@ def test_collie_uses_its_cuda_lock_for_gpu_hardware(tmp_path):
     argv = argv_of(out, "setup_collie")
     assert argv[-1] == "--cuda"
     gpu_env = env_of(out, "collie_train")
-    assert gpu_env["CUDA_VISIBLE_DEVICES"] == "0" and "DS_ACCELERATOR" not in gpu_env      # the job's GPU
+    assert gpu_env["CUDA_VISIBLE_DEVICES"] == "0" and "DS_ACCELERATOR" not in gpu_env  # the job's GPU
     cpu = dry(tmp_path / "cpu", "backend=collie")
-    assert env_of(cpu, "collie_train")["CUDA_VISIBLE_DEVICES"] == "" and env_of(cpu, "collie_train")[
-        "DS_ACCELERATOR"] == "cpu"
-    lock = subprocess.run(["bash", str(REPO / "scripts" / "setup_collie_env.sh"), "--print-lock", "--cuda"],
-                          capture_output=True, text=True).stdout.strip()
+    assert (
+        env_of(cpu, "collie_train")["CUDA_VISIBLE_DEVICES"] == ""
+        and env_of(cpu, "collie_train")["DS_ACCELERATOR"] == "cpu"
+    )
+    lock = subprocess.run(
+        ["bash", str(REPO / "scripts" / "setup_collie_env.sh"), "--print-lock", "--cuda"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     assert lock == "requirements-collie-cuda.lock"
 
 
@@ -318,18 +364,42 @@ def test_collie_cuda_lock_pins_everything_pypis_torch_requires(tmp_path):
     """The CUDA build of torch on PyPI (its metadata, no download): every Linux requirement is pinned in
     requirements-collie-cuda.lock (installed with --no-deps, a missing one would break `import torch`)."""
     report = tmp_path / "r.json"
-    pin = next(ln for ln in (REPO / "requirements-collie-cuda.lock").read_text().splitlines() if ln.startswith("torch=="))
-    proc = subprocess.run([PY, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
-                           str(report), "--only-binary=:all:", "--index-url", "https://pypi.org/simple", pin],
-                          env=user_env(PIP_CONFIG_FILE="/dev/null", PIP_FIND_LINKS=""),
-                          capture_output=True, text=True, timeout=600)
+    pin = next(
+        ln for ln in (REPO / "requirements-collie-cuda.lock").read_text().splitlines() if ln.startswith("torch==")
+    )
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            str(report),
+            "--only-binary=:all:",
+            "--index-url",
+            "https://pypi.org/simple",
+            pin,
+        ],
+        env=user_env(PIP_CONFIG_FILE="/dev/null", PIP_FIND_LINKS=""),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0 and "Could not" in proc.stderr and os.environ.get("CI", "").lower() != "true":
         pytest.skip(f"PyPI not reachable: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()                               # noqa: E731
-    locked = {norm(ln.split("==")[0]): ln.split("==")[1] for ln in
-              (REPO / "requirements-collie-cuda.lock").read_text().splitlines() if "==" in ln}
-    resolved = {norm(i["metadata"]["name"]): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    locked = {
+        norm(ln.split("==")[0]): ln.split("==")[1]
+        for ln in (REPO / "requirements-collie-cuda.lock").read_text().splitlines()
+        if "==" in ln
+    }
+    resolved = {
+        norm(i["metadata"]["name"]): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]
+    }
     missing = {n: v for n, v in resolved.items() if n not in locked}
     assert not missing, f"PyPI's torch needs packages the CUDA lock does not pin: {missing}"
 
@@ -340,12 +410,20 @@ def test_collie_cpu_patches_follow_the_configured_device():
     venv = REPO / ".venv-collie" / "bin" / "python"
     if not venv.exists():
         pytest.skip("Collie's environment is not built (scripts/setup_collie_env.sh)")
-    code = ("import sys; from finetune.recipes import collie_cpu_patch as p\n"
-            "print(len(p.apply('cpu')))\n"
-            "p.APPLIED.clear()\n"
-            "p.apply('cuda')\n")
-    proc = subprocess.run([str(venv), "-c", code], cwd=REPO, env=user_env(PYTHONPATH=str(REPO)),
-                          capture_output=True, text=True, timeout=300)
+    code = (
+        "import sys; from finetune.recipes import collie_cpu_patch as p\n"
+        "print(len(p.apply('cpu')))\n"
+        "p.APPLIED.clear()\n"
+        "p.apply('cuda')\n"
+    )
+    proc = subprocess.run(
+        [str(venv), "-c", code],
+        cwd=REPO,
+        env=user_env(PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.stdout.strip().splitlines()[-1] == "5", proc.stdout + proc.stderr
     assert proc.returncode == 1 and "hardware.device=cuda, but Collie's torch" in proc.stderr
 
@@ -356,8 +434,14 @@ def test_collie_cpu_patches_follow_the_configured_device():
 @pytest.mark.gpu
 def test_gpu_smoke_matrix(tmp_path):
     """On a machine with GPUs: the one-shot smoke matrix runs and every case passes."""
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_smoke.sh"), "--out", str(tmp_path / "smoke.jsonl")],
-                          cwd=REPO, env=user_env(), capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_smoke.sh"), "--out", str(tmp_path / "smoke.jsonl")],
+        cwd=REPO,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     rows = [json.loads(ln) for ln in (tmp_path / "smoke.jsonl").read_text().splitlines()]
     assert proc.returncode == 0 and rows and all(r["exit_code"] == 0 for r in rows), proc.stdout[-3000:]
 
@@ -366,26 +450,42 @@ def test_gpu_smoke_dry_run_prints_every_case_and_each_plans_on_gpus(tmp_path):
     """scripts/gpu_smoke.sh --dry-run on this CPU prints the matrix; with 4 GPUs made visible (a stand-in
     nvidia-smi) every case's command validates and plans (as a dry run) on them."""
     env = fake_nvidia_smi(tmp_path, 4)
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_smoke.sh"), "--dry-run", "--out",
-                           str(tmp_path / "smoke" / "smoke.jsonl")], cwd=REPO, env=user_env(**env), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_smoke.sh"), "--dry-run", "--out", str(tmp_path / "smoke" / "smoke.jsonl")],
+        cwd=REPO,
+        env=user_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = dict(ln.split(": ", 1) for ln in proc.stdout.splitlines())
-    expected = {"alpacalora_lora_bf16", "alpacalora_zero2", "alpacalora_zero3_full", "alpacalora_zero2_offload",
-                "alpacalora_fp16", "alpacalora_qlora", "llamafactory_lora", "llamafactory_zero2", "flagembedding",
-                "collie", "auto_explain", "estimator"}
+    expected = {
+        "alpacalora_lora_bf16",
+        "alpacalora_zero2",
+        "alpacalora_zero3_full",
+        "alpacalora_zero2_offload",
+        "alpacalora_fp16",
+        "alpacalora_qlora",
+        "llamafactory_lora",
+        "llamafactory_zero2",
+        "flagembedding",
+        "collie",
+        "auto_explain",
+        "estimator",
+    }
     assert set(lines) == expected
     for name, cmd in lines.items():
         argv = cmd.split()
         if "dry_run=true" not in argv:
             argv.append("dry_run=true")
         if name == "collie":
-            argv.append(f"backend.venv={tmp_path / 'collie-cuda-venv'}")     # built by the run's first step
+            argv.append(f"backend.venv={tmp_path / 'collie-cuda-venv'}")  # built by the run's first step
         run = subprocess.run(argv, cwd=REPO, env=user_env(**env), capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, f"{name}: {run.stderr[-2000:]}"
-        if name not in ("estimator", "auto_explain"):          # 4 processes: torchrun's, or LLaMA-Factory's own
+        if name not in ("estimator", "auto_explain"):  # 4 processes: torchrun's, or LLaMA-Factory's own
             assert "--nproc_per_node=4" in run.stdout or '"NPROC_PER_NODE": "4"' in run.stdout, name
-    assert not (tmp_path / "smoke").exists()                  # a dry run writes nothing
+    assert not (tmp_path / "smoke").exists()  # a dry run writes nothing
 
 
 def test_a_slurm_array_sweep_over_hardware_is_refused(tmp_path):

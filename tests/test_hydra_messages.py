@@ -2,21 +2,25 @@
 turned into its one line from the exceptions' fields (finetune/cli.py explain_hydra_error), and the two Hydra
 internals we replace still exist with the shape we replace. A Hydra or OmegaConf upgrade that changes any of this
 fails here, with the kind named, rather than as a worse message in a user's terminal."""
+
 from __future__ import annotations
 
 import inspect
 
 import pytest
-
 from conftest import refusal
 
 # one override per kind of Hydra/OmegaConf error -> the exact line (after "error: ") a user sees
 MESSAGES = [
     # hydra.errors.MissingConfigException (missing_cfg_file, options): a config group option that does not exist
-    (["backend=colie"], "backend='colie': one of alpacalora, auto, collie, dummy, flagembedding, llamafactory "
-                        "(did you mean 'collie'?)"),
-    (["+experiment=nope"], "experiment='nope': one of alpaca_lora, collie_lora, embedding_finetune, "
-                           "llamafactory_lora_sft, smollm2_lora"),
+    (
+        ["backend=colie"],
+        "backend='colie': one of alpacalora, auto, collie, dummy, flagembedding, llamafactory (did you mean 'collie'?)",
+    ),
+    (
+        ["+experiment=nope"],
+        "experiment='nope': one of alpaca_lora, collie_lora, embedding_finetune, llamafactory_lora_sft, smollm2_lora",
+    ),
     # omegaconf ConfigAttributeError / ConfigKeyError (full_key) under ConfigCompositionException: unknown key
     (["lora_rr=3"], "lora_rr: unknown key (did you mean 'lora_r'?)"),
     (["method.lora_rr=3"], "method.lora_rr: unknown key (did you mean 'method.lora_r'?)"),

@@ -4,6 +4,7 @@ A backend that would ignore a key lists it in NOT_USED (finetune/backends/<name>
 validation refuses it when typed. Every other key must be read by the backend's adapter or its worker process,
 or by the driver (run folder, dry run, timeout, sweep metric, ...).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,9 +12,8 @@ import re
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-
 from conftest import REPO
+from hydra import compose, initialize_config_dir
 
 ROOT_KEYS = None
 
@@ -21,32 +21,67 @@ ROOT_KEYS = None
 GEN_EVAL = ["finetune/backends/gen_eval.py", "finetune/recipes/gen_eval.py"]
 # where each backend's code reads the config: its adapter (plan) and the worker processes it starts
 SOURCES = {
-    "alpacalora": ["finetune/backends/alpacalora.py", "finetune/recipes/alpacalora.py", "finetune/recipes/data.py",
-                   *GEN_EVAL],
+    "alpacalora": [
+        "finetune/backends/alpacalora.py",
+        "finetune/recipes/alpacalora.py",
+        "finetune/recipes/data.py",
+        *GEN_EVAL,
+    ],
     "llamafactory": ["finetune/backends/llamafactory.py", "finetune/recipes/llamafactory.py", *GEN_EVAL],
-    "flagembedding": ["finetune/backends/flagembedding.py", "finetune/recipes/flagembedding.py",
-                      "finetune/recipes/flagembedding_eval.py"],
-    "collie": ["finetune/backends/collie.py", "finetune/recipes/collie.py", "finetune/recipes/collie_merge.py",
-               *GEN_EVAL],
+    "flagembedding": [
+        "finetune/backends/flagembedding.py",
+        "finetune/recipes/flagembedding.py",
+        "finetune/recipes/flagembedding_eval.py",
+    ],
+    "collie": [
+        "finetune/backends/collie.py",
+        "finetune/recipes/collie.py",
+        "finetune/recipes/collie_merge.py",
+        *GEN_EVAL,
+    ],
 }
-DRIVER = ["finetune/run.py", "finetune/config/validate.py", "finetune/config/resume.py", "finetune/callbacks.py",
-          "finetune/report/metrics.py", "finetune/backends/auto.py", "finetune/tracking/__init__.py",
-          "finetune/tracking/tracker.py"]
+DRIVER = [
+    "finetune/run.py",
+    "finetune/config/validate.py",
+    "finetune/config/resume.py",
+    "finetune/callbacks.py",
+    "finetune/report/metrics.py",
+    "finetune/backends/auto.py",
+    "finetune/tracking/__init__.py",
+    "finetune/tracking/tracker.py",
+]
 # the driver's own keys: what every backend gets from the driver rather than from its worker
-DRIVER_KEYS = {"name", "output_dir", "allow_outside_outputs", "resume", "dry_run", "explain", "timeout_min", "metric",
-               "fail_fast", "report_to", "tracking"}
+DRIVER_KEYS = {
+    "name",
+    "output_dir",
+    "allow_outside_outputs",
+    "resume",
+    "dry_run",
+    "explain",
+    "timeout_min",
+    "metric",
+    "fail_fast",
+    "report_to",
+    "tracking",
+}
 
 
 def root_keys():
     from finetune.config.schema import RootConfig
 
-    return [f.name for f in dataclasses.fields(RootConfig) if f.name not in
-            ("backend", "model", "method", "hardware", "data", "launcher")]
+    return [
+        f.name
+        for f in dataclasses.fields(RootConfig)
+        if f.name not in ("backend", "model", "method", "hardware", "data", "launcher")
+    ]
 
 
 # root keys read through finetune/config/derived.py: code that calls the function reads them
-DERIVED_READS = {"grad_accum(": ("batch_size", "micro_batch_size"), "adapter_dir(": ("target_path",),
-                 "merged_dir(": ("merge_path",)}
+DERIVED_READS = {
+    "grad_accum(": ("batch_size", "micro_batch_size"),
+    "adapter_dir(": ("target_path",),
+    "merged_dir(": ("merge_path",),
+}
 
 
 def reads(text: str, key: str) -> bool:
@@ -63,10 +98,10 @@ def source(paths) -> str:
 
 @pytest.mark.parametrize("backend", sorted(SOURCES))
 def test_every_root_key_is_used_or_refused(backend):
-    from finetune.backends import get_backend
-
-    from finetune.config.validate import LORA_ONLY_KEYS
     from omegaconf import OmegaConf
+
+    from finetune.backends import get_backend
+    from finetune.config.validate import LORA_ONLY_KEYS
 
     not_used = getattr(get_backend(backend), "NOT_USED", {})
     code, driver = source(SOURCES[backend]), source(DRIVER)
@@ -75,9 +110,9 @@ def test_every_root_key_is_used_or_refused(backend):
     silent = []
     for key in root_keys():
         if key in LORA_ONLY_KEYS and not lora:
-            continue                        # refused by the method rules: LoRA options with a non-LoRA method
+            continue  # refused by the method rules: LoRA options with a non-LoRA method
         if key in not_used:
-            continue                        # refused when typed: test_a_key_the_backend_ignores_is_refused_when_typed
+            continue  # refused when typed: test_a_key_the_backend_ignores_is_refused_when_typed
         if key in DRIVER_KEYS and reads(driver, key):
             continue
         if not reads(code, key):
@@ -96,13 +131,31 @@ def _validate(overrides):
     return prepare(cfg, overrides)
 
 
-CASES = [(b, k) for b in sorted(SOURCES) for k in getattr(__import__(f"finetune.backends.{b}", fromlist=["x"]),
-                                                             "NOT_USED", {})]
-VALUES = {"cutoff_len": "256", "val_set_size": "16", "eval_steps": "5", "train_on_inputs": "false",
-          "prompt_template_name": "alpaca_short", "merge": "true", "merge_path": "/tmp/x", "save_steps": "5",
-          "save_total_limit": "3", "method.use_rslora": "true", "method.use_dora": "true",
-          "method.loraplus_lr_ratio": "4", "method.pissa_init": "true", "method.create_new_adapter": "true",
-          "generate_eval": "true", "generate_eval_rows": "8", "max_new_tokens": "16", "generate_batch_size": "4"}
+CASES = [
+    (b, k)
+    for b in sorted(SOURCES)
+    for k in getattr(__import__(f"finetune.backends.{b}", fromlist=["x"]), "NOT_USED", {})
+]
+VALUES = {
+    "cutoff_len": "256",
+    "val_set_size": "16",
+    "eval_steps": "5",
+    "train_on_inputs": "false",
+    "prompt_template_name": "alpaca_short",
+    "merge": "true",
+    "merge_path": "/tmp/x",
+    "save_steps": "5",
+    "save_total_limit": "3",
+    "method.use_rslora": "true",
+    "method.use_dora": "true",
+    "method.loraplus_lr_ratio": "4",
+    "method.pissa_init": "true",
+    "method.create_new_adapter": "true",
+    "generate_eval": "true",
+    "generate_eval_rows": "8",
+    "max_new_tokens": "16",
+    "generate_batch_size": "4",
+}
 
 
 @pytest.mark.parametrize("backend,key", CASES, ids=[f"{b}-{k}" for b, k in CASES])

@@ -1,4 +1,5 @@
-"""Launchers: local / torchrun (multi-process, multi-node join), Slurm through submitit on a real cluster, k8s manifests.
+"""Launchers: local / torchrun (multi-process, multi-node join), Slurm through submitit on a real cluster, k8s
+manifests.
 
 Tiers:
 - fast: argv/env of each launcher, refusals (exit 2, one line), k8s manifests parsed as YAML, run_process.
@@ -7,6 +8,7 @@ Tiers:
   fixture; a run, a failing run, a cancelled run and a 2-job sweep go through it. Skipped with the reason when
   slurm-wlm/slurmdbd/mariadb-server are not installed or we are not root.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import PY, REPO, read_json, run_train, user_env
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -72,36 +73,55 @@ def test_local_and_torchrun_argv(capsys, tmp_path):
     assert "torch.distributed.run" not in one
     (two,) = _argv_lines(_dry(capsys, "launcher=local", "launcher.nproc_per_node=2"))
     i = two.index("torch.distributed.run")
-    assert two[i + 1:i + 3] == ["--nproc_per_node=2", "--nnodes=1"] and any(a.startswith("--master_port=") for a in two)
+    assert two[i + 1 : i + 3] == ["--nproc_per_node=2", "--nnodes=1"] and any(
+        a.startswith("--master_port=") for a in two
+    )
     (tr,) = _argv_lines(_dry(capsys, "launcher=torchrun", "launcher.nproc_per_node=1"))
     assert "--standalone" in tr
-    (mn,) = _argv_lines(_dry(capsys, "launcher=torchrun", "launcher.nnodes=2", "launcher.master_port=29511",
-                             f"output_dir={tmp_path}/mn"))
+    (mn,) = _argv_lines(
+        _dry(
+            capsys, "launcher=torchrun", "launcher.nnodes=2", "launcher.master_port=29511", f"output_dir={tmp_path}/mn"
+        )
+    )
     for a in ("--nnodes=2", "--node_rank=0", "--master_addr=127.0.0.1", "--master_port=29511"):
         assert a in mn, mn
     assert not (tmp_path / "mn").exists()
 
 
 def test_node_rank_refused_in_one_line_exit_2(tmp_path):
-    proc, run = run_train("backend=dummy", "launcher=torchrun", "launcher.nnodes=2", "launcher.node_rank=1",
-                          f"output_dir={tmp_path}/x", outputs=tmp_path, timeout=120)
+    proc, run = run_train(
+        "backend=dummy",
+        "launcher=torchrun",
+        "launcher.nnodes=2",
+        "launcher.node_rank=1",
+        f"output_dir={tmp_path}/x",
+        outputs=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2 and run is None and not (tmp_path / "x").exists()
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "launcher.node_rank=1" in lines[0] and "finetune.launchers.torchrun join" in lines[0], proc.stderr
+    assert len(lines) == 1 and "launcher.node_rank=1" in lines[0] and "finetune.launchers.torchrun join" in lines[0], (
+        proc.stderr
+    )
 
 
-@pytest.mark.parametrize("overrides,words", [
-    (("launcher=torchrun", "launcher.nnodes=2"), ("output_dir", "join")),
-    (("launcher=local", "launcher.nnodes=2"), ("launcher.nnodes", "launcher=torchrun")),
-    (("launcher=torchrun", "launcher.nnodes=2", f"output_dir={REPO / 'conf'}"), ("output_dir", "not empty")),
-    (("launcher=torchrun", "launcher.rdzv_backend=etcd"), ("launcher.rdzv_backend", "static")),
-    (("launcher=slurm", "+launcher.additional_parameters.partition=gpu"),
-     ("launcher.additional_parameters.partition", "launcher.partition")),
-    (("launcher=slurm", "launcher.cluster=aws"), ("launcher.cluster",)),
-    (("launcher=slurm", "launcher.node_rank=1", "launcher.nnodes=2"), ("Slurm assigns",)),
-    (("launcher=k8s",), ("launcher.apply", "dry_run=true")),
-    (("launcher=k8s", "launcher.namespace=Bad_NS", "dry_run=true"), ("launcher.namespace",)),
-])
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (("launcher=torchrun", "launcher.nnodes=2"), ("output_dir", "join")),
+        (("launcher=local", "launcher.nnodes=2"), ("launcher.nnodes", "launcher=torchrun")),
+        (("launcher=torchrun", "launcher.nnodes=2", f"output_dir={REPO / 'conf'}"), ("output_dir", "not empty")),
+        (("launcher=torchrun", "launcher.rdzv_backend=etcd"), ("launcher.rdzv_backend", "static")),
+        (
+            ("launcher=slurm", "+launcher.additional_parameters.partition=gpu"),
+            ("launcher.additional_parameters.partition", "launcher.partition"),
+        ),
+        (("launcher=slurm", "launcher.cluster=aws"), ("launcher.cluster",)),
+        (("launcher=slurm", "launcher.node_rank=1", "launcher.nnodes=2"), ("Slurm assigns",)),
+        (("launcher=k8s",), ("launcher.apply", "dry_run=true")),
+        (("launcher=k8s", "launcher.namespace=Bad_NS", "dry_run=true"), ("launcher.namespace",)),
+    ],
+)
 def test_launcher_refusals(overrides, words):
     msg = _refusal(*overrides)
     assert "\n" not in msg
@@ -111,9 +131,17 @@ def test_launcher_refusals(overrides, words):
 
 def test_k8s_manifests_are_valid(capsys):
     """One node: a batch/v1 Job; two nodes: a PyTorchJob whose torchrun takes rank and master from the operator."""
-    out = _dry(capsys, "launcher=k8s", "launcher.image=registry.example/finetune:1.0", "launcher.pvc=work",
-               "launcher.cpus_per_task=8", "launcher.mem_gb=32", "launcher.gpus_per_node=2",
-               "launcher.nproc_per_node=2", "output_dir=/workspace/runs/r1")
+    out = _dry(
+        capsys,
+        "launcher=k8s",
+        "launcher.image=registry.example/finetune:1.0",
+        "launcher.pvc=work",
+        "launcher.cpus_per_task=8",
+        "launcher.mem_gb=32",
+        "launcher.gpus_per_node=2",
+        "launcher.nproc_per_node=2",
+        "output_dir=/workspace/runs/r1",
+    )
     text = out.split("--- k8s/dummy_train.yaml\n", 1)[1].split("\ndry run:", 1)[0]
     job = yaml.safe_load(text)
     assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
@@ -127,8 +155,14 @@ def test_k8s_manifests_are_valid(capsys):
     assert vols[0]["persistentVolumeClaim"]["claimName"] == "work"
     assert job["spec"]["activeDeadlineSeconds"] == 3600 and job["spec"]["backoffLimit"] == 0
 
-    out = _dry(capsys, "launcher=k8s", "launcher.nnodes=3", "launcher.nproc_per_node=2", "batch_size=48",
-               "output_dir=/workspace/r2")
+    out = _dry(
+        capsys,
+        "launcher=k8s",
+        "launcher.nnodes=3",
+        "launcher.nproc_per_node=2",
+        "batch_size=48",
+        "output_dir=/workspace/r2",
+    )
     pj = yaml.safe_load(out.split("--- k8s/dummy_train.yaml\n", 1)[1].split("\ndry run:", 1)[0])
     assert pj["apiVersion"] == "kubeflow.org/v1" and pj["kind"] == "PyTorchJob"
     specs = pj["spec"]["pytorchReplicaSpecs"]
@@ -145,15 +179,15 @@ def test_slurm_dry_run_shows_node_command(capsys):
 def test_environment_set_per_launcher():
     """OMP threads split over the ranks, repo on PYTHONPATH, GPUs pinned to the ranks asked for (local/torchrun);
     on Slurm the threads come from cpus_per_task and CUDA_VISIBLE_DEVICES is left to Slurm's allocation."""
-    from finetune.plan import Step
     from finetune.launchers import local, slurm
+    from finetune.plan import Step
 
     step = Step(name="train", argv=[sys.executable, "-m", "x"], distributed="torchrun")
     cfg = _compose("launcher=local", "launcher.nproc_per_node=2")
     e = local.env(step, cfg)
     assert e["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
     assert str(REPO) in e["PYTHONPATH"].split(os.pathsep) and e["TOKENIZERS_PARALLELISM"] == "false"
-    assert "CUDA_VISIBLE_DEVICES" not in e                                  # CPU hardware: nothing to pin
+    assert "CUDA_VISIBLE_DEVICES" not in e  # CPU hardware: nothing to pin
     cfg.hardware.device, cfg.hardware.gpus_per_node = "cuda", 8
     assert local.env(step, cfg)["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert local.env(Step(name="merge", argv=["python"]), cfg)["CUDA_VISIBLE_DEVICES"] == "0"
@@ -169,12 +203,20 @@ def test_run_process_exit_codes_and_timeout(tmp_path):
 
     ok = run_process("ok", [PY, "-c", "print('hello')"], {}, str(tmp_path), tmp_path / "ok.log", echo=False)
     assert ok.ok and ok.exit_code == 0 and ok.tail == ["hello"] and "hello" in (tmp_path / "ok.log").read_text()
-    bad = run_process("bad", [PY, "-c", "import sys; print('boom'); sys.exit(5)"], {}, str(tmp_path),
-                      tmp_path / "bad.log", echo=False)
+    bad = run_process(
+        "bad", [PY, "-c", "import sys; print('boom'); sys.exit(5)"], {}, str(tmp_path), tmp_path / "bad.log", echo=False
+    )
     assert bad.status == "failed" and bad.exit_code == 5 and "code 5" in bad.reason()
     t0 = time.monotonic()
-    slow = run_process("slow", [PY, "-c", "import time; time.sleep(60)"], {}, str(tmp_path), tmp_path / "s.log",
-                       timeout_s=1, echo=False)
+    slow = run_process(
+        "slow",
+        [PY, "-c", "import time; time.sleep(60)"],
+        {},
+        str(tmp_path),
+        tmp_path / "s.log",
+        timeout_s=1,
+        echo=False,
+    )
     assert slow.status == "timeout" and time.monotonic() - t0 < 30
     missing = run_process("missing", ["/no/such/binary"], {}, str(tmp_path), tmp_path / "m.log", echo=False)
     assert missing.status == "failed" and missing.exit_code == 127
@@ -193,7 +235,9 @@ def test_join_refuses_a_folder_without_plan_or_a_finished_run(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
-    proc, run = run_train("backend=dummy", "launcher=torchrun", "launcher.nproc_per_node=2", outputs=tmp_path, timeout=300)
+    proc, run = run_train(
+        "backend=dummy", "launcher=torchrun", "launcher.nproc_per_node=2", outputs=tmp_path, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (run / "logs" / "dummy_train.log").read_text()
     assert "rank 0" in log and "rank 1" in log and "torch.distributed.run" in log
@@ -206,11 +250,30 @@ def _two_nodes(tmp_path, *overrides, timeout=600):
     """Node 0 through train.py, node 1 through the join command, both on localhost sharing one run folder."""
     run_dir = tmp_path / "shared-run"
     env = user_env()
-    node0 = subprocess.Popen([PY, str(REPO / "train.py"), "launcher=torchrun", "launcher.nnodes=2",
-                              "launcher.nproc_per_node=1", f"output_dir={run_dir}", *overrides],
-                             cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    node1 = subprocess.run([PY, "-m", "finetune.launchers.torchrun", "join", str(run_dir), "--node-rank", "1", "--wait-min", "5"],
-                           cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
+    node0 = subprocess.Popen(
+        [
+            PY,
+            str(REPO / "train.py"),
+            "launcher=torchrun",
+            "launcher.nnodes=2",
+            "launcher.nproc_per_node=1",
+            f"output_dir={run_dir}",
+            *overrides,
+        ],
+        cwd=str(REPO),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    node1 = subprocess.run(
+        [PY, "-m", "finetune.launchers.torchrun", "join", str(run_dir), "--node-rank", "1", "--wait-min", "5"],
+        cwd=str(REPO),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     out0, _ = node0.communicate(timeout=timeout)
     assert node0.returncode == 0, out0[-4000:]
     assert node1.returncode == 0, node1.stdout[-3000:] + node1.stderr[-3000:]
@@ -232,20 +295,35 @@ def test_two_nodes_on_localhost_dummy(tmp_path):
 def test_two_nodes_train_tiny_llama_data_parallel(tmp_path, tiny_model):
     """The real thing: two torchrun agents (node_rank 0 and 1) rendezvous and train the tiny Llama with LoRA."""
     tiny_model("tiny_llama")
-    run_dir = _two_nodes(tmp_path, "backend=alpacalora", "max_steps=6", "batch_size=8", "micro_batch_size=4",
-                         "logging_steps=1", "val_set_size=8", "learning_rate=3e-3", "merge=false")
+    run_dir = _two_nodes(
+        tmp_path,
+        "backend=alpacalora",
+        "max_steps=6",
+        "batch_size=8",
+        "micro_batch_size=4",
+        "logging_steps=1",
+        "val_set_size=8",
+        "learning_rate=3e-3",
+        "merge=false",
+    )
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["world_size"] == 2 and metrics["global_step"] == 6
     assert metrics["train_loss"] < metrics["first_train_loss"]
     assert (run_dir / "lazyllm_lora" / "adapter_config.json").exists()
-    assert (run_dir / "logs" / "train.node1.log").exists()     # (merging is alpacalora's test; merge=false saves time)
+    assert (run_dir / "logs" / "train.node1.log").exists()  # (merging is alpacalora's test; merge=false saves time)
 
 
 @pytest.mark.slow
 def test_submitit_job_body_without_slurm(tmp_path):
     """launcher=slurm launcher.cluster=local: the same submitit job body, run by submitit's local executor."""
-    proc, run = run_train("backend=dummy", "launcher=slurm", "launcher.cluster=local", "launcher.poll_s=0.5",
-                          outputs=tmp_path, timeout=300)
+    proc, run = run_train(
+        "backend=dummy",
+        "launcher=slurm",
+        "launcher.cluster=local",
+        "launcher.poll_s=0.5",
+        outputs=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     step = read_json(run / "manifest.json")["steps"][-1]
     assert step["slurm_cluster"] == "local" and step["nodes"][0]["exit_code"] == 0
@@ -255,8 +333,15 @@ def test_submitit_job_body_without_slurm(tmp_path):
 @pytest.mark.slow
 def test_parallel_sweep_through_hydra_joblib(tmp_path):
     sweep = tmp_path / "sweep"
-    proc, _ = run_train("hydra/launcher=parallel", "backend=dummy", "backend.steps=2,3", f"hydra.sweep.dir={sweep}",
-                        outputs=tmp_path, multirun=True, timeout=300)
+    proc, _ = run_train(
+        "hydra/launcher=parallel",
+        "backend=dummy",
+        "backend.steps=2,3",
+        f"hydra.sweep.dir={sweep}",
+        outputs=tmp_path,
+        multirun=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = sorted((read_json(p) for p in sweep.glob("*/result.json")), key=lambda r: r["metrics"]["steps"])
     assert [(r["status"], r["metrics"]["steps"]) for r in results] == [("completed", 2), ("completed", 3)]
@@ -280,13 +365,15 @@ def slurm_cluster(tmp_path_factory):
     unavailable = pytest.fail if os.environ.get("CI", "").lower() == "true" else pytest.skip
     missing = sc.missing_tools()
     if missing:
-        unavailable(f"Slurm is not installed ({', '.join(missing)} missing): "
-                    "apt-get install -y slurm-wlm slurmdbd mariadb-server")
+        unavailable(
+            f"Slurm is not installed ({', '.join(missing)} missing): "
+            "apt-get install -y slurm-wlm slurmdbd mariadb-server"
+        )
     if os.geteuid() != 0:
         unavailable("the test Slurm cluster runs its daemons as root")
     base = Path(tempfile_short())
     try:
-        env = sc.start(base, nodes=2)        # two slurmd on this machine: multi-node jobs are real
+        env = sc.start(base, nodes=2)  # two slurmd on this machine: multi-node jobs are real
     except sc.ClusterError as e:
         sc.stop(base)
         unavailable(f"could not start a Slurm cluster: {e}")
@@ -302,18 +389,26 @@ def tempfile_short() -> str:
 
 
 def _slurm_run(tmp_path, cluster, *overrides):
-    return run_train("backend=dummy", "launcher=slurm", "launcher.poll_s=0.5", *overrides, outputs=tmp_path,
-                     env={"SLURM_CONF": cluster["SLURM_CONF"]}, timeout=300)
+    return run_train(
+        "backend=dummy",
+        "launcher=slurm",
+        "launcher.poll_s=0.5",
+        *overrides,
+        outputs=tmp_path,
+        env={"SLURM_CONF": cluster["SLURM_CONF"]},
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_slurm_two_node_run_completes(tmp_path, slurm_cluster):
     """One Slurm job on 2 nodes: each node's task runs torchrun as node SLURM_NODEID of one rendezvous."""
-    proc, run = _slurm_run(tmp_path, slurm_cluster, "launcher.nnodes=2", "launcher.nproc_per_node=1",
-                           "launcher.cpus_per_task=1")
+    proc, run = _slurm_run(
+        tmp_path, slurm_cluster, "launcher.nnodes=2", "launcher.nproc_per_node=1", "launcher.cpus_per_task=1"
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "RUNNING" in proc.stdout and "COMPLETED" in proc.stdout           # state changes were shown
+    assert "RUNNING" in proc.stdout and "COMPLETED" in proc.stdout  # state changes were shown
     step = read_json(run / "manifest.json")["steps"][-1]
     assert step["slurm_state"] == "COMPLETED" and step["slurm_job_id"].isdigit()
     assert Path(step["slurm_stdout"]).exists() and Path(step["slurm_stderr"]).exists()
@@ -324,8 +419,12 @@ def test_slurm_two_node_run_completes(tmp_path, slurm_cluster):
     assert read_json(run / "result.json")["status"] == "completed"
     jobs = read_json(run / "slurm" / "jobs.json")
     assert jobs["dummy_train"]["slurm_job_id"] == step["slurm_job_id"]
-    sacct = subprocess.run(["sacct", "-n", "-X", "-j", step["slurm_job_id"], "-o", "State"], capture_output=True,
-                           text=True, env={**os.environ, "SLURM_CONF": slurm_cluster["SLURM_CONF"]})
+    sacct = subprocess.run(
+        ["sacct", "-n", "-X", "-j", step["slurm_job_id"], "-o", "State"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SLURM_CONF": slurm_cluster["SLURM_CONF"]},
+    )
     assert sacct.stdout.split()[0] == "COMPLETED"
 
 
@@ -334,10 +433,22 @@ def test_slurm_two_node_run_completes(tmp_path, slurm_cluster):
 def test_slurm_trains_tiny_llama(tmp_path, slurm_cluster, tiny_model):
     """A real training run as a Slurm job: LoRA on the tiny Llama, 2 ranks (torchrun inside the job), loss falls."""
     tiny_model("tiny_llama")
-    proc, run = run_train("backend=alpacalora", "launcher=slurm", "launcher.poll_s=0.5", "max_steps=6", "batch_size=8",
-                          "micro_batch_size=4", "logging_steps=1", "val_set_size=8", "learning_rate=3e-3", "merge=false",
-                          "launcher.nproc_per_node=2",
-                          outputs=tmp_path, env={"SLURM_CONF": slurm_cluster["SLURM_CONF"]}, timeout=600)
+    proc, run = run_train(
+        "backend=alpacalora",
+        "launcher=slurm",
+        "launcher.poll_s=0.5",
+        "max_steps=6",
+        "batch_size=8",
+        "micro_batch_size=4",
+        "logging_steps=1",
+        "val_set_size=8",
+        "learning_rate=3e-3",
+        "merge=false",
+        "launcher.nproc_per_node=2",
+        outputs=tmp_path,
+        env={"SLURM_CONF": slurm_cluster["SLURM_CONF"]},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = read_json(run / "manifest.json")
     assert [s["slurm_state"] for s in m["steps"] if "slurm_state" in s] == ["COMPLETED"] * len(m["plan"]["steps"])
@@ -352,7 +463,7 @@ def test_slurm_trains_tiny_llama(tmp_path, slurm_cluster, tiny_model):
 def test_slurm_failed_job_fails_the_run(tmp_path, slurm_cluster):
     proc, run = _slurm_run(tmp_path, slurm_cluster, "backend.fail=true")
     assert proc.returncode == 1
-    assert "FAILED" in proc.stderr and "failing as asked" in proc.stderr       # state and log tail
+    assert "FAILED" in proc.stderr and "failing as asked" in proc.stderr  # state and log tail
     m = read_json(run / "manifest.json")
     assert m["status"] == "failed" and m["steps"][-1]["slurm_state"] == "FAILED"
     assert read_json(run / "result.json")["status"] == "failed"
@@ -362,10 +473,24 @@ def test_slurm_failed_job_fails_the_run(tmp_path, slurm_cluster):
 @pytest.mark.slurm
 def test_slurm_cancelled_job_fails_the_run(tmp_path, slurm_cluster):
     env = user_env(SLURM_CONF=slurm_cluster["SLURM_CONF"])
-    proc = subprocess.Popen([PY, str(REPO / "train.py"), "backend=dummy", "launcher=slurm", "launcher.poll_s=0.5",
-                             "backend.steps=400", "backend.sleep_s=0.25", "name=cancelme",
-                             f"output_dir={tmp_path / 'runs' / 'today' / 'cancelme'}"],
-                            cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            PY,
+            str(REPO / "train.py"),
+            "backend=dummy",
+            "launcher=slurm",
+            "launcher.poll_s=0.5",
+            "backend.steps=400",
+            "backend.sleep_s=0.25",
+            "name=cancelme",
+            f"output_dir={tmp_path / 'runs' / 'today' / 'cancelme'}",
+        ],
+        cwd=str(REPO),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     job_id, deadline = None, time.monotonic() + 120
     while job_id is None and time.monotonic() < deadline:
         for f in tmp_path.glob("runs/*/*cancelme*/slurm/jobs.json"):
@@ -386,8 +511,16 @@ def test_slurm_cancelled_job_fails_the_run(tmp_path, slurm_cluster):
 @pytest.mark.slurm
 def test_slurm_sweep_through_hydra_submitit(tmp_path, slurm_cluster):
     sweep = tmp_path / "sweep"
-    proc, _ = run_train("hydra/launcher=slurm_sweep", "backend=dummy", "backend.steps=2,4", f"hydra.sweep.dir={sweep}",
-                        outputs=tmp_path, env={"SLURM_CONF": slurm_cluster["SLURM_CONF"]}, multirun=True, timeout=300)
+    proc, _ = run_train(
+        "hydra/launcher=slurm_sweep",
+        "backend=dummy",
+        "backend.steps=2,4",
+        f"hydra.sweep.dir={sweep}",
+        outputs=tmp_path,
+        env={"SLURM_CONF": slurm_cluster["SLURM_CONF"]},
+        multirun=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = sorted((read_json(p) for p in sweep.glob("*/result.json")), key=lambda r: r["metrics"]["steps"])
     assert [r["status"] for r in results] == ["completed", "completed"]
@@ -395,8 +528,19 @@ def test_slurm_sweep_through_hydra_submitit(tmp_path, slurm_cluster):
     assert list(sweep.glob(".submitit/*/*_log.out")), "no Slurm job logs"
 
 
-REQUEUE_RUN = ["max_samples=160", "val_set_size=32", "batch_size=8", "micro_batch_size=4", "max_steps=12",
-               "learning_rate=1e-3", "logging_steps=1", "eval_steps=12", "report_to=none", "save_steps=4", "merge=false"]
+REQUEUE_RUN = [
+    "max_samples=160",
+    "val_set_size=32",
+    "batch_size=8",
+    "micro_batch_size=4",
+    "max_steps=12",
+    "learning_rate=1e-3",
+    "logging_steps=1",
+    "eval_steps=12",
+    "report_to=none",
+    "save_steps=4",
+    "merge=false",
+]
 
 
 @pytest.mark.slow
@@ -409,9 +553,14 @@ def test_slurm_requeued_job_resumes_and_ends_like_an_uninterrupted_run(tmp_path,
     ref_proc, ref = run_train(*REQUEUE_RUN, outputs=tmp_path / "ref", timeout=600)
     assert ref_proc.returncode == 0, ref_proc.stderr[-3000:]
     out = tmp_path / "run"
-    proc = subprocess.Popen([PY, str(REPO / "train.py"), *REQUEUE_RUN, "launcher=slurm", "launcher.poll_s=0.5",
-                             f"output_dir={out}"], cwd=str(REPO), env=user_env(SLURM_CONF=slurm_cluster["SLURM_CONF"]),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [PY, str(REPO / "train.py"), *REQUEUE_RUN, "launcher=slurm", "launcher.poll_s=0.5", f"output_dir={out}"],
+        cwd=str(REPO),
+        env=user_env(SLURM_CONF=slurm_cluster["SLURM_CONF"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     marker = out / "checkpoints" / "checkpoint-4" / "FINETUNE_COMPLETE"
     deadline = time.monotonic() + 300
     while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -422,8 +571,12 @@ def test_slurm_requeued_job_resumes_and_ends_like_an_uninterrupted_run(tmp_path,
     # Slurm holds a requeued job back for a while (BeginTime); let it start again at once
     for _ in range(60):
         time.sleep(1)
-        if subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env,
-                          capture_output=True).returncode == 0:
+        if (
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True
+            ).returncode
+            == 0
+        ):
             break
     stdout, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, stdout[-4000:]
@@ -432,6 +585,9 @@ def test_slurm_requeued_job_resumes_and_ends_like_an_uninterrupted_run(tmp_path,
     assert step["slurm_state"] == "COMPLETED" and step["slurm_restarts"] == 1 and step["nodes"][0]["restarts"] == 1
     log = (out / "logs" / "train.log").read_text()
     assert "resuming from" in log and "SIGTERM" in (Path(step["slurm_stdout"]).read_text() + log)
-    curve = lambda run: [(r["step"], r["loss"]) for r in map(json.loads, (run / "history.jsonl").read_text()  # noqa: E731
-                                                                  .splitlines()) if "loss" in r]
+
+    def curve(run):
+        rows = map(json.loads, (run / "history.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
     assert curve(out) == curve(ref) and len(curve(ref)) == 12

@@ -8,6 +8,7 @@ Tiers:
     sft LoRA + export merge (shared by several tests), every method, dpo, a failing run, and the cross-backend
     table (alpacalora vs llamafactory, same experiment).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,13 +16,23 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import PY, REPO, read_json, run_train
 
 # a tiny, fast recipe: 4 rows a step, no accumulation, short sequences, a log line every step
-FAST = ("backend=llamafactory", "model=tiny_llama", "max_steps=8", "batch_size=4", "micro_batch_size=4",
-        "cutoff_len=64", "logging_steps=1", "save_steps=0", "warmup_ratio=0", "val_set_size=0", "merge=false",
-        "learning_rate=5e-3")
+FAST = (
+    "backend=llamafactory",
+    "model=tiny_llama",
+    "max_steps=8",
+    "batch_size=4",
+    "micro_batch_size=4",
+    "cutoff_len=64",
+    "logging_steps=1",
+    "save_steps=0",
+    "warmup_ratio=0",
+    "val_set_size=0",
+    "merge=false",
+    "learning_rate=5e-3",
+)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -44,8 +55,7 @@ def compose_plan(tmp_path: Path, *overrides: str, backend: str = "llamafactory")
         cfg = compose("config", overrides=overrides)
     facts, backend_, _ = prepare(cfg, overrides)
     run_dir = tmp_path / "run"
-    plan = backend_.plan(cfg, run_dir, {"data": facts["data"], "world_size": world_size(cfg),
-                                                               "run_dir": str(run_dir)})
+    plan = backend_.plan(cfg, run_dir, {"data": facts["data"], "world_size": world_size(cfg), "run_dir": str(run_dir)})
     if backend != "llamafactory":
         return cfg, plan, None
     train = OmegaConf.to_container(OmegaConf.create(plan.files["llamafactory/train.yaml"]))
@@ -53,7 +63,8 @@ def compose_plan(tmp_path: Path, *overrides: str, backend: str = "llamafactory")
 
 
 def losses(run: Path):
-    return [r["loss"] for r in (json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()) if "loss" in r]
+    rows = (json.loads(ln) for ln in (run / "history.jsonl").read_text().splitlines())
+    return [r["loss"] for r in rows if "loss" in r]
 
 
 def assert_falls(run: Path, what: str):
@@ -78,14 +89,23 @@ def train_log(run: Path) -> str:
 
 
 def test_lora_yaml_and_cpu_traps(tmp_path):
-    cfg, plan, t = compose_plan(tmp_path, "lora_r=4", "lora_alpha=8", "lora_target_modules=[q_proj,k_proj]",
-                                "modules_to_save=[embed_tokens,lm_head]", "max_steps=3", "learning_rate=1e-3",
-                                "lr_scheduler_type=linear", "warmup_ratio=0.05", "+backend.extra.neftune_noise_alpha=5")
+    cfg, plan, t = compose_plan(
+        tmp_path,
+        "lora_r=4",
+        "lora_alpha=8",
+        "lora_target_modules=[q_proj,k_proj]",
+        "modules_to_save=[embed_tokens,lm_head]",
+        "max_steps=3",
+        "learning_rate=1e-3",
+        "lr_scheduler_type=linear",
+        "warmup_ratio=0.05",
+        "+backend.extra.neftune_noise_alpha=5",
+    )
     assert t["stage"] == "sft" and t["do_train"] is True and t["finetuning_type"] == "lora"
     assert (t["lora_rank"], t["lora_alpha"], t["lora_target"]) == (4, 8, "q_proj,k_proj")
     assert t["additional_target"] == "embed_tokens,lm_head"
     assert (t["max_steps"], t["learning_rate"], t["lr_scheduler_type"], t["warmup_ratio"]) == (3, 1e-3, "linear", 0.05)
-    assert t["neftune_noise_alpha"] == 5                                  # backend.extra passes through
+    assert t["neftune_noise_alpha"] == 5  # backend.extra passes through
     # the traps, each handled on purpose
     assert t["use_cpu"] is True and t["template"] == "default" and t["optim"] == "adamw_torch"
     assert t["overwrite_output_dir"] is True and t["report_to"] == "none"
@@ -108,24 +128,62 @@ def test_lora_yaml_and_cpu_traps(tmp_path):
     assert [s.name for s in plan.steps] == ["train", "merge"]
 
 
-@pytest.mark.parametrize("method,expect", [
-    ("full", {"finetuning_type": "full"}),
-    ("freeze", {"finetuning_type": "freeze", "freeze_trainable_layers": 1, "freeze_trainable_modules": "mlp",
-                "freeze_extra_modules": "embed_tokens"}),
-    ("loraplus", {"finetuning_type": "lora", "loraplus_lr_ratio": 16.0, "loraplus_lr_embedding": 1e-6}),
-    ("rslora", {"use_rslora": True}),
-    ("dora", {"use_dora": True}),
-    ("pissa", {"pissa_init": True, "pissa_iter": 16, "pissa_convert": True}),
-    ("galore", {"finetuning_type": "full", "use_galore": True, "galore_target": "all", "galore_rank": 16,
-                "galore_update_interval": 200, "galore_scale": 0.25, "galore_proj_type": "std",
-                "galore_layerwise": False, "optim": "adamw_torch"}),
-    ("badam", {"finetuning_type": "full", "use_badam": True, "badam_mode": "layer", "badam_switch_mode": "ascending",
-               "badam_switch_interval": 50, "badam_update_ratio": 0.05, "badam_mask_mode": "adjacent",
-               "optim": "adamw_torch"}),
-])
+@pytest.mark.parametrize(
+    "method,expect",
+    [
+        ("full", {"finetuning_type": "full"}),
+        (
+            "freeze",
+            {
+                "finetuning_type": "freeze",
+                "freeze_trainable_layers": 1,
+                "freeze_trainable_modules": "mlp",
+                "freeze_extra_modules": "embed_tokens",
+            },
+        ),
+        ("loraplus", {"finetuning_type": "lora", "loraplus_lr_ratio": 16.0, "loraplus_lr_embedding": 1e-6}),
+        ("rslora", {"use_rslora": True}),
+        ("dora", {"use_dora": True}),
+        ("pissa", {"pissa_init": True, "pissa_iter": 16, "pissa_convert": True}),
+        (
+            "galore",
+            {
+                "finetuning_type": "full",
+                "use_galore": True,
+                "galore_target": "all",
+                "galore_rank": 16,
+                "galore_update_interval": 200,
+                "galore_scale": 0.25,
+                "galore_proj_type": "std",
+                "galore_layerwise": False,
+                "optim": "adamw_torch",
+            },
+        ),
+        (
+            "badam",
+            {
+                "finetuning_type": "full",
+                "use_badam": True,
+                "badam_mode": "layer",
+                "badam_switch_mode": "ascending",
+                "badam_switch_interval": 50,
+                "badam_update_ratio": 0.05,
+                "badam_mask_mode": "adjacent",
+                "optim": "adamw_torch",
+            },
+        ),
+    ],
+)
 def test_method_keys(tmp_path, method, expect):
-    extra = ["method.freeze_trainable_layers=1", "method.freeze_trainable_modules=mlp",
-             "method.freeze_extra_modules=embed_tokens"] if method == "freeze" else []
+    extra = (
+        [
+            "method.freeze_trainable_layers=1",
+            "method.freeze_trainable_modules=mlp",
+            "method.freeze_extra_modules=embed_tokens",
+        ]
+        if method == "freeze"
+        else []
+    )
     _, plan, t = compose_plan(tmp_path, f"method={method}", *extra)
     for k, v in expect.items():
         assert t.get(k) == v, (method, k, t.get(k))
@@ -135,21 +193,51 @@ def test_method_keys(tmp_path, method, expect):
         assert "pissa_converted" in plan.files["llamafactory/export.yaml"]
 
 
-@pytest.mark.parametrize("data,stage,entry", [
-    ("tiny_sharegpt", "sft", {"formatting": "sharegpt", "columns": {"messages": "conversations"},
-                              "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human",
-                                       "assistant_tag": "gpt"}}),
-    ("tiny_messages", "sft", {"formatting": "sharegpt", "columns": {"messages": "messages"},
-                              "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                                       "assistant_tag": "assistant", "system_tag": "system"}}),
-    ("tiny_preference", "dpo", {"ranking": True, "columns": {"prompt": "instruction", "query": "input",
-                                                            "chosen": "chosen", "rejected": "rejected"}}),
-    ("tiny_preference", "rm", {"ranking": True}),
-    ("tiny_kto", "kto", {"columns": {"prompt": "instruction", "query": "input", "response": "output",
-                                     "kto_tag": "kto_tag"}}),
-    ("tiny_text", "pt", {"columns": {"prompt": "text"}}),
-    ("tiny_alpaca", "sft", {"columns": {"prompt": "instruction", "query": "input", "response": "output"}}),
-])
+@pytest.mark.parametrize(
+    "data,stage,entry",
+    [
+        (
+            "tiny_sharegpt",
+            "sft",
+            {
+                "formatting": "sharegpt",
+                "columns": {"messages": "conversations"},
+                "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"},
+            },
+        ),
+        (
+            "tiny_messages",
+            "sft",
+            {
+                "formatting": "sharegpt",
+                "columns": {"messages": "messages"},
+                "tags": {
+                    "role_tag": "role",
+                    "content_tag": "content",
+                    "user_tag": "user",
+                    "assistant_tag": "assistant",
+                    "system_tag": "system",
+                },
+            },
+        ),
+        (
+            "tiny_preference",
+            "dpo",
+            {
+                "ranking": True,
+                "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"},
+            },
+        ),
+        ("tiny_preference", "rm", {"ranking": True}),
+        (
+            "tiny_kto",
+            "kto",
+            {"columns": {"prompt": "instruction", "query": "input", "response": "output", "kto_tag": "kto_tag"}},
+        ),
+        ("tiny_text", "pt", {"columns": {"prompt": "text"}}),
+        ("tiny_alpaca", "sft", {"columns": {"prompt": "instruction", "query": "input", "response": "output"}}),
+    ],
+)
 def test_dataset_info_from_the_file(tmp_path, data, stage, entry):
     _, plan, t = compose_plan(tmp_path, f"data={data}", f"backend.stage={stage}")
     info = json.loads(plan.files["llamafactory/dataset_info.json"])["train"]
@@ -185,25 +273,37 @@ def test_resume_bf16_and_deepspeed(tmp_path):
 def test_dry_run_shows_yaml_and_writes_nothing(tmp_path):
     proc, run = run_train("backend=llamafactory", "dry_run=true", outputs=tmp_path / "out", timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for text in ("--- llamafactory/train.yaml", "--- llamafactory/dataset_info.json", "--- llamafactory/export.yaml",
-                 "-m llamafactory.cli train", "-m llamafactory.cli export", "use_cpu: true"):
+    for text in (
+        "--- llamafactory/train.yaml",
+        "--- llamafactory/dataset_info.json",
+        "--- llamafactory/export.yaml",
+        "-m llamafactory.cli train",
+        "-m llamafactory.cli export",
+        "use_cpu: true",
+    ):
         assert text in proc.stdout, text
     assert run is None and not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------------ refusals
 
+
 def _bad_sharegpt(tmp: Path) -> str:
-    rows = [{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
-            {"conversations": [{"from": "gpt", "value": "b"}, {"from": "human", "value": "a"}]}]
+    rows = [
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+        {"conversations": [{"from": "gpt", "value": "b"}, {"from": "human", "value": "a"}]},
+    ]
     p = tmp / "bad_order.json"
     p.write_text(json.dumps(rows))
     return str(p)
 
 
 REFUSALS = [
-    (["+backend.extra.lora_rnk=4"], "backend.extra.lora_rnk=4: LLaMA-Factory 0.9.5 does not accept this key "
-                                    "(llamafactory-cli would refuse it) (did you mean 'lora_rank'?)"),
+    (
+        ["+backend.extra.lora_rnk=4"],
+        "backend.extra.lora_rnk=4: LLaMA-Factory 0.9.5 does not accept this key "
+        "(llamafactory-cli would refuse it) (did you mean 'lora_rank'?)",
+    ),
     (["+backend.extra.output_dir=/tmp/x"], "backend.extra.output_dir='/tmp/x': is written from target_path"),
     (["+backend.extra.infer_dtype=float64"], "backend.extra.infer_dtype='float64': one of auto, bfloat16"),
     (["+backend.extra.use_unsloth=yes"], "backend.extra.use_unsloth='yes': must be true or false"),
@@ -245,9 +345,11 @@ def test_target_path_in_use_is_refused(tmp_path):
 @pytest.mark.slow
 def test_key_list_matches_installed_llamafactory():
     """llamafactory_keys.py is generated from the installed LLaMA-Factory; regenerate it after an upgrade."""
-    code = ("from finetune.backends import llamafactory_keys as k; i = k._introspect(); "
-            "import json; print(json.dumps([i['version'], sorted(i['keys']), sorted(i['templates']), "
-            "{n: list(v[1]) if v[1] else None for n, v in i['keys'].items()}]))")
+    code = (
+        "from finetune.backends import llamafactory_keys as k; i = k._introspect(); "
+        "import json; print(json.dumps([i['version'], sorted(i['keys']), sorted(i['templates']), "
+        "{n: list(v[1]) if v[1] else None for n, v in i['keys'].items()}]))"
+    )
     out = subprocess.run([PY, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     version, keys, templates, choices = json.loads(out.stdout.strip().splitlines()[-1])
@@ -276,15 +378,23 @@ def test_lora_sft_trains_and_reports(lora_run):
     proc, run = lora_run
     m = train_ok(proc, run, "lora sft")
     ls = assert_falls(run, "lora sft")
-    for k in ("train_loss", "first_train_loss", "eval_loss", "total_params", "trainable_params", "tokens_per_s",
-              "peak_rss_mb", "train_runtime_s"):
+    for k in (
+        "train_loss",
+        "first_train_loss",
+        "eval_loss",
+        "total_params",
+        "trainable_params",
+        "tokens_per_s",
+        "peak_rss_mb",
+        "train_runtime_s",
+    ):
         assert isinstance(m.get(k), (int, float)), (k, m.get(k))
     assert m["train_loss"] == ls[-1] and m["first_train_loss"] == ls[0]
     # LoRA r=8 on q_proj (64x64) and v_proj (64->32) in 2 layers: 2 * (8*64 + 64*8 + 8*64 + 32*8)
     assert m["trainable_params"] == 2 * (8 * 64 + 64 * 8 + 8 * 64 + 32 * 8)
     assert m["trainable_params"] < m["total_params"]
     # read back: history from trainer_state (grad_norm, lr, eval), our PNG and TensorBoard events
-    hist = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
+    hist = [json.loads(ln) for ln in (run / "history.jsonl").read_text().splitlines()]
     assert any("grad_norm" in r and "learning_rate" in r for r in hist)
     assert [r["step"] for r in hist if "eval_loss" in r][:2] == [4, 8]
     assert (run / "loss.png").stat().st_size > 1000
@@ -333,10 +443,14 @@ METHOD_RUNS = {
     "dora": (["method=dora"], "Fine-tuning method: DoRA"),
     "pissa": (["method=pissa", "method.pissa_iter=-1", "merge=true"], "Fine-tuning method: LoRA"),
     "galore": (["method=galore", "learning_rate=1e-2", "method.galore_update_interval=4"], "Using GaLore optimizer"),
-    "badam_layer": (["method=badam", "learning_rate=1e-2", "method.badam_switch_interval=2"],
-                    "Using BAdam optimizer with layer-wise update"),
-    "badam_ratio": (["method=badam", "learning_rate=1e-2", "method.badam_mode=ratio", "method.badam_update_ratio=0.5"],
-                    "Using BAdam optimizer with ratio-based update"),
+    "badam_layer": (
+        ["method=badam", "learning_rate=1e-2", "method.badam_switch_interval=2"],
+        "Using BAdam optimizer with layer-wise update",
+    ),
+    "badam_ratio": (
+        ["method=badam", "learning_rate=1e-2", "method.badam_mode=ratio", "method.badam_update_ratio=0.5"],
+        "Using BAdam optimizer with ratio-based update",
+    ),
 }
 
 
@@ -357,11 +471,11 @@ def test_method_trains(tmp_path, tiny_model, name):
         assert m["trainable_params"] == lora_params + (2 * (64 + 32) if name == "dora" else 0)
     else:
         assert (lf / "model.safetensors").exists() and not (lf / "adapter_config.json").exists()
-    if name == "freeze":            # the last of 2 decoder layers: 4*64*64 attn-ish + mlp + norms
+    if name == "freeze":  # the last of 2 decoder layers: 4*64*64 attn-ish + mlp + norms
         assert 0 < m["trainable_params"] < m["total_params"] / 2
     if name in ("full", "galore", "badam_layer", "badam_ratio"):
         assert m["trainable_params"] == m["total_params"]
-    if name == "pissa":             # the merge used pissa_converted: a plain LoRA of rank 2r on the original model
+    if name == "pissa":  # the merge used pissa_converted: a plain LoRA of rank 2r on the original model
         conv = read_json(lf / "pissa_converted" / "adapter_config.json")
         assert conv["r"] == 16 and conv["init_lora_weights"] is True
         import torch
@@ -379,11 +493,18 @@ def test_method_trains(tmp_path, tiny_model, name):
 def test_dpo_trains(tmp_path, tiny_model):
     tiny_model("tiny_llama")
     # 8 pairs seen 5 times: per-batch DPO losses on fresh pairs are too noisy on a random tiny model to show a trend
-    proc, run = run_train(*FAST, "data=tiny_preference", "backend.stage=dpo", "max_steps=10", "max_samples=8",
-                          "learning_rate=1e-2", outputs=tmp_path / "o")
+    proc, run = run_train(
+        *FAST,
+        "data=tiny_preference",
+        "backend.stage=dpo",
+        "max_steps=10",
+        "max_samples=8",
+        "learning_rate=1e-2",
+        outputs=tmp_path / "o",
+    )
     m = train_ok(proc, run, "dpo")
     ls = assert_falls(run, "dpo")
-    assert abs(ls[0] - 0.6931) < 0.05, ls[0]            # sigmoid DPO starts at ln 2 (policy == reference)
+    assert abs(ls[0] - 0.6931) < 0.05, ls[0]  # sigmoid DPO starts at ln 2 (policy == reference)
     assert "rewards_accuracies" in m
     assert "stage: dpo" in (run / "llamafactory" / "train.yaml").read_text()
 
@@ -403,7 +524,9 @@ def test_failing_step_fails_the_run_with_the_log_tail(tmp_path, tiny_model):
     tiny_model("tiny_llama")
     proc, run = run_train(*FAST, "method=freeze", "method.freeze_trainable_modules=nope", outputs=tmp_path / "o")
     assert proc.returncode == 1, proc.returncode
-    assert "step 'train' exited with code" in proc.stderr and "Module nope is not found" in proc.stderr, proc.stderr[-2000:]
+    assert "step 'train' exited with code" in proc.stderr and "Module nope is not found" in proc.stderr, proc.stderr[
+        -2000:
+    ]
     assert read_json(run / "result.json")["status"] == "failed"
     assert read_json(run / "manifest.json")["status"] == "failed"
 
@@ -442,8 +565,9 @@ def test_a_short_run_that_logged_no_step_loss_still_completes(tmp_path):
     """max_steps below logging_steps (as typed: backend=llamafactory max_steps=4, logging every 10 steps): the run
     trained, so it completes with what LLaMA-Factory did log (its mean train loss, the eval loss) and says what is
     absent, instead of failing for a missing optional metric."""
-    proc, run = run_train("backend=llamafactory", "max_steps=4", "max_samples=64", "cutoff_len=128", "merge=false",
-                          outputs=tmp_path)
+    proc, run = run_train(
+        "backend=llamafactory", "max_steps=4", "max_samples=64", "cutoff_len=128", "merge=false", outputs=tmp_path
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[finetune] note: no per-step training loss was logged (logging_steps=10, 4 steps run)" in proc.stdout
     m = read_json(run / "metrics.json")

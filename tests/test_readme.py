@@ -15,6 +15,7 @@ ones again from another working folder. Each must give the exit code and the out
 EXPECT lists every command with what it must print; a README command missing from it (or an entry whose command
 left the README) fails the test, so README and test move together.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, user_env
 from test_setup import fresh_clone
 from test_sweeps import summary_rows
@@ -37,49 +37,87 @@ EXPECT = {
     "bash scripts/setup.sh && .venv/bin/python train.py": (0, [r"setup: ready", COMPLETED + r".*eval_loss="], 1800),
     "python train.py backend=collie lora_r=16": (0, [r"setup-collie: ", r"\[collie_merge\]", COMPLETED], 1800),
     "python train.py": (0, [COMPLETED], 600),
-    "python train.py experiment=smollm2_lora": (0, [r"gen_eval \(before\)", COMPLETED + r".*base_eval_exact_match=0"
-                                                    r"(\.0\d*)?\s+eval_exact_match=(0\.[2-9]\d*|1)\b"], 1800),
-    'finetune generate outputs/runs/<date>/<time>-<name> --prompt "Copy the words." --input "red rice"':
-        (0, [r"\[finetune generate\] the merged model .*prompt template alpaca", r"(?m)^red rice$"], 600),
+    "python train.py experiment=smollm2_lora": (
+        0,
+        [
+            r"gen_eval \(before\)",
+            COMPLETED + r".*base_eval_exact_match=0"
+            r"(\.0\d*)?\s+eval_exact_match=(0\.[2-9]\d*|1)\b",
+        ],
+        1800,
+    ),
+    'finetune generate outputs/runs/<date>/<time>-<name> --prompt "Copy the words." --input "red rice"': (
+        0,
+        [r"\[finetune generate\] the merged model .*prompt template alpaca", r"(?m)^red rice$"],
+        600,
+    ),
     "finetune chat outputs/runs/<date>/<time>-<name>": (0, [r"/reset clears the history", r"you> "], 600),
     "python train.py dry_run=true": (0, [r"steps:\n  1\. train", r"dry run: nothing was written"], 120),
     "python train.py method=dora lora_r=16 num_epochs=1": (0, [r"dora=True", COMPLETED], 600),
     "python train.py method=pissa": (0, [r"PiSSA conversion: kept the trained", COMPLETED], 600),
     "python train.py experiment=alpaca_lora": (0, [COMPLETED], 600),
     "python train.py experiment=llamafactory_lora_sft": (0, [r"llamafactory-cli|llamafactory\.cli", COMPLETED], 600),
-    "python train.py backend=flagembedding": (0, [r"embed_eval \(before\): recall_at_1", COMPLETED + r".*eval_loss="],
-                                              600),
+    "python train.py backend=flagembedding": (
+        0,
+        [r"embed_eval \(before\): recall_at_1", COMPLETED + r".*eval_loss="],
+        600,
+    ),
     "python train.py backend=auto explain=true model=llama model.path=data/model_shapes/llama-2-7b "
     "hardware=a100_80g_x8 dry_run=true": (0, [r"\[auto\] choice: ", r"dry run: nothing was written"], 120),
     "python train.py launcher.nproc_per_node=2": (0, [r"torch\.distributed\.run", COMPLETED], 600),
-    "python train.py backend.packing=true cutoff_len=256": (0, [r"packing: \d+ training examples -> \d+ rows",
-                                                                COMPLETED], 600),
-    "python train.py -m lora_r=4,8,16 'lora_alpha=${eval:2*lora_r}' max_steps=10":
-        (0, [SWEEP.format(3)], 1200),
+    "python train.py backend.packing=true cutoff_len=256": (
+        0,
+        [r"packing: \d+ training examples -> \d+ rows", COMPLETED],
+        600,
+    ),
+    "python train.py -m lora_r=4,8,16 'lora_alpha=${eval:2*lora_r}' max_steps=10": (0, [SWEEP.format(3)], 1200),
     "python train.py -m +sweep=lora_methods max_steps=10": (0, [SWEEP.format(4)], 1200),
-    "python train.py -m backend=alpacalora,llamafactory experiment=llamafactory_lora_sft":
-        (0, [SWEEP.format(2)], 1200),
-    "python train.py +hparams_search=lora_optuna hydra.sweeper.n_trials=3 max_steps=8":
-        (0, [SWEEP.format(3)], 1200),
+    "python train.py -m backend=alpacalora,llamafactory experiment=llamafactory_lora_sft": (0, [SWEEP.format(2)], 1200),
+    "python train.py +hparams_search=lora_optuna hydra.sweeper.n_trials=3 max_steps=8": (0, [SWEEP.format(3)], 1200),
     "finetune summarize outputs/multiruns/<date>/<time>": (0, [SWEEP.format(r"\d+")], 300),
     "finetune reproduce outputs/runs/<date>/<time>-<name>": (0, [r"reproduced: loss curves (identical|match)"], 900),
-    'cd "$(mktemp -d)" && python <repo>/train.py output_dir=runs/first': (0, [COMPLETED + r"/tmp/\S+/runs/first"],
-                                                                           600),
-    "python train.py report_to=mlflow": (0, [r"\[finetune\] mlflow: run [0-9a-f]{32} in experiment 'run' \(the local "
-                                             r"store outputs/mlflow", COMPLETED], 600),
-    "python train.py 'report_to=[tensorboard,wandb]' max_steps=20": (0, [r"\[finetune\] wandb: offline run \w+ in "
-                                                                         r"\S+/wandb/offline-run-", COMPLETED], 600),
+    'cd "$(mktemp -d)" && python <repo>/train.py output_dir=runs/first': (0, [COMPLETED + r"/tmp/\S+/runs/first"], 600),
+    "python train.py report_to=mlflow": (
+        0,
+        [
+            r"\[finetune\] mlflow: run [0-9a-f]{32} in experiment 'run' \(the local "
+            r"store outputs/mlflow",
+            COMPLETED,
+        ],
+        600,
+    ),
+    "python train.py 'report_to=[tensorboard,wandb]' max_steps=20": (
+        0,
+        [
+            r"\[finetune\] wandb: offline run \w+ in "
+            r"\S+/wandb/offline-run-",
+            COMPLETED,
+        ],
+        600,
+    ),
     # the server runs in the background until `finetune mlflow-server stop` (the clone fixture also stops it)
     "finetune mlflow-server start": (0, [r"mlflow-server: running: http://127\.0\.0\.1:\d+"], 900),
-    "MLFLOW_TRACKING_URI=$(finetune mlflow-server url) python train.py -m lora_r=4,8 report_to=mlflow max_steps=10":
-        (0, [SWEEP.format(2), r"\[finetune\] mlflow: sweep run [0-9a-f]{32} in experiment 'run' "
-                              r"\(http://127\.0\.0\.1:\d+/#/experiments/\d+/runs/[0-9a-f]{32}\)"], 1200),
-    "finetune reproduce <mlflow run id>": (0, [r"reproduce: MLflow run [0-9a-f]{32} is the run folder",
-                                               r"reproduced: loss curves (identical|match)"], 900),
+    "MLFLOW_TRACKING_URI=$(finetune mlflow-server url) python train.py -m lora_r=4,8 report_to=mlflow max_steps=10": (
+        0,
+        [
+            SWEEP.format(2),
+            r"\[finetune\] mlflow: sweep run [0-9a-f]{32} in experiment 'run' "
+            r"\(http://127\.0\.0\.1:\d+/#/experiments/\d+/runs/[0-9a-f]{32}\)",
+        ],
+        1200,
+    ),
+    "finetune reproduce <mlflow run id>": (
+        0,
+        [r"reproduce: MLflow run [0-9a-f]{32} is the run folder", r"reproduced: loss curves (identical|match)"],
+        900,
+    ),
     "finetune mlflow-server stop": (0, [r"mlflow-server: stopped"], 120),
     "python train.py method=qlora": (0, [r"QLoRA: base loaded in 4-bit nf4", COMPLETED], 600),
-    "python train.py hardware=a100_80g_x8 launcher=slurm dry_run=true": (0, [r"#SBATCH --gpus-per-node=8",
-                                                                             r"--nproc_per_node=8"], 120),
+    "python train.py hardware=a100_80g_x8 launcher=slurm dry_run=true": (
+        0,
+        [r"#SBATCH --gpus-per-node=8", r"--nproc_per_node=8"],
+        120,
+    ),
     "bash scripts/gpu_smoke.sh --dry-run": (0, [r"alpacalora_qlora: ", r"estimator: "], 120),
 }
 NOT_RUN = {"bash scripts/test.sh": "the command that runs this test (CI runs it)"}
@@ -96,7 +134,10 @@ def _lora_r_sweep(clone: Path) -> None:
     folder = clone / newest("outputs/multiruns/*/*", clone)
     rows = summary_rows(folder)
     assert [(r["lora_r"], r["lora_alpha"], r["status"]) for r in rows] == [
-        ("4", "8", "completed"), ("8", "16", "completed"), ("16", "32", "completed")]
+        ("4", "8", "completed"),
+        ("8", "16", "completed"),
+        ("16", "32", "completed"),
+    ]
     for row in rows:
         job = folder / row["job"]
         losses = _history_losses(job)
@@ -134,7 +175,9 @@ def _optuna(clone: Path) -> None:
     assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
     objectives = [float(r["objective"]) for r in rows]
     assert OmegaConf.load(folder / "optimization_results.yaml").best_value == pytest.approx(min(objectives))
-    assert json.loads((folder / "summary.json").read_text())["best_job"] == rows[objectives.index(min(objectives))]["job"]
+    assert (
+        json.loads((folder / "summary.json").read_text())["best_job"] == rows[objectives.index(min(objectives))]["job"]
+    )
     assert all(int(r["lora_alpha"]) == 2 * int(r["lora_r"]) for r in rows)
 
 
@@ -157,8 +200,11 @@ AFTER = {
     "finetune reproduce outputs/runs/<date>/<time>-<name>": _reproduced,
 }
 # the main commands again, from another working folder: <repo>/train.py from a fresh temporary folder
-ELSEWHERE = ["python train.py dry_run=true", "python train.py method=dora lora_r=16 num_epochs=1",
-             "python train.py -m lora_r=4,8,16 'lora_alpha=${eval:2*lora_r}' max_steps=10"]
+ELSEWHERE = [
+    "python train.py dry_run=true",
+    "python train.py method=dora lora_r=16 num_epochs=1",
+    "python train.py -m lora_r=4,8,16 'lora_alpha=${eval:2*lora_r}' max_steps=10",
+]
 # Two fresh clones run the README side by side (tests/test_readme_sweeps.py runs the second): this file from the
 # README's first command to the single runs and the replay of the newest one; the other from the sweeps on (its
 # clone set up by the user's `bash scripts/setup.sh`). Each keeps README order.
@@ -168,7 +214,7 @@ SECOND_FROM = "python train.py -m lora_r=4,8,16 'lora_alpha=${eval:2*lora_r}' ma
 def split_commands():
     runnable = [c for c in COMMANDS if c not in NOT_RUN]
     at = runnable.index(SECOND_FROM)
-    replay = "finetune reproduce outputs/runs/<date>/<time>-<name>"     # replays the newest single run: the first's
+    replay = "finetune reproduce outputs/runs/<date>/<time>-<name>"  # replays the newest single run: the first's
     return runnable[:at] + [replay], [c for c in runnable[at:] if c != replay]
 
 
@@ -227,12 +273,18 @@ def make_clone(dest: Path, setup: bool) -> Path:
 def stop_servers(folder: Path) -> None:
     """`finetune mlflow-server start` keeps a server running until its stop command: stop it anyway."""
     if (folder / "outputs" / "mlflow" / "server.json").exists():
-        subprocess.run([str(folder / ".venv" / "bin" / "finetune"), "mlflow-server", "stop"], cwd=str(folder),
-                       env=user_env(), capture_output=True, timeout=120)
+        subprocess.run(
+            [str(folder / ".venv" / "bin" / "finetune"), "mlflow-server", "stop"],
+            cwd=str(folder),
+            env=user_env(),
+            capture_output=True,
+            timeout=120,
+        )
 
 
 def clone_fixture(name: str, setup: bool):
     """A module's fresh clone (see make_clone); whatever happens, a server a command left running is stopped."""
+
     @pytest.fixture(scope="module")
     def clone(tmp_path_factory):
         folder = make_clone(tmp_path_factory.mktemp(name) / "finetune", setup)
@@ -240,6 +292,7 @@ def clone_fixture(name: str, setup: bool):
             yield folder
         finally:
             stop_servers(folder)
+
     return clone
 
 
@@ -257,7 +310,7 @@ def as_typed(command: str, clone: Path) -> str:
     command = command.replace("<repo>", str(clone))
     if "outputs/runs/<date>/<time>-<name>" in command:
         command = command.replace("outputs/runs/<date>/<time>-<name>", newest("outputs/runs/*/*", clone))
-    if "<mlflow run id>" in command:                  # the newest run logged to MLflow (its tracking.json)
+    if "<mlflow run id>" in command:  # the newest run logged to MLflow (its tracking.json)
         found = sorted(clone.glob("outputs/runs/*/*/tracking.json"), key=lambda p: p.stat().st_mtime)
         ids = [json.loads(p.read_text()).get("mlflow", {}).get("run_id") for p in found]
         ids = [i for i in ids if i]
@@ -272,8 +325,15 @@ def shell(command: str, cwd: Path, clone: Path, timeout: float, activate: bool =
     """A user's bash: the environment activated as the README says (source .venv/bin/activate), then the line."""
     line = f"source {clone}/.venv/bin/activate && {command}" if activate else command
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", "-c", line], cwd=str(cwd), env=user_env(), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)      # `finetune chat` reads to the end: exits
+    proc = subprocess.run(
+        ["bash", "-c", line],
+        cwd=str(cwd),
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )  # `finetune chat` reads to the end: exits
     return proc, time.monotonic() - t0
 
 

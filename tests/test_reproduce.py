@@ -3,6 +3,7 @@
 Other engineers commit while tests run, so the real comparisons pass --allow-different (the commit may move
 between the original run and its replay); the refusal itself is tested on a manifest edited to differ.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,17 +11,25 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import FINETUNE, REPO, read_json, run_train, user_env
 
-TINY = ["max_steps=4", "batch_size=4", "micro_batch_size=4", "val_set_size=8", "eval_steps=2", "logging_steps=1",
-        "cutoff_len=128", "max_samples=64", "merge=false", "learning_rate=3e-3"]
+TINY = [
+    "max_steps=4",
+    "batch_size=4",
+    "micro_batch_size=4",
+    "val_set_size=8",
+    "eval_steps=2",
+    "logging_steps=1",
+    "cutoff_len=128",
+    "max_samples=64",
+    "merge=false",
+    "learning_rate=3e-3",
+]
 
 
 def finetune_cmd(*args: str, timeout: float = 900):
     """`finetune <args>` as a user types it (the console script of this clone's .venv)."""
-    return subprocess.run([FINETUNE, *args], cwd=REPO, env=user_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([FINETUNE, *args], cwd=REPO, env=user_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def new_folder(proc) -> Path:
@@ -68,7 +77,7 @@ def test_reproduce_refuses_different_versions(dummy_run, tmp_path):
     assert "WARNING: differs from the recorded run: git commit: recorded 000000000000" in proc.stderr
     assert "WARNING: differs from the recorded run: package torch: recorded 1.0.0" in proc.stderr
     assert "pass --allow-different" in proc.stderr.splitlines()[-1]
-    assert "new folder:" not in proc.stdout                                   # nothing was run
+    assert "new folder:" not in proc.stdout  # nothing was run
 
 
 def test_reproduce_flags_a_different_curve(dummy_run, tmp_path):
@@ -94,10 +103,28 @@ def test_reproduce_bad_folder(tmp_path):
 def test_replay_of_an_auto_run_pins_the_choice(tmp_path):
     from finetune.config.resume import replay_overrides
 
-    choice = {"overrides": ["backend=alpacalora", "method=lora", "micro_batch_size=2", "gradient_checkpointing=false",
-                            "hardware.deepspeed_stage=null", "launcher.nproc_per_node=1"]}
-    got = replay_overrides(["backend=auto", "backend.prefer=least_memory", "method=auto", "micro_batch_size=8",
-                            "lora_r=16", "output_dir=/old", "explain=true"], choice)
+    choice = {
+        "overrides": [
+            "backend=alpacalora",
+            "method=lora",
+            "micro_batch_size=2",
+            "gradient_checkpointing=false",
+            "hardware.deepspeed_stage=null",
+            "launcher.nproc_per_node=1",
+        ]
+    }
+    got = replay_overrides(
+        [
+            "backend=auto",
+            "backend.prefer=least_memory",
+            "method=auto",
+            "micro_batch_size=8",
+            "lora_r=16",
+            "output_dir=/old",
+            "explain=true",
+        ],
+        choice,
+    )
     assert got == ["lora_r=16", "explain=true", *choice["overrides"]]
 
 

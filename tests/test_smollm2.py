@@ -7,6 +7,7 @@ the before/after exact match, the merge check, generate, chat under a pseudo-ter
 files; one short LLaMA-Factory run and one short tied-embedding run cover the rest. Fast tests: the refusals (tied
 embeddings, templates that do not fit the tokenizer, Collie's rope base), scoring, the sweep direction.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import FINETUNE, PY, REPO, read_json, run_in_terminal, run_train, user_env
 
 SMOL = REPO / "models" / "smollm2-135m"
@@ -38,8 +38,9 @@ def _max_logit_diff(merged_dir, base_dir, adapter_dir, texts) -> float:
 
     tok = AutoTokenizer.from_pretrained(adapter_dir)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float64).eval()
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64),
-                                        adapter_dir).eval()
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64), adapter_dir
+    ).eval()
     diff = 0.0
     with torch.no_grad():
         for t in texts:
@@ -48,9 +49,12 @@ def _max_logit_diff(merged_dir, base_dir, adapter_dir, texts) -> float:
     return diff
 
 
-TEXTS = ["Below is an instruction that describes a task, paired with an input that provides further context. Write a "
-         "response that appropriately completes the request.\n\n### Instruction:\nReverse the words.\n\n### Input:\n"
-         "red rice green\n\n### Response:\n", "<|im_start|>user\nAdd the two numbers.\n31 46<|im_end|>\n"]
+TEXTS = [
+    "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+    "response that appropriately completes the request.\n\n### Instruction:\nReverse the words.\n\n### Input:\n"
+    "red rice green\n\n### Response:\n",
+    "<|im_start|>user\nAdd the two numbers.\n31 46<|im_end|>\n",
+]
 
 
 # ------------------------------------------------------------------------------------------------ fast
@@ -74,33 +78,52 @@ def test_llama3_template_on_a_smollm2_tokenizer_is_refused_with_the_templates_th
     folder = tmp_path / "smol-like"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": True}))
-    added = [{"id": i, "content": t, "special": True} for i, t in enumerate(["<|endoftext|>", "<|im_start|>",
-                                                                               "<|im_end|>"])]
-    (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 3}},
-                                                       "added_tokens": added}))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-                                                              "chat_template": "{{ messages }}"}))
-    line = _refused("backend=llamafactory", "model=llama", f"model.path={folder}", "dry_run=true",
-                    tmp_path=tmp_path)
+    added = [
+        {"id": i, "content": t, "special": True} for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    ]
+    (folder / "tokenizer.json").write_text(
+        json.dumps({"model": {"type": "BPE", "vocab": {"a": 3}}, "added_tokens": added})
+    )
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": "{{ messages }}"})
+    )
+    line = _refused("backend=llamafactory", "model=llama", f"model.path={folder}", "dry_run=true", tmp_path=tmp_path)
     assert "backend.template='llama3': needs the token(s)" in line and "smol-like lacks" in line, line
-    line = _refused("backend=llamafactory", "model=llama", f"model.path={folder}", "backend.template=intern2",
-                    "dry_run=true", tmp_path=tmp_path)
+    line = _refused(
+        "backend=llamafactory",
+        "model=llama",
+        f"model.path={folder}",
+        "backend.template=intern2",
+        "dry_run=true",
+        tmp_path=tmp_path,
+    )
     assert "BOS is the chat marker <|im_start|>" in line, line
-    proc, _ = run_train("backend=llamafactory", "model=llama", f"model.path={folder}", "backend.template=chatml",
-                        "dry_run=true", outputs=tmp_path, timeout=120)
+    proc, _ = run_train(
+        "backend=llamafactory",
+        "model=llama",
+        f"model.path={folder}",
+        "backend.template=chatml",
+        "dry_run=true",
+        outputs=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_tied_embeddings_rules(tmp_path):
     line = _refused("model=smollm2_135m", "lora_target_modules=[q_proj,embed_tokens]", tmp_path=tmp_path)
     assert "lora_target_modules='q_proj,embed_tokens': model smollm2_135m ties its embedding" in line
-    line = _refused("backend=llamafactory", "model=smollm2_135m", "modules_to_save=[embed_tokens,lm_head]",
-                    tmp_path=tmp_path)
+    line = _refused(
+        "backend=llamafactory", "model=smollm2_135m", "modules_to_save=[embed_tokens,lm_head]", tmp_path=tmp_path
+    )
     assert "LLaMA-Factory 0.9.5 would train two separate copies" in line
-    proc, _ = run_train("model=smollm2_135m", "modules_to_save=[embed_tokens,lm_head]", "dry_run=true",
-                        outputs=tmp_path, timeout=120)
-    assert proc.returncode == 0 and "tied embeddings: modules_to_save ['embed_tokens', 'lm_head'] trains the one " \
-                                   "shared" in proc.stdout, proc.stderr
+    proc, _ = run_train(
+        "model=smollm2_135m", "modules_to_save=[embed_tokens,lm_head]", "dry_run=true", outputs=tmp_path, timeout=120
+    )
+    assert (
+        proc.returncode == 0
+        and "tied embeddings: modules_to_save ['embed_tokens', 'lm_head'] trains the one shared" in proc.stdout
+    ), proc.stderr
 
 
 def test_collie_refuses_smollm2_rope_base(tmp_path):
@@ -111,8 +134,9 @@ def test_collie_refuses_smollm2_rope_base(tmp_path):
 def test_generation_eval_needs_held_out_rows_and_its_metric_needs_it(tmp_path):
     assert "set generate_eval=true" in _refused("metric=eval_exact_match", tmp_path=tmp_path)
     assert "needs held-out rows" in _refused("generate_eval=true", "val_set_size=0", tmp_path=tmp_path)
-    assert "is not used by backend flagembedding" in _refused("backend=flagembedding", "generate_eval=true",
-                                                              tmp_path=tmp_path)
+    assert "is not used by backend flagembedding" in _refused(
+        "backend=flagembedding", "generate_eval=true", tmp_path=tmp_path
+    )
 
 
 def test_gguf_model_plans_its_conversion(tmp_path):
@@ -120,8 +144,11 @@ def test_gguf_model_plans_its_conversion(tmp_path):
     gguf.write_bytes(b"GGUF" + b"\0" * 64)
     proc, _ = run_train("model=gguf", f"model.gguf_file={gguf}", "dry_run=true", outputs=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r'"finetune.tools.tiny_models", "gguf", "\S+/models/gguf/m-[0-9a-f]{12}", "--gguf-file", '
-                     rf'"{re.escape(str(gguf))}"', proc.stdout), proc.stdout
+    assert re.search(
+        r'"finetune.tools.tiny_models", "gguf", "\S+/models/gguf/m-[0-9a-f]{12}", "--gguf-file", '
+        rf'"{re.escape(str(gguf))}"',
+        proc.stdout,
+    ), proc.stdout
     assert "no such file" in _refused("model=gguf", f"model.gguf_file={tmp_path / 'none.gguf'}", tmp_path=tmp_path)
 
 
@@ -132,7 +159,7 @@ def test_scores_come_from_rouge_score():
     assert answer_of("  rice   red  \nThe words were reversed.") == "rice red"
     metrics, rows = score(["rice red\nand more", "red rice", "The answer is 77."], ["rice red", "rice red", "77"])
     assert metrics["exact"] == 1 and rows[0]["exact_match"] and not rows[1]["exact_match"]
-    assert rows[1]["token_f1"] == 1.0 and rows[1]["rouge_l"] == 0.5          # same words, other order
+    assert rows[1]["token_f1"] == 1.0 and rows[1]["rouge_l"] == 0.5  # same words, other order
     assert 0 < rows[2]["token_f1"] < 1
 
 
@@ -141,17 +168,28 @@ def test_sweep_summary_maximises_a_score(tmp_path):
 
     for job, value in (("0", 0.2), ("1", 0.6), ("2", 0.4)):
         (tmp_path / job).mkdir()
-        (tmp_path / job / "result.json").write_text(json.dumps({
-            "status": "completed", "metric_name": "eval_exact_match", "metric": value,
-            "metrics": {"eval_exact_match": value, "base_eval_exact_match": 0.0}, "overrides": [f"lora_r={job}"]}))
+        (tmp_path / job / "result.json").write_text(
+            json.dumps(
+                {
+                    "status": "completed",
+                    "metric_name": "eval_exact_match",
+                    "metric": value,
+                    "metrics": {"eval_exact_match": value, "base_eval_exact_match": 0.0},
+                    "overrides": [f"lora_r={job}"],
+                }
+            )
+        )
     out = summarize(tmp_path, echo=False)
     assert out["direction"] == "maximize" and out["best_job"] == "1"
     assert "eval_exact_match" in (tmp_path / "summary.csv").read_text().splitlines()[0]
 
 
 def test_generate_and_chat_refuse_what_they_cannot_load(tmp_path):
-    for argv in (["generate", str(tmp_path), "--prompt", "hi"], ["chat", str(tmp_path / "nothing")],
-                 ["generate", str(tmp_path)]):
+    for argv in (
+        ["generate", str(tmp_path), "--prompt", "hi"],
+        ["chat", str(tmp_path / "nothing")],
+        ["generate", str(tmp_path)],
+    ):
         proc = subprocess.run([FINETUNE, *argv], capture_output=True, text=True, env=user_env(), timeout=60)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert proc.stderr.startswith("error: ")
@@ -165,8 +203,14 @@ def showcase(tmp_path_factory):
     """python train.py experiment=smollm2_lora, shorter (builds models/smollm2-135m on first use)."""
     out = tmp_path_factory.mktemp("smollm2") / "showcase"
     t0 = time.monotonic()
-    proc, run = run_train("experiment=smollm2_lora", "max_steps=20", "generate_eval_rows=16", f"output_dir={out}",
-                          outputs=out.parent, timeout=2400)
+    proc, run = run_train(
+        "experiment=smollm2_lora",
+        "max_steps=20",
+        "generate_eval_rows=16",
+        f"output_dir={out}",
+        outputs=out.parent,
+        timeout=2400,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     print(f"showcase: {time.monotonic() - t0:.0f} s; {proc.stdout.strip().splitlines()[-1]}")
     return out
@@ -200,8 +244,8 @@ def test_saved_tokenizer_and_prompt_files_give_the_training_prompt_ids(showcase)
     from transformers import AutoTokenizer, GenerationConfig
 
     from finetune.recipes.data import encode_alpaca
-    from finetune.recipes.templates import load_template
     from finetune.recipes.prompting import PromptFormat
+    from finetune.recipes.templates import load_template
 
     cfg = read_json(showcase / "resolved_config.json")
     base_tok = AutoTokenizer.from_pretrained(SMOL)
@@ -215,15 +259,20 @@ def test_saved_tokenizer_and_prompt_files_give_the_training_prompt_ids(showcase)
         assert tok.chat_template == base_tok.chat_template
         for row in rows:
             ex = encode_alpaca(row, base_tok, load_template("alpaca_short"), int(cfg["cutoff_len"]), False)
-            n = sum(1 for label in ex["labels"] if label == -100)           # the prompt part training masked
+            n = sum(1 for label in ex["labels"] if label == -100)  # the prompt part training masked
             assert fmt.encode(tok, fmt.row_turns(row)[0]) == ex["input_ids"][:n]
 
 
 @pytest.mark.slow
 def test_finetune_generate_prints_the_trained_answers(showcase):
     after = read_json(showcase / "eval" / "generate_after.json")
-    proc = subprocess.run([FINETUNE, "generate", str(showcase), "--data", str(showcase / "eval" / "heldout.jsonl")],
-                          capture_output=True, text=True, env=user_env(), timeout=900)
+    proc = subprocess.run(
+        [FINETUNE, "generate", str(showcase), "--data", str(showcase / "eval" / "heldout.jsonl")],
+        capture_output=True,
+        text=True,
+        env=user_env(),
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     answers = re.findall(r"^    -> (.*?)(?:    \(right\)|    \(reference: .*\))?$", proc.stdout, re.M)
     assert answers == [s["answer"].strip() for s in after["samples"]], proc.stdout[-3000:]
@@ -232,10 +281,28 @@ def test_finetune_generate_prints_the_trained_answers(showcase):
     row = json.loads((showcase / "eval" / "heldout.jsonl").read_text().splitlines()[0])
     one = showcase.parent / "one.jsonl"
     one.write_text(json.dumps(row) + "\n")
-    expected = subprocess.run([FINETUNE, "generate", str(showcase), "--data", str(one)], capture_output=True,
-                              text=True, env=user_env(), timeout=600)
-    proc = subprocess.run([FINETUNE, "generate", str(showcase / "lazyllm_merge"), "--prompt", row["instruction"],
-                           "--input", row["input"]], capture_output=True, text=True, env=user_env(), timeout=600)
+    expected = subprocess.run(
+        [FINETUNE, "generate", str(showcase), "--data", str(one)],
+        capture_output=True,
+        text=True,
+        env=user_env(),
+        timeout=600,
+    )
+    proc = subprocess.run(
+        [
+            FINETUNE,
+            "generate",
+            str(showcase / "lazyllm_merge"),
+            "--prompt",
+            row["instruction"],
+            "--input",
+            row["input"],
+        ],
+        capture_output=True,
+        text=True,
+        env=user_env(),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"    -> {proc.stdout.strip()}" in expected.stdout, (proc.stdout, expected.stdout)
 
@@ -245,11 +312,11 @@ def test_chat_answers_in_a_terminal_with_history_reset_and_exit(showcase):
     answers = ["Reverse the words.\\", "red rice", "/reset", "Copy the words.\\", "red rice", "/exit"]
     screen = run_in_terminal([FINETUNE, "chat", str(showcase)], answers=answers)
     assert "/reset clears the history, /exit (or Ctrl-D) quits" in screen, screen
-    assert "...> red rice" in screen                              # the input went on a continuation line
+    assert "...> red rice" in screen  # the input went on a continuation line
     answers = re.findall(r"model> (.*)", screen)
     assert len(answers) == 2 and all(a.strip() for a in answers), screen
     assert "(history cleared)" in screen
-    assert screen.count("you>") == 4 and screen.rstrip().endswith("/exit")   # the process ended at /exit
+    assert screen.count("you>") == 4 and screen.rstrip().endswith("/exit")  # the process ended at /exit
 
 
 # ------------------------------------------------------------------------------------------------ other runs
@@ -264,20 +331,33 @@ def test_tied_embeddings_trained_once_and_the_merge_stays_tied(tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "tied"
-    proc, _ = run_train("model=smollm2_135m", "modules_to_save=[embed_tokens,lm_head]", "max_steps=3", "batch_size=2",
-                        "micro_batch_size=2", "cutoff_len=48", "val_set_size=0", "learning_rate=1e-3",
-                        "logging_steps=1", f"output_dir={out}", outputs=tmp_path, timeout=1800)
+    proc, _ = run_train(
+        "model=smollm2_135m",
+        "modules_to_save=[embed_tokens,lm_head]",
+        "max_steps=3",
+        "batch_size=2",
+        "micro_batch_size=2",
+        "cutoff_len=48",
+        "val_set_size=0",
+        "learning_rate=1e-3",
+        "logging_steps=1",
+        f"output_dir={out}",
+        outputs=tmp_path,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     log = (out / "logs" / "train.log").read_text()
-    assert "tied embeddings: modules_to_save ['embed_tokens', 'lm_head'] -> ['embed_tokens'] with ensure_weight_tying" \
+    assert (
+        "tied embeddings: modules_to_save ['embed_tokens', 'lm_head'] -> ['embed_tokens'] with ensure_weight_tying"
         in log
+    )
     assert read_json(out / "lazyllm_lora" / "adapter_config.json")["ensure_weight_tying"] is True
     with safe_open(str(out / "lazyllm_merge" / "model.safetensors"), "pt") as f:
         assert not any("lm_head" in k for k in f.keys())
     merged = AutoModelForCausalLM.from_pretrained(out / "lazyllm_merge", dtype=torch.float32)
     assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
     base = AutoModelForCausalLM.from_pretrained(SMOL, dtype=torch.float32)
-    assert not torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)   # it was trained
+    assert not torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)  # it was trained
     assert _max_logit_diff(out / "lazyllm_merge", SMOL, out / "lazyllm_lora", TEXTS) < 1e-4
 
 
@@ -304,22 +384,44 @@ def test_llamafactory_trains_smollm2_with_its_template(tmp_path):
     builds prompts with LLaMA-Factory's own template (the ids its training used) from the saved tokenizer."""
     out = tmp_path / "lf"
     # one compute thread: on a shared 2-core machine a second one spins (LLaMA-Factory here: 50 s a step with 2)
-    proc, _ = run_train("backend=llamafactory", "model=smollm2_135m", "lora_target_modules=all", "lora_r=16",
-                        "launcher.omp_num_threads=1",
-                        "lora_alpha=32", "max_steps=6", "batch_size=4", "micro_batch_size=4", "cutoff_len=96",
-                        "val_set_size=16", "learning_rate=1e-3", "logging_steps=1", "warmup_ratio=0.0",
-                        "generate_eval=true", "generate_eval_rows=8", "max_new_tokens=12", f"output_dir={out}",
-                        outputs=tmp_path, timeout=2400)
+    proc, _ = run_train(
+        "backend=llamafactory",
+        "model=smollm2_135m",
+        "lora_target_modules=all",
+        "lora_r=16",
+        "launcher.omp_num_threads=1",
+        "lora_alpha=32",
+        "max_steps=6",
+        "batch_size=4",
+        "micro_batch_size=4",
+        "cutoff_len=96",
+        "val_set_size=16",
+        "learning_rate=1e-3",
+        "logging_steps=1",
+        "warmup_ratio=0.0",
+        "generate_eval=true",
+        "generate_eval_rows=8",
+        "max_new_tokens=12",
+        f"output_dir={out}",
+        outputs=tmp_path,
+        timeout=2400,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     losses = _history(out)
     assert len(losses) >= 4 and min(losses[-2:]) < losses[0], losses
     m = read_json(out / "metrics.json")
     assert "base_eval_exact_match" in m and "eval_exact_match" in m
     assert _max_logit_diff(out / "lazyllm_merge", SMOL, out / "lazyllm_lora", TEXTS) < 1e-4
-    script = tmp_path / "lf_ids.py"          # in its own process: importing LLaMA-Factory is heavy
+    script = tmp_path / "lf_ids.py"  # in its own process: importing LLaMA-Factory is heavy
     script.write_text(LF_PROMPT_IDS)
-    check = subprocess.run([PY, str(script), str(SMOL), str(out / "lazyllm_lora"), str(out / "lazyllm_merge")],
-                           capture_output=True, text=True, env=user_env(), timeout=600, cwd=REPO)
+    check = subprocess.run(
+        [PY, str(script), str(SMOL), str(out / "lazyllm_lora"), str(out / "lazyllm_merge")],
+        capture_output=True,
+        text=True,
+        env=user_env(),
+        timeout=600,
+        cwd=REPO,
+    )
     assert check.returncode == 0, check.stderr[-2000:]
     assert json.loads(check.stdout.strip().splitlines()[-1]) == [True, True, True]
 
@@ -334,6 +436,9 @@ def test_optuna_direction_follows_the_metric():
     setup()
     for metric, direction in (("eval_loss", "minimize"), ("eval_exact_match", "maximize")):
         with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-            cfg = compose("config", overrides=["+hparams_search=lora_optuna", f"metric={metric}",
-                                               "generate_eval=true"], return_hydra_config=True)
+            cfg = compose(
+                "config",
+                overrides=["+hparams_search=lora_optuna", f"metric={metric}", "generate_eval=true"],
+                return_hydra_config=True,
+            )
         assert OmegaConf.select(cfg, "hydra.sweeper.direction") == direction

@@ -4,6 +4,7 @@ fail_fast, `finetune summarize`, the sweep files and the shared tokenised-data c
 Plumbing runs on backend=dummy (about a second a job). The real sweeps (LoRA ranks, methods, two backends side by
 side, the Optuna search) are the README's commands, run and inspected by tests/test_readme_sweeps.py.
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import FINETUNE, REPO, read_json, run_train
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -38,8 +38,9 @@ def dummy_sweep(tmp_path_factory):
     """lora_r=4,8 with lora_alpha paired by the nested interpolation the issue names (quoted for Hydra's
     command-line grammar, which refuses an unquoted nested ${...})."""
     tmp = tmp_path_factory.mktemp("dummy_sweep")
-    proc, folder = sweep(tmp, "backend=dummy", "lora_r=4,8", 'lora_alpha="${eval:2*${lora_r}}"',
-                         "learning_rate=1e-4,3e-4")
+    proc, folder = sweep(
+        tmp, "backend=dummy", "lora_r=4,8", 'lora_alpha="${eval:2*${lora_r}}"', "learning_rate=1e-4,3e-4"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, folder
 
@@ -52,7 +53,7 @@ def test_sweep_pairs_alpha_and_writes_results(dummy_sweep):
     for job in jobs:
         cfg = read_json(job / "manifest.json")["config"]
         assert cfg["lora_alpha"] == 2 * cfg["lora_r"], (job, cfg["lora_r"], cfg["lora_alpha"])
-        assert cfg["method"]["lora_alpha"] == 2 * cfg["lora_r"]           # the group reads the paired value
+        assert cfg["method"]["lora_alpha"] == 2 * cfg["lora_r"]  # the group reads the paired value
         seen.add((cfg["lora_r"], cfg["learning_rate"]))
         result = read_json(job / "result.json")
         assert result["status"] == "completed" and result["metric"] is None and result["metrics"]["train_loss"] > 0
@@ -71,10 +72,13 @@ def test_sweep_summary_files(dummy_sweep):
         assert (folder / png).read_bytes()[:8] == PNG, png
         assert f"({png})" in md
     summary = read_json(folder / "summary.json")
-    assert summary["n_jobs"] == 4 and summary["n_failed"] == 0 and summary["params"] == ["lora_r", "lora_alpha",
-                                                                                          "learning_rate"]
+    assert (
+        summary["n_jobs"] == 4
+        and summary["n_failed"] == 0
+        and summary["params"] == ["lora_r", "lora_alpha", "learning_rate"]
+    )
     assert len(read_json(folder / "sweep_jobs.json")["jobs"]) == 4
-    assert "summary: " in proc.stdout and "lora_alpha" in proc.stdout           # the rich table was printed
+    assert "summary: " in proc.stdout and "lora_alpha" in proc.stdout  # the rich table was printed
 
 
 def test_summarize_by_hand(dummy_sweep, tmp_path):
@@ -85,8 +89,9 @@ def test_summarize_by_hand(dummy_sweep, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (folder / "summary.csv").exists() and (folder / "loss_curves.png").read_bytes()[:8] == PNG
     assert len(summary_rows(folder)) == 4
-    bad = subprocess.run([FINETUNE, "summarize", str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(
+        [FINETUNE, "summarize", str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: folder=") and len(bad.stderr.splitlines()) == 1
 
 
@@ -115,8 +120,9 @@ def test_hydra_mode_multirun_without_dash_m(tmp_path):
     """hydra.mode=MULTIRUN without -m is still a sweep: our shortcut past Hydra's mode probe (finetune/cli.py)
     only applies when no override could set hydra.mode."""
     folder = tmp_path / "sweep"
-    proc, _ = run_train("backend=dummy", "lora_r=4,8", "hydra.mode=MULTIRUN", f"hydra.sweep.dir={folder}",
-                        outputs=tmp_path / "outputs")
+    proc, _ = run_train(
+        "backend=dummy", "lora_r=4,8", "hydra.mode=MULTIRUN", f"hydra.sweep.dir={folder}", outputs=tmp_path / "outputs"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["status"] for r in summary_rows(folder)] == ["completed", "completed"]
 
@@ -149,9 +155,10 @@ def _cache_job(args):
     def build():
         with open(counter, "a") as f:
             f.write("built\n")
-        time.sleep(0.5)                                   # a slow build: the other jobs must wait, not rebuild
-        return [{"input_ids": list(range(i, i + 5)), "labels": [-100] * 2 + list(range(i + 2, i + 5))}
-                for i in range(100)]
+        time.sleep(0.5)  # a slow build: the other jobs must wait, not rebuild
+        return [
+            {"input_ids": list(range(i, i + 5)), "labels": [-100] * 2 + list(range(i + 2, i + 5))} for i in range(100)
+        ]
 
     info = {}
     value = get_or_build(key, build, cache_dir=cache_dir, info=info)
@@ -184,7 +191,11 @@ def test_data_cache_datasets_and_failed_build(tmp_path):
     info = {}
     first = get_or_build({"k": 1}, lambda: ds, cache_dir=tmp_path, info=info)
     again = get_or_build({"k": 1}, lambda: pytest.fail("rebuilt"), cache_dir=tmp_path, info=info)
-    assert info["hit"] and isinstance(again, datasets.Dataset) and again["input_ids"] == first["input_ids"] == ds["input_ids"]
+    assert (
+        info["hit"]
+        and isinstance(again, datasets.Dataset)
+        and again["input_ids"] == first["input_ids"] == ds["input_ids"]
+    )
 
     def boom():
         raise RuntimeError("tokenizer exploded")
@@ -192,4 +203,3 @@ def test_data_cache_datasets_and_failed_build(tmp_path):
     with pytest.raises(RuntimeError, match="exploded"):
         get_or_build({"k": 2}, boom, cache_dir=tmp_path)
     assert get_or_build({"k": 2}, lambda: {"ok": True}, cache_dir=tmp_path) == {"ok": True}
-

@@ -9,6 +9,7 @@ params, one metric point per logged step, artifacts); failed jobs as failed chil
 experiment under the same scheme; a server killed in the middle of a run; `finetune reproduce <MLflow run id>`;
 the MLflow UI in headless Chromium listing the sweep's jobs.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,18 +21,52 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import FINETUNE, PY, REPO, read_json, run_train, user_env
 
-TINY = ["max_steps=6", "batch_size=4", "micro_batch_size=4", "val_set_size=8", "eval_steps=3", "logging_steps=1",
-        "cutoff_len=128", "max_samples=64", "merge=false", "learning_rate=3e-3"]
+TINY = [
+    "max_steps=6",
+    "batch_size=4",
+    "micro_batch_size=4",
+    "val_set_size=8",
+    "eval_steps=3",
+    "logging_steps=1",
+    "cutoff_len=128",
+    "max_samples=64",
+    "merge=false",
+    "learning_rate=3e-3",
+]
 SECRET = "hf_TRACKINGSECRET000042"
 ARTIFACTS = {"manifest.json", "config.yaml", "overrides.yaml", "metrics.json", "loss.png", "history.jsonl", "logs"}
-SCHEME_TAGS = {"finetune.run_dir", "finetune.backend", "finetune.method", "finetune.model", "finetune.config_name",
-               "finetune.status", "git.commit", "git.dirty", "mlflow.source.git.commit"}
-SCHEME_PARAMS = {"backend", "model", "method", "hardware", "data", "launcher", "overrides", "learning_rate", "seed",
-                 "batch_size", "micro_batch_size", "num_epochs", "max_steps", "model.path", "data.path",
-                 "hardware.precision", "launcher.nproc_per_node"}
+SCHEME_TAGS = {
+    "finetune.run_dir",
+    "finetune.backend",
+    "finetune.method",
+    "finetune.model",
+    "finetune.config_name",
+    "finetune.status",
+    "git.commit",
+    "git.dirty",
+    "mlflow.source.git.commit",
+}
+SCHEME_PARAMS = {
+    "backend",
+    "model",
+    "method",
+    "hardware",
+    "data",
+    "launcher",
+    "overrides",
+    "learning_rate",
+    "seed",
+    "batch_size",
+    "micro_batch_size",
+    "num_epochs",
+    "max_steps",
+    "model.path",
+    "data.path",
+    "hardware.precision",
+    "launcher.nproc_per_node",
+}
 WANDB = str(Path(PY).parent / "wandb")
 
 
@@ -80,35 +115,55 @@ def one_warning(proc, target: str = "mlflow") -> str:
 # ------------------------------------------------------------------------------------------- config side
 
 
-@pytest.mark.parametrize("override,line", [
-    ("report_to=mlfow", "error: report_to='mlfow': one of mlflow, none, tensorboard, wandb (or a list such as "
-                        "[tensorboard,mlflow]) (did you mean 'mlflow'?)"),
-    ("report_to=[none,mlflow]", "error: report_to=['none', 'mlflow']: none cannot be combined with other targets"),
-    ("report_to=[mlflow,mlflow]", "error: report_to=['mlflow', 'mlflow']: lists a target twice"),
-    ("tracking.mlflow.uri=mlruns", "error: tracking.mlflow.uri='mlruns': an MLflow tracking URI: http(s)://HOST:PORT "
-                                   "(a server), sqlite:///PATH (a local store) or databricks (MLflow 3 retired the "
-                                   "file store; use sqlite:///<path>/mlflow.db)"),
-    ("tracking.wandb.mode=cloud", "error: tracking.wandb.mode='cloud': one of auto, offline, online (auto: online when "
-                                  "an API key is set and W&B answers, else offline)"),
-    ("tracking.mlflow.experment=x", "error: tracking.mlflow.experment: unknown key (did you mean "
-                                    "'tracking.mlflow.experiment'?)"),
-])
+@pytest.mark.parametrize(
+    "override,line",
+    [
+        (
+            "report_to=mlfow",
+            "error: report_to='mlfow': one of mlflow, none, tensorboard, wandb (or a list such as "
+            "[tensorboard,mlflow]) (did you mean 'mlflow'?)",
+        ),
+        ("report_to=[none,mlflow]", "error: report_to=['none', 'mlflow']: none cannot be combined with other targets"),
+        ("report_to=[mlflow,mlflow]", "error: report_to=['mlflow', 'mlflow']: lists a target twice"),
+        (
+            "tracking.mlflow.uri=mlruns",
+            "error: tracking.mlflow.uri='mlruns': an MLflow tracking URI: http(s)://HOST:PORT "
+            "(a server), sqlite:///PATH (a local store) or databricks (MLflow 3 retired the "
+            "file store; use sqlite:///<path>/mlflow.db)",
+        ),
+        (
+            "tracking.wandb.mode=cloud",
+            "error: tracking.wandb.mode='cloud': one of auto, offline, online (auto: online when "
+            "an API key is set and W&B answers, else offline)",
+        ),
+        (
+            "tracking.mlflow.experment=x",
+            "error: tracking.mlflow.experment: unknown key (did you mean 'tracking.mlflow.experiment'?)",
+        ),
+    ],
+)
 def test_refusals(override, line, tmp_path):
     t = time.monotonic()
-    proc, run = run_train("report_to=mlflow" if override.startswith("tracking.") else "backend=dummy", override,
-                          outputs=tmp_path)
+    proc, run = run_train(
+        "report_to=mlflow" if override.startswith("tracking.") else "backend=dummy", override, outputs=tmp_path
+    )
     assert proc.returncode == 2 and proc.stderr.splitlines() == [line], proc.stderr
     assert run is None and not (tmp_path / "run").exists() and time.monotonic() - t < 30
 
 
 def test_dry_run_says_where_it_logs(tmp_path):
-    proc, _ = run_train("report_to=[tensorboard,mlflow,wandb]", "tracking.mlflow.uri=sqlite:///rel/m.db",
-                        "dry_run=true", outputs=tmp_path, cwd=tmp_path)
+    proc, _ = run_train(
+        "report_to=[tensorboard,mlflow,wandb]",
+        "tracking.mlflow.uri=sqlite:///rel/m.db",
+        "dry_run=true",
+        outputs=tmp_path,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert f"mlflow: experiment 'run' at sqlite:///{tmp_path}/rel/m.db" in proc.stdout       # typed paths: from cwd
+    assert f"mlflow: experiment 'run' at sqlite:///{tmp_path}/rel/m.db" in proc.stdout  # typed paths: from cwd
     assert "wandb: project 'run', mode auto" in proc.stdout and "dry run: nothing was written" in proc.stdout
     proc, _ = run_train("dry_run=true", outputs=tmp_path)
-    assert "mlflow:" not in proc.stdout and "wandb:" not in proc.stdout      # tensorboard (default): as before
+    assert "mlflow:" not in proc.stdout and "wandb:" not in proc.stdout  # tensorboard (default): as before
 
 
 def test_default_store_is_under_outputs():
@@ -123,7 +178,7 @@ def test_default_store_is_under_outputs():
         assert tracking.mlflow_uri("http://u:pw-SECRET9@host:80") == "http://u:pw-SECRET9@host:80"
         from finetune.secrets import redact
 
-        assert "pw-SECRET9" not in redact("http://u:pw-SECRET9@host:80")       # a password in the URI is a secret
+        assert "pw-SECRET9" not in redact("http://u:pw-SECRET9@host:80")  # a password in the URI is a secret
     finally:
         os.environ.clear()
         os.environ.update(env)
@@ -143,16 +198,26 @@ def test_tensorboard_reaches_the_workers_mlflow_does_not(tmp_path):
 
 
 def test_params_and_tags_hold_no_secret():
-    from finetune import secrets
-    from finetune import tracking
+    from finetune import secrets, tracking
 
-    config = {"name": "run", "lora_r": 8, "report_to": "mlflow", "tracking": {"mlflow": {"uri": "x"}},
-              "backend": {"name": "llamafactory", "methods": ["lora"], "extra": {"hf_hub_token": SECRET},
-                          "template": "default", "stage": "sft"},
-              "model": {"name": "tiny_llama", "path": "/m", "family": "llama", "kind": "causal_lm", "builder": "x"},
-              "method": {"name": "lora", "lora_r": 8}, "hardware": {"name": "cpu", "precision": "fp32"},
-              "data": {"name": "tiny_alpaca", "path": "/d", "format": "alpaca"},
-              "launcher": {"name": "local", "nproc_per_node": 1, "nnodes": 1, "partition": "x"}}
+    config = {
+        "name": "run",
+        "lora_r": 8,
+        "report_to": "mlflow",
+        "tracking": {"mlflow": {"uri": "x"}},
+        "backend": {
+            "name": "llamafactory",
+            "methods": ["lora"],
+            "extra": {"hf_hub_token": SECRET},
+            "template": "default",
+            "stage": "sft",
+        },
+        "model": {"name": "tiny_llama", "path": "/m", "family": "llama", "kind": "causal_lm", "builder": "x"},
+        "method": {"name": "lora", "lora_r": 8},
+        "hardware": {"name": "cpu", "precision": "fp32"},
+        "data": {"name": "tiny_alpaca", "path": "/d", "format": "alpaca"},
+        "launcher": {"name": "local", "nproc_per_node": 1, "nnodes": 1, "partition": "x"},
+    }
     secrets.collect(config)
     params = tracking.params(config, ["lora_r=8", f"+backend.extra.hf_hub_token={SECRET}"], {"experiment": "x"})
     assert SECRET not in json.dumps(params)
@@ -172,37 +237,53 @@ def test_params_and_tags_hold_no_secret():
 def test_closed_port_completes_with_one_warning_line(tmp_path):
     from finetune.osutil import free_port
 
-    port = free_port()                              # nothing listens there
+    port = free_port()  # nothing listens there
     t = time.monotonic()
-    proc, run = run_train("backend=dummy", "report_to=[tensorboard,mlflow]",
-                          f"tracking.mlflow.uri=http://127.0.0.1:{port}", outputs=tmp_path)
+    proc, run = run_train(
+        "backend=dummy",
+        "report_to=[tensorboard,mlflow]",
+        f"tracking.mlflow.uri=http://127.0.0.1:{port}",
+        outputs=tmp_path,
+    )
     seconds = time.monotonic() - t
     assert proc.returncode == 0, proc.stderr
     line = one_warning(proc)
     assert f"127.0.0.1:{port}" in line and "[finetune] completed:" in proc.stdout
     assert read_json(run / "manifest.json")["status"] == "completed" and (run / "metrics.json").exists()
-    assert seconds < 60, seconds                   # the client gives up in seconds (not its default ~4 minutes)
+    assert seconds < 60, seconds  # the client gives up in seconds (not its default ~4 minutes)
 
 
 def test_closed_port_sweep_completes(tmp_path):
     from finetune.osutil import free_port
 
     port = free_port()
-    proc, _ = run_train("backend=dummy", "lora_r=4,8", "report_to=mlflow",
-                        f"tracking.mlflow.uri=http://127.0.0.1:{port}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                        outputs=tmp_path, multirun=True)
+    proc, _ = run_train(
+        "backend=dummy",
+        "lora_r=4,8",
+        "report_to=mlflow",
+        f"tracking.mlflow.uri=http://127.0.0.1:{port}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        outputs=tmp_path,
+        multirun=True,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 3 and all(ln.startswith("[finetune] warning: mlflow tracking is off") for ln in lines), lines
-    assert "summary: " in proc.stdout and (tmp_path / "sweep" / "summary.csv").exists()      # parent + 2 jobs
+    assert "summary: " in proc.stdout and (tmp_path / "sweep" / "summary.csv").exists()  # parent + 2 jobs
 
 
 def test_resume_continues_the_mlflow_run(tmp_path):
     """A run cut short (here: timeout_min) and resumed logs into the same MLflow run, each step once. The local
     SQLite store (no server) is the same client path as the default outputs/mlflow store."""
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    args = ["backend=dummy", "backend.steps=8", "backend.sleep_s=1", "tracking.flush_s=0.5", "report_to=mlflow",
-            f"tracking.mlflow.uri={uri}"]
+    args = [
+        "backend=dummy",
+        "backend.steps=8",
+        "backend.sleep_s=1",
+        "tracking.flush_s=0.5",
+        "report_to=mlflow",
+        f"tracking.mlflow.uri={uri}",
+    ]
     proc, run = run_train(*args, "timeout_min=0.1", outputs=tmp_path)
     assert proc.returncode == 1 and "timed out" in proc.stderr, proc.stderr
     state = read_json(run / "tracking.json")
@@ -214,7 +295,7 @@ def test_resume_continues_the_mlflow_run(tmp_path):
     _, runs = runs_of(uri, "run")
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
     steps = [m.step for m in client(uri).get_metric_history(run_id, "loss")]
-    assert sorted(steps) == list(range(1, 9))           # the dummy logs steps 1.. again on resume: each once here
+    assert sorted(steps) == list(range(1, 9))  # the dummy logs steps 1.. again on resume: each once here
 
 
 # ------------------------------------------------------------------------------------------- W&B offline
@@ -237,8 +318,9 @@ def offline_run(parent: Path) -> Path:
 def test_wandb_offline_run_files(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
-    proc, run = run_train("backend=dummy", "backend.steps=5", "report_to=wandb", "name=wb", outputs=tmp_path,
-                          env={"HOME": str(home)})
+    proc, run = run_train(
+        "backend=dummy", "backend.steps=5", "report_to=wandb", "name=wb", outputs=tmp_path, env={"HOME": str(home)}
+    )
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
     folder = offline_run(run)
     assert "[finetune] wandb: offline run " in proc.stdout and f"wandb sync {folder}" in proc.stdout
@@ -250,18 +332,22 @@ def test_wandb_offline_run_files(tmp_path):
     run_rec = next(r["run"] for r in records if r["type"] == "run")
     assert run_rec["job_type"] == "dummy" and "run_group" not in run_rec
     assert sorted(run_rec["tags"]) == ["dummy", "lora", "tiny_llama"]
-    logged = [(r["history"]["step"]["num"], r["history"]["item"]["loss"]) for r in records
-              if r["type"] == "history" and "loss" in r["history"]["item"]]
+    logged = [
+        (r["history"]["step"]["num"], r["history"]["item"]["loss"])
+        for r in records
+        if r["type"] == "history" and "loss" in r["history"]["item"]
+    ]
     assert logged == [(int(h["step"]), pytest.approx(h["loss"])) for h in history(run)]
     saved = {f["path"] for r in records if r["type"] == "files" for f in r["files"]["files"]}
     assert {"manifest.json", "metrics.json", "config.yaml", "history.jsonl"} <= saved
-    assert [p for p in home.rglob("*") if "wandb" in p.name] == []      # not in ~/.cache, ~/.config, ~/.local
+    assert [p for p in home.rglob("*") if "wandb" in p.name] == []  # not in ~/.cache, ~/.config, ~/.local
 
 
 def test_wandb_sweep_is_a_group(tmp_path):
     folder = tmp_path / "sweep"
-    proc, _ = run_train("backend=dummy", "lora_r=4,8", "report_to=wandb", f"hydra.sweep.dir={folder}",
-                        outputs=tmp_path, multirun=True)
+    proc, _ = run_train(
+        "backend=dummy", "lora_r=4,8", "report_to=wandb", f"hydra.sweep.dir={folder}", outputs=tmp_path, multirun=True
+    )
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
     group = f"sweep-{folder.parent.name}-{folder.name}"
     for job, r in (("0", "4"), ("1", "8")):
@@ -281,8 +367,13 @@ def test_wandb_sweep_is_a_group(tmp_path):
 def test_tiny_run_logged_to_the_server(mlflow_server, tmp_path, tiny_model):
     tiny_model("tiny_llama")
     url = mlflow_server["url"]
-    proc, run = run_train(*TINY, "report_to=[tensorboard,mlflow]", f"tracking.mlflow.uri={url}",
-                          "tracking.mlflow.experiment=tiny", outputs=tmp_path)
+    proc, run = run_train(
+        *TINY,
+        "report_to=[tensorboard,mlflow]",
+        f"tracking.mlflow.uri={url}",
+        "tracking.mlflow.experiment=tiny",
+        outputs=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "warning" not in proc.stderr
     _, runs = runs_of(url, "tiny")
@@ -293,22 +384,31 @@ def test_tiny_run_logged_to_the_server(mlflow_server, tmp_path, tiny_model):
     assert manifest["tracking"]["mlflow"]["run_id"] == r.info.run_id and f"run {r.info.run_id}" in proc.stdout
     tags = r.data.tags
     assert SCHEME_TAGS <= set(tags)
-    assert (tags["finetune.run_dir"], tags["finetune.backend"], tags["git.commit"]) == \
-        (str(run), "alpacalora", manifest["git"]["commit"])
+    assert (tags["finetune.run_dir"], tags["finetune.backend"], tags["git.commit"]) == (
+        str(run),
+        "alpacalora",
+        manifest["git"]["commit"],
+    )
     p = r.data.params
     assert SCHEME_PARAMS <= set(p)
-    assert (p["lora_r"], p["learning_rate"], p["max_steps"], p["model"], p["method"]) == \
-        ("8", "0.003", "6", "tiny_llama", "lora")
+    assert (p["lora_r"], p["learning_rate"], p["max_steps"], p["model"], p["method"]) == (
+        "8",
+        "0.003",
+        "6",
+        "tiny_llama",
+        "lora",
+    )
     assert "max_steps=6" in p["overrides"] and len(p) < 150
-    assert_history_logged(url, r.info.run_id, run, ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s",
-                                                     "peak_rss_mb"))
+    assert_history_logged(
+        url, r.info.run_id, run, ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "peak_rss_mb")
+    )
     loss = [h["loss"] for h in history(run) if "loss" in h]
     assert len(loss) == 6 and loss[-1] < loss[0]
     metrics = r.data.metrics
     assert metrics["train_loss"] == pytest.approx(read_json(run / "metrics.json")["train_loss"])
     assert metrics["final_eval_loss"] == pytest.approx(read_json(run / "metrics.json")["eval_loss"])
     assert ARTIFACTS <= {a.path for a in client(url).list_artifacts(r.info.run_id)}
-    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))       # TensorBoard as before
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))  # TensorBoard as before
 
 
 @pytest.fixture(scope="module")
@@ -316,9 +416,17 @@ def alpaca_sweep(mlflow_server, tmp_path_factory, tiny_model):
     """The issue's `python train.py -m lora_r=4,8 report_to=mlflow` against a running server, on the tiny model."""
     tiny_model("tiny_llama")
     folder = tmp_path_factory.mktemp("sweep") / "sweep"
-    proc, _ = run_train("lora_r=4,8", *TINY, "report_to=mlflow", f"tracking.mlflow.uri={mlflow_server['url']}",
-                        "tracking.mlflow.experiment=sweep", f"hydra.sweep.dir={folder}", outputs=folder.parent,
-                        multirun=True, timeout=1200)
+    proc, _ = run_train(
+        "lora_r=4,8",
+        *TINY,
+        "report_to=mlflow",
+        f"tracking.mlflow.uri={mlflow_server['url']}",
+        "tracking.mlflow.experiment=sweep",
+        f"hydra.sweep.dir={folder}",
+        outputs=folder.parent,
+        multirun=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     exp_id, runs = runs_of(mlflow_server["url"], "sweep")
     return folder, exp_id, runs
@@ -334,11 +442,14 @@ def test_sweep_is_a_parent_run_with_a_child_per_job(alpaca_sweep, mlflow_server)
     assert parent.info.status == "FINISHED" and parent.data.tags["finetune.sweep_dir"] == str(folder)
     assert parent.data.params["swept"] == "lora_r"
     assert (parent.data.metrics["n_jobs"], parent.data.metrics["n_failed"]) == (2, 0)
-    assert {"summary.csv", "summary.md", "summary.json", "loss_curves.png", "metric_vs_lora_r.png"} <= \
-        {a.path for a in client(url).list_artifacts(parent.info.run_id)}
-    children = client(url).search_runs([parent.info.experiment_id],
-                                       filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-                                       order_by=["attributes.start_time ASC"])
+    assert {"summary.csv", "summary.md", "summary.json", "loss_curves.png", "metric_vs_lora_r.png"} <= {
+        a.path for a in client(url).list_artifacts(parent.info.run_id)
+    }
+    children = client(url).search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
     assert [c.info.run_name for c in children] == ["job-0 lora_r=4", "job-1 lora_r=8"]
     for job, child in enumerate(children):
         assert child.info.status == "FINISHED" and child.data.params["lora_r"] == ("4", "8")[job]
@@ -354,22 +465,35 @@ def test_sweep_is_a_parent_run_with_a_child_per_job(alpaca_sweep, mlflow_server)
 def test_failed_jobs_are_failed_children(mlflow_server, tmp_path):
     """A refused job config (steps=0) and a failing step (fail=true) are failed child runs with their errors."""
     url = mlflow_server["url"]
-    proc, _ = run_train("backend=dummy", "backend.steps=0,2", "backend.fail=false,true", "report_to=mlflow",
-                        f"tracking.mlflow.uri={url}", "tracking.mlflow.experiment=failing",
-                        f"hydra.sweep.dir={tmp_path / 'sweep'}", outputs=tmp_path, multirun=True)
+    proc, _ = run_train(
+        "backend=dummy",
+        "backend.steps=0,2",
+        "backend.fail=false,true",
+        "report_to=mlflow",
+        f"tracking.mlflow.uri={url}",
+        "tracking.mlflow.experiment=failing",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        outputs=tmp_path,
+        multirun=True,
+    )
     assert proc.returncode != 0
     _, runs = runs_of(url, "failing")
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert parent.info.status == "FAILED" and parent.data.metrics["n_failed"] == 3
     assert {n: c.info.status for n, c in children.items()} == {
-        "job-0 backend.steps=0 backend.fail=False": "FAILED", "job-1 backend.steps=0 backend.fail=True": "FAILED",
-        "job-2 backend.steps=2 backend.fail=False": "FINISHED", "job-3 backend.steps=2 backend.fail=True": "FAILED"}
-    assert children["job-0 backend.steps=0 backend.fail=False"].data.tags["finetune.error"] == \
-        "ConfigError: backend.steps=0: must be > 0"
+        "job-0 backend.steps=0 backend.fail=False": "FAILED",
+        "job-1 backend.steps=0 backend.fail=True": "FAILED",
+        "job-2 backend.steps=2 backend.fail=False": "FINISHED",
+        "job-3 backend.steps=2 backend.fail=True": "FAILED",
+    }
+    assert (
+        children["job-0 backend.steps=0 backend.fail=False"].data.tags["finetune.error"]
+        == "ConfigError: backend.steps=0: must be > 0"
+    )
     failed = children["job-3 backend.steps=2 backend.fail=True"]
     assert failed.data.tags["finetune.error"].startswith("step 'dummy_train' exited with code 3")
-    assert "logs" in {a.path for a in client(url).list_artifacts(failed.info.run_id)}   # the failed step's log
+    assert "logs" in {a.path for a in client(url).list_artifacts(failed.info.run_id)}  # the failed step's log
 
 
 @pytest.mark.optuna
@@ -377,14 +501,24 @@ def test_optuna_search_is_a_parent_run(tmp_path):
     """+hparams_search (Optuna) as any sweep: a parent run, a child per trial named by the values Optuna chose."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="optional extra: pip install hydra-optuna-sweeper")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc, _ = run_train("+hparams_search=lora_optuna", "hydra.sweeper.n_trials=2", "backend=dummy", "report_to=mlflow",
-                        f"tracking.mlflow.uri={uri}", f"hydra.sweep.dir={tmp_path / 'search'}", outputs=tmp_path)
+    proc, _ = run_train(
+        "+hparams_search=lora_optuna",
+        "hydra.sweeper.n_trials=2",
+        "backend=dummy",
+        "report_to=mlflow",
+        f"tracking.mlflow.uri={uri}",
+        f"hydra.sweep.dir={tmp_path / 'search'}",
+        outputs=tmp_path,
+    )
     assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
     _, runs = runs_of(uri, "run")
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.data.params["swept"] == "lora_r,learning_rate,lora_dropout" and parent.data.params["sweeper"] == \
-        "OptunaSweeper" and parent.info.status == "FINISHED"
+    assert (
+        parent.data.params["swept"] == "lora_r,learning_rate,lora_dropout"
+        and parent.data.params["sweeper"] == "OptunaSweeper"
+        and parent.info.status == "FINISHED"
+    )
     assert sorted(r.info.run_name.split()[0] for r in children) == ["job-0", "job-1"]
     for r in children:
         assert f"lora_r={r.data.params['lora_r']} " in r.info.run_name and "learning_rate=" in r.info.run_name
@@ -393,20 +527,44 @@ def test_optuna_search_is_a_parent_run(tmp_path):
 BACKENDS = {
     "dummy": ["backend=dummy", "backend.steps=4"],
     "alpacalora": TINY,
-    "llamafactory": ["experiment=llamafactory_lora_sft", "max_steps=4", "eval_steps=2", "merge=false",
-                     f"+backend.extra.hf_hub_token={SECRET}"],
-    "flagembedding": ["backend=flagembedding", "backend.query_max_len=32", "backend.passage_max_len=32",
-                      "backend.train_group_size=4", "num_epochs=1", "batch_size=4", "micro_batch_size=4",
-                      "logging_steps=2", "launcher.omp_num_threads=1"],
-    "collie": ["backend=collie", "model=tiny_llama", "max_samples=40", "val_set_size=8", "batch_size=8",
-               "micro_batch_size=4", "num_epochs=1", "cutoff_len=128", "logging_steps=1", "merge=false"],
+    "llamafactory": [
+        "experiment=llamafactory_lora_sft",
+        "max_steps=4",
+        "eval_steps=2",
+        "merge=false",
+        f"+backend.extra.hf_hub_token={SECRET}",
+    ],
+    "flagembedding": [
+        "backend=flagembedding",
+        "backend.query_max_len=32",
+        "backend.passage_max_len=32",
+        "backend.train_group_size=4",
+        "num_epochs=1",
+        "batch_size=4",
+        "micro_batch_size=4",
+        "logging_steps=2",
+        "launcher.omp_num_threads=1",
+    ],
+    "collie": [
+        "backend=collie",
+        "model=tiny_llama",
+        "max_samples=40",
+        "val_set_size=8",
+        "batch_size=8",
+        "micro_batch_size=4",
+        "num_epochs=1",
+        "cutoff_len=128",
+        "logging_steps=1",
+        "merge=false",
+    ],
 }
 SEEN: dict = {}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.collie] if b == "collie" else [])
-                                     for b in BACKENDS])
+@pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=[pytest.mark.collie] if b == "collie" else []) for b in BACKENDS]
+)
 def test_every_backend_logs_the_same_way(backend, mlflow_server, tmp_path, tiny_model):
     """Each backend's run lands in one experiment with the same name, tags, params and metric names."""
     if backend == "collie":
@@ -416,8 +574,14 @@ def test_every_backend_logs_the_same_way(backend, mlflow_server, tmp_path, tiny_
             pytest.skip("Collie's environment is missing; create it with bash scripts/setup_collie_env.sh")
     tiny_model("tiny_llama")
     url = mlflow_server["url"]
-    proc, run = run_train(*BACKENDS[backend], "report_to=mlflow", f"tracking.mlflow.uri={url}",
-                          "tracking.mlflow.experiment=backends", outputs=tmp_path, timeout=1200)
+    proc, run = run_train(
+        *BACKENDS[backend],
+        "report_to=mlflow",
+        f"tracking.mlflow.uri={url}",
+        "tracking.mlflow.experiment=backends",
+        outputs=tmp_path,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "warning" not in proc.stderr, proc.stderr[-2000:]
     _, runs = runs_of(url, "backends")
@@ -426,7 +590,7 @@ def test_every_backend_logs_the_same_way(backend, mlflow_server, tmp_path, tiny_
     assert SCHEME_TAGS <= set(r.data.tags) and SCHEME_PARAMS <= set(r.data.params)
     assert r.data.params["backend"] == backend
     assert_history_logged(url, r.info.run_id, run, ("loss",))
-    final = read_json(run / "metrics.json")           # the final numbers, under the same names for every backend
+    final = read_json(run / "metrics.json")  # the final numbers, under the same names for every backend
     for k in ("train_loss", "eval_loss", "tokens_per_s"):
         if isinstance(final.get(k), float):
             assert r.data.metrics.get(f"final_{k}", r.data.metrics.get(k)) == pytest.approx(final[k]), k
@@ -440,7 +604,7 @@ def test_backends_share_one_experiment(mlflow_server):
         pytest.skip("needs the runs of test_every_backend_logs_the_same_way")
     _, runs = runs_of(mlflow_server["url"], "backends")
     assert {r.data.tags["finetune.backend"] for r in runs} == set(SEEN)
-    for r in runs:       # the same tag and param names everywhere (each backend adds its own backend.* params)
+    for r in runs:  # the same tag and param names everywhere (each backend adds its own backend.* params)
         assert SCHEME_TAGS <= set(r.data.tags) and SCHEME_PARAMS <= set(r.data.params) and "loss" in r.data.metrics
 
 
@@ -466,8 +630,15 @@ def test_server_dying_mid_run_leaves_the_run_alone(tmp_path):
     killer.start()
     try:
         t = time.monotonic()
-        proc, run = run_train("backend=dummy", "backend.steps=12", "backend.sleep_s=0.5", "tracking.flush_s=0.5",
-                              "report_to=mlflow", f"tracking.mlflow.uri={info['url']}", outputs=tmp_path)
+        proc, run = run_train(
+            "backend=dummy",
+            "backend.steps=12",
+            "backend.sleep_s=0.5",
+            "tracking.flush_s=0.5",
+            "report_to=mlflow",
+            f"tracking.mlflow.uri={info['url']}",
+            outputs=tmp_path,
+        )
         seconds = time.monotonic() - t
     finally:
         stopped.setdefault("at", None)
@@ -482,20 +653,27 @@ def test_server_dying_mid_run_leaves_the_run_alone(tmp_path):
 @pytest.mark.slow
 def test_reproduce_an_mlflow_run_id(mlflow_server, tmp_path):
     url = mlflow_server["url"]
-    proc, run = run_train("backend=dummy", "backend.steps=5", "report_to=mlflow", f"tracking.mlflow.uri={url}",
-                          "tracking.mlflow.experiment=repro", outputs=tmp_path)
+    proc, run = run_train(
+        "backend=dummy",
+        "backend.steps=5",
+        "report_to=mlflow",
+        f"tracking.mlflow.uri={url}",
+        "tracking.mlflow.experiment=repro",
+        outputs=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     run_id = read_json(run / "manifest.json")["tracking"]["mlflow"]["run_id"]
 
     def reproduce(*args):
-        return subprocess.run([FINETUNE, "reproduce", *args], cwd=REPO, env=user_env(), capture_output=True,
-                              text=True, timeout=600)
+        return subprocess.run(
+            [FINETUNE, "reproduce", *args], cwd=REPO, env=user_env(), capture_output=True, text=True, timeout=600
+        )
 
     out = reproduce(run_id, "--tracking-uri", url, "--allow-different", "--output-dir", str(tmp_path / "again"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert f"MLflow run {run_id} is the run folder {run}" in out.stdout
     assert "reproduced: loss curves identical" in out.stdout
-    shutil.move(str(run), str(tmp_path / "moved"))           # the folder is gone: its artifacts are enough
+    shutil.move(str(run), str(tmp_path / "moved"))  # the folder is gone: its artifacts are enough
     out = reproduce(run_id, "--tracking-uri", url, "--allow-different", "--output-dir", str(tmp_path / "again2"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "is not here; using its artifacts" in out.stdout and "reproduced: loss curves identical" in out.stdout

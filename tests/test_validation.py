@@ -5,20 +5,23 @@ model folder made by a small function). The cases are checked in-process (confte
 every check, reported as the CLI does); the contract itself (exit code 2, exactly one line on stderr, no traceback,
 nothing written) is run as a user types it for one case of each kind (CONTRACT), the files and the YAML error.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
-
 from conftest import refusal, run_train
 
 CASES = [
     # unknown keys and groups (close-match suggestions)
     (["lora_rr=3"], "lora_rr: unknown key (did you mean 'lora_r'?)"),
     (["method.lora_rr=3"], "did you mean 'method.lora_r'?"),
-    (["backend=colie"], "backend='colie': one of alpacalora, auto, collie, dummy, flagembedding, llamafactory (did you mean 'collie'?)"),
+    (
+        ["backend=colie"],
+        "backend='colie': one of alpacalora, auto, collie, dummy, flagembedding, llamafactory (did you mean 'collie'?)",
+    ),
     (["method=qlra"], "method='qlra': one of"),
     (["hardware=gpu"], "hardware='gpu'"),
     (["+experiment=nope"], "experiment='nope'"),
@@ -48,8 +51,10 @@ CASES = [
     # method rules
     (["method=galore", "backend=collie"], "method='galore': backend collie can run"),
     (["method=galore", "method.galore_layerwise=true"], "layer-wise GaLore does not support gradient accumulation"),
-    (["method=badam", "method.badam_mode=ratio", "launcher.nproc_per_node=2", "batch_size=64"],
-     "ratio-wise BAdam runs on one process only"),
+    (
+        ["method=badam", "method.badam_mode=ratio", "launcher.nproc_per_node=2", "batch_size=64"],
+        "ratio-wise BAdam runs on one process only",
+    ),
     (["method=pissa", "method.use_dora=true"], "PiSSA and DoRA cannot be combined"),
     (["method=freeze", "method.freeze_trainable_layers=0"], "freeze_trainable_layers=0"),
     # hardware
@@ -75,7 +80,7 @@ CONTRACT = [
     (["lora_r"], "override 'lora_r': cannot be parsed"),
     (["batch_size=10"], "batch_size=10: must be a multiple of micro_batch_size"),
     (["model=llama", "model.path=/nonexistent"], "model.path='/nonexistent': no such folder"),
-    (["resume=true"], "holds no run to resume (no manifest.json)"),        # run_train adds output_dir=<new folder>
+    (["resume=true"], "holds no run to resume (no manifest.json)"),  # run_train adds output_dir=<new folder>
 ]
 
 
@@ -111,7 +116,9 @@ def _bad_files(tmp: Path) -> list:
     remote.mkdir()
     (remote / "config.json").write_text(json.dumps({"model_type": "internlm2", "auto_map": {"AutoModel": "x.Y"}}))
     (remote / "tokenizer_config.json").write_text("{}")
-    cases.append((["model=llama", f"model.path={remote}"], "trust_remote_code=False: model remote_model needs its own code"))
+    cases.append(
+        (["model=llama", f"model.path={remote}"], "trust_remote_code=False: model remote_model needs its own code")
+    )
     badtok = tmp / "bad_tokenizer"
     badtok.mkdir()
     (badtok / "config.json").write_text(json.dumps({"model_type": "llama"}))
@@ -132,7 +139,9 @@ def _check_refusal(overrides, expected, outputs: Path):
     assert err.startswith("error: "), err
     assert expected in err, f"{overrides}: {expected!r} not in {err!r}"
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert not outputs.exists() or not any(outputs.rglob("*")), f"{overrides}: output written: {list(outputs.rglob('*'))}"
+    assert not outputs.exists() or not any(outputs.rglob("*")), (
+        f"{overrides}: output written: {list(outputs.rglob('*'))}"
+    )
     # speed is measured by bench/compose.py (about 1 s on an idle 2-core machine), not asserted here
 
 
@@ -159,8 +168,11 @@ def test_malformed_experiment_yaml(tmp_path):
     extra = tmp_path / "myconf" / "experiment"
     extra.mkdir(parents=True)
     (extra / "broken.yaml").write_text("# @package _global_\nlora_r: [8\nlearning_rate: 1e-4\n")
-    _check_refusal([f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "+experiment=broken"], "malformed YAML",
-                   tmp_path / "outputs")
+    _check_refusal(
+        [f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "+experiment=broken"],
+        "malformed YAML",
+        tmp_path / "outputs",
+    )
 
 
 def test_existing_run_folder_is_never_overwritten(tmp_path):

@@ -33,6 +33,7 @@ Llama-2-7B (1 x 1024 tokens, checkpointing, GPU) vs LLaMA-Factory's table, GB: f
 56 / 60, freeze 22 / 20, LoRA 16 / 16, GaLore (layer-wise) 18 / 16, BAdam 17 / 16, QLoRA 8/4/2-bit 9.6/6.3/4.6 vs
 10/6/4.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,16 +78,16 @@ class ModelShape:
     head_dim: int
     intermediate: int
     tied: bool = False
-    glu: bool = True                 # gated MLP (SwiGLU: gate, up, down) or plain (up, down)
+    glu: bool = True  # gated MLP (SwiGLU: gate, up, down) or plain (up, down)
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    norm_bias: bool = False          # LayerNorm (bias) vs RMSNorm
-    experts: int = 1                 # MoE: experts per layer (all hold weights)
-    experts_per_token: int = 1       # MoE: experts each token goes through (activations, FLOPs)
-    extra_embeddings: int = 0        # position / token-type embeddings (BERT, GPT-2)
-    kind: str = "causal_lm"          # causal_lm | encoder
-    names: Dict[str, str] = field(default_factory=dict)   # our role -> the module name in this family
+    norm_bias: bool = False  # LayerNorm (bias) vs RMSNorm
+    experts: int = 1  # MoE: experts per layer (all hold weights)
+    experts_per_token: int = 1  # MoE: experts each token goes through (activations, FLOPs)
+    extra_embeddings: int = 0  # position / token-type embeddings (BERT, GPT-2)
+    kind: str = "causal_lm"  # causal_lm | encoder
+    names: Dict[str, str] = field(default_factory=dict)  # our role -> the module name in this family
 
     # ---------------------------------------------------------------- reading config.json
 
@@ -98,31 +99,73 @@ class ModelShape:
             kv_ch = int(_first(meta, "kv_channels", default=int(meta["hidden_size"]) // heads))
             mq = bool(meta.get("multi_query_attention", False))
             kvh = int(meta.get("multi_query_group_num", heads)) if mq else heads
-            return cls(model_type=mt or "chatglm", vocab=int(meta["padded_vocab_size"]), hidden=int(meta["hidden_size"]),
-                       layers=int(meta["num_layers"]), heads=heads, kv_heads=kvh, head_dim=kv_ch,
-                       intermediate=int(meta["ffn_hidden_size"]), tied=False, glu=True,
-                       qkv_bias=bool(meta.get("add_qkv_bias", False)) or bool(meta.get("add_bias_linear", False)),
-                       o_bias=bool(meta.get("add_bias_linear", False)), mlp_bias=bool(meta.get("add_bias_linear", False)),
-                       names={"qkv": "query_key_value", "o": "dense", "gate_up": "dense_h_to_4h",
-                              "down": "dense_4h_to_h"})
+            return cls(
+                model_type=mt or "chatglm",
+                vocab=int(meta["padded_vocab_size"]),
+                hidden=int(meta["hidden_size"]),
+                layers=int(meta["num_layers"]),
+                heads=heads,
+                kv_heads=kvh,
+                head_dim=kv_ch,
+                intermediate=int(meta["ffn_hidden_size"]),
+                tied=False,
+                glu=True,
+                qkv_bias=bool(meta.get("add_qkv_bias", False)) or bool(meta.get("add_bias_linear", False)),
+                o_bias=bool(meta.get("add_bias_linear", False)),
+                mlp_bias=bool(meta.get("add_bias_linear", False)),
+                names={"qkv": "query_key_value", "o": "dense", "gate_up": "dense_h_to_4h", "down": "dense_4h_to_h"},
+            )
         if mt in ("bert", "roberta", "xlm-roberta", "xlm_roberta", "electra"):
             h = int(meta["hidden_size"])
             heads = int(meta["num_attention_heads"])
             extra = int(meta.get("max_position_embeddings", 512)) * h + int(meta.get("type_vocab_size", 2)) * h
-            return cls(model_type=mt, vocab=int(meta["vocab_size"]), hidden=h, layers=int(meta["num_hidden_layers"]),
-                       heads=heads, kv_heads=heads, head_dim=h // heads, intermediate=int(meta["intermediate_size"]),
-                       tied=True, glu=False, qkv_bias=True, o_bias=True, mlp_bias=True, norm_bias=True,
-                       extra_embeddings=extra + 2 * h, kind="encoder",
-                       names={"q": "query", "k": "key", "v": "value", "o": "attention.output.dense",
-                              "up": "intermediate.dense", "down": "output.dense"})
+            return cls(
+                model_type=mt,
+                vocab=int(meta["vocab_size"]),
+                hidden=h,
+                layers=int(meta["num_hidden_layers"]),
+                heads=heads,
+                kv_heads=heads,
+                head_dim=h // heads,
+                intermediate=int(meta["intermediate_size"]),
+                tied=True,
+                glu=False,
+                qkv_bias=True,
+                o_bias=True,
+                mlp_bias=True,
+                norm_bias=True,
+                extra_embeddings=extra + 2 * h,
+                kind="encoder",
+                names={
+                    "q": "query",
+                    "k": "key",
+                    "v": "value",
+                    "o": "attention.output.dense",
+                    "up": "intermediate.dense",
+                    "down": "output.dense",
+                },
+            )
         if mt == "gpt2":
             h = int(meta["n_embd"])
             heads = int(meta["n_head"])
-            return cls(model_type=mt, vocab=int(meta["vocab_size"]), hidden=h, layers=int(meta["n_layer"]), heads=heads,
-                       kv_heads=heads, head_dim=h // heads, intermediate=int(meta.get("n_inner") or 4 * h),
-                       tied=True, glu=False, qkv_bias=True, o_bias=True, mlp_bias=True, norm_bias=True,
-                       extra_embeddings=int(meta.get("n_positions", 1024)) * h,
-                       names={"qkv": "c_attn", "o": "attn.c_proj", "up": "c_fc", "down": "mlp.c_proj"})
+            return cls(
+                model_type=mt,
+                vocab=int(meta["vocab_size"]),
+                hidden=h,
+                layers=int(meta["n_layer"]),
+                heads=heads,
+                kv_heads=heads,
+                head_dim=h // heads,
+                intermediate=int(meta.get("n_inner") or 4 * h),
+                tied=True,
+                glu=False,
+                qkv_bias=True,
+                o_bias=True,
+                mlp_bias=True,
+                norm_bias=True,
+                extra_embeddings=int(meta.get("n_positions", 1024)) * h,
+                names={"qkv": "c_attn", "o": "attn.c_proj", "up": "c_fc", "down": "mlp.c_proj"},
+            )
         # Llama-like decoders: llama, mistral, qwen2, qwen3, internlm2, mixtral, yi, deepseek (dense), gemma ...
         try:
             h = int(meta["hidden_size"])
@@ -131,25 +174,53 @@ class ModelShape:
             vocab = int(meta["vocab_size"])
             inter = int(meta["intermediate_size"])
         except KeyError as e:
-            raise ValueError(f"config.json of model_type {mt!r} has no {e.args[0]!r}: the estimator knows "
-                             "Llama-like decoders (hidden_size, num_hidden_layers, num_attention_heads, "
-                             "intermediate_size, vocab_size), ChatGLM, BERT and GPT-2") from None
+            raise ValueError(
+                f"config.json of model_type {mt!r} has no {e.args[0]!r}: the estimator knows "
+                "Llama-like decoders (hidden_size, num_hidden_layers, num_attention_heads, "
+                "intermediate_size, vocab_size), ChatGLM, BERT and GPT-2"
+            ) from None
         kvh = int(_first(meta, "num_key_value_heads", default=heads))
         hd = int(_first(meta, "head_dim", default=h // heads))
         internlm = mt.startswith("internlm")
-        qkv_bias = bool(meta.get("attention_bias", False)) or bool(meta.get("bias", False)) or mt in ("qwen2", "qwen2_moe")
+        qkv_bias = (
+            bool(meta.get("attention_bias", False)) or bool(meta.get("bias", False)) or mt in ("qwen2", "qwen2_moe")
+        )
         o_bias = bool(meta.get("attention_bias", False)) or (internlm and bool(meta.get("bias", False)))
         experts = int(_first(meta, "num_local_experts", "num_experts", "n_routed_experts", default=1) or 1)
         per_tok = int(_first(meta, "num_experts_per_tok", "num_experts_per_token", default=1) or 1)
         if experts > 1:
             inter = int(_first(meta, "moe_intermediate_size", default=inter))
-        names = ({"qkv": "wqkv", "o": "wo", "gate": "w1", "up": "w3", "down": "w2"} if internlm else
-                 {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
-                  "down": "down_proj"})
-        return cls(model_type=mt or "llama", vocab=vocab, hidden=h, layers=layers, heads=heads, kv_heads=kvh,
-                   head_dim=hd, intermediate=inter, tied=bool(meta.get("tie_word_embeddings", False)), glu=True,
-                   qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=bool(meta.get("mlp_bias", False)),
-                   experts=experts, experts_per_token=min(per_tok, experts) if experts > 1 else 1, names=names)
+        names = (
+            {"qkv": "wqkv", "o": "wo", "gate": "w1", "up": "w3", "down": "w2"}
+            if internlm
+            else {
+                "q": "q_proj",
+                "k": "k_proj",
+                "v": "v_proj",
+                "o": "o_proj",
+                "gate": "gate_proj",
+                "up": "up_proj",
+                "down": "down_proj",
+            }
+        )
+        return cls(
+            model_type=mt or "llama",
+            vocab=vocab,
+            hidden=h,
+            layers=layers,
+            heads=heads,
+            kv_heads=kvh,
+            head_dim=hd,
+            intermediate=inter,
+            tied=bool(meta.get("tie_word_embeddings", False)),
+            glu=True,
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(meta.get("mlp_bias", False)),
+            experts=experts,
+            experts_per_token=min(per_tok, experts) if experts > 1 else 1,
+            names=names,
+        )
 
     @classmethod
     def from_path(cls, path) -> "ModelShape":
@@ -162,7 +233,13 @@ class ModelShape:
 
     def linears(self) -> List[Tuple[str, int, int, int]]:
         """The linear layers of one block: (role, in_features, out_features, copies). MoE experts counted."""
-        h, q, kv, i, e = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate, self.experts
+        h, q, kv, i, e = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+            self.intermediate,
+            self.experts,
+        )
         out = []
         if "qkv" in self.names:
             out.append(("qkv", h, q + 2 * kv, 1))
@@ -188,8 +265,8 @@ class ModelShape:
         if self.mlp_bias:
             n += ((2 if self.glu else 1) * self.intermediate + h) * self.experts
         if self.experts > 1:
-            n += h * self.experts                       # router
-        n += 2 * h * (2 if self.norm_bias else 1)       # two norms per block
+            n += h * self.experts  # router
+        n += 2 * h * (2 if self.norm_bias else 1)  # two norms per block
         return n
 
     def embedding_params(self) -> int:
@@ -231,8 +308,9 @@ class ModelShape:
 
     def flops_per_token(self, seq: int) -> float:
         """Forward FLOPs per token: 2 per weight the token passes through + attention scores."""
-        active = self.layers * (self.layer_params() - sum(fi * fo * (c - min(c, self.experts_per_token))
-                                                           for _, fi, fo, c in self.linears()))
+        active = self.layers * (
+            self.layer_params() - sum(fi * fo * (c - min(c, self.experts_per_token)) for _, fi, fo, c in self.linears())
+        )
         head = self.vocab * self.hidden if self.kind != "encoder" else 0
         attn = 2 * 2 * self.layers * seq * self.heads * self.head_dim * (0.5 if self.kind != "encoder" else 1.0)
         return 2.0 * (active + head) + attn
@@ -251,39 +329,41 @@ class MethodParams:
     badam_mode: str = "layer"
     badam_update_ratio: float = 0.05
     optim: str = "adamw_torch"
-    quantization_bit: Optional[int] = None   # QLoRA: 8, 4 or 2 (the frozen base weights' storage)
+    quantization_bit: Optional[int] = None  # QLoRA: 8, 4 or 2 (the frozen base weights' storage)
 
     def method_params(self) -> dict:
-        return {f.name: (list(getattr(self, f.name)) if isinstance(getattr(self, f.name), list) else getattr(self, f.name))
-                for f in fields(MethodParams)}
+        return {
+            f.name: (list(getattr(self, f.name)) if isinstance(getattr(self, f.name), list) else getattr(self, f.name))
+            for f in fields(MethodParams)
+        }
 
 
 @dataclass
 class Setup(MethodParams):
     """One way of training: the knobs the planner turns. Sizes are per process unless said otherwise."""
 
-    method: str = "lora"                 # full | freeze | lora | galore | badam (lora-like names count as lora)
-    precision: str = "bf16"              # fp32 | bf16 | fp16 (mixed precision: fp32 master weights)
-    pure_bf16: bool = False              # everything in 16-bit (LLaMA-Factory's pure_bf16)
-    device: str = "cuda"                 # cuda | cpu
+    method: str = "lora"  # full | freeze | lora | galore | badam (lora-like names count as lora)
+    precision: str = "bf16"  # fp32 | bf16 | fp16 (mixed precision: fp32 master weights)
+    pure_bf16: bool = False  # everything in 16-bit (LLaMA-Factory's pure_bf16)
+    device: str = "cuda"  # cuda | cpu
     micro_batch_size: int = 1
     seq_len: int = 1024
     gradient_checkpointing: bool = False
-    memory_efficient_attention: bool = True   # SDPA / flash: no seq x seq scores kept
+    memory_efficient_attention: bool = True  # SDPA / flash: no seq x seq scores kept
     zero_stage: Optional[int] = None
     offload_optimizer: bool = False
     offload_param: bool = False
-    dp: int = 1                          # data-parallel size (ZeRO shards over it)
-    tp: int = 1                          # tensor-parallel size
+    dp: int = 1  # data-parallel size (ZeRO shards over it)
+    tp: int = 1  # tensor-parallel size
 
 
 @dataclass
 class Estimate:
     total_params: int
     trainable_params: int
-    parts: Dict[str, float]              # bytes on one device: weights, gradients, optimizer, activations, runtime
-    host_bytes: float                    # bytes offloaded to host memory (per process)
-    flops_per_step_token: float          # training FLOPs per token (forward + backward [+ recompute])
+    parts: Dict[str, float]  # bytes on one device: weights, gradients, optimizer, activations, runtime
+    host_bytes: float  # bytes offloaded to host memory (per process)
+    flops_per_step_token: float  # training FLOPs per token (forward + backward [+ recompute])
 
     @property
     def total(self) -> float:
@@ -313,17 +393,17 @@ def _optimizer_state_count(optim: str) -> float:
     if optim in ("sgd",):
         return 0.0
     if optim in ("adafactor",):
-        return 0.05                       # factored second moment: rows + columns, no first moment by default
+        return 0.05  # factored second moment: rows + columns, no first moment by default
     if optim in ("adamw_8bit",):
-        return 0.5                        # two 8-bit states = one fp32-equivalent ... counted as 2 x 1 byte / 4
+        return 0.5  # two 8-bit states = one fp32-equivalent ... counted as 2 x 1 byte / 4
     if optim in ("rmsprop", "adagrad"):
         return 1.0
-    return 2.0                            # AdamW: exp_avg + exp_avg_sq
+    return 2.0  # AdamW: exp_avg + exp_avg_sq
 
 
 def activation_bytes_per_token(shape: ModelShape, s: Setup) -> Dict[str, float]:
     """Bytes kept for backward per token: per layer (no checkpointing), per layer input, logits + loss."""
-    a = 4.0 if (s.precision == "fp32" and not s.pure_bf16) else 2.0      # activation dtype
+    a = 4.0 if (s.precision == "fp32" and not s.pure_bf16) else 2.0  # activation dtype
     h, i = shape.hidden, shape.intermediate * shape.experts_per_token
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     # Per block (Llama-style, counted from the ops that save tensors for backward):
@@ -340,7 +420,7 @@ def activation_bytes_per_token(shape: ModelShape, s: Setup) -> Dict[str, float]:
         per_layer += 2 * (q - kv) * a
     per_layer *= 1.1
     if not s.memory_efficient_attention:
-        per_layer += 2 * shape.heads * s.seq_len * 4.0        # scores + probabilities (fp32 softmax)
+        per_layer += 2 * shape.heads * s.seq_len * 4.0  # scores + probabilities (fp32 softmax)
     # LoRA adds the low-rank intermediate (r per target) and the dropout mask copy of each target's input
     if _method_family(s.method) == "lora":
         per_layer += sum(fi + s.lora_r for fi, _, _ in shape.module_shapes(s.lora_targets)) * a * 0.5
@@ -358,19 +438,20 @@ def activation_bytes_per_token(shape: ModelShape, s: Setup) -> Dict[str, float]:
 class Dtypes:
     """Bytes per value under a Setup's precision."""
 
-    half: bool          # 16-bit storage (bf16 / fp16, mixed or pure)
-    store: float        # frozen weights as loaded
-    mixed: bool         # mixed precision: fp32 master copies of trainable weights + the 16-bit copy autocast keeps
-    master: float       # trainable weights
-    grad: float         # gradients
-    state: float        # optimizer states
+    half: bool  # 16-bit storage (bf16 / fp16, mixed or pure)
+    store: float  # frozen weights as loaded
+    mixed: bool  # mixed precision: fp32 master copies of trainable weights + the 16-bit copy autocast keeps
+    master: float  # trainable weights
+    grad: float  # gradients
+    state: float  # optimizer states
 
     @classmethod
     def of(cls, s: Setup) -> "Dtypes":
         half = s.pure_bf16 or s.precision in ("bf16", "fp16")
         full = 4.0 if not s.pure_bf16 else 2.0
-        return cls(half=half, store=2.0 if half else 4.0, mixed=half and not s.pure_bf16, master=full, grad=full,
-                   state=full)
+        return cls(
+            half=half, store=2.0 if half else 4.0, mixed=half and not s.pure_bf16, master=full, grad=full, state=full
+        )
 
 
 def trainable_split(shape: ModelShape, s: Setup, fam: str):
@@ -385,20 +466,21 @@ def trainable_split(shape: ModelShape, s: Setup, fam: str):
         if s.badam_mode == "ratio":
             trainable = float(P) * float(s.badam_update_ratio)
         else:
-            trainable = float(shape.layer_params())     # one block (decoder layer) at a time
+            trainable = float(shape.layer_params())  # one block (decoder layer) at a time
         return trainable, P - trainable, 0.0
-    adapters = float(shape.lora_params(s.lora_r, s.lora_targets))     # lora
+    adapters = float(shape.lora_params(s.lora_r, s.lora_targets))  # lora
     copies = float(shape.saved_module_params(s.modules_to_save))
     trainable = adapters + copies
     return trainable, float(P), trainable
 
 
-def weight_bytes(shape: ModelShape, s: Setup, fam: str, d: Dtypes, trainable: float, frozen: float,
-                 extra_weights: float) -> float:
+def weight_bytes(
+    shape: ModelShape, s: Setup, fam: str, d: Dtypes, trainable: float, frozen: float, extra_weights: float
+) -> float:
     """Frozen weights (quantised for QLoRA, embeddings and lm_head 16-bit) + trainable ones in their dtypes."""
     if s.quantization_bit:
         emb = shape.embedding_params() + shape.head_params()
-        weights_frozen = (frozen - emb) * (s.quantization_bit / 8.0) * 1.03 + emb * 2.0   # + quantisation constants
+        weights_frozen = (frozen - emb) * (s.quantization_bit / 8.0) * 1.03 + emb * 2.0  # + quantisation constants
     else:
         weights_frozen = frozen * d.store
     if fam == "badam":
@@ -417,9 +499,12 @@ def gradient_and_optimizer_bytes(shape: ModelShape, s: Setup, fam: str, d: Dtype
     grads = trainable * d.grad
     if fam == "galore":
         mats = [(fi, fo, c) for fi, fo, c in shape.module_shapes(["all"])]
-        proj = sum(shape.layers * c * (s.galore_rank * max(fi, fo) * n_states * d.state
-                                       + s.galore_rank * min(fi, fo) * d.state)
-                   for fi, fo, c in mats)
+        proj = sum(
+            shape.layers
+            * c
+            * (s.galore_rank * max(fi, fo) * n_states * d.state + s.galore_rank * min(fi, fo) * d.state)
+            for fi, fo, c in mats
+        )
         in_layers = sum(shape.layers * fi * fo * c for fi, fo, c in mats)
         optimizer = proj + (P - in_layers) * n_states * d.state
         if s.galore_layerwise:
@@ -448,7 +533,7 @@ def shard(s: Setup, d: Dtypes, trainable: float, weights: float, grads: float, o
         optimizer = 0.0
     if s.offload_param and z >= 3:
         host += weights
-        weights = weights * 0.1                      # the gathered working set of a few layers stays on the device
+        weights = weights * 0.1  # the gathered working set of a few layers stays on the device
     tp = max(1, s.tp)
     return weights / tp, grads / tp, optimizer / tp, host
 
@@ -481,10 +566,20 @@ def estimate(shape: ModelShape, s: Setup) -> Estimate:
     weights = weight_bytes(shape, s, fam, d, trainable, frozen, extra_weights)
     grads, optimizer = gradient_and_optimizer_bytes(shape, s, fam, d, trainable)
     weights, grads, optimizer, host = shard(s, d, trainable, weights, grads, optimizer)
-    parts = {"weights": weights, "gradients": grads, "optimizer": optimizer,
-             "activations": activation_total(shape, s), "runtime": RUNTIME_BYTES.get(s.device, RUNTIME_BYTES["cuda"])}
-    return Estimate(total_params=int(shape.total_params()), trainable_params=int(trainable), parts=parts,
-                    host_bytes=host, flops_per_step_token=step_flops_per_token(shape, s, fam, trainable))
+    parts = {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optimizer,
+        "activations": activation_total(shape, s),
+        "runtime": RUNTIME_BYTES.get(s.device, RUNTIME_BYTES["cuda"]),
+    }
+    return Estimate(
+        total_params=int(shape.total_params()),
+        trainable_params=int(trainable),
+        parts=parts,
+        host_bytes=host,
+        flops_per_step_token=step_flops_per_token(shape, s, fam, trainable),
+    )
 
 
 def load_shape(model_path) -> ModelShape:

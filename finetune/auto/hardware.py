@@ -7,6 +7,7 @@ hardware=<name> describes a machine (a100_80g_x8, h100_x8, rtx4090, cpu, ...): p
                 Fields left at 0 (cpus, memory_gb) are filled from this machine; gpu_tflops left at 0 comes from a
                 table of known GPUs.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,10 +17,23 @@ import subprocess
 from typing import Dict, List, Optional
 
 # Dense bf16 tensor-core peak, TFLOP/s (vendor data sheets); fp32-only GPUs use their fp32 peak.
-GPU_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0, "A10": 125.0,
-              "L40S": 362.0, "L40": 181.0, "L4": 121.0, "4090": 165.0, "3090": 71.0, "V100": 125.0, "T4": 65.0,
-              "A6000": 155.0}
-CPU_TFLOPS_PER_CORE = 0.07   # fp32 GEMM, measured here: about 145 GFLOP/s on 2 cores
+GPU_TFLOPS = {
+    "H100": 989.0,
+    "H800": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "A10": 125.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "4090": 165.0,
+    "3090": 71.0,
+    "V100": 125.0,
+    "T4": 65.0,
+    "A6000": 155.0,
+}
+CPU_TFLOPS_PER_CORE = 0.07  # fp32 GEMM, measured here: about 145 GFLOP/s on 2 cores
 
 
 # bf16 mixed precision on a CPU pays only where the CPU has bf16 dot-product instructions and the matmuls are big
@@ -73,7 +87,7 @@ def _meminfo() -> Dict[str, float]:
         with open("/proc/meminfo") as f:
             for line in f:
                 k, v = line.split(":", 1)
-                out[k] = float(v.split()[0]) / (1 << 20)          # kB -> GiB (memory_gb fields are GiB)
+                out[k] = float(v.split()[0]) / (1 << 20)  # kB -> GiB (memory_gb fields are GiB)
     except OSError:
         pass
     return out
@@ -106,8 +120,12 @@ def gpus() -> List[Dict]:
     if not smi:
         return []
     try:
-        out = subprocess.run([smi, "--query-gpu=index,name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            [smi, "--query-gpu=index,name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     found = []
@@ -116,14 +134,20 @@ def gpus() -> List[Dict]:
         if len(parts) < 3:
             continue
         try:
-            found.append({"index": int(parts[0]), "name": parts[1], "memory_gb": float(parts[2]) / 1024.0,
-                          "compute_cap": float(parts[3]) if len(parts) > 3 and parts[3] else 0.0})
+            found.append(
+                {
+                    "index": int(parts[0]),
+                    "name": parts[1],
+                    "memory_gb": float(parts[2]) / 1024.0,
+                    "compute_cap": float(parts[3]) if len(parts) > 3 and parts[3] else 0.0,
+                }
+            )
         except ValueError:
             continue
     vis = os.environ.get("CUDA_VISIBLE_DEVICES")
     if vis is not None:
         keep = [v.strip() for v in vis.split(",") if v.strip()]
-        found = [g for g in found if str(g["index"]) in keep] if all(k.isdigit() for k in keep) else found[:len(keep)]
+        found = [g for g in found if str(g["index"]) in keep] if all(k.isdigit() for k in keep) else found[: len(keep)]
     return found
 
 
@@ -142,8 +166,13 @@ def nodes(default: int = 1) -> int:
 
 def detect(nnodes: int = 1) -> Dict:
     g = gpus()
-    facts = {"cpus": cpu_cores(), "memory_gb": round(memory_gb(), 2), "available_memory_gb": round(available_memory_gb(), 2),
-             "gpus": g, "nnodes": nodes(nnodes)}
+    facts = {
+        "cpus": cpu_cores(),
+        "memory_gb": round(memory_gb(), 2),
+        "available_memory_gb": round(available_memory_gb(), 2),
+        "gpus": g,
+        "nnodes": nodes(nnodes),
+    }
     return facts
 
 
@@ -185,7 +214,7 @@ def resolve_hardware(cfg) -> Optional[Dict]:
     return facts or None
 
 
-FLASH_ATTN_MIN = (2, 3, 3)       # transformers' is_flash_attn_2_available()
+FLASH_ATTN_MIN = (2, 3, 3)  # transformers' is_flash_attn_2_available()
 
 
 def flash_attention_unavailable(hw) -> Optional[str]:
@@ -201,8 +230,10 @@ def flash_attention_unavailable(hw) -> Optional[str]:
     if hw.precision not in ("bf16", "fp16"):
         return f"flash attention runs in bf16 or fp16, not hardware.precision={hw.precision}"
     if importlib.util.find_spec("flash_attn") is None:
-        return ("the flash-attn package is not installed in this environment (not in requirements.lock: install it "
-                "on the GPU machine with `pip install flash-attn --no-build-isolation`), or use sdpa")
+        return (
+            "the flash-attn package is not installed in this environment (not in requirements.lock: install it "
+            "on the GPU machine with `pip install flash-attn --no-build-isolation`), or use sdpa"
+        )
     try:
         version = tuple(int(x) for x in re.findall(r"\d+", metadata.version("flash-attn"))[:3])
     except metadata.PackageNotFoundError:

@@ -13,6 +13,7 @@ x penalties for ZeRO-3 / offload / tensor parallel / several nodes. Ties go to t
 backend.candidates. Keys the user typed (micro_batch_size=..., gradient_checkpointing=..., hardware.deepspeed_stage,
 launcher.nproc_per_node) are kept as given.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,12 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
-from finetune.auto.estimator import GiB, LORA_LIKE, Estimate, MethodParams, ModelShape, Setup, estimate
+from finetune.auto.estimator import LORA_LIKE, Estimate, GiB, MethodParams, ModelShape, Setup, estimate
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-AUTO_METHODS = ("lora", "qlora", "freeze", "galore", "badam", "full")     # method=auto tries these
-QLORA_SPEED = 0.7      # 4/8-bit weights are dequantised in every forward and backward: QLoRA steps are slower than
-                       # LoRA's (reported 0.6-0.8x on GPUs); so a plan picks QLoRA when LoRA does not fit
+AUTO_METHODS = ("lora", "qlora", "freeze", "galore", "badam", "full")  # method=auto tries these
+QLORA_SPEED = 0.7  # 4/8-bit weights are dequantised in every forward and backward: QLoRA steps are slower than
+# LoRA's (reported 0.6-0.8x on GPUs); so a plan picks QLoRA when LoRA does not fit
 GPU_HEADROOM = 0.90
 CPU_HEADROOM = 0.85
 
@@ -38,7 +39,7 @@ class Request(MethodParams):
 
     batch_size: int
     seq_len: int
-    method: str = "auto"                       # a method name, or auto
+    method: str = "auto"  # a method name, or auto
     precision: str = "fp32"
     model_kind: str = "causal_lm"
     data_format: str = "alpaca"
@@ -51,8 +52,8 @@ class Request(MethodParams):
     zero_fixed: bool = False
     nproc_per_node: Optional[int] = None
     memory_efficient_attention: bool = True
-    total_tokens: float = 0.0                  # tokens the run will process (rows x epochs x seq, upper bound);
-                                               # 0: unknown, ranked as 10 million tokens
+    total_tokens: float = 0.0  # tokens the run will process (rows x epochs x seq, upper bound);
+    # 0: unknown, ranked as 10 million tokens
 
 
 # Seconds before the first step (imports, model and data loading), seen on this project's CPU machines:
@@ -63,14 +64,14 @@ STARTUP_S = {"alpacalora": 8.0, "llamafactory": 15.0, "collie": 30.0, "flagembed
 
 @dataclass
 class Machine:
-    device: str                                # cpu | cuda
+    device: str  # cpu | cuda
     gpus_per_node: int = 0
-    gpu_memory_gb: float = 0.0                 # GiB per GPU
+    gpu_memory_gb: float = 0.0  # GiB per GPU
     gpu_type: Optional[str] = None
     nnodes: int = 1
     cpus: int = 1
-    memory_gb: float = 0.0                     # GiB of RAM per node
-    flops: float = 1e12                        # peak FLOP/s of one process's device
+    memory_gb: float = 0.0  # GiB of RAM per node
+    flops: float = 1e12  # peak FLOP/s of one process's device
 
 
 @dataclass
@@ -93,8 +94,7 @@ class Candidate:
     tokens_per_s: float
     fits: bool
     why_not: str = ""
-    est_time_s: float = 0.0                    # startup + total tokens / tokens per second
-
+    est_time_s: float = 0.0  # startup + total tokens / tokens per second
 
     @property
     def need_bytes(self) -> float:
@@ -106,16 +106,21 @@ class Candidate:
             z += "+off_opt"
         if self.offload_param:
             z += "+off_param"
-        return (f"{self.backend}/{self.method} mbs={self.micro_batch_size} accum={self.grad_accum} "
-                f"gc={'on' if self.gradient_checkpointing else 'off'} zero={z} dp={self.dp} tp={self.tp}")
+        return (
+            f"{self.backend}/{self.method} mbs={self.micro_batch_size} accum={self.grad_accum} "
+            f"gc={'on' if self.gradient_checkpointing else 'off'} zero={z} dp={self.dp} tp={self.tp}"
+        )
 
     def sort_key(self, order: Dict[str, int], prefer: str = "fastest"):
         """Lower is better. fastest: estimated wall time (near-ties within 2 % go to the earlier backend in
         backend.candidates, then to less memory); least_memory: memory first."""
         if prefer == "least_memory":
             return (self.need_bytes, order.get(self.backend, 99), self.est_time_s)
-        return (round(math.log(max(self.est_time_s, 1e-9)) / math.log(1.02)), order.get(self.backend, 99),
-                self.need_bytes)
+        return (
+            round(math.log(max(self.est_time_s, 1e-9)) / math.log(1.02)),
+            order.get(self.backend, 99),
+            self.need_bytes,
+        )
 
     def summary(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("estimate",)}
@@ -143,10 +148,14 @@ class Choice:
         c = self.chosen
         if c is None:
             return []
-        out = [f"backend={c.backend}", f"method={c.method}", f"micro_batch_size={c.micro_batch_size}",
-               f"gradient_checkpointing={str(c.gradient_checkpointing).lower()}",
-               f"hardware.deepspeed_stage={'null' if c.zero_stage is None else c.zero_stage}",
-               f"launcher.nproc_per_node={c.nproc_per_node}"]
+        out = [
+            f"backend={c.backend}",
+            f"method={c.method}",
+            f"micro_batch_size={c.micro_batch_size}",
+            f"gradient_checkpointing={str(c.gradient_checkpointing).lower()}",
+            f"hardware.deepspeed_stage={'null' if c.zero_stage is None else c.zero_stage}",
+            f"launcher.nproc_per_node={c.nproc_per_node}",
+        ]
         if c.offload_optimizer:
             out.append("hardware.offload_optimizer=true")
         if c.offload_param:
@@ -156,38 +165,54 @@ class Choice:
         return out
 
     def to_dict(self) -> dict:
-        return {"chosen": self.chosen.summary() if self.chosen else None, "reason": self.reason,
-                "overrides": self.overrides(), "machine": asdict(self.machine),
-                "skipped_backends": dict(self.skipped_backends),
-                "considered": len(self.candidates), "fitting": sum(1 for c in self.candidates if c.fits)}
+        return {
+            "chosen": self.chosen.summary() if self.chosen else None,
+            "reason": self.reason,
+            "overrides": self.overrides(),
+            "machine": asdict(self.machine),
+            "skipped_backends": dict(self.skipped_backends),
+            "considered": len(self.candidates),
+            "fitting": sum(1 for c in self.candidates if c.fits),
+        }
 
     def explain(self, limit: int = 12) -> str:
         m = self.machine
         if m.device == "cuda":
-            where = (f"{m.nnodes} node(s) x {m.gpus_per_node} GPU(s) {m.gpu_type or ''} with {m.gpu_memory_gb:g} GiB each "
-                     f"({m.flops / 1e12:g} TFLOP/s)")
+            where = (
+                f"{m.nnodes} node(s) x {m.gpus_per_node} GPU(s) {m.gpu_type or ''} with {m.gpu_memory_gb:g} GiB each "
+                f"({m.flops / 1e12:g} TFLOP/s)"
+            )
         else:
             where = f"CPU: {m.cpus} cores, {m.memory_gb:.1f} GiB RAM ({m.flops / 1e12:.2f} TFLOP/s)"
         lines = [f"[auto] hardware: {where}"]
         for b, why in self.skipped_backends.items():
             lines.append(f"[auto] backend {b} not considered: {why}")
         best = {}
-        rank = lambda c: (0, c.sort_key(self.order, self.prefer)) if c.fits else (1, c.need_bytes / max(1.0, c.limit_bytes))  # noqa: E731
-        for c in self.candidates:                  # best per (backend, method): fitting first, then fastest / smallest
+
+        def rank(c):
+            return (0, c.sort_key(self.order, self.prefer)) if c.fits else (1, c.need_bytes / max(1.0, c.limit_bytes))
+
+        for c in self.candidates:  # best per (backend, method): fitting first, then fastest / smallest
             key = (c.backend, c.method)
             cur = best.get(key)
             if cur is None or rank(c) < rank(cur):
                 best[key] = c
         rows = sorted(best.values(), key=rank)[:limit]
         lines.append(f"[auto] {len(self.candidates)} combinations estimated; best per backend/method:")
-        lines.append(f"  {'':1} {'plan':<74} {'need GiB':>9} {'limit':>7} {'tokens/s':>10} {'est. s':>8}  "
-                     "parts GiB (weights/grads/optim/act/runtime)")
+        lines.append(
+            f"  {'':1} {'plan':<74} {'need GiB':>9} {'limit':>7} {'tokens/s':>10} {'est. s':>8}  "
+            "parts GiB (weights/grads/optim/act/runtime)"
+        )
         for c in rows:
             p = c.estimate.parts
             mark = "*" if c is self.chosen else ("+" if c.fits else "x")
-            parts = "/".join(f"{p[k] / GiB:.2f}" for k in ("weights", "gradients", "optimizer", "activations", "runtime"))
-            lines.append(f"  {mark} {c.label():<74} {c.need_bytes / GiB:9.2f} {c.limit_bytes / GiB:7.1f} "
-                         f"{c.tokens_per_s:10.0f} {c.est_time_s:8.0f}  {parts}" + (f"  ({c.why_not})" if c.why_not else ""))
+            parts = "/".join(
+                f"{p[k] / GiB:.2f}" for k in ("weights", "gradients", "optimizer", "activations", "runtime")
+            )
+            lines.append(
+                f"  {mark} {c.label():<74} {c.need_bytes / GiB:9.2f} {c.limit_bytes / GiB:7.1f} "
+                f"{c.tokens_per_s:10.0f} {c.est_time_s:8.0f}  {parts}" + (f"  ({c.why_not})" if c.why_not else "")
+            )
         lines.append("  (* chosen, + fits, x does not fit; est. s = startup + tokens / throughput)")
         lines.append(f"[auto] choice: {self.reason}")
         return "\n".join(lines)
@@ -202,12 +227,19 @@ def backend_info(name: str) -> dict:
 
     y = OmegaConf.load(CONF / "backend" / f"{name}.yaml")
     b = y.get("backend", {})
-    return {"methods": list(b.get("methods", [])), "model_kinds": list(b.get("model_kinds", ["causal_lm"])),
-            "data_formats": list(b.get("data_formats", ["alpaca", "sharegpt"]))}
+    return {
+        "methods": list(b.get("methods", [])),
+        "model_kinds": list(b.get("model_kinds", ["causal_lm"])),
+        "data_formats": list(b.get("data_formats", ["alpaca", "sharegpt"])),
+    }
 
 
-DEVICES = {"alpacalora": ("cpu", "cuda"), "llamafactory": ("cpu", "cuda"), "collie": ("cuda",),
-           "flagembedding": ("cpu", "cuda")}
+DEVICES = {
+    "alpacalora": ("cpu", "cuda"),
+    "llamafactory": ("cpu", "cuda"),
+    "collie": ("cuda",),
+    "flagembedding": ("cpu", "cuda"),
+}
 TENSOR_PARALLEL = {"collie"}
 
 
@@ -244,8 +276,9 @@ def why_cannot_train(req: Request, info: dict) -> Optional[str]:
     return None
 
 
-def usable_backends(base_req: Request, machine: Machine, collie_venv: Optional[str],
-                    per_backend: Optional[Dict[str, Request]]):
+def usable_backends(
+    base_req: Request, machine: Machine, collie_venv: Optional[str], per_backend: Optional[Dict[str, Request]]
+):
     """([(backend, its backend_info)] in backend.candidates order, {skipped backend: why})."""
     usable, skipped = [], {}
     for backend in base_req.candidates:
@@ -266,8 +299,16 @@ def _divisors(n: int, cap: int = 128) -> List[int]:
     return [d for d in range(1, min(n, cap) + 1) if n % d == 0]
 
 
-def _efficiency(machine: Machine, tokens_per_micro: int, zero: Optional[int], off_opt: bool, off_param: bool,
-                tp: int, nnodes: int, dp: int) -> float:
+def _efficiency(
+    machine: Machine,
+    tokens_per_micro: int,
+    zero: Optional[int],
+    off_opt: bool,
+    off_param: bool,
+    tp: int,
+    nnodes: int,
+    dp: int,
+) -> float:
     base, n0 = (0.45, 2048.0) if machine.device == "cuda" else (0.35, 64.0)
     eff = base * tokens_per_micro / (tokens_per_micro + n0)
     if zero == 3 and dp > 1:
@@ -288,12 +329,12 @@ def _efficiency(machine: Machine, tokens_per_micro: int, zero: Optional[int], of
 class Combination(NamedTuple):
     """One way to run a backend, before it is estimated."""
 
-    request: Request                           # the request as this backend sees it
-    params: dict                               # method settings for the estimator's Setup
-    world: int                                 # processes in the whole job
-    knobs: dict                                # what the search turned: the Candidate fields backend, method,
-                                               # micro_batch_size, grad_accum, gradient_checkpointing, zero_stage,
-                                               # offload_optimizer, offload_param, dp, tp, nproc_per_node
+    request: Request  # the request as this backend sees it
+    params: dict  # method settings for the estimator's Setup
+    world: int  # processes in the whole job
+    knobs: dict  # what the search turned: the Candidate fields backend, method,
+    # micro_batch_size, grad_accum, gradient_checkpointing, zero_stage,
+    # offload_optimizer, offload_param, dp, tp, nproc_per_node
 
 
 def process_counts(req: Request, machine: Machine):
@@ -328,8 +369,9 @@ def method_settings(method: str, req: Request) -> dict:
 
 def tensor_parallel_options(backend: str, machine: Machine, procs_per_node: int) -> List[int]:
     """Tensor-parallel sizes to try: Collie on GPUs splits layers over 1, 2, 4 or 8 of a node's processes."""
-    return [t for t in (1, 2, 4, 8) if backend in TENSOR_PARALLEL and machine.device == "cuda"
-            and procs_per_node % t == 0] or [1]
+    return [
+        t for t in (1, 2, 4, 8) if backend in TENSOR_PARALLEL and machine.device == "cuda" and procs_per_node % t == 0
+    ] or [1]
 
 
 def micro_batch_options(req: Request, per_rank: int) -> List[int]:
@@ -356,7 +398,7 @@ def zero_options(backend: str, method: str, req: Request, machine: Machine, dp: 
         options = [(None, False, False), (2, True, False), (3, True, True)]
     if family == "galore":
         options = [z for z in options if z[0] is None] or [(None, False, False)]
-    if method == "qlora":                    # quantised weights are not partitioned by ZeRO-3 (refused)
+    if method == "qlora":  # quantised weights are not partitioned by ZeRO-3 (refused)
         options = [z for z in options if z[0] != 3] or [(None, False, False)]
     if family == "badam" and req.badam_mode == "layer" and dp > 1:
         options = [z for z in options if z[0] == 3]
@@ -372,7 +414,7 @@ def combinations(backends, base_req: Request, machine: Machine, per_backend: Opt
         tp_options = tensor_parallel_options(backend, machine, procs_per_node)
         for method in method_options(req, info):
             if method_family(method) == "badam" and req.badam_mode == "ratio" and world > 1:
-                continue                     # ratio-mode BAdam runs in one process only
+                continue  # ratio-mode BAdam runs in one process only
             params = method_settings(method, req)
             for tp in tp_options:
                 dp = max(1, world // tp)
@@ -380,11 +422,23 @@ def combinations(backends, base_req: Request, machine: Machine, per_backend: Opt
                     continue
                 per_rank = req.batch_size // dp
                 for mbs, gc, (zero, off_opt, off_param) in itertools.product(
-                        micro_batch_options(req, per_rank), checkpointing_options(req),
-                        zero_options(backend, method, req, machine, dp)):
-                    knobs = dict(backend=backend, method=method, micro_batch_size=mbs, grad_accum=per_rank // mbs,
-                                 gradient_checkpointing=bool(gc), zero_stage=zero, offload_optimizer=off_opt,
-                                 offload_param=off_param, dp=dp, tp=tp, nproc_per_node=procs_per_node)
+                    micro_batch_options(req, per_rank),
+                    checkpointing_options(req),
+                    zero_options(backend, method, req, machine, dp),
+                ):
+                    knobs = dict(
+                        backend=backend,
+                        method=method,
+                        micro_batch_size=mbs,
+                        grad_accum=per_rank // mbs,
+                        gradient_checkpointing=bool(gc),
+                        zero_stage=zero,
+                        offload_optimizer=off_opt,
+                        offload_param=off_param,
+                        dp=dp,
+                        tp=tp,
+                        nproc_per_node=procs_per_node,
+                    )
                     yield Combination(request=req, params=params, world=world, knobs=knobs)
 
 
@@ -409,28 +463,53 @@ def why_it_does_not_fit(need: float, limit: float, host_need: float, host_limit:
 def tokens_per_second(machine: Machine, combo: Combination, est: Estimate, quantized: bool) -> float:
     """processes x device FLOP/s x efficiency / training FLOPs per token (divided over the tensor-parallel group)."""
     k = combo.knobs
-    eff = _efficiency(machine, k["micro_batch_size"] * combo.request.seq_len, k["zero_stage"], k["offload_optimizer"],
-                      k["offload_param"], k["tp"], machine.nnodes, k["dp"]) * (QLORA_SPEED if quantized else 1.0)
+    eff = _efficiency(
+        machine,
+        k["micro_batch_size"] * combo.request.seq_len,
+        k["zero_stage"],
+        k["offload_optimizer"],
+        k["offload_param"],
+        k["tp"],
+        machine.nnodes,
+        k["dp"],
+    ) * (QLORA_SPEED if quantized else 1.0)
     return combo.world * machine.flops * eff / max(1.0, est.flops_per_step_token) / max(1, k["tp"])
 
 
 def evaluate(shape: ModelShape, combo: Combination, machine: Machine) -> Candidate:
     """Estimate one combination: memory against the limits, throughput, time including startup."""
     req, k = combo.request, combo.knobs
-    setup = Setup(method=method_family(k["method"]), precision=req.precision, device=machine.device,
-                  micro_batch_size=k["micro_batch_size"], seq_len=req.seq_len,
-                  gradient_checkpointing=k["gradient_checkpointing"],
-                  memory_efficient_attention=req.memory_efficient_attention, zero_stage=k["zero_stage"],
-                  offload_optimizer=k["offload_optimizer"], offload_param=k["offload_param"], dp=k["dp"], tp=k["tp"],
-                  **combo.params)
+    setup = Setup(
+        method=method_family(k["method"]),
+        precision=req.precision,
+        device=machine.device,
+        micro_batch_size=k["micro_batch_size"],
+        seq_len=req.seq_len,
+        gradient_checkpointing=k["gradient_checkpointing"],
+        memory_efficient_attention=req.memory_efficient_attention,
+        zero_stage=k["zero_stage"],
+        offload_optimizer=k["offload_optimizer"],
+        offload_param=k["offload_param"],
+        dp=k["dp"],
+        tp=k["tp"],
+        **combo.params,
+    )
     est = estimate(shape, setup)
     limit, host_limit = memory_limits(machine, k["nproc_per_node"])
     host_need = est.host_bytes if machine.device == "cuda" else 0.0
     tokens_per_s = tokens_per_second(machine, combo, est, quantized=bool(setup.quantization_bit))
     est_time = STARTUP_S.get(k["backend"], 10.0) + (req.total_tokens or 1e7) / max(tokens_per_s, 1e-9)
-    return Candidate(**k, nnodes=machine.nnodes, estimate=est, limit_bytes=limit, host_limit_bytes=host_limit,
-                     tokens_per_s=tokens_per_s, fits=est.total <= limit and host_need <= host_limit,
-                     why_not=why_it_does_not_fit(est.total, limit, host_need, host_limit), est_time_s=est_time)
+    return Candidate(
+        **k,
+        nnodes=machine.nnodes,
+        estimate=est,
+        limit_bytes=limit,
+        host_limit_bytes=host_limit,
+        tokens_per_s=tokens_per_s,
+        fits=est.total <= limit and host_need <= host_limit,
+        why_not=why_it_does_not_fit(est.total, limit, host_need, host_limit),
+        est_time_s=est_time,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the choice
@@ -446,23 +525,32 @@ def nothing_fits_reason(candidates: List[Candidate], req: Request) -> str:
         return f"no plan: batch_size={req.batch_size} cannot be split over the processes of this hardware"
     smallest = min(candidates, key=lambda c: c.need_bytes / max(1.0, c.limit_bytes))
     p = smallest.estimate.parts
-    return (f"nothing fits: the smallest plan ({smallest.label()}) needs {smallest.need_bytes / GiB:.1f} GiB "
-            f"per device (weights {p['weights'] / GiB:.1f}, gradients {p['gradients'] / GiB:.1f}, "
-            f"optimizer {p['optimizer'] / GiB:.1f}, activations {p['activations'] / GiB:.1f}, runtime "
-            f"{p['runtime'] / GiB:.1f}) for {smallest.estimate.total_params / 1e9:.2f}B parameters, "
-            f"but the hardware has {smallest.limit_bytes / GiB:.1f} GiB usable per device")
+    return (
+        f"nothing fits: the smallest plan ({smallest.label()}) needs {smallest.need_bytes / GiB:.1f} GiB "
+        f"per device (weights {p['weights'] / GiB:.1f}, gradients {p['gradients'] / GiB:.1f}, "
+        f"optimizer {p['optimizer'] / GiB:.1f}, activations {p['activations'] / GiB:.1f}, runtime "
+        f"{p['runtime'] / GiB:.1f}) for {smallest.estimate.total_params / 1e9:.2f}B parameters, "
+        f"but the hardware has {smallest.limit_bytes / GiB:.1f} GiB usable per device"
+    )
 
 
 def choice_reason(best: Candidate, fitting: List[Candidate], candidates: List[Candidate], prefer: str) -> str:
     share = best.need_bytes / max(1.0, best.limit_bytes)
-    return (f"{best.label()}: estimated {best.need_bytes / GiB:.2f} GiB of {best.limit_bytes / GiB:.1f} GiB usable "
-            f"per device ({share:.0%}), about {best.tokens_per_s:,.0f} tokens/s, about {best.est_time_s:,.0f} s "
-            f"with startup; {'fastest' if prefer != 'least_memory' else 'least memory'} of {len(fitting)} "
-            f"fitting plans (of {len(candidates)} estimated)")
+    return (
+        f"{best.label()}: estimated {best.need_bytes / GiB:.2f} GiB of {best.limit_bytes / GiB:.1f} GiB usable "
+        f"per device ({share:.0%}), about {best.tokens_per_s:,.0f} tokens/s, about {best.est_time_s:,.0f} s "
+        f"with startup; {'fastest' if prefer != 'least_memory' else 'least memory'} of {len(fitting)} "
+        f"fitting plans (of {len(candidates)} estimated)"
+    )
 
 
-def plan_choice(shape: ModelShape, req: Request, machine: Machine, collie_venv: Optional[str] = None,
-                per_backend: Optional[Dict[str, Request]] = None) -> Choice:
+def plan_choice(
+    shape: ModelShape,
+    req: Request,
+    machine: Machine,
+    collie_venv: Optional[str] = None,
+    per_backend: Optional[Dict[str, Request]] = None,
+) -> Choice:
     """Estimate every combination and pick one. ``per_backend``: the request as each backend would see it (its
     own defaults for batch size, LoRA modules_to_save, ...); ``req`` otherwise."""
     backends, skipped = usable_backends(req, machine, collie_venv, per_backend)
@@ -474,5 +562,6 @@ def plan_choice(shape: ModelShape, req: Request, machine: Machine, collie_venv: 
     if not fitting:
         return Choice(None, candidates, nothing_fits_reason(candidates, req), machine, skipped, order, req.prefer)
     best = min(fitting, key=lambda c: c.sort_key(order, req.prefer))
-    return Choice(best, candidates, choice_reason(best, fitting, candidates, req.prefer), machine, skipped, order,
-                  req.prefer)
+    return Choice(
+        best, candidates, choice_reason(best, fitting, candidates, req.prefer), machine, skipped, order, req.prefer
+    )

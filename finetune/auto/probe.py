@@ -8,6 +8,7 @@ one JSON line: peak RSS (CPU) or peak allocated memory (GPU), the RSS after the 
 and the estimator's figures for the same setup. Used by tests/test_auto.py to check the estimator; useful by hand
 to calibrate it on a new machine. Heavy imports happen here, never at plan time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ import time
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def _current_rss() -> int:
@@ -43,11 +44,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda", action="store_true")
     args = ap.parse_args(argv)
 
+    import peft  # noqa: F401  (imported for the LoRA case and so the runtime constant includes it)
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-
-    import peft  # noqa: F401  (imported for the LoRA case and so the runtime constant includes it)
 
     base_rss = _current_rss()
     torch.manual_seed(0)
@@ -56,9 +56,17 @@ def main(argv=None) -> int:
         from peft import LoraConfig, get_peft_model
 
         save = [m for m in args.save.split(",") if m] or None
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                                 target_modules=args.targets.split(","), modules_to_save=save,
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=args.lora_r,
+                lora_alpha=2 * args.lora_r,
+                lora_dropout=0.0,
+                target_modules=args.targets.split(","),
+                modules_to_save=save,
+                task_type="CAUSAL_LM",
+            ),
+        )
     elif args.method == "freeze":
         n = args.freeze_layers
         layers = model.model.layers
@@ -79,30 +87,58 @@ def main(argv=None) -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory() as out:
-        targs = TrainingArguments(output_dir=out, per_device_train_batch_size=args.mbs, gradient_accumulation_steps=1,
-                                  max_steps=args.steps, learning_rate=1e-4, logging_steps=1, report_to="none",
-                                  save_strategy="no", optim="adamw_torch", use_cpu=not args.cuda,
-                                  gradient_checkpointing=args.gc, dataloader_num_workers=0, disable_tqdm=True)
+        targs = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=args.mbs,
+            gradient_accumulation_steps=1,
+            max_steps=args.steps,
+            learning_rate=1e-4,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            optim="adamw_torch",
+            use_cpu=not args.cuda,
+            gradient_checkpointing=args.gc,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
         t0 = time.time()
         trainer = Trainer(model=model, args=targs, train_dataset=Random())
         result = trainer.train()
         runtime = time.time() - t0
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    out = {"peak_rss": _peak_rss(), "base_rss": base_rss, "train_runtime_s": runtime, "losses": losses,
-           "total_params": sum(p.numel() for p in model.parameters()),
-           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           "train_loss": result.training_loss, "torch": torch.__version__, "transformers": transformers.__version__}
+    out = {
+        "peak_rss": _peak_rss(),
+        "base_rss": base_rss,
+        "train_runtime_s": runtime,
+        "losses": losses,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_loss": result.training_loss,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     if args.cuda:
         out["peak_cuda"] = torch.cuda.max_memory_allocated()
 
     from finetune.auto.estimator import ModelShape, Setup, estimate
 
     shape = ModelShape.from_path(args.model)
-    est = estimate(shape, Setup(method=args.method, precision="fp32", device="cuda" if args.cuda else "cpu",
-                                micro_batch_size=args.mbs, seq_len=args.seq, gradient_checkpointing=args.gc,
-                                lora_r=args.lora_r, lora_targets=args.targets.split(","),
-                                modules_to_save=[m for m in args.save.split(",") if m],
-                                freeze_trainable_layers=args.freeze_layers))
+    est = estimate(
+        shape,
+        Setup(
+            method=args.method,
+            precision="fp32",
+            device="cuda" if args.cuda else "cpu",
+            micro_batch_size=args.mbs,
+            seq_len=args.seq,
+            gradient_checkpointing=args.gc,
+            lora_r=args.lora_r,
+            lora_targets=args.targets.split(","),
+            modules_to_save=[m for m in args.save.split(",") if m],
+            freeze_trainable_layers=args.freeze_layers,
+        ),
+    )
     out["estimate"] = est.to_dict()
     print(json.dumps(out))
     return 0

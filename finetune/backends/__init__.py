@@ -7,6 +7,7 @@
 ``ctx`` is a dict of facts from validation (data format, row count) and the launcher (world size).
 Dispatch is on ``cfg.backend.name`` (never on hydra.runtime.choices, which is empty when re-run from a file).
 """
+
 from __future__ import annotations
 
 import importlib

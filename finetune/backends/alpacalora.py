@@ -4,6 +4,7 @@ Plan:  [deepspeed.json]  ->  train (python -m finetune.recipes.alpacalora; torch
        ->  merge (python -m finetune.recipes.merge; LoRA methods, unless merge=false)
 Standard library + omegaconf only at import.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from finetune.backends import gen_eval
-from finetune.config.derived import (adapter_dir, deepspeed_offload, grad_accum, hf_deepspeed_config, merged_dir,
-                                     world_size)
+from finetune.config.derived import (
+    adapter_dir,
+    deepspeed_offload,
+    grad_accum,
+    hf_deepspeed_config,
+    merged_dir,
+    world_size,
+)
 from finetune.config.schema import AlpacaloraBackend, choices
 from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
@@ -23,7 +30,7 @@ TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 # keys this backend would ignore: refused when typed (finetune/run.py check_unused_keys)
 NOT_USED = {
     "method.create_new_adapter": "the alpacalora recipe trains one adapter on the base model (LLaMA-Factory's "
-                                 "create_new_adapter stacks a new one on an existing adapter: use backend=llamafactory)",
+    "create_new_adapter stacks a new one on an existing adapter: use backend=llamafactory)",
 }
 DS_FILE = "deepspeed.json"
 
@@ -73,8 +80,11 @@ def deepspeed_config(cfg) -> dict:
     if hw.deepspeed_stage >= 2:
         zero.update(reduce_bucket_size="auto", allgather_bucket_size=5e8 if hw.deepspeed_stage == 2 else None)
     if hw.deepspeed_stage == 3:
-        zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto",
-                    stage3_gather_16bit_weights_on_model_save=True)
+        zero.update(
+            stage3_prefetch_bucket_size="auto",
+            stage3_param_persistence_threshold="auto",
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
     zero.update(deepspeed_offload(hw, pin_memory=hw.device != "cpu"))
     zero = {k: v for k, v in zero.items() if v is not None}
     return hf_deepspeed_config(zero)
@@ -91,22 +101,45 @@ def plan(cfg, run_dir, ctx) -> Plan:
         env["FINETUNE_DEEPSPEED"] = DS_FILE
         notes.append(f"DeepSpeed ZeRO-{cfg.hardware.deepspeed_stage} config generated into {DS_FILE}")
     ws, accum = world_size(cfg), grad_accum(cfg)
-    notes.append(f"method {cfg.method.name}; global batch {cfg.batch_size} = micro {cfg.micro_batch_size} x "
-                 f"accumulation {accum} x {ws} process(es)")
-    steps = [Step(name="train", argv=[py, "-m", "finetune.recipes.alpacalora", "--config", cfg_path], env=env,
-                  distributed="torchrun", progress="history.jsonl")]
+    notes.append(
+        f"method {cfg.method.name}; global batch {cfg.batch_size} = micro {cfg.micro_batch_size} x "
+        f"accumulation {accum} x {ws} process(es)"
+    )
+    steps = [
+        Step(
+            name="train",
+            argv=[py, "-m", "finetune.recipes.alpacalora", "--config", cfg_path],
+            env=env,
+            distributed="torchrun",
+            progress="history.jsonl",
+        )
+    ]
     target = str(adapter_dir(cfg, run_dir))
     merged = str(merged_dir(cfg, run_dir))
     outputs = {"history": str(run_dir / "history.jsonl"), "tensorboard": str(run_dir / "tensorboard")}
     if _lora(cfg):
         outputs["adapter"] = target
         if cfg.merge:
-            steps.append(Step(name="merge", argv=[py, "-m", "finetune.recipes.merge",
-                                                  "--base", str(Path(str(cfg.model.path)).absolute()), "--adapter", target, "--out", merged,
-                                                  "--dtype", "bfloat16" if cfg.hardware.precision == "bf16"
-                                                  and cfg.hardware.device != "cpu" else "float32",
-                                                  *(["--trust-remote-code"] if cfg.trust_remote_code else []),
-                                                  *(["--replace"] if cfg.resume else [])]))
+            steps.append(
+                Step(
+                    name="merge",
+                    argv=[
+                        py,
+                        "-m",
+                        "finetune.recipes.merge",
+                        "--base",
+                        str(Path(str(cfg.model.path)).absolute()),
+                        "--adapter",
+                        target,
+                        "--out",
+                        merged,
+                        "--dtype",
+                        "bfloat16" if cfg.hardware.precision == "bf16" and cfg.hardware.device != "cpu" else "float32",
+                        *(["--trust-remote-code"] if cfg.trust_remote_code else []),
+                        *(["--replace"] if cfg.resume else []),
+                    ],
+                )
+            )
             outputs["merged"] = merged
         else:
             notes.append("merge=false: the adapter is not merged")
@@ -116,20 +149,28 @@ def plan(cfg, run_dir, ctx) -> Plan:
     if _lora(cfg) and cfg.method.modules_to_save:
         from finetune.config import model_facts
 
-        wanted = [str(x) for x in OmegaConf.to_container(cfg.method.modules_to_save)] \
-            if OmegaConf.is_config(cfg.method.modules_to_save) else str(cfg.method.modules_to_save).split(",")
+        wanted = (
+            [str(x) for x in OmegaConf.to_container(cfg.method.modules_to_save)]
+            if OmegaConf.is_config(cfg.method.modules_to_save)
+            else str(cfg.method.modules_to_save).split(",")
+        )
         if model_facts.tied_embeddings(cfg.model) and set(wanted) & model_facts.embedding_names(cfg.model):
-            notes.append(f"tied embeddings: modules_to_save {wanted} trains the one shared embedding/output matrix "
-                         "once (PEFT ensure_weight_tying); the adapter and the merged model keep it tied")
+            notes.append(
+                f"tied embeddings: modules_to_save {wanted} trains the one shared embedding/output matrix "
+                "once (PEFT ensure_weight_tying); the adapter and the merged model keep it tied"
+            )
     after = merged if (cfg.merge or not _lora(cfg)) else str(Path(str(cfg.model.path)).absolute())
     first, last = gen_eval.steps(cfg, run_dir, after, adapter=None if (cfg.merge or not _lora(cfg)) else target)
     steps = first + steps + last
     notes += gen_eval.note(cfg)
     if cfg.method.name == "pissa" or (_lora(cfg) and cfg.method.pissa_init):
-        notes.append("PiSSA: the saved adapter is converted to a plain LoRA delta (rank 2r) against the original "
-                     "base, so merging is reproducible" if cfg.method.pissa_convert else
-                     "PiSSA without pissa_convert: merging re-runs the PiSSA initialisation (not reproducible "
-                     "unless pissa_iter=-1)")
+        notes.append(
+            "PiSSA: the saved adapter is converted to a plain LoRA delta (rank 2r) against the original "
+            "base, so merging is reproducible"
+            if cfg.method.pissa_convert
+            else "PiSSA without pissa_convert: merging re-runs the PiSSA initialisation (not reproducible "
+            "unless pissa_iter=-1)"
+        )
     return Plan(backend="alpacalora", steps=steps, files=files, outputs=outputs, notes=notes)
 
 
@@ -139,10 +180,25 @@ def collect(cfg, run_dir, ctx) -> dict:
     if not path.exists():
         raise RuntimeError(f"{path} is missing: the train step wrote no summary")
     s = json.loads(path.read_text())
-    keys = ("train_loss", "eval_loss", "first_train_loss", "total_params", "trainable_params", "tokens_per_s",
-            "target_tokens_per_s", "train_target_tokens",
-            "peak_rss_mb", "train_runtime_s", "train_compute_s", "train_tokens", "global_step", "world_size",
-            "deepspeed", "gradient_accumulation_steps", "precision")
+    keys = (
+        "train_loss",
+        "eval_loss",
+        "first_train_loss",
+        "total_params",
+        "trainable_params",
+        "tokens_per_s",
+        "target_tokens_per_s",
+        "train_target_tokens",
+        "peak_rss_mb",
+        "train_runtime_s",
+        "train_compute_s",
+        "train_tokens",
+        "global_step",
+        "world_size",
+        "deepspeed",
+        "gradient_accumulation_steps",
+        "precision",
+    )
     out = {k: s.get(k) for k in keys}
     out["trainable_pct"] = 100.0 * s["trainable_params"] / s["total_params"] if s.get("total_params") else None
     return out

@@ -14,6 +14,7 @@ check(cfg)   estimates every combination (finetune/auto/planner.py), refuses wit
 plan/collect delegate to the chosen backend; plan adds the decision to the plan's notes and ctx["auto_choice"].
 explain=true prints the estimate of the best plan per backend/method and the reason for the choice.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -96,19 +97,26 @@ def _request(cfg: DictConfig, backend: Optional[str], typed: List[str], data_for
     meth = cfg.method
     method = str(meth.name)
     if method == "auto" and any(k in typed for k in LORA_KEYS):
-        method = "lora"                                # LoRA options typed: only LoRA methods make sense
+        method = "lora"  # LoRA options typed: only LoRA methods make sense
     return Request(
-        batch_size=int(c.batch_size), seq_len=int(c.cutoff_len), method=method, precision=str(cfg.hardware.precision),
-        lora_r=int(c.lora_r), lora_targets=_as_list(c.lora_target_modules) or ["q_proj", "v_proj"],
+        batch_size=int(c.batch_size),
+        seq_len=int(c.cutoff_len),
+        method=method,
+        precision=str(cfg.hardware.precision),
+        lora_r=int(c.lora_r),
+        lora_targets=_as_list(c.lora_target_modules) or ["q_proj", "v_proj"],
         modules_to_save=_as_list(c.modules_to_save),
         freeze_trainable_layers=int(meth.get("freeze_trainable_layers", 2)) if method == "freeze" else 2,
         galore_rank=int(meth.get("galore_rank", 16)) if method == "galore" else 16,
         galore_layerwise=bool(meth.get("galore_layerwise", False)) if method == "galore" else False,
         badam_mode=str(meth.get("badam_mode", "layer")) if method == "badam" else "layer",
         badam_update_ratio=float(meth.get("badam_update_ratio", 0.05)) if method == "badam" else 0.05,
-        optim=str(c.optim), model_kind=str(cfg.model.kind), data_format=data_format,
+        optim=str(c.optim),
+        model_kind=str(cfg.model.kind),
+        data_format=data_format,
         quantization_bit=int(meth.quantization_bit) if meth.get("quantization_bit") else None,
-        candidates=[str(b) for b in cfg.backend.candidates], prefer=str(cfg.backend.prefer),
+        candidates=[str(b) for b in cfg.backend.candidates],
+        prefer=str(cfg.backend.prefer),
         micro_batch_size=int(c.micro_batch_size) if "micro_batch_size" in typed else None,
         gradient_checkpointing=bool(c.gradient_checkpointing) if "gradient_checkpointing" in typed else None,
         zero_stage=cfg.hardware.deepspeed_stage,
@@ -134,9 +142,16 @@ def machine_of(cfg: DictConfig):
     from finetune.auto.planner import Machine
 
     hw = cfg.hardware
-    return Machine(device=str(hw.device), gpus_per_node=int(hw.gpus_per_node), gpu_memory_gb=float(hw.gpu_memory_gb),
-                   gpu_type=hw.gpu_type, nnodes=max(int(hw.nnodes), int(cfg.launcher.nnodes)), cpus=int(hw.cpus),
-                   memory_gb=float(hw.memory_gb), flops=device_flops(hw))
+    return Machine(
+        device=str(hw.device),
+        gpus_per_node=int(hw.gpus_per_node),
+        gpu_memory_gb=float(hw.gpu_memory_gb),
+        gpu_type=hw.gpu_type,
+        nnodes=max(int(hw.nnodes), int(cfg.launcher.nnodes)),
+        cpus=int(hw.cpus),
+        memory_gb=float(hw.memory_gb),
+        flops=device_flops(hw),
+    )
 
 
 def choose(cfg: DictConfig, typed: Optional[List[str]] = None, data_format: Optional[str] = None, rows: int = 0):
@@ -147,17 +162,20 @@ def choose(cfg: DictConfig, typed: Optional[List[str]] = None, data_format: Opti
     typed = _typed_keys() if typed is None else typed
     path = Path(str(cfg.model.path)) / "config.json"
     planned = None
-    if not path.is_file() and cfg.model.builder:             # built on first use: its builder knows the shape
+    if not path.is_file() and cfg.model.builder:  # built on first use: its builder knows the shape
         from finetune.tools.tiny_models import planned_config
 
         planned = planned_config(str(cfg.model.builder))
     if not path.is_file() and planned is None:
-        raise ConfigError("model.path", str(cfg.model.path), "backend=auto reads the model's config.json to estimate "
-                          "memory; build or download the model first")
+        raise ConfigError(
+            "model.path",
+            str(cfg.model.path),
+            "backend=auto reads the model's config.json to estimate memory; build or download the model first",
+        )
     try:
         shape = ModelShape.from_config(planned) if planned is not None else ModelShape.from_path(path)
     except ValueError as e:
-        raise ConfigError("model.path", str(path), str(e))
+        raise ConfigError("model.path", str(path), str(e)) from None
     fmt = data_format or str(cfg.data.format)
     base = _request(cfg, None, typed, fmt, rows)
     per = {b: _request(cfg, b, typed, fmt, rows) for b in base.candidates if (CONF / "backend" / f"{b}.yaml").is_file()}
@@ -245,8 +263,10 @@ def plan(cfg, run_dir, ctx):
     p = _chosen(cfg).plan(cfg, run_dir, ctx)
     rec = OmegaConf.to_container(cfg.auto_choice, resolve=True) if "auto_choice" in cfg else {}
     ctx["auto_choice"] = rec
-    notes = [f"auto: {rec.get('reason', '')}",
-             "auto: to reproduce without re-deciding, replace backend=auto with: " + " ".join(rec.get("overrides", []))]
+    notes = [
+        f"auto: {rec.get('reason', '')}",
+        "auto: to reproduce without re-deciding, replace backend=auto with: " + " ".join(rec.get("overrides", [])),
+    ]
     p.notes[:0] = notes
     return p
 
@@ -262,5 +282,5 @@ def collect(cfg, run_dir, ctx) -> dict:
         metrics["auto_estimate_gib"] = est
         peak = metrics.get("peak_rss_mb")
         if cfg.hardware.device == "cpu" and isinstance(peak, (int, float)) and peak > 0:
-            metrics["auto_estimate_ratio"] = round(est * 1024 / peak, 3)   # estimate / measured peak RSS
+            metrics["auto_estimate_ratio"] = round(est * 1024 / peak, 3)  # estimate / measured peak RSS
     return metrics

@@ -12,6 +12,7 @@ The plan has three steps:
 
 Standard library + omegaconf only at import.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,19 +22,21 @@ from pathlib import Path
 from typing import Optional
 
 from finetune.backends import gen_eval
-from finetune.config.resolvers import REPO_ROOT
 from finetune.config.derived import adapter_dir, grad_accum, merged_dir, world_size
+from finetune.config.resolvers import REPO_ROOT
 from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
 from finetune.report.history import read_history
 
 SETUP_CMD = "bash scripts/setup_collie_env.sh (or: finetune setup-collie)"
-LOCK = REPO_ROOT / "requirements-collie.lock"               # CPU runs
-CUDA_LOCK = REPO_ROOT / "requirements-collie-cuda.lock"     # GPU runs: + the CUDA runtime PyPI's torch build needs
+LOCK = REPO_ROOT / "requirements-collie.lock"  # CPU runs
+CUDA_LOCK = REPO_ROOT / "requirements-collie-cuda.lock"  # GPU runs: + the CUDA runtime PyPI's torch build needs
 
 
 def lock_file(cfg) -> Path:
     return CUDA_LOCK if cfg.hardware.device == "cuda" else LOCK
+
+
 # model.family values the adapter supports: Collie also has InternLM2/ChatGLM2 classes, but their weight layouts
 # (fused wqkv, ...) need their own export conversion, which is written and verified for Llama only
 FAMILIES = ("llama",)
@@ -67,8 +70,11 @@ def venv_python(cfg) -> Path:
 def venv_ready(cfg) -> bool:
     """Does Collie's environment exist, complete and matching requirements-collie.lock?"""
     stamp = venv_dir(cfg) / ".finetune-lock.sha256"
-    return (venv_python(cfg).exists() and stamp.is_file()
-            and stamp.read_text().strip() == hashlib.sha256(lock_file(cfg).read_bytes()).hexdigest())
+    return (
+        venv_python(cfg).exists()
+        and stamp.is_file()
+        and stamp.read_text().strip() == hashlib.sha256(lock_file(cfg).read_bytes()).hexdigest()
+    )
 
 
 def _cannot_build_venv() -> Optional[str]:
@@ -81,8 +87,16 @@ def _cannot_build_venv() -> Optional[str]:
 
     py = os.environ.get("PYTHON") or shutil.which("python3") or ""
     try:
-        version = subprocess.run([py, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True,
-                                 text=True, timeout=20).stdout.strip() if py else ""
+        version = (
+            subprocess.run(
+                [py, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
+            if py
+            else ""
+        )
     except OSError:
         version = ""
     if version != "3.11":
@@ -101,8 +115,13 @@ def _pip_config(key: str) -> Optional[str]:
     import configparser
     import os
 
-    for path in ("/etc/pip.conf", "/etc/xdg/pip/pip.conf", os.path.expanduser("~/.config/pip/pip.conf"),
-                 os.path.expanduser("~/.pip/pip.conf"), os.environ.get("PIP_CONFIG_FILE") or ""):
+    for path in (
+        "/etc/pip.conf",
+        "/etc/xdg/pip/pip.conf",
+        os.path.expanduser("~/.config/pip/pip.conf"),
+        os.path.expanduser("~/.pip/pip.conf"),
+        os.environ.get("PIP_CONFIG_FILE") or "",
+    ):
         parser = configparser.ConfigParser()
         try:
             parser.read(path)
@@ -121,8 +140,12 @@ def check_venv(cfg) -> None:
         return
     why = _cannot_build_venv()
     if why:
-        raise ConfigError("backend.venv", str(venv_dir(cfg)), f"Collie's environment is missing or outdated and "
-                          f"cannot be built here: {why}; build it where it can be: {SETUP_CMD}")
+        raise ConfigError(
+            "backend.venv",
+            str(venv_dir(cfg)),
+            f"Collie's environment is missing or outdated and "
+            f"cannot be built here: {why}; build it where it can be: {SETUP_CMD}",
+        )
 
 
 def check(cfg) -> None:
@@ -130,27 +153,47 @@ def check(cfg) -> None:
     dp, tp, pp = int(b.dp_size), int(b.tp_size), int(b.pp_size)
     ws = world_size(cfg)
     if dp * tp * pp != ws:
-        raise ConfigError("backend.dp_size", dp, f"dp_size x tp_size x pp_size = {dp} x {tp} x {pp} = {dp * tp * pp} "
-                          f"must equal the launcher's world size {ws} (launcher.nproc_per_node "
-                          f"{cfg.launcher.nproc_per_node} x launcher.nnodes {cfg.launcher.nnodes})")
+        raise ConfigError(
+            "backend.dp_size",
+            dp,
+            f"dp_size x tp_size x pp_size = {dp} x {tp} x {pp} = {dp * tp * pp} "
+            f"must equal the launcher's world size {ws} (launcher.nproc_per_node "
+            f"{cfg.launcher.nproc_per_node} x launcher.nnodes {cfg.launcher.nnodes})",
+        )
     for key, v in (("backend.dp_size", dp), ("backend.tp_size", tp), ("backend.pp_size", pp)):
         if v < 1:
             raise ConfigError(key, v, "must be >= 1")
     if meth.uses_lora and tp > 1:
-        raise ConfigError("backend.tp_size", tp, "Collie's tensor parallelism does not support LoRA "
-                          "(collie/config.py valid_config); use tp_size=1, or method=full")
+        raise ConfigError(
+            "backend.tp_size",
+            tp,
+            "Collie's tensor parallelism does not support LoRA "
+            "(collie/config.py valid_config); use tp_size=1, or method=full",
+        )
     if pp > 1:
         # seen here with method=full: Collie's ColliePipelineEngine calls DeepSpeed PipelineEngine internals that
         # 0.19.8 no longer has (dynamic_shape, mem_status, _allocate_buffers); with LoRA DeepSpeed asserts
         # "model must base PipelineModule" on Collie's PeftModel. Collie 1.0.7 predates them (2024-04).
-        raise ConfigError("backend.pp_size", pp, "Collie 1.0.7's pipeline engine does not run with the pinned DeepSpeed "
-                          "0.19.8 (private PipelineEngine API it calls is gone); use pp_size=1 with dp_size/tp_size")
+        raise ConfigError(
+            "backend.pp_size",
+            pp,
+            "Collie 1.0.7's pipeline engine does not run with the pinned DeepSpeed "
+            "0.19.8 (private PipelineEngine API it calls is gone); use pp_size=1 with dp_size/tp_size",
+        )
     if cfg.resume:
-        raise ConfigError("resume", True, "the collie backend does not resume a run (Collie's checkpoints are not "
-                          "wired in, so it would train again from step 0 into the same folder); start a new run")
+        raise ConfigError(
+            "resume",
+            True,
+            "the collie backend does not resume a run (Collie's checkpoints are not "
+            "wired in, so it would train again from step 0 into the same folder); start a new run",
+        )
     if cfg.model.family not in FAMILIES:
-        raise ConfigError("model.family", cfg.model.family, f"the collie backend supports {', '.join(FAMILIES)} "
-                          "(Collie's adapter/weight layout conversion is verified for Llama only)")
+        raise ConfigError(
+            "model.family",
+            cfg.model.family,
+            f"the collie backend supports {', '.join(FAMILIES)} "
+            "(Collie's adapter/weight layout conversion is verified for Llama only)",
+        )
     if cfg.max_steps != -1:
         raise ConfigError("max_steps", cfg.max_steps, "Collie trains whole epochs; use num_epochs (max_steps=-1)")
     if float(cfg.num_epochs) != int(cfg.num_epochs):
@@ -158,7 +201,9 @@ def check(cfg) -> None:
     if cfg.prompt_template_name not in PROMPT_TEMPLATES:
         raise ConfigError("prompt_template_name", cfg.prompt_template_name, one_of(PROMPT_TEMPLATES))
     if cfg.lr_scheduler_type not in SCHEDULERS:
-        raise ConfigError("lr_scheduler_type", cfg.lr_scheduler_type, f"the collie backend implements {one_of(SCHEDULERS)}")
+        raise ConfigError(
+            "lr_scheduler_type", cfg.lr_scheduler_type, f"the collie backend implements {one_of(SCHEDULERS)}"
+        )
     if cfg.optim not in OPTIMS:
         raise ConfigError("optim", cfg.optim, f"the collie backend uses torch AdamW: {one_of(OPTIMS)}")
     _check_model_shape(cfg, tp, pp)
@@ -175,27 +220,36 @@ def _check_model_fits_collie(cfg) -> None:
 
     theta, rope_type, scaling = model_facts.rope(cfg.model)
     if theta != 10000.0 or rope_type != "default" or scaling:
-        raise ConfigError("model", cfg.model.name, f"uses rope_theta {theta:g} ({rope_type}"
-                          f"{', scaling' if scaling else ''}); Collie 1.0.7's Llama hard-codes rope base 10000 without "
-                          "scaling and would train a different model: use backend=alpacalora or backend=llamafactory")
+        raise ConfigError(
+            "model",
+            cfg.model.name,
+            f"uses rope_theta {theta:g} ({rope_type}"
+            f"{', scaling' if scaling else ''}); Collie 1.0.7's Llama hard-codes rope base 10000 without "
+            "scaling and would train a different model: use backend=alpacalora or backend=llamafactory",
+        )
     if model_facts.tied_embeddings(cfg.model):
-        raise ConfigError("model", cfg.model.name, "ties its embedding and output layer; Collie 1.0.7's Llama keeps a "
-                          "separate lm_head (it would start untrained): use backend=alpacalora or backend=llamafactory")
+        raise ConfigError(
+            "model",
+            cfg.model.name,
+            "ties its embedding and output layer; Collie 1.0.7's Llama keeps a "
+            "separate lm_head (it would start untrained): use backend=alpacalora or backend=llamafactory",
+        )
 
 
 def _check_model_shape(cfg, tp: int, pp: int) -> None:
     conf = Path(str(cfg.model.path)) / "config.json"
     if not conf.is_file():
-        return                                  # a tiny model built on first use
+        return  # a tiny model built on first use
     try:
         meta = json.loads(conf.read_text(encoding="utf-8"))
     except ValueError:
-        return                                  # validate.check_model reports it
+        return  # validate.check_model reports it
     heads = int(meta.get("num_attention_heads") or 0)
     kv = int(meta.get("num_key_value_heads") or heads)
     if tp > 1 and heads and (heads % tp or kv % tp):
-        raise ConfigError("backend.tp_size", tp, f"must divide the model's attention heads ({heads}) and key/value "
-                          f"heads ({kv})")
+        raise ConfigError(
+            "backend.tp_size", tp, f"must divide the model's attention heads ({heads}) and key/value heads ({kv})"
+        )
 
 
 def outputs(cfg, run_dir: Path) -> dict:
@@ -212,8 +266,11 @@ def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
     py = str(venv_python(cfg))
     # DeepSpeed JIT-builds its CPU comm op once per environment: keep Collie's build apart from the main env's
     # (same op name, other torch), or each environment would rebuild it after the other one ran
-    env = {"PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1",
-           "TORCH_EXTENSIONS_DIR": str(venv_dir(cfg).resolve() / "torch_extensions")}
+    env = {
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TORCH_EXTENSIONS_DIR": str(venv_dir(cfg).resolve() / "torch_extensions"),
+    }
     if cfg.hardware.device == "cpu":
         # a CPU run on a GPU machine stays on the CPU: DeepSpeed picks its accelerator from torch.cuda otherwise
         env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
@@ -221,30 +278,63 @@ def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
     accum = grad_accum(cfg, data_parallel=dp)
     # paths as the user typed them are relative to this process's folder; the steps run in the run folder
     out = outputs(cfg, run_dir)
-    paths = ["--config", rc, "--model", str(Path(str(cfg.model.path)).absolute()),
-             "--data", str(Path(str(cfg.data.path)).absolute()),
-             "--target", str(adapter_dir(cfg, run_dir)), "--merge", str(merged_dir(cfg, run_dir))]
-    steps = [] if venv_ready(cfg) else [
-        Step(name="setup_collie", argv=["bash", str(REPO_ROOT / "scripts" / "setup_collie_env.sh"),
-                                        *(["--cuda"] if cfg.hardware.device == "cuda" else [])],
-             env={"FINETUNE_COLLIE_VENV": str(venv_dir(cfg))})]
+    paths = [
+        "--config",
+        rc,
+        "--model",
+        str(Path(str(cfg.model.path)).absolute()),
+        "--data",
+        str(Path(str(cfg.data.path)).absolute()),
+        "--target",
+        str(adapter_dir(cfg, run_dir)),
+        "--merge",
+        str(merged_dir(cfg, run_dir)),
+    ]
+    steps = (
+        []
+        if venv_ready(cfg)
+        else [
+            Step(
+                name="setup_collie",
+                argv=[
+                    "bash",
+                    str(REPO_ROOT / "scripts" / "setup_collie_env.sh"),
+                    *(["--cuda"] if cfg.hardware.device == "cuda" else []),
+                ],
+                env={"FINETUNE_COLLIE_VENV": str(venv_dir(cfg))},
+            )
+        ]
+    )
     steps += [
         Step(name="collie_prepare", argv=[py, "-m", "finetune.recipes.collie", "prepare", *paths], env=env),
-        Step(name="collie_train", argv=[py, "-m", "finetune.recipes.collie", "train", *paths], env=env,
-             distributed="torchrun", progress="history.jsonl"),
+        Step(
+            name="collie_train",
+            argv=[py, "-m", "finetune.recipes.collie", "train", *paths],
+            env=env,
+            distributed="torchrun",
+            progress="history.jsonl",
+        ),
         Step(name="collie_merge", argv=[sys.executable, "-m", "finetune.recipes.collie_merge", *paths]),
     ]
-    notes = [f"Collie runs in its own environment: {venv_dir(cfg)}"
-             + ("" if venv_ready(cfg) else " (missing or outdated: the setup_collie step builds it first, "
-                "a few minutes and about 1.7 GB, once per machine)"),
-             f"dp={dp} tp={tp} pp={pp}; global batch {cfg.batch_size} = micro_batch_size {cfg.micro_batch_size} x "
-             f"dp {dp} x gradient accumulation {accum}",
-             "hardware.device=cpu: the worker applies five CPU patches before importing collie (gloo, no .cuda()); "
-             "hardware.device=cuda: none, and the job must see a GPU",
-             "safetensors-only models get a .bin copy in <run>/collie_base (Collie's loader reads only *.bin)"]
+    notes = [
+        f"Collie runs in its own environment: {venv_dir(cfg)}"
+        + (
+            ""
+            if venv_ready(cfg)
+            else " (missing or outdated: the setup_collie step builds it first, "
+            "a few minutes and about 1.7 GB, once per machine)"
+        ),
+        f"dp={dp} tp={tp} pp={pp}; global batch {cfg.batch_size} = micro_batch_size {cfg.micro_batch_size} x "
+        f"dp {dp} x gradient accumulation {accum}",
+        "hardware.device=cpu: the worker applies five CPU patches before importing collie (gloo, no .cuda()); "
+        "hardware.device=cuda: none, and the job must see a GPU",
+        "safetensors-only models get a .bin copy in <run>/collie_base (Collie's loader reads only *.bin)",
+    ]
     if cfg.method.uses_lora:
-        notes.append("the adapter is exported in Hugging Face layout (Collie permutes q/k rows at load); "
-                     "collie_merge checks base+adapter and merged logits against Collie's own")
+        notes.append(
+            "the adapter is exported in Hugging Face layout (Collie permutes q/k rows at load); "
+            "collie_merge checks base+adapter and merged logits against Collie's own"
+        )
     if "merged" in out:
         first, last = gen_eval.steps(cfg, run_dir, out["merged"])
     else:
@@ -262,10 +352,26 @@ def collect(cfg, run_dir: Path, ctx: dict) -> dict:
     hist = read_history(run_dir)
     losses = [r["loss"] for r in hist if r.get("loss") is not None]
     evals = [r["eval_loss"] for r in hist if r.get("eval_loss") is not None]
-    m = {"train_loss": losses[-1] if losses else None, "first_train_loss": losses[0] if losses else None,
-         "eval_loss": evals[-1] if evals else None}
-    for k in ("total_params", "trainable_params", "tokens_per_s", "target_tokens_per_s", "peak_rss_mb", "train_runtime_s", "optimizer_steps",
-              "gradient_accumulation_steps", "dp_size", "tp_size", "pp_size", "train_rows", "eval_rows"):
+    m = {
+        "train_loss": losses[-1] if losses else None,
+        "first_train_loss": losses[0] if losses else None,
+        "eval_loss": evals[-1] if evals else None,
+    }
+    for k in (
+        "total_params",
+        "trainable_params",
+        "tokens_per_s",
+        "target_tokens_per_s",
+        "peak_rss_mb",
+        "train_runtime_s",
+        "optimizer_steps",
+        "gradient_accumulation_steps",
+        "dp_size",
+        "tp_size",
+        "pp_size",
+        "train_rows",
+        "eval_rows",
+    ):
         m[k] = s.get(k)
     m["collie_cpu_patches"] = len(s.get("cpu_patches") or [])
     check = run_dir / "merge_check.json"

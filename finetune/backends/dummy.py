@@ -1,6 +1,7 @@
 """dummy: a placeholder backend. Trains nothing, but runs a real (tiny) process through the same
 plan -> launcher -> collect path as every backend, so the plumbing is tested without torch.
 """
+
 from __future__ import annotations
 
 import sys
@@ -19,12 +20,18 @@ def check(cfg) -> None:
 
 def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
     argv = [sys.executable, "-m", "finetune.recipes.dummy", "--config", str(Path(run_dir) / "resolved_config.json")]
-    return Plan(backend="dummy", steps=[Step(name="dummy_train", argv=argv, distributed="torchrun")],
-                notes=["dummy backend: logs a synthetic loss; no model is trained"])
+    return Plan(
+        backend="dummy",
+        steps=[Step(name="dummy_train", argv=argv, distributed="torchrun")],
+        notes=["dummy backend: logs a synthetic loss; no model is trained"],
+    )
 
 
 def collect(cfg, run_dir: Path, ctx: dict) -> dict:
     hist = read_history(run_dir)
     losses = [r["loss"] for r in hist if "loss" in r]
-    return {"train_loss": losses[-1] if losses else None, "first_train_loss": losses[0] if losses else None,
-            "steps": len(losses)}
+    return {
+        "train_loss": losses[-1] if losses else None,
+        "first_train_loss": losses[0] if losses else None,
+        "steps": len(losses),
+    }

@@ -10,6 +10,7 @@ Steps of a run (all argv lists, no shell):
 Which reference flags are not passed, and why: see conf/backend/flagembedding.yaml and the schema's docstring.
 Standard library + omegaconf only at import.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,17 +34,28 @@ NOT_USED = {
     "prompt_template_name": "queries take backend.query_instruction_for_retrieval (or _for_rerank) instead",
     "merge": "the whole encoder is trained and saved (no adapter, nothing to merge)",
     "merge_path": "the whole encoder is trained and saved in target_path (no adapter, nothing to merge)",
-    **{k: "an encoder does not generate: FlagEmbedding scores retrieval (recall@k / MRR) before and after training "
-          "(backend.eval)" for k in ("generate_eval", "generate_eval_rows", "max_new_tokens", "generate_batch_size")},
+    **{
+        k: "an encoder does not generate: FlagEmbedding scores retrieval (recall@k / MRR) before and after training "
+        "(backend.eval)"
+        for k in ("generate_eval", "generate_eval_rows", "max_new_tokens", "generate_batch_size")
+    },
 }
-MODULES = {"embedder": "FlagEmbedding.finetune.embedder.encoder_only.base",
-           "reranker": "FlagEmbedding.finetune.reranker.encoder_only.base"}
+MODULES = {
+    "embedder": "FlagEmbedding.finetune.embedder.encoder_only.base",
+    "reranker": "FlagEmbedding.finetune.reranker.encoder_only.base",
+}
 # the reference's task defaults for the max lengths (LazyLLM: embed 512, rerank 256)
 DEFAULT_LEN = {"embedder": 512, "reranker": 256}
 POOLING = choices(FlagembeddingBackend, "sentence_pooling_method")
 KD_LOSS = choices(FlagembeddingBackend, "kd_loss_type")
-EMBEDDER_ONLY = ("temperature", "sentence_pooling_method", "normalize_embeddings", "kd_loss_type",
-                 "negatives_cross_device", "query_instruction_for_retrieval")
+EMBEDDER_ONLY = (
+    "temperature",
+    "sentence_pooling_method",
+    "normalize_embeddings",
+    "kd_loss_type",
+    "negatives_cross_device",
+    "query_instruction_for_retrieval",
+)
 
 
 def query_max_len(cfg) -> int:
@@ -58,7 +70,9 @@ def passage_max_len(cfg) -> int:
 
 def output_dir(cfg, run_dir) -> Path:
     """Where the trained model goes: target_path, else <run>/<task> (a full model, no adapter, no merge)."""
-    return Path(str(cfg.target_path)).expanduser().absolute() if cfg.target_path else Path(run_dir) / str(cfg.backend.task)
+    return (
+        Path(str(cfg.target_path)).expanduser().absolute() if cfg.target_path else Path(run_dir) / str(cfg.backend.task)
+    )
 
 
 def _abs(path) -> str:
@@ -85,20 +99,32 @@ def _check_rows(path: str, key: str, task: str, kd: bool, need_neg: bool) -> Non
                 raise ConfigError(key, str(path), f"{where}: field 'pos' must be a non-empty list of strings")
             neg = row.get("neg")
             if need_neg and (not isinstance(neg, list) or not neg):
-                raise ConfigError(key, str(path), f"{where}: field 'neg' must be a non-empty list of strings "
-                                  "(FlagEmbedding samples train_group_size-1 negatives from it)")
+                raise ConfigError(
+                    key,
+                    str(path),
+                    f"{where}: field 'neg' must be a non-empty list of strings "
+                    "(FlagEmbedding samples train_group_size-1 negatives from it)",
+                )
             if neg is not None and (not isinstance(neg, list) or not all(isinstance(p, str) for p in neg)):
                 raise ConfigError(key, str(path), f"{where}: field 'neg' must be a list of strings")
             for sk, lk in (("pos_scores", "pos"), ("neg_scores", "neg")):
                 if kd and sk not in row:
-                    raise ConfigError(key, str(path), f"{where}: backend.knowledge_distillation=true needs field "
-                                      f"{sk!r} (teacher scores, one per {lk!r} entry)")
+                    raise ConfigError(
+                        key,
+                        str(path),
+                        f"{where}: backend.knowledge_distillation=true needs field "
+                        f"{sk!r} (teacher scores, one per {lk!r} entry)",
+                    )
                 if sk in row:
                     sc = row[sk]
-                    if (not isinstance(sc, list) or len(sc) != len(row.get(lk) or [])
-                            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in sc)):
-                        raise ConfigError(key, str(path), f"{where}: field {sk!r} must be a list of numbers, "
-                                          f"one per {lk!r} entry")
+                    if (
+                        not isinstance(sc, list)
+                        or len(sc) != len(row.get(lk) or [])
+                        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in sc)
+                    ):
+                        raise ConfigError(
+                            key, str(path), f"{where}: field {sk!r} must be a list of numbers, one per {lk!r} entry"
+                        )
             for pk in ("prompt", "query_prompt", "passage_prompt"):
                 if pk in row and not isinstance(row[pk], str):
                     raise ConfigError(key, str(path), f"{where}: field {pk!r} must be a string")
@@ -125,8 +151,11 @@ def check(cfg) -> None:
         raise ConfigError("backend.kd_loss_type", b.kd_loss_type, one_of(KD_LOSS))
     min_group = 2 if b.task == "reranker" else 1
     if b.train_group_size < min_group:
-        raise ConfigError("backend.train_group_size", b.train_group_size,
-                          f"must be >= {min_group} (1 positive + negatives)" if min_group > 1 else "must be >= 1")
+        raise ConfigError(
+            "backend.train_group_size",
+            b.train_group_size,
+            f"must be >= {min_group} (1 positive + negatives)" if min_group > 1 else "must be >= 1",
+        )
     for key in ("query_max_len", "passage_max_len", "pad_to_multiple_of"):
         v = b.get(key)
         if v is not None and v <= 0:
@@ -134,14 +163,19 @@ def check(cfg) -> None:
     if b.temperature <= 0:
         raise ConfigError("backend.temperature", b.temperature, "must be > 0")
     if str(b.query_instruction_format).count("{}") != 2:
-        raise ConfigError("backend.query_instruction_format", b.query_instruction_format,
-                          "must hold exactly two {} (instruction, then query), e.g. '{}{}' or '<instruct>{}\\n<query>{}'")
+        raise ConfigError(
+            "backend.query_instruction_format",
+            b.query_instruction_format,
+            "must hold exactly two {} (instruction, then query), e.g. '{}{}' or '<instruct>{}\\n<query>{}'",
+        )
     if not list(b.eval_k) or any(int(k) <= 0 for k in b.eval_k):
         raise ConfigError("backend.eval_k", list(b.eval_k), "must be a non-empty list of integers > 0")
     if b.eval_batch_size <= 0:
         raise ConfigError("backend.eval_batch_size", b.eval_batch_size, "must be > 0")
     if cfg.method.name != "full":
-        raise ConfigError("method", cfg.method.name, "backend flagembedding trains encoder models in full (method=full)")
+        raise ConfigError(
+            "method", cfg.method.name, "backend flagembedding trains encoder models in full (method=full)"
+        )
     _check_rows(str(cfg.data.path), "data.path", str(b.task), bool(b.knowledge_distillation), need_neg=True)
     if cfg.data.eval_path:
         _check_rows(str(cfg.data.eval_path), "data.eval_path", str(b.task), False, need_neg=False)
@@ -164,13 +198,22 @@ def deepspeed_config(cfg) -> dict:
     hidden = model_hidden_size(cfg.model.path)
     zero = {"stage": stage}
     if stage > 0:
-        zero.update({"overlap_comm": False, "contiguous_gradients": True,
-                     "reduce_bucket_size": hidden * hidden if hidden else int(5e8)})
+        zero.update(
+            {
+                "overlap_comm": False,
+                "contiguous_gradients": True,
+                "reduce_bucket_size": hidden * hidden if hidden else int(5e8),
+            }
+        )
     if stage == 3:
-        zero.update({"stage3_prefetch_bucket_size": int(0.9 * hidden * hidden) if hidden else int(5e7),
-                     "stage3_param_persistence_threshold": 10 * hidden if hidden else int(1e5),
-                     # the Trainer gathers the full weights for the final save (our train step saves them)
-                     "stage3_gather_16bit_weights_on_model_save": True})
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden) if hidden else int(5e7),
+                "stage3_param_persistence_threshold": 10 * hidden if hidden else int(1e5),
+                # the Trainer gathers the full weights for the final save (our train step saves them)
+                "stage3_gather_16bit_weights_on_model_save": True,
+            }
+        )
     zero.update(deepspeed_offload(hw, pin_memory=False))
     return {
         "zero_optimization": zero,
@@ -190,14 +233,22 @@ def train_args(cfg, run_dir: Path) -> List[str]:
     run_dir = Path(run_dir)
     accum = grad_accum(cfg)
     a = [
-        "--model_name_or_path", _abs(cfg.model.path),
-        "--output_dir", str(output_dir(cfg, run_dir)),
-        "--train_data", _abs(cfg.data.path),
-        "--cache_path", str(run_dir / "cache" / "data"),
-        "--train_group_size", str(int(b.train_group_size)),
-        "--query_max_len", str(query_max_len(cfg)),
-        "--passage_max_len", str(passage_max_len(cfg)),
-        "--query_instruction_format", str(b.query_instruction_format),
+        "--model_name_or_path",
+        _abs(cfg.model.path),
+        "--output_dir",
+        str(output_dir(cfg, run_dir)),
+        "--train_data",
+        _abs(cfg.data.path),
+        "--cache_path",
+        str(run_dir / "cache" / "data"),
+        "--train_group_size",
+        str(int(b.train_group_size)),
+        "--query_max_len",
+        str(query_max_len(cfg)),
+        "--passage_max_len",
+        str(passage_max_len(cfg)),
+        "--query_instruction_format",
+        str(b.query_instruction_format),
     ]
     if b.pad_to_multiple_of is not None:
         a += ["--pad_to_multiple_of", str(int(b.pad_to_multiple_of))]
@@ -208,36 +259,62 @@ def train_args(cfg, run_dir: Path) -> List[str]:
     if b.task == "embedder":
         if b.query_instruction_for_retrieval is not None:
             a += ["--query_instruction_for_retrieval", str(b.query_instruction_for_retrieval)]
-        a += ["--temperature", repr(float(b.temperature)),
-              "--sentence_pooling_method", str(b.sentence_pooling_method),
-              "--normalize_embeddings", str(bool(b.normalize_embeddings)),
-              "--kd_loss_type", str(b.kd_loss_type)]
+        a += [
+            "--temperature",
+            repr(float(b.temperature)),
+            "--sentence_pooling_method",
+            str(b.sentence_pooling_method),
+            "--normalize_embeddings",
+            str(bool(b.normalize_embeddings)),
+            "--kd_loss_type",
+            str(b.kd_loss_type),
+        ]
         if b.negatives_cross_device and ws > 1:
             a += ["--negatives_cross_device", "True"]
     else:
         if b.query_instruction_for_rerank is not None:
             a += ["--query_instruction_for_rerank", str(b.query_instruction_for_rerank)]
     a += [
-        "--learning_rate", repr(float(cfg.learning_rate)),
-        "--num_train_epochs", repr(float(cfg.num_epochs)),
-        "--per_device_train_batch_size", str(int(cfg.micro_batch_size)),
-        "--gradient_accumulation_steps", str(accum),
-        "--dataloader_drop_last", str(bool(b.dataloader_drop_last)),
-        "--warmup_ratio", repr(float(cfg.warmup_ratio)),
-        "--weight_decay", repr(float(cfg.weight_decay)),
-        "--lr_scheduler_type", str(cfg.lr_scheduler_type),
-        "--max_grad_norm", repr(float(cfg.max_grad_norm)),
-        "--optim", str(cfg.optim),
-        "--logging_steps", str(int(cfg.logging_steps)),
-        "--seed", str(int(cfg.seed)),
-        "--report_to", "tensorboard" if wants(cfg.report_to, "tensorboard") else "none",   # mlflow/wandb: the driver
-        "--disable_tqdm", "True",
+        "--learning_rate",
+        repr(float(cfg.learning_rate)),
+        "--num_train_epochs",
+        repr(float(cfg.num_epochs)),
+        "--per_device_train_batch_size",
+        str(int(cfg.micro_batch_size)),
+        "--gradient_accumulation_steps",
+        str(accum),
+        "--dataloader_drop_last",
+        str(bool(b.dataloader_drop_last)),
+        "--warmup_ratio",
+        repr(float(cfg.warmup_ratio)),
+        "--weight_decay",
+        repr(float(cfg.weight_decay)),
+        "--lr_scheduler_type",
+        str(cfg.lr_scheduler_type),
+        "--max_grad_norm",
+        repr(float(cfg.max_grad_norm)),
+        "--optim",
+        str(cfg.optim),
+        "--logging_steps",
+        str(int(cfg.logging_steps)),
+        "--seed",
+        str(int(cfg.seed)),
+        "--report_to",
+        "tensorboard" if wants(cfg.report_to, "tensorboard") else "none",  # mlflow/wandb: the driver
+        "--disable_tqdm",
+        "True",
     ]
     if int(cfg.max_steps) > 0:
         a += ["--max_steps", str(int(cfg.max_steps))]
     if int(cfg.save_steps) > 0:
-        a += ["--save_strategy", "steps", "--save_steps", str(int(cfg.save_steps)),
-              "--save_total_limit", str(int(cfg.save_total_limit))]
+        a += [
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            str(int(cfg.save_steps)),
+            "--save_total_limit",
+            str(int(cfg.save_total_limit)),
+        ]
     else:
         a += ["--save_strategy", "no"]
     if cfg.gradient_checkpointing:
@@ -250,7 +327,7 @@ def train_args(cfg, run_dir: Path) -> List[str]:
     if cfg.hardware.deepspeed_stage is not None:
         a += ["--deepspeed", str(run_dir / "ds_config.json")]
     elif cfg.hardware.device == "cpu":
-        a += ["--use_cpu", "True"]                 # DeepSpeed picks its CPU accelerator itself (use_cpu off)
+        a += ["--use_cpu", "True"]  # DeepSpeed picks its CPU accelerator itself (use_cpu off)
     if cfg.trust_remote_code:
         a += ["--trust_remote_code", "True"]
     return a
@@ -262,8 +339,13 @@ def plan(cfg, run_dir, ctx) -> Plan:
     py = sys.executable
     conf = str(run_dir / "resolved_config.json")
     out = output_dir(cfg, run_dir)
-    env = {"WANDB_MODE": "disabled", "TENSORBOARD_LOGGING_DIR": str(run_dir / "tensorboard"),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {
+        "WANDB_MODE": "disabled",
+        "TENSORBOARD_LOGGING_DIR": str(run_dir / "tensorboard"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
     files, notes, steps = {}, [], []
     if cfg.hardware.deepspeed_stage is not None:
         files["ds_config.json"] = json.dumps(deepspeed_config(cfg), indent=2) + "\n"
@@ -271,8 +353,10 @@ def plan(cfg, run_dir, ctx) -> Plan:
     if b.task == "embedder" and b.negatives_cross_device and ws == 1:
         notes.append("negatives_cross_device not passed: one process (FlagEmbedding needs torch.distributed for it)")
     if b.task == "reranker":
-        notes.append("reranker: temperature, sentence_pooling_method, normalize_embeddings, kd_loss_type, "
-                     "negatives_cross_device and query_instruction_for_retrieval are embedder-only; not passed")
+        notes.append(
+            "reranker: temperature, sentence_pooling_method, normalize_embeddings, kd_loss_type, "
+            "negatives_cross_device and query_instruction_for_retrieval are embedder-only; not passed"
+        )
     notes.append("overwrite_output_dir not passed: transformers 5 has no such argument (each run has a fresh folder)")
     do_eval = bool(b.eval) and bool(cfg.data.eval_path)
     data_args = ["--train-data", _abs(cfg.data.path)]
@@ -281,23 +365,78 @@ def plan(cfg, run_dir, ctx) -> Plan:
         if cfg.data.corpus_path:
             data_args += ["--corpus", _abs(cfg.data.corpus_path)]
     if do_eval:
-        steps.append(Step(name="eval_before", argv=[py, "-m", "finetune.recipes.flagembedding_eval", "--config", conf,
-                                                     "--stage", "before", "--model", _abs(cfg.model.path), *data_args], env=env,
-                          rank0_only=True))
+        steps.append(
+            Step(
+                name="eval_before",
+                argv=[
+                    py,
+                    "-m",
+                    "finetune.recipes.flagembedding_eval",
+                    "--config",
+                    conf,
+                    "--stage",
+                    "before",
+                    "--model",
+                    _abs(cfg.model.path),
+                    *data_args,
+                ],
+                env=env,
+                rank0_only=True,
+            )
+        )
     elif b.eval:
         notes.append("no held-out set (data.eval_path is null): recall@k / MRR are not computed")
     # FlagEmbedding's own runner (MODULES[task] builds the same), wrapped for history.jsonl, tokens/s, complete-
     # checkpoint markers and resume (finetune/recipes/flagembedding.py)
-    steps.append(Step(name="train", argv=[py, "-m", "finetune.recipes.flagembedding", "--task", str(b.task),
-                                          "--run-dir", str(run_dir), "--device", str(cfg.hardware.device),
-                                          *(["--resume"] if cfg.resume else []), "--",
-                                          *train_args(cfg, run_dir)], env=env, distributed="torchrun",
-                      progress="history.jsonl"))
-    steps.append(Step(name="eval_after", argv=[py, "-m", "finetune.recipes.flagembedding_eval", "--config", conf,
-                                                "--stage", "after", "--model", str(out), *data_args]
-                      + ([] if do_eval else ["--no-eval"]), env=env, rank0_only=True))
-    return Plan(backend="flagembedding", steps=steps, files=files, notes=notes,
-                outputs={"model": str(out), "eval": str(run_dir / "eval")})
+    steps.append(
+        Step(
+            name="train",
+            argv=[
+                py,
+                "-m",
+                "finetune.recipes.flagembedding",
+                "--task",
+                str(b.task),
+                "--run-dir",
+                str(run_dir),
+                "--device",
+                str(cfg.hardware.device),
+                *(["--resume"] if cfg.resume else []),
+                "--",
+                *train_args(cfg, run_dir),
+            ],
+            env=env,
+            distributed="torchrun",
+            progress="history.jsonl",
+        )
+    )
+    steps.append(
+        Step(
+            name="eval_after",
+            argv=[
+                py,
+                "-m",
+                "finetune.recipes.flagembedding_eval",
+                "--config",
+                conf,
+                "--stage",
+                "after",
+                "--model",
+                str(out),
+                *data_args,
+            ]
+            + ([] if do_eval else ["--no-eval"]),
+            env=env,
+            rank0_only=True,
+        )
+    )
+    return Plan(
+        backend="flagembedding",
+        steps=steps,
+        files=files,
+        notes=notes,
+        outputs={"model": str(out), "eval": str(run_dir / "eval")},
+    )
 
 
 # ------------------------------------------------------------------------------------------------ collect
@@ -316,8 +455,14 @@ def collect(cfg, run_dir, ctx) -> dict:
     if not after.exists():
         raise RuntimeError(f"{after} is missing: the eval_after step did not write its results")
     a = json.loads(after.read_text())
-    for k in ("total_params", "trainable_params", "train_runtime_s", "tokens_per_s", "train_samples_per_s",
-              "train_loss_avg"):
+    for k in (
+        "total_params",
+        "trainable_params",
+        "train_runtime_s",
+        "tokens_per_s",
+        "train_samples_per_s",
+        "train_loss_avg",
+    ):
         if a.get(k) is not None:
             out[k] = a[k]
     before_p = run_dir / "eval" / "before.json"

@@ -3,6 +3,7 @@ finetune/recipes/gen_eval.py): ``generate_eval_before`` answers the held-out row
 training, ``generate_eval_after`` with what the run produced (the merged or trained model, or the base with the
 adapter on top when merge=false). Standard library + omegaconf only.
 """
+
 from __future__ import annotations
 
 import sys
@@ -14,8 +15,15 @@ from finetune.plan import Step
 
 KEYS = ("generate_eval", "generate_eval_rows", "max_new_tokens", "generate_batch_size")
 # metrics the evaluation by generation writes (metrics.json); a sweep ranks by them maximised
-METRICS = ("eval_exact_match", "eval_token_f1", "eval_rouge_l", "base_eval_exact_match", "base_eval_token_f1",
-           "base_eval_rouge_l", "eval_exact_match_gain")
+METRICS = (
+    "eval_exact_match",
+    "eval_token_f1",
+    "eval_rouge_l",
+    "base_eval_exact_match",
+    "base_eval_token_f1",
+    "base_eval_rouge_l",
+    "eval_exact_match_gain",
+)
 
 
 def check(cfg) -> None:
@@ -33,12 +41,19 @@ def check(cfg) -> None:
         raise ConfigError("generate_eval", True, "answers held-out rows with a causal language model")
     lf = cfg.backend.name == "llamafactory"
     if lf and cfg.backend.stage != "sft":
-        raise ConfigError("generate_eval", True, f"scores answers of supervised fine-tuning (backend.stage=sft), "
-                          f"not stage {cfg.backend.stage}")
+        raise ConfigError(
+            "generate_eval",
+            True,
+            f"scores answers of supervised fine-tuning (backend.stage=sft), not stage {cfg.backend.stage}",
+        )
     held_out = float(cfg.val_set_size) > 0 and not (lf and cfg.backend.eval_strategy == "no")
     if not held_out and not (lf and cfg.data.eval_path):
-        raise ConfigError("generate_eval", True, "needs held-out rows: set val_set_size > 0"
-                          + (" (and backend.eval_strategy not no), or data.eval_path" if lf else ""))
+        raise ConfigError(
+            "generate_eval",
+            True,
+            "needs held-out rows: set val_set_size > 0"
+            + (" (and backend.eval_strategy not no), or data.eval_path" if lf else ""),
+        )
 
 
 def steps(cfg, run_dir, after_model: str, adapter: Optional[str] = None) -> tuple:
@@ -47,10 +62,12 @@ def steps(cfg, run_dir, after_model: str, adapter: Optional[str] = None) -> tupl
         return [], []
     rc = str(Path(run_dir) / "resolved_config.json")
     argv = [sys.executable, "-m", "finetune.recipes.gen_eval", "--config", rc, "--stage"]
-    before = Step(name="generate_eval_before", argv=[*argv, "before", "--model", str(cfg.model.path)],
-                  rank0_only=True)
-    after = Step(name="generate_eval_after", rank0_only=True,
-                 argv=[*argv, "after", "--model", str(after_model), *(["--adapter", str(adapter)] if adapter else [])])
+    before = Step(name="generate_eval_before", argv=[*argv, "before", "--model", str(cfg.model.path)], rank0_only=True)
+    after = Step(
+        name="generate_eval_after",
+        rank0_only=True,
+        argv=[*argv, "after", "--model", str(after_model), *(["--adapter", str(adapter)] if adapter else [])],
+    )
     return [before], [after]
 
 
@@ -58,6 +75,8 @@ def note(cfg) -> List[str]:
     if not cfg.generate_eval:
         return []
     rows = int(cfg.generate_eval_rows)
-    return [f"evaluation by generation: {'all' if rows == 0 else f'the first {rows}'} held-out rows answered before "
-            f"and after training (greedy, batches of {int(cfg.generate_batch_size)}, <= {int(cfg.max_new_tokens)} "
-            "new tokens); exact match, token F1, ROUGE-L in metrics.json, answers in eval/samples.md"]
+    return [
+        f"evaluation by generation: {'all' if rows == 0 else f'the first {rows}'} held-out rows answered before "
+        f"and after training (greedy, batches of {int(cfg.generate_batch_size)}, <= {int(cfg.max_new_tokens)} "
+        "new tokens); exact match, token F1, ROUGE-L in metrics.json, answers in eval/samples.md"
+    ]

@@ -23,6 +23,7 @@ Known traps, handled on purpose (each is in plan.notes of the dry run):
     refuse to reuse; resume=true writes `overwrite_output_dir: false` so LF resumes from its last checkpoint.
 Standard library + omegaconf only.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,37 +53,103 @@ EVAL_STRATEGIES = choices(LlamafactoryBackend, "eval_strategy")
 
 # LF keys this adapter writes from our own config: set them through our keys, not backend.extra
 MANAGED = {
-    "model_name_or_path": "model.path", "trust_remote_code": "trust_remote_code", "stage": "backend.stage",
-    "do_train": "(always true)", "finetuning_type": "method", "template": "backend.template",
-    "dataset": "data.path", "dataset_dir": "data.path", "eval_dataset": "data.eval_path", "output_dir": "target_path",
-    "overwrite_output_dir": "resume", "cutoff_len": "cutoff_len", "max_samples": "max_samples",
-    "val_size": "val_set_size", "per_device_train_batch_size": "micro_batch_size",
-    "gradient_accumulation_steps": "batch_size", "learning_rate": "learning_rate", "num_train_epochs": "num_epochs",
-    "max_steps": "max_steps", "lr_scheduler_type": "lr_scheduler_type", "warmup_ratio": "warmup_ratio",
-    "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "optim": "optim", "seed": "seed",
-    "logging_steps": "logging_steps", "save_steps": "save_steps", "save_strategy": "save_steps",
-    "save_total_limit": "save_total_limit", "eval_steps": "eval_steps", "report_to": "report_to",
-    "use_cpu": "hardware.device", "train_on_prompt": "train_on_inputs", "bf16": "hardware.precision", "fp16": "hardware.precision",
-    "deepspeed": "hardware.deepspeed_stage", "disable_gradient_checkpointing": "gradient_checkpointing",
-    "lora_rank": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
-    "lora_target": "lora_target_modules", "additional_target": "modules_to_save",
-    "eval_strategy": "backend.eval_strategy", "plot_loss": "backend.plot_loss",
+    "model_name_or_path": "model.path",
+    "trust_remote_code": "trust_remote_code",
+    "stage": "backend.stage",
+    "do_train": "(always true)",
+    "finetuning_type": "method",
+    "template": "backend.template",
+    "dataset": "data.path",
+    "dataset_dir": "data.path",
+    "eval_dataset": "data.eval_path",
+    "output_dir": "target_path",
+    "overwrite_output_dir": "resume",
+    "cutoff_len": "cutoff_len",
+    "max_samples": "max_samples",
+    "val_size": "val_set_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "batch_size",
+    "learning_rate": "learning_rate",
+    "num_train_epochs": "num_epochs",
+    "max_steps": "max_steps",
+    "lr_scheduler_type": "lr_scheduler_type",
+    "warmup_ratio": "warmup_ratio",
+    "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm",
+    "optim": "optim",
+    "seed": "seed",
+    "logging_steps": "logging_steps",
+    "save_steps": "save_steps",
+    "save_strategy": "save_steps",
+    "save_total_limit": "save_total_limit",
+    "eval_steps": "eval_steps",
+    "report_to": "report_to",
+    "use_cpu": "hardware.device",
+    "train_on_prompt": "train_on_inputs",
+    "bf16": "hardware.precision",
+    "fp16": "hardware.precision",
+    "deepspeed": "hardware.deepspeed_stage",
+    "disable_gradient_checkpointing": "gradient_checkpointing",
+    "lora_rank": "lora_r",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "lora_target": "lora_target_modules",
+    "additional_target": "modules_to_save",
+    "eval_strategy": "backend.eval_strategy",
+    "plot_loss": "backend.plot_loss",
 }
 # method.<key> written as is (LF uses the same names)
 METHOD_KEYS = {
     "freeze": ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"),
-    "lora": ("use_rslora", "use_dora", "loraplus_lr_ratio", "loraplus_lr_embedding", "pissa_init", "pissa_iter",
-             "pissa_convert", "create_new_adapter", "quantization_bit", "quantization_type", "double_quantization"),
-    "galore": ("use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
-               "galore_proj_type", "galore_layerwise"),
-    "badam": ("use_badam", "badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval",
-              "badam_update_ratio", "badam_mask_mode", "badam_verbose"),
+    "lora": (
+        "use_rslora",
+        "use_dora",
+        "loraplus_lr_ratio",
+        "loraplus_lr_embedding",
+        "pissa_init",
+        "pissa_iter",
+        "pissa_convert",
+        "create_new_adapter",
+        "quantization_bit",
+        "quantization_type",
+        "double_quantization",
+    ),
+    "galore": (
+        "use_galore",
+        "galore_target",
+        "galore_rank",
+        "galore_update_interval",
+        "galore_scale",
+        "galore_proj_type",
+        "galore_layerwise",
+    ),
+    "badam": (
+        "use_badam",
+        "badam_mode",
+        "badam_start_block",
+        "badam_switch_mode",
+        "badam_switch_interval",
+        "badam_update_ratio",
+        "badam_mask_mode",
+        "badam_verbose",
+    ),
 }
 for _keys in METHOD_KEYS.values():
     MANAGED.update({k: f"method.{k}" for k in _keys})
 MANAGED["quantization_method"] = "method=qlora (bitsandbytes)"
-MANAGED.update({k: f"backend.{k}" for k in ("preprocessing_num_workers", "overwrite_cache", "per_device_eval_batch_size",
-                                             "ddp_timeout", "pref_beta", "pref_loss")})
+MANAGED.update(
+    {
+        k: f"backend.{k}"
+        for k in (
+            "preprocessing_num_workers",
+            "overwrite_cache",
+            "per_device_eval_batch_size",
+            "ddp_timeout",
+            "pref_beta",
+            "pref_loss",
+        )
+    }
+)
 
 
 def _plain(node) -> Any:
@@ -118,8 +185,10 @@ def _misfit(name: str, tokens: set, bos, where: str = "the tokenizer") -> str:
     needed, uses_bos = TEMPLATE_TOKENS.get(name, ((), False))
     missing = [t for t in needed if t not in tokens]
     if missing:
-        return (f"needs the token(s) {', '.join(missing)}, which {where} lacks (LLaMA-Factory would add them without "
-                "resizing the model: IndexError in training)")
+        return (
+            f"needs the token(s) {', '.join(missing)}, which {where} lacks (LLaMA-Factory would add them without "
+            "resizing the model: IndexError in training)"
+        )
     if uses_bos and bos and (bos in needed or bos in TEMPLATE_TOKENS["chatml"][0]):
         return f"puts the tokenizer's BOS before the turns, and {where}'s BOS is the chat marker {bos}"
     return ""
@@ -132,7 +201,7 @@ def check_template_fits(cfg) -> None:
     from finetune.config import model_facts
 
     tokens = model_facts.tokenizer_tokens(cfg.model)
-    if tokens is None:                              # a sentencepiece-only tokenizer: not readable without it
+    if tokens is None:  # a sentencepiece-only tokenizer: not readable without it
         return
     bos = model_facts.special_token(cfg.model, "bos_token")
     folder = Path(str(cfg.model.path)).name
@@ -140,14 +209,26 @@ def check_template_fits(cfg) -> None:
     if not why:
         return
     meta = model_facts.model_config(cfg.model)
-    hint = " ".join(str(x) for x in (cfg.model.name, folder, meta.get("_name_or_path"), meta.get("_model_name_or_path"),
-                                     meta.get("model_type")) if x).lower().replace(" ", "")
+    hint = (
+        " ".join(
+            str(x)
+            for x in (
+                cfg.model.name,
+                folder,
+                meta.get("_name_or_path"),
+                meta.get("_model_name_or_path"),
+                meta.get("model_type"),
+            )
+            if x
+        )
+        .lower()
+        .replace(" ", "")
+    )
     fits = [n for n, (needed, _) in TEMPLATE_TOKENS.items() if needed and not _misfit(n, tokens, bos)]
     fits.sort(key=lambda n: (n not in hint, n not in ("chatml", "default"), len(n), n))
     shown = ", ".join(fits[:6]) + (", ..." if len(fits) > 6 else "")
     own = " or null (the tokenizer's own chat template)" if model_facts.has_chat_template(cfg.model) else ""
-    raise ConfigError("backend.template", cfg.backend.template,
-                      f"{why}; templates that fit: {shown or 'default'}{own}")
+    raise ConfigError("backend.template", cfg.backend.template, f"{why}; templates that fit: {shown or 'default'}{own}")
 
 
 def check_tied_embeddings(cfg) -> None:
@@ -160,13 +241,22 @@ def check_tied_embeddings(cfg) -> None:
     if not m.uses_lora or not _plain(m.modules_to_save) or not model_facts.tied_embeddings(cfg.model):
         return
     names = model_facts.embedding_names(cfg.model)
-    chosen = [str(x) for x in (_plain(m.modules_to_save) if not isinstance(_plain(m.modules_to_save), str)
-                               else str(m.modules_to_save).split(","))]
+    chosen = [
+        str(x)
+        for x in (
+            _plain(m.modules_to_save)
+            if not isinstance(_plain(m.modules_to_save), str)
+            else str(m.modules_to_save).split(",")
+        )
+    ]
     if any(x.strip() in names for x in chosen):
-        raise ConfigError("modules_to_save", _csv(m.modules_to_save),
-                          f"model {cfg.model.name} ties its embedding and output layer; LLaMA-Factory 0.9.5 would "
-                          "train two separate copies and untie them in the merge: use modules_to_save=[] or "
-                          "backend=alpacalora (which trains the shared matrix once)")
+        raise ConfigError(
+            "modules_to_save",
+            _csv(m.modules_to_save),
+            f"model {cfg.model.name} ties its embedding and output layer; LLaMA-Factory 0.9.5 would "
+            "train two separate copies and untie them in the merge: use modules_to_save=[] or "
+            "backend=alpacalora (which trains the shared matrix once)",
+        )
 
 
 def _check_value(key: str, value, kind: str, choices) -> None:
@@ -186,8 +276,13 @@ def _check_value(key: str, value, kind: str, choices) -> None:
 
 
 # the data formats each stage trains on (data.format is the detected one after validation)
-STAGE_FORMATS = {"sft": ("alpaca", "sharegpt"), "pt": ("text", "alpaca"), "rm": ("preference",),
-                 "dpo": ("preference",), "kto": ("kto",)}
+STAGE_FORMATS = {
+    "sft": ("alpaca", "sharegpt"),
+    "pt": ("text", "alpaca"),
+    "rm": ("preference",),
+    "dpo": ("preference",),
+    "kto": ("kto",),
+}
 
 
 def check(cfg) -> None:
@@ -197,7 +292,9 @@ def check(cfg) -> None:
     if b.stage not in STAGES:
         raise ConfigError("backend.stage", b.stage, one_of(STAGES), suggest(b.stage, STAGES))
     if cfg.data.format not in STAGE_FORMATS[b.stage]:
-        raise ConfigError("data.format", cfg.data.format, f"this backend/stage takes {', '.join(STAGE_FORMATS[b.stage])}")
+        raise ConfigError(
+            "data.format", cfg.data.format, f"this backend/stage takes {', '.join(STAGE_FORMATS[b.stage])}"
+        )
     if b.eval_strategy not in EVAL_STRATEGIES:
         raise ConfigError("backend.eval_strategy", b.eval_strategy, one_of(EVAL_STRATEGIES))
     check_template(cfg)
@@ -212,8 +309,11 @@ def check(cfg) -> None:
         raise ConfigError("launcher.nnodes", cfg.launcher.nnodes, "multi-node LLaMA-Factory runs need GPUs")
     # data size vs held-out rows
     if float(cfg.val_set_size) == 1:
-        raise ConfigError("val_set_size", cfg.val_set_size, "LLaMA-Factory reads 1 as the whole set: use a fraction "
-                          "in (0, 1) or a row count >= 2")
+        raise ConfigError(
+            "val_set_size",
+            cfg.val_set_size,
+            "LLaMA-Factory reads 1 as the whole set: use a fraction in (0, 1) or a row count >= 2",
+        )
     check_extra(cfg)
     gen_eval.check(cfg)
 
@@ -225,15 +325,27 @@ def check_template(cfg) -> None:
     if b.template is None:
         tiny = cfg.model.builder and not cfg.model.builder.startswith(("smollm", "gguf"))
         if tiny:
-            raise ConfigError("backend.template", None, f"tiny model {cfg.model.name} has no chat template; "
-                              "use backend.template=default")
+            raise ConfigError(
+                "backend.template",
+                None,
+                f"tiny model {cfg.model.name} has no chat template; use backend.template=default",
+            )
         if not cfg.model.builder and not _has_chat_template(Path(str(cfg.model.path))):
-            raise ConfigError("backend.template", None, "the tokenizer has no chat template, so LLaMA-Factory would use "
-                              "its `empty` template (no EOS: the model never learns to stop); set backend.template="
-                              "default for base models, or the model's template name")
+            raise ConfigError(
+                "backend.template",
+                None,
+                "the tokenizer has no chat template, so LLaMA-Factory would use "
+                "its `empty` template (no EOS: the model never learns to stop); set backend.template="
+                "default for base models, or the model's template name",
+            )
     elif b.template not in TEMPLATES:
-        raise ConfigError("backend.template", b.template, f"not one of LLaMA-Factory's {len(TEMPLATES)} template names "
-                          "(listed in finetune/backends/llamafactory_keys.py)", suggest(b.template, TEMPLATES))
+        raise ConfigError(
+            "backend.template",
+            b.template,
+            f"not one of LLaMA-Factory's {len(TEMPLATES)} template names "
+            "(listed in finetune/backends/llamafactory_keys.py)",
+            suggest(b.template, TEMPLATES),
+        )
     else:
         check_template_fits(cfg)
 
@@ -243,25 +355,42 @@ def check_method_rules(cfg) -> None:
     b, m, hw = cfg.backend, cfg.method, cfg.hardware
     opt = str(cfg.optim)
     if m.name == "galore" and opt not in GALORE_OPTIMS:
-        raise ConfigError("optim", opt, f"LLaMA-Factory's GaLore takes {', '.join(GALORE_OPTIMS)} "
-                          "(anything else: 'Unknown optim')")
+        raise ConfigError(
+            "optim", opt, f"LLaMA-Factory's GaLore takes {', '.join(GALORE_OPTIMS)} (anything else: 'Unknown optim')"
+        )
     if m.name == "badam" and opt == "adamw_torch_fused":
-        raise ConfigError("optim", opt, "BAdam's block optimizer does not take fused AdamW "
-                          "('unexpected keyword fused'); use optim=adamw_torch")
+        raise ConfigError(
+            "optim",
+            opt,
+            "BAdam's block optimizer does not take fused AdamW ('unexpected keyword fused'); use optim=adamw_torch",
+        )
     if m.uses_lora and m.pissa_init:
         if b.stage == "kto":
             raise ConfigError("method", m.name, "LLaMA-Factory cannot use PiSSA for stage kto")
         if hw.deepspeed_stage == 3:
             raise ConfigError("hardware.deepspeed_stage", 3, "PiSSA cannot be initialised under ZeRO-3")
         if cfg.merge and not m.pissa_convert:
-            raise ConfigError("method.pissa_convert", False, "merging a PiSSA adapter needs pissa_convert=true (the "
-                              "saved adapter re-runs the randomised SVD on load, so merges would differ); or merge=false")
-    if m.uses_lora and m.get("quantization_bit") == 4 and hw.device == "cpu" and (
-            float(cfg.val_set_size) > 0 or cfg.data.eval_path) and b.eval_strategy != "no":
-        raise ConfigError("method.quantization_bit", 4, "4-bit QLoRA on a CPU cannot evaluate through LLaMA-Factory: "
-                          "bitsandbytes 0.50.2 repacks the 4-bit weights in place for its CPU inference kernel during "
-                          "evaluation (asserting on layers not a multiple of 32); set val_set_size=0, or use "
-                          "backend=alpacalora (which keeps the training kernel for evaluation)")
+            raise ConfigError(
+                "method.pissa_convert",
+                False,
+                "merging a PiSSA adapter needs pissa_convert=true (the "
+                "saved adapter re-runs the randomised SVD on load, so merges would differ); or merge=false",
+            )
+    if (
+        m.uses_lora
+        and m.get("quantization_bit") == 4
+        and hw.device == "cpu"
+        and (float(cfg.val_set_size) > 0 or cfg.data.eval_path)
+        and b.eval_strategy != "no"
+    ):
+        raise ConfigError(
+            "method.quantization_bit",
+            4,
+            "4-bit QLoRA on a CPU cannot evaluate through LLaMA-Factory: "
+            "bitsandbytes 0.50.2 repacks the 4-bit weights in place for its CPU inference kernel during "
+            "evaluation (asserting on layers not a multiple of 32); set val_set_size=0, or use "
+            "backend=alpacalora (which keeps the training kernel for evaluation)",
+        )
 
 
 def check_extra(cfg) -> None:
@@ -274,15 +403,19 @@ def check_extra(cfg) -> None:
         if key in MANAGED:
             raise ConfigError(f"backend.extra.{key}", value, f"is written from {MANAGED[key]}; set that instead")
         if key not in KEYS:
-            raise ConfigError(f"backend.extra.{key}", value, "LLaMA-Factory 0.9.5 does not accept this key "
-                              "(llamafactory-cli would refuse it)", suggest(key, KEYS))
+            raise ConfigError(
+                f"backend.extra.{key}",
+                value,
+                "LLaMA-Factory 0.9.5 does not accept this key (llamafactory-cli would refuse it)",
+                suggest(key, KEYS),
+            )
         kind, kchoices = KEYS[key]
         _check_value(key, value, kind, kchoices)
     if extra.get("flash_attn") == "fa2":
         from finetune.auto.hardware import flash_attention_unavailable
 
         why = flash_attention_unavailable(hw)
-        if why:       # LLaMA-Factory 0.9.5 would log "FlashAttention-2 is not installed." and silently use sdpa
+        if why:  # LLaMA-Factory 0.9.5 would log "FlashAttention-2 is not installed." and silently use sdpa
             raise ConfigError("backend.extra.flash_attn", "fa2", why)
     if extra.get("pure_bf16") and hw.device == "cpu":
         raise ConfigError("backend.extra.pure_bf16", True, "needs a bf16 GPU; on CPU use hardware.precision=bf16")
@@ -324,8 +457,12 @@ def _model_args(cfg) -> Dict[str, Any]:
     }
     fam = _lf_method(cfg)
     if fam == "lora":
-        a.update(lora_rank=int(m.lora_r), lora_alpha=int(m.lora_alpha), lora_dropout=float(m.lora_dropout),
-                 lora_target=_csv(m.lora_target_modules))
+        a.update(
+            lora_rank=int(m.lora_r),
+            lora_alpha=int(m.lora_alpha),
+            lora_dropout=float(m.lora_dropout),
+            lora_target=_csv(m.lora_target_modules),
+        )
         if _plain(m.modules_to_save):
             a["additional_target"] = _csv(m.modules_to_save)
     for k in METHOD_KEYS.get(fam, ()):
@@ -336,8 +473,8 @@ def _model_args(cfg) -> Dict[str, Any]:
         for k in ("pissa_iter", "pissa_convert"):
             a.pop(k, None)
     if fam == "lora" and m.get("quantization_bit"):
-        a["quantization_method"] = "bnb"                 # QLoRA through bitsandbytes; the export merges into the
-    else:                                                # full-precision base (export.yaml has no quantisation)
+        a["quantization_method"] = "bnb"  # QLoRA through bitsandbytes; the export merges into the
+    else:  # full-precision base (export.yaml has no quantisation)
         for k in ("quantization_bit", "quantization_type", "double_quantization"):
             a.pop(k, None)
     return a
@@ -359,29 +496,41 @@ def _data_args(cfg, lf: Path, info: Dict[str, dict], evals: list) -> Dict[str, A
 
 
 def _output_args(cfg, run_dir: Path) -> Dict[str, Any]:
-    a: Dict[str, Any] = {"output_dir": str(adapter_dir(cfg, run_dir)), "overwrite_output_dir": not bool(cfg.resume),
-                         "logging_steps": int(cfg.logging_steps)}
+    a: Dict[str, Any] = {
+        "output_dir": str(adapter_dir(cfg, run_dir)),
+        "overwrite_output_dir": not bool(cfg.resume),
+        "logging_steps": int(cfg.logging_steps),
+    }
     if int(cfg.save_steps) > 0:
         a.update(save_strategy="steps", save_steps=int(cfg.save_steps), save_total_limit=int(cfg.save_total_limit))
     else:
         a["save_strategy"] = "no"
     a["plot_loss"] = bool(cfg.backend.plot_loss)
-    a["report_to"] = "none"     # metrics.json, loss.png, tensorboard/ and MLflow / W&B (the driver) come from history
+    a["report_to"] = "none"  # metrics.json, loss.png, tensorboard/ and MLflow / W&B (the driver) come from history
     a["include_num_input_tokens_seen"] = "non_padding"
     return a
 
 
 def _optim_args(cfg) -> Dict[str, Any]:
     b = cfg.backend
-    a: Dict[str, Any] = {"per_device_train_batch_size": int(cfg.micro_batch_size),
-                         "gradient_accumulation_steps": grad_accum(cfg),
-                         "learning_rate": float(cfg.learning_rate), "num_train_epochs": float(cfg.num_epochs)}
+    a: Dict[str, Any] = {
+        "per_device_train_batch_size": int(cfg.micro_batch_size),
+        "gradient_accumulation_steps": grad_accum(cfg),
+        "learning_rate": float(cfg.learning_rate),
+        "num_train_epochs": float(cfg.num_epochs),
+    }
     if int(cfg.max_steps) > 0:
         a["max_steps"] = int(cfg.max_steps)
-    a.update(lr_scheduler_type=str(cfg.lr_scheduler_type), warmup_ratio=float(cfg.warmup_ratio),
-             weight_decay=float(cfg.weight_decay), max_grad_norm=float(cfg.max_grad_norm), optim=str(cfg.optim),
-             seed=int(cfg.seed), disable_gradient_checkpointing=not bool(cfg.gradient_checkpointing),
-             ddp_timeout=int(b.ddp_timeout))
+    a.update(
+        lr_scheduler_type=str(cfg.lr_scheduler_type),
+        warmup_ratio=float(cfg.warmup_ratio),
+        weight_decay=float(cfg.weight_decay),
+        max_grad_norm=float(cfg.max_grad_norm),
+        optim=str(cfg.optim),
+        seed=int(cfg.seed),
+        disable_gradient_checkpointing=not bool(cfg.gradient_checkpointing),
+        ddp_timeout=int(b.ddp_timeout),
+    )
     if b.stage in ("dpo", "kto"):
         a["pref_beta"] = float(b.pref_beta)
         if b.stage == "dpo":
@@ -430,15 +579,17 @@ def _dataset_info(cfg, ctx: dict) -> Dict[str, dict]:
 def export_args(cfg, run_dir: Path) -> Dict[str, Any]:
     out = adapter_dir(cfg, run_dir)
     m = cfg.method
-    a: Dict[str, Any] = {"model_name_or_path": str(Path(str(cfg.model.path)).absolute()),
-                         "trust_remote_code": bool(cfg.trust_remote_code), "template": str(cfg.backend.template)}
+    a: Dict[str, Any] = {
+        "model_name_or_path": str(Path(str(cfg.model.path)).absolute()),
+        "trust_remote_code": bool(cfg.trust_remote_code),
+        "template": str(cfg.backend.template),
+    }
     if m.uses_lora:
         adapter = out / "pissa_converted" if m.pissa_init else out
         a.update(adapter_name_or_path=str(adapter), finetuning_type="lora")
-    else:                                     # full / freeze / GaLore / BAdam: the trained folder is the model
+    else:  # full / freeze / GaLore / BAdam: the trained folder is the model
         a.update(model_name_or_path=str(out), finetuning_type="full")
-    a.update(export_dir=str(merged_dir(cfg, run_dir)), export_size=5, export_device="cpu",
-             export_legacy_format=False)
+    a.update(export_dir=str(merged_dir(cfg, run_dir)), export_size=5, export_device="cpu", export_legacy_format=False)
     return a
 
 
@@ -457,48 +608,86 @@ def plan(cfg, run_dir, ctx) -> Plan:
     lf = run_dir / LF_DIR
     info = _dataset_info(cfg, ctx)
     targs = train_args(cfg, run_dir, ctx, info)
-    files = {f"{LF_DIR}/train.yaml": _yaml(targs, "LLaMA-Factory train config"),
-             f"{LF_DIR}/dataset_info.json": json.dumps(info, indent=2) + "\n"}
+    files = {
+        f"{LF_DIR}/train.yaml": _yaml(targs, "LLaMA-Factory train config"),
+        f"{LF_DIR}/dataset_info.json": json.dumps(info, indent=2) + "\n",
+    }
     if cfg.hardware.deepspeed_stage is not None:
         files[f"{LF_DIR}/ds_config.json"] = json.dumps(_deepspeed_config(cfg.hardware), indent=2) + "\n"
     env = {"HF_HUB_OFFLINE": "1"}
     if cfg.hardware.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""        # never relaunch under torchrun for GPUs a CPU run does not use
+        env["CUDA_VISIBLE_DEVICES"] = ""  # never relaunch under torchrun for GPUs a CPU run does not use
     if cfg.hardware.deepspeed_stage is not None:
         # LLaMA-Factory 0.9.5 refuses DeepSpeed outside a distributed launch ("Please use `FORCE_TORCHRUN=1` to
         # launch DeepSpeed training.", hparams/parser.py), also for one process on one GPU
         env["FORCE_TORCHRUN"] = "1"
     out = adapter_dir(cfg, run_dir)
     train_cmd = cli("train", lf / "train.yaml")
-    steps = [Step(name="train", distributed="env", env=env, progress=str(out / "trainer_log.jsonl"),
-                  argv=[sys.executable, "-m", "finetune.recipes.llamafactory", "--run-dir", str(run_dir),
-                        "--output-dir", str(out), "--device", str(cfg.hardware.device), "--", *train_cmd])]
+    steps = [
+        Step(
+            name="train",
+            distributed="env",
+            env=env,
+            progress=str(out / "trainer_log.jsonl"),
+            argv=[
+                sys.executable,
+                "-m",
+                "finetune.recipes.llamafactory",
+                "--run-dir",
+                str(run_dir),
+                "--output-dir",
+                str(out),
+                "--device",
+                str(cfg.hardware.device),
+                "--",
+                *train_cmd,
+            ],
+        )
+    ]
     outputs = {"lf_output": str(out), ("adapter" if cfg.method.uses_lora else "model"): str(out)}
-    notes = [f"stage {cfg.backend.stage}, finetuning_type {targs['finetuning_type']}, template {targs['template']}, "
-             f"optim {targs['optim']} (always written: transformers' default adamw_torch_fused breaks GaLore/BAdam)",
-             "overwrite_output_dir: " + ("false (resume=true: LLaMA-Factory resumes from the last checkpoint)"
-                                         if cfg.resume else "true, in a fresh folder (a reused one silently resumes)"),
-             "report_to: none in LLaMA-Factory; metrics.json, loss.png and tensorboard/ are built from history.jsonl"
-             + ("; MLflow / W&B runs are logged by the driver from it, as for every backend"
-                if wants(cfg.report_to, "mlflow") or wants(cfg.report_to, "wandb") else "")]
+    notes = [
+        f"stage {cfg.backend.stage}, finetuning_type {targs['finetuning_type']}, template {targs['template']}, "
+        f"optim {targs['optim']} (always written: transformers' default adamw_torch_fused breaks GaLore/BAdam)",
+        "overwrite_output_dir: "
+        + (
+            "false (resume=true: LLaMA-Factory resumes from the last checkpoint)"
+            if cfg.resume
+            else "true, in a fresh folder (a reused one silently resumes)"
+        ),
+        "report_to: none in LLaMA-Factory; metrics.json, loss.png and tensorboard/ are built from history.jsonl"
+        + (
+            "; MLflow / W&B runs are logged by the driver from it, as for every backend"
+            if wants(cfg.report_to, "mlflow") or wants(cfg.report_to, "wandb")
+            else ""
+        ),
+    ]
     if cfg.hardware.device == "cpu":
-        notes.append("CPU: use_cpu=true and CUDA_VISIBLE_DEVICES='' (several visible GPUs make the CLI relaunch "
-                     "itself under torchrun)")
+        notes.append(
+            "CPU: use_cpu=true and CUDA_VISIBLE_DEVICES='' (several visible GPUs make the CLI relaunch "
+            "itself under torchrun)"
+        )
     if cfg.data.eval_path:
         notes.append("data.eval_path is the eval set: val_set_size is not used")
     if cfg.merge:
         eargs = export_args(cfg, run_dir)
         files[f"{LF_DIR}/export.yaml"] = _yaml(eargs, "LLaMA-Factory export (merge) config")
-        steps.append(Step(name="merge", env=dict(env, FORCE_TORCHRUN="0"), rank0_only=True,
-                          argv=cli("export", lf / "export.yaml")))
+        steps.append(
+            Step(
+                name="merge", env=dict(env, FORCE_TORCHRUN="0"), rank0_only=True, argv=cli("export", lf / "export.yaml")
+            )
+        )
         outputs["merged"] = eargs["export_dir"]
         if cfg.method.uses_lora and cfg.method.pissa_init:
             notes.append("PiSSA: merging pissa_converted/ (a plain LoRA delta on the original model)")
     if cfg.merge:
         first, last = gen_eval.steps(cfg, run_dir, outputs["merged"])
     elif cfg.method.uses_lora:
-        first, last = gen_eval.steps(cfg, run_dir, str(Path(str(cfg.model.path)).absolute()),
-                                     adapter=str(out / "pissa_converted" if cfg.method.pissa_init else out))
+        first, last = gen_eval.steps(
+            cfg,
+            run_dir,
+            str(Path(str(cfg.model.path)).absolute()),
+            adapter=str(out / "pissa_converted" if cfg.method.pissa_init else out),
+        )
     else:
         first, last = gen_eval.steps(cfg, run_dir, str(out))
     notes += gen_eval.note(cfg)
@@ -532,9 +721,11 @@ def collect(cfg, run_dir, ctx) -> dict:
         # a short run (max_steps < logging_steps) logs no per-step loss: it trained all the same; report what
         # LLaMA-Factory did log (its mean training loss over the run) and say what is missing
         steps = (_read_json(out / "trainer_state.json") or {}).get("global_step")
-        absent.append(f"no per-step training loss was logged (logging_steps={int(cfg.logging_steps)}, "
-                      f"{steps if steps is not None else '?'} steps run): train_loss is LLaMA-Factory's mean over the "
-                      "run, and there is no loss curve; set logging_steps lower to get one")
+        absent.append(
+            f"no per-step training loss was logged (logging_steps={int(cfg.logging_steps)}, "
+            f"{steps if steps is not None else '?'} steps run): train_loss is LLaMA-Factory's mean over the "
+            "run, and there is no loss curve; set logging_steps lower to get one"
+        )
         if "train_loss" in res:
             metrics["train_loss"] = res["train_loss"]
     if "eval_loss" in res:
@@ -542,7 +733,7 @@ def collect(cfg, run_dir, ctx) -> dict:
     elif evals:
         metrics["eval_loss"] = evals[-1]
     if "train_loss" in res:
-        metrics["train_loss_avg"] = res["train_loss"]          # LF's mean over all steps
+        metrics["train_loss_avg"] = res["train_loss"]  # LF's mean over all steps
     if "train_runtime" in res:
         metrics["train_runtime_s"] = res["train_runtime"]
     for k in ("eval_rewards/accuracies", "rewards/accuracies", "eval_accuracy"):

@@ -5,6 +5,7 @@ The columns and tags are read from the rows and checked, never guessed from the 
 drops a conversation whose turns do not alternate user -> assistant ("Invalid role tag"), so such a row is refused
 here with its row number.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,36 +35,55 @@ def _sharegpt_entry(file: Path, rows: List[tuple], key: str) -> dict:
         if msg_key is None:
             msg_key = mk
         elif mk != msg_key:
-            raise ConfigError(key, str(file), f"row {n} holds {mk!r} but earlier rows hold {msg_key!r}; use one layout "
-                              "per file")
+            raise ConfigError(
+                key, str(file), f"row {n} holds {mk!r} but earlier rows hold {msg_key!r}; use one layout per file"
+            )
         turns = row[mk]
         rt, ct = ("from", "value") if "from" in turns[0] else ("role", "content")
         if role_tag is None:
             role_tag, content_tag = rt, ct
         for i, t in enumerate(turns):
             if rt not in t or ct not in t:
-                raise ConfigError(key, str(file), f"row {n} turn {i} lacks {rt!r}/{ct!r} (the file uses "
-                                  f"{role_tag}/{content_tag})")
+                raise ConfigError(
+                    key, str(file), f"row {n} turn {i} lacks {rt!r}/{ct!r} (the file uses {role_tag}/{content_tag})"
+                )
             if (rt, ct) != (role_tag, content_tag):
-                raise ConfigError(key, str(file), f"row {n} uses {rt}/{ct} but earlier rows use {role_tag}/{content_tag}")
+                raise ConfigError(
+                    key, str(file), f"row {n} uses {rt}/{ct} but earlier rows use {role_tag}/{content_tag}"
+                )
         body = turns[1:] if turns[0][rt] == "system" else turns
         if not body or len(body) % 2:
-            raise ConfigError(key, str(file), f"row {n} has {len(body)} non-system turns; LLaMA-Factory needs user/"
-                              "assistant pairs (it would silently drop this row)")
+            raise ConfigError(
+                key,
+                str(file),
+                f"row {n} has {len(body)} non-system turns; LLaMA-Factory needs user/"
+                "assistant pairs (it would silently drop this row)",
+            )
         for i, t in enumerate(body):
             role = t[rt]
-            kinds = (("user_tag", USER_ROLES), ("observation_tag", OBSERVATION_ROLES)) if i % 2 == 0 else \
-                (("assistant_tag", ASSISTANT_ROLES), ("function_tag", FUNCTION_ROLES))
+            kinds = (
+                (("user_tag", USER_ROLES), ("observation_tag", OBSERVATION_ROLES))
+                if i % 2 == 0
+                else (("assistant_tag", ASSISTANT_ROLES), ("function_tag", FUNCTION_ROLES))
+            )
             for tag, allowed in kinds:
                 if role in allowed:
                     if tags.setdefault(tag, role) != role:
-                        raise ConfigError(key, str(file), f"row {n} uses role {role!r} where earlier rows use "
-                                          f"{tags[tag]!r}; use one name per role in a file")
+                        raise ConfigError(
+                            key,
+                            str(file),
+                            f"row {n} uses role {role!r} where earlier rows use "
+                            f"{tags[tag]!r}; use one name per role in a file",
+                        )
                     break
             else:
                 want = "user (human/user/observation/tool)" if i % 2 == 0 else "assistant (gpt/assistant/function_call)"
-                raise ConfigError(key, str(file), f"row {n} turn {i + (len(turns) - len(body))} has role {role!r} "
-                                  f"where {want} must come; turns must alternate (LLaMA-Factory would drop this row)")
+                raise ConfigError(
+                    key,
+                    str(file),
+                    f"row {n} turn {i + (len(turns) - len(body))} has role {role!r} "
+                    f"where {want} must come; turns must alternate (LLaMA-Factory would drop this row)",
+                )
     tags.update(role_tag=role_tag, content_tag=content_tag, system_tag="system")
     # tags LF needs even when unused in this file: pick the same family as the roles seen
     openai = tags.get("user_tag", "human") == "user"
@@ -81,8 +101,13 @@ def entry_for(file: Path, fmt: str, key: str = "data.path") -> dict:
     plain = [r for _, r in rows]
     if fmt == "alpaca":
         cols = {"prompt": "instruction", "response": "output"}
-        cols.update({k: v for k, v in (("query", "input"), ("system", "system"), ("history", "history"))
-                     if v in _optional_columns(plain, (v,))})
+        cols.update(
+            {
+                k: v
+                for k, v in (("query", "input"), ("system", "system"), ("history", "history"))
+                if v in _optional_columns(plain, (v,))
+            }
+        )
         entry = {"columns": cols}
     elif fmt == "sharegpt":
         entry = _sharegpt_entry(file, rows, key)

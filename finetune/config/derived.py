@@ -4,6 +4,7 @@ Every function takes a mapping: the driver's DictConfig and a worker's resolved_
 (finetune.recipes.common.read_config) read the same keys the same way. Standard library only, so the Collie
 worker, which runs in its own environment, can import it too.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,9 +66,12 @@ def deepspeed_offload(hw: Mapping, pin_memory: bool) -> Dict[str, dict]:
 def hf_deepspeed_config(zero: dict) -> dict:
     """A DeepSpeed config HF Trainer completes itself: every "auto" value is filled from TrainingArguments."""
     return {
-        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
         "zero_optimization": zero,
     }

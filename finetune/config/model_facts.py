@@ -5,14 +5,23 @@ builder's declared facts (finetune/tools/gguf_model.py BUILDERS). Standard libra
 Used by the checks that follow the model rather than its family: tied embeddings (PEFT's modules_to_save and
 LoRA targets), rope settings (Collie), and the special tokens a LLaMA-Factory template needs.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Optional, Set
 
-EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "tok_embeddings", "output", "output_layer",
-                   "embed_out")
+EMBEDDING_NAMES = (
+    "embed_tokens",
+    "lm_head",
+    "wte",
+    "word_embeddings",
+    "tok_embeddings",
+    "output",
+    "output_layer",
+    "embed_out",
+)
 
 
 def _read(path: Path) -> Optional[dict]:
@@ -78,7 +87,7 @@ def tokenizer_tokens(model) -> Optional[Set[str]]:
     vocab = (tj.get("model") or {}).get("vocab")
     if isinstance(vocab, dict):
         tokens |= set(vocab)
-    elif isinstance(vocab, list):                    # unigram: [[piece, score], ...]
+    elif isinstance(vocab, list):  # unigram: [[piece, score], ...]
         tokens |= {v[0] for v in vocab if isinstance(v, list) and v}
     tokens |= {t.get("content") for t in tj.get("added_tokens") or [] if isinstance(t, dict)}
     tokens |= {_token(t) for t in (tc.get("added_tokens_decoder") or {}).values()}

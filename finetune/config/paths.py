@@ -9,6 +9,7 @@ workers, a Slurm job, a reproduction) sees the same absolute paths:
 - What you type is relative to the folder you ran the command from: ``output_dir=``, ``model.path=``,
   ``data.path=``, ``merge_path=``, ``backend.deepspeed=``, ... are made absolute against it (``~`` expanded).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,18 @@ OUTPUTS_ROOT = REPO_ROOT / "outputs"
 MODELS_DIR = REPO_ROOT / "models"
 
 # config keys that hold a path typed by the user (or a default that is already absolute)
-PATH_KEYS = ("output_dir", "target_path", "merge_path", "model.gguf_file", "model.path", "data.path", "data.eval_path",
-             "data.corpus_path", "backend.deepspeed", "backend.venv")
+PATH_KEYS = (
+    "output_dir",
+    "target_path",
+    "merge_path",
+    "model.gguf_file",
+    "model.path",
+    "data.path",
+    "data.eval_path",
+    "data.corpus_path",
+    "backend.deepspeed",
+    "backend.venv",
+)
 
 
 def absolute(path, base: Path = None) -> Path:

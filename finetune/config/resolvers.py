@@ -19,6 +19,7 @@
                              ``hardware=a100_80g_x8`` means 8 processes on 8 GPUs unless you type otherwise; they
                              resolve after validation has detected ``hardware=auto``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -31,9 +32,15 @@ from omegaconf import OmegaConf
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _OPS = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
-    ast.USub: operator.neg, ast.UAdd: operator.pos,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
 }
 
 
@@ -87,7 +94,7 @@ MAXIMISED = ("exact_match", "f1", "rouge", "accuracy", "accuracies", "recall", "
 
 
 def metric_direction(name) -> str:
-    """"maximize" for metrics where higher is better (scores), "minimize" for losses and anything else."""
+    """ "maximize" for metrics where higher is better (scores), "minimize" for losses and anything else."""
     n = str(name).lower()
     return "maximize" if any(k in n for k in MAXIMISED) and "loss" not in n else "minimize"
 
@@ -125,13 +132,18 @@ def hardware_job(what: str, hw) -> float:
     if what == "cpus":
         return int(hw.cpus) if cuda and hw.cpus else CPU_JOB["cpus"]
     if what == "mem_gb":
-        return int(0.9 * float(hw.memory_gb)) if cuda and hw.memory_gb else CPU_JOB["mem_gb"]   # whole GB (sbatch)
+        return int(0.9 * float(hw.memory_gb)) if cuda and hw.memory_gb else CPU_JOB["mem_gb"]  # whole GB (sbatch)
     raise ValueError(f"${{hardware_job:{what}}}: one of nproc, gpus, cpus, mem_gb")
 
 
 def register() -> None:
-    for name, fn in (("eval", _eval_resolver), ("repo_root", lambda: str(REPO_ROOT)), ("pkg_path", _pkg_path),
-                     ("gguf_model_dir", _gguf_model_dir), ("metric_direction", metric_direction),
-                     ("hardware_job", lambda what, _root_: hardware_job(str(what), _root_.hardware))):
+    for name, fn in (
+        ("eval", _eval_resolver),
+        ("repo_root", lambda: str(REPO_ROOT)),
+        ("pkg_path", _pkg_path),
+        ("gguf_model_dir", _gguf_model_dir),
+        ("metric_direction", metric_direction),
+        ("hardware_job", lambda what, _root_: hardware_job(str(what), _root_.hardware)),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

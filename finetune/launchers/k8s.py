@@ -16,6 +16,7 @@ launcher.mount_path and keep output_dir, model.path and data.path under it.
 Job to finish and copies the pod logs into ``logs/<step>.log``. Standard library + PyYAML (omegaconf's own
 dependency) only.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,18 +44,30 @@ def check(cfg) -> None:
         if float(lc[key]) <= 0:
             raise ConfigError(f"launcher.{key}", lc[key], "must be > 0")
     if int(lc.node_rank) != 0:
-        raise ConfigError("launcher.node_rank", int(lc.node_rank), "the PyTorchJob operator assigns node ranks; leave it 0")
+        raise ConfigError(
+            "launcher.node_rank", int(lc.node_rank), "the PyTorchJob operator assigns node ranks; leave it 0"
+        )
     if not cfg.dry_run and not lc.apply:
-        raise ConfigError("launcher.apply", False, "launcher=k8s only writes manifests in a dry run (dry_run=true); "
-                          "set launcher.apply=true to submit them with kubectl")
+        raise ConfigError(
+            "launcher.apply",
+            False,
+            "launcher=k8s only writes manifests in a dry run (dry_run=true); "
+            "set launcher.apply=true to submit them with kubectl",
+        )
     if lc.apply and not cfg.dry_run:
         if not shutil.which("kubectl"):
             raise ConfigError("launcher.apply", True, "kubectl is not on PATH")
         if not lc.pvc:
-            raise ConfigError("launcher.pvc", None, "a submitted run needs a shared volume claim holding the run folder")
+            raise ConfigError(
+                "launcher.pvc", None, "a submitted run needs a shared volume claim holding the run folder"
+            )
         if not cfg.output_dir or not str(cfg.output_dir).startswith(str(lc.mount_path).rstrip("/") + "/"):
-            raise ConfigError("output_dir", cfg.output_dir, f"must be under launcher.mount_path={lc.mount_path} "
-                              "(the pods see the run folder through the volume claim)")
+            raise ConfigError(
+                "output_dir",
+                cfg.output_dir,
+                f"must be under launcher.mount_path={lc.mount_path} "
+                "(the pods see the run folder through the volume claim)",
+            )
 
 
 def job_name(run_dir: Path, step_name: str) -> str:
@@ -84,8 +97,11 @@ def argv(step, cfg) -> List[str]:
 def env(step, cfg) -> Dict[str, str]:
     lc = cfg.launcher
     nproc = _world(cfg, step)["nproc_per_node"]
-    e = {"OMP_NUM_THREADS": str(int(lc.omp_num_threads) or max(1, int(lc.cpus_per_task) // max(1, nproc))),
-         "TOKENIZERS_PARALLELISM": "false", **{k: str(v) for k, v in step.env.items()}}
+    e = {
+        "OMP_NUM_THREADS": str(int(lc.omp_num_threads) or max(1, int(lc.cpus_per_task) // max(1, nproc))),
+        "TOKENIZERS_PARALLELISM": "false",
+        **{k: str(v) for k, v in step.env.items()},
+    }
     return e
 
 
@@ -95,13 +111,20 @@ def _container(step, cfg, run_dir: Path) -> dict:
     limits = dict(res)
     if int(lc.gpus_per_node):
         limits["nvidia.com/gpu"] = str(int(lc.gpus_per_node))
-    c = {"name": "pytorch", "image": str(lc.image), "imagePullPolicy": "IfNotPresent",
-         "command": argv(step, cfg), "workingDir": step.cwd or str(run_dir),
-         "env": [{"name": k, "value": v} for k, v in sorted(env(step, cfg).items())],
-         "resources": {"requests": res, "limits": limits}}
+    c = {
+        "name": "pytorch",
+        "image": str(lc.image),
+        "imagePullPolicy": "IfNotPresent",
+        "command": argv(step, cfg),
+        "workingDir": step.cwd or str(run_dir),
+        "env": [{"name": k, "value": v} for k, v in sorted(env(step, cfg).items())],
+        "resources": {"requests": res, "limits": limits},
+    }
     if lc.pvc:
-        c["volumeMounts"] = [{"name": "work", "mountPath": str(lc.mount_path)},
-                             {"name": "dshm", "mountPath": "/dev/shm"}]
+        c["volumeMounts"] = [
+            {"name": "work", "mountPath": str(lc.mount_path)},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ]
     return c
 
 
@@ -109,8 +132,10 @@ def _pod_spec(step, cfg, run_dir: Path) -> dict:
     lc = cfg.launcher
     spec = {"restartPolicy": "Never", "containers": [_container(step, cfg, run_dir)]}
     if lc.pvc:
-        spec["volumes"] = [{"name": "work", "persistentVolumeClaim": {"claimName": str(lc.pvc)}},
-                           {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+        spec["volumes"] = [
+            {"name": "work", "persistentVolumeClaim": {"claimName": str(lc.pvc)}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        ]
     if lc.service_account:
         spec["serviceAccountName"] = str(lc.service_account)
     return spec
@@ -120,34 +145,57 @@ def manifest(step, cfg, run_dir: Path) -> dict:
     """The Kubernetes object for one step: a batch/v1 Job, or a PyTorchJob for a multi-node distributed step."""
     lc = cfg.launcher
     name = job_name(run_dir, step.name)
-    labels = {"app.kubernetes.io/name": "finetune", "finetune/run": job_name(run_dir, "")[:63].rstrip("-"),
-              "finetune/step": re.sub(r"[^a-z0-9-]+", "-", step.name.lower())[:63]}
+    labels = {
+        "app.kubernetes.io/name": "finetune",
+        "finetune/run": job_name(run_dir, "")[:63].rstrip("-"),
+        "finetune/step": re.sub(r"[^a-z0-9-]+", "-", step.name.lower())[:63],
+    }
     meta = {"name": name, "namespace": str(lc.namespace), "labels": labels}
     deadline = int(float(lc.time_min) * 60)
     w = _world(cfg, step)
     template = {"metadata": {"labels": labels}, "spec": _pod_spec(step, cfg, run_dir)}
     if w["nnodes"] == 1:
-        return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
-                "spec": {"backoffLimit": 0, "activeDeadlineSeconds": deadline, "ttlSecondsAfterFinished": 86400,
-                         "template": template}}
+        return {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": meta,
+            "spec": {
+                "backoffLimit": 0,
+                "activeDeadlineSeconds": deadline,
+                "ttlSecondsAfterFinished": 86400,
+                "template": template,
+            },
+        }
     replica = lambda n: {"replicas": n, "restartPolicy": "Never", "template": template}  # noqa: E731
-    return {"apiVersion": PYTORCHJOB_API, "kind": "PyTorchJob", "metadata": meta,
-            "spec": {"runPolicy": {"backoffLimit": 0, "activeDeadlineSeconds": deadline,
-                                   "cleanPodPolicy": "None", "ttlSecondsAfterFinished": 86400},
-                     "nprocPerNode": str(w["nproc_per_node"]),
-                     "pytorchReplicaSpecs": {"Master": replica(1), "Worker": replica(w["nnodes"] - 1)}}}
+    return {
+        "apiVersion": PYTORCHJOB_API,
+        "kind": "PyTorchJob",
+        "metadata": meta,
+        "spec": {
+            "runPolicy": {
+                "backoffLimit": 0,
+                "activeDeadlineSeconds": deadline,
+                "cleanPodPolicy": "None",
+                "ttlSecondsAfterFinished": 86400,
+            },
+            "nprocPerNode": str(w["nproc_per_node"]),
+            "pytorchReplicaSpecs": {"Master": replica(1), "Worker": replica(w["nnodes"] - 1)},
+        },
+    }
 
 
 def plan_files(plan, cfg, run_dir: Path) -> Dict[str, str]:
     """k8s/<step>.yaml for every step: written into the run folder, shown by the dry run."""
     import yaml
 
-    class NoAliases(yaml.SafeDumper):               # kubectl reads anchors, but people read these files too
+    class NoAliases(yaml.SafeDumper):  # kubectl reads anchors, but people read these files too
         def ignore_aliases(self, data):
             return True
 
-    return {f"k8s/{s.name}.yaml": yaml.dump(manifest(s, cfg, Path(run_dir)), Dumper=NoAliases, sort_keys=False,
-                                            width=1000) for s in plan.steps}
+    return {
+        f"k8s/{s.name}.yaml": yaml.dump(manifest(s, cfg, Path(run_dir)), Dumper=NoAliases, sort_keys=False, width=1000)
+        for s in plan.steps
+    }
 
 
 def _kubectl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -169,7 +217,9 @@ def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
         p = _kubectl("get", kind, name, "-n", ns, "-o", "json")
         conds = []
         if p.returncode == 0:
-            conds = [c for c in json.loads(p.stdout).get("status", {}).get("conditions", []) if c.get("status") == "True"]
+            conds = [
+                c for c in json.loads(p.stdout).get("status", {}).get("conditions", []) if c.get("status") == "True"
+            ]
         state = conds[-1]["type"] if conds else "Pending"
         if state != last:
             print(f"[k8s] {kind}/{name} {state}  ({time.monotonic() - start:.0f} s)", flush=True)
@@ -187,6 +237,13 @@ def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
     logs = _kubectl("logs", "-n", ns, "-l", selector, "--tail=-1", "--prefix", timeout=120)
     with open(log, "a", encoding="utf-8") as f:
         f.write(logs.stdout)
-    return StepResult(step.name, ["kubectl", "apply", "-f", str(path)], 0 if status == "completed" else 1,
-                      time.monotonic() - start, str(log), status, tail_of(log, 15),
-                      extra={"k8s_kind": kind, "k8s_name": name, "k8s_namespace": ns, "k8s_state": last})
+    return StepResult(
+        step.name,
+        ["kubectl", "apply", "-f", str(path)],
+        0 if status == "completed" else 1,
+        time.monotonic() - start,
+        str(log),
+        status,
+        tail_of(log, 15),
+        extra={"k8s_kind": kind, "k8s_name": name, "k8s_namespace": ns, "k8s_state": last},
+    )

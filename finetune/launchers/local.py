@@ -3,6 +3,7 @@
 Environment set deliberately per step: OMP_NUM_THREADS (cores / processes), a free MASTER_PORT, and on GPU
 machines CUDA_VISIBLE_DEVICES limited to the processes asked for.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,11 @@ def check(cfg) -> None:
     from finetune.errors import ConfigError
 
     if int(cfg.launcher.nnodes) > 1:
-        raise ConfigError("launcher.nnodes", int(cfg.launcher.nnodes), "launcher=local runs on this machine only; "
-                          "use launcher=torchrun (or launcher=slurm) for several nodes")
+        raise ConfigError(
+            "launcher.nnodes",
+            int(cfg.launcher.nnodes),
+            "launcher=local runs on this machine only; use launcher=torchrun (or launcher=slurm) for several nodes",
+        )
 
 
 def visible_devices(n: int) -> str:
@@ -57,13 +61,21 @@ def env(step, cfg) -> Dict[str, str]:
     e.setdefault("OMP_NUM_THREADS", str(threads))
     e.setdefault("TOKENIZERS_PARALLELISM", "false")
     # the worker modules live in this repository; make them importable from the run folder (cwd)
-    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), e.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))) if p)
+    e["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), e.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))) if p
+    )
     if cfg.hardware.device == "cuda" and int(cfg.hardware.gpus_per_node) > 0 and "CUDA_VISIBLE_DEVICES" not in e:
         e["CUDA_VISIBLE_DEVICES"] = visible_devices(nproc if step.distributed != "none" else 1)
     if step.distributed == "env":
-        e.update({"NNODES": str(w["nnodes"]), "NODE_RANK": str(w["node_rank"]),
-                  "NPROC_PER_NODE": str(w["nproc_per_node"]), "MASTER_ADDR": str(cfg.launcher.master_addr),
-                  "MASTER_PORT": str(_port(cfg))})
+        e.update(
+            {
+                "NNODES": str(w["nnodes"]),
+                "NODE_RANK": str(w["node_rank"]),
+                "NPROC_PER_NODE": str(w["nproc_per_node"]),
+                "MASTER_ADDR": str(cfg.launcher.master_addr),
+                "MASTER_PORT": str(_port(cfg)),
+            }
+        )
         if w["nproc_per_node"] * w["nnodes"] > 1:
             e["FORCE_TORCHRUN"] = "1"
     return e
@@ -76,8 +88,12 @@ def torchrun_args(cfg) -> List[str]:
         args += [f"--master_addr={cfg.launcher.master_addr}", f"--master_port={_port(cfg)}"]
     else:
         rdzv_id = cfg.launcher.rdzv_id or "finetune"
-        args += [f"--node_rank={w['node_rank']}", f"--rdzv_backend={cfg.launcher.rdzv_backend}",
-                 f"--rdzv_endpoint={cfg.launcher.master_addr}:{_port(cfg)}", f"--rdzv_id={rdzv_id}"]
+        args += [
+            f"--node_rank={w['node_rank']}",
+            f"--rdzv_backend={cfg.launcher.rdzv_backend}",
+            f"--rdzv_endpoint={cfg.launcher.master_addr}:{_port(cfg)}",
+            f"--rdzv_id={rdzv_id}",
+        ]
     return args
 
 
@@ -92,6 +108,12 @@ def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
     w = world(cfg)
     if step.rank0_only and w["node_rank"] != 0:
         return StepResult(step.name, [], 0, 0.0, "", "completed", extra={"skipped": "node_rank != 0"})
-    return run_process(step.name, argv(step, cfg), env(step, cfg), step.cwd or str(run_dir),
-                       Path(run_dir) / step.log, timeout_s,
-                       progress=Path(run_dir) / step.progress if step.progress else None)
+    return run_process(
+        step.name,
+        argv(step, cfg),
+        env(step, cfg),
+        step.cwd or str(run_dir),
+        Path(run_dir) / step.log,
+        timeout_s,
+        progress=Path(run_dir) / step.progress if step.progress else None,
+    )

@@ -2,6 +2,7 @@
 
 Shared by every launcher that ends in a local process (local, torchrun, and the Slurm job body).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +25,7 @@ class StepResult:
     exit_code: Optional[int]
     duration_s: float
     log: str
-    status: str                      # completed | failed | timeout | killed | interrupted
+    status: str  # completed | failed | timeout | killed | interrupted
     tail: List[str] = field(default_factory=list)
     extra: Dict[str, object] = field(default_factory=dict)
 
@@ -33,8 +34,15 @@ class StepResult:
         return self.status == "completed"
 
     def record(self) -> dict:
-        return {"name": self.name, "argv": self.argv, "exit_code": self.exit_code, "status": self.status,
-                "duration_s": round(self.duration_s, 3), "log": self.log, **self.extra}
+        return {
+            "name": self.name,
+            "argv": self.argv,
+            "exit_code": self.exit_code,
+            "status": self.status,
+            "duration_s": round(self.duration_s, 3),
+            "log": self.log,
+            **self.extra,
+        }
 
     def reason(self) -> str:
         if self.status == "timeout":
@@ -58,9 +66,18 @@ def tail_of(path: Path, n: int = 20) -> List[str]:
         return []
 
 
-def run_process(name: str, argv: List[str], env: Dict[str, str], cwd: Optional[str], log_path: Path,
-                timeout_s: Optional[float] = None, echo: bool = True, progress: Optional[Path] = None,
-                signals: bool = True, started: Optional[Callable[[subprocess.Popen], None]] = None) -> StepResult:
+def run_process(
+    name: str,
+    argv: List[str],
+    env: Dict[str, str],
+    cwd: Optional[str],
+    log_path: Path,
+    timeout_s: Optional[float] = None,
+    echo: bool = True,
+    progress: Optional[Path] = None,
+    signals: bool = True,
+    started: Optional[Callable[[subprocess.Popen], None]] = None,
+) -> StepResult:
     """Start argv in its own process group; copy its output to log_path (and our stdout when echo). On a terminal,
     a step that names a progress file (Step.progress) gets a live progress line below its output. ``signals``:
     Ctrl-C / SIGTERM interrupt the step (the driver); off in a Slurm job body, which handles them itself.
@@ -77,21 +94,32 @@ def _run(name, argv, env, cwd, log_path: Path, timeout_s, echo: bool, live, sign
     full_env = {**os.environ, **env}
     start = time.monotonic()
     tail: deque = deque(maxlen=20)
-    caught: List[int] = []           # Ctrl-C / SIGTERM seen while the step runs (installed before the child starts)
+    caught: List[int] = []  # Ctrl-C / SIGTERM seen while the step runs (installed before the child starts)
     in_main = signals and threading.current_thread() is threading.main_thread()
-    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)} \
-        if in_main else {}
+    old = (
+        {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+        if in_main
+        else {}
+    )
     try:
         with open(log_path, "ab") as log:
             log.write(f"$ {' '.join(argv)}\n".encode())
             log.flush()
             try:
-                proc = subprocess.Popen(argv, env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                proc = subprocess.Popen(
+                    argv,
+                    env=full_env,
+                    cwd=cwd,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             except OSError as e:
                 log.write(f"cannot start: {e}\n".encode())
-                return StepResult(name, argv, 127, 0.0, str(log_path), "failed",
-                                  [f"cannot start {argv[0]!r}: {e.strerror}"])
+                return StepResult(
+                    name, argv, 127, 0.0, str(log_path), "failed", [f"cannot start {argv[0]!r}: {e.strerror}"]
+                )
             if started is not None:
                 started(proc)
             reader = threading.Thread(target=_pump, args=(proc, log, tail, echo, live), daemon=True)

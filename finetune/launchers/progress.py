@@ -9,6 +9,7 @@ scroll above one line that stays at the bottom:
 
 When the output is not a terminal (a log file, CI, a pipe) nothing changes: plain lines only.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ class _Tail:
         try:
             with open(self.path, "rb") as f:
                 size = f.seek(0, 2)
-                if size < self.offset:              # rewritten (a resume truncates history.jsonl): start over
+                if size < self.offset:  # rewritten (a resume truncates history.jsonl): start over
                     self.offset, self.rest = 0, b""
                 f.seek(self.offset)
                 data = f.read()
@@ -62,14 +63,29 @@ class LiveProgress:
 
     def __init__(self, name: str, path: Path, interval: float = 0.5):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.console = Console(highlight=False, soft_wrap=True)
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[tps]}"),
-                                 TimeElapsedColumn(), TextColumn("elapsed  ETA"), TimeRemainingColumn(),
-                                 console=self.console, transient=False, refresh_per_second=4)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[loss]}"),
+            TextColumn("{task.fields[tps]}"),
+            TimeElapsedColumn(),
+            TextColumn("elapsed  ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+            refresh_per_second=4,
+        )
         self.task = self.progress.add_task(name, total=None, loss="", tps="starting")
         self.tail, self.interval = _Tail(path), interval
         self._stop = threading.Event()

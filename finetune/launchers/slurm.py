@@ -1,7 +1,8 @@
 """Slurm launcher, through submitit (no hand-written sbatch templates).
 
 Each step of the plan becomes one Slurm job: ``launcher.nnodes`` nodes, one task per node, and on each node the
-job body (``StepJob``, finetune/launchers/slurm_job.py) runs the step's command with ``finetune.launchers.process.run_process`` -
+job body (``StepJob``, finetune/launchers/slurm_job.py) runs the step's command with
+``finetune.launchers.process.run_process`` -
 under torchrun with ``nproc_per_node`` ranks for distributed steps, node N of the rendezvous being Slurm's node N,
 node 0's host the rendezvous endpoint. Steps that are not distributed run on node 0 only.
 
@@ -22,6 +23,7 @@ Options (launcher.*): partition, account, qos, time_min, cpus_per_task (per node
 node), nnodes, nproc_per_node, additional_parameters ({sbatch option: value}), setup (shell lines run first),
 cluster (submitit cluster; null = slurm, "local" runs the same code without Slurm), job_name, poll_s.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +44,20 @@ FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
 # states of a job on its way to a rerun (a preemption with PreemptMode=REQUEUE, `scontrol requeue`): not the end
 REQUEUE_STATES = ("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED", "RESIZING")
 # sbatch options we set from dedicated keys: refuse them in additional_parameters to keep one source of truth
-OWN_SBATCH = ("partition", "account", "qos", "time", "nodes", "ntasks_per_node", "cpus_per_task", "gpus_per_node",
-              "mem", "job_name", "output", "error")
+OWN_SBATCH = (
+    "partition",
+    "account",
+    "qos",
+    "time",
+    "nodes",
+    "ntasks_per_node",
+    "cpus_per_task",
+    "gpus_per_node",
+    "mem",
+    "job_name",
+    "output",
+    "error",
+)
 
 
 def check(cfg) -> None:
@@ -51,8 +65,11 @@ def check(cfg) -> None:
     if lc.cluster not in CLUSTERS:
         raise ConfigError("launcher.cluster", lc.cluster, "one of null (slurm), slurm, local, debug")
     if int(lc.max_requeues) < 0 or int(lc.signal_delay_s) < 0:
-        raise ConfigError("launcher.max_requeues" if int(lc.max_requeues) < 0 else "launcher.signal_delay_s",
-                          min(int(lc.max_requeues), int(lc.signal_delay_s)), "must be >= 0")
+        raise ConfigError(
+            "launcher.max_requeues" if int(lc.max_requeues) < 0 else "launcher.signal_delay_s",
+            min(int(lc.max_requeues), int(lc.signal_delay_s)),
+            "must be >= 0",
+        )
     for key in ("time_min", "cpus_per_task", "mem_gb", "poll_s"):
         if float(lc[key]) <= 0:
             raise ConfigError(f"launcher.{key}", lc[key], "must be > 0")
@@ -61,25 +78,36 @@ def check(cfg) -> None:
     if int(lc.node_rank) != 0:
         raise ConfigError("launcher.node_rank", int(lc.node_rank), "Slurm assigns node ranks; leave it 0")
     if cfg.hardware.device == "cuda" and int(lc.gpus_per_node) and int(lc.nproc_per_node) > int(lc.gpus_per_node):
-        raise ConfigError("launcher.nproc_per_node", int(lc.nproc_per_node),
-                          f"at most launcher.gpus_per_node={int(lc.gpus_per_node)} ranks per node on GPUs")
+        raise ConfigError(
+            "launcher.nproc_per_node",
+            int(lc.nproc_per_node),
+            f"at most launcher.gpus_per_node={int(lc.gpus_per_node)} ranks per node on GPUs",
+        )
     extra = lc.additional_parameters or {}
     if not hasattr(extra, "items"):
         raise ConfigError("launcher.additional_parameters", extra, "must be a mapping {sbatch option: value}")
     for k in extra:
         if str(k).replace("-", "_") in OWN_SBATCH:
-            raise ConfigError(f"launcher.additional_parameters.{k}", extra[k],
-                              f"set it with its own key (launcher.{_own_key(str(k))}), not as an extra sbatch option")
+            raise ConfigError(
+                f"launcher.additional_parameters.{k}",
+                extra[k],
+                f"set it with its own key (launcher.{_own_key(str(k))}), not as an extra sbatch option",
+            )
     if isinstance(lc.setup, str) or not all(isinstance(s, str) for s in (lc.setup or [])):
         raise ConfigError("launcher.setup", lc.setup, "must be a list of shell lines")
     if not cfg.dry_run and (lc.cluster or "slurm") == "slurm" and not shutil.which("sbatch"):
-        raise ConfigError("launcher", "slurm", "sbatch is not on PATH (no Slurm client here); "
-                          "launcher.cluster=local runs the same jobs through submitit without Slurm")
+        raise ConfigError(
+            "launcher",
+            "slurm",
+            "sbatch is not on PATH (no Slurm client here); "
+            "launcher.cluster=local runs the same jobs through submitit without Slurm",
+        )
 
 
 def _own_key(k: str) -> str:
     return {"time": "time_min", "mem": "mem_gb", "nodes": "nnodes", "ntasks_per_node": "nproc_per_node"}.get(
-        k.replace("-", "_"), k.replace("-", "_"))
+        k.replace("-", "_"), k.replace("-", "_")
+    )
 
 
 def env(step, cfg) -> Dict[str, str]:
@@ -89,14 +117,16 @@ def env(step, cfg) -> Dict[str, str]:
     e = dict(step.env)
     e.setdefault("OMP_NUM_THREADS", str(int(lc.omp_num_threads) or max(1, int(lc.cpus_per_task) // max(1, nproc))))
     e.setdefault("TOKENIZERS_PARALLELISM", "false")
-    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), e.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))) if p)
+    e["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), e.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))) if p
+    )
     return e
 
 
 def node_argv(step, w: Dict[str, int], node: int, master_addr: str, master_port: int) -> List[str]:
     """The command node ``node`` runs for the step (torchrun arguments filled in for distributed steps)."""
     if step["distributed"] != "torchrun" or w["nproc_per_node"] * w["nnodes"] == 1:
-        return list(step["argv"])                      # one rank: no torchrun needed
+        return list(step["argv"])  # one rank: no torchrun needed
     args = ["-m", "torch.distributed.run", f"--nproc_per_node={w['nproc_per_node']}", f"--nnodes={w['nnodes']}"]
     if w["nnodes"] == 1:
         args.append("--standalone")
@@ -118,7 +148,8 @@ class SlurmStepResult(StepResult):
         if self.status == "interrupted":
             return f"step {self.name!r} was interrupted (slurm job {job} cancelled)"
         return f"step {self.name!r}: slurm job {job} ended {state}" + (
-            f" (exit code {self.exit_code})" if self.exit_code not in (None, 0) else "")
+            f" (exit code {self.exit_code})" if self.exit_code not in (None, 0) else ""
+        )
 
 
 def _executor(cfg, folder: Path, step_name: str, timeout_s: Optional[float]):
@@ -126,13 +157,20 @@ def _executor(cfg, folder: Path, step_name: str, timeout_s: Optional[float]):
 
     lc = cfg.launcher
     # max_num_timeout: how many times a job near its time limit requeues itself (USR2, submitit's checkpoint)
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=lc.cluster or "slurm", slurm_max_num_timeout=int(lc.max_requeues))
+    ex = submitit.AutoExecutor(
+        folder=str(folder), cluster=lc.cluster or "slurm", slurm_max_num_timeout=int(lc.max_requeues)
+    )
     time_min = int(lc.time_min)
     if timeout_s:
         time_min = min(time_min, max(1, int(timeout_s // 60) + 1))
-    params = {"name": lc.job_name or f"finetune-{cfg.name}-{step_name}", "timeout_min": time_min,
-              "nodes": int(lc.nnodes), "tasks_per_node": 1, "cpus_per_task": int(lc.cpus_per_task),
-              "mem_gb": float(lc.mem_gb)}
+    params = {
+        "name": lc.job_name or f"finetune-{cfg.name}-{step_name}",
+        "timeout_min": time_min,
+        "nodes": int(lc.nnodes),
+        "tasks_per_node": 1,
+        "cpus_per_task": int(lc.cpus_per_task),
+        "mem_gb": float(lc.mem_gb),
+    }
     if int(lc.gpus_per_node):
         params["gpus_per_node"] = int(lc.gpus_per_node)
     if ex.cluster == "slurm":
@@ -163,7 +201,8 @@ def plan_files(plan, cfg, run_dir: Path) -> Dict[str, str]:
     for s in plan.steps:
         ex = _executor(cfg, Path(run_dir) / "slurm", s.name, float(cfg.timeout_min) * 60 or None)
         text = ex._executor._make_submission_file_text(
-            f"{sys.executable} -u -m submitit.core._submit {Path(run_dir) / 'slurm'}  # runs step {s.name}", "%j")
+            f"{sys.executable} -u -m submitit.core._submit {Path(run_dir) / 'slurm'}  # runs step {s.name}", "%j"
+        )
         out[f"slurm/{s.name}.sbatch"] = text
     return out
 
@@ -190,9 +229,15 @@ class _Submitted:
             self.jobs = json.loads(jobs_file.read_text())
         except (OSError, ValueError):
             self.jobs = {}
-        self.info = {"slurm_job_id": str(job.job_id), "slurm_state": "SUBMITTED", "slurm_cluster": cluster,
-                     "slurm_stdout": str(job.paths.stdout), "slurm_stderr": str(job.paths.stderr),
-                     "slurm_submission_file": str(job.paths.submission_file), "slurm_restarts": 0}
+        self.info = {
+            "slurm_job_id": str(job.job_id),
+            "slurm_state": "SUBMITTED",
+            "slurm_cluster": cluster,
+            "slurm_stdout": str(job.paths.stdout),
+            "slurm_stderr": str(job.paths.stderr),
+            "slurm_submission_file": str(job.paths.submission_file),
+            "slurm_restarts": 0,
+        }
 
     def state(self) -> str:
         return _state(self.job) if self.cluster == "slurm" else str(self.job.state)
@@ -212,22 +257,38 @@ def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
     from finetune.launchers.slurm_job import StepJob
 
     run_dir = Path(run_dir)
-    spec = {"name": step.name, "argv": list(step.argv), "distributed": step.distributed, "env": env(step, cfg),
-            "cwd": step.cwd or str(run_dir), "log": str(run_dir / step.log), "timeout_s": timeout_s,
-            "world": process_layout(cfg) if step.distributed != "none" else {"nproc_per_node": 1, "nnodes": 1},
-            "max_requeues": int(cfg.launcher.max_requeues)}
+    spec = {
+        "name": step.name,
+        "argv": list(step.argv),
+        "distributed": step.distributed,
+        "env": env(step, cfg),
+        "cwd": step.cwd or str(run_dir),
+        "log": str(run_dir / step.log),
+        "timeout_s": timeout_s,
+        "world": process_layout(cfg) if step.distributed != "none" else {"nproc_per_node": 1, "nnodes": 1},
+        "max_requeues": int(cfg.launcher.max_requeues),
+    }
     ex = _executor(cfg, run_dir / "slurm", step.name, timeout_s)
     sub = _Submitted(ex.submit(StepJob(spec)), ex.cluster, run_dir / "slurm" / "jobs.json")
     sub.record(step.name)
-    print(f"[slurm] step {step.name}: submitted job {sub.job.job_id} ({ex.cluster}); logs {sub.job.paths.stdout}",
-          flush=True)
+    print(
+        f"[slurm] step {step.name}: submitted job {sub.job.job_id} ({ex.cluster}); logs {sub.job.paths.stdout}",
+        flush=True,
+    )
     try:
         status, last = _follow(sub, step.name, cfg, timeout_s)
     except KeyboardInterrupt:
         sub.job.cancel(check=False)
         sub.record(step.name, slurm_state="CANCELLED (interrupted)")
-        return SlurmStepResult(step.name, [], None, time.monotonic() - sub.start, str(run_dir / step.log),
-                               "interrupted", extra=dict(sub.info))
+        return SlurmStepResult(
+            step.name,
+            [],
+            None,
+            time.monotonic() - sub.start,
+            str(run_dir / step.log),
+            "interrupted",
+            extra=dict(sub.info),
+        )
     error, results = _outcome(sub, status, last)
     final = _final_state(sub)
     if final != last:
@@ -242,10 +303,16 @@ def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
     if status != "completed":
         tail = _failure_tail(run_dir / step.log, Path(sub.job.paths.stderr), error)
         sub.info["error"] = (error or "")[-2000:]
-    return SlurmStepResult(step.name, [str(a) for a in node_argv(spec, spec["world"], 0, "<node0>", 0)],
-                           code if code is not None else (0 if status == "completed" else None),
-                           time.monotonic() - sub.start, str(run_dir / step.log), status, tail,
-                           extra={**sub.info, "nodes": [r for r in results if isinstance(r, dict)]})
+    return SlurmStepResult(
+        step.name,
+        [str(a) for a in node_argv(spec, spec["world"], 0, "<node0>", 0)],
+        code if code is not None else (0 if status == "completed" else None),
+        time.monotonic() - sub.start,
+        str(run_dir / step.log),
+        status,
+        tail,
+        extra={**sub.info, "nodes": [r for r in results if isinstance(r, dict)]},
+    )
 
 
 def _follow(sub: _Submitted, name: str, cfg, timeout_s) -> tuple:
@@ -255,16 +322,19 @@ def _follow(sub: _Submitted, name: str, cfg, timeout_s) -> tuple:
     while True:
         state = sub.state()
         word = state.split()[0]
-        if state != last and not (last is None and state.startswith("UNKNOWN")):   # sacct lags the submission
+        if state != last and not (last is None and state.startswith("UNKNOWN")):  # sacct lags the submission
             sub.say(state)
             if word in REQUEUE_STATES:
                 sub.info["slurm_restarts"] += 1
-                running_since = None                   # the rerun's time limit starts when it runs again
-                print(f"[slurm] job {sub.job.job_id} is requeued (restart {sub.info['slurm_restarts']} of at most "
-                      f"{int(cfg.launcher.max_requeues)}): it resumes from the last complete checkpoint", flush=True)
+                running_since = None  # the rerun's time limit starts when it runs again
+                print(
+                    f"[slurm] job {sub.job.job_id} is requeued (restart {sub.info['slurm_restarts']} of at most "
+                    f"{int(cfg.launcher.max_requeues)}): it resumes from the last complete checkpoint",
+                    flush=True,
+                )
             last = state
             sub.record(name, slurm_state=state)
-        if sub.job.done() or word in FAILED_STATES + ("COMPLETED",):   # done(): a result, or a final state
+        if sub.job.done() or word in FAILED_STATES + ("COMPLETED",):  # done(): a result, or a final state
             return None, last
         if running_since is None and word not in ("PENDING", "UNKNOWN", "SUBMITTED") + REQUEUE_STATES:
             running_since = time.monotonic()
@@ -291,8 +361,10 @@ def _final_state(sub: _Submitted) -> str:
     final = sub.state()
     if sub.cluster == "slurm":
         deadline = time.monotonic() + 20
-        while final.split()[0] in ("RUNNING", "PENDING", "COMPLETING", "UNKNOWN", "SUBMITTED") \
-                and time.monotonic() < deadline:
+        while (
+            final.split()[0] in ("RUNNING", "PENDING", "COMPLETING", "UNKNOWN", "SUBMITTED")
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.5)
             final = sub.state()
     return final

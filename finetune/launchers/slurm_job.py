@@ -13,6 +13,7 @@ finetune/launchers/slurm.py so that composing a config never imports submitit.
   complete checkpoint of the run folder (alpacalora and FlagEmbedding: FINETUNE_COMPLETE markers; LLaMA-Factory:
   its own, overwrite_output_dir false). Past ``max_requeues`` reruns the job fails instead of looping.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,7 +51,7 @@ class StepJob(submitit.helpers.Checkpointable):
         self.spec = spec
         self._child: Optional[subprocess.Popen] = None
 
-    def __getstate__(self):                      # pickled for the (re)submission: never the running child
+    def __getstate__(self):  # pickled for the (re)submission: never the running child
         return {"spec": self.spec}
 
     def __setstate__(self, state):
@@ -65,28 +66,42 @@ class StepJob(submitit.helpers.Checkpointable):
         w = spec["world"]
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         if restarts > int(spec.get("max_requeues", 0)):
-            raise RuntimeError(f"the job was requeued {restarts} times; launcher.max_requeues="
-                               f"{spec.get('max_requeues', 0)} is reached, so it stops here")
+            raise RuntimeError(
+                f"the job was requeued {restarts} times; launcher.max_requeues="
+                f"{spec.get('max_requeues', 0)} is reached, so it stops here"
+            )
         if spec["distributed"] == "none" and node > 0:
             return {"node": node, "skipped": "not distributed: node 0 only"}
         port = 29500 + int(str(jenv.job_id).split("_")[0]) % 20000
         cmd = node_argv(spec, w, node, node_addr(hosts[0]), port)
         env = dict(spec["env"])
         if restarts:
-            env["FINETUNE_RESUME"] = "1"          # continue from the last complete checkpoint of the run folder
+            env["FINETUNE_RESUME"] = "1"  # continue from the last complete checkpoint of the run folder
         if spec["distributed"] == "env":
-            env.update({"NNODES": str(w["nnodes"]), "NODE_RANK": str(node), "NPROC_PER_NODE": str(w["nproc_per_node"]),
-                        "MASTER_ADDR": node_addr(hosts[0]), "MASTER_PORT": str(port)})
+            env.update(
+                {
+                    "NNODES": str(w["nnodes"]),
+                    "NODE_RANK": str(node),
+                    "NPROC_PER_NODE": str(w["nproc_per_node"]),
+                    "MASTER_ADDR": node_addr(hosts[0]),
+                    "MASTER_PORT": str(port),
+                }
+            )
             if w["nnodes"] * w["nproc_per_node"] > 1:
                 env["FORCE_TORCHRUN"] = "1"
         log = Path(spec["log"])
         if node > 0:
             log = log.with_name(f"{log.stem}.node{node}{log.suffix}")
-        signal.signal(signal.SIGTERM, self._preempted)       # after submitit's own handlers (USR2 stays theirs)
-        print(f"[slurm job {jenv.job_id}] node {node}/{w['nnodes']} on {jenv.hostname}"
-              + (f", run {restarts + 1} (requeued; resuming)" if restarts else "") + f": {' '.join(cmd)}", flush=True)
-        res = run_process(spec["name"], cmd, env, spec["cwd"], log, spec["timeout_s"], signals=False,
-                          started=self._started)
+        signal.signal(signal.SIGTERM, self._preempted)  # after submitit's own handlers (USR2 stays theirs)
+        print(
+            f"[slurm job {jenv.job_id}] node {node}/{w['nnodes']} on {jenv.hostname}"
+            + (f", run {restarts + 1} (requeued; resuming)" if restarts else "")
+            + f": {' '.join(cmd)}",
+            flush=True,
+        )
+        res = run_process(
+            spec["name"], cmd, env, spec["cwd"], log, spec["timeout_s"], signals=False, started=self._started
+        )
         if not res.ok:
             tail = "\n".join(res.tail[-15:])
             raise RuntimeError(f"{res.reason()} on node {node} ({jenv.hostname}); log {res.log}; last lines:\n{tail}")
@@ -102,8 +117,11 @@ class StepJob(submitit.helpers.Checkpointable):
     def _preempted(self, signum, frame) -> None:
         """SIGTERM: Slurm is taking the node back. Stop the step and leave without a result: the job's --requeue
         rerun continues it."""
-        print(f"[slurm] SIGTERM on {os.uname().nodename}: stopping the step; the job is requeued and resumes from "
-              "its last complete checkpoint", flush=True)
+        print(
+            f"[slurm] SIGTERM on {os.uname().nodename}: stopping the step; the job is requeued and resumes from "
+            "its last complete checkpoint",
+            flush=True,
+        )
         self._stop_child()
         os._exit(143)
 

@@ -15,6 +15,7 @@ Writes into the run folder: history.jsonl (one row per log event), tensorboard/,
 the whole model in merge_path (full, freeze, GaLore, BAdam), and train_summary.json (parameter counts, real
 tokens/s, peak RSS, runtime). The merge of a LoRA adapter is a separate plan step (finetune.recipes.merge).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,13 +37,25 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from finetune.recipes.common import (COMPLETE, TokenMeter, atomic_write_bytes, atomic_write_text, deepspeed_env,
-                                     free_cores, history_callback, last_complete_checkpoint, log, peak_rss_mb,
-                                     read_config, require_device, truncate_history)
 from finetune.config.derived import adapter_dir, grad_accum, merged_dir
+from finetune.recipes.common import (
+    COMPLETE,
+    TokenMeter,
+    atomic_write_bytes,
+    atomic_write_text,
+    deepspeed_env,
+    free_cores,
+    history_callback,
+    last_complete_checkpoint,
+    log,
+    peak_rss_mb,
+    read_config,
+    require_device,
+    truncate_history,
+)
 from finetune.recipes.data import Collator, pack_examples, split_train_val, tokenized_data
 
-EAGER_MAX_LEN = 256          # attention auto on CPU: eager for batches up to this length, SDPA above (measured)
+EAGER_MAX_LEN = 256  # attention auto on CPU: eager for batches up to this length, SDPA above (measured)
 
 
 # ---------------------------------------------------------------------------------------------- method set-up
@@ -90,8 +103,9 @@ def setup_freeze(model, m: dict) -> None:
     modules = None if m["freeze_trainable_modules"] in ("all", None) else as_list(m["freeze_trainable_modules"])
     for mod in modules or []:
         if mod not in in_layer:
-            raise ValueError(f"method.freeze_trainable_modules: module {mod!r} not found; "
-                             f"choose from {sorted(in_layer)}")
+            raise ValueError(
+                f"method.freeze_trainable_modules: module {mod!r} not found; choose from {sorted(in_layer)}"
+            )
     extras = as_list(m.get("freeze_extra_modules")) or []
     for mod in extras:
         if mod not in outside:
@@ -125,8 +139,10 @@ def modules_to_save_for(model, wanted):
     if not wanted or tied is None or not set(wanted) & set(tied):
         return wanted or None, False
     normalised = [w for w in wanted if w not in tied] + [tied[0]]
-    log(f"tied embeddings: modules_to_save {wanted} -> {normalised} with ensure_weight_tying (the shared "
-        f"{tied[0]}/{tied[1]} matrix is trained once and stays tied in the adapter and the merged model)")
+    log(
+        f"tied embeddings: modules_to_save {wanted} -> {normalised} with ensure_weight_tying (the shared "
+        f"{tied[0]}/{tied[1]} matrix is trained once and stays tied in the adapter and the merged model)"
+    )
     return normalised, True
 
 
@@ -138,18 +154,31 @@ def setup_lora(model, m: dict):
         targets = all_linear_modules(model)
     tied = tied_embedding_names(model)
     if tied and set(targets) & set(tied):
-        raise ValueError(f"lora_target_modules: {sorted(set(targets) & set(tied))} is tied to "
-                         f"{'/'.join(tied)}: LoRA on it would be merged into the shared matrix; use modules_to_save")
+        raise ValueError(
+            f"lora_target_modules: {sorted(set(targets) & set(tied))} is tied to "
+            f"{'/'.join(tied)}: LoRA on it would be merged into the shared matrix; use modules_to_save"
+        )
     init = True
     if m.get("pissa_init"):
         init = "pissa" if int(m["pissa_iter"]) == -1 else f"pissa_niter_{int(m['pissa_iter'])}"
     to_save, tie = modules_to_save_for(model, as_list(m.get("modules_to_save")))
-    config = LoraConfig(task_type="CAUSAL_LM", r=int(m["lora_r"]), lora_alpha=m["lora_alpha"],
-                        lora_dropout=float(m["lora_dropout"]), target_modules=targets, bias="none",
-                        modules_to_save=to_save, use_rslora=bool(m.get("use_rslora")), use_dora=bool(m.get("use_dora")),
-                        init_lora_weights=init, **({"ensure_weight_tying": True} if tie else {}))
-    log(f"LoRA: r={config.r} alpha={config.lora_alpha} targets={targets} modules_to_save={config.modules_to_save} "
-        f"rslora={config.use_rslora} dora={config.use_dora} init={init}")
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=int(m["lora_r"]),
+        lora_alpha=m["lora_alpha"],
+        lora_dropout=float(m["lora_dropout"]),
+        target_modules=targets,
+        bias="none",
+        modules_to_save=to_save,
+        use_rslora=bool(m.get("use_rslora")),
+        use_dora=bool(m.get("use_dora")),
+        init_lora_weights=init,
+        **({"ensure_weight_tying": True} if tie else {}),
+    )
+    log(
+        f"LoRA: r={config.r} alpha={config.lora_alpha} targets={targets} modules_to_save={config.modules_to_save} "
+        f"rslora={config.use_rslora} dora={config.use_dora} init={init}"
+    )
     return get_peft_model(model, config)
 
 
@@ -189,8 +218,10 @@ def decay_parameter_names(model) -> set:
 
 def decay_groups(named, decay: set, weight_decay: float) -> list:
     """[no-decay group, decay group] of the trainable (name, parameter) pairs."""
-    return [dict(params=[p for n, p in named if n not in decay], weight_decay=0.0),
-            dict(params=[p for n, p in named if n in decay], weight_decay=weight_decay)]
+    return [
+        dict(params=[p for n, p in named if n not in decay], weight_decay=0.0),
+        dict(params=[p for n, p in named if n in decay], weight_decay=weight_decay),
+    ]
 
 
 def loraplus_optimizer(model, args, m: dict):
@@ -216,8 +247,9 @@ def loraplus_optimizer(model, args, m: dict):
         dict(params=groups["lora_a"], lr=lr, weight_decay=args.weight_decay),
         dict(params=groups["lora_b"], lr=lr * ratio, weight_decay=args.weight_decay),
         dict(params=groups["lora_b_nodecay"], lr=lr * ratio, weight_decay=0.0),
-        dict(params=groups["embedding"], lr=float(m.get("loraplus_lr_embedding", 1e-6)),
-             weight_decay=args.weight_decay),
+        dict(
+            params=groups["embedding"], lr=float(m.get("loraplus_lr_embedding", 1e-6)), weight_decay=args.weight_decay
+        ),
     ]
     log(f"LoRA+: B learning rate x{ratio}")
     return optim_cls([g for g in param_groups if g["params"]], **kw)
@@ -234,19 +266,33 @@ def galore_optimizer(model, args, m: dict):
     targets = as_list(m["galore_target"])
     if targets == ["all"]:
         targets = all_linear_modules(model)
-    galore = [p for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
-              and any(t in name for t in targets) for p in mod.parameters() if p.requires_grad and p.ndim > 1]
+    galore = [
+        p
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and any(t in name for t in targets)
+        for p in mod.parameters()
+        if p.requires_grad and p.ndim > 1
+    ]
     ids = {id(p) for p in galore}
     rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
     _, kw = Trainer.get_optimizer_cls_and_kwargs(args)
     optim_cls = {"adamw_torch": GaLoreAdamW, "adafactor": GaLoreAdafactor}.get(args.optim)
     if optim_cls is None:
         raise ValueError(f"GaLore runs with optim adamw_torch or adafactor, not {args.optim}")
-    gk = dict(rank=int(m["galore_rank"]), update_proj_gap=int(m["galore_update_interval"]),
-              scale=float(m["galore_scale"]), proj_type=m["galore_proj_type"])
+    gk = dict(
+        rank=int(m["galore_rank"]),
+        update_proj_gap=int(m["galore_update_interval"]),
+        scale=float(m["galore_scale"]),
+        proj_type=m["galore_proj_type"],
+    )
     log(f"GaLore: {len(galore)} projected matrices, {gk}")
-    return optim_cls([*decay_groups(rest, decay_parameter_names(model), args.weight_decay),
-                      dict(params=galore, weight_decay=args.weight_decay, **gk)], **kw)
+    return optim_cls(
+        [
+            *decay_groups(rest, decay_parameter_names(model), args.weight_decay),
+            dict(params=galore, weight_decay=args.weight_decay, **gk),
+        ],
+        **kw,
+    )
 
 
 def badam_optimizer(model, args, m: dict):
@@ -259,18 +305,28 @@ def badam_optimizer(model, args, m: dict):
         from badam import BlockOptimizer
 
         log(f"BAdam layer mode: switch every {m['badam_switch_interval']} steps, {m['badam_switch_mode']}")
-        return BlockOptimizer(base_optimizer=optim_cls(groups, **kw),
-                              named_parameters_list=list(model.named_parameters()), block_prefix_list=None,
-                              switch_block_every=int(m["badam_switch_interval"]),
-                              start_block=m.get("badam_start_block"), switch_mode=m["badam_switch_mode"],
-                              verbose=int(m["badam_verbose"]))
+        return BlockOptimizer(
+            base_optimizer=optim_cls(groups, **kw),
+            named_parameters_list=list(model.named_parameters()),
+            block_prefix_list=None,
+            switch_block_every=int(m["badam_switch_interval"]),
+            start_block=m.get("badam_start_block"),
+            switch_mode=m["badam_switch_mode"],
+            verbose=int(m["badam_verbose"]),
+        )
     from badam import BlockOptimizerRatio
 
     log(f"BAdam ratio mode: update ratio {m['badam_update_ratio']}, mask {m['badam_mask_mode']}")
     kw = {k: v for k, v in kw.items() if k not in ("fused", "foreach")}
-    return BlockOptimizerRatio(param_groups=groups, named_parameters_list=list(model.named_parameters()),
-                               update_ratio=float(m["badam_update_ratio"]), mask_mode=m["badam_mask_mode"],
-                               verbose=int(m["badam_verbose"]), include_embedding=False, **kw)
+    return BlockOptimizerRatio(
+        param_groups=groups,
+        named_parameters_list=list(model.named_parameters()),
+        update_ratio=float(m["badam_update_ratio"]),
+        mask_mode=m["badam_mask_mode"],
+        verbose=int(m["badam_verbose"]),
+        include_embedding=False,
+        **kw,
+    )
 
 
 def custom_optimizer(model, args, m: dict):
@@ -301,8 +357,11 @@ def save_generation_files(cfg: dict, tokenizer, folder: Path) -> None:
 
     tokenizer.save_pretrained(str(folder))
     base = Path(cfg["model"]["path"])
-    gen = GenerationConfig.from_pretrained(str(base)) if (base / "generation_config.json").exists() \
+    gen = (
+        GenerationConfig.from_pretrained(str(base))
+        if (base / "generation_config.json").exists()
         else GenerationConfig()
+    )
     gen.eos_token_id, gen.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     gen.save_pretrained(str(folder))
     PromptFormat.from_run_config(cfg).to_file(folder)
@@ -326,9 +385,12 @@ def quantization_kwargs(m: dict, hw: dict, dtype) -> dict:
     from transformers import BitsAndBytesConfig
 
     if int(bits) == 4:
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=m.get("quantization_type") or "nf4",
-                               bnb_4bit_use_double_quant=bool(m.get("double_quantization", True)),
-                               bnb_4bit_compute_dtype=dtype)
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=m.get("quantization_type") or "nf4",
+            bnb_4bit_use_double_quant=bool(m.get("double_quantization", True)),
+            bnb_4bit_compute_dtype=dtype,
+        )
     else:
         q = BitsAndBytesConfig(load_in_8bit=True)
     device = int(os.environ.get("LOCAL_RANK", "0")) if hw["device"] == "cuda" else "cpu"
@@ -362,10 +424,12 @@ def training_arguments(cfg: dict, world: int, ds_config, has_eval: bool) -> dict
         # layer-wise GaLore; single process, no gradient accumulation: both checked at compose time)
         names = {"adamw_torch": "galore_adamw_layerwise", "adafactor": "galore_adafactor_layerwise"}
         targets = as_list(m["galore_target"])
-        optim_kw = dict(optim=names[cfg["optim"]],
-                        optim_target_modules="all-linear" if targets == ["all"] else targets,
-                        optim_args=f"rank={int(m['galore_rank'])},update_proj_gap={int(m['galore_update_interval'])},"
-                                   f"scale={float(m['galore_scale'])},proj_type={m['galore_proj_type']}")
+        optim_kw = dict(
+            optim=names[cfg["optim"]],
+            optim_target_modules="all-linear" if targets == ["all"] else targets,
+            optim_args=f"rank={int(m['galore_rank'])},update_proj_gap={int(m['galore_update_interval'])},"
+            f"scale={float(m['galore_scale'])},proj_type={m['galore_proj_type']}",
+        )
     report = cfg["report_to"] if isinstance(cfg["report_to"], list) else [cfg["report_to"]]
     return dict(
         output_dir=str(Path(cfg["_run_dir"]) / "checkpoints"),
@@ -375,7 +439,7 @@ def training_arguments(cfg: dict, world: int, ds_config, has_eval: bool) -> dict
         num_train_epochs=float(cfg["num_epochs"]),
         max_steps=int(cfg["max_steps"]),
         learning_rate=float(cfg["learning_rate"]),
-        warmup_steps=float(cfg["warmup_ratio"]),               # < 1: a ratio of the total steps (transformers 5)
+        warmup_steps=float(cfg["warmup_ratio"]),  # < 1: a ratio of the total steps (transformers 5)
         lr_scheduler_type=cfg["lr_scheduler_type"],
         weight_decay=float(cfg["weight_decay"]),
         max_grad_norm=float(cfg["max_grad_norm"]),
@@ -412,8 +476,8 @@ class RunState:
     recounted once the optimizer exists), when training began, and the time spent outside training."""
 
     trainable: int
-    t_begin: Optional[float] = None   # set-up done (optimizer, DeepSpeed's engine, JIT-built ops)
-    other_s: float = 0.0              # evaluations and checkpoint saves: tokens/s leaves them out
+    t_begin: Optional[float] = None  # set-up done (optimizer, DeepSpeed's engine, JIT-built ops)
+    other_s: float = 0.0  # evaluations and checkpoint saves: tokens/s leaves them out
 
     @contextlib.contextmanager
     def not_training(self):
@@ -430,7 +494,7 @@ class RecipeTrainer(Trainer):
 
     def __init__(self, *a, method: dict, meter: TokenMeter, run_state: RunState, attention_config=None, **kw):
         self.method, self.meter, self.run_state = method, meter, run_state
-        self.attention_config = attention_config        # the model config whose attention switches per batch
+        self.attention_config = attention_config  # the model config whose attention switches per batch
         super().__init__(*a, **kw)
 
     def create_optimizer(self, model=None):
@@ -451,7 +515,7 @@ class RecipeTrainer(Trainer):
 
     def log(self, logs, *a, **kw):
         if "loss" in logs:
-            logs.update(self.meter.rates())         # input tokens/s and supervised target tokens/s, all ranks
+            logs.update(self.meter.rates())  # input tokens/s and supervised target tokens/s, all ranks
             logs["peak_rss_mb"] = round(peak_rss_mb(), 1)
         return super().log(logs, *a, **kw)
 
@@ -464,7 +528,7 @@ class RecipeTrainer(Trainer):
             super()._save_checkpoint(model, trial)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.barrier()
-            if self.args.should_save:            # written last, atomically: the checkpoint is complete
+            if self.args.should_save:  # written last, atomically: the checkpoint is complete
                 step_dir = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
                 atomic_write_text(step_dir / COMPLETE, str(time.time()))
 
@@ -482,8 +546,10 @@ class TrainingBegins(TrainerCallback):
             log(f"trainable parameters after the optimizer set-up: {n:,}")
         self.run_state.trainable = n
         inner = getattr(getattr(self.trainer, "deepspeed", None), "basic_optimizer", None)
-        log(f"optimizer: {type(self.trainer.optimizer).__name__}"
-            + (f" (DeepSpeed, over {type(inner).__name__})" if inner is not None else ""))
+        log(
+            f"optimizer: {type(self.trainer.optimizer).__name__}"
+            + (f" (DeepSpeed, over {type(inner).__name__})" if inner is not None else "")
+        )
         self.run_state.t_begin = time.perf_counter()
 
 
@@ -512,10 +578,10 @@ def setup_process(cfg: dict, world: int) -> float:
     require_device(hw)
     libs_rss = peak_rss_mb()
     if threads == 0 and world == 1 and _small_model(cfg["model"]["path"]):
-        threads = 1          # matmuls of a tiny model are too small to split: a 2nd thread only spins (16x slower
-                             # on a busy 2-core machine, measured)
+        threads = 1  # matmuls of a tiny model are too small to split: a 2nd thread only spins (16x slower
+        # on a busy 2-core machine, measured)
     elif threads == 0 and world == 1 and hw["device"] == "cpu" and free_cores() < torch.get_num_threads():
-        threads = free_cores()   # bigger models: the cores other processes leave free (a thread on a busy core spins)
+        threads = free_cores()  # bigger models: the cores other processes leave free (a thread on a busy core spins)
         log(f"threads: {threads} (the machine is busy: load average {os.getloadavg()[0]:.1f})")
     if threads > 0:
         torch.set_num_threads(threads)
@@ -537,14 +603,18 @@ def setup_data(cfg: dict, tokenizer):
     b = cfg["backend"]
     examples = tokenized_data(cfg, tokenizer)
     train_set, val_set = split_train_val(examples, float(cfg["val_set_size"]), seed=42)
-    log(f"data: {len(examples)} examples -> {len(train_set)} train, {len(val_set)} held out "
+    log(
+        f"data: {len(examples)} examples -> {len(train_set)} train, {len(val_set)} held out "
         f"(train_on_inputs={cfg['train_on_inputs']}, cutoff_len={cfg['cutoff_len']}, "
-        f"template={cfg['prompt_template_name']})")
+        f"template={cfg['prompt_template_name']})"
+    )
     if b.get("packing"):
         n_examples = len(train_set)
         train_set = pack_examples(train_set, int(cfg["cutoff_len"]), seed=int(cfg["seed"]))
-        log(f"packing: {n_examples} training examples -> {len(train_set)} rows of <= {cfg['cutoff_len']} tokens "
-            f"(no attention across examples; the held-out set stays unpacked)")
+        log(
+            f"packing: {n_examples} training examples -> {len(train_set)} rows of <= {cfg['cutoff_len']} tokens "
+            f"(no attention across examples; the held-out set stays unpacked)"
+        )
     if b.get("show_prompt") and int(os.environ.get("RANK", "0")) == 0:
         print(tokenizer.decode(train_set[0]["input_ids"]), flush=True)
     return train_set, val_set
@@ -555,10 +625,13 @@ def load_model(cfg: dict, dtype):
     hold the DeepSpeed config it reads), quantised for QLoRA."""
     m, hw = cfg["method"], cfg["hardware"]
     attn = cfg["backend"].get("attn_implementation") or "auto"
-    model = AutoModelForCausalLM.from_pretrained(cfg["model"]["path"], dtype=dtype,
-                                                 trust_remote_code=cfg["trust_remote_code"],
-                                                 **({} if attn == "auto" else {"attn_implementation": attn}),
-                                                 **quantization_kwargs(m, hw, dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg["model"]["path"],
+        dtype=dtype,
+        trust_remote_code=cfg["trust_remote_code"],
+        **({} if attn == "auto" else {"attn_implementation": attn}),
+        **quantization_kwargs(m, hw, dtype),
+    )
     model.config.use_cache = False
     partitioned = sum(1 for p in model.parameters() if hasattr(p, "ds_id"))
     if partitioned:
@@ -592,15 +665,20 @@ def setup_model(cfg: dict, ds_config) -> tuple:
     quantized = bool(m.get("quantization_bit"))
     if quantized:
         model = prepare_quantized(model, bool(cfg["gradient_checkpointing"]))
-        log(f"QLoRA: base loaded in {m['quantization_bit']}-bit"
-            + (f" {m.get('quantization_type')} (double quantisation {bool(m.get('double_quantization'))})"
-               if int(m["quantization_bit"]) == 4 else "")
-            + f", compute {dtype}; the merge uses the full-precision base")
+        log(
+            f"QLoRA: base loaded in {m['quantization_bit']}-bit"
+            + (
+                f" {m.get('quantization_type')} (double quantisation {bool(m.get('double_quantization'))})"
+                if int(m["quantization_bit"]) == 4
+                else ""
+            )
+            + f", compute {dtype}; the merge uses the full-precision base"
+        )
     if m.get("uses_lora"):
         model = setup_lora(model, m)
     elif m["finetuning_type"] == "freeze":
         setup_freeze(model, m)
-    else:                                                     # full, GaLore, BAdam: every weight is a candidate
+    else:  # full, GaLore, BAdam: every weight is a candidate
         for p in model.parameters():
             p.requires_grad_(True)
     if dtype != torch.float32 and not ds_config and not quantized:
@@ -616,18 +694,26 @@ def setup_model(cfg: dict, ds_config) -> tuple:
     return model, attention_config
 
 
-def build_trainer(cfg: dict, model, args, tokenizer, train_set, val_set, *, attention_config, run_state: RunState,
-                  world: int):
+def build_trainer(
+    cfg: dict, model, args, tokenizer, train_set, val_set, *, attention_config, run_state: RunState, world: int
+):
     """The Trainer: batch = micro x accumulation x world, cosine with warmup, checkpoints, tensorboard, our history
     callback (one plain line per event, instead of HF's printer), BAdam's callback and gradient clipping."""
-    trainer = RecipeTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
-                            data_collator=Collator(tokenizer.pad_token_id),
-                            callbacks=[history_callback(Path(cfg["_run_dir"]))], method=cfg["method"],
-                            meter=TokenMeter(world, tokenizer.pad_token_id), run_state=run_state,
-                            attention_config=attention_config)
+    trainer = RecipeTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set or None,
+        data_collator=Collator(tokenizer.pad_token_id),
+        callbacks=[history_callback(Path(cfg["_run_dir"]))],
+        method=cfg["method"],
+        meter=TokenMeter(world, tokenizer.pad_token_id),
+        run_state=run_state,
+        attention_config=attention_config,
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(TrainingBegins(trainer, run_state))
-    if cfg["method"].get("use_badam"):     # as LLaMA-Factory: BAdam's sparse (ratio) gradients need its own clipping
+    if cfg["method"].get("use_badam"):  # as LLaMA-Factory: BAdam's sparse (ratio) gradients need its own clipping
         from badam import BAdamCallback, clip_grad_norm_old_version
 
         trainer.accelerator.clip_grad_norm_ = MethodType(clip_grad_norm_old_version, trainer.accelerator)
@@ -665,9 +751,9 @@ def resume_point(trainer, run_dir: Path) -> Optional[Path]:
 
 @dataclass
 class Timing:
-    output: Any            # the Trainer's TrainOutput
-    runtime_s: float       # trainer.train() as a whole
-    compute_s: float       # from the first step to the end, without the evaluations and checkpoint saves
+    output: Any  # the Trainer's TrainOutput
+    runtime_s: float  # trainer.train() as a whole
+    compute_s: float  # from the first step to the end, without the evaluations and checkpoint saves
 
 
 def train(trainer, run_state: RunState, resume_from: Optional[Path], has_eval: bool) -> Timing:
@@ -689,43 +775,64 @@ def save_artefact(cfg: dict, trainer, model, tokenizer, pissa_init_dir: Optional
     run_dir, uses_lora = Path(cfg["_run_dir"]), bool(cfg["method"].get("uses_lora"))
     target, merged = adapter_dir(cfg, run_dir), merged_dir(cfg, run_dir)
     artefact = target if uses_lora else merged
-    if pissa_init_dir is not None:         # (PiSSA is refused under ZeRO-3, so rank 0 holds the whole adapter)
+    if pissa_init_dir is not None:  # (PiSSA is refused under ZeRO-3, so rank 0 holds the whole adapter)
         if trainer.args.should_save:
             model.save_pretrained(str(target), path_initial_model_for_weight_conversion=str(pissa_init_dir))
             keep_modules_to_save(model, target)
     else:
-        trainer.save_model(str(artefact))   # every rank calls it: under ZeRO-3 it gathers the shards; rank 0 writes
+        trainer.save_model(str(artefact))  # every rank calls it: under ZeRO-3 it gathers the shards; rank 0 writes
     if trainer.args.should_save:
         save_generation_files(cfg, tokenizer, artefact)
     return artefact
 
 
-def write_summary(cfg: dict, trainer, run_state: RunState, timing: Timing, *, total: int, libs_rss: float,
-                  resume_from: Optional[Path], artefact: Path) -> None:
+def write_summary(
+    cfg: dict,
+    trainer,
+    run_state: RunState,
+    timing: Timing,
+    *,
+    total: int,
+    libs_rss: float,
+    resume_from: Optional[Path],
+    artefact: Path,
+) -> None:
     """train_summary.json: parameter counts, losses, real tokens/s over the training time, peak RSS, runtime."""
     meter, world, train_s = trainer.meter, trainer.meter.world, timing.compute_s
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     summary = {
-        "method": cfg["method"]["name"], "total_params": int(total), "trainable_params": int(run_state.trainable),
-        "train_loss": losses[-1] if losses else None, "first_train_loss": losses[0] if losses else None,
-        "eval_loss": evals[-1] if evals else None, "global_step": trainer.state.global_step,
-        "train_runtime_s": timing.runtime_s, "train_compute_s": train_s,
-        "train_tokens": meter.input * world, "train_target_tokens": meter.target * world,
+        "method": cfg["method"]["name"],
+        "total_params": int(total),
+        "trainable_params": int(run_state.trainable),
+        "train_loss": losses[-1] if losses else None,
+        "first_train_loss": losses[0] if losses else None,
+        "eval_loss": evals[-1] if evals else None,
+        "global_step": trainer.state.global_step,
+        "train_runtime_s": timing.runtime_s,
+        "train_compute_s": train_s,
+        "train_tokens": meter.input * world,
+        "train_target_tokens": meter.target * world,
         "tokens_per_s": meter.input * world / train_s if train_s > 0 else None,
         "target_tokens_per_s": meter.target * world / train_s if train_s > 0 else None,
         "precision": cfg["hardware"]["precision"],
-        "peak_rss_mb": peak_rss_mb(), "libraries_rss_mb": libs_rss,
-        "training_rss_mb": peak_rss_mb() - libs_rss, "world_size": world,
+        "peak_rss_mb": peak_rss_mb(),
+        "libraries_rss_mb": libs_rss,
+        "training_rss_mb": peak_rss_mb() - libs_rss,
+        "world_size": world,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
-        "resumed_from": str(resume_from) if resume_from else None, "artefact": str(artefact),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "artefact": str(artefact),
         "deepspeed": bool(trainer.is_deepspeed_enabled),
-        "train_examples": len(trainer.train_dataset), "eval_examples": len(trainer.eval_dataset or []),
+        "train_examples": len(trainer.train_dataset),
+        "eval_examples": len(trainer.eval_dataset or []),
         "mean_train_loss_hf": timing.output.training_loss,
     }
     atomic_write_text(Path(cfg["_run_dir"]) / "train_summary.json", json.dumps(summary, indent=1))
-    log(f"saved {artefact}; train_loss={summary['train_loss']} eval_loss={summary['eval_loss']} "
-        f"tokens/s={summary['tokens_per_s']:.1f} peak_rss={summary['peak_rss_mb']:.0f} MiB")
+    log(
+        f"saved {artefact}; train_loss={summary['train_loss']} eval_loss={summary['eval_loss']} "
+        f"tokens/s={summary['tokens_per_s']:.1f} peak_rss={summary['peak_rss_mb']:.0f} MiB"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
@@ -735,7 +842,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m finetune.recipes.alpacalora")
     ap.add_argument("--config", required=True, help="<run>/resolved_config.json written by the driver")
     cfg = read_config(ap.parse_args(argv).config)
-    run_dir = Path(cfg["_run_dir"])           # every path in the config is absolute (resolved at validation)
+    run_dir = Path(cfg["_run_dir"])  # every path in the config is absolute (resolved at validation)
     m = cfg["method"]
 
     # 1. process: DeepSpeed's environment, device, threads
@@ -752,18 +859,31 @@ def main(argv=None) -> int:
     #    rank loading the whole model into host memory
     args = TrainingArguments(**training_arguments(cfg, world, ds_config, has_eval=bool(val_set)))
     if m.get("use_galore") and m.get("galore_layerwise"):
-        log(f"GaLore layer-wise: {args.optim}, targets {args.optim_target_modules}, {args.optim_args} (the logged "
+        log(
+            f"GaLore layer-wise: {args.optim}, targets {args.optim_target_modules}, {args.optim_args} (the logged "
             "grad norm is 0: gradients are consumed by the per-layer steps; optimizer moments are not checkpointed, "
-            "so a resumed run restarts them)")
+            "so a resumed run restarts them)"
+        )
 
     # 4. model + method, 5. Trainer
     model, attention_config = setup_model(cfg, ds_config)
     total = sum(numel(p) for p in model.parameters())
     run_state = RunState(trainable=sum(numel(p) for p in model.parameters() if p.requires_grad))
-    trainer = build_trainer(cfg, model, args, tokenizer, train_set, val_set, attention_config=attention_config,
-                            run_state=run_state, world=world)
-    log(f"parameters: {run_state.trainable:,} trainable of {total:,} ({100 * run_state.trainable / total:.3f}%), "
-        f"method={m['name']}, world={world}, accumulation={args.gradient_accumulation_steps}")
+    trainer = build_trainer(
+        cfg,
+        model,
+        args,
+        tokenizer,
+        train_set,
+        val_set,
+        attention_config=attention_config,
+        run_state=run_state,
+        world=world,
+    )
+    log(
+        f"parameters: {run_state.trainable:,} trainable of {total:,} ({100 * run_state.trainable / total:.3f}%), "
+        f"method={m['name']}, world={world}, accumulation={args.gradient_accumulation_steps}"
+    )
     pissa_init_dir = save_pissa_init(cfg, trainer, model)
 
     # 6. train (resumed from the last complete checkpoint of this run folder), evaluate, save, summarise
@@ -771,8 +891,9 @@ def main(argv=None) -> int:
     timing = train(trainer, run_state, resume_from, has_eval=bool(val_set))
     artefact = save_artefact(cfg, trainer, model, tokenizer, pissa_init_dir)
     if trainer.args.should_save:
-        write_summary(cfg, trainer, run_state, timing, total=total, libs_rss=libs_rss, resume_from=resume_from,
-                      artefact=artefact)
+        write_summary(
+            cfg, trainer, run_state, timing, total=total, libs_rss=libs_rss, resume_from=resume_from, artefact=artefact
+        )
     return 0
 
 

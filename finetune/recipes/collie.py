@@ -16,6 +16,7 @@ train    Collie's own model class, CollieDatasetForTraining, Trainer (DeepSpeed 
          the adapter in HF layout (target_path) or the full model (merge_path), <run>/collie_probe.json (Collie's
          own logits on fixed inputs, used to verify the exported weights) and <run>/collie_summary.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,10 @@ PROMPTS = {
     # alpaca-lora's templates/alpaca.json and alpaca_short.json
     "alpaca": {
         "prompt_input": "Below is an instruction that describes a task, paired with an input that provides further "
-                        "context. Write a response that appropriately completes the request.\n\n"
-                        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
         "prompt_no_input": "Below is an instruction that describes a task. Write a response that appropriately "
-                           "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n",
+        "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n",
     },
     "alpaca_short": {
         "prompt_input": "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
@@ -49,10 +50,24 @@ PROMPTS = {
     },
 }
 # model.family -> Collie's model class (chatglm3 has ChatGLM2's architecture)
-MODEL_CLASSES = {"llama": "LlamaForCausalLM", "internlm": "InternLMForCausalLM", "internlm2": "InternLM2ForCausalLM",
-                 "chatglm2": "ChatGLM2ForCausalLM", "chatglm3": "ChatGLM2ForCausalLM", "moss": "MossForCausalLM"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+MODEL_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "internlm": "InternLMForCausalLM",
+    "internlm2": "InternLM2ForCausalLM",
+    "chatglm2": "ChatGLM2ForCausalLM",
+    "chatglm3": "ChatGLM2ForCausalLM",
+    "moss": "MossForCausalLM",
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 PROBE_ROWS = 2
 
 
@@ -92,8 +107,8 @@ def prepare(cfg: dict, run_dir: Path) -> int:
             if (src / name).exists():
                 shutil.copy2(src / name, dst / name)
         tc = dst / "tokenizer_config.json"
-        if tc.exists():     # transformers 5 names its fast tokenizer "TokenizersBackend"; 4.50 knows it as
-            t = json.loads(tc.read_text())      # PreTrainedTokenizerFast (same tokenizer.json)
+        if tc.exists():  # transformers 5 names its fast tokenizer "TokenizersBackend"; 4.50 knows it as
+            t = json.loads(tc.read_text())  # PreTrainedTokenizerFast (same tokenizer.json)
             if t.get("tokenizer_class") == "TokenizersBackend":
                 t["tokenizer_class"] = "PreTrainedTokenizerFast"
                 tc.write_text(json.dumps(t, indent=2))
@@ -104,10 +119,15 @@ def prepare(cfg: dict, run_dir: Path) -> int:
     rope = meta.get("rope_parameters") or {}
     theta = meta.get("rope_theta", rope.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", "default")
-    if meta.get("model_type") == "llama" and (float(theta) != 10000.0 or rope_type != "default" or meta.get("rope_scaling")):
+    if meta.get("model_type") == "llama" and (
+        float(theta) != 10000.0 or rope_type != "default" or meta.get("rope_scaling")
+    ):
         # collie/models/llama/model.py RotaryPositionEmbedding hard-codes base 10000 and no scaling
-        print(f"collie: model {src.name} uses rope_theta={theta} rope_type={rope_type}; Collie 1.0.7's Llama "
-              "hard-codes rope base 10000 without scaling and would train a different model", file=sys.stderr)
+        print(
+            f"collie: model {src.name} uses rope_theta={theta} rope_type={rope_type}; Collie 1.0.7's Llama "
+            "hard-codes rope base 10000 without scaling and would train a different model",
+            file=sys.stderr,
+        )
         return 1
     if dst is not None:
         meta = dict(meta)
@@ -173,7 +193,8 @@ def _lr_lambda(kind: str, warmup: int, total: int):
         progress = (step - warmup) / max(1, total - warmup)
         if kind == "linear":
             return max(0.0, 1.0 - progress)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))   # cosine
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))  # cosine
+
     return f
 
 
@@ -218,13 +239,14 @@ class Parallel:
     def from_config(cls, cfg: dict) -> "Parallel":
         b = cfg["backend"]
         dp, micro = int(b["dp_size"]), int(cfg["micro_batch_size"])
-        return cls(dp=dp, tp=int(b["tp_size"]), pp=int(b["pp_size"]), micro=micro,
-                   accum=grad_accum(cfg, data_parallel=dp))
+        return cls(
+            dp=dp, tp=int(b["tp_size"]), pp=int(b["pp_size"]), micro=micro, accum=grad_accum(cfg, data_parallel=dp)
+        )
 
 
 def deepspeed_config(cfg: dict) -> dict:
     hw = cfg["hardware"]
-    ds = {"steps_per_print": 10 ** 9, "zero_optimization": {"stage": int(hw.get("deepspeed_stage") or 0)}}
+    ds = {"steps_per_print": 10**9, "zero_optimization": {"stage": int(hw.get("deepspeed_stage") or 0)}}
     if float(cfg.get("max_grad_norm") or 0) > 0:
         ds["gradient_clipping"] = float(cfg["max_grad_norm"])
     if hw.get("precision") == "bf16":
@@ -249,8 +271,15 @@ def lora_config(cfg: dict):
         targets = list(cfg["model"].get("all_linear_modules") or [])
     mts = meth.get("modules_to_save")
     mts = _name_list(mts) if isinstance(mts, str) or mts else None
-    return LoraConfig(r=int(meth["lora_r"]), lora_alpha=meth["lora_alpha"], lora_dropout=float(meth["lora_dropout"]),
-                      target_modules=targets, modules_to_save=mts, bias="none", task_type=TaskType.CAUSAL_LM)
+    return LoraConfig(
+        r=int(meth["lora_r"]),
+        lora_alpha=meth["lora_alpha"],
+        lora_dropout=float(meth["lora_dropout"]),
+        target_modules=targets,
+        modules_to_save=mts,
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+    )
 
 
 def build_collie_config(cfg: dict, model_path: str, par: Parallel):
@@ -264,7 +293,7 @@ def build_collie_config(cfg: dict, model_path: str, par: Parallel):
     config.gradient_accumulation_steps = par.accum
     config.eval_batch_size = par.micro
     config.checkpointing = bool(cfg.get("gradient_checkpointing"))
-    config.use_flash = False                  # flash_attn is not in requirements-collie.lock
+    config.use_flash = False  # flash_attn is not in requirements-collie.lock
     config.seed = int(cfg["seed"])
     config.ds_config = deepspeed_config(cfg)
     if cfg["method"]["uses_lora"]:
@@ -277,7 +306,7 @@ def load_tokenizer(cfg: dict, model_path: str):
 
     try:
         return AutoTokenizer.from_pretrained(model_path, trust_remote_code=bool(cfg.get("trust_remote_code")))
-    except ValueError as e:         # a transformers-5 tokenizer_config.json next to *.bin weights
+    except ValueError as e:  # a transformers-5 tokenizer_config.json next to *.bin weights
         if "TokenizersBackend" not in str(e):
             raise
         from transformers import PreTrainedTokenizerFast
@@ -290,8 +319,8 @@ class Data:
     template: dict
     train_rows: list
     eval_rows: list
-    train_ds: object                  # CollieDatasetForTraining
-    eval_ds: object                   # CollieDatasetForTraining, or None without held-out rows
+    train_ds: object  # CollieDatasetForTraining
+    eval_ds: object  # CollieDatasetForTraining, or None without held-out rows
 
 
 def setup_data(cfg: dict, tokenizer) -> Data:
@@ -304,8 +333,11 @@ def setup_data(cfg: dict, tokenizer) -> Data:
     cutoff = int(cfg.get("cutoff_len") or -1)
     on_inputs = bool(cfg.get("train_on_inputs", True))
     train_ds = CollieDatasetForTraining(to_collie(train_rows, template, eos, on_inputs), tokenizer, max_length=cutoff)
-    eval_ds = CollieDatasetForTraining(to_collie(eval_rows, template, eos, on_inputs), tokenizer,
-                                       max_length=cutoff) if eval_rows else None
+    eval_ds = (
+        CollieDatasetForTraining(to_collie(eval_rows, template, eos, on_inputs), tokenizer, max_length=cutoff)
+        if eval_rows
+        else None
+    )
     return Data(template, train_rows, eval_rows, train_ds, eval_ds)
 
 
@@ -321,14 +353,16 @@ def setup_model(cfg: dict, model_path: str, config, par: Parallel):
         model.enable_input_require_grads()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log(f"model {type(model).__name__}: {total} parameters on this rank, {trainable} trainable; "
-        f"dp={par.dp} tp={par.tp} pp={par.pp} micro_batch={par.micro} accumulation={par.accum}")
+    log(
+        f"model {type(model).__name__}: {total} parameters on this rank, {trainable} trainable; "
+        f"dp={par.dp} tp={par.tp} pp={par.pp} micro_batch={par.micro} accumulation={par.accum}"
+    )
     return model, total, trainable
 
 
 def optimizer_steps(train_rows: int, par: Parallel, epochs: int) -> int:
     micro_per_epoch = math.ceil(train_rows / (par.micro * par.dp))
-    if par.pp == 1:     # DeepSpeed counts micro-batches across epochs and steps every `accum` of them
+    if par.pp == 1:  # DeepSpeed counts micro-batches across epochs and steps every `accum` of them
         return max(1, micro_per_epoch * epochs // par.accum)
     # under pipeline parallelism one Collie batch is a whole optimizer step
     return max(1, math.ceil(train_rows / (par.micro * par.accum * par.dp)) * epochs)
@@ -338,8 +372,11 @@ def build_optimizer(cfg: dict, model, total_steps: int):
     """AdamW over the trainable parameters and the LR schedule (warmup, then constant / linear / cosine)."""
     import torch
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(cfg["learning_rate"]),
-                                  weight_decay=float(cfg.get("weight_decay") or 0.0))
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=float(cfg["learning_rate"]),
+        weight_decay=float(cfg.get("weight_decay") or 0.0),
+    )
     warmup = int(float(cfg.get("warmup_ratio") or 0) * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg["lr_scheduler_type"], warmup, total_steps))
     return optimizer, scheduler
@@ -374,8 +411,11 @@ def logits_probe(trainer, tokenizer, data: Data) -> dict:
             out = module(input_ids=ids)["logits"][0].float().cpu().tolist()
             logits.append((ids[0].tolist(), out))
     module.to(train_dtype)
-    return {"input_ids": [x[0] for x in logits], "logits": [x[1] for x in logits],
-            "train_dtype": str(train_dtype).replace("torch.", "")}
+    return {
+        "input_ids": [x[0] for x in logits],
+        "logits": [x[1] for x in logits],
+        "train_dtype": str(train_dtype).replace("torch.", ""),
+    }
 
 
 def save_outputs(cfg: dict, run_dir: Path, trainer, config, source: str, rank: int) -> None:
@@ -388,7 +428,7 @@ def save_outputs(cfg: dict, run_dir: Path, trainer, config, source: str, rank: i
         if rank == 0:
             export_adapter(raw, target, config, source)
     else:
-        trainer.save_model(str(merge))        # writes HF-layout *.bin
+        trainer.save_model(str(merge))  # writes HF-layout *.bin
         if rank == 0:
             src = Path(source)
             for name in ("config.json",) + TOKENIZER_FILES:
@@ -408,31 +448,53 @@ def tokens_over_ranks(history) -> tuple:
     return float(tokens[0]), float(tokens[1])
 
 
-def write_summary(run_dir: Path, *, total: int, trainable: int, par: Parallel, runtime: float, tokens: tuple,
-                  data: Data, steps: int, patches: list) -> None:
+def write_summary(
+    run_dir: Path,
+    *,
+    total: int,
+    trainable: int,
+    par: Parallel,
+    runtime: float,
+    tokens: tuple,
+    data: Data,
+    steps: int,
+    patches: list,
+) -> None:
     """<run>/collie_summary.json (rank 0). Tokens/s counts each sample once: tp x pp ranks share a batch."""
+    import collie
     import torch
 
-    import collie
-
     shared = par.tp * par.pp
-    write_json(run_dir / "collie_summary.json", {
-        "total_params": total, "trainable_params": trainable, "params_counted_per_rank": shared > 1,
-        "train_runtime_s": runtime, "tokens_per_s": tokens[0] / shared / max(1e-9, runtime),
-        "target_tokens_per_s": tokens[1] / shared / max(1e-9, runtime),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "train_rows": len(data.train_rows), "eval_rows": len(data.eval_rows), "optimizer_steps": steps,
-        "gradient_accumulation_steps": par.accum, "dp_size": par.dp, "tp_size": par.tp, "pp_size": par.pp,
-        "cpu_patches": patches, "collie_version": getattr(collie, "__version__", "1.0.7"),
-        "torch_version": torch.__version__, "world_size": int(os.environ["WORLD_SIZE"]),
-    })
+    write_json(
+        run_dir / "collie_summary.json",
+        {
+            "total_params": total,
+            "trainable_params": trainable,
+            "params_counted_per_rank": shared > 1,
+            "train_runtime_s": runtime,
+            "tokens_per_s": tokens[0] / shared / max(1e-9, runtime),
+            "target_tokens_per_s": tokens[1] / shared / max(1e-9, runtime),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "train_rows": len(data.train_rows),
+            "eval_rows": len(data.eval_rows),
+            "optimizer_steps": steps,
+            "gradient_accumulation_steps": par.accum,
+            "dp_size": par.dp,
+            "tp_size": par.tp,
+            "pp_size": par.pp,
+            "cpu_patches": patches,
+            "collie_version": getattr(collie, "__version__", "1.0.7"),
+            "torch_version": torch.__version__,
+            "world_size": int(os.environ["WORLD_SIZE"]),
+        },
+    )
 
 
 def train(cfg: dict, run_dir: Path) -> int:
     set_distributed_env()
     from finetune.recipes import collie_cpu_patch
 
-    patches = collie_cpu_patch.apply((cfg.get("hardware") or {}).get("device", "cpu"))   # before importing collie
+    patches = collie_cpu_patch.apply((cfg.get("hardware") or {}).get("device", "cpu"))  # before importing collie
     import torch.distributed as dist
     from collie import Trainer
 
@@ -449,11 +511,26 @@ def train(cfg: dict, run_dir: Path) -> int:
     model, total, trainable = setup_model(cfg, model_info["path"], config, par)
     total_steps = optimizer_steps(len(data.train_ds), par, config.train_epochs)
     optimizer, scheduler = build_optimizer(cfg, model, total_steps)
-    history = History(path=fresh_history(run_dir, rank), rank=rank, dp=par.dp, pp=par.pp, total_steps=total_steps,
-                      logging_steps=max(1, int(cfg.get("logging_steps") or 1)), tokenizer=tokenizer,
-                      eval_ds=data.eval_ds, micro_batch_size=par.micro)
-    trainer = Trainer(model=model, config=config, tokenizer=tokenizer, optimizer=optimizer, lr_scheduler=scheduler,
-                      train_dataset=data.train_ds, callbacks=[history])
+    history = History(
+        path=fresh_history(run_dir, rank),
+        rank=rank,
+        dp=par.dp,
+        pp=par.pp,
+        total_steps=total_steps,
+        logging_steps=max(1, int(cfg.get("logging_steps") or 1)),
+        tokenizer=tokenizer,
+        eval_ds=data.eval_ds,
+        micro_batch_size=par.micro,
+    )
+    trainer = Trainer(
+        model=model,
+        config=config,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        train_dataset=data.train_ds,
+        callbacks=[history],
+    )
     t0 = time.time()
     trainer.train()
     runtime = time.time() - t0
@@ -465,8 +542,17 @@ def train(cfg: dict, run_dir: Path) -> int:
         if probe is not None:
             write_json(run_dir / "collie_probe.json", probe)
         steps = int(trainer.engine.global_steps)
-        write_summary(run_dir, total=total, trainable=trainable, par=par, runtime=runtime, tokens=tokens, data=data,
-                      steps=steps, patches=patches)
+        write_summary(
+            run_dir,
+            total=total,
+            trainable=trainable,
+            par=par,
+            runtime=runtime,
+            tokens=tokens,
+            data=data,
+            steps=steps,
+            patches=patches,
+        )
         log(f"done: {steps} optimizer steps in {runtime:.1f}s")
     if dist.is_initialized():
         dist.barrier()

@@ -7,6 +7,7 @@ this process sees no GPU (a CPU build of torch, a job without GPUs), instead of 
 Each patch names the Collie line it works around (notes/collie-on-cpu.md); removing any one brings back an error.
 No file in site-packages is edited.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,10 @@ def apply(device: str = "cpu") -> list:
 
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit(f"hardware.device=cuda, but Collie's torch {torch.__version__} (CUDA build "
-                             f"{torch.version.cuda}) sees no GPU here")
+            raise SystemExit(
+                f"hardware.device=cuda, but Collie's torch {torch.__version__} (CUDA build "
+                f"{torch.version.cuda}) sees no GPU here"
+            )
         return APPLIED
     if APPLIED:
         return APPLIED

@@ -4,6 +4,7 @@ Runs inside Collie's own environment (.venv-collie). A module of its own because
 finetune.recipes.collie's train() imports it only after collie_cpu_patch is applied (the patches must come before
 ``import collie``), and the main environment, which has no collie, still imports finetune.recipes.collie.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,19 @@ class History(Callback):
     """history.jsonl rows per optimizer step (loss averaged over its micro-batches) and per-epoch eval loss.
     Counts input tokens (every non-padding token: tokens/s as other tools count it) and supervised targets."""
 
-    def __init__(self, *, path: Path, rank: int, dp: int, pp: int, total_steps: int, logging_steps: int,
-                 tokenizer, eval_ds, micro_batch_size: int):
+    def __init__(
+        self,
+        *,
+        path: Path,
+        rank: int,
+        dp: int,
+        pp: int,
+        total_steps: int,
+        logging_steps: int,
+        tokenizer,
+        eval_ds,
+        micro_batch_size: int,
+    ):
         self.path, self.rank, self.dp, self.pp = path, rank, dp, pp
         self.total_steps, self.logging_steps, self.tokenizer = total_steps, logging_steps, tokenizer
         self.eval_ds, self.micro_batch_size = eval_ds, micro_batch_size
@@ -59,16 +71,22 @@ class History(Callback):
         if step % self.logging_steps == 0 or step == self.total_steps:
             self.write(row)
         if self.rank == 0:
-            print(f"[collie_worker] rank {self.rank} step {step} loss {row['loss']:.4f} lr {row['learning_rate']:.3g}",
-                  flush=True)
+            print(
+                f"[collie_worker] rank {self.rank} step {step} loss {row['loss']:.4f} lr {row['learning_rate']:.3g}",
+                flush=True,
+            )
 
     def step_row(self, trainer, step: int, now: float) -> dict:
         """The row of the optimizer step that just ended (its micro-batches are in the window)."""
-        row = {"step": step, "total_steps": self.total_steps,
-               "epoch": round(trainer.epoch_idx + (trainer.batch_idx + 1) / trainer.steps_per_epoch, 4),
-               "loss": sum(self.window) / len(self.window), "learning_rate": float(trainer.lr),
-               "tokens_per_s": self.win_tokens * self.dp / max(1e-9, now - self.t_last),
-               "target_tokens_per_s": self.win_targets * self.dp / max(1e-9, now - self.t_last)}
+        row = {
+            "step": step,
+            "total_steps": self.total_steps,
+            "epoch": round(trainer.epoch_idx + (trainer.batch_idx + 1) / trainer.steps_per_epoch, 4),
+            "loss": sum(self.window) / len(self.window),
+            "learning_rate": float(trainer.lr),
+            "tokens_per_s": self.win_tokens * self.dp / max(1e-9, now - self.t_last),
+            "target_tokens_per_s": self.win_targets * self.dp / max(1e-9, now - self.t_last),
+        }
         try:
             gn = trainer.engine.get_global_grad_norm()
             if gn is not None:

@@ -8,6 +8,7 @@ layout was converted back from Collie's. Then the merged model is saved to merge
 Full fine-tuning: the model Collie saved in merge_path is loaded and checked against the same probe.
 Writes <run>/merge_check.json; exits 1 when a check fails (never writes a merged model that does not match).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ from pathlib import Path
 from finetune.config.derived import adapter_dir, merged_dir
 from finetune.recipes.common import read_config
 
-TOL = 1e-3     # max |logit difference|; fp32 on CPU gives ~1e-6, a wrong q/k layout gives ~1e-1
+TOL = 1e-3  # max |logit difference|; fp32 on CPU gives ~1e-6, a wrong q/k layout gives ~1e-1
 
 
 def main() -> int:
@@ -73,11 +74,13 @@ def main() -> int:
         (run_dir / "merge_check.json").write_text(json.dumps(report, indent=1))
         print(f"[collie_merge] {json.dumps(report)}", flush=True)
         if not ok:
-            print("collie merge: the exported adapter does not reproduce Collie's logits (see merge_check.json)",
-                  file=sys.stderr)
+            print(
+                "collie merge: the exported adapter does not reproduce Collie's logits (see merge_check.json)",
+                file=sys.stderr,
+            )
             return 1
         if cfg.get("merge", True):
-            if train_dtype != torch.float32:       # the merged model: the original (unrounded) base + the adapter
+            if train_dtype != torch.float32:  # the merged model: the original (unrounded) base + the adapter
                 base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=trust)
                 merged = PeftModel.from_pretrained(base, str(target)).merge_and_unload()
             merged.save_pretrained(str(merge))

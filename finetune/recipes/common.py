@@ -21,7 +21,7 @@ from typing import Dict
 from finetune.osutil import atomic_write as atomic_write_text  # noqa: F401 - the workers' name for it
 from finetune.osutil import atomic_write_bytes  # noqa: F401 - used by the recipes
 
-IGNORE_INDEX = -100                   # the label of a token that is not trained on
+IGNORE_INDEX = -100  # the label of a token that is not trained on
 
 
 def log(msg: str) -> None:
@@ -53,8 +53,9 @@ def deepspeed_env() -> None:
     if "RANK" not in os.environ:
         from finetune.osutil import free_port
 
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
 
 
 def require_device(hw: dict) -> str:
@@ -66,9 +67,11 @@ def require_device(hw: dict) -> str:
     import torch
 
     if not torch.cuda.is_available():
-        raise SystemExit(f"hardware.device=cuda, but this process sees no CUDA GPU (torch {torch.__version__}, CUDA "
-                         f"build {torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}) "
-                         "on " + os.uname().nodename)
+        raise SystemExit(
+            f"hardware.device=cuda, but this process sees no CUDA GPU (torch {torch.__version__}, CUDA "
+            f"build {torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}) "
+            "on " + os.uname().nodename
+        )
     return "cuda"
 
 
@@ -110,7 +113,7 @@ class TokenMeter:
     def __init__(self, world_size: int = 1, pad_id=None):
         self.world, self.pad_id = world_size, pad_id
         self.input = self.target = 0
-        self._mark = None                     # (time, input, target) at the start or the last log event
+        self._mark = None  # (time, input, target) at the start or the last log event
 
     def count(self, inputs) -> None:
         if self._mark is None:
@@ -164,15 +167,18 @@ def history_callback(run_dir: Path):
     return HistoryCallback()
 
 
-COMPLETE = "FINETUNE_COMPLETE"        # written into checkpoint-N last, once the checkpoint is whole
+COMPLETE = "FINETUNE_COMPLETE"  # written into checkpoint-N last, once the checkpoint is whole
 
 
 def last_complete_checkpoint(ckpt_dir: Path):
     """The newest checkpoint-N folder holding the COMPLETE marker (one cut by a kill has none), or None."""
     import re
 
-    found = [(int(p.name.split("-")[1]), p) for p in Path(ckpt_dir).glob("checkpoint-*")
-             if re.fullmatch(r"checkpoint-\d+", p.name) and (p / COMPLETE).exists()]
+    found = [
+        (int(p.name.split("-")[1]), p)
+        for p in Path(ckpt_dir).glob("checkpoint-*")
+        if re.fullmatch(r"checkpoint-\d+", p.name) and (p / COMPLETE).exists()
+    ]
     return max(found)[1] if found else None
 
 

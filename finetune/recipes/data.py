@@ -1,6 +1,7 @@
 """Training data for the recipes: alpaca / sharegpt / messages rows from a .json/.jsonl file or a folder of them,
 tokenised with alpaca-lora's label masking (train_on_inputs, cutoff_len + EOS) through the shared data cache, the
 held-out split, packing, and the collator. Standard library at import; torch/numpy inside the functions."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,18 @@ from typing import List, Tuple
 from finetune.recipes.common import IGNORE_INDEX, log
 from finetune.recipes.templates import alpaca_prompt, load_template
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
-                   "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def data_files(path: str) -> List[Path]:
@@ -41,8 +51,17 @@ def row_format(row: dict) -> str:
     return "alpaca"
 
 
-_ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-         "system": "system", "function_call": "assistant", "observation": "user", "tool": "user"}
+_ROLE = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "user",
+    "tool": "user",
+}
 
 
 def to_messages(row: dict) -> List[dict]:
@@ -81,6 +100,7 @@ def encode_alpaca(row: dict, tokenizer, template: dict, cutoff_len: int, train_o
 def encode_messages(messages: List[dict], tokenizer, cutoff_len: int, train_on_inputs: bool) -> dict:
     """A conversation through the model's chat template. With train_on_inputs=False only assistant turns are
     trained: each assistant turn's span is found by rendering the conversation up to it and through it."""
+
     def render(msgs) -> List[int]:
         text = tokenizer.apply_chat_template(msgs, tokenize=False)
         return tokenizer(text, add_special_tokens=False, padding=False)["input_ids"]
@@ -109,7 +129,7 @@ def encode_rows(rows: List[dict], tokenizer, template_name: str, cutoff_len: int
             ex = encode_messages(to_messages(row), tokenizer, cutoff_len, train_on_inputs)
         else:
             ex = encode_alpaca(row, tokenizer, template, cutoff_len, train_on_inputs)
-        if any(label != IGNORE_INDEX for label in ex["labels"][1:]):   # nothing to learn after truncation: drop
+        if any(label != IGNORE_INDEX for label in ex["labels"][1:]):  # nothing to learn after truncation: drop
             out.append(ex)
     return out
 
@@ -123,21 +143,30 @@ def tokenized_data(cfg: dict, tokenizer, cache_dir: Path = None) -> List[dict]:
 
     model_dir = Path(cfg["model"]["path"])
     tok_files = [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
-    key = {"data": file_digest(data_files(cfg["data"]["path"])), "tokenizer": file_digest(tok_files),
-           "template": load_template(cfg["prompt_template_name"]), "cutoff_len": cfg["cutoff_len"],
-           "train_on_inputs": cfg["train_on_inputs"], "max_samples": cfg.get("max_samples"), "v": 2}
+    key = {
+        "data": file_digest(data_files(cfg["data"]["path"])),
+        "tokenizer": file_digest(tok_files),
+        "template": load_template(cfg["prompt_template_name"]),
+        "cutoff_len": cfg["cutoff_len"],
+        "train_on_inputs": cfg["train_on_inputs"],
+        "max_samples": cfg.get("max_samples"),
+        "v": 2,
+    }
 
     def build() -> List[dict]:
         rows = read_rows(cfg["data"]["path"])
         if cfg.get("max_samples"):
             rows = rows[: int(cfg["max_samples"])]
-        return encode_rows(rows, tokenizer, cfg["prompt_template_name"], int(cfg["cutoff_len"]),
-                           bool(cfg["train_on_inputs"]))
+        return encode_rows(
+            rows, tokenizer, cfg["prompt_template_name"], int(cfg["cutoff_len"]), bool(cfg["train_on_inputs"])
+        )
 
     info: dict = {}
     examples = get_or_build(key, build, cache_dir=cache_dir, info=info)
-    log(f"tokenised data: {'cache hit' if info.get('hit') else 'built'} in {info.get('seconds', 0):.2f} s "
-        f"({info.get('path') or 'cache off'})")
+    log(
+        f"tokenised data: {'cache hit' if info.get('hit') else 'built'} in {info.get('seconds', 0):.2f} s "
+        f"({info.get('path') or 'cache off'})"
+    )
     return examples
 
 

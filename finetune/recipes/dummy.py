@@ -1,4 +1,5 @@
 """The dummy backend's process: reads the resolved config and logs a synthetic, falling loss (no training)."""
+
 import argparse
 import json
 import os
@@ -21,10 +22,13 @@ def main() -> int:
         print("dummy finetune: failing as asked (backend.fail=true)", file=sys.stderr)
         return 3
     if rank == 0:
-        with open(run_dir / "history.jsonl", "w") as f:     # a rerun (requeued job) starts over: no duplicates
+        with open(run_dir / "history.jsonl", "w") as f:  # a rerun (requeued job) starts over: no duplicates
             for step in range(1, b["steps"] + 1):
                 time.sleep(b.get("sleep_s", 0))
-                f.write(json.dumps({"step": step, "loss": round(2.0 / step, 4), "learning_rate": cfg["learning_rate"]}) + "\n")
+                f.write(
+                    json.dumps({"step": step, "loss": round(2.0 / step, 4), "learning_rate": cfg["learning_rate"]})
+                    + "\n"
+                )
                 f.flush()
                 print(f"step {step} loss {2.0 / step:.4f}", flush=True)
     return 0

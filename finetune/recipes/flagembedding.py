@@ -11,6 +11,7 @@ runner and trainer), plus what every backend of this project gives:
 
     python -m finetune.recipes.flagembedding --task embedder --run-dir R [--resume] [--device cuda] -- <flags>
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,26 +22,43 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.recipes.common import (COMPLETE, atomic_write_text, deepspeed_env, history_callback,
-                                     last_complete_checkpoint, log, peak_rss_mb, require_device, TokenMeter,
-                                     truncate_history)
+from finetune.recipes.common import (
+    COMPLETE,
+    TokenMeter,
+    atomic_write_text,
+    deepspeed_env,
+    history_callback,
+    last_complete_checkpoint,
+    log,
+    peak_rss_mb,
+    require_device,
+    truncate_history,
+)
 
 
 def _runner(task: str, flags):
     from transformers import HfArgumentParser
 
     if task == "embedder":
-        from FlagEmbedding.finetune.embedder.encoder_only.base import (EncoderOnlyEmbedderDataArguments,
-                                                                        EncoderOnlyEmbedderModelArguments,
-                                                                        EncoderOnlyEmbedderRunner,
-                                                                        EncoderOnlyEmbedderTrainingArguments)
+        from FlagEmbedding.finetune.embedder.encoder_only.base import (
+            EncoderOnlyEmbedderDataArguments,
+            EncoderOnlyEmbedderModelArguments,
+            EncoderOnlyEmbedderRunner,
+            EncoderOnlyEmbedderTrainingArguments,
+        )
 
-        classes = (EncoderOnlyEmbedderModelArguments, EncoderOnlyEmbedderDataArguments,
-                   EncoderOnlyEmbedderTrainingArguments)
+        classes = (
+            EncoderOnlyEmbedderModelArguments,
+            EncoderOnlyEmbedderDataArguments,
+            EncoderOnlyEmbedderTrainingArguments,
+        )
         runner_cls = EncoderOnlyEmbedderRunner
     else:
-        from FlagEmbedding.abc.finetune.reranker import (AbsRerankerDataArguments, AbsRerankerModelArguments,
-                                                         AbsRerankerTrainingArguments)
+        from FlagEmbedding.abc.finetune.reranker import (
+            AbsRerankerDataArguments,
+            AbsRerankerModelArguments,
+            AbsRerankerTrainingArguments,
+        )
         from FlagEmbedding.finetune.reranker.encoder_only.base import EncoderOnlyRerankerRunner
 
         classes = (AbsRerankerModelArguments, AbsRerankerDataArguments, AbsRerankerTrainingArguments)
@@ -66,9 +84,10 @@ def _save_gathered_weights(trainer) -> None:
 
         output_dir = output_dir or trainer.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        encoder = trainer.model.model                      # FlagEmbedding's wrapper holds the HF model as .model
-        encoder.save_pretrained(output_dir, state_dict={k[len("model."):]: v for k, v in state_dict.items()
-                                                       if k.startswith("model.")})
+        encoder = trainer.model.model  # FlagEmbedding's wrapper holds the HF model as .model
+        encoder.save_pretrained(
+            output_dir, state_dict={k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
+        )
         trainer._save_processing_class(output_dir)
         torch.save(trainer.args, os.path.join(output_dir, "training_args.bin"))
         log(f"ZeRO-3: saved the gathered weights ({len(state_dict)} tensors) to {output_dir}")
@@ -107,7 +126,9 @@ def _checkpoint_marker():
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()
             if state.is_world_process_zero:
-                atomic_write_text(Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE, str(time.time()))
+                atomic_write_text(
+                    Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE, str(time.time())
+                )
 
     return CompleteCheckpoints()
 
@@ -123,16 +144,16 @@ def main(argv=None) -> int:
     flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
     run_dir = Path(args.run_dir)
 
-    require_device({"device": args.device})              # GPU hardware: the job must see a GPU (not train on CPU)
+    require_device({"device": args.device})  # GPU hardware: the job must see a GPU (not train on CPU)
     if "--deepspeed" in flags:
-        deepspeed_env()                                   # one process under DeepSpeed: no MPI discovery
+        deepspeed_env()  # one process under DeepSpeed: no MPI discovery
     runner_cls, model_args, data_args, training_args = _runner(args.task, flags)
     out = Path(training_args.output_dir)
     resume_from = None
     # --resume (resume=true), or FINETUNE_RESUME=1: a Slurm job rerun after preemption (finetune/launchers/slurm_job.py)
     if (args.resume or os.environ.get("FINETUNE_RESUME") == "1") and out.is_dir():
         resume_from = last_complete_checkpoint(out)
-        for ckpt in out.glob("checkpoint-*"):            # cut by a kill: never resumed from, this run's own
+        for ckpt in out.glob("checkpoint-*"):  # cut by a kill: never resumed from, this run's own
             if ckpt.is_dir() and ckpt != resume_from and not (ckpt / COMPLETE).exists():
                 shutil.rmtree(ckpt)
         log(f"resuming from {resume_from}" if resume_from else "resume: no complete checkpoint; training from step 0")
@@ -163,18 +184,23 @@ def main(argv=None) -> int:
     trainer.add_callback(_checkpoint_marker())
     from transformers.trainer_callback import PrinterCallback
 
-    trainer.remove_callback(PrinterCallback)            # the history callback prints one plain line per event
+    trainer.remove_callback(PrinterCallback)  # the history callback prints one plain line per event
     t0 = time.perf_counter()
     runner.run()
     runtime = time.perf_counter() - t0
     if trainer.is_world_process_zero():
         final = next((h for h in reversed(trainer.state.log_history) if "train_loss" in h), {})
-        runtime = final.get("train_runtime") or runtime        # the Trainer's own: training only, no saving
-        summary = {"train_runtime_s": runtime, "train_tokens": meter.input * world,
-                   "tokens_per_s": meter.input * world / runtime if runtime > 0 else None,
-                   "train_samples_per_s": final.get("train_samples_per_second"),
-                   "train_loss_avg": final.get("train_loss"), "global_step": trainer.state.global_step,
-                   "resumed_from": str(resume_from) if resume_from else None, "peak_rss_mb": peak_rss_mb()}
+        runtime = final.get("train_runtime") or runtime  # the Trainer's own: training only, no saving
+        summary = {
+            "train_runtime_s": runtime,
+            "train_tokens": meter.input * world,
+            "tokens_per_s": meter.input * world / runtime if runtime > 0 else None,
+            "train_samples_per_s": final.get("train_samples_per_second"),
+            "train_loss_avg": final.get("train_loss"),
+            "global_step": trainer.state.global_step,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "peak_rss_mb": peak_rss_mb(),
+        }
         atomic_write_text(run_dir / "flagembedding_train.json", json.dumps(summary, indent=1))
         log(f"saved {out}; {summary['global_step']} steps, tokens/s={summary['tokens_per_s'] or 0:.1f}")
     return 0

@@ -16,6 +16,7 @@ Stage ``after`` also turns the trainer's TensorBoard scalars (<run>/tensorboard)
 that the saved model loads, counts its parameters and estimates tokens/s. Results go to <run>/eval/<stage>.json.
 Any failure exits non-zero.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,7 +89,7 @@ def relevance(rows: list, corpus):
             continue
         rel = set()
         for p in r["pos"]:
-            if p not in index:                         # a positive the corpus lacks: add it
+            if p not in index:  # a positive the corpus lacks: add it
                 index[p] = len(docs)
                 docs.append(p)
             rel.add(index[p])
@@ -118,22 +119,30 @@ def embedder_scores(cfg: dict, model_path: str, device: str, queries, docs, cand
 
     b = cfg["backend"]
     qlen, plen = max_lengths(b)
-    model = FlagModel(model_path, normalize_embeddings=bool(b["normalize_embeddings"]), use_fp16=False,
-                      query_instruction_for_retrieval=b["query_instruction_for_retrieval"],
-                      query_instruction_format=b["query_instruction_format"], devices=device,
-                      pooling_method=b["sentence_pooling_method"], trust_remote_code=bool(cfg["trust_remote_code"]),
-                      batch_size=int(b["eval_batch_size"]), query_max_length=qlen, passage_max_length=plen)
+    model = FlagModel(
+        model_path,
+        normalize_embeddings=bool(b["normalize_embeddings"]),
+        use_fp16=False,
+        query_instruction_for_retrieval=b["query_instruction_for_retrieval"],
+        query_instruction_format=b["query_instruction_format"],
+        devices=device,
+        pooling_method=b["sentence_pooling_method"],
+        trust_remote_code=bool(cfg["trust_remote_code"]),
+        batch_size=int(b["eval_batch_size"]),
+        query_max_length=qlen,
+        passage_max_length=plen,
+    )
     q = np.asarray(model.encode_queries(queries))
     if docs is not None:
         scores = (q @ np.asarray(model.encode_corpus(docs)).T).tolist()
     else:
-        scores = [(q[i:i + 1] @ np.asarray(model.encode_corpus(c)).T)[0].tolist() for i, c in enumerate(candidates)]
+        scores = [(q[i : i + 1] @ np.asarray(model.encode_corpus(c)).T)[0].tolist() for i, c in enumerate(candidates)]
     logits = []
     if groups:
         gq = np.asarray(model.encode_queries(group_q))
         for i, g in enumerate(groups):
             p = np.asarray(model.encode_corpus(g))
-            logits.append(((gq[i:i + 1] @ p.T)[0] / float(b["temperature"])).tolist())
+            logits.append(((gq[i : i + 1] @ p.T)[0] / float(b["temperature"])).tolist())
     return scores, logits
 
 
@@ -143,24 +152,30 @@ def rerank_scores(model, pairs) -> list:
     return [float(x) for x in (s if isinstance(s, (list, tuple)) else [s])]
 
 
-def reranker_scores(cfg: dict, model_path: str, device: str, rows, queries, docs, candidates, relevant, group_q,
-                    groups):
+def reranker_scores(
+    cfg: dict, model_path: str, device: str, rows, queries, docs, candidates, relevant, group_q, groups
+):
     """FlagReranker scores every (query, passage) pair; a corpus larger than backend.eval_max_corpus is too big to
     score everything, so each query then ranks its own pos + neg. Returns (scores, relevant, logits)."""
     from FlagEmbedding import FlagReranker
 
     b = cfg["backend"]
     qlen, plen = max_lengths(b)
-    model = FlagReranker(model_path, use_fp16=False, devices=device,
-                         query_instruction_for_rerank=b["query_instruction_for_rerank"],
-                         query_instruction_format=b["query_instruction_format"],
-                         trust_remote_code=bool(cfg["trust_remote_code"]), batch_size=int(b["eval_batch_size"]),
-                         max_length=qlen + plen)
+    model = FlagReranker(
+        model_path,
+        use_fp16=False,
+        devices=device,
+        query_instruction_for_rerank=b["query_instruction_for_rerank"],
+        query_instruction_format=b["query_instruction_format"],
+        trust_remote_code=bool(cfg["trust_remote_code"]),
+        batch_size=int(b["eval_batch_size"]),
+        max_length=qlen + plen,
+    )
     if docs is not None and len(docs) <= int(b["eval_max_corpus"]):
         flat = rerank_scores(model, [(qq, d) for qq in queries for d in docs])
-        scores = [flat[i * len(docs):(i + 1) * len(docs)] for i in range(len(queries))]
+        scores = [flat[i * len(docs) : (i + 1) * len(docs)] for i in range(len(queries))]
     else:
-        if docs is not None:                             # too big to score everything: rank pos + neg only
+        if docs is not None:  # too big to score everything: rank pos + neg only
             candidates, relevant = own_candidates(rows), own_relevant(rows)
         scores = [rerank_scores(model, [(qq, d) for d in c]) for qq, c in zip(queries, candidates)]
     logits = [rerank_scores(model, [(qq, d) for d in g]) for qq, g in zip(group_q, groups)]
@@ -173,12 +188,18 @@ def max_lengths(b: dict):
     return b["query_max_len"] or default, b["passage_max_len"] or default
 
 
+def eval_device(hw: dict) -> str:
+    """The evaluation's device: one GPU (cuda:0 of the visible ones) on GPU hardware, else the CPU. Not
+    devices=None: FlagEmbedding would then take every GPU and start a process pool."""
+    return "cuda:0" if require_device(hw) == "cuda" else "cpu"
+
+
 def evaluate(cfg: dict, model_path: str, eval_path: str, corpus_path) -> dict:
     """recall@k / MRR / nDCG / held-out loss, in fp32 (before and after stay comparable) on the run's device: one
     GPU (cuda:0 of the visible ones) on GPU hardware, else the CPU. Not devices=None: FlagEmbedding would then take
     every GPU and start a process pool."""
     b = cfg["backend"]
-    device = "cuda:0" if require_device(cfg["hardware"]) == "cuda" else "cpu"
+    device = eval_device(cfg["hardware"])
     rows = read_jsonl(eval_path)
     corpus = read_jsonl(corpus_path) if corpus_path else None
     queries = [r["query"] for r in rows]
@@ -189,13 +210,18 @@ def evaluate(cfg: dict, model_path: str, eval_path: str, corpus_path) -> dict:
     if b["task"] == "embedder":
         scores, logits = embedder_scores(cfg, model_path, device, queries, docs, candidates, group_q, groups)
     else:
-        scores, relevant, logits = reranker_scores(cfg, model_path, device, rows, queries, docs, candidates, relevant,
-                                                   group_q, groups)
+        scores, relevant, logits = reranker_scores(
+            cfg, model_path, device, rows, queries, docs, candidates, relevant, group_q, groups
+        )
     m = rank_metrics(scores, relevant, [int(k) for k in b["eval_k"]])
     if logits:
         m["loss"] = group_loss(logits)
-    return {"metrics": m, "queries": len(queries), "corpus": len(docs) if docs is not None else None,
-            "eval_seconds": round(time.time() - t0, 3)}
+    return {
+        "metrics": m,
+        "queries": len(queries),
+        "corpus": len(docs) if docs is not None else None,
+        "eval_seconds": round(time.time() - t0, 3),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ after training
@@ -210,7 +236,7 @@ def model_facts(cfg: dict, model_path: str) -> dict:
     cls = AutoModel if task == "embedder" else AutoModelForSequenceClassification
     model = cls.from_pretrained(model_path, trust_remote_code=bool(cfg["trust_remote_code"]))
     total = sum(p.numel() for p in model.parameters())
-    out = {"total_params": total, "trainable_params": total}   # full fine-tuning: every parameter trains
+    out = {"total_params": total, "trainable_params": total}  # full fine-tuning: every parameter trains
     return out
 
 
@@ -232,7 +258,7 @@ def main() -> int:
             print(f"embed_eval: no trained model at {args.model} (config.json missing)", file=sys.stderr)
             return 1
         result.update(model_facts(cfg, args.model))
-        train = run_dir / "flagembedding_train.json"       # written by the train step (flagembedding_train.py)
+        train = run_dir / "flagembedding_train.json"  # written by the train step (flagembedding_train.py)
         if train.is_file():
             result.update({k: v for k, v in json.loads(train.read_text()).items() if v is not None})
     if not args.no_eval and args.eval_data:

@@ -22,6 +22,7 @@ A planned step of the alpacalora, llamafactory and collie backends when ``genera
      <run>/eval/samples.md and samples.jsonl (prompt, reference, before, after). metrics.json, TensorBoard and the
      sweep summary read these (finetune/report/metrics.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,12 +55,13 @@ def heldout_rows(cfg: dict, tokenizer) -> List[dict]:
         rows = rows[: int(cfg["max_samples"])]
     if vs <= 0:
         return []
-    if backend == "llamafactory":        # LLaMA-Factory: datasets' train_test_split(test_size, seed=run seed)
+    if backend == "llamafactory":  # LLaMA-Factory: datasets' train_test_split(test_size, seed=run seed)
         return split_train_val(rows, vs, seed=int(cfg["seed"]))[1]
     # alpacalora: rows left with nothing to learn after cutoff_len are dropped before its split (seed 42)
     template = cfg["prompt_template_name"]
-    kept = [r for r in rows if encode_rows([r], tokenizer, template, int(cfg["cutoff_len"]),
-                                            bool(cfg["train_on_inputs"]))]
+    kept = [
+        r for r in rows if encode_rows([r], tokenizer, template, int(cfg["cutoff_len"]), bool(cfg["train_on_inputs"]))
+    ]
     return split_train_val(kept, vs, seed=42)[1]
 
 
@@ -88,21 +90,35 @@ def load_model(model_path: str, adapter: Optional[str] = None, trust_remote_code
     return model, tokenizer
 
 
-def generate(model, tokenizer, prompts: List[List[int]], max_new_tokens: int, stop_ids: List[int],
-             batch_size: int = 8, streamer=None) -> tuple:
+def generate(
+    model,
+    tokenizer,
+    prompts: List[List[int]],
+    max_new_tokens: int,
+    stop_ids: List[int],
+    batch_size: int = 8,
+    streamer=None,
+) -> tuple:
     """Greedy answers to tokenised prompts, batched with left padding. Returns (texts, generated token count)."""
     import torch
 
     pad = tokenizer.pad_token_id
     texts, n_tokens = [], 0
     for i in range(0, len(prompts), batch_size):
-        batch = prompts[i: i + batch_size]
+        batch = prompts[i : i + batch_size]
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=int(max_new_tokens),
-                                 do_sample=False, eos_token_id=stop_ids, pad_token_id=pad, streamer=streamer)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=int(max_new_tokens),
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=pad,
+                streamer=streamer,
+            )
         for row in out[:, width:].tolist():
             cut = next((k for k, t in enumerate(row) if t in stop_ids), len(row))
             n_tokens += min(cut + 1, len(row))
@@ -118,7 +134,7 @@ def answer_of(text: str, n_lines: int = 1) -> str:
     ``n_lines`` non-empty lines (the reference's line count), whitespace collapsed."""
     text = re.split(r"(?m)^\s*###", text, maxsplit=1)[0]
     lines = [" ".join(ln.split()) for ln in text.splitlines() if ln.strip()]
-    return "\n".join(lines[:max(1, n_lines)])
+    return "\n".join(lines[: max(1, n_lines)])
 
 
 def score(predictions: List[str], references: List[str]) -> dict:
@@ -129,7 +145,7 @@ def score(predictions: List[str], references: List[str]) -> dict:
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
     exact, f1, rl, per_row = 0, 0.0, 0.0, []
     for pred, ref in zip(predictions, references):
-        ref_n = answer_of(ref, 10 ** 6)
+        ref_n = answer_of(ref, 10**6)
         ans = answer_of(pred, len(ref_n.splitlines()))
         s = scorer.score(ref_n, ans)
         row = {"exact_match": ans == ref_n, "token_f1": s["rouge1"].fmeasure, "rouge_l": s["rougeL"].fmeasure}
@@ -138,8 +154,13 @@ def score(predictions: List[str], references: List[str]) -> dict:
         rl += row["rouge_l"]
         per_row.append(row)
     n = max(1, len(references))
-    return {"exact_match": exact / n, "token_f1": f1 / n, "rouge_l": rl / n, "rows": len(references),
-            "exact": exact}, per_row
+    return {
+        "exact_match": exact / n,
+        "token_f1": f1 / n,
+        "rouge_l": rl / n,
+        "rows": len(references),
+        "exact": exact,
+    }, per_row
 
 
 # ------------------------------------------------------------------------------------------ samples table
@@ -155,20 +176,35 @@ def write_samples(run_dir: Path, before: Optional[dict], after: dict) -> None:
     rows = []
     for i, a in enumerate(after["samples"]):
         b = before["samples"][i] if before and i < len(before["samples"]) else {}
-        rows.append({"prompt": a["prompt"], "reference": a["reference"], "before": b.get("answer"),
-                     "before_exact": b.get("exact_match"), "after": a["answer"], "after_exact": a["exact_match"]})
+        rows.append(
+            {
+                "prompt": a["prompt"],
+                "reference": a["reference"],
+                "before": b.get("answer"),
+                "before_exact": b.get("exact_match"),
+                "after": a["answer"],
+                "after_exact": a["exact_match"],
+            }
+        )
     atomic_write_text(run_dir / "eval" / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     bm = (before or {}).get("metrics") or {}
     am = after["metrics"]
-    head = [f"# Answers to the held-out rows, before and after training ({am['rows']} rows, greedy)", "",
-            f"exact match: {bm.get('exact', '-')}/{am['rows']} before, {am['exact']}/{am['rows']} after; "
-            f"token F1 {bm.get('token_f1', float('nan')):.3f} -> {am['token_f1']:.3f}; "
-            f"ROUGE-L {bm.get('rouge_l', float('nan')):.3f} -> {am['rouge_l']:.3f}", "",
-            "| # | prompt | reference | before | after |", "|---|---|---|---|---|"]
+    head = [
+        f"# Answers to the held-out rows, before and after training ({am['rows']} rows, greedy)",
+        "",
+        f"exact match: {bm.get('exact', '-')}/{am['rows']} before, {am['exact']}/{am['rows']} after; "
+        f"token F1 {bm.get('token_f1', float('nan')):.3f} -> {am['token_f1']:.3f}; "
+        f"ROUGE-L {bm.get('rouge_l', float('nan')):.3f} -> {am['rouge_l']:.3f}",
+        "",
+        "| # | prompt | reference | before | after |",
+        "|---|---|---|---|---|",
+    ]
     mark = {True: "✓ ", False: "✗ ", None: ""}
-    lines = [f"| {i} | {_cell(r['prompt'])} | {_cell(r['reference'], 40)} | {mark[r['before_exact']]}"
-             f"{_cell(r['before'] or '', 50)} | {mark[r['after_exact']]}{_cell(r['after'], 50)} |"
-             for i, r in enumerate(rows)]
+    lines = [
+        f"| {i} | {_cell(r['prompt'])} | {_cell(r['reference'], 40)} | {mark[r['before_exact']]}"
+        f"{_cell(r['before'] or '', 50)} | {mark[r['after_exact']]}{_cell(r['after'], 50)} |"
+        for i, r in enumerate(rows)
+    ]
     atomic_write_text(run_dir / "eval" / "samples.md", "\n".join(head + lines) + "\n")
 
 
@@ -202,23 +238,39 @@ def main(argv=None) -> int:
     turns = [fmt.row_turns(r) for r in rows]
     prompts = [fmt.encode(tokenizer, t) for t, _ in turns]
     load_s = time.perf_counter() - t0
-    log(f"gen_eval ({a.stage}): {len(rows)} held-out rows, {fmt.describe()}, batches of "
-        f"{int(cfg['generate_batch_size'])}, at most {int(cfg['max_new_tokens'])} new tokens, {threads} thread(s)")
+    log(
+        f"gen_eval ({a.stage}): {len(rows)} held-out rows, {fmt.describe()}, batches of "
+        f"{int(cfg['generate_batch_size'])}, at most {int(cfg['max_new_tokens'])} new tokens, {threads} thread(s)"
+    )
     t1 = time.perf_counter()
-    answers, n_new = generate(model, tokenizer, prompts, int(cfg["max_new_tokens"]), fmt.stop_ids(tokenizer),
-                              int(cfg["generate_batch_size"]))
+    answers, n_new = generate(
+        model, tokenizer, prompts, int(cfg["max_new_tokens"]), fmt.stop_ids(tokenizer), int(cfg["generate_batch_size"])
+    )
     gen_s = time.perf_counter() - t1
     metrics, per_row = score(answers, [ref for _, ref in turns])
-    samples = [{"prompt": "\n".join(t["content"] for t in tt), "reference": ref, "answer": ans, **pr}
-               for (tt, ref), ans, pr in zip(turns, answers, per_row)]
-    result = {"stage": a.stage, "model": a.model, "adapter": a.adapter, "prompt_format": fmt.describe(),
-              "metrics": metrics, "generated_tokens": n_new, "generate_s": round(gen_s, 2),
-              "generate_tokens_per_s": round(n_new / gen_s, 2) if gen_s > 0 else None,
-              "load_s": round(load_s, 2), "max_new_tokens": int(cfg["max_new_tokens"]), "samples": samples}
+    samples = [
+        {"prompt": "\n".join(t["content"] for t in tt), "reference": ref, "answer": ans, **pr}
+        for (tt, ref), ans, pr in zip(turns, answers, per_row)
+    ]
+    result = {
+        "stage": a.stage,
+        "model": a.model,
+        "adapter": a.adapter,
+        "prompt_format": fmt.describe(),
+        "metrics": metrics,
+        "generated_tokens": n_new,
+        "generate_s": round(gen_s, 2),
+        "generate_tokens_per_s": round(n_new / gen_s, 2) if gen_s > 0 else None,
+        "load_s": round(load_s, 2),
+        "max_new_tokens": int(cfg["max_new_tokens"]),
+        "samples": samples,
+    }
     atomic_write_text(run_dir / "eval" / f"generate_{a.stage}.json", json.dumps(result, indent=1))
-    log(f"gen_eval ({a.stage}): exact match {metrics['exact']}/{metrics['rows']} ({metrics['exact_match']:.3f}), "
+    log(
+        f"gen_eval ({a.stage}): exact match {metrics['exact']}/{metrics['rows']} ({metrics['exact_match']:.3f}), "
         f"token F1 {metrics['token_f1']:.3f}, ROUGE-L {metrics['rouge_l']:.3f}; {n_new} tokens in {gen_s:.1f} s "
-        f"({result['generate_tokens_per_s']} tokens/s)")
+        f"({result['generate_tokens_per_s']} tokens/s)"
+    )
     for s in samples[:3]:
         log(f"  {_cell(s['prompt'], 60)!s} -> {s['answer']!r} (reference {s['reference']!r})")
     if a.stage == "after":

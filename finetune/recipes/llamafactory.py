@@ -1,7 +1,8 @@
 """The llamafactory backend's train step: run `llamafactory-cli train <yaml>` as a child process, then turn what
 LLaMA-Factory wrote into this project's per-run files. Standard library only (LLaMA-Factory runs in the child).
 
-    python -m finetune.recipes.llamafactory --run-dir R --output-dir O -- llamafactory-cli train R/llamafactory/train.yaml
+    python -m finetune.recipes.llamafactory --run-dir R --output-dir O -- \
+        llamafactory-cli train R/llamafactory/train.yaml
 
 - exits with the CLI's exit code (a failed training fails the step; nothing is swallowed);
 - <run>/history.jsonl: one row per log event from O/trainer_state.json `log_history` (loss, eval_loss,
@@ -9,6 +10,7 @@ LLaMA-Factory wrote into this project's per-run files. Standard library only (LL
   (`throughput`, non-padding input tokens per second);
 - <run>/llamafactory/worker.json: wall time, peak RSS of the training process tree, token counts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +25,15 @@ from pathlib import Path
 
 from finetune.osutil import atomic_write
 
-SKIP = {"step", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss",
-        "train_tokens_per_second"}
+SKIP = {
+    "step",
+    "total_flos",
+    "train_runtime",
+    "train_samples_per_second",
+    "train_steps_per_second",
+    "train_loss",
+    "train_tokens_per_second",
+}
 
 
 def _load_jsonl(path: Path):
@@ -40,11 +49,14 @@ def _load_jsonl(path: Path):
 
 def history_rows(out: Path):
     state = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
-    throughput = {r.get("current_steps"): r["throughput"] for r in _load_jsonl(out / "trainer_log.jsonl")
-                  if r.get("throughput") is not None}
+    throughput = {
+        r.get("current_steps"): r["throughput"]
+        for r in _load_jsonl(out / "trainer_log.jsonl")
+        if r.get("throughput") is not None
+    }
     rows = []
     for entry in state.get("log_history", []):
-        if "train_loss" in entry:                 # the end-of-training summary, not a log event
+        if "train_loss" in entry:  # the end-of-training summary, not a log event
             continue
         row = {"step": int(entry.get("step", 0))}
         for k, v in entry.items():
@@ -52,7 +64,7 @@ def history_rows(out: Path):
                 continue
             row["learning_rate" if k == "lr" else k] = v
         if "loss" in row and entry.get("train_tokens_per_second") is not None:
-            row["tokens_per_s"] = entry["train_tokens_per_second"]       # non-padding input tokens / s
+            row["tokens_per_s"] = entry["train_tokens_per_second"]  # non-padding input tokens / s
         elif "loss" in row and row["step"] in throughput:
             row["tokens_per_s"] = throughput[row["step"]]
         rows.append(row)
@@ -68,7 +80,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     run_dir, out = Path(args.run_dir), Path(args.output_dir)
-    if args.device == "cuda":        # GPU hardware where the job sees no GPU: fail, never train on the CPU silently
+    if args.device == "cuda":  # GPU hardware where the job sees no GPU: fail, never train on the CPU silently
         from finetune.recipes.common import require_device
 
         require_device({"device": "cuda"})
@@ -81,9 +93,12 @@ def main(argv=None) -> int:
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     # secrets in backend.extra (hf_hub_token, ...) are not in train.yaml (it shows <redacted>): they reach
     # llamafactory-cli as key=value arguments, which override the yaml (finetune/secrets.py)
-    secret_args = [f"{k[len('backend.extra.'):]}={v}" for k, v in json.loads(env.get("FINETUNE_SECRETS") or "{}").items()
-                   if k.startswith("backend.extra.")]
-    if env.get("FINETUNE_RESUME") == "1":     # a Slurm job rerun after preemption: LLaMA-Factory continues from its
+    secret_args = [
+        f"{k[len('backend.extra.') :]}={v}"
+        for k, v in json.loads(env.get("FINETUNE_SECRETS") or "{}").items()
+        if k.startswith("backend.extra.")
+    ]
+    if env.get("FINETUNE_RESUME") == "1":  # a Slurm job rerun after preemption: LLaMA-Factory continues from its
         secret_args.append("overwrite_output_dir=false")  # last checkpoint in the output folder
     start = time.monotonic()
     proc = subprocess.Popen(cmd + secret_args, env=env)
@@ -103,17 +118,24 @@ def main(argv=None) -> int:
     if (out / "all_results.json").exists():
         results = json.loads((out / "all_results.json").read_text(encoding="utf-8"))
     runtime = results.get("train_runtime")
-    info = {"exit_code": code, "wall_s": round(wall, 3), "argv": cmd,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
-            "total_tokens": tokens or None,
-            "tokens_per_s": round(tokens / runtime, 2) if tokens and runtime else None,
-            "global_step": state.get("global_step")}
+    info = {
+        "exit_code": code,
+        "wall_s": round(wall, 3),
+        "argv": cmd,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "total_tokens": tokens or None,
+        "tokens_per_s": round(tokens / runtime, 2) if tokens and runtime else None,
+        "global_step": state.get("global_step"),
+    }
     atomic_write(run_dir / "llamafactory" / "worker.json", json.dumps(info, indent=2) + "\n")
     atomic_write(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     losses = [r["loss"] for r in rows if "loss" in r]
     if losses:
-        print(f"[llamafactory] {len(losses)} logged losses: first {losses[0]:.4f}, last {losses[-1]:.4f}; "
-              f"peak RSS {info['peak_rss_mb']} MB", flush=True)
+        print(
+            f"[llamafactory] {len(losses)} logged losses: first {losses[0]:.4f}, last {losses[-1]:.4f}; "
+            f"peak RSS {info['peak_rss_mb']} MB",
+            flush=True,
+        )
     return 0
 
 

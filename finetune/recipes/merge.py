@@ -4,6 +4,7 @@
 
 Written to a temp folder, then renamed: a merged model appears only when complete; an existing non-empty folder is
 never deleted or written into (--replace: a resumed run replacing its own). Standard library at import."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,14 @@ def copy_tokenizer_files(src: Path, dst: Path) -> List[str]:
     return copied
 
 
-def merge_adapter(base_path: str, adapter_path: str, out_path: str, dtype: str = "float32",
-                  trust_remote_code: bool = False, replace: bool = False) -> Path:
+def merge_adapter(
+    base_path: str,
+    adapter_path: str,
+    out_path: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    replace: bool = False,
+) -> Path:
     """base + LoRA adapter -> merged model (merge_and_unload), written to a temp folder then renamed, with the
     tokenizer files copied from the adapter folder (or the base model's when the adapter has none).
 
@@ -41,18 +48,19 @@ def merge_adapter(base_path: str, adapter_path: str, out_path: str, dtype: str =
         raise SystemExit(f"merge: {out} exists and is not empty; it is not replaced (choose another merge_path)")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype),
-                                                trust_remote_code=trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(
+        base_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+    )
     model = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
     model.save_pretrained(tmp)
     src = adapter_path if (Path(adapter_path) / "tokenizer_config.json").exists() else base_path
     copy_tokenizer_files(Path(src), tmp)
-    for name in ("generation_config.json", "finetune_prompt.json"):    # what the run saved for generation
+    for name in ("generation_config.json", "finetune_prompt.json"):  # what the run saved for generation
         if (Path(adapter_path) / name).is_file():
             shutil.copy2(Path(adapter_path) / name, tmp / name)
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
-    elif out.exists():                              # replace: the resumed run's own merged model
+    elif out.exists():  # replace: the resumed run's own merged model
         old = out.with_name(f".{out.name}.old{os.getpid()}")
         os.replace(out, old)
         shutil.rmtree(old)

@@ -18,6 +18,7 @@ model; else the tokenizer's chat template; else the raw text):
 Turns are {"role": "user"|"assistant"|"system", "content": ...}; an alpaca row becomes one user turn (instruction
 and input). torch/transformers are imported by the callers; LLaMA-Factory only for the llamafactory kind.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,11 +41,11 @@ def split_turn(content: str) -> Tuple[str, Optional[str]]:
 
 @dataclass
 class PromptFormat:
-    kind: str                                     # alpaca | llamafactory | chat | raw
-    template: Optional[str] = None                # alpaca template name, or LLaMA-Factory template name (None: own)
-    template_text: dict = field(default_factory=dict)   # the alpaca template itself (self-contained model folders)
+    kind: str  # alpaca | llamafactory | chat | raw
+    template: Optional[str] = None  # alpaca template name, or LLaMA-Factory template name (None: own)
+    template_text: dict = field(default_factory=dict)  # the alpaca template itself (self-contained model folders)
     cutoff_len: Optional[int] = None
-    _lf: object = None                            # LLaMA-Factory's Template, loaded on first use
+    _lf: object = None  # LLaMA-Factory's Template, loaded on first use
 
     # ------------------------------------------------------------------------------------------- where from
     @classmethod
@@ -53,7 +54,7 @@ class PromptFormat:
         if backend == "llamafactory":
             return cls("llamafactory", cfg["backend"].get("template"), cutoff_len=cfg.get("cutoff_len"))
         if ((cfg.get("_ctx") or {}).get("data") or {}).get("format") == "sharegpt":
-            return cls("chat", cutoff_len=cfg.get("cutoff_len"))     # chat rows trained through the chat template
+            return cls("chat", cutoff_len=cfg.get("cutoff_len"))  # chat rows trained through the chat template
         name = cfg.get("prompt_template_name") or "alpaca"
         return cls("alpaca", name, load_template(name), cutoff_len=cfg.get("cutoff_len"))
 
@@ -67,10 +68,14 @@ class PromptFormat:
         return cls("chat" if getattr(tokenizer, "chat_template", None) else "raw")
 
     def to_file(self, folder) -> None:
-        d = {"kind": self.kind, "template": self.template, "template_text": self.template_text,
-             "cutoff_len": self.cutoff_len,
-             "how": "finetune generate/chat and the evaluation by generation build prompts this way "
-                    "(finetune/recipes/prompting.py)"}
+        d = {
+            "kind": self.kind,
+            "template": self.template,
+            "template_text": self.template_text,
+            "cutoff_len": self.cutoff_len,
+            "how": "finetune generate/chat and the evaluation by generation build prompts this way "
+            "(finetune/recipes/prompting.py)",
+        }
         Path(folder, PROMPT_FILE).write_text(json.dumps(d, indent=1) + "\n", encoding="utf-8")
 
     def describe(self) -> str:
@@ -89,7 +94,7 @@ class PromptFormat:
             msgs = [t for t in turns if t["role"] != "system"] + [{"role": "assistant", "content": ""}]
             prompt_ids, _ = template.encode_oneturn(tokenizer, msgs, system)
             return prompt_ids
-        if self.kind == "alpaca":                 # earlier turns of a chat: their prompts and answers, in order
+        if self.kind == "alpaca":  # earlier turns of a chat: their prompts and answers, in order
             text = ""
             for t in turns:
                 if t["role"] == "system":
@@ -101,8 +106,9 @@ class PromptFormat:
             return self._ids(tokenizer, text, special=True)
         if self.kind == "raw" or not getattr(tokenizer, "chat_template", None):
             return self._ids(tokenizer, "\n".join(t["content"] for t in turns), special=True)
-        text = tokenizer.apply_chat_template([{"role": t["role"], "content": t["content"]} for t in turns],
-                                             tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": t["role"], "content": t["content"]} for t in turns], tokenize=False, add_generation_prompt=True
+        )
         return self._ids(tokenizer, text, special=False)
 
     def _ids(self, tokenizer, text: str, special: bool) -> List[int]:

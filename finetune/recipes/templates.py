@@ -1,5 +1,6 @@
 """Prompt templates by name: finetune/templates/<name>.json, the alpaca-lora format (prompt_input, prompt_no_input,
 response_split). Standard library only."""
+
 from __future__ import annotations
 
 import json

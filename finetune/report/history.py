@@ -3,6 +3,7 @@
 Keys (all optional but "step"): step, epoch, loss, eval_loss, learning_rate, grad_norm, tokens_per_s,
 peak_rss_mb, plus backend-specific ones (accuracy for dpo, ...). Standard library only.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ def read_history(run_dir) -> List[Dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                continue                    # a line cut by a kill; the rest is still good
+                continue  # a line cut by a kill; the rest is still good
     return rows
 
 

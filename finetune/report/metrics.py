@@ -3,6 +3,7 @@
 Backends return their own numbers from collect(); this adds what can be derived from history.jsonl
 (first/final/min loss, final eval loss) and writes the files. Imported only after training.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,7 +39,7 @@ def _warm() -> None:
         from tensorboard.compat.proto.event_pb2 import Event  # noqa: F401
         from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: F401
 
-        fig, ax = plt.subplots(figsize=(1, 1))        # loads the fonts once
+        fig, ax = plt.subplots(figsize=(1, 1))  # loads the fonts once
         ax.set_title("warm")
         fig.canvas.draw()
         plt.close(fig)
@@ -87,16 +88,20 @@ def write_tensorboard(run_dir: Path, rows) -> str:
     tb = Path(run_dir) / "tensorboard"
     if tb.exists() and any(tb.rglob("events.out.tfevents.*")):
         return str(tb)
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    import time
+
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary
-    import time
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
     writer = EventFileWriter(str(tb))
     for r in rows:
         step = int(r.get("step", 0))
-        values = [Summary.Value(tag=f"train/{k}" if k != "eval_loss" else "eval/loss", simple_value=float(v))
-                  for k, v in r.items() if k not in ("step", "epoch") and isinstance(v, (int, float))]
+        values = [
+            Summary.Value(tag=f"train/{k}" if k != "eval_loss" else "eval/loss", simple_value=float(v))
+            for k, v in r.items()
+            if k not in ("step", "epoch") and isinstance(v, (int, float))
+        ]
         if values:
             writer.add_event(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
     writer.flush()
@@ -137,8 +142,11 @@ def write_generation_tensorboard(run_dir: Path, metrics: Dict, last_step: int) -
 
     writer = EventFileWriter(str(Path(run_dir) / "tensorboard" / "generation"))
     for step, prefix in ((0, "base_eval_"), (last_step, "eval_")):
-        values = [Summary.Value(tag=f"generation/{k}", simple_value=float(metrics[prefix + k]))
-                  for k in ("exact_match", "token_f1", "rouge_l") if metrics.get(prefix + k) is not None]
+        values = [
+            Summary.Value(tag=f"generation/{k}", simple_value=float(metrics[prefix + k]))
+            for k in ("exact_match", "token_f1", "rouge_l")
+            if metrics.get(prefix + k) is not None
+        ]
         if values:
             writer.add_event(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
     table = Path(run_dir) / "eval" / "samples.md"
@@ -153,8 +161,11 @@ def write_generation_tensorboard(run_dir: Path, metrics: Dict, last_step: int) -
 def finalize(run_dir, metrics: Dict) -> Dict:
     run_dir = Path(run_dir)
     rows = read_history(run_dir)
-    merged = {**summarize_history(rows), **generation_metrics(run_dir),
-              **{k: v for k, v in (metrics or {}).items() if v is not None}}
+    merged = {
+        **summarize_history(rows),
+        **generation_metrics(run_dir),
+        **{k: v for k, v in (metrics or {}).items() if v is not None},
+    }
     if rows:
         merged["loss_png"] = plot_loss(run_dir, rows)
         merged["tensorboard"] = write_tensorboard(run_dir, rows)

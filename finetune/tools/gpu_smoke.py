@@ -10,6 +10,7 @@ Each line: case, command, exit_code, seconds, precision, tokens_per_s, peak_gpu_
 0.5 s while the case runs), loss_first, loss_last, and on failure the log tail. The `estimator` case compares the
 auto planner's memory estimate for the `alpacalora_lora_bf16` case with the peak it measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,23 +34,61 @@ def cases(n_gpus: int) -> List[tuple]:
     """(case, overrides). Every case runs on all the GPUs (hardware=auto: one process per GPU) with a global batch of
     4 x GPUs per step (micro batch 4), 20 steps."""
     world = max(1, n_gpus)
-    short = ["max_steps=20", "max_samples=320", "val_set_size=32", f"batch_size={4 * world}", "micro_batch_size=4",
-             "logging_steps=2", "save_steps=0", "merge=false", "report_to=none"]
+    short = [
+        "max_steps=20",
+        "max_samples=320",
+        "val_set_size=32",
+        f"batch_size={4 * world}",
+        "micro_batch_size=4",
+        "logging_steps=2",
+        "save_steps=0",
+        "merge=false",
+        "report_to=none",
+    ]
     return [
         ("alpacalora_lora_bf16", ["backend=alpacalora", "method=lora", "hardware.precision=bf16", *short]),
         ("alpacalora_zero2", ["backend=alpacalora", "method=lora", "hardware.deepspeed_stage=2", *short]),
         ("alpacalora_zero3_full", ["backend=alpacalora", "method=full", "hardware.deepspeed_stage=3", *short]),
-        ("alpacalora_zero2_offload", ["backend=alpacalora", "method=lora", "hardware.deepspeed_stage=2",
-                                      "hardware.offload_optimizer=true", *short]),
+        (
+            "alpacalora_zero2_offload",
+            [
+                "backend=alpacalora",
+                "method=lora",
+                "hardware.deepspeed_stage=2",
+                "hardware.offload_optimizer=true",
+                *short,
+            ],
+        ),
         ("alpacalora_fp16", ["backend=alpacalora", "method=lora", "hardware.precision=fp16", *short]),
         ("alpacalora_qlora", ["backend=alpacalora", "method=qlora", *short]),
         ("llamafactory_lora", ["backend=llamafactory", "method=lora", *short]),
         ("llamafactory_zero2", ["backend=llamafactory", "method=lora", "hardware.deepspeed_stage=2", *short]),
-        ("flagembedding", ["backend=flagembedding", "max_steps=20", f"batch_size={4 * world}", "micro_batch_size=4",
-                           "save_steps=0", "backend.query_max_len=64", "backend.passage_max_len=64",
-                           "backend.train_group_size=4"]),
-        ("collie", ["backend=collie", "method=lora", "max_samples=160", "val_set_size=16", f"batch_size={4 * world}",
-                    "micro_batch_size=4", "num_epochs=1", "logging_steps=1"]),
+        (
+            "flagembedding",
+            [
+                "backend=flagembedding",
+                "max_steps=20",
+                f"batch_size={4 * world}",
+                "micro_batch_size=4",
+                "save_steps=0",
+                "backend.query_max_len=64",
+                "backend.passage_max_len=64",
+                "backend.train_group_size=4",
+            ],
+        ),
+        (
+            "collie",
+            [
+                "backend=collie",
+                "method=lora",
+                "max_samples=160",
+                "val_set_size=16",
+                f"batch_size={4 * world}",
+                "micro_batch_size=4",
+                "num_epochs=1",
+                "logging_steps=1",
+            ],
+        ),
         ("auto_explain", ["backend=auto", "explain=true", "dry_run=true"]),
     ]
 
@@ -81,8 +120,12 @@ class GpuMemory:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                out = subprocess.run([self.smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=5).stdout
+                out = subprocess.run(
+                    [self.smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
                 self.peak = max([self.peak] + [float(x) for x in out.split() if x.strip()])
             except (OSError, ValueError, subprocess.SubprocessError):
                 pass
@@ -107,8 +150,12 @@ def _metrics(run_dir: Path) -> Dict:
         m = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         m = {}
-    return {"precision": m.get("precision"), "tokens_per_s": m.get("tokens_per_s"),
-            "loss_first": m.get("first_train_loss"), "loss_last": m.get("train_loss")}
+    return {
+        "precision": m.get("precision"),
+        "tokens_per_s": m.get("tokens_per_s"),
+        "loss_first": m.get("first_train_loss"),
+        "loss_last": m.get("train_loss"),
+    }
 
 
 def run_case(name: str, argv: List[str], run_dir: Path, timeout: float) -> Dict:
@@ -122,15 +169,27 @@ def run_case(name: str, argv: List[str], run_dir: Path, timeout: float) -> Dict:
         except subprocess.TimeoutExpired:
             _stop_all()
             code = "timeout"
-    row = {"case": name, "command": " ".join(argv), "exit_code": code, "seconds": round(time.monotonic() - t0, 1),
-           "peak_gpu_mem_mb": mem.peak or None, **_metrics(run_dir)}
+    row = {
+        "case": name,
+        "command": " ".join(argv),
+        "exit_code": code,
+        "seconds": round(time.monotonic() - t0, 1),
+        "peak_gpu_mem_mb": mem.peak or None,
+        **_metrics(run_dir),
+    }
     if code != 0:
         row["log_tail"] = log.read_text(errors="replace").splitlines()[-25:]
     return row
 
 
-ESTIMATE = ["backend.candidates=[alpacalora]", "micro_batch_size=4", "gradient_checkpointing=false",
-            "hardware.deepspeed_stage=null", "explain=true", "dry_run=true"]
+ESTIMATE = [
+    "backend.candidates=[alpacalora]",
+    "micro_batch_size=4",
+    "gradient_checkpointing=false",
+    "hardware.deepspeed_stage=null",
+    "explain=true",
+    "dry_run=true",
+]
 
 
 def estimator_command(model: Optional[str], base: Path, n_gpus: int) -> List[str]:
@@ -146,16 +205,20 @@ def estimator_row(reference: Dict, argv: List[str]) -> Dict:
     need = None
     for line in out.stdout.splitlines():
         parts = line.split()
-        if line.strip().startswith("*") and len(parts) > 8:          # the chosen plan's row of explain=true
+        if line.strip().startswith("*") and len(parts) > 8:  # the chosen plan's row of explain=true
             try:
                 need = float(parts[-5])
             except ValueError:
                 pass
     measured = reference.get("peak_gpu_mem_mb")
-    return {"case": "estimator", "command": "backend=auto explain=true on the alpacalora_lora_bf16 config",
-            "exit_code": out.returncode, "estimate_gib": need,
-            "measured_gib": round(measured / 1024, 2) if measured else None,
-            "ratio": round(need / (measured / 1024), 2) if need and measured else None}
+    return {
+        "case": "estimator",
+        "command": "backend=auto explain=true on the alpacalora_lora_bf16 config",
+        "exit_code": out.returncode,
+        "estimate_gib": need,
+        "measured_gib": round(measured / 1024, 2) if measured else None,
+        "ratio": round(need / (measured / 1024), 2) if need and measured else None,
+    }
 
 
 def main(argv=None) -> int:
@@ -182,8 +245,10 @@ def main(argv=None) -> int:
         print(f"estimator: {' '.join(estimator_command(args.model, base, n_gpus))}")
         return 0
     if not shutil.which("nvidia-smi"):
-        print("gpu_smoke: no nvidia-smi here: this script runs on a machine with GPUs (--dry-run prints the commands)",
-              file=sys.stderr)
+        print(
+            "gpu_smoke: no nvidia-smi here: this script runs on a machine with GPUs (--dry-run prints the commands)",
+            file=sys.stderr,
+        )
         return 2
     base.mkdir(parents=True, exist_ok=True)
     atexit.register(_stop_all)
@@ -198,8 +263,11 @@ def main(argv=None) -> int:
             failed += row["exit_code"] != 0
             f.write(json.dumps(row) + "\n")
             f.flush()
-            print(f"[gpu_smoke] {name}: exit {row['exit_code']} in {row['seconds']} s, peak GPU memory "
-                  f"{row['peak_gpu_mem_mb']} MiB, tokens/s {row['tokens_per_s']}", flush=True)
+            print(
+                f"[gpu_smoke] {name}: exit {row['exit_code']} in {row['seconds']} s, peak GPU memory "
+                f"{row['peak_gpu_mem_mb']} MiB, tokens/s {row['tokens_per_s']}",
+                flush=True,
+            )
         ref = next((r for r in rows if r["case"] == "alpacalora_lora_bf16"), None)
         if ref is not None and ref["exit_code"] == 0:
             row = estimator_row(ref, estimator_command(args.model, base, n_gpus))

@@ -3,6 +3,7 @@
 Synthetic tasks a tiny model can visibly learn: copy, reverse, sort and add, written as alpaca rows and as
 sharegpt / messages conversations, plus preference (dpo/rm), kto, plain-text and a tiny retrieval set.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,10 @@ import random
 import sys
 from pathlib import Path
 
-WORDS = ("red green blue cat dog sun moon tree bird fish star rock leaf rain snow wind lake hill road ship "
-         "gold iron salt milk corn rice bean apple pear plum lime").split()
+WORDS = (
+    "red green blue cat dog sun moon tree bird fish star rock leaf rain snow wind lake hill road ship "
+    "gold iron salt milk corn rice bean apple pear plum lime"
+).split()
 
 
 def _task(rng: random.Random):
@@ -44,25 +47,41 @@ def make(out_dir: Path, n: int = 320, seed: int = 1234, n_alpaca: int = 1000) ->
     # tiny_alpaca (the default job's data) has n_alpaca rows: the n shared ones, then more from a second stream,
     # so every other file keeps its rows; 800 training rows give the default job (batch 64) about 25 steps
     extra = random.Random(seed + 1)
-    alpaca = [{"instruction": ins, "input": inp, "output": out}
-              for _, ins, inp, out in rows + [_task(extra) for _ in range(max(0, n_alpaca - n))]]
+    alpaca = [
+        {"instruction": ins, "input": inp, "output": out}
+        for _, ins, inp, out in rows + [_task(extra) for _ in range(max(0, n_alpaca - n))]
+    ]
     (out_dir / "tiny_alpaca.json").write_text(json.dumps(alpaca, indent=1) + "\n")
-    share = [{"conversations": [{"from": "human", "value": f"{ins}\n{inp}"}, {"from": "gpt", "value": out}]}
-             for _, ins, inp, out in rows]
+    share = [
+        {"conversations": [{"from": "human", "value": f"{ins}\n{inp}"}, {"from": "gpt", "value": out}]}
+        for _, ins, inp, out in rows
+    ]
     (out_dir / "tiny_sharegpt.json").write_text(json.dumps(share, indent=1) + "\n")
     with open(out_dir / "tiny_messages.jsonl", "w") as f:
         for _, ins, inp, out in rows:
-            f.write(json.dumps({"messages": [{"role": "system", "content": "You follow instructions exactly."},
-                                             {"role": "user", "content": f"{ins}\n{inp}"},
-                                             {"role": "assistant", "content": out}]}) + "\n")
-    pref = [{"instruction": ins, "input": inp, "chosen": out, "rejected": _wrong(rng, k, inp, out)}
-            for k, ins, inp, out in rows[:128]]
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "system", "content": "You follow instructions exactly."},
+                            {"role": "user", "content": f"{ins}\n{inp}"},
+                            {"role": "assistant", "content": out},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    pref = [
+        {"instruction": ins, "input": inp, "chosen": out, "rejected": _wrong(rng, k, inp, out)}
+        for k, ins, inp, out in rows[:128]
+    ]
     (out_dir / "tiny_preference.json").write_text(json.dumps(pref, indent=1) + "\n")
     kto = []
     for k, ins, inp, out in rows[:128]:
         good = rng.random() < 0.5
-        kto.append({"instruction": ins, "input": inp, "output": out if good else _wrong(rng, k, inp, out),
-                    "kto_tag": good})
+        kto.append(
+            {"instruction": ins, "input": inp, "output": out if good else _wrong(rng, k, inp, out), "kto_tag": good}
+        )
     (out_dir / "tiny_kto.json").write_text(json.dumps(kto, indent=1) + "\n")
     with open(out_dir / "tiny_text.jsonl", "w") as f:
         for _, ins, inp, out in rows[:200]:
@@ -80,18 +99,24 @@ def _retrieval(out_dir: Path, rng: random.Random) -> None:
     passages and their twins are never trained on. Files: tiny_embedding_{train,eval,corpus}.jsonl
     (eval rows carry pos_id, an id of the corpus).
     """
-    things = ("cat dog sun moon tree bird fish star rock leaf rain snow wind lake hill road ship "
-              "milk corn rice bean apple pear plum lime").split()
+    things = (
+        "cat dog sun moon tree bird fish star rock leaf rain snow wind lake hill road ship "
+        "milk corn rice bean apple pear plum lime"
+    ).split()
     colours = ["red", "green", "blue", "yellow", "black", "white", "brown", "grey"]
-    all_pairs = [(a, b) for i, a in enumerate(things) for b in things[i + 1:]]
+    all_pairs = [(a, b) for i, a in enumerate(things) for b in things[i + 1 :]]
     pairs = rng.sample(all_pairs, 40)
     corpus, by_pair = [], []
     for k, (x, y) in enumerate(pairs):
         c1, c2 = rng.sample(colours, 2)
         corpus.append({"id": f"p{k}a", "text": f"the {x} near the {y} is {c1}"})
         corpus.append({"id": f"p{k}b", "text": f"the {y} near the {x} is {c2}"})
-        by_pair.append([{"query": f"what colour is the {x} near the {y}", "pos_id": f"p{k}a", "twin": f"p{k}b"},
-                        {"query": f"what colour is the {y} near the {x}", "pos_id": f"p{k}b", "twin": f"p{k}a"}])
+        by_pair.append(
+            [
+                {"query": f"what colour is the {x} near the {y}", "pos_id": f"p{k}a", "twin": f"p{k}b"},
+                {"query": f"what colour is the {y} near the {x}", "pos_id": f"p{k}b", "twin": f"p{k}a"},
+            ]
+        )
     text = {c["id"]: c["text"] for c in corpus}
     n_eval = len(pairs) // 4
     eval_q = [q for two in by_pair[:n_eval] for q in two]
@@ -102,8 +127,9 @@ def _retrieval(out_dir: Path, rng: random.Random) -> None:
 
     def row(q, with_id: bool) -> dict:
         # training rows draw their negatives from training passages only: held-out passages stay unseen
-        others = [c["text"] for c in corpus if c["id"] not in (q["pos_id"], q["twin"])
-                  and (with_id or c["id"] in train_ids)]
+        others = [
+            c["text"] for c in corpus if c["id"] not in (q["pos_id"], q["twin"]) and (with_id or c["id"] in train_ids)
+        ]
         r = {"query": q["query"], "pos": [text[q["pos_id"]]], "neg": [text[q["twin"]]] + rng.sample(others, 6)}
         if with_id:
             r["pos_id"] = q["pos_id"]

@@ -10,6 +10,7 @@ tokenizer trained with `tokenizers`) and real models converted from GGUF files (
 Tiny models are deterministic (fixed seeds). Written into a temp folder and renamed, so a half-built model never
 looks complete and parallel sweep jobs can race safely.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,29 +20,54 @@ import tempfile
 from pathlib import Path
 
 SPECS = {
-    "tiny_llama": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab=512),
-    "tiny_llama_30m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                           num_key_value_heads=4, vocab=4096),
-    "small_llama_120m": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=10, num_attention_heads=16,
-                             num_key_value_heads=8, vocab=4096),     # bench/throughput.py --memory only
+    "tiny_llama": dict(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab=512,
+    ),
+    "tiny_llama_30m": dict(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab=4096,
+    ),
+    "small_llama_120m": dict(
+        hidden_size=1024,
+        intermediate_size=2752,
+        num_hidden_layers=10,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        vocab=4096,
+    ),  # bench/throughput.py --memory only
     "tiny_bert": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab=1024),
 }
 
 
 def _corpus():
-    from finetune.tools.make_samples import WORDS, _task
     import random
+
+    from finetune.tools.make_samples import WORDS, _task
 
     rng = random.Random(7)
     lines = []
     for _ in range(3000):
         _, ins, inp, out = _task(rng)
-        lines.append(f"Below is an instruction that describes a task. ### Instruction:\n{ins}\n\n### Input:\n{inp}\n\n"
-                     f"### Response:\n{out}")
+        lines.append(
+            f"Below is an instruction that describes a task. ### Instruction:\n{ins}\n\n### Input:\n{inp}\n\n"
+            f"### Response:\n{out}"
+        )
     lines += [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(500)]
-    lines += [f"what colour is the {a} near the {b} the {a} near the {b} is {c}"
-              for a in WORDS for b in WORDS[:6] for c in ("red", "green", "blue")]
+    lines += [
+        f"what colour is the {a} near the {b} the {a} near the {b} is {c}"
+        for a in WORDS
+        for b in WORDS[:6]
+        for c in ("red", "green", "blue")
+    ]
     lines += ["0 1 2 3 4 5 6 7 8 9 10 11 12 20 30 40 50 60 70 80 90 98 99"] * 50
     return lines
 
@@ -55,13 +81,23 @@ def planned_config(name: str):
     spec = SPECS.get(name)
     if spec is None:
         return None
-    common = dict(hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
-                  num_hidden_layers=spec["num_hidden_layers"], num_attention_heads=spec["num_attention_heads"],
-                  vocab_size=spec["vocab"])
+    common = dict(
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_hidden_layers"],
+        num_attention_heads=spec["num_attention_heads"],
+        vocab_size=spec["vocab"],
+    )
     if "bert" in name:
         return {"model_type": "bert", "architectures": ["BertModel"], "max_position_embeddings": 512, **common}
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False,
-            "num_key_value_heads": spec["num_key_value_heads"], "max_position_embeddings": 2048, **common}
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "tie_word_embeddings": False,
+        "num_key_value_heads": spec["num_key_value_heads"],
+        "max_position_embeddings": 2048,
+        **common,
+    }
 
 
 def build_llama(name: str, out: Path) -> None:
@@ -73,23 +109,39 @@ def build_llama(name: str, out: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=spec["vocab"], special_tokens=["<s>", "</s>", "<pad>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec["vocab"],
+        special_tokens=["<s>", "</s>", "<pad>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_corpus(), trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
         "{% elif m['role'] == 'user' %}{{ '### Instruction:\\n' + m['content'] + '\\n\\n### Response:\\n' }}"
-        "{% else %}{{ m['content'] + eos_token + '\\n' }}{% endif %}{% endfor %}")
+        "{% else %}{{ m['content'] + eos_token + '\\n' }}{% endif %}{% endfor %}"
+    )
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
-                      num_hidden_layers=spec["num_hidden_layers"], num_attention_heads=spec["num_attention_heads"],
-                      num_key_value_heads=spec["num_key_value_heads"], max_position_embeddings=2048,
-                      bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
-                      tie_word_embeddings=False, torch_dtype="float32")
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_hidden_layers"],
+        num_attention_heads=spec["num_attention_heads"],
+        num_key_value_heads=spec["num_key_value_heads"],
+        max_position_embeddings=2048,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
     fast.save_pretrained(out)
@@ -111,9 +163,14 @@ def build_bert(name: str, out: Path) -> None:
     fast = BertTokenizerFast(vocab=vocab, do_lower_case=True)
     assert len(fast) == len(vocab) > 100, f"tokenizer vocab is {len(fast)}"
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(fast), hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
-                     num_hidden_layers=spec["num_hidden_layers"], num_attention_heads=spec["num_attention_heads"],
-                     max_position_embeddings=512)
+    cfg = BertConfig(
+        vocab_size=len(fast),
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_hidden_layers"],
+        num_attention_heads=spec["num_attention_heads"],
+        max_position_embeddings=512,
+    )
     BertModel(cfg).save_pretrained(out)
     fast.save_pretrained(out)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -141,7 +198,7 @@ def build(name: str, out: str, gguf_file: str = None) -> Path:
         try:
             os.rename(tmp, out)
         except OSError:
-            if not (out / "config.json").exists():     # lost a race to another process: fine if it finished
+            if not (out / "config.json").exists():  # lost a race to another process: fine if it finished
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

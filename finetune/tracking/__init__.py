@@ -23,6 +23,7 @@ Design (why the driver logs, not the training process):
 This module is the config side (standard library + omegaconf only): which targets, validation, defaults, and the
 params/tags every backend shares. The logging itself is in tracker.py (imports mlflow / wandb in the thread).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -36,13 +37,17 @@ from finetune.config.schema import WandbTracking, choices
 from finetune.errors import ConfigError, one_of
 
 TARGETS = ("tensorboard", "mlflow", "wandb", "none")
-LOCAL_STORE = OUTPUTS_ROOT / "mlflow"                  # the default MLflow store: mlflow.db + artifacts/
-WANDB_HOME = OUTPUTS_ROOT / "cache" / "wandb"          # W&B's data/cache/config folders (not ~/.local, ~/.cache)
+LOCAL_STORE = OUTPUTS_ROOT / "mlflow"  # the default MLflow store: mlflow.db + artifacts/
+WANDB_HOME = OUTPUTS_ROOT / "cache" / "wandb"  # W&B's data/cache/config folders (not ~/.local, ~/.cache)
 URI_SCHEMES = ("http://", "https://", "sqlite:///", "databricks")
 WANDB_MODES = choices(WandbTracking, "mode")
 # the MLflow client's HTTP retry defaults wait about 4 minutes on a dead server; these give up in seconds
-MLFLOW_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                   "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+MLFLOW_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
 INSTALL = {"mlflow": "pip install mlflow-skinny==3.17.2", "wandb": "pip install wandb==0.31.0"}
 
 
@@ -66,11 +71,15 @@ def describe(cfg) -> List[str]:
     notes, chosen = [], targets(cfg.report_to)
     if "mlflow" in chosen:
         m = cfg.tracking.mlflow
-        notes.append(f"mlflow: experiment '{m.experiment}' at {m.uri} (logged by the driver from history.jsonl while "
-                     "the steps run, then metrics and artifacts)")
+        notes.append(
+            f"mlflow: experiment '{m.experiment}' at {m.uri} (logged by the driver from history.jsonl while "
+            "the steps run, then metrics and artifacts)"
+        )
     if "wandb" in chosen:
-        notes.append(f"wandb: project '{cfg.tracking.wandb.project}', mode {cfg.tracking.wandb.mode} (auto: offline "
-                     "unless an API key is set and W&B answers; offline runs stay in <run>/wandb for `wandb sync`)")
+        notes.append(
+            f"wandb: project '{cfg.tracking.wandb.project}', mode {cfg.tracking.wandb.mode} (auto: offline "
+            "unless an API key is set and W&B answers; offline runs stay in <run>/wandb for `wandb sync`)"
+        )
     return notes
 
 
@@ -90,8 +99,9 @@ def check(cfg) -> None:
         if x not in TARGETS:
             from finetune.errors import suggest
 
-            raise ConfigError("report_to", x, one_of(TARGETS) + " (or a list such as [tensorboard,mlflow])",
-                              suggest(x, TARGETS))
+            raise ConfigError(
+                "report_to", x, one_of(TARGETS) + " (or a list such as [tensorboard,mlflow])", suggest(x, TARGETS)
+            )
     if "none" in items and len(items) > 1:
         raise ConfigError("report_to", raw, "none cannot be combined with other targets")
     if len(set(items)) != len(items):
@@ -110,8 +120,11 @@ def check(cfg) -> None:
     if not str(t.mlflow.experiment).strip():
         raise ConfigError("tracking.mlflow.experiment", t.mlflow.experiment, "must be a non-empty name")
     if t.wandb.mode not in WANDB_MODES:
-        raise ConfigError("tracking.wandb.mode", t.wandb.mode, one_of(WANDB_MODES) + " (auto: online when an API key "
-                          "is set and W&B answers, else offline)")
+        raise ConfigError(
+            "tracking.wandb.mode",
+            t.wandb.mode,
+            one_of(WANDB_MODES) + " (auto: online when an API key is set and W&B answers, else offline)",
+        )
     if float(t.flush_s) <= 0:
         raise ConfigError("tracking.flush_s", t.flush_s, "must be > 0 (seconds between two reads of history.jsonl)")
 
@@ -125,7 +138,7 @@ def mlflow_uri(uri: Optional[str]) -> str:
     if uri.startswith("sqlite:///"):
         from finetune.config.paths import absolute
 
-        path = uri[len("sqlite:///"):]
+        path = uri[len("sqlite:///") :]
         return f"sqlite:///{absolute(path if path.startswith('/') else path)}"
     if uri.startswith(("http://", "https://")):
         from urllib.parse import urlsplit
@@ -142,8 +155,12 @@ def mlflow_uri(uri: Optional[str]) -> str:
         return uri
     file_store = uri.startswith("file:") or "://" not in uri
     hint = "MLflow 3 retired the file store; use sqlite:///<path>/mlflow.db" if file_store else ""
-    raise ConfigError(key, uri, "an MLflow tracking URI: http(s)://HOST:PORT (a server), sqlite:///PATH (a local "
-                      "store) or databricks", hint)
+    raise ConfigError(
+        key,
+        uri,
+        "an MLflow tracking URI: http(s)://HOST:PORT (a server), sqlite:///PATH (a local store) or databricks",
+        hint,
+    )
 
 
 def wandb_mode(mode: str) -> str:
@@ -179,8 +196,11 @@ def _netrc_has(host: str) -> bool:
 
 GROUPS = ("backend", "model", "method", "hardware", "data", "launcher")
 # nested keys worth a param (the rest of each group is schema plumbing); backend.*, method.*, hardware.* in full
-GROUP_KEYS = {"model": ("path", "family", "kind"), "data": ("path", "format", "eval_path"),
-              "launcher": ("nproc_per_node", "nnodes")}
+GROUP_KEYS = {
+    "model": ("path", "family", "kind"),
+    "data": ("path", "format", "eval_path"),
+    "launcher": ("nproc_per_node", "nnodes"),
+}
 SKIP_BACKEND = ("name", "methods", "model_kinds", "data_formats", "candidates")
 NOT_PARAMS = ("tracking", "output_dir", "target_path", "merge_path", "dry_run", "explain", "resume", "auto_choice")
 MAX_VALUE = 500
@@ -220,10 +240,10 @@ def params(config: Dict[str, Any], overrides: List[str], choices: Dict[str, str]
                 out[f"{g}.{k}"] = node[k]
     for g, option in (choices or {}).items():
         if g not in GROUPS and "/" not in g and option is not None:
-            out[g] = option                                      # experiment=..., sweep=..., hparams_search=...
+            out[g] = option  # experiment=..., sweep=..., hparams_search=...
     import re
 
-    typed = [re.sub(r"\\(.)", r"\1", str(o)) for o in overrides]     # a multirun job's overrides come escaped (\:)
+    typed = [re.sub(r"\\(.)", r"\1", str(o)) for o in overrides]  # a multirun job's overrides come escaped (\:)
     out["overrides"] = " ".join(redact(typed)) or "(none)"
     return {k: param_value(v) for k, v in out.items() if not is_secret_key(k)}
 
@@ -239,12 +259,18 @@ def tags(manifest: Dict[str, Any], run_dir: Path, job: Optional[Dict[str, Any]] 
     def name(group):
         return (cfg.get(group) or {}).get("name")
 
-    out = {"finetune.run_dir": str(run_dir), "finetune.backend": name("backend"), "finetune.method": name("method"),
-           "finetune.model": name("model"),
-           "finetune.config_name": cfg.get("name"), "git.commit": git.get("commit"),
-           "git.dirty": None if git.get("dirty") is None else str(bool(git["dirty"])).lower(),
-           "mlflow.source.git.commit": git.get("commit"), "mlflow.source.name": "train.py",
-           "mlflow.source.type": "LOCAL"}
+    out = {
+        "finetune.run_dir": str(run_dir),
+        "finetune.backend": name("backend"),
+        "finetune.method": name("method"),
+        "finetune.model": name("model"),
+        "finetune.config_name": cfg.get("name"),
+        "git.commit": git.get("commit"),
+        "git.dirty": None if git.get("dirty") is None else str(bool(git["dirty"])).lower(),
+        "mlflow.source.git.commit": git.get("commit"),
+        "mlflow.source.name": "train.py",
+        "mlflow.source.type": "LOCAL",
+    }
     if job:
         out.update({"finetune.sweep_dir": job.get("sweep_dir"), "finetune.job": job.get("num")})
         if job.get("parent_run_id"):

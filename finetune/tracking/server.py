@@ -13,6 +13,7 @@ first start). It listens on 127.0.0.1 only; artifacts are written by the clients
 start_server / stop_server are also what the tests' server fixture uses (a real server on a free port, in a
 temporary store, stopped by process group whatever happens). Standard library only.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,11 @@ def venv_ready() -> bool:
     import hashlib
 
     stamp = venv_dir() / ".finetune-lock.sha256"
-    return ((venv_dir() / "bin" / "mlflow").exists() and stamp.is_file()
-            and stamp.read_text().strip() == hashlib.sha256(LOCK.read_bytes()).hexdigest())
+    return (
+        (venv_dir() / "bin" / "mlflow").exists()
+        and stamp.is_file()
+        and stamp.read_text().strip() == hashlib.sha256(LOCK.read_bytes()).hexdigest()
+    )
 
 
 def ensure_venv() -> Path:
@@ -67,9 +71,21 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
 
 def server_argv(mlflow: Path, store: Path, port: int, host: str = "127.0.0.1") -> list:
     """mlflow server on a SQLite store, artifacts in a local folder beside it, one worker."""
-    return [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-            "--default-artifact-root", str(store / "artifacts"), "--no-serve-artifacts",
-            "--host", host, "--port", str(port), "--workers", "1"]
+    return [
+        str(mlflow),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{store / 'mlflow.db'}",
+        "--default-artifact-root",
+        str(store / "artifacts"),
+        "--no-serve-artifacts",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
 
 
 def start_server(store: Path, port: int = 0, wait_s: float = 180.0) -> dict:
@@ -83,8 +99,15 @@ def start_server(store: Path, port: int = 0, wait_s: float = 180.0) -> dict:
     # job execution (GenAI judges, trace roll-ups) starts 8 more processes we do not need
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as out:
-        proc = subprocess.Popen(server_argv(mlflow, store, port), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, cwd=str(store), start_new_session=True)
+        proc = subprocess.Popen(
+            server_argv(mlflow, store, port),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=str(store),
+            start_new_session=True,
+        )
     info = {"pid": proc.pid, "port": port, "url": f"http://127.0.0.1:{port}", "store": str(store), "log": str(log)}
     end = time.monotonic() + wait_s
     while time.monotonic() < end:
@@ -173,13 +196,18 @@ def main(action: str, port: Optional[int] = None) -> int:
 
         atomic_write_json(state_file(store), info)
         print(f"mlflow-server: running: {info['url']} (pid {info['pid']}, log {info['log']})")
-        print(f"mlflow-server: log runs to it: MLFLOW_TRACKING_URI={info['url']} python train.py report_to=mlflow  "
-              "(runs without MLFLOW_TRACKING_URI write to the same store; both show here)")
+        print(
+            f"mlflow-server: log runs to it: MLFLOW_TRACKING_URI={info['url']} python train.py report_to=mlflow  "
+            "(runs without MLFLOW_TRACKING_URI write to the same store; both show here)"
+        )
         return 0
     if action == "url":
         if not info:
-            raise ConfigError("mlflow-server", "url", "no MLflow server of this clone is running "
-                              "(start one: finetune mlflow-server start)")
+            raise ConfigError(
+                "mlflow-server",
+                "url",
+                "no MLflow server of this clone is running (start one: finetune mlflow-server start)",
+            )
         print(info["url"])
         return 0
     if action == "status":

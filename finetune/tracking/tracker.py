@@ -9,6 +9,7 @@ them is guarded: the first failure prints one warning line and turns that target
 raises into the driver. What each run logged (run ids, experiment, offline folder) is written to
 <run>/tracking.json (a resumed run continues the same MLflow run from it) and added to the manifest.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,16 +23,30 @@ from typing import Any, Dict, List, Optional
 
 from finetune import tracking as T
 
-RUN_FILES = ("manifest.json", "config.yaml", "overrides.yaml", "metrics.json", "result.json", "loss.png",
-             "history.jsonl", "tracking.json")
-SWEEP_FILES = ("summary.csv", "summary.md", "summary.json", "sweep_jobs.json", "multirun.yaml",
-               "optimization_results.yaml")
+RUN_FILES = (
+    "manifest.json",
+    "config.yaml",
+    "overrides.yaml",
+    "metrics.json",
+    "result.json",
+    "loss.png",
+    "history.jsonl",
+    "tracking.json",
+)
+SWEEP_FILES = (
+    "summary.csv",
+    "summary.md",
+    "summary.json",
+    "sweep_jobs.json",
+    "multirun.yaml",
+    "optimization_results.yaml",
+)
 NOT_METRICS = ("step", "total_steps")
 # the HF Trainer's end-of-training log event (a mean loss, runtimes): one-off numbers, not per-step series; the
 # run's final numbers come from metrics.json under the same names for every backend (train_loss = last loss)
 END_OF_TRAINING = ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
-JOIN_S = 60.0           # the most finish() waits for the background thread (each HTTP call gives up in seconds)
+JOIN_S = 60.0  # the most finish() waits for the background thread (each HTTP call gives up in seconds)
 
 
 def warn(target: str, what: str, err: BaseException) -> None:
@@ -39,8 +54,11 @@ def warn(target: str, what: str, err: BaseException) -> None:
     msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
     msg = msg if len(msg) < 240 else msg[:237] + "..."
     sys.stdout.flush()
-    print(f"[finetune] warning: {target} tracking is off for this run: {what} failed ({type(err).__name__}: {msg})",
-          file=sys.stderr, flush=True)
+    print(
+        f"[finetune] warning: {target} tracking is off for this run: {what} failed ({type(err).__name__}: {msg})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _quiet_libraries() -> None:
@@ -58,12 +76,15 @@ def _environment() -> None:
         os.environ.setdefault(k, str(T.WANDB_HOME / sub))
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")     # we print one line of our own
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # we print one line of our own
     import warnings
 
     # their import-time and deprecation warnings (urllib3's SOCKS notice, pydantic, ...) are not the user's concern
-    warnings.filterwarnings("ignore", module=r"(mlflow|wandb|urllib3|requests|pydantic|alembic|sqlalchemy|google|"
-                                             r"opentelemetry|databricks)(\.|$)")
+    warnings.filterwarnings(
+        "ignore",
+        module=r"(mlflow|wandb|urllib3|requests|pydantic|alembic|sqlalchemy|google|"
+        r"opentelemetry|databricks)(\.|$)",
+    )
 
 
 def _read_json(path: Path) -> dict:
@@ -106,7 +127,7 @@ def experiment_id(client, uri: str, name: str) -> str:
     if uri.startswith("sqlite:///"):
         from finetune.run_dir import slug
 
-        location = (Path(uri[len("sqlite:///"):]).parent / "artifacts" / slug(name)).as_uri()
+        location = (Path(uri[len("sqlite:///") :]).parent / "artifacts" / slug(name)).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:  # noqa: BLE001 - created meanwhile by another job of a parallel sweep
@@ -119,7 +140,7 @@ def experiment_id(client, uri: str, name: str) -> str:
 def ui_link(uri: str, exp_id: str, run_id: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"{uri}/#/experiments/{exp_id}/runs/{run_id}"
-    store = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else None
+    store = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else None
     if store == T.LOCAL_STORE:
         return "the local store outputs/mlflow; see it with: finetune mlflow-server start"
     return uri
@@ -128,8 +149,17 @@ def ui_link(uri: str, exp_id: str, run_id: str) -> str:
 class MlflowSink:
     name = "mlflow"
 
-    def __init__(self, uri: str, experiment: str, run_name: str, params: Dict[str, str], tags: Dict[str, str],
-                 parent: Optional[dict], previous: Optional[dict], adapter: Optional[str]):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        params: Dict[str, str],
+        tags: Dict[str, str],
+        parent: Optional[dict],
+        previous: Optional[dict],
+        adapter: Optional[str],
+    ):
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
         self.params, self.tags, self.parent, self.previous, self.adapter = params, tags, parent, previous, adapter
         self.client = self.exp_id = self.run_id = None
@@ -138,7 +168,7 @@ class MlflowSink:
         self.client = mlflow_client(self.uri)
         if self.previous and self.previous.get("uri") == self.uri and self.previous.get("run_id"):
             self.exp_id, self.run_id = self.previous["experiment_id"], self.previous["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")           # a resumed run continues its MLflow run
+            self.client.update_run(self.run_id, status="RUNNING")  # a resumed run continues its MLflow run
             return
         if self.parent and self.parent.get("uri") == self.uri and self.parent.get("experiment") == self.experiment:
             self.exp_id = self.parent["experiment_id"]
@@ -151,7 +181,7 @@ class MlflowSink:
 
         items = list(self.params.items())
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i:i + 100]], synchronous=True)
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i : i + 100]], synchronous=True)
 
     def log(self, points: List[tuple]) -> None:
         """points: (key, value, step)."""
@@ -160,7 +190,7 @@ class MlflowSink:
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, int(s)) for k, v, s in points]
         for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000], synchronous=True)
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000], synchronous=True)
 
     def close(self, status: str, final: Dict[str, float], step: int, run_dir: Path, error: Optional[str]) -> None:
         from mlflow.entities import Metric, RunTag
@@ -168,10 +198,13 @@ class MlflowSink:
         now = int(time.time() * 1000)
         tags = [RunTag("finetune.status", status)]
         if error:
-            tags += [RunTag("finetune.error", error[:5000]),
-                     RunTag("mlflow.note.content", f"**{status}**: {error}"[:5000])]       # the run page's description
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in final.items()],
-                              tags=tags, synchronous=True)
+            tags += [
+                RunTag("finetune.error", error[:5000]),
+                RunTag("mlflow.note.content", f"**{status}**: {error}"[:5000]),
+            ]  # the run page's description
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in final.items()], tags=tags, synchronous=True
+        )
         for name in RUN_FILES:
             if (run_dir / name).is_file():
                 self.client.log_artifact(self.run_id, str(run_dir / name))
@@ -194,8 +227,19 @@ class MlflowSink:
 class WandbSink:
     name = "wandb"
 
-    def __init__(self, project: str, entity: Optional[str], mode: str, run_name: str, group: Optional[str],
-                 job_type: str, config: Dict[str, str], tags: List[str], run_dir: Path, previous: Optional[dict]):
+    def __init__(
+        self,
+        project: str,
+        entity: Optional[str],
+        mode: str,
+        run_name: str,
+        group: Optional[str],
+        job_type: str,
+        config: Dict[str, str],
+        tags: List[str],
+        run_dir: Path,
+        previous: Optional[dict],
+    ):
         self.project, self.entity, self.mode, self.run_name = project, entity, mode, run_name
         self.group, self.job_type, self.config, self.tags, self.run_dir = group, job_type, config, tags, run_dir
         self.id = (previous or {}).get("id")
@@ -208,12 +252,30 @@ class WandbSink:
 
         _quiet_libraries()
         # no console capture, system metrics, code or command line (it may hold a secret you typed)
-        settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, x_disable_meta=True,
-                                  disable_git=True, save_code=False, disable_code=True)
-        self.run = wandb.init(project=self.project, entity=self.entity or None, group=self.group,
-                              job_type=self.job_type, name=self.run_name, config=self.config, tags=self.tags,
-                              dir=str(self.run_dir), id=self.id, resume="allow" if self.id else None,
-                              mode=self.mode, reinit="create_new", settings=settings)
+        settings = wandb.Settings(
+            silent=True,
+            console="off",
+            x_disable_stats=True,
+            x_disable_meta=True,
+            disable_git=True,
+            save_code=False,
+            disable_code=True,
+        )
+        self.run = wandb.init(
+            project=self.project,
+            entity=self.entity or None,
+            group=self.group,
+            job_type=self.job_type,
+            name=self.run_name,
+            config=self.config,
+            tags=self.tags,
+            dir=str(self.run_dir),
+            id=self.id,
+            resume="allow" if self.id else None,
+            mode=self.mode,
+            reinit="create_new",
+            settings=settings,
+        )
         self.id = self.run.id
 
     def log(self, points: List[tuple]) -> None:
@@ -231,8 +293,13 @@ class WandbSink:
         self.run.finish(exit_code=0 if status == "completed" else 1)
 
     def record(self) -> dict:
-        return {"id": self.id, "project": self.project, "group": self.group, "mode": self.mode,
-                "dir": str(self.run.dir) if self.run is not None else None}
+        return {
+            "id": self.id,
+            "project": self.project,
+            "group": self.group,
+            "mode": self.mode,
+            "dir": str(self.run.dir) if self.run is not None else None,
+        }
 
     def where(self) -> str:
         if self.mode == "offline":
@@ -253,8 +320,11 @@ def sweep_job() -> Optional[Dict[str, Any]]:
         hc = HydraConfig.get()
         if hc.mode != RunMode.MULTIRUN:
             return None
-        return {"num": str(hc.job.num), "sweep_dir": str(Path(str(hc.sweep.dir)).absolute()),
-                "overrides": list(hc.overrides.task)}
+        return {
+            "num": str(hc.job.num),
+            "sweep_dir": str(Path(str(hc.sweep.dir)).absolute()),
+            "overrides": list(hc.overrides.task),
+        }
     except Exception:  # noqa: BLE001 - not under Hydra
         return None
 
@@ -267,14 +337,21 @@ def swept_values(overrides: List[str], swept: List[str]) -> List[str]:
 class RunTracker:
     """Logs one run to every tracking target of report_to, from a background thread of the driver."""
 
-    def __init__(self, cfg: dict, run_dir: Path, manifest: dict, overrides: List[str], choices: Dict[str, str],
-                 resume: bool = False):
+    def __init__(
+        self,
+        cfg: dict,
+        run_dir: Path,
+        manifest: dict,
+        overrides: List[str],
+        choices: Dict[str, str],
+        resume: bool = False,
+    ):
         self.run_dir = Path(run_dir)
         self.flush_s = float(cfg["tracking"]["flush_s"])
         self.history = self.run_dir / "history.jsonl"
         self.state_file = self.run_dir / "tracking.json"
         previous = _read_json(self.state_file) if resume else {}
-        self.last: Dict[str, int] = dict(previous.get("last_steps") or {})     # metric -> last step logged
+        self.last: Dict[str, int] = dict(previous.get("last_steps") or {})  # metric -> last step logged
         self.max_step = max(self.last.values(), default=0)
         self.series: set = set(self.last)
         job = sweep_job()
@@ -289,15 +366,35 @@ class RunTracker:
         if "mlflow" in targets:
             m = cfg["tracking"]["mlflow"]
             adapter = (manifest.get("outputs") or {}).get("adapter") if m.get("log_adapter") else None
-            self.sinks.append(MlflowSink(m["uri"], m["experiment"], name, params, T.tags(manifest, self.run_dir, job),
-                                         sweep.get("mlflow"), previous.get("mlflow"), adapter))
+            self.sinks.append(
+                MlflowSink(
+                    m["uri"],
+                    m["experiment"],
+                    name,
+                    params,
+                    T.tags(manifest, self.run_dir, job),
+                    sweep.get("mlflow"),
+                    previous.get("mlflow"),
+                    adapter,
+                )
+            )
         if "wandb" in targets:
             w = cfg["tracking"]["wandb"]
             group = sweep.get("group") or (sweep_group(Path(job["sweep_dir"])) if job else None)
-            self.sinks.append(WandbSink(w["project"], w.get("entity"), w["mode"], name, group, backend,
-                                        {**params, "run_dir": str(self.run_dir)},
-                                        [t for t in (backend, method, cfg["model"]["name"]) if t],
-                                        self.run_dir, previous.get("wandb")))
+            self.sinks.append(
+                WandbSink(
+                    w["project"],
+                    w.get("entity"),
+                    w["mode"],
+                    name,
+                    group,
+                    backend,
+                    {**params, "run_dir": str(self.run_dir)},
+                    [t for t in (backend, method, cfg["model"]["name"]) if t],
+                    self.run_dir,
+                    previous.get("wandb"),
+                )
+            )
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="finetune-tracking", daemon=True)
         self.opened: list = []
@@ -307,7 +404,7 @@ class RunTracker:
         """A started tracker, or None when report_to has no tracking target (tensorboard/none: nothing changes)."""
         if not any(t in T.targets(cfg.get("report_to")) for t in ("mlflow", "wandb")):
             return None
-        _environment()                      # before the thread imports mlflow/wandb; workers ignore these
+        _environment()  # before the thread imports mlflow/wandb; workers ignore these
         try:
             tracker = cls(cfg, run_dir, manifest, overrides, choices, resume)
         except Exception as e:  # noqa: BLE001 - tracking never fails a run
@@ -319,7 +416,7 @@ class RunTracker:
     # ---- background thread
     def _loop(self) -> None:
         try:
-            os.nice(10)         # this thread only (Linux: per-thread): importing mlflow yields the cores to training
+            os.nice(10)  # this thread only (Linux: per-thread): importing mlflow yields the cores to training
         except OSError:
             pass
         for sink in self.sinks:
@@ -446,8 +543,11 @@ def start_sweep(config, sweep_dir: Path) -> None:
     if "mlflow" in T.targets(report_to):
         try:
             uri = T.mlflow_uri(OmegaConf.select(config, "tracking.mlflow.uri", default=None))
-            name = (OmegaConf.select(config, "tracking.mlflow.experiment", default=None)
-                    or os.environ.get("MLFLOW_EXPERIMENT_NAME") or str(config.name))
+            name = (
+                OmegaConf.select(config, "tracking.mlflow.experiment", default=None)
+                or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+                or str(config.name)
+            )
             client = mlflow_client(uri)
             exp_id = experiment_id(client, uri, name)
             from finetune.run_dir import git_info
@@ -455,25 +555,41 @@ def start_sweep(config, sweep_dir: Path) -> None:
 
             git = git_info()
             title = f"{state['group']} ({', '.join(state['swept']) or 'sweep'})"
-            run = client.create_run(exp_id, run_name=title, tags={
-                "finetune.sweep_dir": str(sweep_dir), "finetune.kind": "sweep", "git.commit": str(git.get("commit")),
-                "git.dirty": str(git.get("dirty")).lower(), "mlflow.source.git.commit": str(git.get("commit")),
-                "mlflow.source.name": "train.py", "mlflow.source.type": "LOCAL"})
+            run = client.create_run(
+                exp_id,
+                run_name=title,
+                tags={
+                    "finetune.sweep_dir": str(sweep_dir),
+                    "finetune.kind": "sweep",
+                    "git.commit": str(git.get("commit")),
+                    "git.dirty": str(git.get("dirty")).lower(),
+                    "mlflow.source.git.commit": str(git.get("commit")),
+                    "mlflow.source.name": "train.py",
+                    "mlflow.source.type": "LOCAL",
+                },
+            )
             from mlflow.entities import Param
 
             sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).split(".")[-1]
-            sweep_params = {"overrides": " ".join(redact([str(o) for o in config.hydra.overrides.task])) or "(none)",
-                            "swept": ",".join(state["swept"]), "sweeper": sweeper}
-            client.log_batch(run.info.run_id, params=[Param(k, T.param_value(v)) for k, v in sweep_params.items()],
-                             synchronous=True)
+            sweep_params = {
+                "overrides": " ".join(redact([str(o) for o in config.hydra.overrides.task])) or "(none)",
+                "swept": ",".join(state["swept"]),
+                "sweeper": sweeper,
+            }
+            client.log_batch(
+                run.info.run_id, params=[Param(k, T.param_value(v)) for k, v in sweep_params.items()], synchronous=True
+            )
             state["mlflow"] = {"uri": uri, "experiment": name, "experiment_id": exp_id, "run_id": run.info.run_id}
         except Exception as e:  # noqa: BLE001
             warn("mlflow", "creating the sweep's parent run", e)
     if "wandb" in T.targets(report_to):
-        state["wandb"] = {"project": OmegaConf.select(config, "tracking.wandb.project", default=None)
-                          or os.environ.get("WANDB_PROJECT") or str(config.name),
-                          "entity": OmegaConf.select(config, "tracking.wandb.entity", default=None),
-                          "mode": OmegaConf.select(config, "tracking.wandb.mode", default="auto")}
+        state["wandb"] = {
+            "project": OmegaConf.select(config, "tracking.wandb.project", default=None)
+            or os.environ.get("WANDB_PROJECT")
+            or str(config.name),
+            "entity": OmegaConf.select(config, "tracking.wandb.entity", default=None),
+            "mode": OmegaConf.select(config, "tracking.wandb.mode", default="auto"),
+        }
     Path(sweep_dir).mkdir(parents=True, exist_ok=True)
     _write_json(Path(sweep_dir) / "tracking.json", state)
 
@@ -505,20 +621,37 @@ def finish_sweep(sweep_dir: Path, summary: Optional[dict]) -> None:
             tags = [RunTag("finetune.status", "completed" if ok else "failed")]
             if summary.get("best_job") is not None:
                 tags.append(RunTag("finetune.best_job", str(summary["best_job"])))
-            client.log_batch(m["run_id"], metrics=[Metric(k, float(v), now, 0) for k, v in numbers.items()], tags=tags,
-                             synchronous=True)
+            client.log_batch(
+                m["run_id"],
+                metrics=[Metric(k, float(v), now, 0) for k, v in numbers.items()],
+                tags=tags,
+                synchronous=True,
+            )
             for f in files:
                 client.log_artifact(m["run_id"], str(f))
             client.set_terminated(m["run_id"], "FINISHED" if ok else "FAILED")
-            print(f"[finetune] mlflow: sweep run {m['run_id']} in experiment '{m['experiment']}' "
-                  f"({ui_link(m['uri'], m['experiment_id'], m['run_id'])})", flush=True)
+            print(
+                f"[finetune] mlflow: sweep run {m['run_id']} in experiment '{m['experiment']}' "
+                f"({ui_link(m['uri'], m['experiment_id'], m['run_id'])})",
+                flush=True,
+            )
         except Exception as e:  # noqa: BLE001
             warn("mlflow", "finishing the sweep's parent run", e)
     if state.get("wandb"):
         w = state["wandb"]
         try:
-            sink = WandbSink(w["project"], w.get("entity"), w["mode"], state["group"], state["group"], "sweep",
-                             {"swept": ",".join(state.get("swept") or [])}, ["sweep"], sweep_dir, None)
+            sink = WandbSink(
+                w["project"],
+                w.get("entity"),
+                w["mode"],
+                state["group"],
+                state["group"],
+                "sweep",
+                {"swept": ",".join(state.get("swept") or [])},
+                ["sweep"],
+                sweep_dir,
+                None,
+            )
             sink.open()
             sink.run.summary.update(numbers)
             for f in files:
@@ -550,12 +683,25 @@ def failed_job(config, job_dir: Path, error: str) -> None:
         client = mlflow_client(m["uri"])
         swept = swept_values(overrides, state.get("swept") or [])
         name = T.run_name(Path(job_dir), {"num": num, "swept_values": swept})
-        run = client.create_run(m["experiment_id"], run_name=name, tags={
-            "mlflow.parentRunId": m["run_id"], "finetune.sweep_dir": str(Path(job_dir).parent), "finetune.job": num,
-            "finetune.run_dir": str(job_dir), "finetune.status": "failed", "finetune.error": error[:5000],
-            "mlflow.note.content": f"**failed**: {error}"[:5000]})
-        client.log_batch(run.info.run_id, params=[Param("overrides", T.param_value(" ".join(redact(overrides))))],
-                         tags=[RunTag("finetune.status", "failed")], synchronous=True)
+        run = client.create_run(
+            m["experiment_id"],
+            run_name=name,
+            tags={
+                "mlflow.parentRunId": m["run_id"],
+                "finetune.sweep_dir": str(Path(job_dir).parent),
+                "finetune.job": num,
+                "finetune.run_dir": str(job_dir),
+                "finetune.status": "failed",
+                "finetune.error": error[:5000],
+                "mlflow.note.content": f"**failed**: {error}"[:5000],
+            },
+        )
+        client.log_batch(
+            run.info.run_id,
+            params=[Param("overrides", T.param_value(" ".join(redact(overrides))))],
+            tags=[RunTag("finetune.status", "failed")],
+            synchronous=True,
+        )
         client.set_terminated(run.info.run_id, "FAILED")
     except Exception as e:  # noqa: BLE001
         warn("mlflow", "recording the failed job", e)
