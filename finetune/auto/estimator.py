@@ -93,6 +93,9 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, meta: dict) -> "ModelShape":
+        """The shape from a config.json, one branch per way model families spell it (ChatGLM's kv_channels and
+        padded vocabulary, multi-query attention, MoE experts, the Llama-like default). Longer than 80 lines on
+        purpose: a lookup table read top to bottom, which split into functions would scatter one family's keys."""
         mt = str(meta.get("model_type", "")).lower()
         if mt in ("chatglm",) or "padded_vocab_size" in meta:
             heads = int(meta["num_attention_heads"])

@@ -30,6 +30,9 @@ def _current_rss() -> int:
 
 
 def main(argv=None) -> int:
+    """A few measured training steps for the estimator's calibration: arguments, model, HF Trainer steps on random
+    ids, the peak memory and the estimate as one JSON line. Longer than 80 lines on purpose: a flat measurement
+    script (like nanoGPT's), most of it its argparse options, read top to bottom."""
     ap = argparse.ArgumentParser(prog="python -m finetune.auto.probe")
     ap.add_argument("model")
     ap.add_argument("--method", default="full", choices=["full", "lora", "freeze"])

@@ -91,6 +91,9 @@ def deepspeed_config(cfg) -> dict:
 
 
 def plan(cfg, run_dir, ctx) -> Plan:
+    """The recipe's steps in the order they run (train, then the merge; evaluation by generation around them when
+    asked) and the DeepSpeed JSON. Slightly over 80 lines on purpose: it reads as the run's script; each Step
+    literal spreads over several lines once formatted."""
     run_dir = Path(run_dir)
     files, notes = {}, []
     py = sys.executable if cfg.backend.python in ("python", "", None) else str(cfg.backend.python)

@@ -228,7 +228,8 @@ def deepspeed_config(cfg) -> dict:
 
 
 def train_args(cfg, run_dir: Path) -> List[str]:
-    """The FlagEmbedding/HF flags, in a fixed order (the command is byte-stable across processes)."""
+    """The FlagEmbedding/HF flags, in a fixed order (the command is byte-stable across processes). Longer than 80
+    lines on purpose: one flag per line, a table of FlagEmbedding's arguments against our keys."""
     b, ws = cfg.backend, world_size(cfg)
     run_dir = Path(run_dir)
     accum = grad_accum(cfg)
@@ -334,6 +335,9 @@ def train_args(cfg, run_dir: Path) -> List[str]:
 
 
 def plan(cfg, run_dir, ctx) -> Plan:
+    """The steps in the order they run (the retrieval evaluation before training, the training through
+    FlagEmbedding's own entry point under our wrapper, the evaluation after), each a Step literal. Longer than 80
+    lines on purpose: it reads as the run's script; each Step spreads over several lines once formatted."""
     run_dir = Path(run_dir)
     b = cfg.backend
     py = sys.executable

@@ -604,6 +604,9 @@ def cli(command: str, yaml: Path) -> list:
 
 
 def plan(cfg, run_dir, ctx) -> Plan:
+    """The files LLaMA-Factory reads (train.yaml, dataset_info.json) and the steps in the order they run (train, then
+    the export that merges the adapter, with the evaluation by generation around them when asked). Longer than 80
+    lines on purpose: it reads as the run's script; each Step literal spreads over several lines once formatted."""
     run_dir = Path(run_dir)
     lf = run_dir / LF_DIR
     info = _dataset_info(cfg, ctx)
