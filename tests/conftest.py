@@ -45,6 +45,18 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+# a tiny alpacalora job: 12 optimizer steps of 8 rows (2 micro-batches of 4), a fixed held-out set of 32 rows
+TINY_JOB = [
+    "max_samples=160",
+    "val_set_size=32",
+    "batch_size=8",
+    "micro_batch_size=4",
+    "max_steps=12",
+    "learning_rate=1e-3",
+    "logging_steps=1",
+    "eval_steps=12",
+    "report_to=none",
+]
 _README_TIMES: list = []
 
 

@@ -14,20 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PY, REPO, read_json, run_train, user_env
+from conftest import PY, REPO, TINY_JOB, read_json, run_train, user_env
 
-# a tiny job: 12 optimizer steps of 8 rows (2 micro-batches of 4), a fixed held-out set of 32 rows
-SMALL = [
-    "max_samples=160",
-    "val_set_size=32",
-    "batch_size=8",
-    "micro_batch_size=4",
-    "max_steps=12",
-    "learning_rate=1e-3",
-    "logging_steps=1",
-    "eval_steps=12",
-    "report_to=none",
-]
+SMALL = TINY_JOB
 
 
 def _train(out: Path, *overrides, expect_ok=True, env=None):

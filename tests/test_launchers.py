@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PY, REPO, read_json, run_train, user_env
+from conftest import PY, REPO, TINY_JOB, read_json, run_train, user_env
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -528,19 +528,7 @@ def test_slurm_sweep_through_hydra_submitit(tmp_path, slurm_cluster):
     assert list(sweep.glob(".submitit/*/*_log.out")), "no Slurm job logs"
 
 
-REQUEUE_RUN = [
-    "max_samples=160",
-    "val_set_size=32",
-    "batch_size=8",
-    "micro_batch_size=4",
-    "max_steps=12",
-    "learning_rate=1e-3",
-    "logging_steps=1",
-    "eval_steps=12",
-    "report_to=none",
-    "save_steps=4",
-    "merge=false",
-]
+REQUEUE_RUN = [*TINY_JOB, "save_steps=4", "merge=false"]
 
 
 @pytest.mark.slow
