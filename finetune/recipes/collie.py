@@ -34,6 +34,7 @@ from pathlib import Path
 from finetune.config.derived import adapter_dir, grad_accum, merged_dir
 from finetune.osutil import free_port
 from finetune.recipes.common import read_config
+from finetune.recipes.data import TOKENIZER_FILES as DATA_TOKENIZER_FILES
 
 PROMPTS = {
     # alpaca-lora's templates/alpaca.json and alpaca_short.json
@@ -58,16 +59,8 @@ MODEL_CLASSES = {
     "chatglm3": "ChatGLM2ForCausalLM",
     "moss": "MossForCausalLM",
 }
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "generation_config.json",
-)
+# the tokenizer files every recipe copies (finetune/recipes/data.py), and the generation config Collie's save lacks
+TOKENIZER_FILES = DATA_TOKENIZER_FILES + ("generation_config.json",)
 PROBE_ROWS = 2
 
 
