@@ -35,7 +35,9 @@ done
 # Two workers (the machine has 2 cores; most tests wait on subprocesses); a test file stays on one worker so that
 # its module fixtures (one trained run) are shared, not duplicated. The Slurm tests (a real cluster on this
 # machine) run afterwards on their own, so that the jobs do not compete with the rest for the two cores.
-PYTEST=(.venv/bin/python -m pytest -q -n "${FINETUNE_TEST_WORKERS:-2}" --dist loadfile --durations=25)
+# Files start longest first (tests/conftest.py LONGEST_FIRST), not in xdist's order by number of tests.
+PYTEST=(.venv/bin/python -m pytest -q -n "${FINETUNE_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder
+        --durations=60)
 if [ $# -gt 0 ]; then
   exec "${PYTEST[@]}" "$@"
 fi

@@ -37,7 +37,25 @@ def _has_cuda() -> bool:
         return False
 
 
+# The files with the longest runs, longest first (CI's timings). Each file runs on one worker (--dist loadfile, so
+# that its module fixtures are shared) and scripts/test.sh turns off xdist's own order (by number of tests): a
+# long file started last would keep one worker busy while the other idles. Within a file, the order is kept.
+LONGEST_FIRST = [
+    "test_readme.py",
+    "test_readme_sweeps.py",
+    "test_llamafactory.py",
+    "test_alpacalora.py",
+    "test_tracking.py",
+    "test_collie.py",
+    "test_smollm2.py",
+    "test_flagembedding.py",
+    "test_launchers.py",
+]
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     if not _has_cuda():
         skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
         for item in items:
