@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ SWEEP = r"summary: \S+/summary\.md \({} jobs, 0 not completed"
 EXPECT = {
     "bash scripts/setup.sh && .venv/bin/python train.py": (0, [r"setup: ready", COMPLETED + r".*eval_loss="], 1800),
     "python train.py backend=collie lora_r=16": (0, [r"setup-collie: ", r"\[collie_merge\]", COMPLETED], 1800),
-    "python train.py": (0, [COMPLETED], 600),
+    "python train.py --cfg job": (0, [r"(?m)^backend:\n  name: alpacalora$", r"(?m)^lora_r: 8$"], 120),
     "python train.py experiment=smollm2_lora": (
         0,
         [
@@ -192,18 +193,156 @@ def _reproduced(clone: Path) -> None:
     assert not report["config_differences"]
 
 
-# what a command left behind, checked after it (the README runs are the suite's real sweeps and replays)
+def _collie_lora(clone: Path) -> None:
+    """Collie's LoRA run: the loss and the eval loss fall, metrics.json agrees with the history, and the exported
+    adapter (q/k rows converted back from Collie's layout) and the merged model give Collie's own logits, which
+    Collie's raw save_peft output does not."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run = clone / newest("outputs/runs/*/*", clone)
+    rows = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x.strip()]
+    loss = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(loss) >= 3 and loss[-1] < loss[0], loss
+    assert len(evals) >= 2 and evals[-1] < evals[0], evals
+    assert all("learning_rate" in r and "tokens_per_s" in r for r in rows if "loss" in r)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["train_loss"] == loss[-1] and m["eval_loss"] == evals[-1]
+    assert 0 < m["trainable_params"] < m["total_params"] and m["tokens_per_s"] > 0 and m["peak_rss_mb"] > 0
+    assert m["collie_cpu_patches"] == 5
+    assert (run / "loss.png").stat().st_size > 1000 and list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert list((run / "lazyllm_merge").glob("tokenizer*"))
+    check = json.loads((run / "merge_check.json").read_text())
+    assert check["ok"] and check["adapter_vs_collie"] < 1e-4 and check["merged_vs_adapter"] < 1e-4, check
+    # independently: the merged folder reloaded gives Collie's recorded logits, and training changed them
+    probe = json.loads((run / "collie_probe.json").read_text())
+    base_dir = str(clone / "models" / "tiny-llama")
+    model = AutoModelForCausalLM.from_pretrained(str(run / "lazyllm_merge")).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        for ids, ref in zip(probe["input_ids"], probe["logits"]):
+            got = model(input_ids=torch.tensor([ids])).logits[0]
+            assert torch.allclose(got, torch.tensor(ref), atol=1e-4)
+            assert (base(input_ids=torch.tensor([ids])).logits[0] - got).abs().max() > 1e-3
+    # the conversion is needed: Collie's raw save_peft output (q rows in Collie's layout) does not reproduce them
+    raw = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(run / "collie_adapter"))
+    with torch.no_grad():
+        ids, ref = probe["input_ids"][0], torch.tensor(probe["logits"][0])
+        assert (raw.eval()(input_ids=torch.tensor([ids])).logits[0] - ref).abs().max() > 1e-3
+    adapter = load_file(str(run / "lazyllm_lora" / "adapter_model.safetensors"))
+    qb = [v for key, v in adapter.items() if "q_proj.lora_B" in key]
+    assert qb and all(float(v.abs().max()) > 0 for v in qb)
+
+
+def _smollm2_learned(clone: Path) -> None:
+    """The real model learned the tasks: exact match, token F1 and ROUGE-L up, the loss down, the answers side by
+    side; the conversion from the GGUF file is the package's file and gives its logits; the merged model is the base
+    plus the adapter; the tokenizer and prompt files saved with both rebuild the prompt ids training used."""
+    from test_smollm2 import TEXTS, _max_logit_diff
+
+    from finetune.recipes.data import encode_alpaca
+    from finetune.recipes.prompting import PromptFormat
+    from finetune.recipes.templates import load_template
+
+    run = clone / newest("outputs/runs/*/*", clone)
+    smol = clone / "models" / "smollm2-135m"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["eval_exact_match"] > m["base_eval_exact_match"], m
+    assert m["eval_token_f1"] > m["base_eval_token_f1"] and m["eval_rouge_l"] > m["base_eval_rouge_l"], m
+    losses = _history_losses(run)
+    assert losses[-1] < losses[0], losses
+    table = (run / "eval" / "samples.md").read_text()
+    assert "| # | prompt | reference | before | after |" in table and "✓" in table
+    assert list((run / "tensorboard" / "generation").glob("events.out.tfevents.*"))
+    built = json.loads((smol / "BUILT_BY").read_text())
+    assert built["source_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert built["logits_check"]["max_abs_diff"] <= 1e-5 and built["tied_embeddings"]
+    assert json.loads((smol / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
+    assert _max_logit_diff(run / "lazyllm_merge", smol, run / "lazyllm_lora", TEXTS) < 1e-4
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    cfg = json.loads((run / "resolved_config.json").read_text())
+    base_tok = AutoTokenizer.from_pretrained(smol)
+    rows = [json.loads(line) for line in (run / "eval" / "heldout.jsonl").read_text().splitlines()][:8]
+    for folder in (run / "lazyllm_lora", run / "lazyllm_merge"):
+        tok = AutoTokenizer.from_pretrained(folder)
+        fmt = PromptFormat.for_folder(folder, tok)
+        assert fmt.kind == "alpaca" and fmt.template == cfg["prompt_template_name"] == "alpaca_short"
+        gen = GenerationConfig.from_pretrained(folder)
+        assert gen.eos_token_id == tok.eos_token_id == 2 and gen.pad_token_id == 2
+        assert tok.chat_template == base_tok.chat_template
+        for row in rows:
+            ex = encode_alpaca(row, base_tok, load_template("alpaca_short"), int(cfg["cutoff_len"]), False)
+            n = sum(1 for label in ex["labels"] if label == -100)  # the prompt part training masked
+            assert fmt.encode(tok, fmt.row_turns(row)[0]) == ex["input_ids"][:n]
+
+
+def _generate_gives_the_evaluated_answers(clone: Path) -> None:
+    """`finetune generate RUN --data` on the first batch of held-out rows answers what the run's own evaluation
+    answered (same batch, same greedy decoding), and one prompt from the merged folder streams the same answer."""
+    run = clone / newest("outputs/runs/*/*", clone)
+    after = json.loads((run / "eval" / "generate_after.json").read_text())
+    batch = int(json.loads((run / "resolved_config.json").read_text())["generate_batch_size"])
+    rows = (run / "eval" / "heldout.jsonl").read_text().splitlines()[:batch]
+    first = clone / "outputs" / "first_batch.jsonl"  # outputs/ is git-ignored: the clone stays clean
+    first.write_text("\n".join(rows) + "\n")
+    proc, _ = shell(f"finetune generate {run} --data {first}", clone, clone, 600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = re.findall(r"^    -> (.*?)(?:    \(right\)|    \(reference: .*\))?$", proc.stdout, re.M)
+    assert answers == [s["answer"].strip() for s in after["samples"][:batch]], proc.stdout[-3000:]
+    row = json.loads(rows[0])
+    single = clone / "outputs" / "first_row.jsonl"
+    single.write_text(rows[0] + "\n")
+    expected, _ = shell(f"finetune generate {run} --data {single}", clone, clone, 600)  # unpadded, as one prompt is
+    one, _ = shell(
+        f"finetune generate {run / 'lazyllm_merge'} --prompt {shlex.quote(row['instruction'])} "
+        f"--input {shlex.quote(row['input'])}",
+        clone,
+        clone,
+        600,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert f"    -> {one.stdout.strip()}" in expected.stdout, (one.stdout, expected.stdout)
+
+
+def _chat_in_a_terminal(clone: Path) -> None:
+    """The same chat in a real terminal: a multi-line message (a trailing backslash), /reset, /exit."""
+    from conftest import run_in_terminal
+
+    run = clone / newest("outputs/runs/*/*", clone)
+    answers = ["Reverse the words.\\", "red rice", "/reset", "Copy the words.\\", "red rice", "/exit"]
+    screen = run_in_terminal([str(clone / ".venv" / "bin" / "finetune"), "chat", str(run)], cwd=clone, answers=answers)
+    assert "/reset clears the history, /exit (or Ctrl-D) quits" in screen, screen
+    assert "...> red rice" in screen  # the input went on a continuation line
+    replies = re.findall(r"model> (.*)", screen)
+    assert len(replies) == 2 and all(a.strip() for a in replies), screen
+    assert "(history cleared)" in screen
+    assert screen.count("you>") == 4 and screen.rstrip().endswith("/exit")  # the process ended at /exit
+
+
+# what a command left behind, checked after it (the README runs are the suite's real sweeps, replays and the
+# real model's run)
 AFTER = {
+    "python train.py backend=collie lora_r=16": _collie_lora,
+    "python train.py experiment=smollm2_lora": _smollm2_learned,
+    'finetune generate outputs/runs/<date>/<time>-<name> --prompt "Copy the words." --input "red rice"': (
+        _generate_gives_the_evaluated_answers
+    ),
+    "finetune chat outputs/runs/<date>/<time>-<name>": _chat_in_a_terminal,
     "python train.py -m lora_r=4,8,16 'lora_alpha=${eval:2*lora_r}' max_steps=10": _lora_r_sweep,
     "python train.py -m backend=alpacalora,llamafactory experiment=llamafactory_lora_sft": _backends_sweep,
     "python train.py +hparams_search=lora_optuna hydra.sweeper.n_trials=3 max_steps=8": _optuna,
     "finetune reproduce outputs/runs/<date>/<time>-<name>": _reproduced,
 }
-# the main commands again, from another working folder: <repo>/train.py from a fresh temporary folder
+# the main commands again, from another working folder: <repo>/train.py from a fresh temporary folder (a sweep
+# from another folder: tests/test_user_world.py, on the dummy backend; the README's own `cd "$(mktemp -d)"` line)
 ELSEWHERE = [
     "python train.py dry_run=true",
     "python train.py method=dora lora_r=16 num_epochs=1",
-    "python train.py -m lora_r=4,8,16 'lora_alpha=${eval:2*lora_r}' max_steps=10",
 ]
 # Two fresh clones run the README side by side (tests/test_readme_sweeps.py runs the second): this file from the
 # README's first command to the single runs and the replay of the newest one; the other from the sweeps on (its

