@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import PY, REPO, read_json, run_in_terminal, run_train, user_env
@@ -146,6 +148,30 @@ def test_relative_paths_are_the_users_working_folder(tmp_path):
     assert cfg["model"]["path"] == str(REPO / "models" / "tiny-llama")
     assert read_json(work / "runs" / "two" / "manifest.json")["cwd"] == str(work)
     assert not (work / "outputs").exists() and not (work / "models").exists()
+
+
+def test_sweep_from_another_folder_lands_in_the_repos_multiruns(tmp_path):
+    """`python <repo>/train.py -m ...` from another folder: the sweep folder is the repo's outputs/multiruns (as from
+    the repo root), its summary lists every job, and nothing is written where the command ran."""
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run(
+        [PY, str(REPO / "train.py"), "-m", "backend=dummy", "backend.steps=2", "seed=1,2"],
+        cwd=work,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    found = re.search(r"summary: (\S+)/summary\.md \(2 jobs, 0 not completed", proc.stdout + proc.stderr)
+    assert proc.returncode == 0 and found, proc.stdout[-3000:] + proc.stderr[-3000:]
+    folder = Path(found.group(1))
+    try:
+        assert folder.parent.parent == REPO / "outputs" / "multiruns", folder
+        assert [read_json(folder / job / "manifest.json")["status"] for job in ("0", "1")] == ["completed"] * 2
+        assert list(work.iterdir()) == []
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------- folders not ours
