@@ -101,6 +101,38 @@ def test_train_on_inputs_masks_prompt_tokens(tiny_model):
     assert len(cut["input_ids"]) == 8
 
 
+def test_a_chat_longer_than_cutoff_len_keeps_the_newest_question(tiny_model):
+    """Generation prompts over cutoff_len: a chat drops its oldest exchanges (never the newest question or the
+    answer cue); one over-long prompt loses its start, not its end, and keeps its BOS; a prompt that fits is the
+    training prompt unchanged."""
+    from transformers import AutoTokenizer
+
+    from finetune.recipes.prompting import PromptFormat
+    from finetune.recipes.templates import alpaca_prompt, load_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_model("tiny_llama"))
+    tpl = load_template("alpaca_short")
+    question = {"role": "user", "content": "Sort the words.\nrock moon bean"}
+    history = []
+    for i in range(6):
+        history += [
+            {"role": "user", "content": f"Copy the words.\nred rice green {i} " + "blue " * 10},
+            {"role": "assistant", "content": f"red rice green {i} " + "blue " * 10},
+        ]
+    last = tok(alpaca_prompt(tpl, "Sort the words.", "rock moon bean"))["input_ids"]
+    wide = PromptFormat("alpaca", "alpaca_short", tpl, cutoff_len=4096)
+    full = wide.encode(tok, history + [question])
+    assert full[-len(last) + 1 :] == last[1:] and wide.encode(tok, [question]) == last
+    fmt = PromptFormat("alpaca", "alpaca_short", tpl, cutoff_len=len(full) // 2)
+    ids = fmt.encode(tok, history + [question])
+    assert len(ids) <= len(full) // 2 and ids[-len(last) + 1 :] == last[1:] and ids[0] == tok.bos_token_id
+    fits = [wide.encode(tok, history[2 * k :] + [question]) for k in range(len(history) // 2 + 1)]
+    assert ids == next(f for f in fits if len(f) <= len(full) // 2)  # the newest whole exchanges that fit
+    tight = PromptFormat("alpaca", "alpaca_short", tpl, cutoff_len=len(last) - 4)  # one prompt, too long
+    cut = tight.encode(tok, [question])
+    assert len(cut) == len(last) - 4 and cut[0] == tok.bos_token_id and cut[-5:] == last[-5:]
+
+
 def test_sharegpt_rows_use_chat_template_and_mask_user_turns(tiny_model):
     from transformers import AutoTokenizer
 

@@ -87,7 +87,22 @@ class PromptFormat:
 
     # ------------------------------------------------------------------------------------------- encoding
     def encode(self, tokenizer, turns: List[dict]) -> List[int]:
-        """Prompt ids for ``turns`` (ending with a user turn): what the model sees before its answer."""
+        """Prompt ids for ``turns`` (ending with a user turn): what the model sees before its answer. Longer than
+        cutoff_len, a chat drops its oldest exchanges first (the system turn stays), then a single prompt loses its
+        start (a leading BOS stays): the newest question and the answer cue are always what the model sees last."""
+        turns = list(turns)
+        ids = self._encode(tokenizer, turns)
+        limit = int(self.cutoff_len or 0)
+        while limit and len(ids) > limit:
+            users = [i for i, t in enumerate(turns) if t["role"] == "user"]
+            if len(users) < 2:
+                keep = 1 if ids and ids[0] == getattr(tokenizer, "bos_token_id", None) else 0
+                return ids[:keep] + ids[len(ids) - (limit - keep) :]
+            turns = [t for t in turns[: users[1]] if t["role"] == "system"] + turns[users[1] :]
+            ids = self._encode(tokenizer, turns)
+        return ids
+
+    def _encode(self, tokenizer, turns: List[dict]) -> List[int]:
         if self.kind == "llamafactory":
             template = self._lf_template(tokenizer)
             system = next((t["content"] for t in turns if t["role"] == "system"), None)
@@ -112,8 +127,7 @@ class PromptFormat:
         return self._ids(tokenizer, text, special=False)
 
     def _ids(self, tokenizer, text: str, special: bool) -> List[int]:
-        kw = dict(truncation=True, max_length=int(self.cutoff_len)) if self.cutoff_len else {}
-        return tokenizer(text, add_special_tokens=special, padding=False, **kw)["input_ids"]
+        return tokenizer(text, add_special_tokens=special, padding=False)["input_ids"]
 
     def stop_ids(self, tokenizer) -> List[int]:
         ids = {tokenizer.eos_token_id}
