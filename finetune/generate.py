@@ -104,6 +104,16 @@ def _max_new(target: Target, given: Optional[int]) -> int:
     return int((target.run_config or {}).get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
 
 
+def _open(path: str, max_new_tokens: Optional[int]):
+    """What generate and chat answer with: (target, model, tokenizer, prompt format, new-token limit). A bad
+    --max-new-tokens or path is refused before the model loads."""
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise ConfigError("max-new-tokens", max_new_tokens, "must be > 0")
+    target = resolve(path)
+    model, tokenizer, fmt = _load(target)
+    return target, model, tokenizer, fmt, _max_new(target, max_new_tokens)
+
+
 def generate_command(
     path: str,
     prompt: Optional[str],
@@ -116,11 +126,7 @@ def generate_command(
         raise ConfigError("prompt", prompt, "give exactly one of --prompt TEXT or --data FILE (or use finetune chat)")
     if data is not None and not Path(data).is_file():
         raise ConfigError("data", data, "no such file (alpaca or chat rows, .json or .jsonl)")
-    if max_new_tokens is not None and max_new_tokens <= 0:
-        raise ConfigError("max-new-tokens", max_new_tokens, "must be > 0")
-    target = resolve(path)
-    model, tokenizer, fmt = _load(target)
-    limit = _max_new(target, max_new_tokens)
+    target, model, tokenizer, fmt, limit = _open(path, max_new_tokens)
     print(
         f"[finetune generate] {target.what}; {fmt.describe()}; greedy, at most {limit} new tokens",
         file=sys.stderr,
@@ -185,15 +191,11 @@ def read_turn() -> str:
 
 
 def chat_command(path: str, max_new_tokens: Optional[int], system: Optional[str] = None) -> int:
-    if max_new_tokens is not None and max_new_tokens <= 0:
-        raise ConfigError("max-new-tokens", max_new_tokens, "must be > 0")
-    target = resolve(path)
-    model, tokenizer, fmt = _load(target)
+    target, model, tokenizer, fmt, limit = _open(path, max_new_tokens)
     from transformers import TextStreamer
 
     from finetune.recipes.gen_eval import generate
 
-    limit = _max_new(target, max_new_tokens)
     print(
         f"[finetune chat] {target.what}\n[finetune chat] {fmt.describe()}; greedy, at most {limit} new tokens "
         f"per answer; {HELP}",

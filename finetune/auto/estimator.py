@@ -58,6 +58,16 @@ METHODS = ("full", "freeze", "lora", "galore", "badam")
 LORA_LIKE = ("lora", "loraplus", "rslora", "dora", "pissa", "qlora")
 
 
+_BIASED = dict(tied=True, glu=False, qkv_bias=True, o_bias=True, mlp_bias=True, norm_bias=True)
+
+
+def _biased_mha(model_type: str, hidden: int, heads: int) -> dict:
+    """What BERT-like encoders and GPT-2 share: full multi-head attention, tied embeddings, no gated MLP, biases on
+    every linear layer and norm."""
+    shape = dict(model_type=model_type, hidden=hidden, heads=heads, kv_heads=heads, head_dim=hidden // heads)
+    return {**shape, **_BIASED}
+
+
 def _first(meta: dict, *keys, default=None):
     for k in keys:
         if meta.get(k) is not None:
@@ -123,20 +133,10 @@ class ModelShape:
             heads = int(meta["num_attention_heads"])
             extra = int(meta.get("max_position_embeddings", 512)) * h + int(meta.get("type_vocab_size", 2)) * h
             return cls(
-                model_type=mt,
+                **_biased_mha(mt, h, heads),
                 vocab=int(meta["vocab_size"]),
-                hidden=h,
                 layers=int(meta["num_hidden_layers"]),
-                heads=heads,
-                kv_heads=heads,
-                head_dim=h // heads,
                 intermediate=int(meta["intermediate_size"]),
-                tied=True,
-                glu=False,
-                qkv_bias=True,
-                o_bias=True,
-                mlp_bias=True,
-                norm_bias=True,
                 extra_embeddings=extra + 2 * h,
                 kind="encoder",
                 names={
@@ -152,20 +152,10 @@ class ModelShape:
             h = int(meta["n_embd"])
             heads = int(meta["n_head"])
             return cls(
-                model_type=mt,
+                **_biased_mha(mt, h, heads),
                 vocab=int(meta["vocab_size"]),
-                hidden=h,
                 layers=int(meta["n_layer"]),
-                heads=heads,
-                kv_heads=heads,
-                head_dim=h // heads,
                 intermediate=int(meta.get("n_inner") or 4 * h),
-                tied=True,
-                glu=False,
-                qkv_bias=True,
-                o_bias=True,
-                mlp_bias=True,
-                norm_bias=True,
                 extra_embeddings=int(meta.get("n_positions", 1024)) * h,
                 names={"qkv": "c_attn", "o": "attn.c_proj", "up": "c_fc", "down": "mlp.c_proj"},
             )

@@ -227,110 +227,81 @@ def deepspeed_config(cfg) -> dict:
     }
 
 
+def _flags(**values) -> List[str]:
+    """``--name value`` pairs in the order given: floats as repr (exact), everything else as str (bools True/False)."""
+    out: List[str] = []
+    for name, value in values.items():
+        out += [f"--{name}", repr(value) if isinstance(value, float) else str(value)]
+    return out
+
+
 def train_args(cfg, run_dir: Path) -> List[str]:
-    """The FlagEmbedding/HF flags, in a fixed order (the command is byte-stable across processes). Longer than 80
-    lines on purpose: one flag per line, a table of FlagEmbedding's arguments against our keys."""
+    """The FlagEmbedding/HF flags, in a fixed order (the command is byte-stable across processes): a table of
+    FlagEmbedding's arguments against our keys."""
     b, ws = cfg.backend, world_size(cfg)
     run_dir = Path(run_dir)
-    accum = grad_accum(cfg)
-    a = [
-        "--model_name_or_path",
-        _abs(cfg.model.path),
-        "--output_dir",
-        str(output_dir(cfg, run_dir)),
-        "--train_data",
-        _abs(cfg.data.path),
-        "--cache_path",
-        str(run_dir / "cache" / "data"),
-        "--train_group_size",
-        str(int(b.train_group_size)),
-        "--query_max_len",
-        str(query_max_len(cfg)),
-        "--passage_max_len",
-        str(passage_max_len(cfg)),
-        "--query_instruction_format",
-        str(b.query_instruction_format),
-    ]
+    a = _flags(
+        model_name_or_path=_abs(cfg.model.path),
+        output_dir=output_dir(cfg, run_dir),
+        train_data=_abs(cfg.data.path),
+        cache_path=run_dir / "cache" / "data",
+        train_group_size=int(b.train_group_size),
+        query_max_len=query_max_len(cfg),
+        passage_max_len=passage_max_len(cfg),
+        query_instruction_format=b.query_instruction_format,
+    )
     if b.pad_to_multiple_of is not None:
-        a += ["--pad_to_multiple_of", str(int(b.pad_to_multiple_of))]
+        a += _flags(pad_to_multiple_of=int(b.pad_to_multiple_of))
     if cfg.max_samples:
-        a += ["--max_example_num_per_dataset", str(int(cfg.max_samples))]
+        a += _flags(max_example_num_per_dataset=int(cfg.max_samples))
     if b.knowledge_distillation:
-        a += ["--knowledge_distillation", "True"]
+        a += _flags(knowledge_distillation=True)
     if b.task == "embedder":
         if b.query_instruction_for_retrieval is not None:
-            a += ["--query_instruction_for_retrieval", str(b.query_instruction_for_retrieval)]
-        a += [
-            "--temperature",
-            repr(float(b.temperature)),
-            "--sentence_pooling_method",
-            str(b.sentence_pooling_method),
-            "--normalize_embeddings",
-            str(bool(b.normalize_embeddings)),
-            "--kd_loss_type",
-            str(b.kd_loss_type),
-        ]
+            a += _flags(query_instruction_for_retrieval=b.query_instruction_for_retrieval)
+        a += _flags(
+            temperature=float(b.temperature),
+            sentence_pooling_method=b.sentence_pooling_method,
+            normalize_embeddings=bool(b.normalize_embeddings),
+            kd_loss_type=b.kd_loss_type,
+        )
         if b.negatives_cross_device and ws > 1:
-            a += ["--negatives_cross_device", "True"]
-    else:
-        if b.query_instruction_for_rerank is not None:
-            a += ["--query_instruction_for_rerank", str(b.query_instruction_for_rerank)]
-    a += [
-        "--learning_rate",
-        repr(float(cfg.learning_rate)),
-        "--num_train_epochs",
-        repr(float(cfg.num_epochs)),
-        "--per_device_train_batch_size",
-        str(int(cfg.micro_batch_size)),
-        "--gradient_accumulation_steps",
-        str(accum),
-        "--dataloader_drop_last",
-        str(bool(b.dataloader_drop_last)),
-        "--warmup_ratio",
-        repr(float(cfg.warmup_ratio)),
-        "--weight_decay",
-        repr(float(cfg.weight_decay)),
-        "--lr_scheduler_type",
-        str(cfg.lr_scheduler_type),
-        "--max_grad_norm",
-        repr(float(cfg.max_grad_norm)),
-        "--optim",
-        str(cfg.optim),
-        "--logging_steps",
-        str(int(cfg.logging_steps)),
-        "--seed",
-        str(int(cfg.seed)),
-        "--report_to",
-        "tensorboard" if wants(cfg.report_to, "tensorboard") else "none",  # mlflow/wandb: the driver
-        "--disable_tqdm",
-        "True",
-    ]
+            a += _flags(negatives_cross_device=True)
+    elif b.query_instruction_for_rerank is not None:
+        a += _flags(query_instruction_for_rerank=b.query_instruction_for_rerank)
+    a += _flags(
+        learning_rate=float(cfg.learning_rate),
+        num_train_epochs=float(cfg.num_epochs),
+        per_device_train_batch_size=int(cfg.micro_batch_size),
+        gradient_accumulation_steps=grad_accum(cfg),
+        dataloader_drop_last=bool(b.dataloader_drop_last),
+        warmup_ratio=float(cfg.warmup_ratio),
+        weight_decay=float(cfg.weight_decay),
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        max_grad_norm=float(cfg.max_grad_norm),
+        optim=cfg.optim,
+        logging_steps=int(cfg.logging_steps),
+        seed=int(cfg.seed),
+        report_to="tensorboard" if wants(cfg.report_to, "tensorboard") else "none",  # mlflow/wandb: the driver
+        disable_tqdm=True,
+    )
     if int(cfg.max_steps) > 0:
-        a += ["--max_steps", str(int(cfg.max_steps))]
+        a += _flags(max_steps=int(cfg.max_steps))
     if int(cfg.save_steps) > 0:
-        a += [
-            "--save_strategy",
-            "steps",
-            "--save_steps",
-            str(int(cfg.save_steps)),
-            "--save_total_limit",
-            str(int(cfg.save_total_limit)),
-        ]
+        a += _flags(save_strategy="steps", save_steps=int(cfg.save_steps), save_total_limit=int(cfg.save_total_limit))
     else:
-        a += ["--save_strategy", "no"]
+        a += _flags(save_strategy="no")
     if cfg.gradient_checkpointing:
-        a += ["--gradient_checkpointing", "True"]
+        a += _flags(gradient_checkpointing=True)
     prec = str(cfg.hardware.precision)
-    if prec == "bf16":
-        a += ["--bf16", "True"]
-    elif prec == "fp16":
-        a += ["--fp16", "True"]
+    if prec in ("bf16", "fp16"):
+        a += _flags(**{prec: True})
     if cfg.hardware.deepspeed_stage is not None:
-        a += ["--deepspeed", str(run_dir / "ds_config.json")]
+        a += _flags(deepspeed=run_dir / "ds_config.json")
     elif cfg.hardware.device == "cpu":
-        a += ["--use_cpu", "True"]  # DeepSpeed picks its CPU accelerator itself (use_cpu off)
+        a += _flags(use_cpu=True)  # DeepSpeed picks its CPU accelerator itself (use_cpu off)
     if cfg.trust_remote_code:
-        a += ["--trust_remote_code", "True"]
+        a += _flags(trust_remote_code=True)
     return a
 
 
@@ -368,26 +339,14 @@ def plan(cfg, run_dir, ctx) -> Plan:
         data_args += ["--eval-data", _abs(cfg.data.eval_path)]
         if cfg.data.corpus_path:
             data_args += ["--corpus", _abs(cfg.data.corpus_path)]
+
+    def eval_step(stage: str, model: str, *extra: str) -> Step:
+        """recall@k / MRR of a model on the held-out queries, before or after training (rank 0 only)."""
+        argv = [py, "-m", "finetune.recipes.flagembedding_eval", "--config", conf, "--stage", stage, "--model", model]
+        return Step(name=f"eval_{stage}", argv=[*argv, *data_args, *extra], env=env, rank0_only=True)
+
     if do_eval:
-        steps.append(
-            Step(
-                name="eval_before",
-                argv=[
-                    py,
-                    "-m",
-                    "finetune.recipes.flagembedding_eval",
-                    "--config",
-                    conf,
-                    "--stage",
-                    "before",
-                    "--model",
-                    _abs(cfg.model.path),
-                    *data_args,
-                ],
-                env=env,
-                rank0_only=True,
-            )
-        )
+        steps.append(eval_step("before", _abs(cfg.model.path)))
     elif b.eval:
         notes.append("no held-out set (data.eval_path is null): recall@k / MRR are not computed")
     # FlagEmbedding's own runner (MODULES[task] builds the same), wrapped for history.jsonl, tokens/s, complete-
@@ -414,26 +373,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
             progress="history.jsonl",
         )
     )
-    steps.append(
-        Step(
-            name="eval_after",
-            argv=[
-                py,
-                "-m",
-                "finetune.recipes.flagembedding_eval",
-                "--config",
-                conf,
-                "--stage",
-                "after",
-                "--model",
-                str(out),
-                *data_args,
-            ]
-            + ([] if do_eval else ["--no-eval"]),
-            env=env,
-            rank0_only=True,
-        )
-    )
+    steps.append(eval_step("after", str(out), *([] if do_eval else ["--no-eval"])))
     return Plan(
         backend="flagembedding",
         steps=steps,

@@ -105,15 +105,25 @@ def argv(step, cfg) -> List[str]:
 
 
 def run_step(step, cfg, run_dir: Path, timeout_s=None) -> StepResult:
-    w = world(cfg)
-    if step.rank0_only and w["node_rank"] != 0:
-        return StepResult(step.name, [], 0, 0.0, "", "completed", extra={"skipped": "node_rank != 0"})
+    if step.rank0_only and world(cfg)["node_rank"] != 0:
+        return skipped(step)
+    return launch(step, argv(step, cfg), env(step, cfg), run_dir, timeout_s)
+
+
+def skipped(step) -> StepResult:
+    """A step this node does not run (rank-0-only steps on the other nodes)."""
+    return StepResult(step.name, [], 0, 0.0, "", "completed", extra={"skipped": "node_rank != 0"})
+
+
+def launch(step, argv_: List[str], env_: Dict[str, str], run_dir: Path, timeout_s=None, log=None) -> StepResult:
+    """Run the step's process in its folder (the run folder unless the step names one), its output to its log and
+    its progress file watched for the live line."""
     return run_process(
         step.name,
-        argv(step, cfg),
-        env(step, cfg),
+        argv_,
+        env_,
         step.cwd or str(run_dir),
-        Path(run_dir) / step.log,
+        Path(run_dir) / (log or step.log),
         timeout_s,
         progress=Path(run_dir) / step.progress if step.progress else None,
     )

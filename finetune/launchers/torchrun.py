@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 
 from finetune.errors import ConfigError, one_of
 from finetune.launchers import local
-from finetune.launchers.process import StepResult, run_process, tail_of
+from finetune.launchers.process import StepResult, tail_of
 
 RDZV_BACKENDS = ("static", "c10d")
 
@@ -110,18 +110,9 @@ def env(step, cfg) -> Dict[str, str]:
 
 
 def run_step(step, cfg, run_dir: Path, timeout_s=None, log: Optional[str] = None) -> StepResult:
-    w = world(cfg)
-    if w["node_rank"] != 0 and (step.rank0_only or step.distributed == "none"):
-        return StepResult(step.name, [], 0, 0.0, "", "completed", extra={"skipped": "node_rank != 0"})
-    return run_process(
-        step.name,
-        argv(step, cfg),
-        env(step, cfg),
-        step.cwd or str(run_dir),
-        Path(run_dir) / (log or step.log),
-        timeout_s,
-        progress=Path(run_dir) / step.progress if step.progress else None,
-    )
+    if world(cfg)["node_rank"] != 0 and (step.rank0_only or step.distributed == "none"):
+        return local.skipped(step)
+    return local.launch(step, argv(step, cfg), env(step, cfg), run_dir, timeout_s, log)
 
 
 # ------------------------------------------------------------------------------------------ joining a run

@@ -19,31 +19,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
+_LLAMA = "hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads vocab".split()
+
+
+def _llama(*values: int) -> dict:
+    return dict(zip(_LLAMA, values))
+
+
 SPECS = {
-    "tiny_llama": dict(
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab=512,
-    ),
-    "tiny_llama_30m": dict(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab=4096,
-    ),
-    "small_llama_120m": dict(
-        hidden_size=1024,
-        intermediate_size=2752,
-        num_hidden_layers=10,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        vocab=4096,
-    ),  # bench/throughput.py --memory only
+    #                         hidden, intermediate, layers, heads, kv heads, vocab
+    "tiny_llama": _llama(64, 176, 2, 4, 2, 512),
+    "tiny_llama_30m": _llama(512, 1376, 8, 8, 4, 4096),
+    "small_llama_120m": _llama(1024, 2752, 10, 16, 8, 4096),  # bench/throughput.py --memory only
     "tiny_bert": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab=1024),
 }
 
