@@ -130,6 +130,18 @@ def run_train(
     return proc, (run if run is not None and (run / "manifest.json").exists() else None)
 
 
+def start_train(*overrides: str, env: dict, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """`python train.py OVERRIDES` started in the background from the repo root, its output piped as text."""
+    return subprocess.Popen(
+        [PY, str(REPO / "train.py"), *overrides],
+        cwd=str(REPO),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+
+
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PY, REPO, TINY_JOB, read_json, run_train, user_env
+from conftest import PY, REPO, TINY_JOB, read_json, run_train, start_train, user_env
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -246,25 +246,31 @@ def test_torchrun_two_processes(tmp_path):
     assert read_json(run / "metrics.json")["train_loss"] < read_json(run / "metrics.json")["first_train_loss"]
 
 
+# a tiny LoRA job that two ranks (two nodes, or two processes of a Slurm job) share: 6 steps of 8 rows
+TWO_RANK_JOB = (
+    "backend=alpacalora",
+    "max_steps=6",
+    "batch_size=8",
+    "micro_batch_size=4",
+    "logging_steps=1",
+    "val_set_size=8",
+    "learning_rate=3e-3",
+    "merge=false",
+)
+
+
 def _two_nodes(tmp_path, *overrides, timeout=600):
     """Node 0 through train.py, node 1 through the join command, both on localhost sharing one run folder."""
     run_dir = tmp_path / "shared-run"
     env = user_env()
-    node0 = subprocess.Popen(
-        [
-            PY,
-            str(REPO / "train.py"),
-            "launcher=torchrun",
-            "launcher.nnodes=2",
-            "launcher.nproc_per_node=1",
-            f"output_dir={run_dir}",
-            *overrides,
-        ],
-        cwd=str(REPO),
+    node0 = start_train(
+        "launcher=torchrun",
+        "launcher.nnodes=2",
+        "launcher.nproc_per_node=1",
+        f"output_dir={run_dir}",
+        *overrides,
         env=env,
-        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
     )
     node1 = subprocess.run(
         [PY, "-m", "finetune.launchers.torchrun", "join", str(run_dir), "--node-rank", "1", "--wait-min", "5"],
@@ -295,17 +301,7 @@ def test_two_nodes_on_localhost_dummy(tmp_path):
 def test_two_nodes_train_tiny_llama_data_parallel(tmp_path, tiny_model):
     """The real thing: two torchrun agents (node_rank 0 and 1) rendezvous and train the tiny Llama with LoRA."""
     tiny_model("tiny_llama")
-    run_dir = _two_nodes(
-        tmp_path,
-        "backend=alpacalora",
-        "max_steps=6",
-        "batch_size=8",
-        "micro_batch_size=4",
-        "logging_steps=1",
-        "val_set_size=8",
-        "learning_rate=3e-3",
-        "merge=false",
-    )
+    run_dir = _two_nodes(tmp_path, *TWO_RANK_JOB)
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["world_size"] == 2 and metrics["global_step"] == 6
     assert metrics["train_loss"] < metrics["first_train_loss"]
@@ -434,16 +430,9 @@ def test_slurm_trains_tiny_llama(tmp_path, slurm_cluster, tiny_model):
     """A real training run as a Slurm job: LoRA on the tiny Llama, 2 ranks (torchrun inside the job), loss falls."""
     tiny_model("tiny_llama")
     proc, run = run_train(
-        "backend=alpacalora",
+        *TWO_RANK_JOB,
         "launcher=slurm",
         "launcher.poll_s=0.5",
-        "max_steps=6",
-        "batch_size=8",
-        "micro_batch_size=4",
-        "logging_steps=1",
-        "val_set_size=8",
-        "learning_rate=3e-3",
-        "merge=false",
         "launcher.nproc_per_node=2",
         outputs=tmp_path,
         env={"SLURM_CONF": slurm_cluster["SLURM_CONF"]},
@@ -473,23 +462,15 @@ def test_slurm_failed_job_fails_the_run(tmp_path, slurm_cluster):
 @pytest.mark.slurm
 def test_slurm_cancelled_job_fails_the_run(tmp_path, slurm_cluster):
     env = user_env(SLURM_CONF=slurm_cluster["SLURM_CONF"])
-    proc = subprocess.Popen(
-        [
-            PY,
-            str(REPO / "train.py"),
-            "backend=dummy",
-            "launcher=slurm",
-            "launcher.poll_s=0.5",
-            "backend.steps=400",
-            "backend.sleep_s=0.25",
-            "name=cancelme",
-            f"output_dir={tmp_path / 'runs' / 'today' / 'cancelme'}",
-        ],
-        cwd=str(REPO),
+    proc = start_train(
+        "backend=dummy",
+        "launcher=slurm",
+        "launcher.poll_s=0.5",
+        "backend.steps=400",
+        "backend.sleep_s=0.25",
+        "name=cancelme",
+        f"output_dir={tmp_path / 'runs' / 'today' / 'cancelme'}",
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     job_id, deadline = None, time.monotonic() + 120
     while job_id is None and time.monotonic() < deadline:

@@ -90,6 +90,13 @@ def test_a_models_own_builder_builds_only_into_the_models_cache(tmp_path):
 # ------------------------------------------------------------------------------------------- another folder
 
 
+def train_from(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python <repo>/train.py ARGS` typed in ``folder``, with the user's environment."""
+    return subprocess.run(
+        [PY, str(REPO / "train.py"), *args], cwd=folder, env=user_env(), capture_output=True, text=True, timeout=300
+    )
+
+
 def test_relative_paths_are_the_users_working_folder(tmp_path):
     """From another folder: output_dir, data.path and backend.deepspeed typed relative to it; the repo's own
     defaults (data samples, models cache) found wherever the command runs."""
@@ -98,50 +105,14 @@ def test_relative_paths_are_the_users_working_folder(tmp_path):
     rows = json.loads((REPO / "data" / "samples" / "tiny_alpaca.json").read_text())[:40]
     (work / "mine.json").write_text(json.dumps(rows))
     (work / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    proc = subprocess.run(
-        [
-            PY,
-            str(REPO / "train.py"),
-            "data.path=mine.json",
-            "output_dir=runs/one",
-            "backend.deepspeed=ds.json",
-            "dry_run=true",
-        ],
-        cwd=work,
-        env=user_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    mine = ("data.path=mine.json", "output_dir=runs/one", "backend.deepspeed=ds.json")
+    proc = train_from(work, *mine, "dry_run=true")
     assert proc.returncode == 0, proc.stderr
     assert f"run folder: {work}/runs/one" in proc.stdout
-    proc = subprocess.run(
-        [
-            PY,
-            str(REPO / "train.py"),
-            "data.path=mine.json",
-            "output_dir=runs/one",
-            "backend.deepspeed=ds.json",
-            "--cfg",
-            "job",
-            "--resolve",
-        ],
-        cwd=work,
-        env=user_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = train_from(work, *mine, "--cfg", "job", "--resolve")
     assert proc.returncode == 0, proc.stderr
     # --cfg job shows the composed config before validation; the run's config has the absolute forms
-    proc = subprocess.run(
-        [PY, str(REPO / "train.py"), "backend=dummy", "data.path=mine.json", "output_dir=runs/two", "backend.steps=2"],
-        cwd=work,
-        env=user_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = train_from(work, "backend=dummy", "data.path=mine.json", "output_dir=runs/two", "backend.steps=2")
     assert proc.returncode == 0, proc.stderr
     cfg = read_json(work / "runs" / "two" / "resolved_config.json")
     assert cfg["data"]["path"] == str(work / "mine.json") and cfg["output_dir"] == str(work / "runs" / "two")
@@ -155,14 +126,7 @@ def test_sweep_from_another_folder_lands_in_the_repos_multiruns(tmp_path):
     the repo root), its summary lists every job, and nothing is written where the command ran."""
     work = tmp_path / "work"
     work.mkdir()
-    proc = subprocess.run(
-        [PY, str(REPO / "train.py"), "-m", "backend=dummy", "backend.steps=2", "seed=1,2"],
-        cwd=work,
-        env=user_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = train_from(work, "-m", "backend=dummy", "backend.steps=2", "seed=1,2")
     found = re.search(r"summary: (\S+)/summary\.md \(2 jobs, 0 not completed", proc.stdout + proc.stderr)
     assert proc.returncode == 0 and found, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = Path(found.group(1))
