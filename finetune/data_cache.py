@@ -26,7 +26,6 @@ API (standard library only at import; ``datasets`` is imported only for a datase
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional
+
+from finetune.osutil import atomic_write
 
 VERSION = 1
 
@@ -108,17 +109,7 @@ def _store(root: Path, key: str, value, key_parts: dict) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     else:
         final = root / f"{key}.json"
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(value, f, separators=(",", ":"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write(final, json.dumps(value, separators=(",", ":")))
         (root / f"{key}.key.json").write_text(json.dumps(key_parts, indent=1, default=str))
     return final
 

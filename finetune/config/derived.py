@@ -8,7 +8,7 @@ worker, which runs in its own environment, can import it too.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 # Output folder names inside a run folder: the LazyLLM convention (the system this project replaces); a user
 # who wants other names sets target_path / merge_path.
@@ -18,8 +18,22 @@ MERGED_DIR = "lazyllm_merge"
 
 def world_size(cfg: Mapping) -> int:
     """Processes in the run: launcher.nproc_per_node x launcher.nnodes."""
-    launcher = cfg["launcher"]
-    return int(launcher["nproc_per_node"]) * int(launcher["nnodes"])
+    return ranks(cfg["launcher"])
+
+
+def ranks(layout: Mapping) -> int:
+    """Processes in a torchrun layout ({"nproc_per_node", "nnodes"}: the launcher's, or what a node was given)."""
+    return int(layout["nproc_per_node"]) * int(layout["nnodes"])
+
+
+def torchrun_head(layout: Mapping) -> List[str]:
+    """How every launcher starts torchrun for a layout; the rendezvous flags after it are each launcher's own."""
+    return [
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={layout['nproc_per_node']}",
+        f"--nnodes={layout['nnodes']}",
+    ]
 
 
 def process_layout(cfg: Mapping) -> Dict[str, int]:

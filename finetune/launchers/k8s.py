@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from finetune.config.derived import process_layout
+from finetune.config.derived import process_layout, ranks, torchrun_head
 from finetune.errors import ConfigError
 from finetune.launchers.process import StepResult, run_process, tail_of
 
@@ -84,9 +84,9 @@ def _world(cfg, step) -> Dict[str, int]:
 def argv(step, cfg) -> List[str]:
     """The container command. Multi-node torchrun reads its node rank and master from the operator's env."""
     w = _world(cfg, step)
-    if step.distributed != "torchrun" or w["nproc_per_node"] * w["nnodes"] == 1:
+    if step.distributed != "torchrun" or ranks(w) == 1:
         return list(step.argv)
-    args = ["-m", "torch.distributed.run", f"--nproc_per_node={w['nproc_per_node']}", f"--nnodes={w['nnodes']}"]
+    args = torchrun_head(w)
     if w["nnodes"] == 1:
         args.append("--standalone")
     else:

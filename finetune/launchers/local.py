@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Dict, List
 
-from finetune.config.derived import process_layout
+from finetune.config.derived import process_layout, ranks, torchrun_head
 from finetune.config.resolvers import REPO_ROOT
 from finetune.launchers.process import StepResult, run_process
 from finetune.osutil import free_port
@@ -76,14 +76,14 @@ def env(step, cfg) -> Dict[str, str]:
                 "MASTER_PORT": str(_port(cfg)),
             }
         )
-        if w["nproc_per_node"] * w["nnodes"] > 1:
+        if ranks(w) > 1:
             e["FORCE_TORCHRUN"] = "1"
     return e
 
 
 def torchrun_args(cfg) -> List[str]:
     w = world(cfg)
-    args = ["-m", "torch.distributed.run", f"--nproc_per_node={w['nproc_per_node']}", f"--nnodes={w['nnodes']}"]
+    args = torchrun_head(w)
     if w["nnodes"] == 1:
         args += [f"--master_addr={cfg.launcher.master_addr}", f"--master_port={_port(cfg)}"]
     else:
@@ -99,7 +99,7 @@ def torchrun_args(cfg) -> List[str]:
 
 def argv(step, cfg) -> List[str]:
     w = world(cfg)
-    if step.distributed == "torchrun" and w["nproc_per_node"] * w["nnodes"] > 1:
+    if step.distributed == "torchrun" and ranks(w) > 1:
         return [step.argv[0], *torchrun_args(cfg), *step.argv[1:]]
     return list(step.argv)
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from finetune.config.derived import process_layout
+from finetune.config.derived import process_layout, ranks, torchrun_head
 from finetune.config.resolvers import REPO_ROOT
 from finetune.errors import ConfigError
 from finetune.launchers.process import StepResult, tail_of
@@ -125,9 +125,9 @@ def env(step, cfg) -> Dict[str, str]:
 
 def node_argv(step, w: Dict[str, int], node: int, master_addr: str, master_port: int) -> List[str]:
     """The command node ``node`` runs for the step (torchrun arguments filled in for distributed steps)."""
-    if step["distributed"] != "torchrun" or w["nproc_per_node"] * w["nnodes"] == 1:
+    if step["distributed"] != "torchrun" or ranks(w) == 1:
         return list(step["argv"])  # one rank: no torchrun needed
-    args = ["-m", "torch.distributed.run", f"--nproc_per_node={w['nproc_per_node']}", f"--nnodes={w['nnodes']}"]
+    args = torchrun_head(w)
     if w["nnodes"] == 1:
         args.append("--standalone")
     else:

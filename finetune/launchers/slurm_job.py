@@ -24,6 +24,7 @@ from typing import Optional
 
 import submitit
 
+from finetune.config.derived import ranks
 from finetune.launchers.process import kill_group, run_process
 
 
@@ -87,7 +88,7 @@ class StepJob(submitit.helpers.Checkpointable):
                     "MASTER_PORT": str(port),
                 }
             )
-            if w["nnodes"] * w["nproc_per_node"] > 1:
+            if ranks(w) > 1:
                 env["FORCE_TORCHRUN"] = "1"
         log = Path(spec["log"])
         if node > 0:
