@@ -16,9 +16,10 @@ import json
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
+from finetune.config.schema import DataConfig, choices
 from finetune.errors import ConfigError
 
-FORMATS = ("alpaca", "sharegpt", "preference", "kto", "text", "embedding")
+FORMATS = choices(DataConfig, "format")[1:]  # what a file can hold ("auto" detects one of them)
 SUFFIXES = (".json", ".jsonl")
 
 

@@ -140,7 +140,11 @@ class RootConfig:
     eval_steps: int = 0  # 0: evaluate once per epoch
     save_steps: int = 0  # 0: no intermediate checkpoints
     save_total_limit: int = 2
-    report_to: Any = "tensorboard"  # tensorboard | mlflow | wandb | none, or a list: [tensorboard,mlflow]
+    report_to: Any = arg(
+        "tensorboard",
+        "where metrics go: one target, or a list ([tensorboard,mlflow])",
+        ("tensorboard", "mlflow", "wandb", "none"),
+    )
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # --- outputs and run control
     output_dir: Optional[str] = None  # run folder; default outputs/runs/<date>/<time>-<name>
@@ -293,7 +297,11 @@ class ModelConfig:
 
 @dataclass
 class MethodBase:
-    name: str = MISSING
+    name: str = arg(
+        MISSING,
+        "the method option",
+        ("full", "freeze", "lora", "loraplus", "rslora", "dora", "pissa", "qlora", "galore", "badam", "auto"),
+    )
     finetuning_type: str = MISSING  # full | freeze | lora
     uses_lora: bool = False
 
@@ -333,7 +341,7 @@ class LoraMethod(MethodBase):
     create_new_adapter: bool = False
     # QLoRA (method=qlora): the frozen base loaded quantised by bitsandbytes, LoRA trained on top in 16/32 bits; the
     # merge goes into the full-precision base
-    quantization_bit: Optional[int] = None  # 4 (NF4/FP4) | 8 (LLM.int8) | null: no quantisation
+    quantization_bit: Optional[int] = arg(None, "4 (NF4/FP4) | 8 (LLM.int8) | null: no quantisation", (4, 8))
     quantization_type: str = arg("nf4", "4-bit only", choices=("nf4", "fp4"))
     double_quantization: bool = True  # quantise the 4-bit quantisation constants too (4-bit only)
 
@@ -406,7 +414,11 @@ class HardwareConfig:
 class DataConfig:
     name: str = MISSING
     path: str = MISSING  # file (.json/.jsonl) or folder of them
-    format: str = "auto"  # auto | alpaca | sharegpt | embedding | preference | kto | text
+    format: str = arg(
+        "auto",
+        "the rows' format (auto: detected)",
+        ("auto", "alpaca", "sharegpt", "preference", "kto", "text", "embedding"),
+    )
     eval_path: Optional[str] = None  # held-out file for embedding evaluation / explicit eval set
     corpus_path: Optional[str] = None  # retrieval corpus (embedding evaluation)
 
@@ -416,7 +428,7 @@ class DataConfig:
 
 @dataclass
 class LauncherConfig:
-    name: str = MISSING  # local | torchrun | slurm | k8s
+    name: str = arg(MISSING, "where the steps run", ("local", "torchrun", "slurm", "k8s"))
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0

@@ -16,9 +16,11 @@ from finetune.config.derived import grad_accum, world_size
 from finetune.config.paths import OUTPUTS_ROOT, resolve_user_paths
 from finetune.config.schema import (
     BadamMethod,
+    DataConfig,
     GaloreMethod,
     HardwareConfig,
     LoraMethod,
+    MethodBase,
     ModelConfig,
     RootConfig,
     choices,
@@ -43,7 +45,7 @@ LORA_METHOD_KEYS = (
     "method.quantization_type",
     "method.double_quantization",
 )
-ALL_METHODS = ("full", "freeze", "lora", "loraplus", "rslora", "dora", "pissa", "qlora", "galore", "badam", "auto")
+ALL_METHODS = choices(MethodBase, "name")
 
 
 def _choice(key: str, value, choices: Iterable[str]) -> None:
@@ -257,8 +259,13 @@ def check_quantization(cfg: DictConfig) -> None:
     bits = meth.get("quantization_bit")
     if bits is None:
         return
-    if bits not in (4, 8):
-        raise ConfigError("method.quantization_bit", bits, "one of 4, 8 (bitsandbytes NF4/FP4 or LLM.int8), or null")
+    allowed = choices(LoraMethod, "quantization_bit")
+    if bits not in allowed:
+        raise ConfigError(
+            "method.quantization_bit",
+            bits,
+            f"one of {', '.join(map(str, allowed))} (bitsandbytes NF4/FP4 or LLM.int8), or null",
+        )
     _choice("method.quantization_type", meth.quantization_type, choices(LoraMethod, "quantization_type"))
     if meth.pissa_init:
         raise ConfigError(
@@ -510,7 +517,7 @@ def check_data(cfg: DictConfig) -> dict:
     from finetune import data_check
 
     fmt = cfg.data.format
-    _choice("data.format", fmt, ("auto",) + data_check.FORMATS)
+    _choice("data.format", fmt, choices(DataConfig, "format"))
     info = data_check.check_data(str(cfg.data.path), fmt, list(cfg.backend.data_formats))
     if cfg.data.eval_path:
         data_check.check_data(str(cfg.data.eval_path), info["format"], [], key="data.eval_path")

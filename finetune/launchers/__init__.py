@@ -14,9 +14,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from finetune.config.schema import LauncherConfig, choices
 from finetune.errors import ConfigError, one_of, suggest
 
-LAUNCHERS = ("local", "torchrun", "slurm", "k8s")
+LAUNCHERS = choices(LauncherConfig, "name")
 
 
 def get_launcher(name: str) -> ModuleType:

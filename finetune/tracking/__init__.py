@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from finetune.config.paths import OUTPUTS_ROOT
-from finetune.config.schema import WandbTracking, choices
+from finetune.config.schema import RootConfig, WandbTracking, choices
 from finetune.errors import ConfigError, one_of
 
-TARGETS = ("tensorboard", "mlflow", "wandb", "none")
+TARGETS = choices(RootConfig, "report_to")
 LOCAL_STORE = OUTPUTS_ROOT / "mlflow"  # the default MLflow store: mlflow.db + artifacts/
 WANDB_HOME = OUTPUTS_ROOT / "cache" / "wandb"  # W&B's data/cache/config folders (not ~/.local, ~/.cache)
 URI_SCHEMES = ("http://", "https://", "sqlite:///", "databricks")
