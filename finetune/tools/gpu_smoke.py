@@ -182,9 +182,8 @@ def run_case(name: str, argv: List[str], run_dir: Path, timeout: float) -> Dict:
     return row
 
 
-ESTIMATE = [
+ESTIMATE = [  # the case's micro batch (4) comes with its overrides
     "backend.candidates=[alpacalora]",
-    "micro_batch_size=4",
     "gradient_checkpointing=false",
     "hardware.deepspeed_stage=null",
     "explain=true",
