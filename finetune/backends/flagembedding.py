@@ -306,9 +306,8 @@ def train_args(cfg, run_dir: Path) -> List[str]:
 
 
 def plan(cfg, run_dir, ctx) -> Plan:
-    """The steps in the order they run (the retrieval evaluation before training, the training through
-    FlagEmbedding's own entry point under our wrapper, the evaluation after), each a Step literal. Longer than 80
-    lines on purpose: it reads as the run's script; each Step spreads over several lines once formatted."""
+    """The steps in the order they run: the retrieval evaluation before training, the training through
+    FlagEmbedding's own entry point under our wrapper, the evaluation after."""
     run_dir = Path(run_dir)
     b = cfg.backend
     py = sys.executable
