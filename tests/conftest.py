@@ -23,6 +23,18 @@ from pathlib import Path
 
 import pytest
 
+# absl's log handler (imported by rouge-score, so by tests that score generations in-process) keeps the sys.stderr
+# it found at import, and closes that stream when a logging.config.dictConfig (Hydra's, in in-process runs) closes
+# every handler while sys.stderr is another object: under pytest's capture, the stream it closes is pytest's own,
+# and every later test of that worker errors with "I/O operation on closed file". Bound to sys.__stderr__, absl
+# never closes it.
+try:
+    import absl.logging
+
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+except ImportError:
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 FINETUNE = str(Path(PY).parent / "finetune")  # the console script, as users type it
