@@ -8,7 +8,6 @@ Prints one JSON line: real (unmasked target) tokens/s, eval loss, peak RSS, runt
 
 import argparse
 import json
-import resource
 import time
 
 import torch
@@ -117,6 +116,14 @@ t0 = time.perf_counter()
 trainer.train()
 runtime = time.perf_counter() - tokens.get("t_begin", t0)
 ev = trainer.evaluate()
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process (VmHWM; ru_maxrss would include the parent's peak: Linux keeps it across exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 print(
     json.dumps(
         {
@@ -124,7 +131,7 @@ print(
             "train_tokens": tokens["n"],
             "train_runtime_s": runtime,
             "eval_loss": ev["eval_loss"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "threads": torch.get_num_threads(),
         }
     )

@@ -55,3 +55,19 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
             return True
         except OSError:
             return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size: VmHWM of /proc/self/status. Not ru_maxrss: Linux carries the
+    high-water mark across fork + exec, so a worker started by a large process (a test runner, a notebook) would
+    report its parent's peak as its own."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: Linux reports KiB

@@ -292,6 +292,20 @@ def test_explain_dry_run_shows_choice_and_concrete_plan(tmp_path):
 # ----------------------------------------------------------------------------------------------- real runs
 
 
+def test_peak_rss_is_the_processs_own_not_its_parents():
+    """A worker's peak RSS (the probe's, every recipe's peak_rss_mb) is its own, whatever started it: Linux carries
+    ru_maxrss across fork + exec, so a small child of a 400 MB process reports 400 MB there; VmHWM does not."""
+    code = (
+        "import resource; from finetune.osutil import peak_rss_bytes; "
+        "print(peak_rss_bytes() >> 20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)"
+    )
+    ballast = bytearray(400 << 20)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touched: resident
+    own, inherited = map(int, subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=REPO).stdout.split())
+    del ballast
+    assert inherited >= 400 and own < 200, (own, inherited)
+
+
 def _probe(model: Path, *args: str) -> dict:
     env = user_env(OMP_NUM_THREADS=2)
     proc = subprocess.run(

@@ -25,7 +25,7 @@ HF Trainer runs on tiny Llama models (tests/test_auto.py), and the totals agains
 memory table for 7B models (README "Hardware Requirement").
 
 Measured here (torch 2.9.1, transformers 5.6.0, peft 0.18.1; tiny_llama_30m = 23.8M parameters, fp32, seq 128,
-2 steps, peak RSS via ru_maxrss; `python -m finetune.auto.probe`), estimate / measured in GiB:
+2 steps, peak RSS = VmHWM; `python -m finetune.auto.probe`), estimate / measured in GiB:
   LoRA q,v r=8  mbs 2: 1.253 / 1.252     mbs 8: 1.591 / 1.589     mbs 8 + checkpointing: 1.386 / 1.410
   full          mbs 2: 1.514 / 1.442     mbs 8: 1.840 / 1.782     mbs 8 + checkpointing: 1.642 / 1.557
   import baseline (torch + transformers + peft + Trainer): 0.944 GiB

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 
+from finetune.osutil import peak_rss_bytes
+
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return peak_rss_bytes()
 
 
 def _current_rss() -> int:

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import sys
 import time
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config.derived import adapter_dir, grad_accum, merged_dir
-from finetune.osutil import free_port
+from finetune.osutil import free_port, peak_rss_bytes
 from finetune.recipes.common import read_config
 from finetune.recipes.data import TOKENIZER_FILES as DATA_TOKENIZER_FILES
 
@@ -467,7 +466,7 @@ def write_summary(
             "train_runtime_s": runtime,
             "tokens_per_s": tokens[0] / shared / max(1e-9, runtime),
             "target_tokens_per_s": tokens[1] / shared / max(1e-9, runtime),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "peak_rss_mb": peak_rss_bytes() / 2**20,
             "train_rows": len(data.train_rows),
             "eval_rows": len(data.eval_rows),
             "optimizer_steps": steps,

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Dict
 
 from finetune.osutil import atomic_write as atomic_write_text  # noqa: F401 - the workers' name for it
-from finetune.osutil import atomic_write_bytes  # noqa: F401 - used by the recipes
+from finetune.osutil import (
+    atomic_write_bytes,  # noqa: F401 - used by the recipes
+    peak_rss_bytes,
+)
 
 IGNORE_INDEX = -100  # the label of a token that is not trained on
 
@@ -76,8 +78,8 @@ def require_device(hw: dict) -> str:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident set size of this process, in MiB (finetune.osutil.peak_rss_bytes)."""
+    return peak_rss_bytes() / 2**20
 
 
 # ---------------------------------------------------------------------------------------------- tokens/s
