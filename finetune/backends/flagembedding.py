@@ -301,7 +301,7 @@ def train_args(cfg, run_dir: Path) -> List[str]:
     elif cfg.hardware.device == "cpu":
         a += _flags(use_cpu=True)  # DeepSpeed picks its CPU accelerator itself (use_cpu off)
     if cfg.trust_remote_code:
-        a += _flags(trust_remote_code=True)
+        a += _flags(trust_remote_code=cfg.trust_remote_code)  # only when the user turned it on
     return a
 
 
