@@ -190,7 +190,7 @@ class StepFailed(RunError):
     """A required step ended badly (exit code, timeout, killed); carries its result for the manifest."""
 
     def __init__(self, result):
-        tail = "\n".join("    " + t for t in result.tail[-15:])
+        tail = "\n".join("    " + t for t in result.tail[-25:])
         super().__init__(f"{result.reason()} (log: {result.log})\n  last lines:\n{tail}")
         self.result = result
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -152,6 +153,22 @@ def start_train(*overrides: str, env: dict, stderr=subprocess.PIPE) -> subproces
         stderr=stderr,
         text=True,
     )
+
+
+def signal_workers(recipe: str, run_dir: Path, sig=9) -> int:
+    """Send sig to the worker processes of one run (the recipe module, the run folder on the command line): never
+    to another test's workers. Returns how many were signalled."""
+    n = 0
+    for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"finetune.recipes.{recipe}".encode() in cmd and str(run_dir).encode() in cmd:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), sig)
+                n += 1
+    return n
 
 
 def read_json(path) -> dict:

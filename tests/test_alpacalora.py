@@ -7,14 +7,12 @@ One LoRA run (module fixture) serves the merge, determinism, resume and DDP comp
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import PY, REPO, TINY_JOB, read_json, run_train, user_env
+from conftest import PY, REPO, TINY_JOB, read_json, run_train, signal_workers, user_env
 
 SMALL = TINY_JOB
 
@@ -269,14 +267,7 @@ def test_resume_after_sigkill_equals_uninterrupted(lora_run, tmp_path):
         time.sleep(0.05)
     assert marker.exists(), "no checkpoint-4 before the run ended"
     # SIGKILL the worker (it runs in its own session under the launcher) and the driver: no clean-up at all
-    cfg = str(out / "resolved_config.json")
-    for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cfg.encode() in cmd and b"finetune.recipes.alpacalora" in cmd:
-            os.kill(int(pid), signal.SIGKILL)
+    assert signal_workers("alpacalora", out)
     proc.kill()
     proc.wait()
     assert not (out / "train_summary.json").exists()  # it really died mid-training

@@ -6,7 +6,6 @@ Each must fail the run (or mark it interrupted) in the manifest, with the log ta
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -14,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, read_json, run_train, user_env
+from conftest import REPO, read_json, run_train, signal_workers, user_env
 
 
 def test_dummy_run_writes_a_complete_manifest():
@@ -113,12 +112,20 @@ def test_sigint_stops_cleanly_and_marks_interrupted(tmp_path):
 def test_worker_killed_by_the_os_fails_the_run(tmp_path):
     proc = _start(tmp_path, "backend=dummy", "backend.steps=200", "backend.sleep_s=0.2")
     manifest = _wait_for_manifest(tmp_path)
-    out = subprocess.run(["pgrep", "-f", "finetune.recipes.dummy"], capture_output=True, text=True).stdout.split()
-    assert out, "worker not found"
-    for pid in out:
-        os.kill(int(pid), signal.SIGKILL)
+    assert signal_workers("dummy", tmp_path / "run", signal.SIGKILL), "worker not found"
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "was killed by signal 9" in err
+    assert json.loads(manifest.read_text())["status"] == "failed"
+
+
+def test_worker_crash_in_native_code_leaves_its_python_stack_in_the_error(tmp_path):
+    """A segfault (seen once on CI in Collie's CPU training) names the worker's Python frames, not only the signal."""
+    proc = _start(tmp_path, "backend=dummy", "backend.steps=200", "backend.sleep_s=0.2")
+    manifest = _wait_for_manifest(tmp_path)
+    assert signal_workers("dummy", tmp_path / "run", signal.SIGSEGV), "worker not found"
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "was killed by signal 11" in err, err
+    assert "Fatal Python error: Segmentation fault" in err and "finetune/recipes/dummy.py" in err, err
     assert json.loads(manifest.read_text())["status"] == "failed"
 
 

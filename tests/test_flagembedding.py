@@ -325,12 +325,10 @@ def test_reranker_trains_and_loads_with_flagreranker(reranker_run):
 def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(tmp_path):
     """Killed mid-training, `output_dir=<run> resume=true` continues from the newest checkpoint that carries the
     completion marker (the same rule as alpacalora); a checkpoint cut by the kill is never resumed from."""
-    import os
-    import signal
     import subprocess
     import time
 
-    from conftest import PY, user_env
+    from conftest import PY, signal_workers, user_env
 
     out = tmp_path / "run"
     argv = [
@@ -347,13 +345,7 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(tmp_pa
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert marker.exists(), "no complete checkpoint-10 before the run ended"
-    for pid in [p for p in os.listdir("/proc") if p.isdigit()]:  # the worker (its own session) and the driver
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"finetune.recipes.flagembedding" in cmd and str(out).encode() in cmd:
-            os.kill(int(pid), signal.SIGKILL)
+    assert signal_workers("flagembedding", out)  # the worker (its own session); then the driver
     proc.kill()
     proc.wait()
     assert not (out / "flagembedding_train.json").exists()  # it really died mid-training

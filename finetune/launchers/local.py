@@ -1,7 +1,8 @@
 """Local launcher: one process, or ``launcher.nproc_per_node`` processes through torchrun on this machine.
 
-Environment set deliberately per step: OMP_NUM_THREADS (cores / processes), a free MASTER_PORT, and on GPU
-machines CUDA_VISIBLE_DEVICES limited to the processes asked for.
+Environment set deliberately per step: OMP_NUM_THREADS (cores / processes), a free MASTER_PORT, on GPU
+machines CUDA_VISIBLE_DEVICES limited to the processes asked for, and process.STEP_ENV (PYTHONFAULTHANDLER:
+a crash in native code leaves the Python stacks in the step log).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Dict, List
 
 from finetune.config.derived import process_layout, ranks, torchrun_head
 from finetune.config.resolvers import REPO_ROOT
-from finetune.launchers.process import StepResult, run_process
+from finetune.launchers.process import STEP_ENV, StepResult, run_process
 from finetune.osutil import free_port
 
 
@@ -59,7 +60,7 @@ def env(step, cfg) -> Dict[str, str]:
     nproc = w["nproc_per_node"] if step.distributed != "none" else 1
     threads = int(cfg.launcher.omp_num_threads) or max(1, _cores() // max(1, nproc))
     e.setdefault("OMP_NUM_THREADS", str(threads))
-    e.setdefault("TOKENIZERS_PARALLELISM", "false")
+    e = {**STEP_ENV, **e}
     # the worker modules live in this repository; make them importable from the run folder (cwd)
     e["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), e.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))) if p

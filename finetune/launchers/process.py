@@ -17,6 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+# in every step's environment, whatever the launcher (a value the step sets itself wins)
+STEP_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    # a worker that crashes in native code (SIGSEGV, SIGFPE, SIGABRT, SIGBUS) prints every thread's Python stack
+    # into its step log first, so the run's error shows where it died
+    "PYTHONFAULTHANDLER": "1",
+}
+
 
 @dataclass
 class StepResult:
@@ -55,15 +63,35 @@ class StepResult:
 
 
 def tail_of(path: Path, n: int = 20) -> List[str]:
+    """The last n lines of a log; when it ends in a native crash, faulthandler's report of it instead."""
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
             size = f.tell()
             f.seek(max(0, size - 64 * 1024))
             lines = f.read().decode("utf-8", "replace").splitlines()
-        return lines[-n:]
     except OSError:
         return []
+    return crash_report(lines) or lines[-n:]
+
+
+def crash_report(lines: List[str], limit: int = 25) -> Optional[List[str]]:
+    """faulthandler's report (STEP_ENV turns it on): the 5 lines before it, its 'Fatal Python error' line and the
+    crashing thread's stack, without the other threads' stacks (gloo and the data loader add several). None when
+    the lines hold no report."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error:")]
+    if not starts:
+        return None
+    before, rest = lines[max(0, starts[-1] - 5) : starts[-1]], lines[starts[-1] :]
+    current = next((i for i, line in enumerate(rest) if line.startswith("Current thread")), None)
+    if current is None:
+        return [*before, *rest][:limit]
+    stack = [rest[current]]
+    for line in rest[current + 1 :]:
+        if not line.startswith("  "):
+            break
+        stack.append(line)
+    return [*before, rest[0], *stack][:limit]
 
 
 def run_process(
@@ -132,7 +160,8 @@ def _run(name, argv, env, cwd, log_path: Path, timeout_s, echo: bool, live, sign
             signal.signal(s, handler)
     if status is None:
         status = "completed" if code == 0 else ("killed" if code is not None and code < 0 else "failed")
-    return StepResult(name, argv, code, time.monotonic() - start, str(log_path), status, list(tail))
+    lines = (tail_of(log_path) if status == "killed" else None) or list(tail)
+    return StepResult(name, argv, code, time.monotonic() - start, str(log_path), status, lines)
 
 
 def _wait(proc: subprocess.Popen, caught: List[int], deadline: Optional[float]) -> Optional[str]:

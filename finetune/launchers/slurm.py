@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 from finetune.config.derived import process_layout, ranks, torchrun_head
 from finetune.config.resolvers import REPO_ROOT
 from finetune.errors import ConfigError
-from finetune.launchers.process import StepResult, tail_of
+from finetune.launchers.process import STEP_ENV, StepResult, tail_of
 
 CLUSTERS = (None, "slurm", "local", "debug")
 FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
@@ -116,7 +116,7 @@ def env(step, cfg) -> Dict[str, str]:
     nproc = int(lc.nproc_per_node) if step.distributed != "none" else 1
     e = dict(step.env)
     e.setdefault("OMP_NUM_THREADS", str(int(lc.omp_num_threads) or max(1, int(lc.cpus_per_task) // max(1, nproc))))
-    e.setdefault("TOKENIZERS_PARALLELISM", "false")
+    e = {**STEP_ENV, **e}
     e["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), e.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))) if p
     )
