@@ -227,3 +227,40 @@ def test_bf16_run_passes_the_merge_check_in_fp32(tmp_path):
     assert heldout == split_rows(cfg, load_rows(cfg))[1][:8]
     check = read_json(run / "merge_check.json")
     assert check["ok"] and check["adapter_vs_collie"] < 1e-4, check
+
+
+@needs_venv
+@pytest.mark.collie
+def test_rotary_rows_only_patch_is_bit_identical_to_collies_table():
+    """collie_cpu_patch.speed_up_rotary computes only the rows each call uses of the rotary table Collie rebuilds
+    for all 2**17 positions on every call: the outputs are the same bits, in fp32 and bf16, at any start position."""
+    code = """
+import torch
+from finetune.recipes import collie_cpu_patch as p
+p.apply("cpu")
+from collie.models.llama import model as llama
+rot = llama.RotaryPositionEmbedding(16)
+orig = llama.RotaryPositionEmbedding.forward
+torch.manual_seed(0)
+cases = [(torch.randn(2, n, 4, 16).to(dt), torch.randn(2, n, 4, 16).to(dt), n, s)
+         for dt in (torch.float32, torch.bfloat16) for n, s in ((37, 0), (1, 36), (64, 1000), (5, 131000))]
+ref = [orig(rot, *c) for c in cases]
+print(p.speed_up_rotary())
+new = [rot(*c) for c in cases]
+assert llama.RotaryPositionEmbedding.forward is not orig
+print(all(torch.equal(a, b) for r, n in zip(ref, new) for a, b in zip(r, n)))
+"""
+    import subprocess
+
+    from conftest import user_env
+
+    proc = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c", code],
+        cwd=REPO,
+        env=user_env(PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-2:] == ["llama rotary:rows_only", "True"], proc.stdout

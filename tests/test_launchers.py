@@ -139,6 +139,7 @@ def test_k8s_manifests_are_valid(capsys):
         "launcher.cpus_per_task=8",
         "launcher.mem_gb=32",
         "launcher.gpus_per_node=2",
+        "model=tiny_llama_30m",
         "launcher.nproc_per_node=2",
         "output_dir=/workspace/runs/r1",
     )
@@ -177,13 +178,22 @@ def test_slurm_dry_run_shows_node_command(capsys):
 
 
 def test_environment_set_per_launcher():
-    """OMP threads split over the ranks, repo on PYTHONPATH, GPUs pinned to the ranks asked for (local/torchrun);
-    on Slurm the threads come from cpus_per_task and CUDA_VISIBLE_DEVICES is left to Slurm's allocation."""
-    from finetune.launchers import local, slurm
+    """OMP threads split over the ranks (one for a tiny model on the CPU), repo on PYTHONPATH, GPUs pinned to the
+    ranks asked for (local/torchrun); on Slurm the threads come from cpus_per_task and CUDA_VISIBLE_DEVICES is left
+    to Slurm's allocation."""
+    from finetune.launchers import k8s, local, slurm
     from finetune.plan import Step
 
     step = Step(name="train", argv=[sys.executable, "-m", "x"], distributed="torchrun")
-    cfg = _compose("launcher=local", "launcher.nproc_per_node=2")
+    # the default tiny Llama (hidden 64, maybe not built yet: the builder's plan says so) and the tiny BERT: 1
+    for launcher, model in (("local", "tiny_llama"), ("slurm", "tiny_bert"), ("k8s", "tiny_llama")):
+        tcfg = _compose(f"launcher={launcher}", f"model={model}", "launcher.cpus_per_task=16")
+        assert {"local": local, "slurm": slurm, "k8s": k8s}[launcher].env(step, tcfg)["OMP_NUM_THREADS"] == "1"
+        tcfg.model.path = "/nonexistent/not-built-yet"  # a fresh clone: only the builder's plan knows the shape
+        assert {"local": local, "slurm": slurm, "k8s": k8s}[launcher].env(step, tcfg)["OMP_NUM_THREADS"] == "1"
+        tcfg.launcher.omp_num_threads = 2  # the user's value wins
+        assert {"local": local, "slurm": slurm, "k8s": k8s}[launcher].env(step, tcfg)["OMP_NUM_THREADS"] == "2"
+    cfg = _compose("launcher=local", "launcher.nproc_per_node=2", "model=tiny_llama_30m")
     e = local.env(step, cfg)
     assert e["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
     assert str(REPO) in e["PYTHONPATH"].split(os.pathsep) and e["TOKENIZERS_PARALLELISM"] == "false"
@@ -193,7 +203,7 @@ def test_environment_set_per_launcher():
     assert local.env(Step(name="merge", argv=["python"]), cfg)["CUDA_VISIBLE_DEVICES"] == "0"
     cfg.launcher.omp_num_threads = 3
     assert local.env(step, cfg)["OMP_NUM_THREADS"] == "3"
-    scfg = _compose("launcher=slurm", "launcher.nproc_per_node=2", "launcher.cpus_per_task=16")
+    scfg = _compose("launcher=slurm", "launcher.nproc_per_node=2", "launcher.cpus_per_task=16", "model=tiny_llama_30m")
     se = slurm.env(step, scfg)
     assert se["OMP_NUM_THREADS"] == "8" and "CUDA_VISIBLE_DEVICES" not in se
 

@@ -436,7 +436,7 @@ class LauncherConfig:
     master_port: int = 0  # 0: pick a free port
     rdzv_backend: str = "c10d"
     rdzv_id: Optional[str] = None
-    omp_num_threads: int = 0  # 0: cores / nproc_per_node
+    omp_num_threads: int = 0  # 0: 1 for a tiny model (hidden <= 256) on the CPU, else cores / nproc_per_node
     # slurm (submitit)
     partition: Optional[str] = None
     account: Optional[str] = None

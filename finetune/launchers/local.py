@@ -1,6 +1,7 @@
 """Local launcher: one process, or ``launcher.nproc_per_node`` processes through torchrun on this machine.
 
-Environment set deliberately per step: OMP_NUM_THREADS (cores / processes), a free MASTER_PORT, on GPU
+Environment set deliberately per step: OMP_NUM_THREADS (process.omp_threads: 1 for a tiny model, else cores /
+processes), a free MASTER_PORT, on GPU
 machines CUDA_VISIBLE_DEVICES limited to the processes asked for, and process.STEP_ENV (PYTHONFAULTHANDLER:
 a crash in native code leaves the Python stacks in the step log).
 """
@@ -13,7 +14,7 @@ from typing import Dict, List
 
 from finetune.config.derived import process_layout, ranks, torchrun_head
 from finetune.config.resolvers import REPO_ROOT
-from finetune.launchers.process import STEP_ENV, StepResult, run_process
+from finetune.launchers.process import STEP_ENV, StepResult, omp_threads, run_process
 from finetune.osutil import free_port
 
 
@@ -58,8 +59,7 @@ def env(step, cfg) -> Dict[str, str]:
     w = world(cfg)
     e = dict(step.env)
     nproc = w["nproc_per_node"] if step.distributed != "none" else 1
-    threads = int(cfg.launcher.omp_num_threads) or max(1, _cores() // max(1, nproc))
-    e.setdefault("OMP_NUM_THREADS", str(threads))
+    e.setdefault("OMP_NUM_THREADS", str(omp_threads(cfg, _cores(), nproc)))
     e = {**STEP_ENV, **e}
     # the worker modules live in this repository; make them importable from the run folder (cwd)
     e["PYTHONPATH"] = os.pathsep.join(

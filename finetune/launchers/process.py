@@ -25,6 +25,36 @@ STEP_ENV = {
     "PYTHONFAULTHANDLER": "1",
 }
 
+# a model this narrow (the project's tiny models) does matmuls too small to split across threads: a second OpenMP
+# thread only spins at every barrier, and when another process holds the other core each op waits for a time
+# slice. Measured on the 2-core machine, `python train.py backend=collie lora_r=16` (hidden 64): alone 78 s with
+# 2 threads, 47 s with 1; two such runs at once 430-520 s each with 2 threads, 44 s with 1.
+SINGLE_THREAD_MAX_HIDDEN = 256
+
+
+def model_hidden(cfg) -> int:
+    """The model's hidden size from its config.json, or from the builder's plan for a tiny model that is not built
+    yet (0 when neither says)."""
+    from finetune.auto.hardware import model_hidden_size
+
+    hidden = model_hidden_size(str(cfg.model.path))
+    builder = cfg.model.get("builder") if hasattr(cfg.model, "get") else None
+    if not hidden and builder:
+        from finetune.tools.tiny_models import planned_config
+
+        hidden = int((planned_config(str(builder)) or {}).get("hidden_size") or 0)
+    return hidden
+
+
+def omp_threads(cfg, cores: int, nproc: int) -> int:
+    """OMP_NUM_THREADS for one process of a step: launcher.omp_num_threads when set; 1 for a model of hidden size
+    <= SINGLE_THREAD_MAX_HIDDEN off the GPU; else the cores shared out between the step's processes."""
+    if int(cfg.launcher.omp_num_threads):
+        return int(cfg.launcher.omp_num_threads)
+    if str(cfg.hardware.device) != "cuda" and 0 < model_hidden(cfg) <= SINGLE_THREAD_MAX_HIDDEN:
+        return 1
+    return max(1, cores // max(1, nproc))
+
 
 @dataclass
 class StepResult:

@@ -490,11 +490,14 @@ def train(cfg: dict, run_dir: Path) -> int:
     import torch.distributed as dist
     from collie import Trainer
 
+    speedup = collie_cpu_patch.speed_up_rotary()
+
     from finetune.recipes.collie_history import History
 
     rank = int(os.environ["RANK"])
     if patches:
         log(f"no GPU: applied CPU patches {patches}")
+    log(f"applied {speedup} (Collie's rotary table, the rows each call uses only)")
     model_info = json.loads((run_dir / "collie_model.json").read_text())
     par = Parallel.from_config(cfg)
     config = build_collie_config(cfg, model_info["path"], par)

@@ -88,3 +88,38 @@ def apply(device: str = "cpu") -> list:
     torch.Tensor.cuda = lambda self, *a, **k: self
     APPLIED.append("Tensor.cuda:noop")
     return APPLIED
+
+
+def speed_up_rotary() -> str:
+    """Collie's Llama rotary embedding rebuilds its position table on every call, for all 2**17 positions.
+
+    collie/models/llama/model.py RotaryPositionEmbedding.forward computes ``torch.outer(torch.arange(2**16 * 2),
+    inv_freq)`` and its ``torch.polar`` (12 MB of fresh tensors) in every layer of every forward, then keeps the
+    rows ``start_pos:start_pos + seq_len``. On the tiny model that is a third of the training step, and the page
+    faults of those allocations make two runs sharing two cores six times slower than one. This computes the same
+    rows only (each entry is the same float32 product ``position * inv_freq``, so the result is bit-identical) and
+    keeps Collie's arithmetic otherwise. Not a CPU fix: applied on every device. Returns the patch's name.
+    """
+    import torch
+    from collie.models.llama import model as llama
+
+    cls = llama.RotaryPositionEmbedding
+    if getattr(cls.forward, "_finetune_rows_only", False):
+        return "llama rotary:rows_only"
+
+    def forward(self, query, key, seq_len: int, start_pos: int = 0):
+        t = query.dtype
+        query = torch.view_as_complex(query.float().reshape(*query.shape[:-1], -1, 2))
+        key = torch.view_as_complex(key.float().reshape(*key.shape[:-1], -1, 2))
+        positions = torch.arange(start_pos, start_pos + seq_len, device=self.inv_freq.device)
+        freqs = torch.outer(positions, self.inv_freq).float()
+        freqs_cis = torch.polar(torch.ones_like(freqs), freqs)
+        shape = [d if i == 1 or i == query.ndim - 1 else 1 for i, d in enumerate(query.shape)]
+        freqs_cis = freqs_cis.view(*shape)
+        query = torch.view_as_real(query * freqs_cis).flatten(3)
+        key = torch.view_as_real(key * freqs_cis).flatten(3)
+        return query.type(t), key.type(t)
+
+    forward._finetune_rows_only = True
+    cls.forward = forward
+    return "llama rotary:rows_only"
