@@ -14,6 +14,7 @@ Both sides train the same model with the same yaml; only the output folder diffe
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+sys.path.insert(0, str(REPO))
 
 
 def ours(outputs: Path, overrides) -> tuple:
@@ -71,14 +73,21 @@ def main() -> int:
         warm, run = ours(tmp / "warmup", overrides)
         yaml = run / "llamafactory" / "train.yaml"
         print(f"yaml: {yaml} (warm-up run through train.py: {warm:.2f} s)")
-        # the same environment the train step gets (CPU pinning, offline hub), minus our PYTHONPATH additions
+        # the same environment the train step gets (CPU pinning, offline hub, the launcher's thread count: one for
+        # the tiny model), minus our PYTHONPATH additions
+        from omegaconf import OmegaConf
+
+        from finetune.launchers.process import omp_threads
+
+        cfg = OmegaConf.create(json.loads((run / "resolved_config.json").read_text()))
         env = dict(
             os.environ,
             CUDA_VISIBLE_DEVICES="",
             HF_HUB_OFFLINE="1",
             TOKENIZERS_PARALLELISM="false",
-            OMP_NUM_THREADS=str(len(os.sched_getaffinity(0))),
+            OMP_NUM_THREADS=str(omp_threads(cfg, len(os.sched_getaffinity(0)), 1)),
         )
+        print(f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} on both sides")
         d_times, o_times = [], []
         for i in range(args.repeats):
             out = tmp / f"direct{i}" / "out"
