@@ -144,3 +144,34 @@ def test_reproduce_auto_run_uses_the_recorded_choice(tmp_path):
     report = read_json(new / "reproduce.json")
     assert {c["key"]: c for c in report["curves"]}["loss"]["identical"]
     assert not report["config_differences"]
+
+
+def test_reproduce_a_run_typed_with_relative_paths_in_another_folder(tmp_path):
+    """A run started from the user's own folder with relative paths (`data.path=mydata.json`, `output_dir=runs/a`)
+    records them absolute; reproducing it composes them against the same folder, so nothing reads as changed."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mydata.json").write_text((REPO / "data" / "samples" / "tiny_alpaca.json").read_text())
+    typed = ["backend=dummy", "backend.steps=3", "data=alpaca", "data.path=mydata.json", "output_dir=runs/a"]
+    proc = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "python"), str(REPO / "train.py"), *typed],
+        cwd=work,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_json(work / "runs" / "a" / "resolved_config.json")["data"]["path"] == str(work / "mydata.json")
+    # --allow-different only for the code version (other commits may land while the suite runs); the config must match
+    rep = subprocess.run(
+        [FINETUNE, "reproduce", "runs/a", "--allow-different", "--output-dir", "runs/b"],
+        cwd=work,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rep.returncode == 0, rep.stdout[-2000:] + rep.stderr[-2000:]
+    assert "config differs" not in rep.stdout + rep.stderr, rep.stdout + rep.stderr
+    assert read_json(work / "runs" / "b" / "reproduce.json")["identical"]

@@ -194,7 +194,13 @@ def compose(overrides: List[str], env: dict, cwd: str) -> dict:
             " ".join(overrides),
             "replayable now; train.py refused them: " + (proc.stderr.strip().splitlines() or ["?"])[-1],
         )
-    return OmegaConf.to_container(OmegaConf.create(proc.stdout), resolve=False)
+    # `--cfg job` prints paths as typed; the recorded config holds them made absolute against the folder the run was
+    # started from (validation does it): make them absolute against the same folder, which the replay runs in
+    from finetune.config.paths import resolve_user_paths
+
+    cfg = OmegaConf.create(proc.stdout)
+    resolve_user_paths(cfg, Path(cwd))
+    return OmegaConf.to_container(cfg, resolve=False)
 
 
 def compare_curves(old_rows, new_rows, key: str) -> Dict[str, Any]:
@@ -283,9 +289,9 @@ def reproduce(
 
     blocking, warnings, cfg_diffs = _before_replay(run_dir, manifest, overrides, auto_choice, replay, env, cwd, new_dir)
     if (blocking or cfg_diffs) and not allow_different:
-        what = "code or package versions" if blocking else "the composed config"
+        what = "code or package versions differ" if blocking else "the composed config differs"
         sys.stderr.write(
-            f"error: reproduce: {what} differ from the recorded run ({len(blocking)} environment, "
+            f"error: reproduce: {what} from the recorded run ({len(blocking)} environment, "
             f"{len(cfg_diffs)} config differences above); pass --allow-different to run anyway\n"
         )
         return 2
