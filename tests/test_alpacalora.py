@@ -221,6 +221,10 @@ def test_lora_run_outputs_and_counts(lora_run, tiny_model):
     for k in [*reported.split(), "train_runtime_s"]:
         assert m.get(k) is not None, k
     assert m["tokens_per_s"] > 0 and m["peak_rss_mb"] > 100
+    # the tiny Llama is untied: PEFT's "Model has `tie_word_embeddings=True` ..." (it checks the class, not the
+    # config) would be a false line in the user's log
+    for step in ("train", "merge"):
+        assert "tie_word_embeddings=True" not in (lora_run / "logs" / f"{step}.log").read_text(), step
     # tokens/s counts every input token processed (what other tools mean); the supervised targets are fewer
     assert s["train_tokens"] > s["train_target_tokens"] > 0 and m["tokens_per_s"] > m["target_tokens_per_s"] > 0
     rows = [json.loads(line) for line in (lora_run / "history.jsonl").read_text().splitlines()]

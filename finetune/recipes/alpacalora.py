@@ -49,6 +49,7 @@ from finetune.recipes.common import (
     last_complete_checkpoint,
     log,
     peak_rss_mb,
+    quiet_false_tying_warning,
     read_config,
     require_device,
     truncate_history,
@@ -179,6 +180,7 @@ def setup_lora(model, m: dict):
         f"LoRA: r={config.r} alpha={config.lora_alpha} targets={targets} modules_to_save={config.modules_to_save} "
         f"rslora={config.use_rslora} dora={config.use_dora} init={init}"
     )
+    quiet_false_tying_warning(model)
     return get_peft_model(model, config)
 
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from finetune.config.derived import adapter_dir, merged_dir
-from finetune.recipes.common import read_config
+from finetune.recipes.common import quiet_false_tying_warning, read_config
 
 TOL = 1e-3  # max |logit difference|; fp32 on CPU gives ~1e-6, a wrong q/k layout gives ~1e-1
 
@@ -59,6 +59,7 @@ def main() -> int:
         # the base as Collie held it (bf16/fp16 training rounds the frozen weights), computed in fp32 like the probe
         train_dtype = getattr(torch, (probe or {}).get("train_dtype", "float32"))
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=train_dtype, trust_remote_code=trust).float()
+        quiet_false_tying_warning(base)
         model = PeftModel.from_pretrained(base, str(target))
         if probe is not None:
             collie = [torch.tensor(x) for x in probe["logits"]]

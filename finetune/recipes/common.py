@@ -198,3 +198,19 @@ def truncate_history(run_dir: Path, last_step: int) -> None:
         if int(row.get("step", 0)) <= last_step:
             keep.append(line + "\n")
     atomic_write_text(path, "".join(keep))
+
+
+def quiet_false_tying_warning(model) -> None:
+    """PEFT 0.18 warns "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter" for every model
+    class that declares ``_tied_weights_keys`` (every Llama) when an embedding is in modules_to_save, also when the
+    model's config unties them (peft/utils/other.py ``_get_module_names_tied_with_embedding``: "will not check if
+    weight tying is disabled by the model's config"). On such a model the line is false, so it is silenced there;
+    on a tied model (SmolLM2) it stays."""
+    import warnings
+
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not None and getattr(text, "tie_word_embeddings", None) is False:
+        warnings.filterwarnings(
+            "ignore", message=r"Model has `tie_word_embeddings=True` and a tied layer", category=UserWarning
+        )

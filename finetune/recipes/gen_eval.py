@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from finetune.recipes.common import atomic_write_text, free_cores, log, read_config
+from finetune.recipes.common import atomic_write_text, free_cores, log, quiet_false_tying_warning, read_config
 from finetune.recipes.data import encode_rows, read_rows, split_train_val
 from finetune.recipes.prompting import PromptFormat
 
@@ -85,6 +85,7 @@ def load_model(model_path: str, adapter: Optional[str] = None, trust_remote_code
     if adapter:
         from peft import PeftModel
 
+        quiet_false_tying_warning(model)
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model, tokenizer

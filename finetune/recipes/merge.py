@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from finetune.recipes.common import log
+from finetune.recipes.common import log, quiet_false_tying_warning
 from finetune.recipes.data import TOKENIZER_FILES
 
 
@@ -51,6 +51,7 @@ def merge_adapter(
     base = AutoModelForCausalLM.from_pretrained(
         base_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
     )
+    quiet_false_tying_warning(base)
     model = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
     model.save_pretrained(tmp)
     src = adapter_path if (Path(adapter_path) / "tokenizer_config.json").exists() else base_path
