@@ -2,7 +2,7 @@
 # Set up everything the tests need and run them (the README's test command; .ci/run calls it).
 #
 #   bash scripts/test.sh                 # the whole suite
-#   bash scripts/test.sh -m "not slow"   # config, validation and plan tests only (about 2 minutes)
+#   bash scripts/test.sh -m "not slow"   # config, validation and plan tests only (about 4 minutes on 2 cores)
 #   bash scripts/test.sh tests/test_alpacalora.py -k merge
 #
 # Sets up .venv (scripts/setup.sh), Collie's own .venv-collie (scripts/setup_collie_env.sh) and the MLflow
