@@ -63,7 +63,7 @@ class Plan:
         if self.notes:
             lines.append("notes:")
             lines += [f"  - {n}" for n in self.notes]
-        lines.append("files written:")
+        lines.append("files the run writes (not in a dry run):")
         lines += [f"  {run_dir}/{p}" for p in ["manifest.json", "config.yaml", *self.files]]
         for k, v in self.outputs.items():
             lines.append(f"  {k}: {v}")

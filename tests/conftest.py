@@ -155,14 +155,17 @@ def start_train(*overrides: str, env: dict, stderr=subprocess.PIPE) -> subproces
     )
 
 
-def signal_workers(recipe: str, run_dir: Path, sig=9) -> int:
+def signal_workers(recipe: str, run_dir: Path, sig=9, one_rank=False) -> int:
     """Send sig to the worker processes of one run (the recipe module, the run folder on the command line): never
-    to another test's workers. Returns how many were signalled."""
+    to another test's workers. ``one_rank``: only one rank's process, never torchrun's agent. Returns how many
+    were signalled."""
     n = 0
-    for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+    for pid in sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
+            continue
+        if one_rank and (n or b"torch.distributed.run" in cmd):
             continue
         if f"finetune.recipes.{recipe}".encode() in cmd and str(run_dir).encode() in cmd:
             with contextlib.suppress(ProcessLookupError):

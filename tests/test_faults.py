@@ -129,6 +129,22 @@ def test_worker_crash_in_native_code_leaves_its_python_stack_in_the_error(tmp_pa
     assert json.loads(manifest.read_text())["status"] == "failed"
 
 
+def test_rank_crash_under_torchrun_names_the_frame_not_only_torchruns_summary(tmp_path):
+    """Two ranks under torchrun, one segfaults: torchrun exits 1 with its own summary last in the log, and the
+    error still shows the crashed rank's Python stack (as it would have for the Collie crash seen on CI)."""
+    proc = _start(tmp_path, "backend=dummy", "backend.steps=200", "backend.sleep_s=0.2", "launcher.nproc_per_node=2")
+    manifest = _wait_for_manifest(tmp_path)
+    deadline = time.monotonic() + 60
+    while not signal_workers("dummy", tmp_path / "run", signal.SIGSEGV, one_rank=True):
+        assert time.monotonic() < deadline, "no rank found"
+        time.sleep(0.2)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "exited with code 1" in err, err
+    assert "Fatal Python error: Segmentation fault" in err and "finetune/recipes/dummy.py" in err, err
+    assert "Root Cause" not in err  # torchrun's summary gives way to the report
+    assert json.loads(manifest.read_text())["status"] == "failed"
+
+
 def test_unwritable_output_folder_is_a_clear_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

@@ -424,7 +424,7 @@ def test_collie_cpu_patches_follow_the_configured_device():
         text=True,
         timeout=300,
     )
-    assert proc.stdout.strip().splitlines()[-1] == "5", proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "6", proc.stdout + proc.stderr
     assert proc.returncode == 1 and "hardware.device=cuda, but Collie's torch" in proc.stderr
 
 

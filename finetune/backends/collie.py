@@ -6,7 +6,7 @@ The plan has three steps:
 
   1. collie_prepare  (Collie's python)  a ``.bin`` copy of a safetensors-only model (Collie reads only *.bin)
   2. collie_train    (Collie's python, torchrun when world size > 1)  finetune.recipes.collie: Collie's
-                     model class + Trainer; for hardware.device=cpu the five CPU patches (collie_cpu_patch) are applied
+                     model class + Trainer; for hardware.device=cpu the six CPU patches (collie_cpu_patch) are applied
   3. collie_merge    (this environment)  adapter + base -> logits must equal Collie's own; merge_and_unload
                      -> lazyllm_merge (full fine-tuning: the saved model is checked the same way)
 
@@ -326,7 +326,8 @@ def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
         ),
         f"dp={dp} tp={tp} pp={pp}; global batch {cfg.batch_size} = micro_batch_size {cfg.micro_batch_size} x "
         f"dp {dp} x gradient accumulation {accum}",
-        "hardware.device=cpu: the worker applies five CPU patches before importing collie (gloo, no .cuda()); "
+        "hardware.device=cpu: the worker applies six CPU patches before importing collie "
+        "(gloo, no .cuda(), the loss all-reduce on the detached loss); "
         "hardware.device=cuda: none, and the job must see a GPU",
         "safetensors-only models get a .bin copy in <run>/collie_base (Collie's loader reads only *.bin)",
     ]

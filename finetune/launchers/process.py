@@ -92,16 +92,21 @@ class StepResult:
         return f"step {self.name!r} exited with code {self.exit_code}"
 
 
-def tail_of(path: Path, n: int = 20) -> List[str]:
-    """The last n lines of a log; when it ends in a native crash, faulthandler's report of it instead."""
+def _last_lines(path: Path) -> List[str]:
+    """The lines of a log's last 64 KB ([] when it cannot be read)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
             size = f.tell()
             f.seek(max(0, size - 64 * 1024))
-            lines = f.read().decode("utf-8", "replace").splitlines()
+            return f.read().decode("utf-8", "replace").splitlines()
     except OSError:
         return []
+
+
+def tail_of(path: Path, n: int = 20) -> List[str]:
+    """The last n lines of a log; when it ends in a native crash, faulthandler's report of it instead."""
+    lines = _last_lines(path)
     return crash_report(lines) or lines[-n:]
 
 
@@ -190,7 +195,9 @@ def _run(name, argv, env, cwd, log_path: Path, timeout_s, echo: bool, live, sign
             signal.signal(s, handler)
     if status is None:
         status = "completed" if code == 0 else ("killed" if code is not None and code < 0 else "failed")
-    lines = (tail_of(log_path) if status == "killed" else None) or list(tail)
+    # a native crash: faulthandler's report names the frame. Under torchrun the crashed rank's report sits above
+    # torchrun's own summary (the step then exits 1), so the whole log's end is searched, not only the last lines.
+    lines = (crash_report(_last_lines(log_path)) if status in ("killed", "failed") else None) or list(tail)
     return StepResult(name, argv, code, time.monotonic() - start, str(log_path), status, lines)
 
 
