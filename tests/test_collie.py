@@ -271,7 +271,7 @@ print(all(torch.equal(a, b) for r, n in zip(ref, new) for a, b in zip(r, n)))
 def test_loss_all_reduce_of_collies_train_step_does_not_crash_on_gloo(tmp_path):
     """Collie ends every train step with dist.all_reduce(loss, op=AVG) on the loss that still carries its autograd
     history. On gloo that call segfaults now and then (CI: one dp=2 run in about 20 died with signal 11; 20,000
-    calls: 5 runs in 6). With the CPU patches applied, as the worker applies them, two ranks make 20,000 such
+    calls: 15 runs in 16). With the CPU patches applied, as the worker applies them, two ranks make 20,000 such
     calls: no crash, and every call gives the average."""
     script = tmp_path / "avg_loss.py"
     script.write_text(

@@ -91,7 +91,7 @@ def apply(device: str = "cpu") -> list:
     # 6) collie/controller/trainer.py train_fn ends every step with
     #    dist.all_reduce(loss, op=ReduceOp.AVG, group=env.dp_group) on the loss tensor itself, which still carries
     #    its autograd history. On gloo, torch (2.9.1 and 2.13.0 measured) segfaults inside that call now and then:
-    #    about one 30-step dp=2 run in 20, and 5 of 6 runs of 20,000 such calls. The same call on a detached tensor
+    #    about one 30-step dp=2 run in 20, and 15 of 16 runs of 20,000 such calls. The same call on a detached tensor
     #    never did (tests/test_collie.py). A collective never records autograd history, so reduce through the
     #    detached alias: the same storage, so the caller's tensor holds the result as before.
     _install_detached_all_reduce()
