@@ -165,12 +165,14 @@ def signal_workers(recipe: str, run_dir: Path, sig=9, one_rank=False) -> int:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if one_rank and (n or b"torch.distributed.run" in cmd):
+        if one_rank and b"torch.distributed.run" in cmd:
             continue
         if f"finetune.recipes.{recipe}".encode() in cmd and str(run_dir).encode() in cmd:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), sig)
                 n += 1
+            if one_rank and n:
+                break
     return n
 
 
