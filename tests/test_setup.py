@@ -83,3 +83,35 @@ def test_two_clones_run_their_own_code_and_keep_their_own_dependencies(tmp_path)
         if deps_of(b) != shared:
             shutil.rmtree(deps_of(b), ignore_errors=True)  # hard links: the shared one keeps its files
             Path(f"{deps_of(b)}.lock").unlink(missing_ok=True)
+
+
+def _other_python():
+    """A real Python that is not 3.11 (pyenv's, or on PATH), or None."""
+    found = [shutil.which(f"python3.{m}") for m in (10, 12, 13)]
+    found += sorted(str(p) for p in Path.home().glob(".pyenv/versions/3.1[023].*/bin/python3"))
+    for exe in filter(None, found):
+        proc = subprocess.run([exe, "-c", "import sys; print(sys.version_info[:2] != (3, 11))"], capture_output=True)
+        if proc.returncode == 0 and proc.stdout.strip() == b"True":
+            return exe
+    return None
+
+
+def test_setup_with_a_python_other_than_311_is_refused_in_one_line(tmp_path):
+    """The locks pin packages for Python 3.11 (numpy, pandas, llamafactory need >= 3.11; pins are exact): another
+    Python is refused at once with one line naming it and PYTHON=, before any environment is built."""
+    other = _other_python()
+    if other is None:
+        pytest.skip("no Python other than 3.11 on this machine")
+    clone, cache = fresh_clone(tmp_path / "clone"), tmp_path / "cache"
+    proc = subprocess.run(
+        ["bash", "scripts/setup.sh"],
+        cwd=str(clone),
+        env=user_env(PYTHON=other, FINETUNE_CACHE=str(cache)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stdout + proc.stderr
+    assert lines[0].startswith("setup: needs Python 3.11 (set PYTHON=python3.11); ") and other in lines[0], lines
+    assert not cache.exists() and not (clone / ".venv").exists()
