@@ -64,10 +64,9 @@ model = get_peft_model(
     model,
     LoraConfig(
         r=8,
-        lora_alpha=32,
+        lora_alpha=16,
         lora_dropout=0.05,
-        target_modules=["q_proj", "v_proj"],
-        modules_to_save=["embed_tokens", "lm_head"],
+        target_modules="all-linear",  # every linear layer of the decoder (PEFT leaves the output layer out)
         task_type="CAUSAL_LM",
     ),
 )
@@ -113,7 +112,7 @@ trainer = T(
     callbacks=[FromFirstStep()],
 )
 t0 = time.perf_counter()
-trainer.train()
+out = trainer.train()
 runtime = time.perf_counter() - tokens.get("t_begin", t0)
 ev = trainer.evaluate()
 
@@ -131,6 +130,7 @@ print(
             "train_tokens": tokens["n"],
             "train_runtime_s": runtime,
             "eval_loss": ev["eval_loss"],
+            "train_loss": out.training_loss,
             "peak_rss_mb": peak_rss_mb(),
             "threads": torch.get_num_threads(),
         }

@@ -57,17 +57,52 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
             return False
 
 
+# Set in a step forked from the preloaded process (finetune/launchers/zygote.py) at the fork: the preloaded
+# process's resident size, and this process's own resident (and file-backed resident) size then.
+FORKED_FROM: dict = {}
+
+
+def _status(pid="self") -> dict:
+    """The kB fields of /proc/<pid>/status (VmRSS, VmHWM, RssAnon, RssFile, ...), in bytes; {} without /proc."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if len(parts) == 2 and parts[1] == "kB":
+                    out[key] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def note_forked_from(parent_pid: int) -> None:
+    """Called by a forked step first thing: what the preloaded process holds, and what this process starts with."""
+    own, parent = _status(), _status(parent_pid)
+    if own and parent:
+        FORKED_FROM.update(
+            preloaded=parent.get("VmRSS", 0), start=own.get("VmRSS", 0), start_file=own.get("RssFile", 0)
+        )
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size: VmHWM of /proc/self/status. Not ru_maxrss: Linux carries the
     high-water mark across fork + exec, so a worker started by a large process (a test runner, a notebook) would
-    report its parent's peak as its own."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
+    report its parent's peak as its own.
+
+    A step forked from the preloaded process starts with the preloaded process's anonymous pages counted but not
+    its libraries' pages (a fork maps those lazily), so its own VmHWM understates what the run holds. What it
+    reports instead is what a fresh process's peak would have been: the preloaded process's resident size at the
+    fork, plus what this process grew by since, less the library pages it faulted in (already counted in the
+    preloaded process's size)."""
+    status = _status()
+    if "VmHWM" in status:
+        if not FORKED_FROM:
+            return status["VmHWM"]
+        grew = status["VmHWM"] - FORKED_FROM["start"]
+        libraries = max(0, status.get("RssFile", 0) - FORKED_FROM["start_file"])
+        return FORKED_FROM["preloaded"] + max(0, grew - libraries)
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: Linux reports KiB

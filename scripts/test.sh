@@ -2,11 +2,12 @@
 # Set up everything the tests need and run them (the README's test command; .ci/run calls it).
 #
 #   bash scripts/test.sh                 # the whole suite
-#   bash scripts/test.sh -m "not slow"   # config, validation and plan tests only (about 4 minutes on 2 cores)
+#   bash scripts/test.sh -m "not slow"   # config, validation and plan tests only (about 3 minutes on 2 cores)
 #   bash scripts/test.sh tests/test_alpacalora.py -k merge
 #
-# Sets up .venv (scripts/setup.sh), Collie's own .venv-collie (scripts/setup_collie_env.sh) and the MLflow
-# tracking server's .venv-mlflow (scripts/setup_mlflow_env.sh: tests/test_tracking.py starts real servers); Slurm
+# Sets up .venv (scripts/setup.sh), Collie's own .venv-collie (scripts/setup_collie_env.sh), the MLflow
+# tracking server's .venv-mlflow (scripts/setup_mlflow_env.sh: tests/test_tracking.py starts real servers) and
+# llama.cpp's .venv-llamacpp (scripts/setup_llamacpp_env.sh, built while the first tests run); Slurm
 # tests run when Debian's slurm-wlm is installed, the MLflow UI test when Debian's chromium is (.ci/run installs
 # both), and are skipped with the reason otherwise.
 set -euo pipefail
@@ -22,7 +23,15 @@ if [ "${FINETUNE_SKIP_COLLIE:-0}" != 1 ]; then
 fi
 bash scripts/setup_mlflow_env.sh 2>&1 | sed -u 's/^/[mlflow env] /' &
 pids+=($!)
+# llama.cpp's environment (finetune export, tests/test_readme.py's GGUF checks) compiles llama.cpp: about 18
+# CPU-minutes (10 minutes of both cores when idle), once per machine and lock. For the whole suite it is built beside
+# the tests, not before them: the first test that needs it waits for it (the build holds its lock), the others run
+# meanwhile; its output is in outputs/setup_llamacpp.log. A selection of tests (arguments) builds it only if one of
+# them needs it (the export's own planned step).
+llamacpp_log=outputs/setup_llamacpp.log
 if [ $# -eq 0 ]; then
+  bash scripts/setup_llamacpp_env.sh > "$llamacpp_log" 2>&1 &
+  llamacpp=$!
   (t0=$(date +%s)
    if .venv/bin/python -c 'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()' >/dev/null 2>&1
    then echo "test: DeepSpeed's CPU Adam op is built ($(( $(date +%s) - t0 )) s)"
@@ -36,8 +45,18 @@ done
 # its module fixtures (one trained run) are shared, not duplicated. The Slurm tests (a real cluster on this
 # machine) run afterwards on their own, so that the jobs do not compete with the rest for the two cores.
 # Files start longest first (tests/conftest.py LONGEST_FIRST), not in xdist's order by number of tests.
+# The 20 slowest tests (wall time) and the 20 costliest (CPU time, tests/conftest.py) are printed at the end.
+# Each worker's runs share the cores with the other worker's, so the suite sets what a user on a shared machine
+# sets: one OpenMP thread per process (the product reads OMP_NUM_THREADS; it never looks at the load).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PYTEST=(.venv/bin/python -m pytest -q -n "${FINETUNE_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder
-        --durations=60)
+        --durations=20)
+llamacpp_done() {
+  local rc=0
+  wait "$llamacpp" || rc=$?
+  sed 's/^/[llama.cpp env] /' "$llamacpp_log"
+  return $rc
+}
 if [ $# -gt 0 ]; then
   exec "${PYTEST[@]}" "$@"
 fi
@@ -47,4 +66,5 @@ rc=0
 .venv/bin/python -m ruff check . || rc=1
 "${PYTEST[@]}" -m "not slurm" || rc=$?
 .venv/bin/python -m pytest -q -m slurm --durations=10 || { r=$?; [ $r -eq 5 ] || rc=$r; }
+llamacpp_done || rc=1
 exit $rc

@@ -46,7 +46,7 @@ def _has_cuda() -> bool:
         import torch
 
         return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a broken torch install means no GPU tests, not a failed collection
         return False
 
 
@@ -89,17 +89,57 @@ TINY_JOB = [
     "report_to=none",
 ]
 _README_TIMES: list = []
+_COSTS: list = []  # (CPU seconds, wall seconds, test id): what each test costs, whatever else shares the cores
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item._cost_start = (time.monotonic(), _cpu_seconds())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """CPU time of the test and of every process it waited for (runs, their zygotes and steps): unlike wall time,
+    it does not grow when the other worker or another program shares the cores. Recorded on the teardown report."""
+    if call.when == "teardown" and hasattr(item, "_cost_start"):
+        t0, c0 = item._cost_start
+        item.user_properties.append(("cost", (round(_cpu_seconds() - c0, 1), round(time.monotonic() - t0, 1))))
+    yield
 
 
 def pytest_runtest_logreport(report):
-    """The README commands' wall times (tests/test_readme*.py record them), for the table at the end."""
+    """The README commands' wall times (tests/test_readme*.py record them) and every test's cost, for the tables at
+    the end."""
     props = dict(report.user_properties)
     if report.when == "call" and "readme_command" in props:
         _README_TIMES.append((props["readme_command"], props.get("exit"), props.get("seconds"), report.outcome))
+    if report.when == "teardown" and "cost" in props:
+        _COSTS.append((*props["cost"], report.nodeid))
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Each README command as typed, its exit code and wall time on this machine (under the suite's load)."""
+    """The 20 costliest tests (CPU seconds of the test and its processes; wall seconds, setup to teardown), and each
+    README command as typed, its exit code and wall time on this machine (under the suite's load)."""
+    if _COSTS:
+        terminalreporter.section("the 20 costliest tests: CPU s (test + its processes), wall s")
+        for cpu_s, wall_s, nodeid in sorted(_COSTS, reverse=True)[:20]:
+            terminalreporter.write_line(f"{cpu_s:>8} {wall_s:>8}  {nodeid}")
+        total = sum(c for c, _, _ in _COSTS)
+        terminalreporter.write_line(f"{total:>8.0f} CPU s in all, {len(_COSTS)} tests")
+        files: dict = {}
+        for cpu_s, wall_s, nodeid in _COSTS:
+            f = files.setdefault(nodeid.split("::")[0], [0.0, 0.0, 0])
+            f[0], f[1], f[2] = f[0] + cpu_s, f[1] + wall_s, f[2] + 1
+        terminalreporter.section("by file: CPU s, wall s, tests")
+        for name, (cpu_s, wall_s, n) in sorted(files.items(), key=lambda kv: -kv[1][0]):
+            terminalreporter.write_line(f"{cpu_s:>8.0f} {wall_s:>8.0f} {n:>5}  {name}")
     if _README_TIMES:
         terminalreporter.section("README commands: exit code and wall time")
         for command, code, seconds, outcome in _README_TIMES:
@@ -155,10 +195,20 @@ def start_train(*overrides: str, env: dict, stderr=subprocess.PIPE) -> subproces
     )
 
 
-def signal_workers(recipe: str, run_dir: Path, sig=9, one_rank=False) -> int:
+def signal_workers(recipe: str, run_dir: Path, sig=9, one_rank=False, wait_s: float = 180) -> int:
     """Send sig to the worker processes of one run (the recipe module, the run folder on the command line): never
-    to another test's workers. ``one_rank``: only one rank's process, never torchrun's agent. Returns how many
+    to another test's workers. ``one_rank``: only one rank's process, never torchrun's agent. Waits up to wait_s for
+    them to exist (a step forked from the preloaded process starts once its imports are done). Returns how many
     were signalled."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        n = _signal_workers(recipe, run_dir, sig, one_rank)
+        if n or time.monotonic() > deadline:
+            return n
+        time.sleep(0.2)
+
+
+def _signal_workers(recipe: str, run_dir: Path, sig, one_rank) -> int:
     n = 0
     for pid in sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int):
         try:

@@ -13,9 +13,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import REPO, read_json, run_train, signal_workers, user_env
 
 
+@pytest.mark.slow
 def test_dummy_run_writes_a_complete_manifest():
     """In the default folder a user gets (outputs/runs/<date>/<time>-<name> of the repository)."""
     proc, run = run_train("backend=dummy", "name=plumbing", "seed=7", outputs=None)
@@ -53,6 +55,7 @@ def test_dry_run_writes_nothing(tmp_path):
     assert run is None and not tmp_path.exists() or not any(tmp_path.rglob("*"))
 
 
+@pytest.mark.slow
 def test_step_exit_code_fails_the_run_with_log_tail(tmp_path):
     proc, run = run_train("backend=dummy", "backend.fail=true", outputs=tmp_path)
     assert proc.returncode == 1
@@ -65,6 +68,7 @@ def test_step_exit_code_fails_the_run_with_log_tail(tmp_path):
     assert read_json(run / "result.json")["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_step_timeout_fails_the_run(tmp_path):
     t0 = time.monotonic()
     proc, run = run_train(
@@ -97,6 +101,7 @@ def _wait_for_manifest(tmp_path, status="running", timeout=60):
     raise AssertionError("the run did not start")
 
 
+@pytest.mark.slow
 def test_sigint_stops_cleanly_and_marks_interrupted(tmp_path):
     proc = _start(tmp_path, "backend=dummy", "backend.steps=200", "backend.sleep_s=0.2")
     manifest = _wait_for_manifest(tmp_path)
@@ -109,6 +114,7 @@ def test_sigint_stops_cleanly_and_marks_interrupted(tmp_path):
     assert data["steps"][-1]["status"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_worker_killed_by_the_os_fails_the_run(tmp_path):
     proc = _start(tmp_path, "backend=dummy", "backend.steps=200", "backend.sleep_s=0.2")
     manifest = _wait_for_manifest(tmp_path)
@@ -118,6 +124,7 @@ def test_worker_killed_by_the_os_fails_the_run(tmp_path):
     assert json.loads(manifest.read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_worker_crash_in_native_code_leaves_its_python_stack_in_the_error(tmp_path):
     """A segfault (seen once on CI in Collie's CPU training) names the worker's Python frames, not only the signal."""
     proc = _start(tmp_path, "backend=dummy", "backend.steps=200", "backend.sleep_s=0.2")
@@ -129,6 +136,7 @@ def test_worker_crash_in_native_code_leaves_its_python_stack_in_the_error(tmp_pa
     assert json.loads(manifest.read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_rank_crash_under_torchrun_names_the_frame_not_only_torchruns_summary(tmp_path):
     """Two ranks under torchrun, one segfaults: torchrun exits 1 with its own summary last in the log, and the
     error still shows the crashed rank's Python stack (as it would have for the Collie crash seen on CI)."""
@@ -154,6 +162,7 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_secrets_never_reach_manifest_or_logs(tmp_path):
     secret = "hf_SECRETVALUE123456"
     proc, run = run_train("backend=dummy", outputs=tmp_path, env={"HF_TOKEN": secret, "WANDB_API_KEY": secret})

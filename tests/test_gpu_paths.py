@@ -113,17 +113,82 @@ def test_gpu_hardware_detected_by_nvidia_smi(tmp_path):
     assert "--nproc_per_node=2" in argv_of(mine, "train")
 
 
-def test_local_launcher_keeps_the_users_visible_devices(monkeypatch):
-    from finetune.launchers.local import visible_devices
+def test_local_launcher_keeps_the_users_visible_devices(monkeypatch, tmp_path):
+    """The user's CUDA_VISIBLE_DEVICES (indices, MIG UUIDs) is never renumbered: a step takes the first of them."""
+    from finetune.launchers.local import job_devices
 
+    cfg = _compose_gpu("hardware=single_gpu")
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, 4)["PATH"])
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert visible_devices(2) == "0,1"
+    cfg.launcher.nproc_per_node = 2
+    assert job_devices(cfg, 2) == "0,1"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    assert visible_devices(1) == "3"
+    assert job_devices(cfg, 1) == "3"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-1f2e,MIG-9a8b")
-    assert visible_devices(2) == "MIG-1f2e,MIG-9a8b"
+    assert job_devices(cfg, 2) == "MIG-1f2e,MIG-9a8b"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6,7")
-    assert visible_devices(2) == "5,6"
+    assert job_devices(cfg, 2) == "5,6"
+
+
+def _compose_gpu(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from finetune.cli import setup
+
+    setup()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.slow
+def test_parallel_sweep_jobs_get_their_own_gpus(tmp_path):
+    """hydra/launcher=parallel on a stand-in 2-GPU machine: the two jobs that run at once get GPU 0 and GPU 1 (each
+    its own slot, shown by the dry run), and a sweep asking for more GPUs than are visible is refused in one line
+    before any job starts."""
+    env = fake_nvidia_smi(tmp_path, 2)
+    sweep = ["-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "hardware=single_gpu", "lora_r=4,8"]
+    proc, _ = run_train(*sweep, "dry_run=true", outputs=tmp_path / "ok", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    devices = sorted(set(re.findall(r'"CUDA_VISIBLE_DEVICES": "([^"]*)"', proc.stdout)))
+    assert devices == ["0", "1"], proc.stdout[-3000:]
+    proc, _ = run_train(
+        *sweep[:2], "hydra.launcher.n_jobs=3", *sweep[3:4], "lora_r=4,8,16", outputs=tmp_path / "no", env=env
+    )
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and lines == [
+        "error: hydra.launcher.n_jobs=3: 3 jobs at once x 1 GPU(s) each = 3 GPUs, but 2 are visible (nvidia-smi); "
+        "lower hydra.launcher.n_jobs to 2 or the processes per job"
+    ], proc.stderr
+    assert not (tmp_path / "no").exists()
+
+
+def test_gpu_slots_are_exclusive_while_jobs_run(tmp_path):
+    """Slots are flocks: two jobs alive at once never hold the same one, and a finished job's slot is free again."""
+    import multiprocessing as mp
+
+    from finetune.launchers import slots
+
+    ctx = mp.get_context("spawn")
+    q, hold = ctx.Queue(), ctx.Event()
+    p = ctx.Process(target=_hold_slot, args=(str(tmp_path), q, hold))
+    p.start()
+    try:
+        assert q.get(timeout=60) == 0  # the other job took slot 0
+        assert slots.claim(tmp_path, 2, 0, dry_run=False).index == 1  # job 0 again (launch order) gets slot 1
+        assert slots.devices_of(slots.current(), ["0", "1"], 1) == ["1"]
+    finally:
+        hold.set()
+        p.join(30)
+        slots.release()
+    assert slots.claim(tmp_path, 2, 1, dry_run=False).index == 0  # freed when that job's process ended
+    slots.release()
+
+
+def _hold_slot(folder, q, hold):
+    from finetune.launchers import slots
+
+    q.put(slots.claim(Path(folder), 2, 1, dry_run=False).index)
+    hold.wait(60)
 
 
 # ------------------------------------------------------------------------------------------- Slurm and k8s
@@ -446,6 +511,7 @@ def test_gpu_smoke_matrix(tmp_path):
     assert proc.returncode == 0 and rows and all(r["exit_code"] == 0 for r in rows), proc.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_gpu_smoke_dry_run_prints_every_case_and_each_plans_on_gpus(tmp_path):
     """scripts/gpu_smoke.sh --dry-run on this CPU prints the matrix; with 4 GPUs made visible (a stand-in
     nvidia-smi) every case's command validates and plans (as a dry run) on them."""

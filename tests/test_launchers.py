@@ -177,25 +177,31 @@ def test_slurm_dry_run_shows_node_command(capsys):
     assert "--nnodes=2" in a and "--node_rank=0" in a and any("first host of the job" in x for x in a)
 
 
-def test_environment_set_per_launcher():
-    """OMP threads split over the ranks (one for a tiny model on the CPU), repo on PYTHONPATH, GPUs pinned to the
-    ranks asked for (local/torchrun); on Slurm the threads come from cpus_per_task and CUDA_VISIBLE_DEVICES is left
-    to Slurm's allocation."""
+def test_environment_set_per_launcher(monkeypatch):
+    """Threads: what the user typed (launcher.omp_num_threads, backend.torch_threads), else the OMP_NUM_THREADS they
+    exported, else the CPUs shared out between the step's processes (Slurm/k8s: cpus_per_task); the same on every
+    launcher, for every model size. Repo on PYTHONPATH, GPUs pinned to the ranks asked for (local/torchrun); on
+    Slurm CUDA_VISIBLE_DEVICES is left to Slurm's allocation."""
     from finetune.launchers import k8s, local, slurm
     from finetune.plan import Step
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpus = len(os.sched_getaffinity(0))
     step = Step(name="train", argv=[sys.executable, "-m", "x"], distributed="torchrun")
-    # the default tiny Llama (hidden 64, maybe not built yet: the builder's plan says so) and the tiny BERT: 1
-    for launcher, model in (("local", "tiny_llama"), ("slurm", "tiny_bert"), ("k8s", "tiny_llama")):
+    launchers = {"local": local, "slurm": slurm, "k8s": k8s}
+    for launcher, model in (("local", "tiny_llama"), ("slurm", "tiny_bert"), ("k8s", "tiny_llama_30m")):
         tcfg = _compose(f"launcher={launcher}", f"model={model}", "launcher.cpus_per_task=16")
-        assert {"local": local, "slurm": slurm, "k8s": k8s}[launcher].env(step, tcfg)["OMP_NUM_THREADS"] == "1"
-        tcfg.model.path = "/nonexistent/not-built-yet"  # a fresh clone: only the builder's plan knows the shape
-        assert {"local": local, "slurm": slurm, "k8s": k8s}[launcher].env(step, tcfg)["OMP_NUM_THREADS"] == "1"
-        tcfg.launcher.omp_num_threads = 2  # the user's value wins
-        assert {"local": local, "slurm": slurm, "k8s": k8s}[launcher].env(step, tcfg)["OMP_NUM_THREADS"] == "2"
+        expect = cpus if launcher == "local" else 16
+        assert launchers[launcher].env(step, tcfg)["OMP_NUM_THREADS"] == str(expect)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a user on a shared machine
+        assert launchers[launcher].env(step, tcfg)["OMP_NUM_THREADS"] == ("1" if launcher != "k8s" else "16")
+        tcfg.launcher.omp_num_threads = 2  # typed for this run: wins over the environment
+        assert launchers[launcher].env(step, tcfg)["OMP_NUM_THREADS"] == "2"
+        monkeypatch.delenv("OMP_NUM_THREADS")
     cfg = _compose("launcher=local", "launcher.nproc_per_node=2", "model=tiny_llama_30m")
     e = local.env(step, cfg)
-    assert e["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert e["OMP_NUM_THREADS"] == str(max(1, cpus // 2))
+    assert local.threads(step, cfg) == (max(1, cpus // 2), f"{cpus} CPU(s) for this step / 2 processes")
     assert str(REPO) in e["PYTHONPATH"].split(os.pathsep) and e["TOKENIZERS_PARALLELISM"] == "false"
     assert "CUDA_VISIBLE_DEVICES" not in e  # CPU hardware: nothing to pin
     cfg.hardware.device, cfg.hardware.gpus_per_node = "cuda", 8
@@ -206,6 +212,32 @@ def test_environment_set_per_launcher():
     scfg = _compose("launcher=slurm", "launcher.nproc_per_node=2", "launcher.cpus_per_task=16", "model=tiny_llama_30m")
     se = slurm.env(step, scfg)
     assert se["OMP_NUM_THREADS"] == "8" and "CUDA_VISIBLE_DEVICES" not in se
+    acfg = _compose("backend=alpacalora", "backend.torch_threads=1")
+    assert local.threads(Step(name="train", argv=["python"]), acfg) == (1, "backend.torch_threads")
+
+
+def test_threads_do_not_follow_the_load(tmp_path, monkeypatch):
+    """A run started while other processes keep every core busy gets the same threads as one on an idle machine
+    (the product never reads the load average); the step's log says how many and why."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    busy = [subprocess.Popen([PY, "-c", "import time\nt=time.time()\nwhile time.time()-t<60: pass"]) for _ in range(2)]
+    try:
+        time.sleep(1)
+        from finetune.launchers import local
+        from finetune.plan import Step
+
+        cfg = _compose("launcher=local", "model=tiny_llama_30m")
+        n, why = local.threads(Step(name="train", argv=["python"]), cfg)
+        cpus = len(os.sched_getaffinity(0))
+        assert (n, why) == (cpus, f"{cpus} CPU(s) for this step")
+        step = Step(name="s", argv=[PY, "-c", "print(1)"])
+        assert local.launch(step, step.argv, {}, tmp_path, cfg=cfg).ok
+        head = (tmp_path / step.log).read_text().splitlines()[:3]
+        assert head[1] == f"[finetune] threads: {n} per process ({why})", head
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
 
 
 def test_run_process_exit_codes_and_timeout(tmp_path):

@@ -55,21 +55,13 @@ def cpu_bf16() -> bool:
     return False
 
 
-def model_hidden_size(path) -> int:
-    """hidden_size (or d_model) from a model folder's config.json; 0 when it cannot be read."""
-    import json
+def cpu_precision(model) -> str:
+    """precision=auto on a CPU: bf16 mixed precision (fp32 trainable weights, bf16 matmuls) where it pays, else fp32.
+    The hidden size comes from the model's config.json or, before a model built on first use exists, from its
+    builder's plan (finetune/config/model_facts.py): the first run and later runs choose the same."""
+    from finetune.config.model_facts import hidden_size
 
-    try:
-        with open(os.path.join(str(path), "config.json"), encoding="utf-8") as f:
-            c = json.load(f)
-        return int(c.get("hidden_size") or c.get("d_model") or c.get("n_embd") or 0)
-    except (OSError, ValueError, TypeError):
-        return 0
-
-
-def cpu_precision(model_path) -> str:
-    """precision=auto on a CPU: bf16 mixed precision (fp32 trainable weights, bf16 matmuls) where it pays, else fp32."""
-    if cpu_bf16() and model_hidden_size(model_path) >= CPU_BF16_MIN_HIDDEN:
+    if cpu_bf16() and hidden_size(model) >= CPU_BF16_MIN_HIDDEN:
         return "bf16"
     return "fp32"
 
@@ -208,7 +200,7 @@ def resolve_hardware(cfg) -> Optional[Dict]:
             caps = [x.get("compute_cap", 0.0) for x in (facts.get("gpus") or [])]
             hw.precision = "bf16" if (not caps or min(caps) >= 8.0) else "fp16"
         else:
-            hw.precision = cpu_precision(cfg.model.path) if cfg.backend.name == "alpacalora" else "fp32"
+            hw.precision = cpu_precision(cfg.model) if cfg.backend.name == "alpacalora" else "fp32"
     if hw.device == "cuda" and not hw.gpu_tflops:
         hw.gpu_tflops = gpu_tflops(hw.gpu_type)
     return facts or None

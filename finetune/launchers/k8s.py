@@ -29,7 +29,7 @@ from typing import Dict, List
 
 from finetune.config.derived import process_layout, ranks, torchrun_head
 from finetune.errors import ConfigError
-from finetune.launchers.process import STEP_ENV, StepResult, omp_threads, run_process, tail_of
+from finetune.launchers.process import STEP_ENV, StepResult, run_process, tail_of, thread_count
 
 PYTORCHJOB_API = "kubeflow.org/v1"
 
@@ -98,7 +98,7 @@ def env(step, cfg) -> Dict[str, str]:
     lc = cfg.launcher
     nproc = _world(cfg, step)["nproc_per_node"]
     e = {
-        "OMP_NUM_THREADS": str(omp_threads(cfg, int(lc.cpus_per_task), nproc)),
+        "OMP_NUM_THREADS": str(thread_count(cfg, int(lc.cpus_per_task), nproc, environment=False)[0]),
         **STEP_ENV,
         **{k: str(v) for k, v in step.env.items()},
     }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,17 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
+
+from finetune.recipes.common import PAUSED_EXIT  # noqa: E402 - the workers' side of a pause
+
+# The lines our own code prints in a step (a worker's log() with its time, history rows, tagged lines): these reach
+# the terminal; library output (warnings, progress bars, LLaMA-Factory's INFO lines) stays in logs/<step>.log
+# (verbose=true: every line). A failed step's last lines are shown whatever they are.
+OURS = re.compile(
+    r"^(\[\d\d:\d\d:\d\d\] |\[(finetune|llamafactory|collie(_\w+)?|slurm[^\]]*)\] |step=\d+ |setup-collie: |"
+    r"embed_eval |dummy finetune|step \d+ loss |built )"
+)
 
 # in every step's environment, whatever the launcher (a value the step sets itself wins)
 STEP_ENV = {
@@ -25,35 +36,31 @@ STEP_ENV = {
     "PYTHONFAULTHANDLER": "1",
 }
 
-# a model this narrow (the project's tiny models) does matmuls too small to split across threads: a second OpenMP
-# thread only spins at every barrier, and when another process holds the other core each op waits for a time
-# slice. Measured on the 2-core machine, `python train.py backend=collie lora_r=16` (hidden 64): alone 78 s with
-# 2 threads, 47 s with 1; two such runs at once 430-520 s each with 2 threads, 44 s with 1.
-SINGLE_THREAD_MAX_HIDDEN = 256
 
+def thread_count(cfg, cpus: int, nproc: int, environment: bool = True) -> Tuple[int, str]:
+    """(OMP_NUM_THREADS for each process of a step, why), the same rule on every launcher and backend:
 
-def model_hidden(cfg) -> int:
-    """The model's hidden size from its config.json, or from the builder's plan for a tiny model that is not built
-    yet (0 when neither says)."""
-    from finetune.auto.hardware import model_hidden_size
+    1. ``launcher.omp_num_threads`` (or the alpacalora backend's ``backend.torch_threads``) when typed;
+    2. else ``OMP_NUM_THREADS`` from the user's environment (what a user on a shared machine sets; not for a
+       pod, whose environment is not the user's: ``environment=False``);
+    3. else the CPUs this step may use (``cpus``: this process's affinity here, the job's cpus_per_task on a
+       cluster) shared out between the step's processes and the jobs a parallel sweep runs at once.
 
-    hidden = model_hidden_size(str(cfg.model.path))
-    builder = cfg.model.get("builder") if hasattr(cfg.model, "get") else None
-    if not hidden and builder:
-        from finetune.tools.tiny_models import planned_config
+    Never the load average: a run started right after another one trains as fast as the first."""
+    from finetune.launchers import slots
 
-        hidden = int((planned_config(str(builder)) or {}).get("hidden_size") or 0)
-    return hidden
-
-
-def omp_threads(cfg, cores: int, nproc: int) -> int:
-    """OMP_NUM_THREADS for one process of a step: launcher.omp_num_threads when set; 1 for a model of hidden size
-    <= SINGLE_THREAD_MAX_HIDDEN off the GPU; else the cores shared out between the step's processes."""
-    if int(cfg.launcher.omp_num_threads):
-        return int(cfg.launcher.omp_num_threads)
-    if str(cfg.hardware.device) != "cuda" and 0 < model_hidden(cfg) <= SINGLE_THREAD_MAX_HIDDEN:
-        return 1
-    return max(1, cores // max(1, nproc))
+    if int(cfg.launcher.omp_num_threads or 0) > 0:
+        return int(cfg.launcher.omp_num_threads), "launcher.omp_num_threads"
+    torch_threads = int(cfg.backend.get("torch_threads") or 0) if hasattr(cfg.backend, "get") else 0
+    if torch_threads > 0:
+        return torch_threads, "backend.torch_threads"
+    env = os.environ.get("OMP_NUM_THREADS", "").strip() if environment else ""
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS in the environment"
+    jobs = slots.current().of
+    n = max(1, cpus // max(1, nproc * jobs))
+    why = f"{cpus} CPU(s) for this step" + (f" / {nproc} processes" if nproc > 1 else "")
+    return n, why + (f" / {jobs} sweep jobs at once" if jobs > 1 else "")
 
 
 @dataclass
@@ -63,7 +70,7 @@ class StepResult:
     exit_code: Optional[int]
     duration_s: float
     log: str
-    status: str  # completed | failed | timeout | killed | interrupted
+    status: str  # completed | failed | timeout | killed | interrupted | paused
     tail: List[str] = field(default_factory=list)
     extra: Dict[str, object] = field(default_factory=dict)
 
@@ -89,6 +96,8 @@ class StepResult:
             return f"step {self.name!r} was killed by signal {-(self.exit_code or 0)}"
         if self.status == "interrupted":
             return f"step {self.name!r} was interrupted"
+        if self.status == "paused":
+            return f"step {self.name!r} paused on request (a complete checkpoint was saved)"
         return f"step {self.name!r} exited with code {self.exit_code}"
 
 
@@ -140,19 +149,87 @@ def run_process(
     progress: Optional[Path] = None,
     signals: bool = True,
     started: Optional[Callable[[subprocess.Popen], None]] = None,
+    fork: bool = False,
+    preload: Tuple[str, ...] = (),
+    header: Tuple[str, ...] = (),
+    pause_file: Optional[Path] = None,
+    verbose: bool = False,
 ) -> StepResult:
     """Start argv in its own process group; copy its output to log_path (and our stdout when echo). On a terminal,
     a step that names a progress file (Step.progress) gets a live progress line below its output. ``signals``:
     Ctrl-C / SIGTERM interrupt the step (the driver); off in a Slurm job body, which handles them itself.
-    ``started`` receives the child's Popen."""
+    ``started`` receives the child's Popen. ``fork``: started by fork from the preloaded process
+    (finetune/launchers/zygote.py, importing ``preload`` first) when the command allows it, else as a fresh
+    process; the log's first lines say which, after the command and the ``header`` lines (threads).
+    ``pause_file``: the step can pause: the first Ctrl-C / SIGTERM creates this file (the step saves a complete
+    checkpoint at the end of its current step and exits PAUSED_EXIT: status "paused"), the second stops it at once.
+    After the first, the step's output goes to its log only. The terminal gets the lines our own code prints
+    (OURS); ``verbose``: every line."""
     from finetune.launchers.progress import live_progress
 
     live = live_progress(name, progress, echo)
     with live if live is not None else contextlib.nullcontext():
-        return _run(name, argv, env, cwd, log_path, timeout_s, echo, live, signals, started)
+        return _run(
+            name,
+            argv,
+            env,
+            cwd,
+            log_path,
+            timeout_s,
+            "" if not echo else ("all" if verbose else "ours"),
+            live,
+            signals,
+            started,
+            fork,
+            preload,
+            header,
+            pause_file,
+        )
 
 
-def _run(name, argv, env, cwd, log_path: Path, timeout_s, echo: bool, live, signals: bool, started) -> StepResult:
+def _start(argv, full_env: Dict[str, str], cwd, log_path: Path, fork: bool, preload, caught: List[int]):
+    """(the step's process, how it was started): forked from the zygote when allowed, else a fresh process."""
+    how = "a fresh process"
+    if fork:
+        from finetune.launchers import zygote
+
+        why = zygote.fork_refusal(argv, full_env)
+        if why is None:
+            z = zygote.Zygote.get(full_env, log_path.parent / "preload.log")
+            try:
+                proc = z.spawn(argv, full_env, cwd or os.getcwd(), preload, interrupted=lambda: bool(caught))
+                return proc, f"forked from the preloaded process {z.proc.pid} (imports paid once; log {z.log})"
+            except zygote.Unavailable as e:
+                why = str(e)
+        how = f"a fresh process ({why})"
+    proc = subprocess.Popen(
+        argv,
+        env=full_env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    return proc, how
+
+
+def _run(
+    name,
+    argv,
+    env,
+    cwd,
+    log_path: Path,
+    timeout_s,
+    echo: str,
+    live,
+    signals: bool,
+    started,
+    fork,
+    preload,
+    header,
+    pause_file,
+) -> StepResult:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, **env}
     start = time.monotonic()
@@ -167,27 +244,25 @@ def _run(name, argv, env, cwd, log_path: Path, timeout_s, echo: bool, live, sign
     try:
         with open(log_path, "ab") as log:
             log.write(f"$ {' '.join(argv)}\n".encode())
+            for line in header:
+                log.write(f"[finetune] {line}\n".encode())
             log.flush()
             try:
-                proc = subprocess.Popen(
-                    argv,
-                    env=full_env,
-                    cwd=cwd,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+                proc, how = _start(argv, full_env, cwd, log_path, fork, preload, caught)
+            except KeyboardInterrupt:
+                return StepResult(name, argv, None, time.monotonic() - start, str(log_path), "interrupted", [])
             except OSError as e:
                 log.write(f"cannot start: {e}\n".encode())
                 return StepResult(
                     name, argv, 127, 0.0, str(log_path), "failed", [f"cannot start {argv[0]!r}: {e.strerror}"]
                 )
+            log.write(f"[finetune] {name} runs as {how}\n".encode())
+            log.flush()
             if started is not None:
                 started(proc)
-            reader = threading.Thread(target=_pump, args=(proc, log, tail, echo, live), daemon=True)
+            reader = threading.Thread(target=_pump, args=(proc, log, tail, echo, live, caught), daemon=True)
             reader.start()
-            status = _wait(proc, caught, start + timeout_s if timeout_s else None)
+            status = _wait(proc, caught, start + timeout_s if timeout_s else None, pause_file)
             reader.join(timeout=10)
             code = proc.returncode
     finally:
@@ -201,15 +276,27 @@ def _run(name, argv, env, cwd, log_path: Path, timeout_s, echo: bool, live, sign
     return StepResult(name, argv, code, time.monotonic() - start, str(log_path), status, lines)
 
 
-def _wait(proc: subprocess.Popen, caught: List[int], deadline: Optional[float]) -> Optional[str]:
-    """Wait for the step; "interrupted" (the user's signal is passed on as SIGINT, then SIGKILL), "timeout", or
-    None when it ended by itself."""
+def _wait(proc, caught: List[int], deadline: Optional[float], pause_file: Optional[Path] = None) -> Optional[str]:
+    """Wait for the step: "paused" (asked to, it saved a checkpoint and stopped), "interrupted" (the user's signal
+    is passed on as SIGINT, then SIGKILL; for a step that can pause, the second signal), "timeout", or None when it
+    ended by itself."""
+    asked = False
     while True:
-        if caught:
+        if caught and pause_file is not None and not asked:
+            asked = True
+            pause_file.touch()
+            print(
+                "\n[finetune] stopping: the step saves a checkpoint at the end of its current step "
+                "(Ctrl-C again stops it at once, unsaved)",
+                flush=True,
+            )
+        if (caught and pause_file is None) or len(caught) >= 2:
             kill_group(proc, first=signal.SIGINT)
             return "interrupted"
         try:
             proc.wait(timeout=0.2)
+            if asked:
+                return "paused" if proc.returncode == PAUSED_EXIT else "interrupted"
             return None
         except subprocess.TimeoutExpired:
             if deadline is not None and time.monotonic() > deadline:
@@ -217,14 +304,15 @@ def _wait(proc: subprocess.Popen, caught: List[int], deadline: Optional[float]) 
                 return "timeout"
 
 
-def _pump(proc: subprocess.Popen, log, tail: deque, echo: bool, live) -> None:
-    """Copy the child's output to its log, the tail buffer and (echo) our stdout or the live progress display."""
+def _pump(proc: subprocess.Popen, log, tail: deque, echo: str, live, caught: List[int]) -> None:
+    """Copy the child's output to its log, the tail buffer and our stdout or the live progress display (echo
+    "ours": the lines our code prints; "all"; "": none); once the user has asked the step to stop, to the log only."""
     for line in iter(proc.stdout.readline, b""):
         log.write(line)
         log.flush()
         text = line.decode("utf-8", "replace").rstrip("\n")
         tail.append(text)
-        if echo:
+        if echo and not caught and (echo == "all" or OURS.match(text)):
             try:
                 if live is not None:
                     live.print(text)

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 from finetune.config.derived import process_layout, ranks, torchrun_head
 from finetune.config.resolvers import REPO_ROOT
 from finetune.errors import ConfigError
-from finetune.launchers.process import STEP_ENV, StepResult, omp_threads, tail_of
+from finetune.launchers.process import STEP_ENV, StepResult, tail_of, thread_count
 
 CLUSTERS = (None, "slurm", "local", "debug")
 FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
@@ -115,7 +115,7 @@ def env(step, cfg) -> Dict[str, str]:
     lc = cfg.launcher
     nproc = int(lc.nproc_per_node) if step.distributed != "none" else 1
     e = dict(step.env)
-    e.setdefault("OMP_NUM_THREADS", str(omp_threads(cfg, int(lc.cpus_per_task), nproc)))
+    e.setdefault("OMP_NUM_THREADS", str(thread_count(cfg, int(lc.cpus_per_task), nproc)[0]))
     e = {**STEP_ENV, **e}
     e["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), e.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))) if p

@@ -52,7 +52,7 @@ def check(cfg) -> None:
             f"a {int(lc.nnodes)}-node run needs output_dir=<shared folder> so the "
             "other nodes can join it (python -m finetune.launchers.torchrun join <output_dir> --node-rank N)",
         )
-    if int(lc.nnodes) > 1 and not cfg.resume and not cfg.dry_run:
+    if int(lc.nnodes) > 1 and not cfg.resume:
         out = Path(str(cfg.output_dir)).expanduser()
         if out.is_dir() and any(out.iterdir()):
             raise ConfigError(
@@ -112,7 +112,7 @@ def env(step, cfg) -> Dict[str, str]:
 def run_step(step, cfg, run_dir: Path, timeout_s=None, log: Optional[str] = None) -> StepResult:
     if world(cfg)["node_rank"] != 0 and (step.rank0_only or step.distributed == "none"):
         return local.skipped(step)
-    return local.launch(step, argv(step, cfg), env(step, cfg), run_dir, timeout_s, log)
+    return local.launch(step, argv(step, cfg), env(step, cfg), run_dir, timeout_s, log, cfg=cfg)
 
 
 # ------------------------------------------------------------------------------------------ joining a run

@@ -31,23 +31,24 @@ from typing import Any, Optional
 
 # Heavy libraries at the top: this module is only ever run as the worker process (python -m ...). What main() puts
 # in the environment first (DeepSpeed's rank variables, OMP_NUM_THREADS, TensorBoard's folder) is read later, when
-# TrainingArguments and DeepSpeed are set up; the thread count itself is set with torch.set_num_threads.
+# TrainingArguments and DeepSpeed are set up.
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from finetune.config.derived import adapter_dir, grad_accum, merged_dir
+from finetune.config.derived import CHECKPOINTS, adapter_dir, grad_accum, merged_dir
 from finetune.recipes.common import (
     COMPLETE,
+    PAUSED_EXIT,
     TokenMeter,
     atomic_write_bytes,
     atomic_write_text,
     deepspeed_env,
-    free_cores,
     history_callback,
     last_complete_checkpoint,
     log,
+    pause_callback,
     peak_rss_mb,
     quiet_false_tying_warning,
     read_config,
@@ -343,12 +344,6 @@ def custom_optimizer(model, args, m: dict):
     return None
 
 
-def _small_model(path: str) -> bool:
-    from finetune.auto.hardware import model_hidden_size
-
-    return 0 < model_hidden_size(path) <= 256
-
-
 def save_generation_files(cfg: dict, tokenizer, folder: Path) -> None:
     """Beside the adapter (or the trained model): the tokenizer, a generation config whose EOS/pad are the
     tokenizer's, and how prompts were built (finetune_prompt.json), so that `finetune generate <folder>` and the
@@ -434,7 +429,7 @@ def training_arguments(cfg: dict, world: int, ds_config, has_eval: bool) -> dict
         )
     report = cfg["report_to"] if isinstance(cfg["report_to"], list) else [cfg["report_to"]]
     return dict(
-        output_dir=str(Path(cfg["_run_dir"]) / "checkpoints"),
+        output_dir=str(Path(cfg["_run_dir"]) / CHECKPOINTS),
         per_device_train_batch_size=int(cfg["micro_batch_size"]),
         per_device_eval_batch_size=int(cfg["micro_batch_size"]),
         gradient_accumulation_steps=grad_accum(cfg, data_parallel=world),
@@ -569,24 +564,13 @@ def deepspeed_config(cfg: dict, run_dir: Path) -> Optional[str]:
 
 
 def setup_process(cfg: dict, world: int) -> float:
-    """Device check (GPU hardware where this process sees no GPU: stop here), threads, library log level; returns
-    the peak RSS once the libraries are loaded (their share of the peak: the rest is model, data and training
-    state)."""
-    b, hw = cfg["backend"], cfg["hardware"]
-    threads = int(b.get("torch_threads") or 0)
-    if threads > 0:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
+    """Device check (GPU hardware where this process sees no GPU: stop here), library log level; returns the peak
+    RSS once the libraries are loaded (their share of the peak: the rest is model, data and training state). The
+    thread count is the launcher's (OMP_NUM_THREADS, said in the step log's first lines)."""
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg["_run_dir"]) / "tensorboard"))
-    require_device(hw)
+    require_device(cfg["hardware"])
     libs_rss = peak_rss_mb()
-    if threads == 0 and world == 1 and _small_model(cfg["model"]["path"]):
-        threads = 1  # matmuls of a tiny model are too small to split: a 2nd thread only spins (16x slower
-        # on a busy 2-core machine, measured)
-    elif threads == 0 and world == 1 and hw["device"] == "cpu" and free_cores() < torch.get_num_threads():
-        threads = free_cores()  # bigger models: the cores other processes leave free (a thread on a busy core spins)
-        log(f"threads: {threads} (the machine is busy: load average {os.getloadavg()[0]:.1f})")
-    if threads > 0:
-        torch.set_num_threads(threads)
+    log(f"threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
     transformers.logging.set_verbosity_warning()
     return libs_rss
 
@@ -604,10 +588,15 @@ def setup_data(cfg: dict, tokenizer):
     """Template -> tokens + labels (train_on_inputs), cutoff_len + EOS, cached; held-out split (seed 42); packing."""
     b = cfg["backend"]
     examples = tokenized_data(cfg, tokenizer)
-    train_set, val_set = split_train_val(examples, float(cfg["val_set_size"]), seed=42)
+    held_out = cfg["data"].get("eval_dataset")
+    if held_out:  # a dataset held out for evaluation: val_set_size is not used
+        train_set, val_set = examples, tokenized_data(cfg, tokenizer, which="eval")
+    else:
+        train_set, val_set = split_train_val(examples, float(cfg["val_set_size"]), seed=42)
     log(
         f"data: {len(examples)} examples -> {len(train_set)} train, {len(val_set)} held out "
-        f"(train_on_inputs={cfg['train_on_inputs']}, cutoff_len={cfg['cutoff_len']}, "
+        + (f"(the dataset {held_out}) " if held_out else "")
+        + f"(train_on_inputs={cfg['train_on_inputs']}, cutoff_len={cfg['cutoff_len']}, "
         f"template={cfg['prompt_template_name']})"
     )
     if b.get("packing"):
@@ -715,6 +704,8 @@ def build_trainer(
     )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(TrainingBegins(trainer, run_state))
+    trainer.pause = pause_callback()  # the driver's first Ctrl-C: a complete checkpoint, then stop
+    trainer.add_callback(trainer.pause)
     if cfg["method"].get("use_badam"):  # as LLaMA-Factory: BAdam's sparse (ratio) gradients need its own clipping
         from badam import BAdamCallback, clip_grad_norm_old_version
 
@@ -766,6 +757,8 @@ def train(trainer, run_state: RunState, resume_from: Optional[Path], has_eval: b
     begin = run_state.t_begin if run_state.t_begin is not None else t0
     timing = Timing(output=out, runtime_s=t_end - t0, compute_s=t_end - begin - run_state.other_s)
     hist = trainer.state.log_history
+    if trainer.pause.paused_at is not None:
+        return timing  # paused: no final evaluation (the resumed run makes it)
     if has_eval and not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in hist):
         trainer.evaluate()
     return timing
@@ -831,9 +824,16 @@ def write_summary(
         "mean_train_loss_hf": timing.output.training_loss,
     }
     atomic_write_text(Path(cfg["_run_dir"]) / "train_summary.json", json.dumps(summary, indent=1))
+    shown = {k: summary[k] for k in ("train_loss", "eval_loss") if summary[k] is not None}
+    if (
+        summary["train_loss"] is None and summary["mean_train_loss_hf"] is not None
+    ):  # said once, with the reason and the fix (the driver's completion line too)
+        shown["mean_train_loss"] = summary["mean_train_loss_hf"]
     log(
-        f"saved {artefact}; train_loss={summary['train_loss']} eval_loss={summary['eval_loss']} "
-        f"tokens/s={summary['tokens_per_s']:.1f} peak_rss={summary['peak_rss_mb']:.0f} MiB"
+        f"saved {artefact}; "
+        + " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+        + f" tokens/s={summary['tokens_per_s']:.1f} peak_rss={summary['peak_rss_mb']:.0f} MiB"
+        + ("" if losses else f" (no loss logged: logging_steps={cfg['logging_steps']})")
     )
 
 
@@ -891,6 +891,9 @@ def main(argv=None) -> int:
     # 6. train (resumed from the last complete checkpoint of this run folder), evaluate, save, summarise
     resume_from = resume_point(trainer, run_dir)
     timing = train(trainer, run_state, resume_from, has_eval=bool(val_set))
+    if trainer.pause.paused_at is not None:
+        log(f"paused: checkpoint-{trainer.pause.paused_at} saved in {args.output_dir}")
+        return PAUSED_EXIT
     artefact = save_artefact(cfg, trainer, model, tokenizer, pissa_init_dir)
     if trainer.args.should_save:
         write_summary(

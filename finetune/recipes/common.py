@@ -40,15 +40,6 @@ def read_config(path: str) -> dict:
     return merge_secrets(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def free_cores() -> int:
-    """Cores not already busy (cores minus the 1-minute load average, at least 1). On a shared 2-core machine a
-    second compute thread only spins while another process holds the other core: measured here for SmolLM2-135M
-    at load average 8, a forward of 8 x 70 tokens took 8.5 s on 1 thread and 18.8 s on 2, greedy generation of 16
-    tokens 15.7 s and 86 s."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, int(cores - os.getloadavg()[0] + 0.5)))
-
-
 def deepspeed_env() -> None:
     """DeepSpeed needs the torchrun environment even for one process: without RANK/WORLD_SIZE it falls into MPI
     discovery (ModuleNotFoundError: mpi4py). torchrun sets them for several processes; this fills them for one."""
@@ -170,6 +161,65 @@ def history_callback(run_dir: Path):
 
 
 COMPLETE = "FINETUNE_COMPLETE"  # written into checkpoint-N last, once the checkpoint is whole
+PAUSE_FILE = "FINETUNE_PAUSE_FILE"  # the driver creates this file on the first Ctrl-C / SIGTERM (launchers/process.py)
+PAUSED_EXIT = 75  # a training step that saved a complete checkpoint and stopped on request (EX_TEMPFAIL: resume later)
+
+
+def checkpoint_marker():
+    """A TrainerCallback: FINETUNE_COMPLETE in checkpoint-N once the Trainer has finished saving it (every rank's
+    shards). For Trainers whose _save_checkpoint we do not own (FlagEmbedding's, LLaMA-Factory's)."""
+    from transformers import TrainerCallback
+
+    class CompleteCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+            if state.is_world_process_zero:
+                atomic_write_text(
+                    Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE, str(time.time())
+                )
+
+    return CompleteCheckpoints()
+
+
+def pause_callback():
+    """A TrainerCallback that turns the driver's pause request (the file named by FINETUNE_PAUSE_FILE, made on the
+    first Ctrl-C) into a clean stop: at the end of the current optimizer step every rank saves the checkpoint
+    (ranks agree through one all_reduce, so none waits for a save the others skip) and training stops. After
+    trainer.train() returns, ``paused_at`` is the step saved (None: not paused); the worker then exits PAUSED_EXIT
+    instead of saving its final model."""
+    from transformers import TrainerCallback
+
+    flag = os.environ.get(PAUSE_FILE)
+
+    class PauseOnRequest(TrainerCallback):
+        paused_at = None
+
+        def on_step_end(self, args, state, control, **kw):
+            if not flag:
+                return
+            asked = os.path.exists(flag)
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                import torch
+
+                t = torch.tensor([1.0 if asked else 0.0])
+                dist.all_reduce(t)  # SUM: any rank that saw the request stops them all
+                asked = bool(t.item() > 0)
+            if asked:
+                control.should_save = True
+                control.should_training_stop = True
+                self.paused_at = state.global_step
+                log(f"pause requested: saving checkpoint-{state.global_step} and stopping")
+
+        def on_epoch_end(self, args, state, control, **kw):
+            if self.paused_at is not None:  # the epoch was cut short: no evaluation or second save of it
+                control.should_evaluate = control.should_save = False
+
+    return PauseOnRequest()
 
 
 def last_complete_checkpoint(ckpt_dir: Path):
