@@ -1,10 +1,12 @@
 """Read and check data files without heavy imports: format detection and row validation (row number in errors).
 
-Formats:
+Formats (each of preference and kto in two layouts: alpaca-style, or LLaMA-Factory's sharegpt-style):
   alpaca      {"instruction", "input"?, "output", "system"?, "history"?}
   sharegpt    {"conversations": [{"from", "value"}, ...]}  or  {"messages": [{"role", "content"}, ...]}
-  preference  {"instruction", "input"?, "chosen", "rejected"}           (dpo, rm)
+  preference  {"instruction", "input"?, "chosen", "rejected"}                                  (dpo, rm)
+              {"conversations" | "messages": [... ending with the user], "chosen": {turn}, "rejected": {turn}}
   kto         {"instruction", "input"?, "output", "kto_tag": bool}
+              {"conversations" | "messages": [... ending with the answer], "label" | "kto_tag": bool}
   text        {"text"}                                                   (pt)
   embedding   {"query", "pos": [str], "neg": [str], "pos_scores"?, "neg_scores"?, "prompt"?, "type"?}
 """
@@ -12,61 +14,15 @@ Formats:
 from __future__ import annotations
 
 import hashlib
-import json
-from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import List
 
 from finetune.config.schema import DataConfig, choices
+from finetune.datafiles import data_files, iter_rows
 from finetune.errors import ConfigError
 
 FORMATS = choices(DataConfig, "format")[1:]  # what a file can hold ("auto" detects one of them)
-SUFFIXES = (".json", ".jsonl")
-
-
-def data_files(path: str, key: str = "data.path") -> List[Path]:
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(key, str(path), "no such file or folder")
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix in SUFFIXES and f.is_file())
-        if not files:
-            raise ConfigError(key, str(path), "folder holds no .json or .jsonl file")
-        return files
-    if p.suffix not in SUFFIXES:
-        raise ConfigError(key, str(path), "must be a .json or .jsonl file, or a folder of them")
-    return [p]
-
-
-def iter_rows(file: Path, key: str = "data.path") -> Iterator[Tuple[int, object]]:
-    """Yield (row number from 1, row). A .json file holds a list (or JSON lines); .jsonl one object a line."""
-    try:
-        raw = file.read_bytes()
-    except OSError as e:
-        raise ConfigError(key, str(file), f"cannot be read ({e.strerror})") from None
-    if not raw.strip():
-        raise ConfigError(key, str(file), "file is empty")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConfigError(key, str(file), f"not UTF-8 (byte {e.start})") from None
-    stripped = text.lstrip()
-    if file.suffix == ".json" and stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(key, str(file), f"not valid JSON (line {e.lineno}: {e.msg})") from None
-        yield from enumerate(rows, start=1)
-        return
-    n = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        n += 1
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            why = f"line {lineno} is not valid JSON ({e.msg}); expected JSON or JSONL"
-            raise ConfigError(key, str(file), why) from None
+# how a user asks for a format: its own data option where there is one
+ASK_FOR = {"alpaca": "data=alpaca", "sharegpt": "data=sharegpt", "embedding": "data=embedding"}
 
 
 def detect_format(row: object) -> str:
@@ -75,6 +31,10 @@ def detect_format(row: object) -> str:
     if "query" in row and "pos" in row:
         return "embedding"
     if "conversations" in row or "messages" in row:
+        if "chosen" in row and "rejected" in row:
+            return "preference"
+        if isinstance(row.get("label"), bool) or "kto_tag" in row:
+            return "kto"
         return "sharegpt"
     if "chosen" in row and "rejected" in row:
         return "preference"
@@ -91,10 +51,59 @@ def _str(v) -> bool:
     return isinstance(v, str)
 
 
+ROLES = ("system", "human", "user", "gpt", "assistant", "function_call", "observation", "tool")
+ANSWER_ROLES = ("gpt", "assistant", "function_call")
+
+
+def chat_layout(row: dict) -> bool:
+    """A row in the sharegpt / messages layout (a list of turns), as opposed to alpaca-style fields."""
+    return "conversations" in row or "messages" in row
+
+
+def _turn(t) -> tuple:
+    return (t.get("from"), t.get("value")) if "from" in t else (t.get("role"), t.get("content"))
+
+
+def _check_turns(turns, last: str) -> str:
+    """The turns of a chat-layout row; ``last``: which role ends them (answer: sft, kto; user: preference)."""
+    if not isinstance(turns, list) or not turns:
+        return "needs a non-empty list 'conversations' (from/value) or 'messages' (role/content)"
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            return f"turn {i} is not an object"
+        role, content = _turn(t)
+        if role not in ROLES:
+            return f"turn {i} has role {role!r}; allowed: system, human/user, gpt/assistant"
+        if not _str(content):
+            return f"turn {i} has no string content"
+    final = _turn(turns[-1])[0]
+    if last == "user" and final in ANSWER_ROLES + ("system",):
+        return "its turns must end with the user's (the answers are 'chosen' and 'rejected')"
+    if last == "answer" and not any(_turn(t)[0] in ANSWER_ROLES for t in turns):
+        return "has no assistant turn"
+    return ""
+
+
 def check_row(row: object, fmt: str) -> str:
     """'' if the row is fine for the format, else what is wrong with it."""
     if not isinstance(row, dict):
         return f"is a {type(row).__name__}, expected an object"
+    if fmt in ("preference", "kto") and chat_layout(row):
+        problem = _check_turns(row.get("conversations", row.get("messages")), "user" if fmt == "preference" else "x")
+        if problem:
+            return problem
+        if fmt == "kto":
+            tag = "label" if "label" in row else "kto_tag"
+            if not isinstance(row.get(tag), bool):
+                return f"field {tag!r} must be true or false"
+            if _turn(row.get("conversations", row.get("messages"))[-1])[0] not in ANSWER_ROLES:
+                return "its turns must end with the answer the label judges"
+            return ""
+        for k in ("chosen", "rejected"):
+            t = row.get(k)
+            if not isinstance(t, dict) or _turn(t)[0] not in ANSWER_ROLES or not _str(_turn(t)[1]):
+                return f"field {k!r} must be an assistant turn ({{from: gpt, value}} or {{role: assistant, content}})"
+        return ""
     if fmt == "alpaca":
         for k in ("instruction", "output"):
             if not _str(row.get(k)):
@@ -102,18 +111,10 @@ def check_row(row: object, fmt: str) -> str:
         if "input" in row and row["input"] is not None and not _str(row["input"]):
             return "field 'input' must be a string"
     elif fmt == "sharegpt":
-        turns = row.get("conversations", row.get("messages"))
-        if not isinstance(turns, list) or not turns:
-            return "needs a non-empty list 'conversations' (from/value) or 'messages' (role/content)"
-        for i, t in enumerate(turns):
-            if not isinstance(t, dict):
-                return f"turn {i} is not an object"
-            role, content = (t.get("from"), t.get("value")) if "from" in t else (t.get("role"), t.get("content"))
-            if role not in ("system", "human", "user", "gpt", "assistant", "function_call", "observation", "tool"):
-                return f"turn {i} has role {role!r}; allowed: system, human/user, gpt/assistant"
-            if not _str(content):
-                return f"turn {i} has no string content"
-        if not any((t.get("from") or t.get("role")) in ("gpt", "assistant") for t in turns):
+        problem = _check_turns(row.get("conversations", row.get("messages")), "answer")
+        if problem:
+            return problem
+        if not any(_turn(t)[0] in ("gpt", "assistant") for t in row.get("conversations", row.get("messages"))):
             return "has no assistant turn"
     elif fmt == "preference":
         for k in ("instruction", "chosen", "rejected"):
@@ -162,6 +163,10 @@ def check_data(path: str, fmt: str, allowed: List[str], key: str = "data.path", 
                     )
             problem = check_row(row, detected)
             if problem:
+                other = detect_format(row)
+                if other not in ("unknown", detected) and not check_row(row, other):
+                    ask = ASK_FOR.get(other, f"data.format={other}")
+                    problem = f"is a {other} row ({', '.join(sorted(row))}), not {detected}: use {ask}"
                 raise ConfigError(key, str(f), f"row {n} {problem} (data.format={detected})")
             total += 1
             if total >= max_rows:

@@ -15,6 +15,7 @@ Each run folder holds:
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import os
 import platform
@@ -62,29 +63,91 @@ def default_run_dir(name: str, now: Optional[_dt.datetime] = None) -> Path:
     return OUTPUTS_ROOT / "runs" / now.strftime("%Y-%m-%d") / f"{now.strftime('%H-%M-%S')}-{slug(name)}"
 
 
-def create_run_dir(path: Path, resume: bool) -> Path:
-    """Create the folder. Never reuse a non-empty folder unless resuming; a clash of default names gets -2, -3."""
+LOCK = ".finetune.lock"  # in every run folder: created exclusively when a run claims it, flock-ed while it runs
+PAUSE_NAME = ".pause"  # made by the driver on the first Ctrl-C: the training step saves a checkpoint and stops
+
+
+class RunFolder:
+    """A run folder this process has claimed, and the lock it holds on it until the run ends (``release``). The lock
+    is an flock on <run>/.finetune.lock: the kernel drops it when the process ends however it ends, so a crashed run
+    never leaves a stale lock; the file says which process holds it."""
+
+    def __init__(self, path: Path, fd: int, created: bool):
+        self.path, self._fd, self.created = path, fd, created
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def abandon(self) -> None:
+        """Nothing was written (planning failed): give the folder back as it was."""
+        self.release()
+        if self.created:
+            try:
+                (self.path / LOCK).unlink()
+                self.path.rmdir()
+            except OSError:
+                pass
+
+
+def claim_run_dir(path: Path, resume: bool, exact: bool) -> RunFolder:
+    """Claim the run's folder before anything is planned into it, atomically: a new folder is made with an
+    exclusive mkdir (a default name taken by another run started in the same second gets -2, -3, ...); a folder
+    that already exists (output_dir=, a sweep job's folder, resume=true) is claimed by creating its lock file
+    exclusively. ``exact``: that folder or none (what the user typed, a job folder). The claimed folder is locked
+    for the life of the run: a second resume=true of a run that is running is refused."""
     from finetune.errors import ConfigError
 
-    path = Path(path)
-    try:
-        if resume:
-            path.mkdir(parents=True, exist_ok=True)
-            return path
-    except OSError as e:
-        raise ConfigError("output_dir", str(path), f"cannot be created ({e.strerror})") from None
-    base, n = path, 1
+    key = "resume" if resume else "output_dir"
+    base, n = Path(path), 1
     while True:
+        existed = path.exists()
         try:
-            path.mkdir(parents=True, exist_ok=False)
-            return path
+            path.mkdir(parents=True, exist_ok=exact or resume)
         except FileExistsError:
-            if path.is_dir() and not any(path.iterdir()):
-                return path  # an empty folder made for us (Hydra's multirun job folder)
             n += 1
             path = base.with_name(f"{base.name}-{n}")
+            continue
         except OSError as e:
             raise ConfigError("output_dir", str(path), f"cannot be created ({e.strerror})") from None
+        flags = os.O_RDWR | os.O_CREAT | (0 if resume else os.O_EXCL)
+        try:
+            fd = os.open(path / LOCK, flags, 0o644)
+        except FileExistsError:
+            if exact:
+                raise ConfigError(key, str(path), "was claimed by another run just now; choose a new folder") from None
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            raise ConfigError(
+                key,
+                str(path),
+                f"the run in this folder is running ({holder or 'another process'}); wait for it to end or stop it",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {platform.node()} since {_dt.datetime.now():%Y-%m-%d %H:%M:%S}".encode())
+        return RunFolder(path, fd, created=not existed)
+
+
+def running(path: Path) -> Optional[str]:
+    """Who holds the run folder's lock (a run in it is running), or None."""
+    try:
+        fd = os.open(Path(path) / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
 
 
 def git_info() -> Dict[str, Any]:

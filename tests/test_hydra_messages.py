@@ -19,7 +19,8 @@ MESSAGES = [
     ),
     (
         ["+experiment=nope"],
-        "experiment='nope': one of alpaca_lora, collie_lora, embedding_finetune, llamafactory_lora_sft, smollm2_lora",
+        "experiment='nope': one of alpaca_lora, collie_lora, embedding_finetune, llamafactory_lora_sft, smollm2_dpo, "
+        "smollm2_kto, smollm2_lora",
     ),
     # omegaconf ConfigAttributeError / ConfigKeyError (full_key) under ConfigCompositionException: unknown key
     (["lora_rr=3"], "lora_rr: unknown key (did you mean 'lora_r'?)"),
@@ -31,6 +32,16 @@ MESSAGES = [
     (["hardware.deepspeed_stage=x"], "hardware.deepspeed_stage='x': must be integer"),
     # hydra.errors.OverrideParseException (override): the command-line grammar
     (["lora_r"], "override 'lora_r': cannot be parsed (KEY=VALUE; quote values with special characters)"),
+    # hydra ConfigCompositionException: a comma list without -m (its fix is on the message's later lines)
+    (
+        ["lora_target_modules=q_proj,v_proj"],
+        "override 'lora_target_modules=q_proj,v_proj': a comma list is a sweep, which runs with -m; for a list "
+        "write lora_target_modules=[q_proj,v_proj], for text with commas quote it: lora_target_modules='q_proj,v_proj'",
+    ),
+    (
+        ["lora_r=range(1,3)"],
+        "override 'lora_r=range(1,3)': is a sweep, which runs with -m (python train.py -m lora_r=range(1,3))",
+    ),
     (["lora_r=[1"], "override 'lora_r=[1': cannot be parsed (KEY=VALUE; quote values with special characters)"),
     # omegaconf MissingMandatoryValue (full_key): a ??? value never set (raised when our checks read it)
     (["model=llama"], "model.path: required value is missing (set model.path=...)"),

@@ -25,9 +25,16 @@ SOURCES = {
         "finetune/backends/alpacalora.py",
         "finetune/recipes/alpacalora.py",
         "finetune/recipes/data.py",
+        "finetune/sources.py",
         *GEN_EVAL,
     ],
-    "llamafactory": ["finetune/backends/llamafactory.py", "finetune/recipes/llamafactory.py", *GEN_EVAL],
+    "llamafactory": [
+        "finetune/backends/llamafactory.py",
+        "finetune/recipes/llamafactory.py",
+        *GEN_EVAL,
+        "finetune/backends/pref_eval.py",
+        "finetune/recipes/pref_eval.py",
+    ],
     "flagembedding": [
         "finetune/backends/flagembedding.py",
         "finetune/recipes/flagembedding.py",
@@ -37,6 +44,7 @@ SOURCES = {
         "finetune/backends/collie.py",
         "finetune/recipes/collie.py",
         "finetune/recipes/collie_merge.py",
+        "finetune/sources.py",
         *GEN_EVAL,
     ],
 }
@@ -49,6 +57,7 @@ DRIVER = [
     "finetune/backends/auto.py",
     "finetune/tracking/__init__.py",
     "finetune/tracking/tracker.py",
+    "finetune/launchers/local.py",
 ]
 # the driver's own keys: what every backend gets from the driver rather than from its worker
 DRIVER_KEYS = {
@@ -63,6 +72,9 @@ DRIVER_KEYS = {
     "fail_fast",
     "report_to",
     "tracking",
+    "verbose",  # the launcher: what reaches the terminal
+    "export",  # finetune/export.py: the run's last step, refused in one line where the model cannot be exported
+    "export_type",
 }
 
 
@@ -155,6 +167,9 @@ VALUES = {
     "generate_eval_rows": "8",
     "max_new_tokens": "16",
     "generate_batch_size": "4",
+    "preference_eval": "true",
+    "preference_eval_rows": "8",
+    "adapter": "/tmp/x",
 }
 
 

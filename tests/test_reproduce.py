@@ -45,6 +45,7 @@ def dummy_run(tmp_path_factory):
     return out, run
 
 
+@pytest.mark.slow
 def test_reproduce_dummy_identical(dummy_run):
     out, run = dummy_run
     proc = finetune_cmd("reproduce", str(run), "--allow-different", "--output-dir", str(out / "again"))
@@ -62,6 +63,7 @@ def test_reproduce_dummy_identical(dummy_run):
     assert train_loss["recorded"] == train_loss["new"] == 0.4 and train_loss["diff"] == 0
 
 
+@pytest.mark.slow
 def test_reproduce_refuses_different_versions(dummy_run, tmp_path):
     out, run = dummy_run
     copy = tmp_path / "edited"
@@ -80,6 +82,7 @@ def test_reproduce_refuses_different_versions(dummy_run, tmp_path):
     assert "new folder:" not in proc.stdout  # nothing was run
 
 
+@pytest.mark.slow
 def test_reproduce_flags_a_different_curve(dummy_run, tmp_path):
     """If the replay does not match (here: the recorded curve edited), the exit code says so."""
     out, run = dummy_run
@@ -146,6 +149,7 @@ def test_reproduce_auto_run_uses_the_recorded_choice(tmp_path):
     assert not report["config_differences"]
 
 
+@pytest.mark.slow
 def test_reproduce_a_run_typed_with_relative_paths_in_another_folder(tmp_path):
     """A run started from the user's own folder with relative paths (`data.path=mydata.json`, `output_dir=runs/a`)
     records them absolute; reproducing it composes them against the same folder, so nothing reads as changed."""

@@ -81,6 +81,7 @@ def test_typo_in_model_path_is_refused_never_built(tmp_path):
     assert not (tmp_path / "nonexistent").exists()
 
 
+@pytest.mark.slow
 def test_a_models_own_builder_builds_only_into_the_models_cache(tmp_path):
     proc, _ = run_train("model=tiny_bert", "backend=flagembedding", "dry_run=true", outputs=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -97,6 +98,7 @@ def train_from(folder: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_relative_paths_are_the_users_working_folder(tmp_path):
     """From another folder: output_dir, data.path and backend.deepspeed typed relative to it; the repo's own
     defaults (data samples, models cache) found wherever the command runs."""
@@ -105,7 +107,7 @@ def test_relative_paths_are_the_users_working_folder(tmp_path):
     rows = json.loads((REPO / "data" / "samples" / "tiny_alpaca.json").read_text())[:40]
     (work / "mine.json").write_text(json.dumps(rows))
     (work / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    mine = ("data.path=mine.json", "output_dir=runs/one", "backend.deepspeed=ds.json")
+    mine = ("data.path=mine.json", "val_set_size=8", "output_dir=runs/one", "backend.deepspeed=ds.json")
     proc = train_from(work, *mine, "dry_run=true")
     assert proc.returncode == 0, proc.stderr
     assert f"run folder: {work}/runs/one" in proc.stdout
@@ -121,6 +123,7 @@ def test_relative_paths_are_the_users_working_folder(tmp_path):
     assert not (work / "outputs").exists() and not (work / "models").exists()
 
 
+@pytest.mark.slow
 def test_sweep_from_another_folder_lands_in_the_repos_multiruns(tmp_path):
     """`python <repo>/train.py -m ...` from another folder: the sweep folder is the repo's outputs/multiruns (as from
     the repo root), its summary lists every job, and nothing is written where the command ran."""
@@ -162,6 +165,7 @@ def test_existing_non_empty_output_folder_is_refused(tmp_path, backend, key):
     assert (mine / "precious.txt").read_text() == "keep me" and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_merge_never_deletes_an_existing_folder(tmp_path, tiny_model):
     """The merge step itself (not only validation) refuses a non-empty target instead of replacing it."""
     out = tmp_path / "merged"
@@ -271,7 +275,8 @@ def test_llamafactory_worker_passes_secrets_as_arguments(tmp_path, monkeypatch):
     monkeypatch.setattr(llamafactory_worker.subprocess, "Popen", Proc)
     monkeypatch.setenv("FINETUNE_SECRETS", json.dumps({"backend.extra.hf_hub_token": "hf_X1234", "other.key": "v"}))
     code = llamafactory_worker.main(
-        ["--run-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--", "llamafactory-cli", "train", "t.yaml"]
+        ["--run-dir", str(tmp_path), "--output-dir", str(tmp_path / "c"), "--artefact", str(tmp_path / "o")]
+        + ["--", "llamafactory-cli", "train", "t.yaml"]
     )
     assert code == 3 and seen["cmd"] == ["llamafactory-cli", "train", "t.yaml", "hf_hub_token=hf_X1234"]
 
@@ -279,6 +284,7 @@ def test_llamafactory_worker_passes_secrets_as_arguments(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_setting_and_a_missing_run(tmp_path):
     proc, run = run_train("backend=dummy", "backend.steps=3", "lora_r=16", outputs=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -303,6 +309,7 @@ def test_resume_refuses_a_changed_setting_and_a_missing_run(tmp_path):
     one_line_refusal(proc, "completed; there is nothing to resume")
 
 
+@pytest.mark.slow
 def test_collie_refuses_resume(tmp_path):
     proc, run = run_train("backend=dummy", "backend.steps=2", outputs=tmp_path)
     m = read_json(run / "manifest.json")

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional
 # who wants other names sets target_path / merge_path.
 ADAPTER_DIR = "lazyllm_lora"
 MERGED_DIR = "lazyllm_merge"
+CHECKPOINTS = "checkpoints"  # <run>/checkpoints/checkpoint-N: where every backend's Trainer saves its checkpoints
 
 
 def world_size(cfg: Mapping) -> int:

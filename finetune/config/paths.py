@@ -32,6 +32,8 @@ PATH_KEYS = (
     "data.path",
     "data.eval_path",
     "data.corpus_path",
+    "data.dataset_dir",
+    "adapter",
     "backend.deepspeed",
     "backend.venv",
 )

@@ -10,8 +10,8 @@
 - ``${pkg_path:NAME}``       the folder of an installed Python package, found without importing it.
 - ``${gguf_model_dir:FILE}`` where ``model=gguf`` converts FILE to (models/gguf/<stem>-<key>;
                              finetune/tools/gguf_model.py).
-- ``${metric_direction:NAME}`` maximize for a score (exact match, F1, ROUGE, accuracy, recall, MRR), else minimize
-                             (a loss): the Optuna searches' direction follows ``metric=``.
+- ``${metric_direction:NAME}`` maximize for a score (exact match, F1, ROUGE, accuracy, margin, recall, MRR), else
+                             minimize (a loss): the Optuna searches' direction follows ``metric=``.
 - ``${hardware_job:WHAT}``   what one node of the hardware group asks of a launcher: ``nproc`` (processes per node:
                              one per GPU on CUDA hardware, else 1), ``gpus`` (GPUs per node), ``cpus`` and ``mem_gb``
                              (a GPU node's cores and 90% of its memory, where the hardware option names them; else
@@ -90,7 +90,7 @@ def _pkg_path(name: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]))
 
 
-MAXIMISED = ("exact_match", "f1", "rouge", "accuracy", "accuracies", "recall", "mrr", "ndcg", "gain")
+MAXIMISED = ("exact_match", "f1", "rouge", "accuracy", "accuracies", "recall", "mrr", "ndcg", "gain", "margin")
 
 
 def metric_direction(name) -> str:

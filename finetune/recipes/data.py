@@ -4,10 +4,10 @@ held-out split, packing, and the collator. Standard library at import; torch/num
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Tuple
 
+from finetune.datafiles import data_files, read_rows  # noqa: F401 - the one reader (validation's too)
 from finetune.recipes.common import IGNORE_INDEX, log
 from finetune.recipes.templates import alpaca_prompt, load_template
 
@@ -23,26 +23,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-
-
-def data_files(path: str) -> List[Path]:
-    p = Path(path)
-    if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.suffix in (".json", ".jsonl") and f.is_file())
-    return [p]
-
-
-def read_rows(path: str) -> List[dict]:
-    """Every row of a .json (list) / .jsonl file, or of every such file in a folder (sorted by name)."""
-    rows: List[dict] = []
-    for f in data_files(path):
-        text = f.read_text(encoding="utf-8")
-        if f.suffix == ".jsonl":
-            rows += [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            data = json.loads(text)
-            rows += data if isinstance(data, list) else [data]
-    return rows
 
 
 def row_format(row: dict) -> str:
@@ -65,12 +45,22 @@ _ROLE = {
 
 
 def to_messages(row: dict) -> List[dict]:
-    """sharegpt ({conversations: [{from, value}]}) or messages ({messages: [{role, content}]}) -> messages."""
+    """sharegpt ({conversations: [{from, value}]}) or messages ({messages: [{role, content}]}) -> messages. A tool
+    description (``tools``, from a LLaMA-Factory dataset) goes into the system turn, as LLaMA-Factory's default
+    tool format puts it into the system prompt."""
     if "messages" in row:
-        return [{"role": _ROLE.get(m["role"], m["role"]), "content": m["content"]} for m in row["messages"]]
-    msgs = [{"role": _ROLE.get(m["from"], m["from"]), "content": m["value"]} for m in row["conversations"]]
-    if row.get("system"):
+        msgs = [{"role": _ROLE.get(m["role"], m["role"]), "content": m["content"]} for m in row["messages"]]
+    else:
+        msgs = [{"role": _ROLE.get(m["from"], m["from"]), "content": m["value"]} for m in row["conversations"]]
+    if row.get("system") and not (msgs and msgs[0]["role"] == "system"):
         msgs.insert(0, {"role": "system", "content": row["system"]})
+    if row.get("tools"):
+        from finetune.lfdata import TOOLS_PREFIX
+
+        if msgs and msgs[0]["role"] == "system":
+            msgs[0] = {"role": "system", "content": msgs[0]["content"] + "\n\n" + TOOLS_PREFIX + row["tools"]}
+        else:
+            msgs.insert(0, {"role": "system", "content": TOOLS_PREFIX + row["tools"]})
     return msgs
 
 
@@ -134,17 +124,20 @@ def encode_rows(rows: List[dict], tokenizer, template_name: str, cutoff_len: int
     return out
 
 
-def tokenized_data(cfg: dict, tokenizer, cache_dir: Path = None) -> List[dict]:
+def tokenized_data(cfg: dict, tokenizer, cache_dir: Path = None, which: str = "train") -> List[dict]:
     """Rows -> tokenised examples, through the tokenised-dataset cache that sweep jobs share
     (finetune/data_cache.py: <outputs>/cache/tokenized, or $FINETUNE_DATA_CACHE; built once under a lock,
-    written atomically). The key is everything that changes the result: data bytes, tokenizer files, template,
-    cutoff_len, train_on_inputs, max_samples."""
+    written atomically). The key is everything that changes the result: data bytes (and for datasets of a
+    dataset_info.json their entries, mixture and seed), tokenizer files, template, cutoff_len, train_on_inputs,
+    max_samples. ``which``: the training rows, or the held-out dataset's (data.eval_dataset)."""
+    from finetune import sources
     from finetune.data_cache import file_digest, get_or_build
 
     model_dir = Path(cfg["model"]["path"])
     tok_files = [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
+    data = sources.fingerprint(cfg)
     key = {
-        "data": file_digest(data_files(cfg["data"]["path"])),
+        "data": data["files"] if not sources.registry(cfg["data"]) else {**data, "which": which},
         "tokenizer": file_digest(tok_files),
         "template": load_template(cfg["prompt_template_name"]),
         "cutoff_len": cfg["cutoff_len"],
@@ -154,9 +147,7 @@ def tokenized_data(cfg: dict, tokenizer, cache_dir: Path = None) -> List[dict]:
     }
 
     def build() -> List[dict]:
-        rows = read_rows(cfg["data"]["path"])
-        if cfg.get("max_samples"):
-            rows = rows[: int(cfg["max_samples"])]
+        rows = sources.train_rows(cfg) if which == "train" else sources.eval_rows(cfg)
         return encode_rows(
             rows, tokenizer, cfg["prompt_template_name"], int(cfg["cutoff_len"]), bool(cfg["train_on_inputs"])
         )
