@@ -111,12 +111,12 @@ def test_lora_yaml_and_cpu_traps(tmp_path):
     assert t["overwrite_output_dir"] is True and t["report_to"] == "none"
     assert plan.steps[0].env["CUDA_VISIBLE_DEVICES"] == ""
     assert plan.steps[0].argv[-2:] == ["train", str(tmp_path / "run" / "llamafactory" / "train.yaml")]
-    assert plan.steps[0].argv[-4:-2] == ["-m", "llamafactory.cli"]
+    assert plan.steps[0].argv[-4:-2] == ["-m", "finetune.recipes.llamafactory_cli"]  # run_exp + our callbacks
     # batch arithmetic: global 8 = micro 1 x accumulation 8 (backend defaults)
     assert (t["per_device_train_batch_size"], t["gradient_accumulation_steps"]) == (1, 8)
     assert t["val_size"] == 0.1 and t["eval_strategy"] == "steps"
     assert t["dataset_dir"] == str(tmp_path / "run" / "llamafactory") and t["dataset"] == "train"
-    assert t["output_dir"] == str(tmp_path / "run" / "lazyllm_lora")
+    assert t["output_dir"] == str(tmp_path / "run" / "checkpoints")  # the result moves to lazyllm_lora
     # every key we write is one llamafactory-cli accepts
     from finetune.backends.llamafactory_keys import KEYS
 
@@ -124,7 +124,9 @@ def test_lora_yaml_and_cpu_traps(tmp_path):
     from omegaconf import OmegaConf
 
     e = OmegaConf.to_container(OmegaConf.create(plan.files["llamafactory/export.yaml"]))
-    assert e["adapter_name_or_path"] == t["output_dir"] and e["export_dir"] == str(tmp_path / "run" / "lazyllm_merge")
+    assert e["adapter_name_or_path"] == str(tmp_path / "run" / "lazyllm_lora") and e["export_dir"] == str(
+        tmp_path / "run" / "lazyllm_merge"
+    )
     assert [s.name for s in plan.steps] == ["train", "merge"]
 
 
@@ -277,7 +279,7 @@ def test_dry_run_shows_yaml_and_writes_nothing(tmp_path):
         "--- llamafactory/train.yaml",
         "--- llamafactory/dataset_info.json",
         "--- llamafactory/export.yaml",
-        "-m llamafactory.cli train",
+        "-m finetune.recipes.llamafactory_cli train",
         "-m llamafactory.cli export",
         "use_cpu: true",
     ):
@@ -311,7 +313,11 @@ REFUSALS = [
     (["backend.template=defualt"], "(did you mean 'default'?)"),
     (["backend.template=null"], "use backend.template=default"),
     (["backend.stage=ppo"], "backend.stage='ppo': one of dpo, kto, pt, rm, sft"),
-    (["backend.stage=dpo"], "data.format='alpaca': this backend/stage takes preference"),
+    (
+        ["backend.stage=dpo"],
+        "data.format='alpaca': stage dpo trains on preference data (alpaca data trains with backend.stage=pt "
+        "or backend.stage=sft)",
+    ),
     (["method=galore", "optim=sgd"], "optim='sgd': LLaMA-Factory's GaLore takes adamw_torch"),
     (["method=badam", "method.badam_mode=ratio", "optim=adamw_torch_fused"], "use optim=adamw_torch"),
     (["method=pissa", "method.pissa_convert=false"], "merging a PiSSA adapter needs pissa_convert=true"),

@@ -45,6 +45,7 @@ def dummy_sweep(tmp_path_factory):
     return proc, folder
 
 
+@pytest.mark.slow
 def test_sweep_pairs_alpha_and_writes_results(dummy_sweep):
     proc, folder = dummy_sweep
     jobs = sorted(p for p in folder.iterdir() if p.is_dir())
@@ -60,6 +61,7 @@ def test_sweep_pairs_alpha_and_writes_results(dummy_sweep):
     assert seen == {(4, 1e-4), (4, 3e-4), (8, 1e-4), (8, 3e-4)}
 
 
+@pytest.mark.slow
 def test_sweep_summary_files(dummy_sweep):
     proc, folder = dummy_sweep
     rows = summary_rows(folder)
@@ -81,6 +83,7 @@ def test_sweep_summary_files(dummy_sweep):
     assert "summary: " in proc.stdout and "lora_alpha" in proc.stdout  # the rich table was printed
 
 
+@pytest.mark.slow
 def test_summarize_by_hand(dummy_sweep, tmp_path):
     _, folder = dummy_sweep
     for f in ("summary.csv", "summary.md", "loss_curves.png"):
@@ -95,6 +98,7 @@ def test_summarize_by_hand(dummy_sweep, tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: folder=") and len(bad.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_failed_jobs_do_not_stop_the_sweep(tmp_path):
     """A refused config (steps=0) and a crashing step (fail=true) fail their jobs; the others still run; the
     summary is written although Hydra skips on_multirun_end; the sweep exits non-zero."""
@@ -108,6 +112,7 @@ def test_failed_jobs_do_not_stop_the_sweep(tmp_path):
     assert "3 not completed" in proc.stdout and "job 3 failed: step 'dummy_train' exited with code 3" in proc.stdout
 
 
+@pytest.mark.slow
 def test_fail_fast_stops_at_first_failure(tmp_path):
     proc, folder = sweep(tmp_path, "backend=dummy", "fail_fast=true", "backend.fail=true,false")
     assert proc.returncode != 0
@@ -116,6 +121,7 @@ def test_fail_fast_stops_at_first_failure(tmp_path):
     assert not (folder / "1").exists()
 
 
+@pytest.mark.slow
 def test_hydra_mode_multirun_without_dash_m(tmp_path):
     """hydra.mode=MULTIRUN without -m is still a sweep: our shortcut past Hydra's mode probe (finetune/cli.py)
     only applies when no override could set hydra.mode."""
@@ -165,6 +171,7 @@ def _cache_job(args):
     return len(value), value[7]["input_ids"], info["hit"]
 
 
+@pytest.mark.slow
 def test_data_cache_builds_once_under_parallel_jobs(tmp_path):
     key = {"data": "abc", "tokenizer": "def", "template": "alpaca", "cutoff_len": 128}
     counter = tmp_path / "builds.txt"
@@ -203,3 +210,29 @@ def test_data_cache_datasets_and_failed_build(tmp_path):
     with pytest.raises(RuntimeError, match="exploded"):
         get_or_build({"k": 2}, boom, cache_dir=tmp_path)
     assert get_or_build({"k": 2}, lambda: {"ok": True}, cache_dir=tmp_path) == {"ok": True}
+
+
+@pytest.mark.slow
+def test_sweep_jobs_reuse_the_base_models_answers(tmp_path):
+    """The base model's answers of the evaluation by generation are computed by the first job of a sweep and reused
+    by the next (keyed by content: the model's bytes, the prompt ids, decoding; in <outputs>/cache/generations),
+    which records it in its manifest's "reused"; the base scores are the same in both jobs."""
+    import random
+
+    from conftest import PY, user_env
+
+    sweep = tmp_path / "sweep"
+    seed = random.randrange(10**6)  # held-out rows of their own: no other test or run has these answers cached
+    argv = [PY, str(REPO / "train.py"), "-m", "lora_r=4,8", "generate_eval=true", "generate_eval_rows=4",
+            "max_new_tokens=4", "max_steps=2", "max_samples=40", "val_set_size=8", "merge=false",
+            f"seed={seed}", "report_to=none", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = subprocess.run(argv, cwd=str(REPO), env=user_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    first, second = (read_json(sweep / j / "manifest.json") for j in ("0", "1"))
+    assert "reused" not in first, first.get("reused")
+    record = second["reused"]["generate_eval_before"]
+    assert record["reused"] is True and Path(record["path"]).exists()
+    before = [read_json(sweep / j / "eval" / "generate_before.json") for j in ("0", "1")]
+    assert before[1]["cache"]["key"] == before[0]["cache"]["key"]
+    assert [s["answer"] for s in before[1]["samples"]] == [s["answer"] for s in before[0]["samples"]]
+    assert first["metrics"]["base_eval_exact_match"] == second["metrics"]["base_eval_exact_match"]

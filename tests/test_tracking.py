@@ -235,25 +235,29 @@ def test_params_and_tags_hold_no_secret():
 # ------------------------------------------------------------------------------------------- never fails a run
 
 
+@pytest.mark.slow
 def test_closed_port_completes_with_one_warning_line(tmp_path):
     from finetune.osutil import free_port
 
     port = free_port()  # nothing listens there
-    t = time.monotonic()
     proc, run = run_train(
         "backend=dummy",
         "report_to=[tensorboard,mlflow]",
         f"tracking.mlflow.uri=http://127.0.0.1:{port}",
         outputs=tmp_path,
     )
-    seconds = time.monotonic() - t
     assert proc.returncode == 0, proc.stderr
     line = one_warning(proc)
     assert f"127.0.0.1:{port}" in line and "[finetune] completed:" in proc.stdout
     assert read_json(run / "manifest.json")["status"] == "completed" and (run / "metrics.json").exists()
-    assert seconds < 60, seconds  # the client gives up in seconds (not its default ~4 minutes)
+    # the client gives up in seconds, not after its default ~4 minutes of retries (the settings, not a timing)
+    from finetune import tracking
+
+    assert tracking.MLFLOW_HTTP_ENV["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
+    assert int(tracking.MLFLOW_HTTP_ENV["MLFLOW_HTTP_REQUEST_TIMEOUT"]) <= 5
 
 
+@pytest.mark.slow
 def test_closed_port_sweep_completes(tmp_path):
     from finetune.osutil import free_port
 
@@ -273,6 +277,7 @@ def test_closed_port_sweep_completes(tmp_path):
     assert "summary: " in proc.stdout and (tmp_path / "sweep" / "summary.csv").exists()  # parent + 2 jobs
 
 
+@pytest.mark.slow
 def test_resume_continues_the_mlflow_run(tmp_path):
     """A run cut short (here: timeout_min) and resumed logs into the same MLflow run, each step once. The local
     SQLite store (no server) is the same client path as the default outputs/mlflow store."""
@@ -280,12 +285,12 @@ def test_resume_continues_the_mlflow_run(tmp_path):
     args = [
         "backend=dummy",
         "backend.steps=8",
-        "backend.sleep_s=1",
+        "backend.sleep_s=3",
         "tracking.flush_s=0.5",
         "report_to=mlflow",
         f"tracking.mlflow.uri={uri}",
     ]
-    proc, run = run_train(*args, "timeout_min=0.1", outputs=tmp_path)
+    proc, run = run_train(*args, "timeout_min=0.25", outputs=tmp_path)  # 15 s of 24: cut after some steps
     assert proc.returncode == 1 and "timed out" in proc.stderr, proc.stderr
     state = read_json(run / "tracking.json")
     run_id = state["mlflow"]["run_id"]
@@ -316,6 +321,7 @@ def offline_run(parent: Path) -> Path:
     return found[0]
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_files(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -344,6 +350,7 @@ def test_wandb_offline_run_files(tmp_path):
     assert [p for p in home.rglob("*") if "wandb" in p.name] == []  # not in ~/.cache, ~/.config, ~/.local
 
 
+@pytest.mark.slow
 def test_wandb_sweep_is_a_group(tmp_path):
     folder = tmp_path / "sweep"
     proc, _ = run_train(
@@ -497,6 +504,7 @@ def test_failed_jobs_are_failed_children(mlflow_server, tmp_path):
     assert "logs" in {a.path for a in client(url).list_artifacts(failed.info.run_id)}  # the failed step's log
 
 
+@pytest.mark.slow
 @pytest.mark.optuna
 def test_optuna_search_is_a_parent_run(tmp_path):
     """+hparams_search (Optuna) as any sweep: a parent run, a child per trial named by the values Optuna chose."""
@@ -566,6 +574,7 @@ SEEN: dict = {}
 @pytest.mark.parametrize(
     "backend", [pytest.param(b, marks=[pytest.mark.collie] if b == "collie" else []) for b in BACKENDS]
 )
+@pytest.mark.slow
 def test_every_backend_logs_the_same_way(backend, mlflow_server, tmp_path, tiny_model):
     """Each backend's run lands in one experiment with the same name, tags, params and metric names."""
     if backend == "collie":

@@ -29,17 +29,27 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from finetune.backends import gen_eval
+from finetune.backends import gen_eval, pref_eval
 from finetune.backends.llamafactory_keys import KEYS, TEMPLATE_TOKENS, TEMPLATES
-from finetune.config.derived import adapter_dir, deepspeed_offload, grad_accum, hf_deepspeed_config, merged_dir
+from finetune.config.derived import (
+    CHECKPOINTS,
+    adapter_dir,
+    deepspeed_offload,
+    grad_accum,
+    hf_deepspeed_config,
+    merged_dir,
+    world_size,
+)
 from finetune.config.schema import LlamafactoryBackend, choices
 from finetune.errors import ConfigError, one_of, suggest
 from finetune.plan import Plan, Step
+from finetune.recipes.llamafactory import PRELOAD  # what the worker imports: preloaded once (launchers/zygote.py)
 from finetune.tracking import wants
 
 LF_DIR = "llamafactory"
@@ -54,14 +64,17 @@ EVAL_STRATEGIES = choices(LlamafactoryBackend, "eval_strategy")
 # LF keys this adapter writes from our own config: set them through our keys, not backend.extra
 MANAGED = {
     "model_name_or_path": "model.path",
+    "adapter_name_or_path": "adapter",
     "trust_remote_code": "trust_remote_code",
     "stage": "backend.stage",
     "do_train": "(always true)",
     "finetuning_type": "method",
     "template": "backend.template",
-    "dataset": "data.path",
-    "dataset_dir": "data.path",
-    "eval_dataset": "data.eval_path",
+    "dataset": "data.path or data.dataset",
+    "dataset_dir": "data.path or data.dataset_dir",
+    "eval_dataset": "data.eval_path or data.eval_dataset",
+    "mix_strategy": "data.mix_strategy",
+    "interleave_probs": "data.interleave_probs",
     "output_dir": "target_path",
     "overwrite_output_dir": "resume",
     "cutoff_len": "cutoff_len",
@@ -292,8 +305,12 @@ def check(cfg) -> None:
     if b.stage not in STAGES:
         raise ConfigError("backend.stage", b.stage, one_of(STAGES), suggest(b.stage, STAGES))
     if cfg.data.format not in STAGE_FORMATS[b.stage]:
+        fits = [s for s in STAGES if cfg.data.format in STAGE_FORMATS.get(s, ())]
         raise ConfigError(
-            "data.format", cfg.data.format, f"this backend/stage takes {', '.join(STAGE_FORMATS[b.stage])}"
+            "data.format",
+            cfg.data.format,
+            f"stage {b.stage} trains on {', '.join(STAGE_FORMATS[b.stage])} data",
+            f"{cfg.data.format} data trains with backend.stage={' or backend.stage='.join(fits)}" if fits else "",
         )
     if b.eval_strategy not in EVAL_STRATEGIES:
         raise ConfigError("backend.eval_strategy", b.eval_strategy, one_of(EVAL_STRATEGIES))
@@ -428,19 +445,18 @@ def _deepspeed_config(hw) -> dict:
     return hf_deepspeed_config(zero)
 
 
-def train_args(cfg, run_dir: Path, ctx: dict, info: Dict[str, dict]) -> Dict[str, Any]:
-    """The LLaMA-Factory train yaml as a dict (plain values, in a readable order); info: dataset_info entries.
-    Sections in yaml order: model and method, data, output, optimisation, evaluation, hardware; backend.extra last."""
-    run_dir = Path(run_dir)
-    lf = run_dir / LF_DIR
-    evals = [n for n in info if n.startswith("eval")]
+def train_args(cfg, run_dir: Path, ctx: dict, data: "DataSpec") -> Dict[str, Any]:
+    """The LLaMA-Factory train yaml as a dict (plain values, in a readable order); data: what LLaMA-Factory reads
+    (data_spec). Sections in yaml order: model and method, data, output, optimisation, evaluation, hardware;
+    backend.extra last."""
+    evals = data.eval_dataset
     a: Dict[str, Any] = {}
     a.update(_model_args(cfg))
-    a.update(_data_args(cfg, lf, info, evals))
+    a.update(_data_args(cfg, data))
     a.update(_output_args(cfg, run_dir))
     a.update(_optim_args(cfg))
     a.update(_eval_args(cfg, evals))
-    a.update(_hardware_args(cfg.hardware, lf))
+    a.update(_hardware_args(cfg.hardware, Path(run_dir) / LF_DIR))
     a.update(_plain(cfg.backend.extra) or {})
     return a
 
@@ -455,6 +471,8 @@ def _model_args(cfg) -> Dict[str, Any]:
         "do_train": True,
         "finetuning_type": str(m.finetuning_type),
     }
+    if cfg.get("adapter"):  # a trained adapter to start from: merged into the base (create_new_adapter), or resumed
+        a["adapter_name_or_path"] = str(cfg.adapter)
     fam = _lf_method(cfg)
     if fam == "lora":
         a.update(
@@ -480,15 +498,20 @@ def _model_args(cfg) -> Dict[str, Any]:
     return a
 
 
-def _data_args(cfg, lf: Path, info: Dict[str, dict], evals: list) -> Dict[str, Any]:
-    b = cfg.backend
-    a: Dict[str, Any] = {"dataset_dir": str(lf), "dataset": ",".join(n for n in info if n.startswith("train"))}
-    if evals:
-        a["eval_dataset"] = ",".join(evals)
+def _data_args(cfg, data: "DataSpec") -> Dict[str, Any]:
+    b, d = cfg.backend, cfg.data
+    a: Dict[str, Any] = {"dataset_dir": data.dataset_dir, "dataset": ",".join(data.dataset)}
+    if data.eval_dataset:
+        a["eval_dataset"] = ",".join(data.eval_dataset)
+    if d.mix_strategy != "concat":  # LLaMA-Factory's own mixing, passed through
+        a["mix_strategy"] = str(d.mix_strategy)
+        if d.interleave_probs is not None:
+            probs = _plain(d.interleave_probs)
+            a["interleave_probs"] = probs if isinstance(probs, str) else ",".join(str(float(p)) for p in probs)
     a["template"] = str(b.template)
     a["cutoff_len"] = int(cfg.cutoff_len)
     a["train_on_prompt"] = bool(cfg.train_on_inputs)
-    if cfg.max_samples is not None:
+    if cfg.max_samples is not None and not data.sampled:  # sampled rows: max_samples was applied when drawing them
         a["max_samples"] = int(cfg.max_samples)
     a["overwrite_cache"] = bool(b.overwrite_cache)
     a["preprocessing_num_workers"] = int(b.preprocessing_num_workers)
@@ -497,7 +520,7 @@ def _data_args(cfg, lf: Path, info: Dict[str, dict], evals: list) -> Dict[str, A
 
 def _output_args(cfg, run_dir: Path) -> Dict[str, Any]:
     a: Dict[str, Any] = {
-        "output_dir": str(adapter_dir(cfg, run_dir)),
+        "output_dir": str(Path(run_dir) / CHECKPOINTS),  # checkpoints; the train step moves the result to target_path
         "overwrite_output_dir": not bool(cfg.resume),
         "logging_steps": int(cfg.logging_steps),
     }
@@ -566,14 +589,52 @@ def _hardware_args(hw, lf: Path) -> Dict[str, Any]:
     return a
 
 
-def _dataset_info(cfg, ctx: dict) -> Dict[str, dict]:
+@dataclass
+class DataSpec:
+    """What LLaMA-Factory reads: its dataset_dir and dataset names, and the dataset_info.json we write (None: the
+    user's own folder, read unchanged)."""
+
+    dataset_dir: str
+    dataset: List[str]
+    eval_dataset: List[str] = field(default_factory=list)
+    info: Optional[Dict[str, dict]] = None  # written to <run>/llamafactory/dataset_info.json
+    sampled: Optional[str] = None  # the folder the train step writes the sampled rows to (sources.write_sampled)
+
+
+def data_spec(cfg, ctx: dict, lf: Path) -> DataSpec:
+    """Our data files: a dataset_info.json built from their rows (llamafactory_data.py). Datasets of a
+    dataset_info.json (data=llamafactory): LLaMA-Factory reads the user's folder unchanged, unless rows are sampled
+    (data.mix, or an entry's num_samples): then the train step writes the sampled rows to <run>/llamafactory/data/
+    and our dataset_info.json gives them the user's columns and tags, so LLaMA-Factory trains on exactly the rows
+    and counts of the manifest's composition (and the evaluation steps know the held-out rows)."""
+    from finetune import sources
+
+    if sources.registry(cfg.data):
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        train, held = sources.names(data)
+        if not (ctx.get("data") or {}).get("sampled"):
+            return DataSpec(str(cfg.data.dataset_dir), train, [held] if held else [])
+        from finetune.lfdata import read_info
+
+        user = read_info(cfg.data.dataset_dir)
+        folder = lf / "data"
+        info = {
+            n: {
+                **{k: v for k, v in user[n].items() if k not in ("file_name", "num_samples")},
+                "file_name": str(folder / f"{n}.jsonl"),
+            }
+            for n in train + ([held] if held else [])
+        }
+        return DataSpec(str(lf), train, [held] if held else [], info, sampled=str(folder))
     from finetune.backends.llamafactory_data import dataset_info
 
     fmt = (ctx.get("data") or {}).get("format") or str(cfg.data.format)
     info = dataset_info(str(cfg.data.path), fmt, "train")
     if cfg.data.eval_path:
         info.update(dataset_info(str(cfg.data.eval_path), fmt, "eval", key="data.eval_path"))
-    return info
+    return DataSpec(
+        str(lf), [n for n in info if n.startswith("train")], [n for n in info if n.startswith("eval")], info
+    )
 
 
 def export_args(cfg, run_dir: Path) -> Dict[str, Any]:
@@ -585,12 +646,20 @@ def export_args(cfg, run_dir: Path) -> Dict[str, Any]:
         "template": str(cfg.backend.template),
     }
     if m.uses_lora:
-        adapter = out / "pissa_converted" if m.pissa_init else out
-        a.update(adapter_name_or_path=str(adapter), finetuning_type="lora")
+        adapter = str(out / "pissa_converted" if m.pissa_init else out)
+        a.update(adapter_name_or_path=",".join(adapter_chain(cfg, adapter)), finetuning_type="lora")
     else:  # full / freeze / GaLore / BAdam: the trained folder is the model
         a.update(model_name_or_path=str(out), finetuning_type="full")
     a.update(export_dir=str(merged_dir(cfg, run_dir)), export_size=5, export_device="cpu", export_legacy_format=False)
     return a
+
+
+def adapter_chain(cfg, trained: str) -> List[str]:
+    """The adapters that make the trained model, in order: the one the run started from (adapter=, merged into the
+    base before training) and the trained one; a resumed start adapter (create_new_adapter=false) is the trained
+    one."""
+    start = cfg.get("adapter")
+    return [str(start), trained] if start and cfg.method.create_new_adapter else [trained]
 
 
 def _yaml(d: dict, title: str) -> str:
@@ -599,8 +668,11 @@ def _yaml(d: dict, title: str) -> str:
 
 def cli(command: str, yaml: Path) -> list:
     """`llamafactory-cli <command> <yaml>`, run as `python -m llamafactory.cli` with this interpreter: the same entry
-    point as the console script, without trusting the script's shebang (a relocated venv keeps the old path)."""
-    return [sys.executable, "-m", "llamafactory.cli", command, str(yaml)]
+    point as the console script, without trusting the script's shebang (a relocated venv keeps the old path). A
+    train goes through finetune.recipes.llamafactory_cli: LLaMA-Factory's run_exp with our checkpoint markers and
+    pause callbacks (a distributed one is handed to LLaMA-Factory's CLI unchanged)."""
+    module = "finetune.recipes.llamafactory_cli" if command == "train" else "llamafactory.cli"
+    return [sys.executable, "-m", module, command, str(yaml)]
 
 
 def plan(cfg, run_dir, ctx) -> Plan:
@@ -609,12 +681,11 @@ def plan(cfg, run_dir, ctx) -> Plan:
     lines on purpose: it reads as the run's script; each Step literal spreads over several lines once formatted."""
     run_dir = Path(run_dir)
     lf = run_dir / LF_DIR
-    info = _dataset_info(cfg, ctx)
-    targs = train_args(cfg, run_dir, ctx, info)
-    files = {
-        f"{LF_DIR}/train.yaml": _yaml(targs, "LLaMA-Factory train config"),
-        f"{LF_DIR}/dataset_info.json": json.dumps(info, indent=2) + "\n",
-    }
+    data = data_spec(cfg, ctx, lf)
+    targs = train_args(cfg, run_dir, ctx, data)
+    files = {f"{LF_DIR}/train.yaml": _yaml(targs, "LLaMA-Factory train config")}
+    if data.info is not None:
+        files[f"{LF_DIR}/dataset_info.json"] = json.dumps(data.info, indent=2) + "\n"
     if cfg.hardware.deepspeed_stage is not None:
         files[f"{LF_DIR}/ds_config.json"] = json.dumps(_deepspeed_config(cfg.hardware), indent=2) + "\n"
     env = {"HF_HUB_OFFLINE": "1"}
@@ -625,13 +696,16 @@ def plan(cfg, run_dir, ctx) -> Plan:
         # launch DeepSpeed training.", hparams/parser.py), also for one process on one GPU
         env["FORCE_TORCHRUN"] = "1"
     out = adapter_dir(cfg, run_dir)
+    ckpts = run_dir / CHECKPOINTS
     train_cmd = cli("train", lf / "train.yaml")
     steps = [
         Step(
             name="train",
             distributed="env",
             env=env,
-            progress=str(out / "trainer_log.jsonl"),
+            preload=PRELOAD,
+            pausable=world_size(cfg) == 1,  # our callbacks are in a single-process run only
+            progress=str(ckpts / "trainer_log.jsonl"),
             argv=[
                 sys.executable,
                 "-m",
@@ -639,9 +713,13 @@ def plan(cfg, run_dir, ctx) -> Plan:
                 "--run-dir",
                 str(run_dir),
                 "--output-dir",
+                str(ckpts),
+                "--artefact",
                 str(out),
                 "--device",
                 str(cfg.hardware.device),
+                *(["--write-data", data.sampled] if data.sampled else []),
+                *(["--interleave", json.dumps(_interleave(cfg, ctx))] if cfg.data.mix_strategy != "concat" else []),
                 "--",
                 *train_cmd,
             ],
@@ -671,30 +749,79 @@ def plan(cfg, run_dir, ctx) -> Plan:
         )
     if cfg.data.eval_path:
         notes.append("data.eval_path is the eval set: val_set_size is not used")
+    notes += _data_notes(cfg, ctx, data)
     if cfg.merge:
         eargs = export_args(cfg, run_dir)
         files[f"{LF_DIR}/export.yaml"] = _yaml(eargs, "LLaMA-Factory export (merge) config")
         steps.append(
             Step(
-                name="merge", env=dict(env, FORCE_TORCHRUN="0"), rank0_only=True, argv=cli("export", lf / "export.yaml")
+                name="merge",
+                env=dict(env, FORCE_TORCHRUN="0"),
+                rank0_only=True,
+                argv=cli("export", lf / "export.yaml"),
+                preload=PRELOAD,
             )
         )
         outputs["merged"] = eargs["export_dir"]
         if cfg.method.uses_lora and cfg.method.pissa_init:
             notes.append("PiSSA: merging pissa_converted/ (a plain LoRA delta on the original model)")
+    start = [str(cfg.adapter)] if cfg.get("adapter") else []  # what the evaluations before training load
     if cfg.merge:
-        first, last = gen_eval.steps(cfg, run_dir, outputs["merged"])
+        after, adapters = outputs["merged"], []
     elif cfg.method.uses_lora:
-        first, last = gen_eval.steps(
-            cfg,
-            run_dir,
-            str(Path(str(cfg.model.path)).absolute()),
-            adapter=str(out / "pissa_converted" if cfg.method.pissa_init else out),
-        )
+        after = str(Path(str(cfg.model.path)).absolute())
+        adapters = adapter_chain(cfg, str(out / "pissa_converted" if cfg.method.pissa_init else out))
     else:
-        first, last = gen_eval.steps(cfg, run_dir, str(out))
-    notes += gen_eval.note(cfg)
+        after, adapters = str(out), []
+    first, last = gen_eval.steps(cfg, run_dir, after, adapter=",".join(adapters) or None, before_adapter=start)
+    pfirst, plast = pref_eval.steps(cfg, run_dir, after, adapters=adapters, before_adapters=start)
+    first, last = first + pfirst, plast + last
+    notes += gen_eval.note(cfg) + pref_eval.note(cfg)
+    if cfg.get("adapter"):
+        notes.append(
+            f"starts from the adapter {cfg.adapter}: "
+            + (
+                "merged into the base, a new adapter trains on top (the preference reference model is the base with it)"
+                if cfg.method.create_new_adapter
+                else "LLaMA-Factory goes on training it (create_new_adapter=false)"
+            )
+        )
     return Plan(backend="llamafactory", steps=first + steps + last, files=files, outputs=outputs, notes=notes)
+
+
+def _interleave(cfg, ctx: dict) -> dict:
+    """What the train step needs to count the rows per dataset LLaMA-Factory's interleaving draws: the datasets'
+    sizes (after max_samples), the probabilities, the seed and the stopping strategy."""
+    facts = ctx.get("data") or {}
+    probs = _plain(cfg.data.interleave_probs)
+    if isinstance(probs, str):
+        probs = [float(x) for x in probs.split(",")]
+    return {
+        "sizes": facts.get("composition") or {},
+        "probabilities": probs,
+        "seed": int(cfg.seed),
+        "strategy": str(cfg.data.mix_strategy),
+    }
+
+
+def _data_notes(cfg, ctx: dict, data: DataSpec) -> List[str]:
+    facts = ctx.get("data") or {}
+    if "composition" not in facts:
+        return []
+    from finetune.sources import describe
+
+    if data.info is None:
+        note = f"data: LLaMA-Factory reads {data.dataset_dir}/dataset_info.json unchanged ({', '.join(data.dataset)})"
+    else:
+        note = (
+            f"data: the sampled rows ({describe(facts['composition'])}, seed {int(cfg.seed)}) are written to "
+            f"{data.sampled} by the train step; dataset_info.json gives them the entries' columns and tags"
+        )
+    if cfg.data.mix_strategy != "concat":
+        note += f"; mix_strategy {cfg.data.mix_strategy} (LLaMA-Factory draws the rows; the train step counts them)"
+    if data.eval_dataset:
+        note += f"; {data.eval_dataset[0]} is the eval set (val_set_size is not used)"
+    return [note]
 
 
 _PARAMS = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)")
@@ -744,6 +871,8 @@ def collect(cfg, run_dir, ctx) -> dict:
         if vals:
             metrics[k.replace("/", "_")] = vals[-1]
     tokens = _read_json(run_dir / LF_DIR / "worker.json") or {}
+    if tokens.get("composition"):  # LLaMA-Factory's interleaving: the rows per dataset it drew
+        metrics["data_composition"] = tokens["composition"]
     for k in ("peak_rss_mb", "tokens_per_s", "total_tokens", "wall_s"):
         if tokens.get(k) is not None:
             metrics[k if k != "wall_s" else "train_wall_s"] = tokens[k]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List
 
-from finetune.data_check import data_files, iter_rows
+from finetune.data_check import chat_layout, data_files, iter_rows
 from finetune.errors import ConfigError
 
 USER_ROLES = ("human", "user")
@@ -27,7 +27,9 @@ def _optional_columns(rows: List[dict], names) -> Dict[str, str]:
     return {n: n for n in names if n in present}
 
 
-def _sharegpt_entry(file: Path, rows: List[tuple], key: str) -> dict:
+def _sharegpt_entry(file: Path, rows: List[tuple], key: str, ranking: bool = False) -> dict:
+    """A sharegpt-layout file's entry; ``ranking``: preference pairs (the turns end with the user's, the answers are
+    the turns 'chosen' and 'rejected')."""
     msg_key = role_tag = content_tag = None
     tags: Dict[str, str] = {}
     for n, row in rows:
@@ -52,19 +54,27 @@ def _sharegpt_entry(file: Path, rows: List[tuple], key: str) -> dict:
                     key, str(file), f"row {n} uses {rt}/{ct} but earlier rows use {role_tag}/{content_tag}"
                 )
         body = turns[1:] if turns[0][rt] == "system" else turns
-        if not body or len(body) % 2:
+        if not body or len(body) % 2 != int(ranking):
             raise ConfigError(
                 key,
                 str(file),
-                f"row {n} has {len(body)} non-system turns; LLaMA-Factory needs user/"
-                "assistant pairs (it would silently drop this row)",
+                f"row {n} has {len(body)} non-system turns; LLaMA-Factory needs "
+                + ("user/assistant pairs and a last user turn" if ranking else "user/assistant pairs")
+                + " (it would silently drop this row)",
             )
-        for i, t in enumerate(body):
+        # (index in the row's turns, the turn, whether an answer must come there); a preference row's two answers
+        # ('chosen', 'rejected') are turns in the assistant's place
+        places = [(i + len(turns) - len(body), t, i % 2 == 1) for i, t in enumerate(body)]
+        if ranking:
+            places += [(k, row[k], True) for k in ("chosen", "rejected")]
+        for where, t, answer in places:
+            if not isinstance(t, dict) or rt not in t or ct not in t:
+                raise ConfigError(key, str(file), f"row {n} turn {where} lacks {rt!r}/{ct!r} (the file uses {rt}/{ct})")
             role = t[rt]
             kinds = (
-                (("user_tag", USER_ROLES), ("observation_tag", OBSERVATION_ROLES))
-                if i % 2 == 0
-                else (("assistant_tag", ASSISTANT_ROLES), ("function_tag", FUNCTION_ROLES))
+                (("assistant_tag", ASSISTANT_ROLES), ("function_tag", FUNCTION_ROLES))
+                if answer
+                else (("user_tag", USER_ROLES), ("observation_tag", OBSERVATION_ROLES))
             )
             for tag, allowed in kinds:
                 if role in allowed:
@@ -77,11 +87,11 @@ def _sharegpt_entry(file: Path, rows: List[tuple], key: str) -> dict:
                         )
                     break
             else:
-                want = "user (human/user/observation/tool)" if i % 2 == 0 else "assistant (gpt/assistant/function_call)"
+                want = "assistant (gpt/assistant/function_call)" if answer else "user (human/user/observation/tool)"
                 raise ConfigError(
                     key,
                     str(file),
-                    f"row {n} turn {i + (len(turns) - len(body))} has role {role!r} "
+                    f"row {n} turn {where} has role {role!r} "
                     f"where {want} must come; turns must alternate (LLaMA-Factory would drop this row)",
                 )
     tags.update(role_tag=role_tag, content_tag=content_tag, system_tag="system")
@@ -111,6 +121,14 @@ def entry_for(file: Path, fmt: str, key: str = "data.path") -> dict:
         entry = {"columns": cols}
     elif fmt == "sharegpt":
         entry = _sharegpt_entry(file, rows, key)
+    elif fmt == "preference" and plain and chat_layout(plain[0]):
+        entry = _sharegpt_entry(file, rows, key, ranking=True)
+        entry["columns"].update(chosen="chosen", rejected="rejected")
+        entry["ranking"] = True
+    elif fmt == "kto" and plain and chat_layout(plain[0]):
+        tag = "label" if "label" in plain[0] else "kto_tag"
+        entry = _sharegpt_entry(file, rows, key)
+        entry["columns"]["kto_tag"] = tag
     elif fmt == "preference":
         cols = {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}
         if _optional_columns(plain, ("input",)):

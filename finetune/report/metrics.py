@@ -128,9 +128,38 @@ def generation_metrics(run_dir: Path) -> Dict:
     return out
 
 
+def preference_metrics(run_dir: Path) -> Dict:
+    """The preference evaluation (finetune/recipes/pref_eval.py): base_eval_preference_* before training,
+    eval_preference_* after, and the accuracy's gain."""
+    import json
+
+    out: Dict = {}
+    for stage, prefix in (("before", "base_eval_preference_"), ("after", "eval_preference_")):
+        path = Path(run_dir) / "eval" / f"preference_{stage}.json"
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text(encoding="utf-8"))
+        for k in ("accuracy", "margin"):
+            out[prefix + k] = result["metrics"][k]
+        out["preference_eval_pairs"] = result["metrics"]["pairs"]
+    if "eval_preference_accuracy" in out and "base_eval_preference_accuracy" in out:
+        out["eval_preference_accuracy_gain"] = out["eval_preference_accuracy"] - out["base_eval_preference_accuracy"]
+    return out
+
+
+def reused_work(run_dir: Path) -> Dict:
+    """What the run's steps took from a shared cache instead of computing (the manifest's "reused"): the base
+    model's answers of the evaluation by generation (finetune/recipes/gen_eval.py)."""
+    import json
+
+    path = Path(run_dir) / "eval" / "generate_before.json"
+    cache = json.loads(path.read_text(encoding="utf-8")).get("cache") if path.exists() else None
+    return {"generate_eval_before": cache} if cache and cache.get("reused") else {}
+
+
 def write_generation_tensorboard(run_dir: Path, metrics: Dict, last_step: int) -> None:
-    """The generation scores as scalars (step 0: before training, last step: after) and the samples table as text,
-    in tensorboard/generation/ (beside the backend's own event files)."""
+    """The generation and preference scores as scalars (step 0: before training, last step: after) and the samples
+    table as text, in tensorboard/generation/ (beside the backend's own event files)."""
     import time
 
     from tensorboard.compat.proto.event_pb2 import Event
@@ -143,9 +172,15 @@ def write_generation_tensorboard(run_dir: Path, metrics: Dict, last_step: int) -
     writer = EventFileWriter(str(Path(run_dir) / "tensorboard" / "generation"))
     for step, prefix in ((0, "base_eval_"), (last_step, "eval_")):
         values = [
-            Summary.Value(tag=f"generation/{k}", simple_value=float(metrics[prefix + k]))
-            for k in ("exact_match", "token_f1", "rouge_l")
-            if metrics.get(prefix + k) is not None
+            Summary.Value(tag=f"{group}/{k}", simple_value=float(metrics[prefix + name]))
+            for group, k, name in (
+                ("generation", "exact_match", "exact_match"),
+                ("generation", "token_f1", "token_f1"),
+                ("generation", "rouge_l", "rouge_l"),
+                ("preference", "accuracy", "preference_accuracy"),
+                ("preference", "margin", "preference_margin"),
+            )
+            if metrics.get(prefix + name) is not None
         ]
         if values:
             writer.add_event(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
@@ -164,13 +199,17 @@ def finalize(run_dir, metrics: Dict) -> Dict:
     merged = {
         **summarize_history(rows),
         **generation_metrics(run_dir),
+        **preference_metrics(run_dir),
         **{k: v for k, v in (metrics or {}).items() if v is not None},
     }
     if rows:
         merged["loss_png"] = plot_loss(run_dir, rows)
         merged["tensorboard"] = write_tensorboard(run_dir, rows)
-    if "eval_exact_match" in merged:
+    if "eval_exact_match" in merged or "eval_preference_accuracy" in merged:
         write_generation_tensorboard(run_dir, merged, int(merged.get("steps") or 0))
+    if "eval_exact_match" in merged:
         merged["generation_samples"] = str(run_dir / "eval" / "samples.md")
+    if "eval_preference_accuracy" in merged:
+        merged["preference_samples"] = str(run_dir / "eval" / "preference_samples.md")
     atomic_write_json(run_dir / "metrics.json", merged)
     return merged

@@ -1,7 +1,8 @@
 """Make the shipped sample datasets, deterministically (python -m finetune.tools.make_samples [out_dir]).
 
 Synthetic tasks a tiny model can visibly learn: copy, reverse, sort and add, written as alpaca rows and as
-sharegpt / messages conversations, plus preference (dpo/rm), kto, plain-text and a tiny retrieval set.
+sharegpt / messages conversations, plus preference (dpo/rm), kto, plain-text and a tiny retrieval set, and the
+preference pairs of the SmolLM2 preference showcase (pairs_*.json: right answer vs a plausible wrong one).
 """
 
 from __future__ import annotations
@@ -38,6 +39,46 @@ def _wrong(rng: random.Random, kind: str, inp: str, out: str) -> str:
     rng.shuffle(words)
     cand = " ".join(words)
     return cand if cand != out else " ".join(words + [rng.choice(WORDS)])
+
+
+def _pair(rng: random.Random) -> dict:
+    """A task with its right answer and a plausible wrong one, the mistakes a model makes on these tasks: the input
+    copied instead of reversed or sorted, the words reversed instead of copied, a sum off by one."""
+    while True:
+        kind, ins, inp, out = _task(rng)
+        if kind == "add":
+            return {"instruction": ins, "input": inp, "chosen": out, "rejected": str(int(out) + rng.choice([-1, 1]))}
+        words = inp.split()
+        wrong = inp if kind in ("reverse", "sort") else " ".join(reversed(words))
+        if wrong != out:
+            return {"instruction": ins, "input": inp, "chosen": out, "rejected": wrong}
+
+
+def make_pairs(out_dir: Path, n_train: int = 256, n_heldout: int = 64, seed: int = 4321) -> None:
+    """Preference pairs for DPO / ORPO / SimPO (pairs_train.json, pairs_heldout.json: no prompt in both) and the same
+    pairs as KTO rows (pairs_kto_*.json: the chosen answer desirable, the rejected one not; a held-out prompt keeps
+    both rows, so the preference evaluation pairs them up again). Their own random stream: the other files stay."""
+    rng = random.Random(seed)
+    heldout, seen = [], set()
+    while len(heldout) < n_heldout:
+        p = _pair(rng)
+        if (p["instruction"], p["input"]) not in seen:
+            seen.add((p["instruction"], p["input"]))
+            heldout.append(p)
+    train = []
+    while len(train) < n_train:
+        p = _pair(rng)
+        if (p["instruction"], p["input"]) not in seen:
+            seen.add((p["instruction"], p["input"]))
+            train.append(p)
+    for name, pairs in (("train", train), ("heldout", heldout)):
+        (out_dir / f"pairs_{name}.json").write_text(json.dumps(pairs, indent=1) + "\n")
+        kto = [
+            {"instruction": p["instruction"], "input": p["input"], "output": p[k], "kto_tag": k == "chosen"}
+            for p in pairs
+            for k in ("chosen", "rejected")
+        ]
+        (out_dir / f"pairs_kto_{name}.json").write_text(json.dumps(kto, indent=1) + "\n")
 
 
 def make(out_dir: Path, n: int = 320, seed: int = 1234, n_alpaca: int = 1000) -> None:
@@ -87,6 +128,7 @@ def make(out_dir: Path, n: int = 320, seed: int = 1234, n_alpaca: int = 1000) ->
         for _, ins, inp, out in rows[:200]:
             f.write(json.dumps({"text": f"{ins} {inp} => {out}"}) + "\n")
     _retrieval(out_dir, rng)
+    make_pairs(out_dir)
 
 
 def _retrieval(out_dir: Path, rng: random.Random) -> None:

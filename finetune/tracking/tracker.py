@@ -423,7 +423,7 @@ class RunTracker:
             try:
                 sink.open()
                 self.opened.append(sink)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - a tracker that fails to start is a warning, the run goes on
                 warn(sink.name, f"starting the run ({getattr(sink, 'uri', None) or getattr(sink, 'mode', '')})", e)
         self._save_state()
         stamp = None
@@ -469,7 +469,7 @@ class RunTracker:
         for sink in list(self.opened):
             try:
                 call(sink)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - a tracker failing mid-run is a warning; the run goes on
                 warn(sink.name, what, e)
                 self.opened.remove(sink)
 
@@ -580,7 +580,7 @@ def start_sweep(config, sweep_dir: Path) -> None:
                 run.info.run_id, params=[Param(k, T.param_value(v)) for k, v in sweep_params.items()], synchronous=True
             )
             state["mlflow"] = {"uri": uri, "experiment": name, "experiment_id": exp_id, "run_id": run.info.run_id}
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - tracking never fails a sweep
             warn("mlflow", "creating the sweep's parent run", e)
     if "wandb" in T.targets(report_to):
         state["wandb"] = {
@@ -635,7 +635,7 @@ def finish_sweep(sweep_dir: Path, summary: Optional[dict]) -> None:
                 f"({ui_link(m['uri'], m['experiment_id'], m['run_id'])})",
                 flush=True,
             )
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - tracking never fails a sweep
             warn("mlflow", "finishing the sweep's parent run", e)
     if state.get("wandb"):
         w = state["wandb"]
@@ -658,7 +658,7 @@ def finish_sweep(sweep_dir: Path, summary: Optional[dict]) -> None:
                 sink.run.save(str(f), base_path=str(sweep_dir), policy="now")
             sink.run.finish(exit_code=0 if ok else 1)
             print(f"[finetune] wandb: sweep {sink.where()}", flush=True)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - tracking never fails a sweep
             warn("wandb", "logging the sweep's summary", e)
 
 
@@ -673,7 +673,7 @@ def failed_job(config, job_dir: Path, error: str) -> None:
 
         num = str(HydraConfig.get().job.num)
         overrides = list(HydraConfig.get().overrides.task)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - outside a Hydra job: the folder's name is the job's
         num, overrides = Path(job_dir).name, []
     try:
         from mlflow.entities import Param, RunTag
@@ -703,5 +703,5 @@ def failed_job(config, job_dir: Path, error: str) -> None:
             synchronous=True,
         )
         client.set_terminated(run.info.run_id, "FAILED")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - tracking never fails a sweep
         warn("mlflow", "recording the failed job", e)
