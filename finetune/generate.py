@@ -5,7 +5,9 @@ r"""Use what was trained: ``finetune generate`` and ``finetune chat`` (the `fine
     finetune chat <run-or-model>                             (streamed answers, history; /reset, /exit; a line
                                                               ending with \ goes on on the next one)
 
-<run-or-model> is a run folder (its merged model, or the base model with its adapter when it was not merged, or the
+<run-or-model> is a .gguf file or a folder ``finetune export`` wrote (export.json): it answers through llama.cpp
+(llama-cpp-python, in llama.cpp's own environment: finetune/gguf_runner.py) with the chat template the file
+carries; else a run folder (its merged model, or the base model with its adapter when it was not merged, or the
 model a full fine-tuning saved; prompts are built the way that run trained: finetune/recipes/prompting.py), a model
 folder (config.json: its finetune_prompt.json when one of our runs saved it, else its tokenizer's chat template) or
 an adapter folder (adapter_config.json, on the base model it names). Greedy decoding, as in the evaluation by
@@ -21,7 +23,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from finetune.errors import ConfigError
 
@@ -114,6 +116,62 @@ def _open(path: str, max_new_tokens: Optional[int]):
     return target, model, tokenizer, fmt, _max_new(target, max_new_tokens)
 
 
+def gguf_target(path: str, key: str = "run") -> Optional[dict]:
+    """A .gguf file or an export folder -> {model, lora, max_new_tokens}; None for anything else."""
+    from finetune.export import INFO
+
+    p = Path(path).expanduser().absolute()
+    folder = p if p.is_dir() else p.parent
+    info = {}
+    if (folder / INFO).is_file():
+        info = json.loads((folder / INFO).read_text(encoding="utf-8"))
+    if p.is_dir():
+        if not info:
+            return None
+        files = info["files"]
+        return {
+            "model": str(folder / files["model"]),
+            "lora": files.get("lora") and str(folder / files["lora"]),
+            "max_new_tokens": info.get("max_new_tokens"),
+        }
+    if p.suffix != ".gguf":
+        return None
+    if not p.is_file():
+        raise ConfigError(key, str(p), "no such file (a GGUF file, or a folder finetune export wrote)")
+    files = info.get("files") or {}
+    if files.get("lora") == p.name:  # the adapter: on the base model exported beside it
+        return {"model": str(folder / files["model"]), "lora": str(p), "max_new_tokens": info.get("max_new_tokens")}
+    return {"model": str(p), "lora": None, "max_new_tokens": info.get("max_new_tokens")}
+
+
+def run_gguf(action: str, target: dict, args: List[str], max_new_tokens: Optional[int]) -> int:
+    """finetune.gguf_runner in llama.cpp's environment (built first when missing, its progress shown)."""
+    import os
+    import subprocess
+
+    from finetune.export import REPO_ROOT, check_venv, setup_step, venv_python, venv_ready
+
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise ConfigError("max-new-tokens", max_new_tokens, "must be > 0")
+    check_venv("run", target["model"])
+    if not venv_ready():
+        print(f"[finetune {action}] building llama.cpp's environment first (once per machine)", flush=True)
+        step = setup_step()
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        if subprocess.call(step.argv, env={**env, **step.env}) != 0:
+            print(f"[finetune {action}] building llama.cpp's environment failed", file=sys.stderr, flush=True)
+            return 1
+    limit = int(max_new_tokens or target.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+    what = target["model"] + (f" with the LoRA {target['lora']}" if target.get("lora") else "")
+    print(
+        f"[finetune {action}] {what} through llama.cpp; greedy, at most {limit} new tokens", file=sys.stderr, flush=True
+    )
+    argv = [str(venv_python()), "-m", "finetune.gguf_runner", action, "--model", target["model"]]
+    argv += ["--lora", target["lora"]] if target.get("lora") else []
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONNOUSERSITE": "1"}
+    return subprocess.call([*argv, *args, "--max-new-tokens", str(limit)], env=env)
+
+
 def generate_command(
     path: str,
     prompt: Optional[str],
@@ -126,6 +184,10 @@ def generate_command(
         raise ConfigError("prompt", prompt, "give exactly one of --prompt TEXT or --data FILE (or use finetune chat)")
     if data is not None and not Path(data).is_file():
         raise ConfigError("data", data, "no such file (alpaca or chat rows, .json or .jsonl)")
+    gguf = gguf_target(path)
+    if gguf:
+        extra = ["--data", str(Path(data).absolute())] if data else ["--prompt", prompt]
+        return run_gguf("generate", gguf, extra + (["--input", input_text] if input_text else []), max_new_tokens)
     target, model, tokenizer, fmt, limit = _open(path, max_new_tokens)
     print(
         f"[finetune generate] {target.what}; {fmt.describe()}; greedy, at most {limit} new tokens",
@@ -190,20 +252,12 @@ def read_turn() -> str:
     return "\n".join(lines)
 
 
-def chat_command(path: str, max_new_tokens: Optional[int], system: Optional[str] = None) -> int:
-    target, model, tokenizer, fmt, limit = _open(path, max_new_tokens)
-    from transformers import TextStreamer
-
-    from finetune.recipes.gen_eval import generate
-
-    print(
-        f"[finetune chat] {target.what}\n[finetune chat] {fmt.describe()}; greedy, at most {limit} new tokens "
-        f"per answer; {HELP}",
-        flush=True,
-    )
+def chat_loop(system: Optional[str], answer: Callable[[List[dict]], str]) -> int:
+    """The conversation of `finetune chat`, for a Hugging Face model and for a .gguf (finetune/gguf_runner.py):
+    turns read as typed, /reset, /exit (or Ctrl-D); ``answer(history)`` streams the model's reply after `model> `
+    and returns it."""
     start: List[dict] = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     while True:
         try:
             line = read_turn()
@@ -224,7 +278,29 @@ def chat_command(path: str, max_new_tokens: Optional[int], system: Optional[str]
             continue
         history.append({"role": "user", "content": text})
         print("model> ", end="", flush=True)
+        history.append({"role": "assistant", "content": answer(history).strip()})
+
+
+def chat_command(path: str, max_new_tokens: Optional[int], system: Optional[str] = None) -> int:
+    gguf = gguf_target(path)
+    if gguf:
+        return run_gguf("chat", gguf, ["--system", system] if system else [], max_new_tokens)
+    target, model, tokenizer, fmt, limit = _open(path, max_new_tokens)
+    from transformers import TextStreamer
+
+    from finetune.recipes.gen_eval import generate
+
+    print(
+        f"[finetune chat] {target.what}\n[finetune chat] {fmt.describe()}; greedy, at most {limit} new tokens "
+        f"per answer; {HELP}",
+        flush=True,
+    )
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+    def answer(history: List[dict]) -> str:
         answers, _ = generate(
             model, tokenizer, [fmt.encode(tokenizer, history)], limit, fmt.stop_ids(tokenizer), 1, streamer=streamer
         )
-        history.append({"role": "assistant", "content": answers[0].strip()})
+        return answers[0]
+
+    return chat_loop(system, answer)

@@ -144,9 +144,35 @@ class PromptFormat:
             self._lf = get_template_and_fix_tokenizer(tokenizer, DataArguments(template=self.template))
         return self._lf
 
+    def encode_answer(self, tokenizer, turns: List[dict], answer: str) -> Tuple[List[int], List[int]]:
+        """(prompt ids, answer ids) of ``turns`` answered by ``answer``, as training encodes them: LLaMA-Factory's
+        template.encode_oneturn (what its sft, dpo and kto processors use), the alpaca prompt followed by the answer
+        and EOS, or the chat template's rendering of the conversation with the answer."""
+        if self.kind == "llamafactory":
+            template = self._lf_template(tokenizer)
+            system = next((t["content"] for t in turns if t["role"] == "system"), None)
+            msgs = [t for t in turns if t["role"] != "system"] + [{"role": "assistant", "content": answer}]
+            prompt_ids, answer_ids = template.encode_oneturn(tokenizer, msgs, system)
+            return list(prompt_ids), list(answer_ids)
+        prompt_ids = self._encode(tokenizer, turns)
+        if self.kind == "alpaca" or self.kind == "raw" or not getattr(tokenizer, "chat_template", None):
+            answer_ids = self._ids(tokenizer, answer, special=False) + [tokenizer.eos_token_id]
+            return prompt_ids, answer_ids
+        text = tokenizer.apply_chat_template(
+            [{"role": t["role"], "content": t["content"]} for t in turns] + [{"role": "assistant", "content": answer}],
+            tokenize=False,
+        )
+        full = self._ids(tokenizer, text, special=False)
+        n = len(prompt_ids) if full[: len(prompt_ids)] == prompt_ids else 0
+        return full[:n] if n else prompt_ids, full[n:] if n else self._ids(tokenizer, answer, special=False)
+
     # ------------------------------------------------------------------------------------------- data rows
     def row_turns(self, row: dict) -> Tuple[List[dict], str]:
-        """(turns up to the answer, reference answer) of a data row (alpaca or sharegpt/messages)."""
+        """(turns up to the answer, reference answer) of a data row (alpaca or sharegpt/messages; a preference
+        pair's reference is its chosen answer)."""
+        if "chosen" in row and "rejected" in row:
+            turns, chosen, _ = pair_turns(row)
+            return turns, chosen
         if row_format(row) == "sharegpt":
             msgs = to_messages(row)
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
@@ -155,3 +181,61 @@ class PromptFormat:
         # LLaMA-Factory's alpaca converter joins instruction and input with a newline into one user turn
         content = "\n".join(x for x in (ins, inp) if x)
         return [{"role": "user", "content": content, "alpaca": (ins, inp)}], str(row.get("output", ""))
+
+
+# ------------------------------------------------------------------------------------------- preference rows
+
+
+def _content(turn) -> str:
+    return turn if isinstance(turn, str) else str(turn.get("content", turn.get("value", "")))
+
+
+def _alpaca_turns(row: dict) -> List[dict]:
+    ins, inp = row.get("instruction", ""), row.get("input") or None
+    # LLaMA-Factory's alpaca converter joins instruction and input with a newline into one user turn
+    return [{"role": "user", "content": "\n".join(x for x in (ins, inp) if x), "alpaca": (ins, inp)}]
+
+
+def pair_turns(row: dict) -> Tuple[List[dict], str, str]:
+    """(prompt turns, chosen answer, rejected answer) of a preference row, alpaca-style or sharegpt-style."""
+    turns = to_messages(row) if row_format(row) == "sharegpt" else _alpaca_turns(row)
+    return turns, _content(row["chosen"]), _content(row["rejected"])
+
+
+def kto_turns(row: dict) -> Tuple[List[dict], str, bool]:
+    """(prompt turns, answer, desirable) of a KTO row, alpaca-style (kto_tag) or sharegpt-style (label)."""
+    label = row["label"] if isinstance(row.get("label"), bool) else bool(row.get("kto_tag"))
+    if row_format(row) == "sharegpt":
+        msgs = to_messages(row)
+        return msgs[:-1], msgs[-1]["content"], label
+    return _alpaca_turns(row), str(row.get("output", "")), label
+
+
+def _key(turns: List[dict]) -> str:
+    return json.dumps([(t["role"], t["content"]) for t in turns])
+
+
+def preference_pairs(rows: List[dict]) -> List[Tuple[List[dict], str, str]]:
+    """(prompt turns, chosen, rejected) of held-out rows: preference rows as they are; KTO rows paired up where a
+    prompt has a desirable and an undesirable answer (the first of each, in row order)."""
+    if rows and "chosen" in rows[0]:
+        return [pair_turns(r) for r in rows]
+    groups: dict = {}
+    for r in rows:
+        turns, answer, good = kto_turns(r)
+        groups.setdefault(_key(turns), {"turns": turns}).setdefault(good, answer)
+    return [(g["turns"], g[True], g[False]) for g in groups.values() if True in g and False in g]
+
+
+def reference_rows(rows: List[dict]) -> List[dict]:
+    """Rows whose answer is a reference for the evaluation by generation: preference rows (their chosen answer),
+    KTO rows judged desirable (one per prompt), every other row."""
+    if not rows or not any("kto_tag" in r or isinstance(r.get("label"), bool) for r in rows):
+        return rows
+    out, seen = [], set()
+    for r in rows:
+        turns, _, good = kto_turns(r)
+        if good and _key(turns) not in seen:
+            seen.add(_key(turns))
+            out.append(r)
+    return out

@@ -120,6 +120,37 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def gguf_config(path) -> dict:
+    """What the converted folder's config.json will say of a GGUF file's model (shape, tied output layer), read
+    from the file's metadata without converting it; {} when it cannot be read."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(Path(str(path)).expanduser()))
+    except Exception:  # noqa: BLE001 - a missing or unreadable file is refused by validation, not here
+        return {}
+    fields = reader.fields
+
+    def value(key):
+        field = fields.get(key)
+        return field.contents() if field is not None else None
+
+    arch = value("general.architecture") or "llama"
+    config = {
+        "model_type": arch,
+        "hidden_size": value(f"{arch}.embedding_length"),
+        "intermediate_size": value(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": value(f"{arch}.block_count"),
+        "num_attention_heads": value(f"{arch}.attention.head_count"),
+        "num_key_value_heads": value(f"{arch}.attention.head_count_kv"),
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+    }
+    theta = value(f"{arch}.rope.freq_base")
+    if theta is not None:
+        config["rope_parameters"] = {"rope_theta": float(theta), "rope_type": "default"}
+    return {k: v for k, v in config.items() if v is not None}
+
+
 def gguf_special_tokens(path: Path) -> dict:
     """bos/eos/pad/unk token strings from the GGUF metadata (tokenizer.ggml.*_token_id into tokenizer.ggml.tokens)."""
     from gguf import GGUFReader
