@@ -28,6 +28,8 @@ from typing import Any, List, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.errors import ConfigError
+
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
@@ -52,6 +54,32 @@ def planned_jobs(config: DictConfig) -> Optional[List[List[str]]]:
     return [list(job) for job in itertools.product(*lists.values())]
 
 
+def claim_sweep_dir(config: DictConfig) -> Path:
+    """Claim the sweep's folder before any job starts, as a run claims its own (finetune/run_dir.py): two sweeps
+    started in the same second get <time> and <time>-2; a hydra.sweep.dir you typed is that folder or a refusal
+    (it must be new or empty). The jobs are composed again from Hydra's overrides, so a changed folder is passed
+    on to them as one more hydra override. The lock is held until the sweep's process ends."""
+    from omegaconf import open_dict, read_write
+
+    from finetune.errors import ConfigError
+    from finetune.run_dir import LOCK, claim_run_dir
+
+    path = Path(str(config.hydra.sweep.dir)).absolute()
+    typed = any(str(o).split("=", 1)[0] == "hydra.sweep.dir" for o in config.hydra.overrides.hydra)
+    if typed and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
+        raise ConfigError("hydra.sweep.dir", str(path), "exists and is not empty; a sweep folder is never reused")
+    folder = claim_run_dir(path, resume=False, exact=typed)
+    _CLAIMED.append(folder)  # held (and locked) for the life of this process
+    if folder.path != path:
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.sweep.dir = str(folder.path)
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir={folder.path}")
+    return folder.path
+
+
+_CLAIMED: list = []
+
+
 class SweepSummary(Callback):
     def __init__(self, echo: bool = True) -> None:
         self.echo = echo
@@ -61,9 +89,20 @@ class SweepSummary(Callback):
 
     # ------------------------------------------------------------------ driver process
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from finetune.cli import _die
+        from finetune.launchers import local, slots
+
+        if OmegaConf.select(config, "launcher.name", default=None) == "local":
+            try:  # before any job starts (Hydra turns a callback's exception into a warning: exit here instead)
+                local.check_gpu_slots(config, slots.parallel_jobs(config.hydra.launcher))
+            except ConfigError as e:
+                _die(str(e), 2)
         if bool(OmegaConf.select(config, "dry_run", default=False)):
             return  # each job prints its plan and writes nothing: no summary
-        self.sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        try:
+            self.sweep_dir = claim_sweep_dir(config)
+        except ConfigError as e:
+            _die(str(e), 2)
         self.started = time.time()
         basic = OmegaConf.select(config, "hydra.sweeper._target_", default="") == BASIC_SWEEPER
         if basic and bool(OmegaConf.select(config, "fail_fast", default=False)):

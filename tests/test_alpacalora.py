@@ -7,12 +7,15 @@ One LoRA run (module fixture) serves the merge, determinism, resume and DDP comp
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import PY, REPO, TINY_JOB, read_json, run_train, signal_workers, user_env
+from conftest import PY, REPO, TINY_JOB, read_json, run_train, signal_workers, start_train, user_env
 
 SMALL = TINY_JOB
 
@@ -194,10 +197,18 @@ def test_cpu_precision_auto(tmp_path, monkeypatch):
     for hidden in (64, 512):
         (tmp_path / str(hidden)).mkdir()
         (tmp_path / str(hidden) / "config.json").write_text(json.dumps({"hidden_size": hidden}))
+    from omegaconf import OmegaConf
+
+    def model(path, builder=None):
+        return OmegaConf.create({"path": str(path), "builder": builder})
+
     monkeypatch.setattr(hardware, "cpu_bf16", lambda: True)
-    assert [hardware.cpu_precision(tmp_path / h) for h in ("64", "512", "missing")] == ["fp32", "bf16", "fp32"]
+    assert [hardware.cpu_precision(model(tmp_path / h)) for h in ("64", "512", "missing")] == ["fp32", "bf16", "fp32"]
+    # a model built on first use: its builder's plan says what its config.json will (the first run = later runs)
+    assert hardware.cpu_precision(model(tmp_path / "missing", "smollm2_135m")) == "bf16"
+    assert hardware.cpu_precision(model(tmp_path / "missing", "tiny_llama")) == "fp32"
     monkeypatch.setattr(hardware, "cpu_bf16", lambda: False)
-    assert hardware.cpu_precision(tmp_path / "512") == "fp32"
+    assert hardware.cpu_precision(model(tmp_path / "512")) == "fp32"
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +294,77 @@ def test_resume_after_sigkill_equals_uninterrupted(lora_run, tmp_path):
     resumed, ref = dict(_losses(out)), dict(_losses(lora_run))
     assert sorted(resumed) == list(range(1, 13))
     assert resumed[12] == pytest.approx(ref[12], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_ctrl_c_pauses_and_resume_continues_the_same_curve(lora_run, tmp_path):
+    """The first Ctrl-C: a complete checkpoint at the end of the current step, one line saying what was saved and
+    the command that continues; that command gives the loss curve of an uninterrupted run. A second resume while
+    the first runs is refused (the run's lock), and resume=true of a run that saved nothing is refused."""
+    job = [*SMALL, "merge=false"]
+    out = tmp_path / "paused"
+    p = start_train(*job, f"output_dir={out}", env=user_env(OMP_NUM_THREADS="1"))
+    for line in p.stdout:
+        if line.startswith("step=3 "):
+            p.send_signal(signal.SIGINT)
+            break
+    rest, err = p.communicate(timeout=600)
+    assert p.returncode == 130, err
+    ckpt = re.search(r"paused: (checkpoint-\d+) saved in (\S+); continue with: (.+)$", err, re.M)
+    assert ckpt and err.strip().count("\n") == 0, err
+    assert (out / "checkpoints" / ckpt.group(1) / "FINETUNE_COMPLETE").exists()
+    assert "stopping: the step saves a checkpoint" in rest and "Traceback" not in rest + err
+    assert read_json(out / "manifest.json")["status"] == "paused"
+    # while another process holds the run (a run in it is running), resume=true is refused; its lock dies with it
+    holder = subprocess.Popen(
+        [
+            PY,
+            "-c",
+            "import sys, time; from finetune.run_dir import claim_run_dir as c; "
+            f"c(__import__('pathlib').Path({str(out)!r}), resume=True, exact=True); print('held', flush=True); "
+            "time.sleep(120)",
+        ],
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    refused = subprocess.run(
+        [PY, str(REPO / "train.py"), f"output_dir={out}", "resume=true"],
+        cwd=str(REPO),
+        env=user_env(),
+        capture_output=True,
+        text=True,
+    )
+    holder.kill()
+    holder.wait()
+    assert refused.returncode == 2 and f"is running (pid {holder.pid} on " in refused.stderr, refused.stderr
+    command = ckpt.group(3).split()
+    assert command[:2] == ["python", "train.py"]
+    resumed = subprocess.run(
+        [PY, str(REPO / "train.py"), *command[2:]], cwd=str(REPO), env=user_env(), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    losses = [ln for _, ln in _losses(out)]
+    assert len(losses) == 12 and losses == pytest.approx([ln for _, ln in _losses(lora_run)], abs=1e-5)
+    # a run folder that holds no complete checkpoint (stopped before it saved one): nothing to continue
+    empty = tmp_path / "nothing-saved"
+    shutil.copytree(out, empty, ignore=shutil.ignore_patterns("checkpoints", ".finetune.lock"))
+    (empty / "manifest.json").write_text(
+        json.dumps({**read_json(empty / "manifest.json"), "status": "interrupted", "run_dir": str(empty)})
+    )
+    again = subprocess.run(
+        [PY, str(REPO / "train.py"), f"output_dir={empty}", "resume=true"],
+        cwd=str(REPO),
+        env=user_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        again.returncode == 2
+        and again.stderr.startswith("error: resume=True: ")
+        and "holds no complete " in again.stderr
+    )
 
 
 @pytest.mark.slow

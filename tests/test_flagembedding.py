@@ -340,7 +340,7 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(tmp_pa
         f"output_dir={out}",
     ]
     proc = subprocess.Popen(argv, cwd=str(REPO), env=user_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / "embedder" / "checkpoint-10" / "FINETUNE_COMPLETE"
+    marker = out / "checkpoints" / "checkpoint-10" / "FINETUNE_COMPLETE"
     deadline = time.time() + 400
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -349,7 +349,7 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(tmp_pa
     proc.kill()
     proc.wait()
     assert not (out / "flagembedding_train.json").exists()  # it really died mid-training
-    cut = out / "embedder" / "checkpoint-15"  # as if the kill came in the middle of a save
+    cut = out / "checkpoints" / "checkpoint-15"  # as if the kill came in the middle of a save
     cut.mkdir(exist_ok=True)
     (cut / "config.json").write_text("{}")
     done, _ = run_train(f"output_dir={out}", "resume=true", outputs=tmp_path, timeout=600)

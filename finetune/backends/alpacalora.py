@@ -29,6 +29,9 @@ from finetune.plan import Plan, Step
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 # keys this backend would ignore: refused when typed (finetune/run.py check_unused_keys)
 NOT_USED = {
+    "preference_eval": "the preference evaluation scores preference stages: backend=llamafactory backend.stage=dpo",
+    "preference_eval_rows": "the preference evaluation scores preference stages: backend=llamafactory",
+    "adapter": "starting from a trained adapter runs on backend=llamafactory (its adapter_name_or_path)",
     "method.create_new_adapter": "the alpacalora recipe trains one adapter on the base model (LLaMA-Factory's "
     "create_new_adapter stacks a new one on an existing adapter: use backend=llamafactory)",
 }
@@ -115,6 +118,8 @@ def plan(cfg, run_dir, ctx) -> Plan:
             env=env,
             distributed="torchrun",
             progress="history.jsonl",
+            pausable=True,
+            preload=[],
         )
     ]
     target = str(adapter_dir(cfg, run_dir))
@@ -126,6 +131,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
             steps.append(
                 Step(
                     name="merge",
+                    preload=[],
                     argv=[
                         py,
                         "-m",

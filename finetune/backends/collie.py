@@ -42,6 +42,9 @@ def lock_file(cfg) -> Path:
 FAMILIES = ("llama",)
 # keys this backend would ignore: refused when typed (finetune/run.py check_unused_keys)
 NOT_USED = {
+    "preference_eval": "the preference evaluation scores preference stages: backend=llamafactory backend.stage=dpo",
+    "preference_eval_rows": "the preference evaluation scores preference stages: backend=llamafactory",
+    "adapter": "starting from a trained adapter runs on backend=llamafactory (its adapter_name_or_path)",
     "eval_steps": "the collie backend evaluates the held-out rows once per epoch",
     "save_steps": "the collie backend saves the final adapter/model only (no intermediate checkpoints)",
     "save_total_limit": "the collie backend saves the final adapter/model only (no intermediate checkpoints)",
@@ -150,6 +153,13 @@ def check_venv(cfg) -> None:
 
 def check(cfg) -> None:
     b, meth = cfg.backend, cfg.method
+    if cfg.data.get("eval_dataset"):
+        raise ConfigError(
+            "data.eval_dataset",
+            cfg.data.eval_dataset,
+            "Collie holds out val_set_size rows of its training data; hold a dataset out on backend=alpacalora or "
+            "llamafactory",
+        )
     dp, tp, pp = int(b.dp_size), int(b.tp_size), int(b.pp_size)
     ws = world_size(cfg)
     if dp * tp * pp != ws:
@@ -237,13 +247,9 @@ def _check_model_fits_collie(cfg) -> None:
 
 
 def _check_model_shape(cfg, tp: int, pp: int) -> None:
-    conf = Path(str(cfg.model.path)) / "config.json"
-    if not conf.is_file():
-        return  # a tiny model built on first use
-    try:
-        meta = json.loads(conf.read_text(encoding="utf-8"))
-    except ValueError:
-        return  # validate.check_model reports it
+    from finetune.config.model_facts import model_config
+
+    meta = model_config(cfg.model)  # config.json, or the builder's plan of a model built on first use
     heads = int(meta.get("num_attention_heads") or 0)
     kv = int(meta.get("num_key_value_heads") or heads)
     if tp > 1 and heads and (heads % tp or kv % tp):
@@ -284,7 +290,7 @@ def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
         "--model",
         str(Path(str(cfg.model.path)).absolute()),
         "--data",
-        str(Path(str(cfg.data.path)).absolute()),
+        str(Path(str(cfg.data.path)).absolute()) if cfg.data.path else "",  # "": datasets of a dataset_info.json
         "--target",
         str(adapter_dir(cfg, run_dir)),
         "--merge",
@@ -314,7 +320,7 @@ def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
             distributed="torchrun",
             progress="history.jsonl",
         ),
-        Step(name="collie_merge", argv=[sys.executable, "-m", "finetune.recipes.collie_merge", *paths]),
+        Step(name="collie_merge", argv=[sys.executable, "-m", "finetune.recipes.collie_merge", *paths], preload=[]),
     ]
     notes = [
         f"Collie runs in its own environment: {venv_dir(cfg)}"

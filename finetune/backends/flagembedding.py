@@ -27,6 +27,9 @@ from finetune.tracking import wants
 TASKS = choices(FlagembeddingBackend, "task")
 # keys this backend would ignore: refused when typed (finetune/run.py check_unused_keys)
 NOT_USED = {
+    "preference_eval": "the preference evaluation scores preference stages: backend=llamafactory backend.stage=dpo",
+    "preference_eval_rows": "the preference evaluation scores preference stages: backend=llamafactory",
+    "adapter": "starting from a trained adapter runs on backend=llamafactory (its adapter_name_or_path)",
     "cutoff_len": "the encoder's lengths are backend.query_max_len and backend.passage_max_len",
     "val_set_size": "the held-out queries are data.eval_path (recall@k / MRR before and after training)",
     "eval_steps": "FlagEmbedding evaluates before and after training (backend.eval), not during it",
@@ -191,11 +194,11 @@ def deepspeed_config(cfg) -> dict:
     not "auto": HF fills "auto" sizes from model.config, which FlagEmbedding's model wrapper does not have
     (ValueError "The model's config file has neither hidden_size nor hidden_sizes"); they are HF's own formulas on
     the encoder's hidden size (config.json), or DeepSpeed's defaults when it cannot be read yet."""
-    from finetune.auto.hardware import model_hidden_size
+    from finetune.config.model_facts import hidden_size
 
     hw = cfg.hardware
     stage = int(hw.deepspeed_stage)
-    hidden = model_hidden_size(cfg.model.path)
+    hidden = hidden_size(cfg.model)
     zero = {"stage": stage}
     if stage > 0:
         zero.update(
@@ -342,7 +345,9 @@ def plan(cfg, run_dir, ctx) -> Plan:
     def eval_step(stage: str, model: str, *extra: str) -> Step:
         """recall@k / MRR of a model on the held-out queries, before or after training (rank 0 only)."""
         argv = [py, "-m", "finetune.recipes.flagembedding_eval", "--config", conf, "--stage", stage, "--model", model]
-        return Step(name=f"eval_{stage}", argv=[*argv, *data_args, *extra], env=env, rank0_only=True)
+        return Step(
+            name=f"eval_{stage}", argv=[*argv, *data_args, *extra], env=env, rank0_only=True, preload=["FlagEmbedding"]
+        )
 
     if do_eval:
         steps.append(eval_step("before", _abs(cfg.model.path)))
@@ -370,6 +375,8 @@ def plan(cfg, run_dir, ctx) -> Plan:
             env=env,
             distributed="torchrun",
             progress="history.jsonl",
+            pausable=True,
+            preload=["FlagEmbedding"],
         )
     )
     steps.append(eval_step("after", str(out), *([] if do_eval else ["--no-eval"])))

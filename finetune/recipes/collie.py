@@ -65,7 +65,7 @@ PROBE_ROWS = 2
 
 def log(msg: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[collie_worker] {msg}", flush=True)
+        print(f"[collie] {msg}", flush=True)
 
 
 def write_json(path: Path, obj) -> None:
@@ -137,18 +137,11 @@ def prepare(cfg: dict, run_dir: Path) -> int:
 
 
 def load_rows(cfg: dict) -> list:
-    path = Path(cfg["data"]["path"])
-    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl")) if path.is_dir() else [path]
-    rows = []
-    for f in files:
-        text = f.read_text(encoding="utf-8")
-        if f.suffix == ".jsonl":
-            rows += [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            rows += json.loads(text)
-    if cfg.get("max_samples"):
-        rows = rows[: int(cfg["max_samples"])]
-    return rows
+    """The training rows, read as validation read them (finetune/sources.py: data.path's first max_samples rows, or
+    the alpaca datasets of a dataset_info.json, mixed)."""
+    from finetune.sources import train_rows
+
+    return train_rows(cfg)
 
 
 def split_rows(cfg: dict, rows: list):
@@ -587,12 +580,12 @@ def main() -> int:
     ap.add_argument("action", choices=["prepare", "train"])
     ap.add_argument("--config", required=True)
     ap.add_argument("--model", required=True, help="model folder (absolute)")
-    ap.add_argument("--data", required=True, help="data file or folder (absolute)")
+    ap.add_argument("--data", required=True, help="data file or folder (absolute); '' for data=llamafactory")
     ap.add_argument("--target", required=True, help="adapter folder (absolute)")
     ap.add_argument("--merge", required=True, help="merged / full model folder (absolute)")
     args = ap.parse_args()
     cfg = read_config(args.config)
-    cfg["model"]["path"], cfg["data"]["path"] = args.model, args.data
+    cfg["model"]["path"], cfg["data"]["path"] = args.model, args.data or None
     cfg["target_path"], cfg["merge_path"] = args.target, args.merge
     run_dir = Path(cfg["_run_dir"])
     return prepare(cfg, run_dir) if args.action == "prepare" else train(cfg, run_dir)

@@ -1,6 +1,7 @@
 """Monkeypatches that let collie-lm 1.0.7 run on a machine without a GPU (CPU torch, gloo).
 
-Runs inside Collie's own environment (.venv-collie), imported by collie_worker.py BEFORE ``import collie``.
+Runs inside Collie's own environment (.venv-collie), imported by the Collie recipe (finetune/recipes/collie.py)
+BEFORE ``import collie``.
 ``apply(device)`` follows the run's configured hardware.device, never what happens to be installed: ``cpu`` always
 patches (also on a GPU machine: the run asked for the CPU); ``cuda`` never patches, and stops with one line when
 this process sees no GPU (a CPU build of torch, a job without GPUs), instead of training on the CPU in silence.

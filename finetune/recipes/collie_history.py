@@ -72,7 +72,7 @@ class History(Callback):
             self.write(row)
         if self.rank == 0:
             print(
-                f"[collie_worker] rank {self.rank} step {step} loss {row['loss']:.4f} lr {row['learning_rate']:.3g}",
+                f"[collie] rank {self.rank} step {step} loss {row['loss']:.4f} lr {row['learning_rate']:.3g}",
                 flush=True,
             )
 
@@ -101,7 +101,7 @@ class History(Callback):
         value = eval_loss(trainer, self.eval_ds, self.micro_batch_size)
         self.write({"step": int(trainer.engine.global_steps), "epoch": trainer.epoch_idx + 1, "eval_loss": value})
         if self.rank == 0:
-            print(f"[collie_worker] epoch {trainer.epoch_idx + 1} eval_loss {value:.4f}", flush=True)
+            print(f"[collie] epoch {trainer.epoch_idx + 1} eval_loss {value:.4f}", flush=True)
 
 
 def eval_loss(trainer, eval_ds, micro: int) -> float:

@@ -4,9 +4,11 @@ runner and trainer), plus what every backend of this project gives:
 
 - <run>/history.jsonl, live: one row per log event (step of total_steps, loss, learning rate, grad norm, input
   tokens/s counted from the batches' attention masks, peak RSS); the driver's progress line reads it;
-- complete-checkpoint markers (FINETUNE_COMPLETE, written after a checkpoint is saved, as the alpacalora recipe
-  does) and, with ``--resume``, training continues from the newest complete checkpoint (incomplete ones, cut by
-  a kill, are removed: they are this run's own);
+- checkpoints in <run>/checkpoints/checkpoint-N (as every backend's; the trained model in its own folder, the
+  flags' --output_dir) with complete-checkpoint markers (FINETUNE_COMPLETE, written after a checkpoint is saved, as
+  the alpacalora recipe does); with ``--resume``, training continues from the newest complete checkpoint
+  (incomplete ones, cut by a kill, are removed: they are this run's own);
+- a pause on request (the driver's first Ctrl-C): a checkpoint at the end of the current step, exit 75;
 - <run>/flagembedding_train.json: runtime, tokens, samples/s and the trainer's mean loss.
 
     python -m finetune.recipes.flagembedding --task embedder --run-dir R [--resume] [--device cuda] -- <flags>
@@ -22,14 +24,18 @@ import sys
 import time
 from pathlib import Path
 
+from finetune.config.derived import CHECKPOINTS
 from finetune.recipes.common import (
     COMPLETE,
+    PAUSED_EXIT,
     TokenMeter,
     atomic_write_text,
+    checkpoint_marker,
     deepspeed_env,
     history_callback,
     last_complete_checkpoint,
     log,
+    pause_callback,
     peak_rss_mb,
     require_device,
     truncate_history,
@@ -114,25 +120,6 @@ def _load_encoder_from_checkpoint(trainer) -> None:
     trainer._load_from_checkpoint = _load
 
 
-def _checkpoint_marker():
-    from transformers import TrainerCallback
-
-    class CompleteCheckpoints(TrainerCallback):
-        """FINETUNE_COMPLETE in checkpoint-N once the Trainer has finished saving it (every rank's shards)."""
-
-        def on_save(self, args, state, control, **kw):
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                dist.barrier()
-            if state.is_world_process_zero:
-                atomic_write_text(
-                    Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE, str(time.time())
-                )
-
-    return CompleteCheckpoints()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m finetune.recipes.flagembedding")
     ap.add_argument("--task", choices=("embedder", "reranker"), required=True)
@@ -148,12 +135,14 @@ def main(argv=None) -> int:
     if "--deepspeed" in flags:
         deepspeed_env()  # one process under DeepSpeed: no MPI discovery
     runner_cls, model_args, data_args, training_args = _runner(args.task, flags)
-    out = Path(training_args.output_dir)
+    out = Path(training_args.output_dir)  # the trained model; checkpoints go where every backend's go
+    ckpts = run_dir / CHECKPOINTS
+    training_args.output_dir = str(ckpts)
     resume_from = None
     # --resume (resume=true), or FINETUNE_RESUME=1: a Slurm job rerun after preemption (finetune/launchers/slurm_job.py)
-    if (args.resume or os.environ.get("FINETUNE_RESUME") == "1") and out.is_dir():
-        resume_from = last_complete_checkpoint(out)
-        for ckpt in out.glob("checkpoint-*"):  # cut by a kill: never resumed from, this run's own
+    if (args.resume or os.environ.get("FINETUNE_RESUME") == "1") and ckpts.is_dir():
+        resume_from = last_complete_checkpoint(ckpts)
+        for ckpt in ckpts.glob("checkpoint-*"):  # cut by a kill: never resumed from, this run's own
             if ckpt.is_dir() and ckpt != resume_from and not (ckpt / COMPLETE).exists():
                 shutil.rmtree(ckpt)
         log(f"resuming from {resume_from}" if resume_from else "resume: no complete checkpoint; training from step 0")
@@ -181,12 +170,19 @@ def main(argv=None) -> int:
     _save_gathered_weights(trainer)
     _load_encoder_from_checkpoint(trainer)
     trainer.add_callback(history_callback(run_dir))
-    trainer.add_callback(_checkpoint_marker())
+    trainer.add_callback(checkpoint_marker())
+    pause = pause_callback()
+    trainer.add_callback(pause)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the history callback prints one plain line per event
     t0 = time.perf_counter()
-    runner.run()
+    # FlagEmbedding's runner.run(), with the final model saved to its own folder (not among the checkpoints)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if pause.paused_at is not None:
+        log(f"paused: checkpoint-{pause.paused_at} saved in {ckpts}")
+        return PAUSED_EXIT
+    trainer.save_model(str(out))
     runtime = time.perf_counter() - t0
     if trainer.is_world_process_zero():
         final = next((h for h in reversed(trainer.state.log_history) if "train_loss" in h), {})
