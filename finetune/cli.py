@@ -3,7 +3,7 @@
 - ``train.py``: the Hydra app (@hydra.main). ``setup()`` registers the schemas and resolvers and installs an
   error reporter that turns every refusal (ours or Hydra's compose errors) into one line on stderr, exit 2.
 - ``finetune`` (console script): helper commands (``summarize``, ``reproduce``, ``setup-collie``, ``generate``,
-  ``chat``).
+  ``chat``, ``export``, ``setup-llamacpp``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any, Callable, List
 
 from finetune.errors import ConfigError, RunError, suggest
@@ -51,6 +52,16 @@ def explain_hydra_error(ex: BaseException) -> str:
         return str(ConfigError(inner.full_key, inner.value, _expected_type(inner)))
     if isinstance(inner, MissingMandatoryValue) and getattr(inner, "full_key", None):
         return f"{inner.full_key}: required value is missing (set {inner.full_key}=...)"
+    ambiguous = re.match(r"(Ambiguous value for argument|Sweep parameters) '(.+?)'", str(ex))
+    if ambiguous:  # Hydra's own message spreads the fix over three more lines: one line with it
+        override = ambiguous.group(2)
+        key, _, value = override.partition("=")
+        if ambiguous.group(1) == "Sweep parameters":  # range(), choice(), glob()
+            return f"override {override!r}: is a sweep, which runs with -m (python train.py -m {override})"
+        return (
+            f"override {override!r}: a comma list is a sweep, which runs with -m; for a list write "
+            f"{key}=[{value}], for text with commas quote it: {key}='{value}'"
+        )
     lines = [
         ln.strip()
         for ln in str(ex).splitlines()
@@ -105,7 +116,7 @@ def _report(func: Callable[[], Any]) -> Any:
     """Replacement for hydra._internal.utils.run_and_report: one line, exit 2 for bad input, 1 for failures."""
     try:
         return func()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - any failure becomes one line and an exit code, never a bare traceback
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         _die(*reversed(classify(e)))
@@ -120,6 +131,15 @@ def _die(msg: str, code: int) -> None:
     sys.exit(code)
 
 
+def stopped_line(e: BaseException) -> str:
+    """The one line for a run stopped by the user: what was saved, and the command that continues it."""
+    ckpt, run_dir = getattr(e, "checkpoint", None), getattr(e, "run_dir", None)
+    how = "paused" if type(e).__name__ == "Paused" else "interrupted"
+    if ckpt is None:
+        return f"{how}: nothing was saved, so resume=true would have no checkpoint to continue from"
+    return f"{how}: {ckpt.name} saved in {ckpt.parent}; continue with: python train.py output_dir={run_dir} resume=true"
+
+
 def task(cfg) -> Any:
     """The body of train.py's @hydra.main. In a single run, a refusal or a failed step ends the process here
     (one line, exit 2 or 1) rather than as a Hydra job error; in a sweep the job fails and the others go on."""
@@ -131,15 +151,17 @@ def task(cfg) -> Any:
         from hydra.types import RunMode
 
         multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - no Hydra config yet (called outside a job): a single run
         pass
+    from finetune.run import Paused
+
     try:
         return run(cfg)
-    except KeyboardInterrupt:
+    except (Paused, KeyboardInterrupt) as e:
         if multirun:
             raise
-        _die("interrupted", 130)
-    except Exception as e:  # noqa: BLE001
+        _die(stopped_line(e), 130)
+    except Exception as e:  # noqa: BLE001 - any failure becomes one line and exit 1 (a sweep's own handler reports it)
         if multirun or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         code, msg = classify(e)
@@ -167,8 +189,32 @@ def setup() -> None:
         sys.argv[:] = resume_argv(sys.argv)  # resume=true: the recorded run's overrides, before Hydra parses
         one_hardware_per_slurm_sweep(sys.argv[1:])
         no_dry_run_search(sys.argv[1:])
+        known_group_options(sys.argv[1:])
     except ConfigError as e:
         _die(str(e), 2)
+
+
+def known_group_options(args: List[str]) -> None:
+    """An option that is not in its group's folder is refused with close matches, for every group alike. Hydra
+    does this for the required groups, but skips a missing option of an optional one (`- optional experiment`):
+    `experiment=alpaca_loraa` would silently run the default job."""
+    groups = _groups()
+    for arg in args:  # a user's own config folders (hydra.searchpath=[file://...]) hold options too
+        if arg.startswith("hydra.searchpath="):
+            for folder in re.findall(r"file://([^,\]\s]+)", arg):
+                for group in Path(folder).iterdir() if Path(folder).is_dir() else []:
+                    groups[group.name] = sorted({*groups.get(group.name, []), *(p.stem for p in group.glob("*.yaml"))})
+            if "pkg://" in arg:
+                return  # options inside a package: Hydra reports what it cannot find
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        group = key.lstrip("+~")
+        if not eq or group not in groups or "(" in value or key.startswith("~"):
+            continue  # not a group choice, or a sweep function (glob, choice, range) Hydra expands
+        for option in filter(None, (v.strip() for v in value.split(","))):
+            if option not in groups[group] and option != "null":
+                options = groups[group]
+                raise ConfigError(group, option, "one of " + ", ".join(options), suggest(option, options))
 
 
 def no_dry_run_search(args: List[str]) -> None:
@@ -268,6 +314,33 @@ def main(argv=None) -> int:
     p.add_argument("--allow-different", action="store_true", help="run even if code or versions differ")
     p.add_argument("--output-dir", help="the new run folder (default: outputs/runs/<date>/<time>-reproduce-<name>)")
     sub.add_parser("setup-collie", help="create Collie's own virtual environment (.venv-collie)")
+    sub.add_parser(
+        "setup-llamacpp",
+        help="create llama.cpp's own environment (.venv-llamacpp: its converters, quantizer and llama-cpp-python)",
+    )
+    p = sub.add_parser(
+        "export",
+        help="write a run (its merged model, or base + adapter), a sweep's best job or a model folder as a GGUF "
+        "file for llama.cpp / Ollama, with the run's prompt as its chat template, a Modelfile and a README",
+    )
+    p.add_argument(
+        "run", metavar="run-or-model", help="a run folder, a sweep folder (its best job), a model or adapter folder"
+    )
+    p.add_argument(
+        "--to",
+        required=True,
+        help="gguf: the model as one GGUF file; gguf-lora: the adapter as a llama.cpp LoRA GGUF plus the base model",
+    )
+    p.add_argument(
+        "--type",
+        help="f16 (default), bf16, q8_0 or q4_k_m (quantised by llama.cpp's llama-quantize); "
+        "gguf-lora: f16, bf16, q8_0",
+    )
+    p.add_argument(
+        "--out",
+        help="a new (or empty) folder; default <run>/gguf (gguf-lora: <run>/gguf-lora; a model folder: "
+        "outputs/exports/<name>-gguf)",
+    )
     p = sub.add_parser(
         "mlflow-server",
         help="a local MLflow tracking server and UI on outputs/mlflow "
@@ -278,7 +351,8 @@ def main(argv=None) -> int:
     p = sub.add_parser(
         "generate",
         help="answer prompts with a trained run (its merged model, or base + adapter), "
-        "a model folder or an adapter folder; prompts built as the run trained",
+        "a model folder, an adapter folder, or a .gguf file / export folder (through llama.cpp, with the file's own "
+        "chat template); prompts built as the run trained",
     )
     p.add_argument("run", metavar="run-or-model")
     p.add_argument("--prompt", help="the instruction (one prompt; the answer is streamed)")
@@ -287,7 +361,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, help="default: the run's max_new_tokens, else 128")
     p = sub.add_parser(
         "chat",
-        help="chat in the terminal with a trained run, a model or an adapter "
+        help="chat in the terminal with a trained run, a model, an adapter or a .gguf file / export folder "
         "(streamed answers, history kept; /reset, /exit)",
     )
     p.add_argument("run", metavar="run-or-model")
@@ -317,6 +391,16 @@ def main(argv=None) -> int:
             from finetune.generate import chat_command
 
             return chat_command(args.run, args.max_new_tokens, args.system)
+        if args.cmd == "export":
+            from finetune.export import export_command
+
+            return export_command(args.run, args.to, args.type, args.out)
+        if args.cmd == "setup-llamacpp":
+            import subprocess
+
+            from finetune.export import SETUP
+
+            return subprocess.call(["bash", str(SETUP)])
         if args.cmd == "setup-collie":
             import subprocess
             from pathlib import Path

@@ -34,6 +34,11 @@ class Step:
     optional: bool = False  # a failure is recorded but does not fail the run
     progress: str = ""  # JSONL the step appends to as it trains (step, total_steps, loss, tokens/s),
     # relative to the run folder or absolute: a live progress line on a terminal
+    pausable: bool = False  # the first Ctrl-C asks it to save a checkpoint and stop (FINETUNE_PAUSE_FILE), not to die
+    # None: a light step (a fresh interpreter starts faster than the preloaded one imports). A list: the step
+    # imports torch, transformers and PEFT, and these modules too ('module' or 'module:Attr,Attr'): it is forked
+    # from the process that imported them once (finetune/launchers/zygote.py)
+    preload: Optional[List[str]] = None
 
     def __post_init__(self):
         if not self.log:

@@ -160,13 +160,11 @@ def choose(cfg: DictConfig, typed: Optional[List[str]] = None, data_format: Opti
     from finetune.auto.planner import plan_choice
 
     typed = _typed_keys() if typed is None else typed
-    path = Path(str(cfg.model.path)) / "config.json"
-    planned = None
-    if not path.is_file() and cfg.model.builder:  # built on first use: its builder knows the shape
-        from finetune.tools.tiny_models import planned_config
+    from finetune.config.model_facts import model_config
 
-        planned = planned_config(str(cfg.model.builder))
-    if not path.is_file() and planned is None:
+    path = Path(str(cfg.model.path)) / "config.json"
+    planned = model_config(cfg.model) if not path.is_file() else None  # built on first use: the builder's plan
+    if not path.is_file() and not planned:
         raise ConfigError(
             "model.path",
             str(cfg.model.path),
@@ -229,9 +227,12 @@ def check(cfg) -> None:
     typed = _typed_keys()
     data_format, rows = None, 0
     try:
-        from finetune import data_check
+        from finetune import data_check, sources
 
-        info = data_check.check_data(str(cfg.data.path), str(cfg.data.format), [])
+        if sources.registry(cfg.data):  # data=llamafactory: validation already read the datasets
+            info = {"format": str(cfg.data.format), "rows": _registry_rows(cfg)}
+        else:
+            info = data_check.check_data(str(cfg.data.path), str(cfg.data.format), [])
         data_format, rows = info["format"], int(info["rows"])
     except Exception:  # noqa: BLE001 - the data rules run again below on the concrete backend
         pass
@@ -249,6 +250,14 @@ def check(cfg) -> None:
     v.check_optimizer_rules(cfg)
     v.check_data(cfg)
     get_backend(cfg.backend.name).check(cfg)
+
+
+def _registry_rows(cfg) -> int:
+    from omegaconf import OmegaConf
+
+    from finetune import sources
+
+    return int(sources.check(OmegaConf.to_container(cfg, resolve=True), [])["rows"])
 
 
 def _chosen(cfg):

@@ -40,32 +40,50 @@ def check(cfg) -> None:
     if cfg.model.kind != "causal_lm":
         raise ConfigError("generate_eval", True, "answers held-out rows with a causal language model")
     lf = cfg.backend.name == "llamafactory"
-    if lf and cfg.backend.stage != "sft":
+    if lf and cfg.backend.stage not in ("sft", "dpo", "kto"):
         raise ConfigError(
             "generate_eval",
             True,
-            f"scores answers of supervised fine-tuning (backend.stage=sft), not stage {cfg.backend.stage}",
+            f"scores a language model's answers against references (backend.stage=sft, dpo: the chosen answer, kto: "
+            f"the desirable one), not stage {cfg.backend.stage}",
         )
     held_out = float(cfg.val_set_size) > 0 and not (lf and cfg.backend.eval_strategy == "no")
-    if not held_out and not (lf and cfg.data.eval_path):
+    if not held_out and not (lf and cfg.data.eval_path) and not cfg.data.get("eval_dataset"):
         raise ConfigError(
             "generate_eval",
             True,
             "needs held-out rows: set val_set_size > 0"
-            + (" (and backend.eval_strategy not no), or data.eval_path" if lf else ""),
+            + (" (and backend.eval_strategy not no), or data.eval_path" if lf else "")
+            + " (or hold a dataset out: data.eval_dataset)",
+        )
+    if lf and cfg.data.mix_strategy != "concat" and not cfg.data.get("eval_dataset"):
+        raise ConfigError(
+            "generate_eval",
+            True,
+            f"with data.mix_strategy={cfg.data.mix_strategy} LLaMA-Factory's held-out rows cannot be known here; hold "
+            "a dataset out instead (data.eval_dataset)",
         )
 
 
-def steps(cfg, run_dir, after_model: str, adapter: Optional[str] = None) -> tuple:
-    """(steps to run first, steps to run last); empty unless generate_eval=true."""
+def steps(cfg, run_dir, after_model: str, adapter: Optional[str] = None, before_adapter=()) -> tuple:
+    """(steps to run first, steps to run last); empty unless generate_eval=true. ``adapter``: adapters (a comma
+    list, merged in order) on top of after_model; ``before_adapter``: those the run starts from (adapter=)."""
     if not cfg.generate_eval:
         return [], []
     rc = str(Path(run_dir) / "resolved_config.json")
     argv = [sys.executable, "-m", "finetune.recipes.gen_eval", "--config", rc, "--stage"]
-    before = Step(name="generate_eval_before", argv=[*argv, "before", "--model", str(cfg.model.path)], rank0_only=True)
+    scorer = ["rouge_score.rouge_scorer"]
+    start = ["--adapter", ",".join(before_adapter)] if before_adapter else []
+    before = Step(
+        name="generate_eval_before",
+        argv=[*argv, "before", "--model", str(cfg.model.path), *start],
+        rank0_only=True,
+        preload=scorer,
+    )
     after = Step(
         name="generate_eval_after",
         rank0_only=True,
+        preload=scorer,
         argv=[*argv, "after", "--model", str(after_model), *(["--adapter", str(adapter)] if adapter else [])],
     )
     return [before], [after]

@@ -135,6 +135,20 @@ class RootConfig:
     generate_eval_rows: int = 40  # how many held-out rows (0: all of them)
     max_new_tokens: int = 32  # per answer (greedy)
     generate_batch_size: int = 8  # prompts per batch (left-padded)
+    # --- preference evaluation (preference pairs or KTO rows): held-out pairs scored before and after training
+    preference_eval: bool = arg(
+        False,
+        "score the held-out preference pairs before and after training: accuracy (log-likelihood of the chosen "
+        "answer > the rejected one's) and mean margin (finetune/recipes/pref_eval.py)",
+    )
+    preference_eval_rows: int = arg(0, "how many held-out pairs (0: all of them)")
+    # --- start from a trained adapter
+    adapter: Optional[str] = arg(
+        None,
+        "start from a trained LoRA adapter: a run folder (its adapter) or an adapter folder; it is merged into the "
+        "base and a new adapter trains on top (backend=llamafactory; method.create_new_adapter=false: go on "
+        "training it instead)",
+    )
     # --- logging / checkpoints
     logging_steps: int = 10
     eval_steps: int = 0  # 0: evaluate once per epoch
@@ -152,11 +166,24 @@ class RootConfig:
     merge_path: Optional[str] = None  # merged model folder; default <run>/lazyllm_merge
     allow_outside_outputs: bool = True  # false: refuse run folders outside outputs/
     merge: bool = True
+    # --- export (finetune/export.py): the trained model as a GGUF file for llama.cpp / Ollama, as the run's last step
+    export: Optional[str] = arg(
+        None,
+        "gguf: the model as one GGUF file; gguf-lora: the adapter as a llama.cpp LoRA GGUF (and the base model); "
+        "null: no export (finetune export <run> does it later)",
+        choices=("gguf", "gguf-lora"),
+    )
+    export_type: str = arg(
+        "f16",
+        "the GGUF's tensor type (q8_0 and q4_k_m by llama.cpp's quantizer)",
+        choices=("f16", "bf16", "q8_0", "q4_k_m"),
+    )
     resume: bool = False
     dry_run: bool = False
     explain: bool = False
     trust_remote_code: bool = False
     timeout_min: float = 0.0  # 0: no limit; else a step running longer is killed and fails
+    verbose: bool = arg(False, "print every line of every step to the terminal (default: ours; the rest is in logs/)")
     metric: str = "eval_loss"  # what train.py returns to a sweeper
     fail_fast: bool = False  # in a sweep: stop at the first failed job
 
@@ -194,7 +221,7 @@ class AlpacaloraBackend(BackendBase):
     packing: bool = False
     dataloader_num_workers: int = 0
     show_prompt: bool = False
-    torch_threads: int = 0  # 0: let torch decide (torchrun sets OMP_NUM_THREADS per rank)
+    torch_threads: int = 0  # threads of the recipe process; 0: the launcher decides (launcher.omp_num_threads)
     attn_implementation: str = arg(
         "auto", "auto: see finetune/recipes/alpacalora.py", choices=("auto", "eager", "sdpa", "flash_attention_2")
     )
@@ -413,7 +440,7 @@ class HardwareConfig:
 @dataclass
 class DataConfig:
     name: str = MISSING
-    path: str = MISSING  # file (.json/.jsonl) or folder of them
+    path: Optional[str] = arg(MISSING, "file (.json/.jsonl) or folder of them (null with data=llamafactory)")
     format: str = arg(
         "auto",
         "the rows' format (auto: detected)",
@@ -421,6 +448,18 @@ class DataConfig:
     )
     eval_path: Optional[str] = None  # held-out file for embedding evaluation / explicit eval set
     corpus_path: Optional[str] = None  # retrieval corpus (embedding evaluation)
+    # data=llamafactory: datasets of a LLaMA-Factory dataset_info.json (finetune/lfdata.py, finetune/sources.py)
+    dataset_dir: Optional[str] = arg(None, "the folder holding dataset_info.json (data=llamafactory)")
+    dataset: Any = arg(None, "dataset name(s) of dataset_info.json: a, a,b or [a,b] (data=llamafactory)")
+    eval_dataset: Optional[str] = arg(None, "a dataset held out for evaluation, not trained on (val_set_size unused)")
+    mix: Any = arg(None, "{dataset: weight}: rows per dataset in proportion, drawn with the seed (null: each row once)")
+    mix_rows: Optional[int] = arg(None, "rows of the mixture (null: as many as the weights allow without repeats)")
+    mix_strategy: str = arg(
+        "concat",
+        "LLaMA-Factory's own mixing (backend=llamafactory): concat, or interleave with interleave_probs",
+        ("concat", "interleave_under", "interleave_over", "interleave_once"),
+    )
+    interleave_probs: Any = arg(None, "LLaMA-Factory's interleave_probs: one probability per dataset, summing to 1")
 
 
 # --------------------------------------------------------------------------------------------------- launcher
@@ -436,7 +475,16 @@ class LauncherConfig:
     master_port: int = 0  # 0: pick a free port
     rdzv_backend: str = "c10d"
     rdzv_id: Optional[str] = None
-    omp_num_threads: int = 0  # 0: 1 for a tiny model (hidden <= 256) on the CPU, else cores / nproc_per_node
+    omp_num_threads: int = arg(
+        0,
+        "threads per process; 0: OMP_NUM_THREADS from your environment, else the CPUs this process may use / "
+        "processes per node / jobs a parallel sweep runs at once",
+    )
+    fork_steps: bool = arg(
+        True,
+        "start each single-process step by fork from one process that imported torch, transformers and PEFT once "
+        "(false: a fresh interpreter per step)",
+    )
     # slurm (submitit)
     partition: Optional[str] = None
     account: Optional[str] = None

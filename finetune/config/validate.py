@@ -6,6 +6,7 @@ Every refusal is a ConfigError: one line naming the key, the value and what is a
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Iterable, List, Optional
@@ -94,15 +95,26 @@ def _unknown_part(cfg: DictConfig, key: str):
     return None
 
 
+def _composed_groups() -> set:
+    """Config groups Hydra composed from (a group of your own on hydra.searchpath too), when running under Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return {str(k) for k in HydraConfig.get().runtime.choices}
+    except Exception:  # noqa: BLE001 - not under Hydra (compose API in tests)
+        return set()
+
+
 def check_added_keys(cfg: DictConfig, overrides: List[str]) -> None:
     """Hydra adds any key typed with `+` (or `++`), so `+lora_rnk=16` would be carried along and ignored: a key
     added that way must be one the schemas know (free-form mappings excepted), like any other key."""
+    groups = set(GROUPS) | _composed_groups()
     for o in overrides:
         if not o.startswith("+"):
             continue
         key = o.lstrip("+").split("=", 1)[0].strip()
         head = key.split(".")[0].split("/")[0]
-        if head == "hydra" or ("." not in key and head in GROUPS):
+        if head == "hydra" or ("." not in key and head in groups):
             continue
         unknown = _unknown_part(cfg, key)
         if unknown is None:
@@ -201,6 +213,81 @@ def check_model(cfg: DictConfig) -> None:
         )
 
 
+def check_adapter(cfg: DictConfig, typed: List[str]) -> None:
+    """adapter=<run folder or adapter folder>: a LoRA adapter trained on this model.path, which the run merges into
+    the base before training a new adapter on top (LLaMA-Factory's adapter_name_or_path + create_new_adapter);
+    method.create_new_adapter=false typed: go on training it. The value becomes the adapter folder itself."""
+    value = cfg.get("adapter")
+    if not value:
+        return
+    if cfg.backend.name != "llamafactory":
+        raise ConfigError(
+            "adapter",
+            str(value),
+            f"is not used by backend {cfg.backend.name}; starting from a trained adapter runs on "
+            "backend=llamafactory (its adapter_name_or_path)",
+        )
+    folder = Path(str(value))
+    if not folder.is_dir():
+        raise ConfigError("adapter", str(value), "no such folder (a run folder, or a folder with adapter_config.json)")
+    manifest = folder / "manifest.json"
+    if manifest.is_file() and not (folder / "adapter_config.json").is_file():
+        try:
+            m = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise ConfigError("adapter", str(value), "its manifest.json cannot be read") from None
+        if m.get("status") != "completed":
+            raise ConfigError("adapter", str(value), f"that run did not complete (status {m.get('status')!r})")
+        found = (m.get("outputs") or {}).get("adapter")
+        if not found:
+            raise ConfigError(
+                "adapter",
+                str(value),
+                "that run trained no LoRA adapter (method "
+                f"{((m.get('config') or {}).get('method') or {}).get('name')!r}); start from its model with "
+                "model.path=<its merged model folder> instead",
+            )
+        folder = Path(found)
+    conf = folder / "adapter_config.json"
+    if not conf.is_file():
+        raise ConfigError("adapter", str(value), f"{folder} holds no adapter_config.json (not a PEFT adapter)")
+    if not any((folder / w).is_file() for w in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ConfigError("adapter", str(value), f"{folder} holds no adapter weights (adapter_model.safetensors)")
+    try:
+        meta = json.loads(conf.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ConfigError("adapter", str(conf), f"adapter_config.json is not valid JSON ({e})") from None
+    if meta.get("peft_type") != "LORA":
+        raise ConfigError("adapter", str(value), f"is a {meta.get('peft_type')} adapter; LoRA adapters only")
+    base = meta.get("base_model_name_or_path")
+    if base and not _same_model(Path(str(base)), Path(str(cfg.model.path))):
+        raise ConfigError(
+            "adapter",
+            str(value),
+            f"was trained on {base}, not on model.path {cfg.model.path} (model={cfg.model.name}): choose that model",
+        )
+    if not cfg.method.uses_lora:
+        raise ConfigError(
+            "adapter", str(value), f"a new adapter trains on top: use a LoRA method, not method={cfg.method.name}"
+        )
+    with open_dict(cfg):
+        cfg.adapter = str(folder)
+        if "method.create_new_adapter" not in typed:
+            cfg.method.create_new_adapter = True
+
+
+def _same_model(a: Path, b: Path) -> bool:
+    """The same folder, or folders whose config.json agree (a model folder that moved)."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        ca, cb = (json.loads((p / "config.json").read_text(encoding="utf-8")) for p in (a, b))
+    except (OSError, ValueError):
+        return False
+    keep = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+    return all(ca.get(k) == cb.get(k) for k in keep)
+
+
 def check_gguf_file(value) -> None:
     if not value:
         raise ConfigError("model.gguf_file", value, "model=gguf needs the GGUF file to convert (model.gguf_file=...)")
@@ -216,7 +303,12 @@ def check_method(cfg: DictConfig, typed: List[str]) -> None:
     meth = cfg.method
     _choice("method", meth.name, ALL_METHODS)
     if meth.name not in cfg.backend.methods:
-        raise ConfigError("method", meth.name, f"backend {cfg.backend.name} can run {', '.join(cfg.backend.methods)}")
+        raise ConfigError(
+            "method",
+            meth.name,
+            f"backend {cfg.backend.name} can run {', '.join(cfg.backend.methods)}",
+            "the method is chosen for you with backend=auto" if meth.name == "auto" else "",
+        )
     if not meth.uses_lora:
         bad = [k for k in typed if k in LORA_ONLY_KEYS or k in LORA_METHOD_KEYS]
         if bad:
@@ -239,6 +331,10 @@ def check_method(cfg: DictConfig, typed: List[str]) -> None:
         targets = [t for t in targets.split(",") if t]
     if not targets:
         raise ConfigError("lora_target_modules", targets, "needs at least one module name (or 'all')")
+    _check_module_names(cfg, "lora_target_modules", [t for t in targets if t != "all"])
+    to_save = meth.modules_to_save
+    to_save = [t for t in to_save.split(",") if t] if isinstance(to_save, str) else list(to_save or [])
+    _check_module_names(cfg, "modules_to_save", to_save)
     _check_tied_targets(cfg, targets)
     if meth.loraplus_lr_ratio is not None and meth.loraplus_lr_ratio <= 0:
         raise ConfigError("method.loraplus_lr_ratio", meth.loraplus_lr_ratio, "must be > 0 (or null)")
@@ -249,6 +345,27 @@ def check_method(cfg: DictConfig, typed: List[str]) -> None:
     if meth.pissa_iter < -1 or meth.pissa_iter == 0:
         raise ConfigError("method.pissa_iter", meth.pissa_iter, "must be -1 (exact SVD) or > 0")
     check_quantization(cfg)
+
+
+def _check_module_names(cfg: DictConfig, key: str, wanted: List[str]) -> None:
+    """A module name the model does not have is refused here, from the model's own weight names (or its builder's
+    plan), naming the ones that exist; PEFT would otherwise fail in the worker ("Target modules ... not found")."""
+    from finetune.config import model_facts
+
+    if not wanted or cfg.backend.name == "collie":  # Collie's Llama names its layers its own way (collie.py)
+        return
+    have = model_facts.module_names(cfg.model)
+    missing = [w for w in wanted if have is not None and str(w) not in have]
+    if missing:
+        linear = sorted(n for n in have if n.endswith(("proj", "query", "key", "value", "dense", "fc1", "fc2")))
+        shown = linear if key == "lora_target_modules" and linear else sorted(have)[:24]
+        raise ConfigError(
+            key,
+            list(wanted) if len(wanted) > 1 else wanted[0],
+            f"{cfg.model.name} has no module named {', '.join(map(repr, missing))}; its "
+            f"{'linear ' if shown is linear else ''}modules: {', '.join(shown)}",
+            suggest(str(missing[0]), sorted(have)),
+        )
 
 
 def check_quantization(cfg: DictConfig) -> None:
@@ -462,7 +579,7 @@ def check_paths(cfg: DictConfig) -> None:
             raise ConfigError(
                 "output_dir", str(cfg.output_dir), f"must be inside {OUTPUTS_ROOT} (allow_outside_outputs=false)"
             )
-        if out.exists() and not cfg.resume and not cfg.dry_run:
+        if out.exists() and not cfg.resume:
             if not out.is_dir() or any(out.iterdir()):
                 raise ConfigError(
                     "output_dir",
@@ -486,7 +603,7 @@ def check_paths(cfg: DictConfig) -> None:
         p = Path(str(v))
         if not cfg.allow_outside_outputs and OUTPUTS_ROOT.resolve() not in p.resolve().parents:
             raise ConfigError(key, str(v), f"must be inside {OUTPUTS_ROOT} (allow_outside_outputs=false)")
-        if p.exists() and not cfg.dry_run and not (cfg.resume and _made_by_run(p, cfg.output_dir)):
+        if p.exists() and not (cfg.resume and _made_by_run(p, cfg.output_dir)):
             if not p.is_dir():
                 raise ConfigError(key, str(v), "is a file; the run writes a model folder there")
             if any(p.iterdir()):
@@ -514,16 +631,131 @@ def check_data(cfg: DictConfig) -> dict:
     """The data files, row by row, in a format the backend takes (backend.data_formats); data.format=auto becomes
     the detected format, so the backends' own checks (LLaMA-Factory's per stage) read it without reading the
     files again."""
-    from finetune import data_check
+    from finetune import data_check, sources
 
     fmt = cfg.data.format
     _choice("data.format", fmt, choices(DataConfig, "format"))
+    check_mixing(cfg)
+    if sources.registry(cfg.data):  # data=llamafactory: datasets of a dataset_info.json
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        info = sources.check(plain, list(cfg.backend.data_formats))
+        with open_dict(cfg):
+            cfg.data.format = info["format"]
+        return info
+    if not cfg.data.path and cfg.data.get("dataset_dir"):
+        raise ConfigError(
+            "data.dataset",
+            text=f"data.dataset: required value is missing (datasets of {cfg.data.dataset_dir}/dataset_info.json: "
+            "data.dataset=a, or 'data.dataset=[a,b]')",
+        )
+    if not cfg.data.path:
+        raise ConfigError(
+            "data.path",
+            cfg.data.path,
+            "name the training data: a file or folder (data.path=...), or datasets of a dataset_info.json "
+            "(data=llamafactory data.dataset=...)",
+        )
     info = data_check.check_data(str(cfg.data.path), fmt, list(cfg.backend.data_formats))
     if cfg.data.eval_path:
         data_check.check_data(str(cfg.data.eval_path), info["format"], [], key="data.eval_path")
     with open_dict(cfg):
         cfg.data.format = info["format"]
     return info
+
+
+def check_mixing(cfg: DictConfig) -> None:
+    """The mixing keys: data.mix / data.mix_rows / data.eval_dataset need datasets (data=llamafactory); LLaMA-Factory's
+    own interleaving (data.mix_strategy, data.interleave_probs) runs on backend=llamafactory only, not with
+    data.mix, with one probability per training dataset."""
+    d = cfg.data
+    _choice("data.mix_strategy", d.mix_strategy, choices(DataConfig, "mix_strategy"))
+    registry = d.dataset not in (None, "", [])
+    for key in ("mix", "mix_rows", "eval_dataset", "interleave_probs"):
+        if d.get(key) not in (None, {}, []) and not registry:
+            raise ConfigError(
+                f"data.{key}",
+                _plain(d[key]),
+                "mixes or holds out datasets of a dataset_info.json: data=llamafactory data.dataset=a,b",
+            )
+    interleave = d.mix_strategy != "concat" or d.interleave_probs is not None
+    if not interleave:
+        return
+    if cfg.backend.name != "llamafactory":
+        raise ConfigError(
+            "data.mix_strategy" if d.mix_strategy != "concat" else "data.interleave_probs",
+            d.mix_strategy if d.mix_strategy != "concat" else _plain(d.interleave_probs),
+            f"is LLaMA-Factory's own mixing (backend=llamafactory); on backend {cfg.backend.name} mix with "
+            "data.mix={dataset: weight}",
+        )
+    if d.mix_strategy == "interleave_once":
+        raise ConfigError(
+            "data.mix_strategy",
+            "interleave_once",
+            "needs datasets' stopping strategy all_exhausted_without_replacement, which datasets 4.0.0 (the version "
+            "LLaMA-Factory 0.9.5 pins) lacks: LLaMA-Factory would fail; use interleave_under or interleave_over",
+        )
+    if d.get("mix") not in (None, {}):
+        raise ConfigError(
+            "data.mix", _plain(d.mix), f"choose one way to mix: data.mix, or data.mix_strategy={d.mix_strategy}"
+        )
+    from finetune.lfdata import dataset_names
+
+    names = [n for n in dataset_names(_plain(d.dataset)) if n != d.get("eval_dataset")]
+    probs = _plain(d.interleave_probs)
+    if d.mix_strategy == "concat":
+        raise ConfigError("data.interleave_probs", probs, "needs data.mix_strategy=interleave_under or interleave_over")
+    if probs is None:
+        return  # LLaMA-Factory interleaves with equal probabilities
+    if isinstance(probs, str):
+        try:
+            probs = [float(x) for x in probs.split(",")]
+        except ValueError:
+            raise ConfigError("data.interleave_probs", probs, "numbers, one per dataset: [0.7,0.3]") from None
+    if (
+        not isinstance(probs, list)
+        or len(probs) != len(names)
+        or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0 for p in probs)
+    ):
+        raise ConfigError(
+            "data.interleave_probs", probs, f"one probability > 0 per training dataset ({', '.join(names)})"
+        )
+    if abs(sum(probs) - 1) > 1e-6:
+        raise ConfigError("data.interleave_probs", probs, f"must sum to 1 (they sum to {sum(probs):g})")
+
+
+def _plain(v):
+    return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+
+
+# backends that hold val_set_size rows of data.path out of training (LLaMA-Factory: unless data.eval_path is set)
+HOLD_OUT_BACKENDS = ("alpacalora", "llamafactory", "collie")
+
+
+def check_held_out(cfg: DictConfig, data: dict) -> None:
+    """val_set_size must leave rows to train on, counted on the rows validation read (after max_samples). Checked by
+    the driver once the backend is known (backend=auto chooses it), before any folder exists."""
+    vs = float(cfg.val_set_size or 0)
+    if vs <= 0 or cfg.backend.name not in HOLD_OUT_BACKENDS or "rows" not in data:
+        return
+    if (cfg.backend.name == "llamafactory" and cfg.data.eval_path) or cfg.data.get("eval_dataset"):
+        return  # the eval set is a file or a held-out dataset: val_set_size is not used
+    n = min(int(data["rows"]), int(cfg.max_samples or data["rows"]))
+    k = int(vs) if vs >= 1 else math.ceil(vs * n)
+    if k >= n:
+        fit = max(1, n // 10) if n > 1 else 0
+        raise ConfigError(
+            "val_set_size",
+            int(vs) if vs >= 1 else vs,
+            f"holds out {k} of the {n} rows of {_data_name(cfg)}, leaving none to train on; use val_set_size="
+            f"{fit} (any count below {n}, or a fraction such as 0.1), or 0 for no held-out rows",
+        )
+
+
+def _data_name(cfg: DictConfig) -> str:
+    if cfg.data.get("dataset") not in (None, "", []):
+        names = _plain(cfg.data.dataset)
+        return "data.dataset=" + (names if isinstance(names, str) else ",".join(map(str, names)))
+    return str(cfg.data.path)
 
 
 def check_kind(cfg: DictConfig) -> None:
@@ -559,4 +791,16 @@ def validate(cfg: DictConfig, overrides: Optional[List[str]] = None) -> dict:
     check_optimizer_rules(cfg)
     check_paths(cfg)
     check_model(cfg)
+    check_export(cfg, typed)
+    check_adapter(cfg, typed)
     return {"data": check_data(cfg)}
+
+
+def check_export(cfg: DictConfig, typed) -> None:
+    """export= / export_type= (finetune/export.py): allowed values together, what llama.cpp can take; an
+    export_type typed without an export would be ignored: refused."""
+    from finetune.export import check_config
+
+    if cfg.export is None and "export_type" in typed:
+        raise ConfigError("export_type", cfg.export_type, "has no effect without export=gguf or export=gguf-lora")
+    check_config(cfg)

@@ -33,32 +33,42 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from finetune.recipes.common import atomic_write_text, free_cores, log, quiet_false_tying_warning, read_config
+from finetune.recipes.common import atomic_write_text, log, quiet_false_tying_warning, read_config
 from finetune.recipes.data import encode_rows, read_rows, split_train_val
-from finetune.recipes.prompting import PromptFormat
+from finetune.recipes.prompting import PromptFormat, reference_rows
 
 # ------------------------------------------------------------------------------------------ held-out rows
 
 
 def heldout_rows(cfg: dict, tokenizer) -> List[dict]:
-    """The rows the run's backend keeps out of training, in its own order."""
+    """The rows the run's backend keeps out of training, in its own order: a held-out dataset (data.eval_dataset),
+    an eval file (LLaMA-Factory's data.eval_path), else the backend's own held-out share of the training rows."""
+    from finetune import sources
+
     backend = cfg["backend"]["name"]
     vs = float(cfg.get("val_set_size") or 0)
+    template = cfg["prompt_template_name"]
+    held = sources.eval_rows(cfg)
+    if held is not None:
+        if backend == "llamafactory":
+            return held
+        return [
+            r
+            for r in held
+            if encode_rows([r], tokenizer, template, int(cfg["cutoff_len"]), bool(cfg["train_on_inputs"]))
+        ]
     if backend == "llamafactory" and cfg["data"].get("eval_path"):
         return read_rows(cfg["data"]["eval_path"])
     if backend == "collie":
         from finetune.recipes.collie import load_rows, split_rows
 
         return split_rows(cfg, load_rows(cfg))[1]
-    rows = read_rows(cfg["data"]["path"])
-    if cfg.get("max_samples"):
-        rows = rows[: int(cfg["max_samples"])]
+    rows = sources.train_rows(cfg)
     if vs <= 0:
         return []
     if backend == "llamafactory":  # LLaMA-Factory: datasets' train_test_split(test_size, seed=run seed)
         return split_train_val(rows, vs, seed=int(cfg["seed"]))[1]
     # alpacalora: rows left with nothing to learn after cutoff_len are dropped before its split (seed 42)
-    template = cfg["prompt_template_name"]
     kept = [
         r for r in rows if encode_rows([r], tokenizer, template, int(cfg["cutoff_len"]), bool(cfg["train_on_inputs"]))
     ]
@@ -68,25 +78,35 @@ def heldout_rows(cfg: dict, tokenizer) -> List[dict]:
 # ------------------------------------------------------------------------------------------ model + generation
 
 
+def load_tokenizer(model_path: str, adapter: Optional[str] = None, trust_remote_code: bool = False):
+    """The tokenizer saved beside what is evaluated (the adapter's folder, else the model's), with a pad token."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    last = adapter.split(",")[-1] if adapter else None
+    tok_dir = last if last and (Path(last) / "tokenizer_config.json").exists() else model_path
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(model_path: str, adapter: Optional[str] = None, trust_remote_code: bool = False):
     """(model, tokenizer) for generation: the merged or trained model, or the base with the adapter on top; the
     tokenizer saved beside what is evaluated (the adapter's folder, else the model's)."""
     import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.logging.set_verbosity_error()
-    tok_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer = load_tokenizer(model_path, adapter, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    if adapter:
+    if adapter:  # a comma list: each merged in turn (a run that started from an adapter: that one, then its own)
         from peft import PeftModel
 
         quiet_false_tying_warning(model)
-        model = PeftModel.from_pretrained(model, adapter)
+        for one in adapter.split(","):
+            model = PeftModel.from_pretrained(model, one).merge_and_unload()
     model.eval()
     return model, tokenizer
 
@@ -209,6 +229,65 @@ def write_samples(run_dir: Path, before: Optional[dict], after: dict) -> None:
     atomic_write_text(run_dir / "eval" / "samples.md", "\n".join(head + lines) + "\n")
 
 
+# ------------------------------------------------------------------------------------------ shared answers
+
+
+def adapter_files(adapter: str) -> List[Path]:
+    return [p for one in adapter.split(",") for p in sorted(Path(one).iterdir()) if p.is_file()]
+
+
+def answers_key(
+    model_path: str, prompts: List[List[int]], stop_ids: List[int], cfg: dict, adapter: Optional[str] = None
+) -> dict:
+    """Everything greedy answers of the base model depend on: the model folder's bytes (weights, config, tokenizer),
+    the prompt token ids (rows, prompt format and tokenizer together), the stop ids, the decoding settings and the
+    library versions. Jobs of a sweep that agree on all of it get the same answers, so they share one computation."""
+    import hashlib
+    from importlib import metadata
+
+    from finetune.data_cache import file_digest
+
+    files = [p for p in Path(model_path).iterdir() if p.is_file() and not p.name.startswith(".")]
+    return {
+        "kind": "greedy answers",
+        "model": file_digest(files),
+        **({"adapter": file_digest(adapter_files(adapter))} if adapter else {}),
+        "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "stop_ids": list(stop_ids),
+        "max_new_tokens": int(cfg["max_new_tokens"]),
+        "batch_size": int(cfg["generate_batch_size"]),  # left padding differs with the batch
+        "dtype": "float32",
+        "versions": {p: metadata.version(p) for p in ("torch", "transformers")},
+    }
+
+
+def base_answers(a, cfg: dict, prompts: List[List[int]], stop_ids: List[int], tokenizer) -> tuple:
+    """(answers, generated tokens, generation seconds, load seconds, cache record) of the base model before
+    training: computed once per content key and read by every later run or sweep job (finetune/data_cache.py:
+    <outputs>/cache/generations, built under a lock, written atomically; FINETUNE_DATA_CACHE=off turns it off)."""
+    from finetune.data_cache import cache_root, get_or_build
+
+    def build() -> dict:
+        t0 = time.perf_counter()
+        model, _ = load_model(a.model, a.adapter, bool(cfg.get("trust_remote_code")))
+        t1 = time.perf_counter()
+        answers, n_new = generate(
+            model, tokenizer, prompts, int(cfg["max_new_tokens"]), stop_ids, int(cfg["generate_batch_size"])
+        )
+        return {"answers": answers, "n_new": n_new, "generate_s": time.perf_counter() - t1, "load_s": t1 - t0}
+
+    root = cache_root()
+    info: dict = {}
+    got = get_or_build(
+        answers_key(a.model, prompts, stop_ids, cfg, a.adapter),
+        build,
+        cache_dir=None if root is None else root.parent / "generations",
+        info=info,
+    )
+    record = {"reused": bool(info.get("hit")), "key": info.get("key"), "path": info.get("path")}
+    return got["answers"], got["n_new"], got["generate_s"], got["load_s"], record
+
+
 # ------------------------------------------------------------------------------------------ the step
 
 
@@ -224,12 +303,11 @@ def main(argv=None) -> int:
     import torch
 
     torch.manual_seed(0)
-    threads = free_cores()
-    torch.set_num_threads(threads)
+    threads = torch.get_num_threads()  # OMP_NUM_THREADS from the launcher
     t0 = time.perf_counter()
-    model, tokenizer = load_model(a.model, a.adapter, bool(cfg.get("trust_remote_code")))
+    tokenizer = load_tokenizer(a.model, a.adapter, bool(cfg.get("trust_remote_code")))
     fmt = PromptFormat.from_run_config(cfg)
-    rows = heldout_rows(cfg, tokenizer)
+    rows = reference_rows(heldout_rows(cfg, tokenizer))  # KTO rows: the desirable answers are the references
     limit = int(cfg.get("generate_eval_rows") or 0)
     rows = rows[:limit] if limit > 0 else rows
     if not rows:
@@ -238,16 +316,29 @@ def main(argv=None) -> int:
     atomic_write_text(run_dir / "eval" / "heldout.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     turns = [fmt.row_turns(r) for r in rows]
     prompts = [fmt.encode(tokenizer, t) for t, _ in turns]
-    load_s = time.perf_counter() - t0
     log(
         f"gen_eval ({a.stage}): {len(rows)} held-out rows, {fmt.describe()}, batches of "
         f"{int(cfg['generate_batch_size'])}, at most {int(cfg['max_new_tokens'])} new tokens, {threads} thread(s)"
     )
-    t1 = time.perf_counter()
-    answers, n_new = generate(
-        model, tokenizer, prompts, int(cfg["max_new_tokens"]), fmt.stop_ids(tokenizer), int(cfg["generate_batch_size"])
-    )
-    gen_s = time.perf_counter() - t1
+    cache = None
+    if a.stage == "before":  # the base model's answers cannot differ between runs that agree on the key
+        answers, n_new, gen_s, load_s, cache = base_answers(a, cfg, prompts, fmt.stop_ids(tokenizer), tokenizer)
+        if cache["reused"]:
+            load_s = time.perf_counter() - t0  # this step's own time; gen_s is the shared computation's
+            log(f"gen_eval (before): the base model's answers are reused from {cache['path']} (same content key)")
+    else:
+        model, _ = load_model(a.model, a.adapter, bool(cfg.get("trust_remote_code")))
+        load_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        answers, n_new = generate(
+            model,
+            tokenizer,
+            prompts,
+            int(cfg["max_new_tokens"]),
+            fmt.stop_ids(tokenizer),
+            int(cfg["generate_batch_size"]),
+        )
+        gen_s = time.perf_counter() - t1
     metrics, per_row = score(answers, [ref for _, ref in turns])
     samples = [
         {"prompt": "\n".join(t["content"] for t in tt), "reference": ref, "answer": ans, **pr}
@@ -264,6 +355,7 @@ def main(argv=None) -> int:
         "generate_tokens_per_s": round(n_new / gen_s, 2) if gen_s > 0 else None,
         "load_s": round(load_s, 2),
         "max_new_tokens": int(cfg["max_new_tokens"]),
+        "cache": cache,
         "samples": samples,
     }
     atomic_write_text(run_dir / "eval" / f"generate_{a.stage}.json", json.dumps(result, indent=1))
