@@ -2,7 +2,8 @@
 
 - a run claims its folder before it plans (8 runs started in the same second, 2 sweeps likewise: each its own);
 - a second resume=true of a running run is refused; a crashed run's lock does not outlive it;
-- (Ctrl-C pauses and resume continues the same curve: tests/test_alpacalora.py, beside the run it compares with;)
+- Ctrl-C pauses and resume continues (alpacalora: tests/test_alpacalora.py, beside the run it compares with;
+  LLaMA-Factory and FlagEmbedding: here);
 - the same overrides compose the same config whether a first-use model is built yet or not;
 - the data the worker reads is what validation read (a BOM), and what validation refuses it refuses in one line;
 - the dry run applies the run's checks; the terminal gets our lines, the step log the libraries'.
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +145,48 @@ def test_dry_run_applies_the_runs_checks(tmp_path):
     for extra in ([], ["dry_run=true"]):
         proc, _ = run_train(f"output_dir={used}", *extra, outputs=None)
         assert proc.returncode == 2 and "exists and is not empty" in proc.stderr, proc.stderr
+
+
+def _pause(proc: subprocess.Popen, run: Path, at: int = 2) -> tuple:
+    """Ctrl-C (the driver's SIGINT) once the trainer has logged `at` steps (LLaMA-Factory's own live log, or our
+    history); (stdout, stderr) after the driver exits."""
+    logs = [run / "checkpoints" / "trainer_log.jsonl", run / "history.jsonl"]
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(f.exists() and f.read_text().count('"loss"') >= at for f in logs):
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    return proc.communicate(timeout=600)
+
+
+@pytest.mark.slow
+def test_llamafactory_and_flagembedding_pause_like_alpacalora(tmp_path, tiny_model):
+    """The first Ctrl-C on the other trainers that can pause (LLaMA-Factory through its own run_exp, FlagEmbedding):
+    a complete checkpoint at the end of the current step, one line with the command that continues (exit 130,
+    manifest `paused`), and that command finishes the run from the checkpoint without retraining its steps."""
+    tiny_model("tiny_llama")
+    env = user_env(OMP_NUM_THREADS="1")
+    lf, fe = tmp_path / "lf", tmp_path / "fe"
+    jobs = {
+        lf: ["backend=llamafactory", "max_samples=64", "val_set_size=0", "max_steps=300", "merge=false"],
+        fe: ["backend=flagembedding", "backend.query_max_len=32", "backend.passage_max_len=32", "max_steps=300"],
+    }
+    common = ["batch_size=4", "micro_batch_size=4", "logging_steps=1", "save_steps=0", "report_to=none"]
+    procs = {out: start_train(*job, *common, f"output_dir={out}", env=env) for out, job in jobs.items()}
+    paused = {out: _pause(p, out) for out, p in procs.items()}
+    for out, (stdout, err) in paused.items():
+        assert procs[out].returncode == 130, stdout[-2000:] + err[-2000:]
+        m = re.search(r"paused: (checkpoint-(\d+)) saved in (\S+); continue with: (.+)$", err, re.M)
+        assert m and err.strip().count("\n") == 0 and "Traceback" not in stdout + err, err
+        assert (out / "checkpoints" / m.group(1) / "FINETUNE_COMPLETE").exists()
+        assert read_json(out / "manifest.json")["status"] == "paused"
+        assert m.group(4) == f"python train.py output_dir={out} resume=true"
+    resumed = {out: start_train(f"output_dir={out}", "resume=true", env=env) for out in jobs}
+    for out, p in resumed.items():
+        stdout, err = p.communicate(timeout=900)
+        assert p.returncode == 0, stdout[-2000:] + err[-2000:]
+        m = read_json(out / "manifest.json")
+        assert m["status"] == "completed" and len(m["resumes"]) == 1
+        steps = [r["step"] for r in _history(out) if "loss" in r]
+        assert steps == sorted(set(steps)) and steps[-1] > 2  # each step once: nothing retrained
