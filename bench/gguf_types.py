@@ -2,7 +2,7 @@
 greedy answers (the GGUF's embedded chat template) equal the merged HF model's answers from the run's own
 evaluation by generation, exact match against the references, and llama.cpp's prompt / generation speed.
 
-    python bench/gguf.py outputs/runs/<date>/<time>-smollm2_lora [--types f16,q8_0,q4_k_m] [--rows 40]
+    python bench/gguf_types.py outputs/runs/<date>/<time>-smollm2_lora [--types f16,q8_0,q4_k_m] [--rows 40]
 
 The run must have `generate_eval=true` (its eval/generate_after.json holds the HF answers) and a merged model
 (the default). Exports go to <run>/bench-gguf-<type>/ (`finetune export --out`). The speed figures are llama.cpp's
@@ -32,7 +32,7 @@ def _norm(text: str) -> str:
 def _runner(*args: str) -> subprocess.CompletedProcess:
     python = REPO / ".venv-llamacpp" / "bin" / "python"
     if not python.exists():
-        sys.exit("bench/gguf.py: llama.cpp's environment is missing: bash scripts/setup_llamacpp_env.sh")
+        sys.exit("bench/gguf_types.py: llama.cpp's environment is missing: bash scripts/setup_llamacpp_env.sh")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [str(python), "-m", "finetune.gguf_runner", *args], env=env, capture_output=True, text=True, check=True
