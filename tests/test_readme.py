@@ -413,7 +413,7 @@ def _chat_in_a_terminal(clone: Path) -> None:
     assert screen.count("you>") == 4 and screen.rstrip().endswith("/exit")  # the process ended at /exit
 
 
-EXPORTS = {"f16": "gguf-f16"}  # another type of the showcase run, beside the README's q8_0 (q4_k_m: bench/gguf_types.py)
+EXPORTS = {"f16": "gguf-f16"}  # another type of the showcase run beside the README's q8_0 (q4_k_m: bench/gguf_types.py)
 
 
 def _llamacpp(clone: Path, *args: str, timeout: float = 900):
