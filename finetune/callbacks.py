@@ -28,7 +28,9 @@ from typing import Any, List, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.config.overrides import typed_keys
 from finetune.errors import ConfigError
+from finetune.run_files import RESULT
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
@@ -65,7 +67,7 @@ def claim_sweep_dir(config: DictConfig) -> Path:
     from finetune.run_dir import LOCK, claim_run_dir
 
     path = Path(str(config.hydra.sweep.dir)).absolute()
-    typed = any(str(o).split("=", 1)[0] == "hydra.sweep.dir" for o in config.hydra.overrides.hydra)
+    typed = "hydra.sweep.dir" in typed_keys(config.hydra.overrides.hydra)
     if typed and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
         raise ConfigError("hydra.sweep.dir", str(path), "exists and is not empty; a sweep folder is never reused")
     folder = claim_run_dir(path, resume=False, exact=typed)
@@ -175,7 +177,7 @@ class SweepSummary(Callback):
             return
         job_dir = Path(str(out))
         run_dir = Path(str(config.output_dir)) if OmegaConf.select(config, "output_dir", default=None) else job_dir
-        if (run_dir / "result.json").exists() or not job_dir.is_dir():
+        if (run_dir / RESULT).exists() or not job_dir.is_dir():
             return
         err = job_return._return_value
         first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
@@ -191,7 +193,7 @@ class SweepSummary(Callback):
 
         failed_job(config, job_dir, f"{type(err).__name__}: {first}")  # a failed child run, when tracked
         atomic_write_json(
-            job_dir / "result.json",
+            job_dir / RESULT,
             {
                 "status": "failed",
                 "error": f"{type(err).__name__}: {first}",

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, List
 
+from finetune.config.overrides import split_override
 from finetune.errors import ConfigError, RunError, suggest
 
 
@@ -207,9 +208,8 @@ def known_group_options(args: List[str]) -> None:
             if "pkg://" in arg:
                 return  # options inside a package: Hydra reports what it cannot find
     for arg in args:
-        key, eq, value = arg.partition("=")
-        group = key.lstrip("+~")
-        if not eq or group not in groups or "(" in value or key.startswith("~"):
+        group, value = split_override(arg)
+        if value is None or group not in groups or "(" in value or arg.startswith("~"):
             continue  # not a group choice, or a sweep function (glob, choice, range) Hydra expands
         for option in filter(None, (v.strip() for v in value.split(","))):
             if option not in groups[group] and option != "null":
@@ -220,7 +220,7 @@ def known_group_options(args: List[str]) -> None:
 def no_dry_run_search(args: List[str]) -> None:
     """An Optuna search picks each trial from the results of the ones before, and a dry run has none (Optuna would
     end with "No trials are completed yet"): refused, with how to see a trial's plan."""
-    values = {a.partition("=")[0].lstrip("+~"): a.partition("=")[2] for a in args if "=" in a}
+    values = {k: v for k, v in map(split_override, args) if v is not None}
     if values.get("hparams_search") and values.get("dry_run", "").lower() in ("true", "yes", "1", "on"):
         raise ConfigError(
             "dry_run",
@@ -238,8 +238,8 @@ def one_hardware_per_slurm_sweep(args: List[str]) -> None:
     if not any(a.startswith("hydra/launcher=") and "slurm" in a for a in args):
         return
     for a in args:
-        key, _, value = a.partition("=")
-        if key.lstrip("+~") == "hardware" and "," in value:
+        key, value = split_override(a)
+        if key == "hardware" and "," in (value or ""):
             raise ConfigError(
                 "hardware",
                 value,
@@ -333,8 +333,7 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--type",
-        help="f16 (default), bf16, q8_0 or q4_k_m (quantised by llama.cpp's llama-quantize); "
-        "gguf-lora: f16, bf16, q8_0",
+        help="f16 (default), bf16, q8_0 or q4_k_m (quantised by llama.cpp's quantiser); gguf-lora: f16, bf16, q8_0",
     )
     p.add_argument(
         "--out",

@@ -30,6 +30,7 @@ from typing import List, Optional
 
 from finetune.errors import ConfigError, one_of, suggest
 from finetune.plan import Step
+from finetune.run_files import MANIFEST, RESOLVED_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCK = REPO_ROOT / "requirements-llamacpp.lock"
@@ -37,7 +38,7 @@ SETUP = REPO_ROOT / "scripts" / "setup_llamacpp_env.sh"
 SETUP_CMD = "bash scripts/setup_llamacpp_env.sh (or: finetune setup-llamacpp)"
 TARGETS = ("gguf", "gguf-lora")
 TYPES = ("f16", "bf16", "q8_0", "q4_k_m")
-LORA_TYPES = ("f16", "bf16", "q8_0")  # convert_lora_to_gguf.py's types; llama-quantize does not take adapters
+LORA_TYPES = ("f16", "bf16", "q8_0")  # convert_lora_to_gguf.py's types; llama.cpp's quantiser does not take adapters
 DEFAULT_TYPE = "f16"
 FOLDER = {"gguf": "gguf", "gguf-lora": "gguf-lora"}  # <run>/<folder>: where a run's export goes
 INFO = "export.json"  # what an export folder records (files, types, sizes, times, the prompt, the tools)
@@ -168,10 +169,10 @@ def tokenizer_trained_here(model: str) -> str:
 def resolve(path: str, to: str, key: str = "run") -> Source:
     """A run, a sweep (its best job), a model folder or an adapter folder -> what to export. ConfigError else."""
     folder = Path(path).expanduser().absolute()
-    if _has(folder, "summary.json") and not _has(folder, "resolved_config.json"):
+    if _has(folder, "summary.json") and not _has(folder, RESOLVED_CONFIG):
         folder = _best_job(folder, key)
-    if _has(folder, "resolved_config.json"):
-        cfg = _read_json(folder / "resolved_config.json")
+    if _has(folder, RESOLVED_CONFIG):
+        cfg = _read_json(folder / RESOLVED_CONFIG)
         if (cfg.get("backend") or {}).get("name") == "flagembedding" or (cfg.get("model") or {}).get(
             "kind"
         ) == "encoder":
@@ -189,7 +190,7 @@ def resolve(path: str, to: str, key: str = "run") -> Source:
             )
         if (cfg.get("model") or {}).get("builder") in LOCAL_TOKENIZERS:  # refused before llama.cpp is built
             raise ConfigError(key, str(folder), tokenizer_trained_here(cfg["model"].get("name")))
-        outputs = _read_json(folder / "manifest.json").get("outputs") or {}
+        outputs = _read_json(folder / MANIFEST).get("outputs") or {}
         name = str(cfg.get("name") or folder.name)
         adapter = outputs.get("adapter")
         if (cfg.get("method") or {}).get("pissa_init") and _has(

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from finetune.errors import ConfigError
+from finetune.run_files import MANIFEST, RESOLVED_CONFIG
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -52,12 +53,12 @@ def _has(folder, name: str) -> bool:
 def resolve(path: str, key: str = "run") -> Target:
     """A run folder, a model folder or an adapter folder -> what to load. ConfigError otherwise."""
     folder = Path(path).expanduser().absolute()
-    if _has(folder, "resolved_config.json"):
+    if _has(folder, RESOLVED_CONFIG):
         from finetune.recipes.common import read_config
 
-        cfg = read_config(str(folder / "resolved_config.json"))
+        cfg = read_config(str(folder / RESOLVED_CONFIG))
         try:
-            outputs = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("outputs") or {}
+            outputs = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("outputs") or {}
         except (OSError, ValueError):
             outputs = {}
         base = str(cfg["model"]["path"])

@@ -11,6 +11,8 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
+from finetune.run_files import CONFIG_YAML, MANIFEST
+
 
 @dataclass
 class Step:
@@ -69,7 +71,7 @@ class Plan:
             lines.append("notes:")
             lines += [f"  - {n}" for n in self.notes]
         lines.append("files the run writes (not in a dry run):")
-        lines += [f"  {run_dir}/{p}" for p in ["manifest.json", "config.yaml", *self.files]]
+        lines += [f"  {run_dir}/{p}" for p in [MANIFEST, CONFIG_YAML, *self.files]]
         for k, v in self.outputs.items():
             lines.append(f"  {k}: {v}")
         lines.append("steps:")

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from finetune import secrets
 from finetune.backends import get_backend
 from finetune.config.derived import CHECKPOINTS, world_size
+from finetune.config.overrides import split_override
 from finetune.config.validate import check_held_out, validate
 from finetune.errors import ConfigError, RunError
 from finetune.launchers import get_launcher
@@ -33,6 +34,7 @@ from finetune.run_dir import (
     default_run_dir,
     running,
 )
+from finetune.run_files import CONFIG_YAML, OVERRIDES, RESOLVED_CONFIG, RESULT, RUN_DIR_KEY
 from finetune.secrets import redact
 
 
@@ -88,7 +90,7 @@ def check_unused_keys(cfg: DictConfig, backend, overrides: List[str]) -> None:
     """A key a backend would silently ignore is refused when typed: each backend lists them (NOT_USED: key ->
     what to use instead) in finetune/backends/<name>.py. tests/test_keys.py checks every root key against every
     backend: it is used, or listed there."""
-    typed = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    typed = {k: v for k, v in map(split_override, overrides) if v is not None}
     for key, hint in getattr(backend, "NOT_USED", {}).items():
         if key in typed:
             raise ConfigError(key, typed[key], f"is not used by backend {cfg.backend.name}; {hint}")
@@ -261,9 +263,9 @@ def write_run_folder(
             seed=int(cfg.seed),
             command=command,
         )
-        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(redact(resolved))))
-        atomic_write(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(redact(list(overrides)))))
-    atomic_write_json(run_dir / "resolved_config.json", redact({**resolved, "_run_dir": str(run_dir), "_ctx": ctx}))
+        atomic_write(run_dir / CONFIG_YAML, OmegaConf.to_yaml(OmegaConf.create(redact(resolved))))
+        atomic_write(run_dir / OVERRIDES, OmegaConf.to_yaml(OmegaConf.create(redact(list(overrides)))))
+    atomic_write_json(run_dir / RESOLVED_CONFIG, redact({**resolved, RUN_DIR_KEY: str(run_dir), "_ctx": ctx}))
     for rel, text in plan.files.items():
         atomic_write(run_dir / rel, redact(text))
     manifest.update(
@@ -460,7 +462,7 @@ def _write_result(run_dir: Path, cfg: DictConfig, status: str, metrics: dict, er
     """result.json: what a sweep summary reads for this job (Hydra's callbacks do not see job results)."""
     overrides, _, _, _ = _hydra_facts()
     atomic_write_json(
-        run_dir / "result.json",
+        run_dir / RESULT,
         {
             "status": status,
             "error": error,

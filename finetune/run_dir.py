@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional
 from finetune.config.paths import OUTPUTS_ROOT
 from finetune.config.resolvers import REPO_ROOT
 from finetune.osutil import atomic_write, atomic_write_json  # noqa: F401 - imported from here by many modules
+from finetune.run_files import LOCK, MANIFEST
 from finetune.secrets import redact
 
 PACKAGES = (
@@ -63,7 +64,7 @@ def default_run_dir(name: str, now: Optional[_dt.datetime] = None) -> Path:
     return OUTPUTS_ROOT / "runs" / now.strftime("%Y-%m-%d") / f"{now.strftime('%H-%M-%S')}-{slug(name)}"
 
 
-LOCK = ".finetune.lock"  # in every run folder: created exclusively when a run claims it, flock-ed while it runs
+# LOCK (run_files): in every run folder, created exclusively when a run claims it, flock-ed while it runs
 PAUSE_NAME = ".pause"  # made by the driver on the first Ctrl-C: the training step saves a checkpoint and stops
 
 
@@ -177,7 +178,7 @@ class Manifest:
     """The run's manifest.json, rewritten atomically at each change."""
 
     def __init__(self, run_dir: Path, data: Dict[str, Any]):
-        self.path = Path(run_dir) / "manifest.json"
+        self.path = Path(run_dir) / MANIFEST
         self.data = data
 
     @classmethod
@@ -209,7 +210,7 @@ class Manifest:
 
     @classmethod
     def load(cls, run_dir: Path) -> "Manifest":
-        path = Path(run_dir) / "manifest.json"
+        path = Path(run_dir) / MANIFEST
         return cls(run_dir, json.loads(path.read_text(encoding="utf-8")))
 
     def save(self) -> None:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from finetune.config.overrides import typed_keys
+
 # absl's log handler (imported by rouge-score, so by tests that score generations in-process) keeps the sys.stderr
 # it found at import, and closes that stream when a logging.config.dictConfig (Hydra's, in in-process runs) closes
 # every handler while sys.stderr is another object: under pytest's capture, the stream it closes is pytest's own,
@@ -167,7 +169,7 @@ def run_train(
     ``outputs`` is this test's folder: a single run goes to ``outputs/run`` (``output_dir=``), a sweep to
     ``outputs`` (``hydra.sweep.dir=``), unless the overrides already say where; ``outputs=None`` leaves the
     default folders (the repository's outputs/)."""
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    keys = set(typed_keys(overrides))
     sweep = multirun or "hydra.mode=MULTIRUN" in overrides or bool(keys & {"sweep", "hparams_search"})
     where = []
     if outputs is not None and sweep and "hydra.sweep.dir" not in keys:

@@ -25,6 +25,7 @@ from finetune.config.derived import (
 from finetune.config.schema import AlpacaloraBackend, choices
 from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
+from finetune.run_files import HISTORY, RESOLVED_CONFIG, TRAIN_SUMMARY
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 # keys this backend would ignore: refused when typed (finetune/run.py check_unused_keys)
@@ -105,7 +106,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
     run_dir = Path(run_dir)
     files, notes = {}, []
     py = sys.executable if cfg.backend.python in ("python", "", None) else str(cfg.backend.python)
-    cfg_path = str(run_dir / "resolved_config.json")
+    cfg_path = str(run_dir / RESOLVED_CONFIG)
     env = {}
     if cfg.hardware.deepspeed_stage is not None and not cfg.backend.deepspeed:
         files[DS_FILE] = json.dumps(deepspeed_config(cfg), indent=1) + "\n"
@@ -122,14 +123,14 @@ def plan(cfg, run_dir, ctx) -> Plan:
             argv=[py, "-m", "finetune.recipes.alpacalora", "--config", cfg_path],
             env=env,
             distributed="torchrun",
-            progress="history.jsonl",
+            progress=HISTORY,
             pausable=True,
             preload=LORA_PRELOAD if _lora(cfg) else [],
         )
     ]
     target = str(adapter_dir(cfg, run_dir))
     merged = str(merged_dir(cfg, run_dir))
-    outputs = {"history": str(run_dir / "history.jsonl"), "tensorboard": str(run_dir / "tensorboard")}
+    outputs = {"history": str(run_dir / HISTORY), "tensorboard": str(run_dir / "tensorboard")}
     if _lora(cfg):
         outputs["adapter"] = target
         if cfg.merge:
@@ -190,7 +191,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
 
 def collect(cfg, run_dir, ctx) -> dict:
     run_dir = Path(run_dir)
-    path = run_dir / "train_summary.json"
+    path = run_dir / TRAIN_SUMMARY
     if not path.exists():
         raise RuntimeError(f"{path} is missing: the train step wrote no summary")
     s = json.loads(path.read_text())

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from finetune.config.overrides import typed_keys
 from finetune.config.schema import AutoBackend, choices
 from finetune.errors import ConfigError
 
@@ -37,7 +38,7 @@ def _typed_keys() -> List[str]:
         overrides = list(HydraConfig.get().overrides.task)
     except Exception:  # noqa: BLE001 - not under Hydra (tests calling check() directly)
         return []
-    return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    return typed_keys(overrides)
 
 
 def _yaml(group: str, name: str) -> DictConfig:

@@ -27,6 +27,7 @@ from finetune.config.resolvers import REPO_ROOT
 from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
 from finetune.report.history import read_history
+from finetune.run_files import HISTORY, RESOLVED_CONFIG
 
 SETUP_CMD = "bash scripts/setup_collie_env.sh (or: finetune setup-collie)"
 LOCK = REPO_ROOT / "requirements-collie.lock"  # CPU runs
@@ -268,7 +269,7 @@ def outputs(cfg, run_dir: Path) -> dict:
 
 
 def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
-    rc = str(Path(run_dir) / "resolved_config.json")
+    rc = str(Path(run_dir) / RESOLVED_CONFIG)
     py = str(venv_python(cfg))
     # DeepSpeed JIT-builds its CPU comm op once per environment: keep Collie's build apart from the main env's
     # (same op name, other torch), or each environment would rebuild it after the other one ran
@@ -318,7 +319,7 @@ def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
             argv=[py, "-m", "finetune.recipes.collie", "train", *paths],
             env=env,
             distributed="torchrun",
-            progress="history.jsonl",
+            progress=HISTORY,
         ),
         Step(name="collie_merge", argv=[sys.executable, "-m", "finetune.recipes.collie_merge", *paths], preload=[]),
     ]

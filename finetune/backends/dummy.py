@@ -9,6 +9,7 @@ from pathlib import Path
 
 from finetune.plan import Plan, Step
 from finetune.report.history import read_history
+from finetune.run_files import RESOLVED_CONFIG
 
 
 def check(cfg) -> None:
@@ -19,7 +20,7 @@ def check(cfg) -> None:
 
 
 def plan(cfg, run_dir: Path, ctx: dict) -> Plan:
-    argv = [sys.executable, "-m", "finetune.recipes.dummy", "--config", str(Path(run_dir) / "resolved_config.json")]
+    argv = [sys.executable, "-m", "finetune.recipes.dummy", "--config", str(Path(run_dir) / RESOLVED_CONFIG)]
     return Plan(
         backend="dummy",
         steps=[Step(name="dummy_train", argv=argv, distributed="torchrun")],

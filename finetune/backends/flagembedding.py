@@ -22,6 +22,7 @@ from finetune.config.derived import deepspeed_offload, grad_accum, world_size
 from finetune.config.schema import FlagembeddingBackend, choices
 from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
+from finetune.run_files import HISTORY, RESOLVED_CONFIG
 from finetune.tracking import wants
 
 TASKS = choices(FlagembeddingBackend, "task")
@@ -314,7 +315,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
     run_dir = Path(run_dir)
     b = cfg.backend
     py = sys.executable
-    conf = str(run_dir / "resolved_config.json")
+    conf = str(run_dir / RESOLVED_CONFIG)
     out = output_dir(cfg, run_dir)
     env = {
         "WANDB_MODE": "disabled",
@@ -374,7 +375,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
             ],
             env=env,
             distributed="torchrun",
-            progress="history.jsonl",
+            progress=HISTORY,
             pausable=True,
             preload=["FlagEmbedding"],
         )

@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from finetune.errors import ConfigError
 from finetune.plan import Step
+from finetune.run_files import RESOLVED_CONFIG
 
 KEYS = ("generate_eval", "generate_eval_rows", "max_new_tokens", "generate_batch_size")
 # metrics the evaluation by generation writes (metrics.json); a sweep ranks by them maximised
@@ -70,7 +71,7 @@ def steps(cfg, run_dir, after_model: str, adapter: Optional[str] = None, before_
     list, merged in order) on top of after_model; ``before_adapter``: those the run starts from (adapter=)."""
     if not cfg.generate_eval:
         return [], []
-    rc = str(Path(run_dir) / "resolved_config.json")
+    rc = str(Path(run_dir) / RESOLVED_CONFIG)
     argv = [sys.executable, "-m", "finetune.recipes.gen_eval", "--config", rc, "--stage"]
     scorer = ["rouge_score.rouge_scorer"]
     start = ["--adapter", ",".join(before_adapter)] if before_adapter else []

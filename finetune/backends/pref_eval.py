@@ -12,6 +12,7 @@ from typing import List
 
 from finetune.errors import ConfigError
 from finetune.plan import Step
+from finetune.run_files import RESOLVED_CONFIG
 
 KEYS = ("preference_eval", "preference_eval_rows")
 # metrics the preference evaluation writes (metrics.json); a sweep ranks by them maximised
@@ -75,7 +76,7 @@ def steps(cfg, run_dir, after_model: str, adapters=(), before_adapters=()) -> tu
     after_model (merge=false); ``before_adapters``: the adapter the run starts from (adapter=)."""
     if not cfg.preference_eval:
         return [], []
-    rc = str(Path(run_dir) / "resolved_config.json")
+    rc = str(Path(run_dir) / RESOLVED_CONFIG)
     argv = [sys.executable, "-m", "finetune.recipes.pref_eval", "--config", rc, "--stage"]
     # LLaMA-Factory's template encodes the pairs of its runs (imported once by the preloaded process)
     preload = ["llamafactory.data.template"] if cfg.backend.name == "llamafactory" else []

@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from finetune.run_files import CHECKPOINTS  # noqa: F401 - <run>/checkpoints/checkpoint-N, every backend's Trainer
+
 # Output folder names inside a run folder: the LazyLLM convention (the system this project replaces); a user
 # who wants other names sets target_path / merge_path.
 ADAPTER_DIR = "lazyllm_lora"
 MERGED_DIR = "lazyllm_merge"
-CHECKPOINTS = "checkpoints"  # <run>/checkpoints/checkpoint-N: where every backend's Trainer saves its checkpoints
 
 
 def world_size(cfg: Mapping) -> int:

@@ -14,7 +14,9 @@ import json
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from finetune.config.overrides import override_key  # noqa: F401 - its callers import it from here too
 from finetune.errors import ConfigError
+from finetune.run_files import MANIFEST, OVERRIDES
 
 # keys a replay drops from the recorded overrides (the replay sets its own)
 DROP_KEYS = ("output_dir", "resume", "dry_run", "hydra.mode", "hydra.run.dir")
@@ -23,13 +25,9 @@ RESUME_MAY_CHANGE = ("output_dir", "resume", "dry_run", "timeout_min", "report_t
 TRUE = ("true", "yes", "1", "on")
 
 
-def override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~").strip()
-
-
 def load_record(run_dir: Path) -> Tuple[dict, List[str]]:
     """(manifest, overrides as typed) of a run folder."""
-    manifest_path = Path(run_dir) / "manifest.json"
+    manifest_path = Path(run_dir) / MANIFEST
     if not manifest_path.is_file():
         raise ConfigError(
             "run_dir",
@@ -38,7 +36,7 @@ def load_record(run_dir: Path) -> Tuple[dict, List[str]]:
         )
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     overrides = manifest.get("overrides")
-    ov_file = Path(run_dir) / "overrides.yaml"
+    ov_file = Path(run_dir) / OVERRIDES
     if ov_file.is_file():
         from omegaconf import OmegaConf
 
@@ -84,7 +82,7 @@ def resume_argv(argv: List[str]) -> List[str]:
     from finetune.config.paths import absolute
 
     run_dir = absolute(values["output_dir"])
-    if not (run_dir / "manifest.json").is_file():
+    if not (run_dir / MANIFEST).is_file():
         raise ConfigError(
             "output_dir",
             values["output_dir"],

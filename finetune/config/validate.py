@@ -14,6 +14,7 @@ from typing import Iterable, List, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.config.derived import grad_accum, world_size
+from finetune.config.overrides import override_key, typed_keys
 from finetune.config.paths import OUTPUTS_ROOT, resolve_user_paths
 from finetune.config.schema import (
     BadamMethod,
@@ -27,6 +28,7 @@ from finetune.config.schema import (
     choices,
 )
 from finetune.errors import ConfigError, close_match, one_of, suggest
+from finetune.run_files import MANIFEST
 
 LORA_ONLY_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "modules_to_save")
 LORA_METHOD_KEYS = (
@@ -66,11 +68,7 @@ def _positive(cfg: DictConfig, *keys: str, allow_zero: bool = False) -> None:
 
 def _typed_keys(overrides: List[str]) -> List[str]:
     """Keys the user typed on the command line (group choices excluded)."""
-    keys = []
-    for o in overrides:
-        k = o.split("=", 1)[0].lstrip("+~")
-        keys.append(k)
-    return keys
+    return typed_keys(overrides)
 
 
 # config groups (a `+group=option` override picks an option; it adds no key)
@@ -112,7 +110,7 @@ def check_added_keys(cfg: DictConfig, overrides: List[str]) -> None:
     for o in overrides:
         if not o.startswith("+"):
             continue
-        key = o.lstrip("+").split("=", 1)[0].strip()
+        key = override_key(o)
         head = key.split(".")[0].split("/")[0]
         if head == "hydra" or ("." not in key and head in groups):
             continue
@@ -230,7 +228,7 @@ def check_adapter(cfg: DictConfig, typed: List[str]) -> None:
     folder = Path(str(value))
     if not folder.is_dir():
         raise ConfigError("adapter", str(value), "no such folder (a run folder, or a folder with adapter_config.json)")
-    manifest = folder / "manifest.json"
+    manifest = folder / MANIFEST
     if manifest.is_file() and not (folder / "adapter_config.json").is_file():
         try:
             m = json.loads(manifest.read_text(encoding="utf-8"))
@@ -621,7 +619,7 @@ def _made_by_run(path: Path, run_dir) -> bool:
     if run in path.parents:
         return True
     try:
-        outputs = json.loads((run / "manifest.json").read_text(encoding="utf-8")).get("outputs") or {}
+        outputs = json.loads((run / MANIFEST).read_text(encoding="utf-8")).get("outputs") or {}
     except (OSError, ValueError):
         return False
     return str(path) in {str(v) for v in outputs.values()}

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional
 from finetune.errors import ConfigError, one_of
 from finetune.launchers import local
 from finetune.launchers.process import StepResult, tail_of
+from finetune.run_files import MANIFEST, RESOLVED_CONFIG
 
 RDZV_BACKENDS = ("static", "c10d")
 
@@ -120,7 +121,7 @@ def run_step(step, cfg, run_dir: Path, timeout_s=None, log: Optional[str] = None
 
 def _load_plan(run_dir: Path) -> Optional[dict]:
     try:
-        m = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+        m = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return m
@@ -162,7 +163,7 @@ def join(
     if manifest["status"] == "failed":
         print(f"[finetune] node {node_rank}: node 0 already failed: {manifest.get('error')}", file=sys.stderr)
         return 1
-    resolved = json.loads((run_dir / "resolved_config.json").read_text(encoding="utf-8"))
+    resolved = json.loads((run_dir / RESOLVED_CONFIG).read_text(encoding="utf-8"))
     cfg = OmegaConf.create({k: v for k, v in resolved.items() if not k.startswith("_")})
     nnodes = int(cfg.launcher.nnodes)
     if not 0 < node_rank < nnodes:
@@ -224,9 +225,7 @@ def main(args: Optional[List[str]] = None) -> int:
     timeout = a.timeout_min * 60 or None
     if timeout is None:
         try:
-            timeout = (
-                float(json.loads((Path(a.run_dir) / "resolved_config.json").read_text())["timeout_min"]) * 60 or None
-            )
+            timeout = float(json.loads((Path(a.run_dir) / RESOLVED_CONFIG).read_text())["timeout_min"]) * 60 or None
         except (OSError, ValueError, KeyError):
             timeout = None
     return join(Path(a.run_dir), a.node_rank, a.wait_min * 60, timeout, a.master_addr)

@@ -56,6 +56,7 @@ from finetune.recipes.common import (
     truncate_history,
 )
 from finetune.recipes.data import Collator, pack_examples, split_train_val, tokenized_data
+from finetune.run_files import RUN_DIR_KEY, TRAIN_SUMMARY
 
 EAGER_MAX_LEN = 256  # attention auto on CPU: eager for batches up to this length, SDPA above (measured)
 
@@ -429,7 +430,7 @@ def training_arguments(cfg: dict, world: int, ds_config, has_eval: bool) -> dict
         )
     report = cfg["report_to"] if isinstance(cfg["report_to"], list) else [cfg["report_to"]]
     return dict(
-        output_dir=str(Path(cfg["_run_dir"]) / CHECKPOINTS),
+        output_dir=str(Path(cfg[RUN_DIR_KEY]) / CHECKPOINTS),
         per_device_train_batch_size=int(cfg["micro_batch_size"]),
         per_device_eval_batch_size=int(cfg["micro_batch_size"]),
         gradient_accumulation_steps=grad_accum(cfg, data_parallel=world),
@@ -567,7 +568,7 @@ def setup_process(cfg: dict, world: int) -> float:
     """Device check (GPU hardware where this process sees no GPU: stop here), library log level; returns the peak
     RSS once the libraries are loaded (their share of the peak: the rest is model, data and training state). The
     thread count is the launcher's (OMP_NUM_THREADS, said in the step log's first lines)."""
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg["_run_dir"]) / "tensorboard"))
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg[RUN_DIR_KEY]) / "tensorboard"))
     require_device(cfg["hardware"])
     libs_rss = peak_rss_mb()
     log(f"threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
@@ -696,7 +697,7 @@ def build_trainer(
         train_dataset=train_set,
         eval_dataset=val_set or None,
         data_collator=Collator(tokenizer.pad_token_id),
-        callbacks=[history_callback(Path(cfg["_run_dir"]))],
+        callbacks=[history_callback(Path(cfg[RUN_DIR_KEY]))],
         method=cfg["method"],
         meter=TokenMeter(world, tokenizer.pad_token_id),
         run_state=run_state,
@@ -717,7 +718,7 @@ def build_trainer(
 def save_pissa_init(cfg: dict, trainer, model) -> Optional[Path]:
     """PiSSA with conversion: the initial adapter, kept so that the final one can be converted into a plain LoRA
     delta; its folder, or None for every other method."""
-    m, pissa_init_dir = cfg["method"], Path(cfg["_run_dir"]) / "pissa_init"
+    m, pissa_init_dir = cfg["method"], Path(cfg[RUN_DIR_KEY]) / "pissa_init"
     if not (m.get("uses_lora") and m.get("pissa_init") and m.get("pissa_convert")):
         return None
     if trainer.args.should_save and not (pissa_init_dir / "adapter_config.json").exists():
@@ -767,7 +768,7 @@ def train(trainer, run_state: RunState, resume_from: Optional[Path], has_eval: b
 def save_artefact(cfg: dict, trainer, model, tokenizer, pissa_init_dir: Optional[Path]) -> Path:
     """The adapter (LoRA methods; PiSSA converted to a plain LoRA) or the whole model, with the files `finetune
     generate` and the merge read; its folder."""
-    run_dir, uses_lora = Path(cfg["_run_dir"]), bool(cfg["method"].get("uses_lora"))
+    run_dir, uses_lora = Path(cfg[RUN_DIR_KEY]), bool(cfg["method"].get("uses_lora"))
     target, merged = adapter_dir(cfg, run_dir), merged_dir(cfg, run_dir)
     artefact = target if uses_lora else merged
     if pissa_init_dir is not None:  # (PiSSA is refused under ZeRO-3, so rank 0 holds the whole adapter)
@@ -823,7 +824,7 @@ def write_summary(
         "eval_examples": len(trainer.eval_dataset or []),
         "mean_train_loss_hf": timing.output.training_loss,
     }
-    atomic_write_text(Path(cfg["_run_dir"]) / "train_summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(Path(cfg[RUN_DIR_KEY]) / TRAIN_SUMMARY, json.dumps(summary, indent=1))
     shown = {k: summary[k] for k in ("train_loss", "eval_loss") if summary[k] is not None}
     if (
         summary["train_loss"] is None and summary["mean_train_loss_hf"] is not None
@@ -844,7 +845,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m finetune.recipes.alpacalora")
     ap.add_argument("--config", required=True, help="<run>/resolved_config.json written by the driver")
     cfg = read_config(ap.parse_args(argv).config)
-    run_dir = Path(cfg["_run_dir"])  # every path in the config is absolute (resolved at validation)
+    run_dir = Path(cfg[RUN_DIR_KEY])  # every path in the config is absolute (resolved at validation)
     m = cfg["method"]
 
     # 1. process: DeepSpeed's environment, device, threads

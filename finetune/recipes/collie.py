@@ -34,6 +34,7 @@ from finetune.config.derived import adapter_dir, grad_accum, merged_dir
 from finetune.osutil import free_port, peak_rss_bytes
 from finetune.recipes.common import read_config
 from finetune.recipes.data import TOKENIZER_FILES as DATA_TOKENIZER_FILES
+from finetune.run_files import HISTORY, RUN_DIR_KEY
 
 PROMPTS = {
     # alpaca-lora's templates/alpaca.json and alpaca_short.json
@@ -369,7 +370,7 @@ def build_optimizer(cfg: dict, model, total_steps: int):
 
 def fresh_history(run_dir: Path, rank: int) -> Path:
     """<run>/history.jsonl, emptied: Collie always trains from step 0 (a rerun of a requeued job): no duplicate rows."""
-    history = run_dir / "history.jsonl"
+    history = run_dir / HISTORY
     if rank == 0 and history.exists():
         history.write_text("")
     return history
@@ -587,7 +588,7 @@ def main() -> int:
     cfg = read_config(args.config)
     cfg["model"]["path"], cfg["data"]["path"] = args.model, args.data or None
     cfg["target_path"], cfg["merge_path"] = args.target, args.merge
-    run_dir = Path(cfg["_run_dir"])
+    run_dir = Path(cfg[RUN_DIR_KEY])
     return prepare(cfg, run_dir) if args.action == "prepare" else train(cfg, run_dir)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from finetune.config.derived import adapter_dir, merged_dir
 from finetune.recipes.common import quiet_false_tying_warning, read_config
+from finetune.run_files import RUN_DIR_KEY
 
 TOL = 1e-3  # max |logit difference|; fp32 on CPU gives ~1e-6, a wrong q/k layout gives ~1e-1
 
@@ -32,7 +33,7 @@ def main() -> int:
     args = ap.parse_args()
     cfg = read_config(args.config)
     cfg["model"]["path"], cfg["target_path"], cfg["merge_path"] = args.model, args.target, args.merge
-    run_dir = Path(cfg["_run_dir"])
+    run_dir = Path(cfg[RUN_DIR_KEY])
 
     import torch
     from transformers import AutoModelForCausalLM

@@ -22,6 +22,7 @@ from finetune.osutil import (
     atomic_write_bytes,  # noqa: F401 - used by the recipes
     peak_rss_bytes,
 )
+from finetune.run_files import HISTORY
 
 IGNORE_INDEX = -100  # the label of a token that is not trained on
 
@@ -142,7 +143,7 @@ def history_callback(run_dir: Path):
 
     class HistoryCallback(TrainerCallback):
         def __init__(self):
-            self.path = Path(run_dir) / "history.jsonl"
+            self.path = Path(run_dir) / HISTORY
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
@@ -236,7 +237,7 @@ def last_complete_checkpoint(ckpt_dir: Path):
 
 def truncate_history(run_dir: Path, last_step: int) -> None:
     """On resume: drop history rows logged after the checkpoint we continue from (they will be logged again)."""
-    path = Path(run_dir) / "history.jsonl"
+    path = Path(run_dir) / HISTORY
     if not path.exists():
         return
     keep = []

@@ -8,13 +8,14 @@ import time
 from pathlib import Path
 
 from finetune.recipes.common import read_config
+from finetune.run_files import HISTORY, RUN_DIR_KEY
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
     cfg = read_config(ap.parse_args().config)
-    run_dir = Path(cfg["_run_dir"])
+    run_dir = Path(cfg[RUN_DIR_KEY])
     rank = int(os.environ.get("RANK", "0"))
     b = cfg["backend"]
     print(f"dummy finetune: rank {rank}, backend args {json.dumps({k: v for k, v in b.items() if k != 'methods'})}")
@@ -22,7 +23,7 @@ def main() -> int:
         print("dummy finetune: failing as asked (backend.fail=true)", file=sys.stderr)
         return 3
     if rank == 0:
-        with open(run_dir / "history.jsonl", "w") as f:  # a rerun (requeued job) starts over: no duplicates
+        with open(run_dir / HISTORY, "w") as f:  # a rerun (requeued job) starts over: no duplicates
             for step in range(1, b["steps"] + 1):
                 time.sleep(b.get("sleep_s", 0))
                 f.write(

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from finetune.recipes.common import read_config, require_device
+from finetune.run_files import RUN_DIR_KEY
 
 
 def read_jsonl(path: str):
@@ -251,7 +252,7 @@ def main() -> int:
     ap.add_argument("--no-eval", action="store_true")
     args = ap.parse_args()
     cfg = read_config(args.config)
-    run_dir = Path(cfg["_run_dir"])
+    run_dir = Path(cfg[RUN_DIR_KEY])
     result = {"stage": args.stage, "model": args.model, "task": cfg["backend"]["task"]}
     if args.stage == "after":
         if not (Path(args.model) / "config.json").exists():

@@ -36,6 +36,7 @@ from typing import List, Optional
 from finetune.recipes.common import atomic_write_text, log, quiet_false_tying_warning, read_config
 from finetune.recipes.data import encode_rows, read_rows, split_train_val
 from finetune.recipes.prompting import PromptFormat, reference_rows
+from finetune.run_files import RUN_DIR_KEY
 
 # ------------------------------------------------------------------------------------------ held-out rows
 
@@ -299,7 +300,7 @@ def main(argv=None) -> int:
     ap.add_argument("--adapter", help="a LoRA adapter to put on --model (a run with merge=false)")
     a = ap.parse_args(argv)
     cfg = read_config(a.config)
-    run_dir = Path(cfg["_run_dir"])
+    run_dir = Path(cfg[RUN_DIR_KEY])
     import torch
 
     torch.manual_seed(0)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from finetune.osutil import atomic_write
 from finetune.recipes.common import PAUSED_EXIT
+from finetune.run_files import HISTORY, RESOLVED_CONFIG
 
 SKIP = {
     "step",
@@ -118,7 +119,7 @@ def write_data(run_dir: Path, folder: str) -> None:
     from finetune.recipes.common import read_config
     from finetune.sources import describe, write_sampled
 
-    cfg = read_config(str(run_dir / "resolved_config.json"))
+    cfg = read_config(str(run_dir / RESOLVED_CONFIG))
     files = write_sampled(cfg, Path(folder))
     counts = {n: sum(1 for _ in open(f, encoding="utf-8")) for n, f in files.items()}
     print(f"[llamafactory] data: {describe(counts)} written to {folder} (seed {cfg['seed']})", flush=True)
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
     if args.interleave:
         info["composition"] = interleaved(json.loads(args.interleave))
     atomic_write(run_dir / "llamafactory" / "worker.json", json.dumps(info, indent=2) + "\n")
-    atomic_write(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write(run_dir / HISTORY, "".join(json.dumps(r) + "\n" for r in rows))
     losses = [r["loss"] for r in rows if "loss" in r]
     if losses:
         print(

@@ -31,6 +31,7 @@ from typing import List
 from finetune.recipes.common import atomic_write_text, log, read_config
 from finetune.recipes.gen_eval import _cell, heldout_rows, load_model, load_tokenizer
 from finetune.recipes.prompting import PromptFormat, preference_pairs
+from finetune.run_files import RUN_DIR_KEY
 
 
 def sequences(fmt: PromptFormat, tokenizer, pairs) -> List[tuple]:
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--adapter", help="LoRA adapters on --model, merged in order (a comma list)")
     a = ap.parse_args(argv)
     cfg = read_config(a.config)
-    run_dir = Path(cfg["_run_dir"])
+    run_dir = Path(cfg[RUN_DIR_KEY])
     import torch
 
     torch.manual_seed(0)

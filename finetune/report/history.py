@@ -10,9 +10,11 @@ import json
 from pathlib import Path
 from typing import Dict, List
 
+from finetune.run_files import HISTORY
+
 
 def read_history(run_dir) -> List[Dict]:
-    path = Path(run_dir) / "history.jsonl"
+    path = Path(run_dir) / HISTORY
     rows = []
     if not path.exists():
         return rows
@@ -29,7 +31,7 @@ def read_history(run_dir) -> List[Dict]:
 def write_history(run_dir, rows: List[Dict]) -> None:
     from finetune.run_dir import atomic_write
 
-    atomic_write(Path(run_dir) / "history.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write(Path(run_dir) / HISTORY, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def loss_series(rows: List[Dict], key: str = "loss"):

@@ -11,6 +11,7 @@ from typing import Dict
 
 from finetune.report.history import loss_series, read_history
 from finetune.run_dir import atomic_write_json
+from finetune.run_files import METRICS
 
 
 def summarize_history(rows) -> Dict:
@@ -211,5 +212,5 @@ def finalize(run_dir, metrics: Dict) -> Dict:
         merged["generation_samples"] = str(run_dir / "eval" / "samples.md")
     if "eval_preference_accuracy" in merged:
         merged["preference_samples"] = str(run_dir / "eval" / "preference_samples.md")
-    atomic_write_json(run_dir / "metrics.json", merged)
+    atomic_write_json(run_dir / METRICS, merged)
     return merged

@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from finetune.config.resume import load_record, replay_overrides
 from finetune.errors import ConfigError
 from finetune.report.history import loss_series, read_history
+from finetune.run_files import HISTORY, MANIFEST, METRICS, OVERRIDES
 
 REPO = Path(__file__).resolve().parents[2]
 TIMING_KEYS = (
@@ -158,21 +159,21 @@ def find_run(ref: str, tracking_uri: Optional[str] = None) -> Path:
     folder = run.data.tags.get("finetune.run_dir")
     if not folder:
         raise ConfigError("run", ref, f"MLflow run {ref} was not logged by finetune (no finetune.run_dir tag)")
-    if (Path(folder) / "manifest.json").is_file():
+    if (Path(folder) / MANIFEST).is_file():
         _say(f"reproduce: MLflow run {ref} is the run folder {folder}")
         return Path(folder)
     from finetune.config.paths import OUTPUTS_ROOT
 
     local = OUTPUTS_ROOT / "cache" / "mlflow-runs" / ref
-    if not (local / "manifest.json").is_file():
+    if not (local / MANIFEST).is_file():
         from mlflow.artifacts import download_artifacts
 
         local.mkdir(parents=True, exist_ok=True)
-        for name in ("manifest.json", "overrides.yaml", "history.jsonl", "metrics.json"):
+        for name in (MANIFEST, OVERRIDES, HISTORY, METRICS):
             try:
                 download_artifacts(run_id=ref, artifact_path=name, dst_path=str(local), tracking_uri=uri)
             except Exception:  # noqa: BLE001 - history/metrics may be missing for a failed run
-                if name == "manifest.json":
+                if name == MANIFEST:
                     raise ConfigError(
                         "run",
                         ref,
@@ -341,7 +342,7 @@ def _compare(run_dir: Path, new_dir: Path, manifest: dict, tolerance: float) -> 
     """The replayed run against the recorded one: resolved configs, loss and eval-loss curves step by step,
     final metrics, and both curves on one plot."""
     recorded_dir = str(manifest.get("run_dir") or run_dir)
-    new_cfg = json.loads((new_dir / "manifest.json").read_text()).get("config") or {}
+    new_cfg = json.loads((new_dir / MANIFEST).read_text()).get("config") or {}
     cfg_diffs = config_differences(manifest.get("config") or {}, new_cfg, recorded_dir, str(new_dir))
     for d in cfg_diffs:
         _warn(f"the replayed run's resolved config differs: {d}")
@@ -349,11 +350,11 @@ def _compare(run_dir: Path, new_dir: Path, manifest: dict, tolerance: float) -> 
     curves = [compare_curves(old_rows, new_rows, k) for k in ("loss", "eval_loss")]
     curves = [c for c in curves if c["steps_recorded"] or c["steps_new"]]
     old_m = (
-        json.loads((run_dir / "metrics.json").read_text())
-        if (run_dir / "metrics.json").is_file()
+        json.loads((run_dir / METRICS).read_text())
+        if (run_dir / METRICS).is_file()
         else (manifest.get("metrics") or {})
     )
-    new_m = json.loads((new_dir / "metrics.json").read_text()) if (new_dir / "metrics.json").is_file() else {}
+    new_m = json.loads((new_dir / METRICS).read_text()) if (new_dir / METRICS).is_file() else {}
     matched = bool(curves) and all(
         c["same_steps"] and c["max_rel_diff"] is not None and c["max_rel_diff"] <= tolerance for c in curves
     )

@@ -23,9 +23,11 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from finetune.config.overrides import split_override
 from finetune.errors import ConfigError
 from finetune.report.history import loss_series, read_history
 from finetune.run_dir import atomic_write, atomic_write_json
+from finetune.run_files import MANIFEST, RESULT
 
 METRIC_COLUMNS = (
     "train_loss",
@@ -68,10 +70,8 @@ def _read_json(path: Path) -> Optional[dict]:
 
 
 def _split_override(text: str):
-    key, sep, value = str(text).partition("=")
-    if not sep:
-        return None, None
-    return key.lstrip("+~"), value
+    key, value = split_override(text)
+    return (key, value) if value is not None else (None, None)
 
 
 def _select(cfg: Any, dotted: str):
@@ -98,18 +98,18 @@ def load_jobs(folder) -> List[Dict]:
     folder = Path(folder)
     planned = _read_json(folder / "sweep_jobs.json") or {}
     dirs = {}
-    if (folder / "result.json").exists() or (folder / "manifest.json").exists():
+    if (folder / RESULT).exists() or (folder / MANIFEST).exists():
         dirs[folder.name] = folder  # a single run folder
     else:
         for d in folder.iterdir():
-            if d.is_dir() and ((d / "result.json").exists() or (d / "manifest.json").exists() or d.name.isdigit()):
+            if d.is_dir() and ((d / RESULT).exists() or (d / MANIFEST).exists() or d.name.isdigit()):
                 dirs[d.name] = d
     names = set(dirs) | {str(k) for k in planned.get("jobs", {})}
     jobs = []
     for name in sorted(names, key=_job_sort_key):
         d = dirs.get(name)
-        result = _read_json(d / "result.json") if d else None
-        manifest = _read_json(d / "manifest.json") if d else None
+        result = _read_json(d / RESULT) if d else None
+        manifest = _read_json(d / MANIFEST) if d else None
         job = {
             "job": name,
             "dir": str(d) if d else None,

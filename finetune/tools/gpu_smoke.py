@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from finetune.run_files import METRICS
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -147,7 +149,7 @@ def command(overrides: List[str], model: Optional[str], run_dir: Path) -> List[s
 
 def _metrics(run_dir: Path) -> Dict:
     try:
-        m = json.loads((run_dir / "metrics.json").read_text())
+        m = json.loads((run_dir / METRICS).read_text())
     except (OSError, ValueError):
         m = {}
     return {

@@ -32,6 +32,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Dict, List
 
+from finetune.run_files import HISTORY, RESOLVED_CONFIG
+
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE = REPO / "tests" / "reference" / "loss_curves.json"
 # name -> the README command's overrides (what the suite runs in its fresh clone)
@@ -42,7 +44,7 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate")
 def losses(run_dir: Path) -> Dict[int, float]:
     """step -> training loss of a run (its history.jsonl)."""
     out = {}
-    for line in (Path(run_dir) / "history.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in (Path(run_dir) / HISTORY).read_text(encoding="utf-8").splitlines():
         row = json.loads(line) if line.strip() else {}
         if "loss" in row:
             out[int(row["step"])] = float(row["loss"])
@@ -52,7 +54,7 @@ def losses(run_dir: Path) -> Dict[int, float]:
 def precision(run_dir: Path) -> str:
     """The precision a run trained in (hardware.precision as validation resolved it: `auto` is bf16 on a CPU with
     bf16 instructions, fp32 elsewhere), which decides which band applies."""
-    cfg = json.loads((Path(run_dir) / "resolved_config.json").read_text(encoding="utf-8"))
+    cfg = json.loads((Path(run_dir) / RESOLVED_CONFIG).read_text(encoding="utf-8"))
     return str((cfg.get("hardware") or {}).get("precision") or "fp32")
 
 

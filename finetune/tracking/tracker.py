@@ -22,15 +22,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from finetune import tracking as T
+from finetune.config.overrides import override_key, typed_keys
+from finetune.run_files import CONFIG_YAML, HISTORY, MANIFEST, METRICS, OVERRIDES, RESULT
 
 RUN_FILES = (
-    "manifest.json",
-    "config.yaml",
-    "overrides.yaml",
-    "metrics.json",
-    "result.json",
+    MANIFEST,
+    CONFIG_YAML,
+    OVERRIDES,
+    METRICS,
+    RESULT,
     "loss.png",
-    "history.jsonl",
+    HISTORY,
     "tracking.json",
 )
 SWEEP_FILES = (
@@ -330,8 +332,8 @@ def sweep_job() -> Optional[Dict[str, Any]]:
 
 
 def swept_values(overrides: List[str], swept: List[str]) -> List[str]:
-    keys = {k.lstrip("+~") for k in swept}
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys]
+    keys = set(typed_keys(swept))
+    return [o for o in overrides if override_key(o) in keys]
 
 
 class RunTracker:
@@ -348,7 +350,7 @@ class RunTracker:
     ):
         self.run_dir = Path(run_dir)
         self.flush_s = float(cfg["tracking"]["flush_s"])
-        self.history = self.run_dir / "history.jsonl"
+        self.history = self.run_dir / HISTORY
         self.state_file = self.run_dir / "tracking.json"
         previous = _read_json(self.state_file) if resume else {}
         self.last: Dict[str, int] = dict(previous.get("last_steps") or {})  # metric -> last step logged
@@ -525,10 +527,10 @@ def swept_keys(config) -> List[str]:
     keys = [str(k) for k in (OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})]
     try:
         parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        keys += [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
+        keys += [override_key(o.get_key_element()) for o in parsed if o.is_sweep_override()]
     except Exception:  # noqa: BLE001 - the sweeper reports bad overrides itself
         pass
-    return list(dict.fromkeys(k.lstrip("+~") for k in keys))
+    return list(dict.fromkeys(typed_keys(keys)))
 
 
 def start_sweep(config, sweep_dir: Path) -> None:
