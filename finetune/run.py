@@ -21,6 +21,7 @@ from finetune.config.derived import CHECKPOINTS, world_size
 from finetune.config.overrides import split_override
 from finetune.config.validate import check_held_out, validate
 from finetune.errors import ConfigError, RunError
+from finetune.interfaces import PlanContext
 from finetune.launchers import get_launcher
 from finetune.osutil import free_port
 from finetune.plan import Plan, Step
@@ -91,7 +92,7 @@ def check_unused_keys(cfg: DictConfig, backend, overrides: List[str]) -> None:
     what to use instead) in finetune/backends/<name>.py. tests/test_keys.py checks every root key against every
     backend: it is used, or listed there."""
     typed = {k: v for k, v in map(split_override, overrides) if v is not None}
-    for key, hint in getattr(backend, "NOT_USED", {}).items():
+    for key, hint in backend.NOT_USED.items():
         if key in typed:
             raise ConfigError(key, typed[key], f"is not used by backend {cfg.backend.name}; {hint}")
 
@@ -109,8 +110,7 @@ def prepare(cfg: DictConfig, overrides: Optional[List[str]] = None):
     pref_eval.check(cfg)  # preference_eval and its metrics, for whichever backend runs
     check_held_out(cfg, facts["data"])
     launcher = get_launcher(cfg.launcher.name)
-    if hasattr(launcher, "check"):
-        launcher.check(cfg)
+    launcher.check(cfg)
     with open_dict(cfg):
         if int(cfg.launcher.master_port) == 0 and world_size(cfg) > 1:
             cfg.launcher.master_port = free_port()
@@ -172,7 +172,7 @@ def _run(cfg: DictConfig, overrides, choices, job_dir, command) -> Optional[floa
 
 def _planned(cfg: DictConfig, backend, launcher, run_dir: Path, facts: dict, found: dict):
     """(plan, planning context) for this run folder; the secrets go to the steps through their environment."""
-    ctx = {"data": facts["data"], "world_size": world_size(cfg), "run_dir": str(run_dir)}
+    ctx = PlanContext(data=facts["data"], world_size=world_size(cfg), run_dir=str(run_dir))
     plan = build_plan(cfg, backend, launcher, run_dir, ctx)
     for step in plan.steps:
         step.env.update(secrets.env_for(found))
@@ -186,7 +186,7 @@ def _dry_run(cfg: DictConfig, backend, launcher, run_dir: Path, facts: dict, fou
         plan.render(
             str(run_dir),
             lambda s: launcher.argv(s, cfg),
-            (lambda s: launcher.env(s, cfg)) if hasattr(launcher, "env") else None,
+            lambda s: launcher.env(s, cfg),
         )
     )
     print("dry run: nothing was written")
@@ -210,8 +210,7 @@ def build_plan(cfg: DictConfig, backend, launcher, run_dir: Path, ctx: dict) -> 
         if step.pausable:  # the driver makes this file on the first Ctrl-C (finetune/launchers/process.py)
             step.env = {**step.env, PAUSE_FILE: str(Path(run_dir) / PAUSE_NAME)}  # a copy: plans share env dicts
     share_preloaded_process(plan.steps)
-    if hasattr(launcher, "plan_files"):
-        plan.files.update(launcher.plan_files(plan, cfg, run_dir))
+    plan.files.update(launcher.plan_files(plan, cfg, run_dir))
     from finetune.tracking import describe
 
     plan.notes += describe(cfg)
@@ -265,14 +264,14 @@ def write_run_folder(
         )
         atomic_write(run_dir / CONFIG_YAML, OmegaConf.to_yaml(OmegaConf.create(redact(resolved))))
         atomic_write(run_dir / OVERRIDES, OmegaConf.to_yaml(OmegaConf.create(redact(list(overrides)))))
-    atomic_write_json(run_dir / RESOLVED_CONFIG, redact({**resolved, RUN_DIR_KEY: str(run_dir), "_ctx": ctx}))
+    atomic_write_json(run_dir / RESOLVED_CONFIG, redact({**resolved, RUN_DIR_KEY: str(run_dir), "_ctx": ctx.as_json()}))
     for rel, text in plan.files.items():
         atomic_write(run_dir / rel, redact(text))
     manifest.update(
         status="running",
         plan=plan.to_dict(),
         outputs=plan.outputs,
-        **({"auto_choice": ctx["auto_choice"]} if "auto_choice" in ctx else {}),
+        **({"auto_choice": ctx.auto_choice} if ctx.auto_choice is not None else {}),
     )
     return manifest
 

@@ -14,6 +14,7 @@ from conftest import REPO, read_json, run_train
 from hydra import compose, initialize_config_dir
 
 from finetune.cli import setup
+from finetune.interfaces import PlanContext
 
 setup()
 
@@ -61,7 +62,7 @@ def _plan(overrides, tmp_path):
 
     cfg = _compose(overrides)
     facts, _, _ = prepare(cfg, overrides)
-    ctx = {"data": facts["data"], "world_size": fe.world_size(cfg), "run_dir": str(tmp_path)}
+    ctx = PlanContext(data=facts["data"], world_size=fe.world_size(cfg), run_dir=str(tmp_path))
     return cfg, fe.plan(cfg, tmp_path, ctx)
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import PY, REPO, read_json, run_train
 
+from finetune.interfaces import PlanContext
+
 # a tiny, fast recipe: 4 rows a step, no accumulation, short sequences, a log line every step
 FAST = (
     "backend=llamafactory",
@@ -55,7 +57,8 @@ def compose_plan(tmp_path: Path, *overrides: str, backend: str = "llamafactory")
         cfg = compose("config", overrides=overrides)
     facts, backend_, _ = prepare(cfg, overrides)
     run_dir = tmp_path / "run"
-    plan = backend_.plan(cfg, run_dir, {"data": facts["data"], "world_size": world_size(cfg), "run_dir": str(run_dir)})
+    ctx = PlanContext(data=facts["data"], world_size=world_size(cfg), run_dir=str(run_dir))
+    plan = backend_.plan(cfg, run_dir, ctx)
     if backend != "llamafactory":
         return cfg, plan, None
     train = OmegaConf.to_container(OmegaConf.create(plan.files["llamafactory/train.yaml"]))

@@ -1,10 +1,12 @@
-"""Backend adapters: one module per backend, each with the same verbs (standard library + omegaconf only).
+"""Backend adapters: one module per backend, each satisfying finetune.interfaces.Backend (standard library +
+omegaconf only at import):
 
-    check(cfg)                     backend-specific rules; raise ConfigError (before anything is written)
-    plan(cfg, run_dir, ctx) -> Plan    files to write and steps to run (argv lists, env); no side effects
-    collect(cfg, run_dir, ctx) -> dict metrics read back from what the steps wrote
+    NOT_USED                            root keys it would ignore -> what to use instead (refused when typed)
+    check(cfg)                          backend-specific rules; raise ConfigError (before anything is written)
+    plan(cfg, run_dir, ctx) -> Plan     files to write and steps to run (argv lists, env); no side effects
+    collect(cfg, run_dir, ctx) -> dict  metrics read back from what the steps wrote
 
-``ctx`` is a dict of facts from validation (data format, row count) and the launcher (world size).
+``ctx`` is a finetune.interfaces.PlanContext: facts from validation (data format, rows) and the world size.
 Dispatch is on ``cfg.backend.name`` (never on hydra.runtime.choices, which is empty when re-run from a file).
 """
 

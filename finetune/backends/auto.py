@@ -11,7 +11,7 @@ check(cfg)   estimates every combination (finetune/auto/planner.py), refuses wit
              The record goes to cfg.auto_choice (so into config.yaml, resolved_config.json and the manifest),
              with `overrides` that pin the choice for a reproduction that must not re-decide. Then the cross-field
              rules and the chosen backend's own check run again on the concrete config.
-plan/collect delegate to the chosen backend; plan adds the decision to the plan's notes and ctx["auto_choice"].
+plan/collect delegate to the chosen backend; plan adds the decision to the plan's notes and ctx.auto_choice.
 explain=true prints the estimate of the best plan per backend/method and the reason for the choice.
 """
 
@@ -25,6 +25,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from finetune.config.overrides import typed_keys
 from finetune.config.schema import AutoBackend, choices
 from finetune.errors import ConfigError
+
+NOT_USED: dict = {}  # every root key means something here (the chosen backend's rules apply: finetune/run.py)
+
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "modules_to_save")
@@ -272,7 +275,7 @@ def _chosen(cfg):
 def plan(cfg, run_dir, ctx):
     p = _chosen(cfg).plan(cfg, run_dir, ctx)
     rec = OmegaConf.to_container(cfg.auto_choice, resolve=True) if "auto_choice" in cfg else {}
-    ctx["auto_choice"] = rec
+    ctx.auto_choice = rec
     notes = [
         f"auto: {rec.get('reason', '')}",
         "auto: to reproduce without re-deciding, replace backend=auto with: " + " ".join(rec.get("overrides", [])),

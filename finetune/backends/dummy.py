@@ -11,6 +11,8 @@ from finetune.plan import Plan, Step
 from finetune.report.history import read_history
 from finetune.run_files import RESOLVED_CONFIG
 
+NOT_USED: dict = {}  # every root key means something here (the chosen backend's rules apply: finetune/run.py)
+
 
 def check(cfg) -> None:
     if cfg.backend.steps <= 0:

@@ -612,7 +612,7 @@ def data_spec(cfg, ctx: dict, lf: Path) -> DataSpec:
     if sources.registry(cfg.data):
         data = OmegaConf.to_container(cfg.data, resolve=True)
         train, held = sources.names(data)
-        if not (ctx.get("data") or {}).get("sampled"):
+        if not ctx.data.get("sampled"):
             return DataSpec(str(cfg.data.dataset_dir), train, [held] if held else [])
         from finetune.lfdata import read_info
 
@@ -628,7 +628,7 @@ def data_spec(cfg, ctx: dict, lf: Path) -> DataSpec:
         return DataSpec(str(lf), train, [held] if held else [], info, sampled=str(folder))
     from finetune.backends.llamafactory_data import dataset_info
 
-    fmt = (ctx.get("data") or {}).get("format") or str(cfg.data.format)
+    fmt = ctx.data.get("format") or str(cfg.data.format)
     info = dataset_info(str(cfg.data.path), fmt, "train")
     if cfg.data.eval_path:
         info.update(dataset_info(str(cfg.data.eval_path), fmt, "eval", key="data.eval_path"))
@@ -792,7 +792,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
 def _interleave(cfg, ctx: dict) -> dict:
     """What the train step needs to count the rows per dataset LLaMA-Factory's interleaving draws: the datasets'
     sizes (after max_samples), the probabilities, the seed and the stopping strategy."""
-    facts = ctx.get("data") or {}
+    facts = ctx.data
     probs = _plain(cfg.data.interleave_probs)
     if isinstance(probs, str):
         probs = [float(x) for x in probs.split(",")]
@@ -805,7 +805,7 @@ def _interleave(cfg, ctx: dict) -> dict:
 
 
 def _data_notes(cfg, ctx: dict, data: DataSpec) -> List[str]:
-    facts = ctx.get("data") or {}
+    facts = ctx.data
     if "composition" not in facts:
         return []
     from finetune.sources import describe

@@ -1,12 +1,11 @@
 """Launchers: where and how a Plan's steps run. They know nothing of backends.
 
-Each launcher module has:
+Each launcher module satisfies finetune.interfaces.Launcher:
+    check(cfg)                                         launcher rules (ConfigError), run by the driver
     argv(step, cfg) -> list[str]                       the final command for a step (dry runs show it)
     env(step, cfg) -> dict                             environment added for that step
+    plan_files(plan, cfg, run_dir) -> {path: text}     extra files for the run folder (sbatch, k8s manifests; {})
     run_step(step, cfg, run_dir, timeout_s) -> StepResult
-and optionally:
-    check(cfg)                                         launcher rules (ConfigError), run by the driver
-    plan_files(plan, cfg, run_dir) -> {path: text}     extra files for the run folder (k8s manifests)
 """
 
 from __future__ import annotations

@@ -183,3 +183,8 @@ def launch(step, argv_: List[str], env_: Dict[str, str], run_dir: Path, timeout_
         pause_file=Path(step.env[PAUSE_FILE]) if step.pausable and PAUSE_FILE in step.env else None,
         verbose=bool(cfg.verbose),
     )
+
+
+def plan_files(plan, cfg, run_dir) -> Dict[str, str]:
+    """No files of its own: the steps run as planned."""
+    return {}
