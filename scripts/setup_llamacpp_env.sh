@@ -6,10 +6,10 @@
 #   bash scripts/setup_llamacpp_env.sh --force    # rebuild it
 #
 # Everything comes from llama.cpp itself, at one pinned version: the source distribution of llama-cpp-python 0.3.36
-# (PyPI) vendors llama.cpp. Installing it compiles llama.cpp for this CPU (g++ and cmake; 18 CPU-minutes here)
-# and gives the Python bindings (llama_cpp) that run GGUF files; the same build makes llama.cpp's quantize
-# tool (bin/llama-quantize), and the converters convert_hf_to_gguf.py / convert_lora_to_gguf.py with their gguf-py
-# are kept from the same source (llama.cpp/). The converters need torch and transformers 4.57 (llama.cpp's pins),
+# (PyPI) vendors llama.cpp. Installing it compiles llama.cpp for this CPU (g++ and cmake) and gives the Python
+# bindings (llama_cpp) that run GGUF files and quantise them (llama_model_quantize, the function llama.cpp's
+# llama-quantize tool calls: finetune/tools/llama_quantize.py); the converters convert_hf_to_gguf.py /
+# convert_lora_to_gguf.py with their gguf-py are kept from the same source (llama.cpp/). The converters need torch and transformers 4.57 (llama.cpp's pins),
 # which the main environment cannot take (transformers 5.6 there): hence an environment of its own. Every package
 # is pinned in requirements-llamacpp.lock (a full freeze, installed with --no-deps; the sdist's sha256 is checked).
 # Like scripts/setup_collie_env.sh, it is built once per lock hash under ${FINETUNE_CACHE:-~/.cache/finetune} and
@@ -31,7 +31,7 @@ else
   for tool in g++ cmake; do
     command -v "$tool" >/dev/null || { echo "setup-llamacpp: needs $tool to compile llama.cpp (Debian: apt-get install -y g++ cmake)" >&2; exit 1; }
   done
-  echo "setup-llamacpp: building llama.cpp's environment in $TARGET (first time: packages, then llama.cpp compiles: about 18 CPU-minutes, 10 minutes on 2 idle cores)"
+  echo "setup-llamacpp: building llama.cpp's environment in $TARGET (first time: packages, then llama.cpp compiles: about 8 CPU-minutes, 4-6 minutes on 2 cores)"
   rm -rf "$TARGET"                         # the stamp is written last: an interrupted build is never taken as ready
   "$PY" -m venv "$TARGET"
   VERSION=$(sed -n 's/^llama-cpp-python==//p' "$LOCK")
@@ -54,36 +54,27 @@ else
   for f in convert_hf_to_gguf.py convert_lora_to_gguf.py conversion gguf-py LICENSE; do
     cp -r "$src/vendor/llama.cpp/$f" "$TARGET/llama.cpp/"
   done
-  echo "setup-llamacpp: [3/3] compiling llama.cpp (the library the bindings load, and llama-quantize); one line per 10 files"
-  # The bindings' own build (scikit-build-core, no build isolation: the pinned build tools) with llama.cpp's tools
-  # on, building only what is needed: llama-quantize pulls in ggml, llama and llama-common; mtmd (the multimodal
-  # library, which llama_cpp loads only for image chat) because llama.cpp installs it whenever its tools are on
-  # (the install fails without it: "file INSTALL cannot find libmtmd.so"); LLAVA_BUILD=OFF keeps the bindings from
-  # adding it a second time. The build folder is kept until the quantize tool is copied out of it.
+  echo "setup-llamacpp: [3/3] compiling llama.cpp (ggml and the llama library the bindings load); one line per 10 files"
+  # The bindings' own build (scikit-build-core, no build isolation: the pinned build tools) of ggml and llama only:
+  # no tools (llama-quantize would pull in llama.cpp's common library and, once tools are on, the multimodal mtmd
+  # library: a third more to compile; the bindings quantise through the same C function), no server, tests or
+  # examples; LLAVA_BUILD=OFF keeps the bindings from adding mtmd themselves (llama_cpp loads it only for image chat).
   # (--config-settings, not -C: pip before 23.1, Debian 12's python3, has only the long form)
   set +e
   PATH="$TARGET/bin:$PATH" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DCMAKE_BUILD_RPATH=\$ORIGIN" \
+    CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF" \
     "$TARGET/bin/python" -m pip install -v --no-deps --no-build-isolation --progress-bar off \
-      --config-settings build-dir="$TARGET/src/build" --config-settings "build.targets=llama-quantize;mtmd" "$src" 2>&1 \
+      --config-settings build-dir="$TARGET/src/build" "$src" 2>&1 \
     | tee "$TARGET/src/build.log" \
     | awk '/^ *\[[0-9]+\/[0-9]+\] /{ split($1, a, /[\[\/\]]/); if (a[2] % 10 == 0 || a[2] == a[3]) { print "  " $1; fflush() } }
            /^Successfully installed/{ print "  " $0; fflush() }'
   status=${PIPESTATUS[0]}
   set -e  # (with it on, a failing pipeline would have ended the script before its log tail was shown)
   [ "$status" = 0 ] || { tail -30 "$TARGET/src/build.log" >&2; echo "setup-llamacpp: compiling llama.cpp failed (log above)" >&2; exit 1; }
-  # the quantize tool and the shared libraries it links to, side by side (its RUNPATH has $ORIGIN: CMAKE_BUILD_RPATH)
-  mkdir -p "$TARGET/llama.cpp/bin"
-  quantize=$(find "$TARGET/src/build" -type f -name llama-quantize -perm -u+x | head -1)
-  [ -n "$quantize" ] || { echo "setup-llamacpp: the build made no llama-quantize" >&2; exit 1; }
-  cp "$quantize" "$TARGET/llama.cpp/bin/"
-  find "$TARGET/src/build" -name '*.so*' \( -type f -o -type l \) -exec cp -P {} "$TARGET/llama.cpp/bin/" \;
   rm -rf "$TARGET/src" "$TARGET/deps.lock"
   "$TARGET/bin/python" -c 'import llama_cpp; print("setup-llamacpp: llama_cpp", llama_cpp.__version__, "loads; system:", llama_cpp.llama_print_system_info().decode().strip())'
-  "$TARGET/llama.cpp/bin/llama-quantize" --help >/dev/null 2>&1 || [ $? -eq 1 ] \
-    || { echo "setup-llamacpp: llama-quantize does not start" >&2; exit 1; }
-  ldd "$TARGET/llama.cpp/bin/llama-quantize" | grep -q "not found" \
-    && { echo "setup-llamacpp: llama-quantize misses libraries: $(ldd "$TARGET/llama.cpp/bin/llama-quantize" | grep 'not found')" >&2; exit 1; }
+  "$TARGET/bin/python" -c 'import llama_cpp; llama_cpp.llama_model_quantize_default_params()' \
+    || { echo "setup-llamacpp: llama_cpp's quantiser (llama_model_quantize) cannot be called" >&2; exit 1; }
   "$TARGET/bin/python" "$TARGET/llama.cpp/convert_hf_to_gguf.py" --help >/dev/null \
     || { echo "setup-llamacpp: llama.cpp's convert_hf_to_gguf.py does not start" >&2; exit 1; }
   echo "$LOCK_SHA" > "$TARGET/.finetune-lock.sha256"

@@ -23,8 +23,8 @@ if [ "${FINETUNE_SKIP_COLLIE:-0}" != 1 ]; then
 fi
 bash scripts/setup_mlflow_env.sh 2>&1 | sed -u 's/^/[mlflow env] /' &
 pids+=($!)
-# llama.cpp's environment (finetune export, tests/test_readme.py's GGUF checks) compiles llama.cpp: about 18
-# CPU-minutes (10 minutes of both cores when idle), once per machine and lock. For the whole suite it is built beside
+# llama.cpp's environment (finetune export, tests/test_readme.py's GGUF checks) compiles ggml and llama: about 8
+# CPU-minutes with its packages, once per machine and lock. For the whole suite it is built beside
 # the tests, not before them: the first test that needs it waits for it (the build holds its lock), the others run
 # meanwhile; its output is in outputs/setup_llamacpp.log. A selection of tests (arguments) builds it only if one of
 # them needs it (the export's own planned step).

@@ -9,7 +9,7 @@ cannot be).
 3. a staging folder beside it (links to the weights; config.json and the tokenizer's files written for llama.cpp's
    converter, which runs transformers 4.57: the chat template, the EOS training ended answers with, whether the
    prompt starts with BOS, the tokenizer class by its 4.x name, rope_theta at the top level)
-4. llama.cpp's convert_hf_to_gguf.py (f16 / bf16, or f16 then llama-quantize for q8_0 / q4_k_m), or for gguf-lora
+4. llama.cpp's convert_hf_to_gguf.py (f16 / bf16, or f16 then llama.cpp's quantiser for q8_0 / q4_k_m), or for gguf-lora
    convert_lora_to_gguf.py on the adapter plus the base model as its own GGUF; all in llama.cpp's environment
 5. the GGUF read back (gguf): its chat template and EOS are the ones written; the template rendered for held-out
    style turns gives the training prompt's token ids (transformers tokenizer)
@@ -32,8 +32,9 @@ from typing import List, Optional
 
 from finetune.osutil import atomic_write, atomic_write_json
 from finetune.recipes.common import log
+from finetune.run_files import RESOLVED_CONFIG
 
-QUANT = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}  # llama-quantize's names
+QUANT = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}  # llama.cpp's names (LLAMA_FTYPE_MOSTLY_<name>)
 CHECK_TURNS = [
     [{"role": "user", "content": "Reverse the words.\nred rice"}],
     [{"role": "user", "content": "Copy the words."}],
@@ -53,7 +54,7 @@ def tools() -> dict:
         "python": str(venv_python()),
         "convert": str(root / "convert_hf_to_gguf.py"),
         "convert_lora": str(root / "convert_lora_to_gguf.py"),
-        "quantize": str(root / "bin" / "llama-quantize"),
+        "quantize": str(Path(__file__).resolve().parents[1] / "tools" / "llama_quantize.py"),
     }
 
 
@@ -147,7 +148,8 @@ def check_pre_tokenizer(model_dir: Path, tokenizer) -> Optional[str]:
 
 
 def convert(src: Path, out: Path, type_: str, work: Path, name: str, t: dict) -> dict:
-    """src (staged) -> out, quantised by llama-quantize when asked; times and the intermediate's size."""
+    """src (staged) -> out, quantised by llama.cpp's llama_model_quantize when asked; times and the intermediate's
+    size."""
     times = {}
     direct = type_ in ("f16", "bf16")
     first = out if direct else work / f"{name}-f16.gguf"
@@ -166,7 +168,9 @@ def convert(src: Path, out: Path, type_: str, work: Path, name: str, t: dict) ->
         "llama.cpp convert_hf_to_gguf.py",
     )
     if not direct:
-        times["quantize_s"] = run_tool([t["quantize"], str(first), str(out), QUANT[type_]], "llama.cpp llama-quantize")
+        times["quantize_s"] = run_tool(
+            [t["python"], t["quantize"], str(first), str(out), QUANT[type_]], "llama.cpp llama_model_quantize"
+        )
         first.unlink()
     return times
 
@@ -264,10 +268,11 @@ def readme(info: dict, exported) -> str:
     )
     rows.append("| `export.json` | what was exported, how, sizes, times, the checks |")
     table = "\n".join(rows)
+    quantiser = " and its quantiser, `llama_model_quantize`" if info["type"] in QUANT else ""
     return f"""# {info["name"]} ({info["type"]} GGUF)
 
 Exported by `finetune export` from {info["source"]}, with llama.cpp's own tools
-(`{info["tools"]["converter"]}`{" and `llama-quantize`" if info["type"] in QUANT else ""}; llama.cpp as vendored by
+(`{info["tools"]["converter"]}`{quantiser}; llama.cpp as vendored by
 llama-cpp-python {info["tools"]["llama_cpp_python"]}).
 
 | file | what |
@@ -325,7 +330,7 @@ def export(source, to: str, type_: str, tmp: Path) -> dict:
     work = tmp / ".work"
     work.mkdir()
     model_dir = Path(source.model)
-    cfg = read_config(str(Path(source.run_dir) / "resolved_config.json")) if source.run_dir else None
+    cfg = read_config(str(Path(source.run_dir) / RESOLVED_CONFIG)) if source.run_dir else None
     tok_dir = (
         source.adapter
         if source.adapter and (Path(source.adapter) / "tokenizer_config.json").is_file()
