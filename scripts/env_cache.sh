@@ -5,11 +5,17 @@
 #   env_prepare <tag> <lock file> <link> <cache name>   unsets PYTHONPATH; sets LOCK_SHA, HASH, LINK (absolute)
 #                                                       and TARGET, checks Python 3.11, and holds the build lock
 #                                                       (fd 9) until exit
+#   env_ready <file in the environment>                 true when TARGET has that file and was built from this
+#                                                       lock (its stamp, written last by env_stamp, matches)
+#   env_stamp                                           marks TARGET as built from this lock
 #   env_link <tag>                                      points LINK at TARGET (unless they are the same folder)
 #   require_python311 <tag>                             stops with one line unless PY is Python 3.11 (what the
 #                                                       locks pin for; scripts/setup.sh uses it too)
 #
-# FINETUNE_NO_CACHE=1 builds in place (TARGET = LINK). Expects ROOT (the repo) and PY (the Python) to be set.
+# FINETUNE_NO_CACHE=1 builds in place (TARGET = LINK). Sets ROOT (the repo: the caller's working folder) and PY
+# (PYTHON, else python3).
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
 
 require_python311() {
   "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
@@ -34,6 +40,14 @@ env_prepare() {
   # one build at a time (two runs or sweep jobs may ask for it at once); the others wait, then find it ready
   exec 9>"$TARGET.lock"
   flock 9
+}
+
+env_ready() {
+  [ -e "$TARGET/$1" ] && [ "$(cat "$TARGET/.finetune-lock.sha256" 2>/dev/null)" = "$LOCK_SHA" ]
+}
+
+env_stamp() {
+  echo "$LOCK_SHA" > "$TARGET/.finetune-lock.sha256"  # written last: an interrupted build is never taken as ready
 }
 
 env_link() {

@@ -16,8 +16,6 @@
 # on the first run, cached in ~/.cache/torch_extensions). About 1.7 GB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
-PY=${PYTHON:-python3}
 LOCK=requirements-collie.lock
 FORCE=0
 for arg in "$@"; do
@@ -33,7 +31,7 @@ source scripts/env_cache.sh
 env_prepare setup-collie "$LOCK" "${FINETUNE_COLLIE_VENV:-.venv-collie}" collie-venv
 [ "$FORCE" = 1 ] && rm -rf "$TARGET"
 
-if [ -x "$TARGET/bin/python" ] && [ "$(cat "$TARGET/.finetune-lock.sha256" 2>/dev/null)" = "$LOCK_SHA" ]; then
+if env_ready bin/python; then
   echo "setup-collie: environment for $LOCK ($HASH) is ready ($TARGET)"
 else
   start=$(date +%s)
@@ -63,7 +61,7 @@ else
   TORCH_EXTENSIONS_DIR="$TARGET/torch_extensions" "$TARGET/bin/python" -c \
     'from deepspeed.comm.torch import build_shm_op; build_shm_op()' \
     >/dev/null 2>&1 || echo "setup-collie: could not pre-build DeepSpeed's shm_comm op (the first run will)" >&2
-  echo "$LOCK_SHA" > "$TARGET/.finetune-lock.sha256"
+  env_stamp
   echo "setup-collie: built in $(( $(date +%s) - start )) s"
 fi
 

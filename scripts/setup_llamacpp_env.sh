@@ -17,14 +17,12 @@
 # puts it elsewhere. Needs Python 3.11, g++ and cmake. About 1.3 GB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
-PY=${PYTHON:-python3}
 LOCK=requirements-llamacpp.lock
 source scripts/env_cache.sh
 env_prepare setup-llamacpp "$LOCK" "${FINETUNE_LLAMACPP_VENV:-.venv-llamacpp}" llamacpp-venv
 [ "${1:-}" = "--force" ] && rm -rf "$TARGET"
 
-if [ -x "$TARGET/bin/python" ] && [ "$(cat "$TARGET/.finetune-lock.sha256" 2>/dev/null)" = "$LOCK_SHA" ]; then
+if env_ready bin/python; then
   echo "setup-llamacpp: environment for $LOCK ($HASH) is ready ($TARGET)"
 else
   start=$(date +%s)
@@ -77,7 +75,7 @@ else
     || { echo "setup-llamacpp: llama_cpp's quantiser (llama_model_quantize) cannot be called" >&2; exit 1; }
   "$TARGET/bin/python" "$TARGET/llama.cpp/convert_hf_to_gguf.py" --help >/dev/null \
     || { echo "setup-llamacpp: llama.cpp's convert_hf_to_gguf.py does not start" >&2; exit 1; }
-  echo "$LOCK_SHA" > "$TARGET/.finetune-lock.sha256"
+  env_stamp
   echo "setup-llamacpp: built in $(( $(date +%s) - start )) s"
 fi
 

@@ -13,14 +13,12 @@
 # place; FINETUNE_MLFLOW_VENV=<dir> puts it elsewhere. Needs Python 3.11. About 2 minutes and 850 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
-PY=${PYTHON:-python3}
 LOCK=requirements-mlflow.lock
 source scripts/env_cache.sh
 env_prepare setup-mlflow "$LOCK" "${FINETUNE_MLFLOW_VENV:-.venv-mlflow}" mlflow-venv
 [ "${1:-}" = "--force" ] && rm -rf "$TARGET"
 
-if [ -x "$TARGET/bin/mlflow" ] && [ "$(cat "$TARGET/.finetune-lock.sha256" 2>/dev/null)" = "$LOCK_SHA" ]; then
+if env_ready bin/mlflow; then
   echo "setup-mlflow: environment for $LOCK ($HASH) is ready ($TARGET)"
 else
   start=$(date +%s)
@@ -30,7 +28,7 @@ else
   "$TARGET/bin/python" -m pip install -q --no-deps --progress-bar off -r "$LOCK"
   "$TARGET/bin/python" -m pip check
   "$TARGET/bin/mlflow" --version
-  echo "$LOCK_SHA" > "$TARGET/.finetune-lock.sha256"     # written last: an interrupted build is never taken as ready
+  env_stamp
   echo "setup-mlflow: built in $(( $(date +%s) - start )) s"
 fi
 

@@ -51,7 +51,7 @@ def thread_count(cfg, cpus: int, nproc: int, environment: bool = True) -> Tuple[
 
     if int(cfg.launcher.omp_num_threads or 0) > 0:
         return int(cfg.launcher.omp_num_threads), "launcher.omp_num_threads"
-    torch_threads = int(cfg.backend.get("torch_threads") or 0) if hasattr(cfg.backend, "get") else 0
+    torch_threads = int(cfg.backend.get("torch_threads") or 0)  # alpacalora's key; the other backends have none
     if torch_threads > 0:
         return torch_threads, "backend.torch_threads"
     env = os.environ.get("OMP_NUM_THREADS", "").strip() if environment else ""

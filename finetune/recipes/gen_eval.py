@@ -292,22 +292,43 @@ def base_answers(a, cfg: dict, prompts: List[List[int]], stop_ids: List[int], to
 # ------------------------------------------------------------------------------------------ the step
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m finetune.recipes.gen_eval")
+def eval_step(prog: str, adapter_help: str, argv=None):
+    """The head every evaluation step shares (this one, finetune/recipes/pref_eval.py): its arguments, the run's
+    config and folder, seeded torch, the tokenizer and the run's prompt format. Returns
+    (args, cfg, run_dir, tokenizer, fmt, t0)."""
+    ap = argparse.ArgumentParser(prog=prog)
     ap.add_argument("--config", required=True)
     ap.add_argument("--stage", choices=("before", "after"), required=True)
     ap.add_argument("--model", required=True, help="the model folder (base before training; merged/trained after)")
-    ap.add_argument("--adapter", help="a LoRA adapter to put on --model (a run with merge=false)")
+    ap.add_argument("--adapter", help=adapter_help)
     a = ap.parse_args(argv)
     cfg = read_config(a.config)
-    run_dir = Path(cfg[RUN_DIR_KEY])
     import torch
 
     torch.manual_seed(0)
-    threads = torch.get_num_threads()  # OMP_NUM_THREADS from the launcher
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(a.model, a.adapter, bool(cfg.get("trust_remote_code")))
-    fmt = PromptFormat.from_run_config(cfg)
+    return a, cfg, Path(cfg[RUN_DIR_KEY]), tokenizer, PromptFormat.from_run_config(cfg), t0
+
+
+def eval_record(a, fmt, metrics: dict) -> dict:
+    """The head of an evaluation step's eval/<stage>.json: what was evaluated, how prompted, the metrics."""
+    return {
+        "stage": a.stage,
+        "model": a.model,
+        "adapter": a.adapter,
+        "prompt_format": fmt.describe(),
+        "metrics": metrics,
+    }
+
+
+def main(argv=None) -> int:
+    a, cfg, run_dir, tokenizer, fmt, t0 = eval_step(
+        "python -m finetune.recipes.gen_eval", "a LoRA adapter to put on --model (a run with merge=false)", argv
+    )
+    import torch
+
+    threads = torch.get_num_threads()  # OMP_NUM_THREADS from the launcher
     rows = reference_rows(heldout_rows(cfg, tokenizer))  # KTO rows: the desirable answers are the references
     limit = int(cfg.get("generate_eval_rows") or 0)
     rows = rows[:limit] if limit > 0 else rows
@@ -346,11 +367,7 @@ def main(argv=None) -> int:
         for (tt, ref), ans, pr in zip(turns, answers, per_row)
     ]
     result = {
-        "stage": a.stage,
-        "model": a.model,
-        "adapter": a.adapter,
-        "prompt_format": fmt.describe(),
-        "metrics": metrics,
+        **eval_record(a, fmt, metrics),
         "generated_tokens": n_new,
         "generate_s": round(gen_s, 2),
         "generate_tokens_per_s": round(n_new / gen_s, 2) if gen_s > 0 else None,

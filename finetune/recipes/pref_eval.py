@@ -21,17 +21,15 @@ A planned step of the llamafactory backend when ``preference_eval=true`` (finetu
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 from typing import List
 
-from finetune.recipes.common import atomic_write_text, log, read_config
-from finetune.recipes.gen_eval import _cell, heldout_rows, load_model, load_tokenizer
+from finetune.recipes.common import atomic_write_text, log
+from finetune.recipes.gen_eval import _cell, eval_record, eval_step, heldout_rows, load_model
 from finetune.recipes.prompting import PromptFormat, preference_pairs
-from finetune.run_files import RUN_DIR_KEY
 
 
 def sequences(fmt: PromptFormat, tokenizer, pairs) -> List[tuple]:
@@ -132,20 +130,9 @@ def add_history(run_dir: Path, before: dict, after: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m finetune.recipes.pref_eval")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--stage", choices=("before", "after"), required=True)
-    ap.add_argument("--model", required=True, help="the model folder (base before training; merged/trained after)")
-    ap.add_argument("--adapter", help="LoRA adapters on --model, merged in order (a comma list)")
-    a = ap.parse_args(argv)
-    cfg = read_config(a.config)
-    run_dir = Path(cfg[RUN_DIR_KEY])
-    import torch
-
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    tokenizer = load_tokenizer(a.model, a.adapter, bool(cfg.get("trust_remote_code")))
-    fmt = PromptFormat.from_run_config(cfg)
+    a, cfg, run_dir, tokenizer, fmt, t0 = eval_step(
+        "python -m finetune.recipes.pref_eval", "LoRA adapters on --model, merged in order (a comma list)", argv
+    )
     pairs = preference_pairs(heldout_rows(cfg, tokenizer))
     limit = int(cfg.get("preference_eval_rows") or 0)
     pairs = pairs[:limit] if limit > 0 else pairs
@@ -163,11 +150,7 @@ def main(argv=None) -> int:
     logps = answer_logps(model, seqs, tokenizer.pad_token_id, int(cfg.get("generate_batch_size") or 8))
     metrics, rows = score(pairs, logps)
     result = {
-        "stage": a.stage,
-        "model": a.model,
-        "adapter": a.adapter,
-        "prompt_format": fmt.describe(),
-        "metrics": metrics,
+        **eval_record(a, fmt, metrics),
         "score_s": round(time.perf_counter() - t1, 2),
         "load_s": round(load_s, 2),
         "pairs": rows,
