@@ -450,6 +450,36 @@ def _norm(text: str) -> str:
     return " ".join(text.split())
 
 
+def _read_back(run: Path, tok, trained, refs):
+    """transformers reads the f16 GGUF back: (its logits' distances on 4 held-out rows, same argmax everywhere)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # transformers reads the f16 GGUF back. The tolerance: an f16 GGUF changes one thing, the matrices rounded to
+    # f16 (11-bit mantissa; norms stay f32), so it must give the merged model's logits with its matrices rounded to
+    # f16 in torch, to float32 accuracy (measured: 0.0 apart), while both sit ~0.03 from the fp32 logits (of
+    # magnitude ~37: 1e-3 relative) with the same argmax at every position.
+    f16 = run / "gguf-f16"
+    name = json.loads((f16 / "export.json").read_text())["files"]["model"]
+    back = AutoModelForCausalLM.from_pretrained(str(f16), gguf_file=name, dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(run / "lazyllm_merge"), dtype=torch.float32).eval()
+    rounded = AutoModelForCausalLM.from_pretrained(str(run / "lazyllm_merge"), dtype=torch.float32).eval()
+    diff = rounding = to_rounded = 0.0
+    same_argmax = True
+    with torch.no_grad():
+        for p in rounded.parameters():
+            if p.dim() == 2:
+                p.copy_(p.half().float())
+        for i in range(4):
+            ids = torch.tensor([trained[i] + tok(refs[i], add_special_tokens=False)["input_ids"]])
+            want, got, r16 = merged(input_ids=ids).logits, back(input_ids=ids).logits, rounded(input_ids=ids).logits
+            diff = max(diff, float((got - want).abs().max()))
+            rounding = max(rounding, float((r16 - want).abs().max()))
+            to_rounded = max(to_rounded, float((got - r16).abs().max()))
+            same_argmax &= bool((got.argmax(-1) == want.argmax(-1)).all())
+    return {"vs_merged": diff, "merged_rounded_to_f16": rounding, "vs_rounded": to_rounded}, same_argmax
+
+
 def _gguf_like_the_merged_model(clone: Path) -> None:
     """The exported files answer like the model the run measured. On the showcase run's held-out rows, each GGUF run
     by llama.cpp with its embedded template (llama-cpp-python's chat completion): the prompt ids equal the prompt
@@ -457,8 +487,7 @@ def _gguf_like_the_merged_model(clone: Path) -> None:
     the rows; q8_0's exact match is within 5 points of the HF model's; the LoRA GGUF on the
     base GGUF answers like the f16 merged GGUF. transformers reads the f16 GGUF back (gguf_file=) with the merged
     model's logits, as close as the merged model's own weights rounded to f16 are."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from finetune.recipes.data import encode_alpaca
     from finetune.recipes.gen_eval import answer_of
@@ -526,35 +555,14 @@ def _gguf_like_the_merged_model(clone: Path) -> None:
     figures["lora_same_answer_as_f16"] = sum(a == b for a, b in zip(lora_answers, results["f16"])) / len(hf)
     figures["lora_size_mb"] = lora["sizes_mb"][lora["files"]["lora"]]
 
-    # transformers reads the f16 GGUF back. The tolerance: an f16 GGUF changes one thing, the matrices rounded to
-    # f16 (11-bit mantissa; norms stay f32), so it must give the merged model's logits with its matrices rounded to
-    # f16 in torch, to float32 accuracy (measured: 0.0 apart), while both sit ~0.03 from the fp32 logits (of
-    # magnitude ~37: 1e-3 relative) with the same argmax at every position.
-    f16 = run / "gguf-f16"
-    name = json.loads((f16 / "export.json").read_text())["files"]["model"]
-    back = AutoModelForCausalLM.from_pretrained(str(f16), gguf_file=name, dtype=torch.float32).eval()
-    merged = AutoModelForCausalLM.from_pretrained(str(run / "lazyllm_merge"), dtype=torch.float32).eval()
-    rounded = AutoModelForCausalLM.from_pretrained(str(run / "lazyllm_merge"), dtype=torch.float32).eval()
-    diff = rounding = to_rounded = 0.0
-    same_argmax = True
-    with torch.no_grad():
-        for p in rounded.parameters():
-            if p.dim() == 2:
-                p.copy_(p.half().float())
-        for i in range(4):
-            ids = torch.tensor([trained[i] + tok(refs[i], add_special_tokens=False)["input_ids"]])
-            want, got, r16 = merged(input_ids=ids).logits, back(input_ids=ids).logits, rounded(input_ids=ids).logits
-            diff = max(diff, float((got - want).abs().max()))
-            rounding = max(rounding, float((r16 - want).abs().max()))
-            to_rounded = max(to_rounded, float((got - r16).abs().max()))
-            same_argmax &= bool((got.argmax(-1) == want.argmax(-1)).all())
-    figures["transformers_read_back"] = {"vs_merged": diff, "merged_rounded_to_f16": rounding, "vs_rounded": to_rounded}
+    figures["transformers_read_back"], same_argmax = _read_back(run, tok, trained, refs)
     print(f"GGUF figures: {json.dumps(figures)}")
     (clone / "outputs" / "gguf_figures.json").write_text(json.dumps(figures, indent=1))
     assert figures["f16"]["same_answer_as_hf"] >= 0.95, figures
     assert abs(figures["q8_0"]["exact_match"] - figures["hf_exact_match"]) <= 0.05, figures
     assert figures["lora_same_answer_as_f16"] >= 0.95, figures
-    assert same_argmax and to_rounded <= 1e-4 and diff <= 0.1, figures
+    back = figures["transformers_read_back"]
+    assert same_argmax and back["vs_rounded"] <= 1e-4 and back["vs_merged"] <= 0.1, figures
 
 
 def _chat_with_the_gguf(clone: Path) -> None:

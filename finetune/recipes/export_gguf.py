@@ -315,6 +315,55 @@ finetune generate {gguf if not lora else "<this folder>"} --prompt "Reverse the 
 """
 
 
+def export_lora(source, model_dir: Path, exported, tokenizer, type_: str, tmp: Path, work: Path, t: dict):
+    """--to gguf-lora: the base model as its own GGUF and the adapter as a llama.cpp LoRA GGUF; (files, times)."""
+    base_name = Path(source.model).name
+    staged = stage(model_dir, work / "base", exported, tokenizer)
+    files = {"model": f"{base_name}-{type_}.gguf", "lora": f"{source.name}-lora-{type_}.gguf"}
+    times = {f"base_{k}": v for k, v in convert(staged, tmp / files["model"], type_, work, base_name, t).items()}
+    adapter = work / "adapter"
+    adapter.mkdir()
+    for f in Path(source.adapter).iterdir():
+        if f.is_file():
+            os.symlink(f.resolve(), adapter / f.name)
+    times["convert_lora_s"] = run_tool(
+        [t["python"], t["convert_lora"], str(adapter), "--base", str(staged), "--outfile", str(tmp / files["lora"])]
+        + ["--outtype", type_],
+        "llama.cpp convert_lora_to_gguf.py",
+    )
+    return files, times
+
+
+def check_files(tmp: Path, files: dict, exported) -> dict:
+    """What a runtime reads from the written files is what was meant: the chat template, EOS, and for gguf-lora an
+    adapter GGUF. Refused (SystemExit) otherwise; the checked fields for export.json."""
+    checks = {}
+    meta = read_gguf(tmp / files["model"])
+    if meta["tokenizer.chat_template"] != exported.jinja:
+        raise SystemExit("export check: the GGUF's tokenizer.chat_template is not the template written")
+    if meta["eos_token"] != exported.eos_token:
+        raise SystemExit(f"export check: the GGUF's EOS is {meta['eos_token']!r}, not {exported.eos_token!r}")
+    checks["gguf"] = {
+        k: meta[k]
+        for k in (
+            "general.architecture",
+            "tokenizer.ggml.pre",
+            "eos_token",
+            "bos_token",
+            "tokenizer.ggml.add_bos_token",
+            "tensors",
+        )
+    }
+    if files.get("lora"):
+        lmeta = read_gguf(tmp / files["lora"])
+        if lmeta["general.type"] != "adapter":
+            raise SystemExit(
+                f"export check: {files['lora']} is not a LoRA adapter GGUF (general.type {lmeta['general.type']!r})"
+            )
+        checks["lora"] = {"general.type": lmeta["general.type"], "tensors": lmeta["tensors"]}
+    return checks
+
+
 def export(source, to: str, type_: str, tmp: Path) -> dict:
     import transformers
     from transformers import AutoTokenizer
@@ -367,55 +416,9 @@ def export(source, to: str, type_: str, tmp: Path) -> dict:
         files["model"] = f"{name}-{type_}.gguf"
         times.update(convert(staged, tmp / files["model"], type_, work, name, t))
     else:
-        base_name = Path(source.model).name
-        staged = stage(model_dir, work / "base", exported, tokenizer)
-        files["model"] = f"{base_name}-{type_}.gguf"
-        times.update(
-            {f"base_{k}": v for k, v in convert(staged, tmp / files["model"], type_, work, base_name, t).items()}
-        )
-        adapter = work / "adapter"
-        adapter.mkdir()
-        for f in Path(source.adapter).iterdir():
-            if f.is_file():
-                os.symlink(f.resolve(), adapter / f.name)
-        files["lora"] = f"{name}-lora-{type_}.gguf"
-        times["convert_lora_s"] = run_tool(
-            [
-                t["python"],
-                t["convert_lora"],
-                str(adapter),
-                "--base",
-                str(staged),
-                "--outfile",
-                str(tmp / files["lora"]),
-                "--outtype",
-                type_,
-            ],
-            "llama.cpp convert_lora_to_gguf.py",
-        )
-    meta = read_gguf(tmp / files["model"])
-    if meta["tokenizer.chat_template"] != exported.jinja:
-        raise SystemExit("export check: the GGUF's tokenizer.chat_template is not the template written")
-    if meta["eos_token"] != exported.eos_token:
-        raise SystemExit(f"export check: the GGUF's EOS is {meta['eos_token']!r}, not {exported.eos_token!r}")
-    checks["gguf"] = {
-        k: meta[k]
-        for k in (
-            "general.architecture",
-            "tokenizer.ggml.pre",
-            "eos_token",
-            "bos_token",
-            "tokenizer.ggml.add_bos_token",
-            "tensors",
-        )
-    }
-    if files.get("lora"):
-        lmeta = read_gguf(tmp / files["lora"])
-        if lmeta["general.type"] != "adapter":
-            raise SystemExit(
-                f"export check: {files['lora']} is not a LoRA adapter GGUF (general.type {lmeta['general.type']!r})"
-            )
-        checks["lora"] = {"general.type": lmeta["general.type"], "tensors": lmeta["tensors"]}
+        files, lora_times = export_lora(source, model_dir, exported, tokenizer, type_, tmp, work, t)
+        times.update(lora_times)
+    checks.update(check_files(tmp, files, exported))
     shutil.rmtree(work)
     times = {k: round(v, 1) for k, v in times.items()}
     times["total_s"] = round(time.perf_counter() - t_start, 1)
