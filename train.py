@@ -12,12 +12,15 @@ import hydra
 
 from finetune.cli import setup, task
 
-setup()
-
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg):
+def hydra_main(cfg):
     return task(cfg)
+
+
+def main():
+    setup()  # schemas, resolvers, our error reporting; resume=true's recorded overrides into sys.argv
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -179,7 +179,9 @@ class SweepSummary(Callback):
         run_dir = Path(str(config.output_dir)) if OmegaConf.select(config, "output_dir", default=None) else job_dir
         if (run_dir / RESULT).exists() or not job_dir.is_dir():
             return
-        err = job_return._return_value
+        from finetune.compat.hydra import job_exception
+
+        err = job_exception(job_return)
         first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
         from finetune.run_dir import atomic_write_json
 

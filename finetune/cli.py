@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, List
 
 from finetune.config.overrides import split_override
-from finetune.errors import ConfigError, RunError, suggest
+from finetune.errors import ConfigError, RunError, one_of, suggest
 
 
 def _known_keys() -> List[str]:
@@ -114,7 +114,7 @@ def classify(e: BaseException):
 
 
 def _report(func: Callable[[], Any]) -> Any:
-    """Replacement for hydra._internal.utils.run_and_report: one line, exit 2 for bad input, 1 for failures."""
+    """What Hydra reports errors with (finetune/compat/hydra.py): one line, exit 2 for bad input, 1 for failures."""
     try:
         return func()
     except Exception as e:  # noqa: BLE001 - any failure becomes one line and an exit code, never a bare traceback
@@ -176,14 +176,13 @@ def task(cfg) -> Any:
 
 def setup() -> None:
     """Register schemas and resolvers; route Hydra's error reporting through ours."""
-    import hydra._internal.utils as hutils
-
+    from finetune.compat import hydra as hydra_compat
     from finetune.config import resolvers, schema
 
     schema.register()
     resolvers.register()
-    hutils.run_and_report = _report
-    _skip_mode_probe()
+    hydra_compat.route_error_reporting(_report)
+    hydra_compat.wrap_mode_probe(_mode_probe)
     from finetune.config.resume import resume_argv
 
     try:
@@ -272,31 +271,26 @@ def _may_set_mode(override: str) -> bool:
     return False
 
 
-def _skip_mode_probe() -> None:
+def _mode_probe(probe):
     """Hydra composes the whole config once only to read hydra.mode (Hydra.get_mode), then again to run: two
     compositions of our ~60 files, about 0.45 s each, before any refusal can be printed. None of our config files
     sets hydra.mode, so unless an override could bring one in (hydra.*, or a sweep/hparams_search/experiment file
     that mentions a mode or is not in conf/), the answer is already known: None, i.e. RUN for `python train.py`,
-    MULTIRUN for `-m`. Otherwise Hydra probes."""
-    from hydra._internal.hydra import Hydra
+    MULTIRUN for `-m`. Otherwise Hydra probes (finetune/compat/hydra.py installs this in its place)."""
 
-    probe = Hydra.get_mode
-    if getattr(probe, "_finetune", False):
-        return
-
-    def get_mode(self, config_name, overrides):
+    def mode_without_probe(self, config_name, overrides):
         if any(_may_set_mode(o) for o in overrides):
             return probe(self, config_name, overrides)
         return None
 
-    get_mode._finetune = True
-    Hydra.get_mode = get_mode
+    return mode_without_probe
 
 
 # ------------------------------------------------------------------------------------------ finetune command
 
 
-def main(argv=None) -> int:
+def build_parser():
+    """The `finetune` command's arguments: one subcommand each."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -313,6 +307,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--allow-different", action="store_true", help="run even if code or versions differ")
     p.add_argument("--output-dir", help="the new run folder (default: outputs/runs/<date>/<time>-reproduce-<name>)")
+    p = sub.add_parser("keys", help="every key you can type, with its type, default, allowed values and help")
+    p.add_argument("group", nargs="?", help="root, tracking, backend, model, method, hardware, data or launcher")
     sub.add_parser("setup-collie", help="create Collie's own virtual environment (.venv-collie)")
     sub.add_parser(
         "setup-llamacpp",
@@ -366,8 +362,20 @@ def main(argv=None) -> int:
     p.add_argument("run", metavar="run-or-model")
     p.add_argument("--max-new-tokens", type=int, help="default: the run's max_new_tokens, else 128")
     p.add_argument("--system", help="a system message (chat templates that have one)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.cmd == "keys":
+            from finetune.config.keys import GROUPS, render
+
+            if args.group and args.group not in GROUPS:
+                raise ConfigError("group", args.group, one_of(GROUPS), suggest(args.group, GROUPS))
+            print(render(args.group))
+            return 0
         if args.cmd == "summarize":
             from finetune.report.summary import summarize
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from finetune.compat.llama_cpp import token_text
 from finetune.datafiles import read_rows
 from finetune.generate import HELP, chat_loop
 from finetune.recipes.gen_eval import answer_of
@@ -45,7 +46,7 @@ class Runner:
         self.eos_id, self.bos_id = self.llm.token_eos(), self.llm.token_bos()
 
     def describe(self) -> str:
-        eos = self.llm._model.token_get_text(self.eos_id) if self.eos_id != -1 else "none"
+        eos = token_text(self.llm)(self.eos_id) if self.eos_id != -1 else "none"
         return f"the GGUF's own chat template; stops at {eos} and llama.cpp's end-of-generation tokens"
 
     def prompt_ids(self, messages: List[dict]) -> List[int]:
@@ -53,7 +54,7 @@ class Runner:
         made as Llama.__init__ makes it for chat_template.default, tokenized as its completion handler does."""
         from llama_cpp import llama_chat_format
 
-        tok = self.llm._model.token_get_text
+        tok = token_text(self.llm)
         formatter = llama_chat_format.Jinja2ChatFormatter(
             template=self.template,
             eos_token=tok(self.eos_id) if self.eos_id != -1 else "",

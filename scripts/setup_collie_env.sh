@@ -51,7 +51,7 @@ else
   # the worker's own import path: CPU patches (for a CPU environment), then collie
   DEVICE=cpu; [ "$LOCK" = requirements-collie-cuda.lock ] && DEVICE=cuda
   PYTHONPATH="$ROOT" "$TARGET/bin/python" -c \
-    "from finetune.recipes import collie_cpu_patch; collie_cpu_patch.apply('$DEVICE'); import collie, peft, transformers; print('setup-collie: collie imports with transformers', transformers.__version__, 'peft', peft.__version__)" \
+    "from finetune.compat import collie as collie_compat; collie_compat.apply('$DEVICE'); import collie, peft, transformers; print('setup-collie: collie imports with transformers', transformers.__version__, 'peft', peft.__version__)" \
     2>&1 | grep -v "real_accelerator" || true
   PYTHONPATH="$ROOT" "$TARGET/bin/python" -c 'import collie' >/dev/null 2>&1 \
     || { echo "setup-collie: 'import collie' fails in $TARGET" >&2; exit 1; }

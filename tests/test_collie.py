@@ -232,11 +232,11 @@ def test_bf16_run_passes_the_merge_check_in_fp32(tmp_path):
 @needs_venv
 @pytest.mark.collie
 def test_rotary_rows_only_patch_is_bit_identical_to_collies_table():
-    """collie_cpu_patch.speed_up_rotary computes only the rows each call uses of the rotary table Collie rebuilds
+    """finetune.compat.collie.speed_up_rotary computes only the rows each call uses of the rotary table Collie rebuilds
     for all 2**17 positions on every call: the outputs are the same bits, in fp32 and bf16, at any start position."""
     code = """
 import torch
-from finetune.recipes import collie_cpu_patch as p
+from finetune.compat import collie as p
 p.apply("cpu")
 from collie.models.llama import model as llama
 rot = llama.RotaryPositionEmbedding(16)
@@ -277,7 +277,7 @@ def test_loss_all_reduce_of_collies_train_step_does_not_crash_on_gloo(tmp_path):
     script.write_text(
         """
 import sys
-from finetune.recipes import collie_cpu_patch as p
+from finetune.compat import collie as p
 print(p.apply("cpu"))
 import torch
 import torch.distributed as dist

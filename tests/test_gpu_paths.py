@@ -476,7 +476,7 @@ def test_collie_cpu_patches_follow_the_configured_device():
     if not venv.exists():
         pytest.skip("Collie's environment is not built (scripts/setup_collie_env.sh)")
     code = (
-        "import sys; from finetune.recipes import collie_cpu_patch as p\n"
+        "import sys; from finetune.compat import collie as p\n"
         "print(len(p.apply('cpu')))\n"
         "p.APPLIED.clear()\n"
         "p.apply('cuda')\n"

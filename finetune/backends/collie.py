@@ -6,7 +6,8 @@ The plan has three steps:
 
   1. collie_prepare  (Collie's python)  a ``.bin`` copy of a safetensors-only model (Collie reads only *.bin)
   2. collie_train    (Collie's python, torchrun when world size > 1)  finetune.recipes.collie: Collie's
-                     model class + Trainer; for hardware.device=cpu the six CPU patches (collie_cpu_patch) are applied
+                     model class + Trainer; for hardware.device=cpu the six CPU patches (finetune/compat/collie.py) are
+                     applied
   3. collie_merge    (this environment)  adapter + base -> logits must equal Collie's own; merge_and_unload
                      -> lazyllm_merge (full fine-tuning: the saved model is checked the same way)
 

@@ -13,6 +13,7 @@ from typing import Iterable, List, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from finetune.compat.omegaconf import child
 from finetune.config.derived import grad_accum, world_size
 from finetune.config.overrides import override_key, typed_keys
 from finetune.config.paths import OUTPUTS_ROOT, resolve_user_paths
@@ -89,7 +90,7 @@ def _unknown_part(cfg: DictConfig, key: str):
         if part not in names:
             return ".".join(seen), names
         seen.append(part)
-        node = node._get_node(part)
+        node = child(node, part)
     return None
 
 

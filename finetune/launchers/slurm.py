@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from finetune.compat.submitit import submission_text
 from finetune.config.derived import process_layout, ranks, torchrun_head
 from finetune.config.resolvers import REPO_ROOT
 from finetune.errors import ConfigError
@@ -200,8 +201,8 @@ def plan_files(plan, cfg, run_dir: Path) -> Dict[str, str]:
     out = {}
     for s in plan.steps:
         ex = _executor(cfg, Path(run_dir) / "slurm", s.name, float(cfg.timeout_min) * 60 or None)
-        text = ex._executor._make_submission_file_text(
-            f"{sys.executable} -u -m submitit.core._submit {Path(run_dir) / 'slurm'}  # runs step {s.name}", "%j"
+        text = submission_text(
+            ex, f"{sys.executable} -u -m submitit.core._submit {Path(run_dir) / 'slurm'}  # runs step {s.name}"
         )
         out[f"slurm/{s.name}.sbatch"] = text
     return out

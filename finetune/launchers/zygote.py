@@ -175,13 +175,14 @@ def _exit(code: int, conn: Optional[socket.socket] = None) -> None:
     logging and multiprocessing flush and stop there; stdio flushed), without tearing down every module of torch
     and transformers object by object, which takes a fresh interpreter 1.5-3.5 s here and changes nothing on disk.
     Tells the driver its peak memory first (what a fresh process's would have been: finetune.osutil)."""
-    import atexit
     import threading
 
     for t in threading.enumerate():
         if t is not threading.main_thread() and not t.daemon:
             t.join()
-    atexit._run_exitfuncs()
+    from finetune.compat.python import run_exit_handlers
+
+    run_exit_handlers()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

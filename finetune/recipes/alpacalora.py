@@ -37,6 +37,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
+from finetune.compat.transformers import SaveCheckpointHook, attn_implementation, set_attn_implementation
 from finetune.config.derived import CHECKPOINTS, adapter_dir, grad_accum, merged_dir
 from finetune.recipes.common import (
     COMPLETE,
@@ -486,7 +487,7 @@ class RunState:
             self.other_s += time.perf_counter() - t
 
 
-class RecipeTrainer(Trainer):
+class RecipeTrainer(SaveCheckpointHook, Trainer):
     """HF Trainer + our optimizer choice, per-batch attention choice, real-token counting, tokens/s and peak RSS in
     every log event, and complete-checkpoint markers."""
 
@@ -503,8 +504,7 @@ class RecipeTrainer(Trainer):
     def compute_loss(self, model, inputs, *a, **kw):
         if self.attention_config is not None:
             impl = "eager" if inputs["input_ids"].shape[-1] <= EAGER_MAX_LEN else "sdpa"
-            if self.attention_config._attn_implementation != impl:
-                self.attention_config._attn_implementation = impl
+            set_attn_implementation(self.attention_config, impl)
         return super().compute_loss(model, inputs, *a, **kw)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -521,9 +521,9 @@ class RecipeTrainer(Trainer):
         with self.run_state.not_training():
             return super().evaluate(*a, **kw)
 
-    def _save_checkpoint(self, model, trial):
+    def around_save_checkpoint(self, save):
         with self.run_state.not_training():
-            super()._save_checkpoint(model, trial)
+            save()
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.barrier()
             if self.args.should_save:  # written last, atomically: the checkpoint is complete
@@ -638,7 +638,7 @@ def attention_to_switch(cfg: dict, model):
     Both give the same loss (within 1e-6); the switch is a config attribute the attention layers read on every
     call."""
     attn = cfg["backend"].get("attn_implementation") or "auto"
-    if attn != "auto" or cfg["hardware"]["device"] != "cpu" or model.config._attn_implementation != "sdpa":
+    if attn != "auto" or cfg["hardware"]["device"] != "cpu" or attn_implementation(model.config) != "sdpa":
         return None
     log(f"attention: auto on CPU: eager for batches up to {EAGER_MAX_LEN} tokens, sdpa above")
     return model.config

@@ -28,6 +28,8 @@ import string
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from finetune.compat.llamafactory import jinja_template
+
 # the instruction / input split of a typed turn, as prompting.split_turn does it
 _JINJA_SPLIT = (
     "{%- set parts = message['content'].strip().split('\\n', 1) -%}"
@@ -269,7 +271,7 @@ def for_format(fmt, tokenizer) -> Exported:
         )
     if fmt.kind == "llamafactory":
         lf = fmt._lf_template(tokenizer)  # also sets the tokenizer's EOS the way LLaMA-Factory trained
-        jinja = lf._get_jinja_template(tokenizer) if fmt.template else tokenizer.chat_template
+        jinja = jinja_template(lf, tokenizer) if fmt.template else tokenizer.chat_template
         eos = tokenizer.eos_token
         stops = [tokenizer.convert_ids_to_tokens(i) for i in fmt.stop_ids(tokenizer)]
         how = f"LLaMA-Factory's template {fmt.template or 'null (the tokenizer chat template)'}, as trained"

@@ -4,14 +4,14 @@
     <venv-collie>/bin/python [-m torch.distributed.run ...] -m finetune.recipes.collie train --config ...
 
 Imports only what that environment has (torch, transformers 4.50, peft, deepspeed, megatron-core, collie,
-safetensors): no hydra, no omegaconf, nothing else from this repository but collie_cpu_patch. The resolved
+safetensors): no hydra, no omegaconf, nothing else from this repository but finetune/compat/collie.py. The resolved
 config is read with json.
 
 prepare  Collie's Llama loader reads only ``*.bin`` weights: when the model folder holds safetensors only (what
          transformers 5 writes), write a ``.bin`` copy to <run>/collie_base (config.json made readable by
          transformers 4.50, tokenizer files copied). Records the folder to load in <run>/collie_model.json.
 train    Collie's own model class, CollieDatasetForTraining, Trainer (DeepSpeed engine), dp/tp/pp from the config.
-         On a machine without a GPU, collie_cpu_patch is applied first (gloo, no .cuda()).
+         On a machine without a GPU, finetune/compat/collie.py patches are applied first (gloo, no .cuda()).
          Writes <run>/history.jsonl (rank 0: loss, learning_rate, grad_norm, tokens_per_s, eval_loss per epoch),
          the adapter in HF layout (target_path) or the full model (merge_path), <run>/collie_probe.json (Collie's
          own logits on fixed inputs, used to verify the exported weights) and <run>/collie_summary.json.
@@ -478,13 +478,13 @@ def write_summary(
 
 def train(cfg: dict, run_dir: Path) -> int:
     set_distributed_env()
-    from finetune.recipes import collie_cpu_patch
+    from finetune.compat import collie as collie_compat
 
-    patches = collie_cpu_patch.apply((cfg.get("hardware") or {}).get("device", "cpu"))  # before importing collie
+    patches = collie_compat.apply((cfg.get("hardware") or {}).get("device", "cpu"))  # before importing collie
     import torch.distributed as dist
     from collie import Trainer
 
-    speedup = collie_cpu_patch.speed_up_rotary()
+    speedup = collie_compat.speed_up_rotary()
 
     from finetune.recipes.collie_history import History
 

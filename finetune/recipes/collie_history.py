@@ -1,8 +1,9 @@
 """The collie worker's Collie Trainer callback: <run>/history.jsonl rows and the per-epoch held-out loss.
 
 Runs inside Collie's own environment (.venv-collie). A module of its own because it imports collie at the top:
-finetune.recipes.collie's train() imports it only after collie_cpu_patch is applied (the patches must come before
-``import collie``), and the main environment, which has no collie, still imports finetune.recipes.collie.
+finetune.recipes.collie's train() imports it only after finetune/compat/collie.py's patches are applied (the
+patches must come before ``import collie``), and the main environment, which has no collie, still imports
+finetune.recipes.collie.
 """
 
 from __future__ import annotations

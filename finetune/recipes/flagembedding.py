@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from finetune.compat.flagembedding import save_processing_class
+from finetune.compat.transformers import wrap_load_from_checkpoint, wrap_save
 from finetune.config.derived import CHECKPOINTS
 from finetune.recipes.common import (
     COMPLETE,
@@ -81,24 +83,27 @@ def _save_gathered_weights(trainer) -> None:
     ds = getattr(trainer.args, "hf_deepspeed_config", None)
     if ds is None or (ds.config.get("zero_optimization") or {}).get("stage") != 3:
         return
-    own_save = trainer._save
 
-    def _save(output_dir=None, state_dict=None):
-        if state_dict is None:
-            return own_save(output_dir, state_dict)
-        import torch
+    def make(own_save):
+        def save_gathered(output_dir=None, state_dict=None):
+            if state_dict is None:
+                return own_save(output_dir, state_dict)
+            import torch
 
-        output_dir = output_dir or trainer.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        encoder = trainer.model.model  # FlagEmbedding's wrapper holds the HF model as .model
-        encoder.save_pretrained(
-            output_dir, state_dict={k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
-        )
-        trainer._save_processing_class(output_dir)
-        torch.save(trainer.args, os.path.join(output_dir, "training_args.bin"))
-        log(f"ZeRO-3: saved the gathered weights ({len(state_dict)} tensors) to {output_dir}")
+            output_dir = output_dir or trainer.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            encoder = trainer.model.model  # FlagEmbedding's wrapper holds the HF model as .model
+            encoder.save_pretrained(
+                output_dir,
+                state_dict={k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")},
+            )
+            save_processing_class(trainer, output_dir)
+            torch.save(trainer.args, os.path.join(output_dir, "training_args.bin"))
+            log(f"ZeRO-3: saved the gathered weights ({len(state_dict)} tensors) to {output_dir}")
 
-    trainer._save = _save
+        return save_gathered
+
+    wrap_save(trainer, make)
 
 
 def _load_encoder_from_checkpoint(trainer) -> None:
@@ -106,18 +111,20 @@ def _load_encoder_from_checkpoint(trainer) -> None:
     wrapper's "model." prefix), but transformers 5.6 loads them into the wrapper (every key missing, then
     AttributeError '..._keys_to_ignore_on_save'): load them into the encoder itself, strictly. The optimizer,
     scheduler and RNG states are restored by the Trainer as usual (DeepSpeed checkpoints load their own way)."""
-    own_load = trainer._load_from_checkpoint
 
-    def _load(resume_from_checkpoint, model=None):
-        weights = Path(resume_from_checkpoint) / "model.safetensors"
-        if model is not None or getattr(trainer, "is_deepspeed_enabled", False) or not weights.is_file():
-            return own_load(resume_from_checkpoint, model)
-        from safetensors.torch import load_file
+    def make(own_load):
+        def load_into_encoder(resume_from_checkpoint, model=None):
+            weights = Path(resume_from_checkpoint) / "model.safetensors"
+            if model is not None or getattr(trainer, "is_deepspeed_enabled", False) or not weights.is_file():
+                return own_load(resume_from_checkpoint, model)
+            from safetensors.torch import load_file
 
-        trainer.model.model.load_state_dict(load_file(str(weights)), strict=True)
-        log(f"resume: loaded the encoder's weights from {weights}")
+            trainer.model.model.load_state_dict(load_file(str(weights)), strict=True)
+            log(f"resume: loaded the encoder's weights from {weights}")
 
-    trainer._load_from_checkpoint = _load
+        return load_into_encoder
+
+    wrap_load_from_checkpoint(trainer, make)
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,15 @@ from __future__ import annotations
 
 import functools
 
+# what these patches were written against (requirements-collie.lock; tests/test_compat.py checks the lock)
+DIST, PINNED = "collie-lm", "1.0.7"
+ALSO_PINNED = {"megatron-core": "0.2.0", "deepspeed": "0.19.8", "transformers": "4.50.3"}
+TOUCHES = (
+    "deepspeed.init_distributed",
+    "megatron.core.tensor_parallel.layers._initialize_affine_weight_cpu",
+    "collie.models.llama.model.RotaryPositionEmbedding.forward",
+    "torch.distributed.all_reduce",
+)
 APPLIED = []
 
 
