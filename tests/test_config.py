@@ -113,3 +113,71 @@ def test_schema_rejects_wrong_type_at_compose():
         _compose(["lora_r=abc"])
     with pytest.raises(ConfigCompositionException):
         _compose(["method.use_dora=maybe"])
+
+
+# ------------------------------------------------------------------------- each default once, every key explained
+
+
+def _schema_node(group: str, text: str):
+    import yaml
+
+    from finetune.config import schema
+
+    for entry in (yaml.safe_load(text) or {}).get("defaults") or []:
+        if isinstance(entry, str) and entry.startswith(f"/schema/{group}/"):
+            return schema.SCHEMAS[group][entry.split("/")[-1].split("@")[0]]
+    return None
+
+
+def test_no_group_file_restates_a_schema_default():
+    """A group option's YAML sets only what differs from its schema's defaults (finetune/config/schema.py): a
+    default is written once, where its help is."""
+    import dataclasses
+
+    import yaml
+    from omegaconf import MISSING
+
+    restated = []
+    for group in ("backend", "model", "method", "hardware", "data", "launcher"):
+        for path in sorted((REPO / "conf" / group).glob("*.yaml")):
+            text = path.read_text(encoding="utf-8")
+            node = _schema_node(group, text)
+            if node is None:
+                continue
+            body = yaml.safe_load(text) or {}
+            body = body.get(group) or {} if "@package _global_" in text else body
+            for f in dataclasses.fields(node):
+                if f.name not in body or f.name == "defaults":
+                    continue
+                default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                if default is MISSING or default is dataclasses.MISSING:
+                    continue
+                value = body[f.name]
+                if value == default and type(value) is type(default) or value is None is default:
+                    restated.append(f"{path.relative_to(REPO)}: {f.name}: {value!r}")
+    assert not restated, "restates the schema's default:\n" + "\n".join(restated)
+
+
+def test_every_key_has_help_and_finetune_keys_prints_it(capsys):
+    """`finetune keys [GROUP]` lists every key with its type, default, allowed values and help; every key has
+    help; an unknown group is refused in one line with exit code 2."""
+    from finetune import cli
+    from finetune.config.keys import GROUPS, keys
+
+    missing = [k.key for g in GROUPS for k in keys(g) if not k.help.strip()]
+    assert not missing, f"keys without help: {missing}"
+    assert cli.main(["keys", "method"]) == 0
+    out = capsys.readouterr().out
+    assert "method.quantization_type: str = 'nf4'  [nf4 | fp4]  (lora only)" in out, out
+    assert cli.main(["keys"]) == 0
+    out = capsys.readouterr().out
+    assert "top-level keys: python train.py KEY=VALUE" in out and "launcher.*  (options:" in out
+    assert "  lora_r: int = 8" in out and "  tracking.flush_s:" in out
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["keys", "methods"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: group='methods': one of backend, data, hardware, launcher, method, model, root, tracking "
+        "(did you mean method?)"
+    ] or (len(err) == 1 and "group='methods'" in err[0]), err
