@@ -77,9 +77,9 @@ def check_venv(key: str, value) -> None:
     """A missing environment is built by the setup_llamacpp step; refused only when it cannot be built here."""
     if venv_ready():
         return
-    from finetune.backends.collie import _cannot_build_venv
+    from finetune.tool_envs import cannot_build_env
 
-    why = _cannot_build_venv()
+    why = cannot_build_env()
     if why:
         raise ConfigError(
             key,

@@ -17,9 +17,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune import secrets
 from finetune.backends import get_backend
+from finetune.checks import validate
 from finetune.config.derived import CHECKPOINTS, world_size
 from finetune.config.overrides import split_override
-from finetune.config.validate import check_held_out, validate
+from finetune.config.validate import check_held_out
 from finetune.errors import ConfigError, RunError
 from finetune.interfaces import PlanContext
 from finetune.launchers import get_launcher

@@ -51,6 +51,7 @@ SOURCES = {
 DRIVER = [
     "finetune/run.py",
     "finetune/config/validate.py",
+    "finetune/checks.py",
     "finetune/config/resume.py",
     "finetune/callbacks.py",
     "finetune/report/metrics.py",

@@ -216,6 +216,7 @@ def apply(cfg: DictConfig, choice, typed: List[str]) -> None:
 
 def check(cfg) -> None:
     from finetune.backends import BACKENDS, get_backend
+    from finetune.checks import check_data
     from finetune.config import validate as v
     from finetune.errors import one_of
 
@@ -252,7 +253,7 @@ def check(cfg) -> None:
     v.check_kind(cfg)
     v.check_method(cfg, typed)
     v.check_optimizer_rules(cfg)
-    v.check_data(cfg)
+    check_data(cfg)
     get_backend(cfg.backend.name).check(cfg)
 
 

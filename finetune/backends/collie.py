@@ -20,15 +20,15 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 from finetune.backends import gen_eval
 from finetune.config.derived import adapter_dir, grad_accum, merged_dir, world_size
 from finetune.config.resolvers import REPO_ROOT
 from finetune.errors import ConfigError, one_of
+from finetune.history import read_history
 from finetune.plan import Plan, Step
-from finetune.report.history import read_history
 from finetune.run_files import HISTORY, RESOLVED_CONFIG
+from finetune.tool_envs import cannot_build_env
 
 SETUP_CMD = "bash scripts/setup_collie_env.sh (or: finetune setup-collie)"
 LOCK = REPO_ROOT / "requirements-collie.lock"  # CPU runs
@@ -82,68 +82,12 @@ def venv_ready(cfg) -> bool:
     )
 
 
-def _cannot_build_venv() -> Optional[str]:
-    """Why Collie's environment cannot be built here, or None: it needs Python 3.11 and the package index."""
-    import os
-    import shutil
-    import socket
-    import subprocess
-    from urllib.parse import urlparse
-
-    py = os.environ.get("PYTHON") or shutil.which("python3") or ""
-    try:
-        version = (
-            subprocess.run(
-                [py, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            ).stdout.strip()
-            if py
-            else ""
-        )
-    except OSError:
-        version = ""
-    if version != "3.11":
-        return f"it needs Python 3.11 (set PYTHON=python3.11); {py or 'python3'} is {version or 'missing'}"
-    index = os.environ.get("PIP_INDEX_URL") or _pip_config("index-url") or "https://pypi.org/simple"
-    host = urlparse(index)
-    if host.scheme in ("http", "https") and host.hostname:
-        try:
-            socket.create_connection((host.hostname, host.port or (443 if host.scheme == "https" else 80)), 5).close()
-        except OSError as e:
-            return f"the package index {host.hostname} is unreachable ({e.strerror or e})"
-    return None
-
-
-def _pip_config(key: str) -> Optional[str]:
-    import configparser
-    import os
-
-    for path in (
-        "/etc/pip.conf",
-        "/etc/xdg/pip/pip.conf",
-        os.path.expanduser("~/.config/pip/pip.conf"),
-        os.path.expanduser("~/.pip/pip.conf"),
-        os.environ.get("PIP_CONFIG_FILE") or "",
-    ):
-        parser = configparser.ConfigParser()
-        try:
-            parser.read(path)
-        except configparser.Error:
-            continue
-        for section in ("install", "global"):
-            if parser.has_option(section, key):
-                return parser.get(section, key).split()[0]
-    return None
-
-
 def check_venv(cfg) -> None:
     """A missing or outdated environment is built by the run's first step (setup_collie); refused only when it
     cannot be built here."""
     if venv_ready(cfg):
         return
-    why = _cannot_build_venv()
+    why = cannot_build_env()
     if why:
         raise ConfigError(
             "backend.venv",

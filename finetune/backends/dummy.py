@@ -7,8 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from finetune.history import read_history
 from finetune.plan import Plan, Step
-from finetune.report.history import read_history
 from finetune.run_files import RESOLVED_CONFIG
 
 NOT_USED: dict = {}  # every root key means something here (the chosen backend's rules apply: finetune/run.py)

@@ -394,7 +394,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
 
 
 def collect(cfg, run_dir, ctx) -> dict:
-    from finetune.report.history import read_history
+    from finetune.history import read_history
 
     run_dir = Path(run_dir)
     out: dict = {"task": str(cfg.backend.task)}

@@ -838,7 +838,7 @@ def collect(cfg, run_dir, ctx) -> dict:
     run_dir = Path(run_dir)
     out = adapter_dir(cfg, run_dir)
     metrics: Dict[str, Any] = {}
-    from finetune.report.history import read_history
+    from finetune.history import read_history
 
     rows = read_history(run_dir)
     losses = [r["loss"] for r in rows if r.get("loss") is not None]

@@ -91,3 +91,16 @@ def hf_deepspeed_config(zero: dict) -> dict:
         "fp16": {"enabled": "auto"},
         "zero_optimization": zero,
     }
+
+
+def node_argv(step, w: Dict[str, int], node: int, master_addr: str, master_port: int) -> List[str]:
+    """The command node ``node`` of a Slurm job runs for a step (a dict: argv, distributed), torchrun arguments
+    filled in for distributed steps (finetune/launchers/slurm_job.py runs it; the dry run shows node 0's)."""
+    if step["distributed"] != "torchrun" or ranks(w) == 1:
+        return list(step["argv"])  # one rank: no torchrun needed
+    args = torchrun_head(w)
+    if w["nnodes"] == 1:
+        args.append("--standalone")
+    else:
+        args += [f"--node_rank={node}", f"--master_addr={master_addr}", f"--master_port={master_port}"]
+    return [step["argv"][0], *args, *step["argv"][1:]]

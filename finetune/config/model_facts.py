@@ -43,13 +43,13 @@ def _builder_facts(model, part: str) -> dict:
         return {}
     if part == "config":
         if builder == "gguf":
-            from finetune.tools.gguf_model import gguf_config
+            from finetune.config.model_builds import gguf_config
 
             return gguf_config(model.get("gguf_file"))
-        from finetune.tools.tiny_models import planned_config
+        from finetune.config.model_builds import planned_config
 
         return dict(planned_config(str(builder)) or {})
-    from finetune.tools.gguf_model import BUILDERS
+    from finetune.config.model_builds import BUILDERS
 
     return dict((BUILDERS.get(str(builder)) or {}).get(part) or {})
 

@@ -12,12 +12,13 @@ workers, a Slurm job, a reproduction) sees the same absolute paths:
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import List
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from finetune.config.resolvers import REPO_ROOT
+from finetune.config.root import REPO_ROOT
 
 OUTPUTS_ROOT = REPO_ROOT / "outputs"
 MODELS_DIR = REPO_ROOT / "models"
@@ -73,7 +74,19 @@ def resolve_user_paths(cfg: DictConfig, base: Path = None) -> None:
 def model_cache_dir(builder: str, gguf_file: str = None) -> Path:
     """The folder a model the project builds itself (``model.builder``) is built into, on first use."""
     if builder == "gguf" and gguf_file:
-        from finetune.tools.gguf_model import gguf_model_dir
-
         return Path(gguf_model_dir(gguf_file))
     return MODELS_DIR / builder.replace("_", "-")
+
+
+def gguf_model_dir(gguf_file: str) -> str:
+    """Where ``model=gguf model.gguf_file=F`` is converted to: models/gguf/<stem>-<key>, the key made of the file's
+    absolute path, size and modification time (hashing gigabytes at every compose would be slow; the conversion
+    records the real sha256)."""
+    path = absolute(gguf_file)
+    try:
+        st = path.stat()
+        stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    except OSError:
+        stamp = f"{path}|missing"
+    stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
+    return str(MODELS_DIR / "gguf" / f"{stem}-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}")

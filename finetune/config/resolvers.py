@@ -29,7 +29,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from finetune.config.root import REPO_ROOT  # noqa: E402 - imported from here by many modules
 
 _OPS = {
     ast.Add: operator.add,
@@ -100,7 +100,7 @@ def metric_direction(name) -> str:
 
 
 def _gguf_model_dir(path) -> str:
-    from finetune.tools.gguf_model import gguf_model_dir
+    from finetune.config.paths import gguf_model_dir
 
     return gguf_model_dir(str(path)) if path not in (None, "") else "<model.gguf_file is not set>"
 

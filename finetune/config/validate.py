@@ -9,14 +9,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.compat.omegaconf import child
 from finetune.config.derived import grad_accum, world_size
 from finetune.config.overrides import override_key, typed_keys
-from finetune.config.paths import OUTPUTS_ROOT, resolve_user_paths
+from finetune.config.paths import OUTPUTS_ROOT
 from finetune.config.schema import (
     BadamMethod,
     DataConfig,
@@ -139,8 +139,8 @@ def check_model(cfg: DictConfig) -> None:
         check_gguf_file(m.get("gguf_file"))
     path = Path(str(m.path))
     if m.builder and not path.exists():
+        from finetune.config.model_builds import BUILDERS, INSTALL, package_file
         from finetune.config.paths import model_cache_dir
-        from finetune.tools.gguf_model import BUILDERS, INSTALL, package_file
 
         if m.builder in BUILDERS and package_file(str(m.builder)) is None:
             spec = BUILDERS[str(m.builder)]
@@ -509,7 +509,7 @@ def check_layout(cfg: DictConfig) -> None:
                 f"{int(lc.gpus_per_node)} GPU(s) per node for {nproc} GPU process(es) (hardware={hw.name})",
             )
     elif hw.device == "cuda" and not cfg.dry_run:
-        from finetune.auto.hardware import gpus as local_gpus
+        from finetune.machine import gpus as local_gpus
 
         here = len(local_gpus())
         if here < nproc:
@@ -626,42 +626,6 @@ def _made_by_run(path: Path, run_dir) -> bool:
     return str(path) in {str(v) for v in outputs.values()}
 
 
-def check_data(cfg: DictConfig) -> dict:
-    """The data files, row by row, in a format the backend takes (backend.data_formats); data.format=auto becomes
-    the detected format, so the backends' own checks (LLaMA-Factory's per stage) read it without reading the
-    files again."""
-    from finetune import data_check, sources
-
-    fmt = cfg.data.format
-    _choice("data.format", fmt, choices(DataConfig, "format"))
-    check_mixing(cfg)
-    if sources.registry(cfg.data):  # data=llamafactory: datasets of a dataset_info.json
-        plain = OmegaConf.to_container(cfg, resolve=True)
-        info = sources.check(plain, list(cfg.backend.data_formats))
-        with open_dict(cfg):
-            cfg.data.format = info["format"]
-        return info
-    if not cfg.data.path and cfg.data.get("dataset_dir"):
-        raise ConfigError(
-            "data.dataset",
-            text=f"data.dataset: required value is missing (datasets of {cfg.data.dataset_dir}/dataset_info.json: "
-            "data.dataset=a, or 'data.dataset=[a,b]')",
-        )
-    if not cfg.data.path:
-        raise ConfigError(
-            "data.path",
-            cfg.data.path,
-            "name the training data: a file or folder (data.path=...), or datasets of a dataset_info.json "
-            "(data=llamafactory data.dataset=...)",
-        )
-    info = data_check.check_data(str(cfg.data.path), fmt, list(cfg.backend.data_formats))
-    if cfg.data.eval_path:
-        data_check.check_data(str(cfg.data.eval_path), info["format"], [], key="data.eval_path")
-    with open_dict(cfg):
-        cfg.data.format = info["format"]
-    return info
-
-
 def check_mixing(cfg: DictConfig) -> None:
     """The mixing keys: data.mix / data.mix_rows / data.eval_dataset need datasets (data=llamafactory); LLaMA-Factory's
     own interleaving (data.mix_strategy, data.interleave_probs) runs on backend=llamafactory only, not with
@@ -766,40 +730,3 @@ def check_kind(cfg: DictConfig) -> None:
             f"is a {cfg.model.kind} model; backend {cfg.backend.name} trains "
             f"{' or '.join(cfg.backend.model_kinds)} models",
         )
-
-
-def validate(cfg: DictConfig, overrides: Optional[List[str]] = None) -> dict:
-    """The config's own rules, before anything is written. Returns facts learned on the way (data format, row count,
-    data hashes). Nothing of a backend or launcher is imported here: the driver runs their own checks next
-    (finetune/run.py prepare)."""
-    from finetune.auto.hardware import resolve_hardware
-
-    overrides = list(overrides or [])
-    typed = _typed_keys(overrides)
-    check_added_keys(cfg, overrides)
-    resolve_user_paths(cfg)  # every path absolute, against the folder the user ran from
-    resolve_hardware(cfg)  # hardware=auto, cpus/memory_gb 0: detect this machine (no torch)
-    check_sizes(cfg)
-    from finetune.tracking import check as check_tracking
-
-    check_tracking(cfg)  # report_to, tracking.* (defaults filled in and recorded)
-    check_hardware(cfg)
-    check_layout(cfg)
-    check_kind(cfg)
-    check_method(cfg, typed)
-    check_optimizer_rules(cfg)
-    check_paths(cfg)
-    check_model(cfg)
-    check_export(cfg, typed)
-    check_adapter(cfg, typed)
-    return {"data": check_data(cfg)}
-
-
-def check_export(cfg: DictConfig, typed) -> None:
-    """export= / export_type= (finetune/export.py): allowed values together, what llama.cpp can take; an
-    export_type typed without an export would be ignored: refused."""
-    from finetune.export import check_config
-
-    if cfg.export is None and "export_type" in typed:
-        raise ConfigError("export_type", cfg.export_type, "has no effect without export=gguf or export=gguf-lora")
-    check_config(cfg)

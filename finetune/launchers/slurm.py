@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from finetune.compat.submitit import submission_text
-from finetune.config.derived import process_layout, ranks, torchrun_head
+from finetune.config.derived import node_argv, process_layout
 from finetune.config.resolvers import REPO_ROOT
 from finetune.errors import ConfigError
 from finetune.launchers.process import STEP_ENV, StepResult, tail_of, thread_count
@@ -122,18 +122,6 @@ def env(step, cfg) -> Dict[str, str]:
         p for p in (str(REPO_ROOT), e.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))) if p
     )
     return e
-
-
-def node_argv(step, w: Dict[str, int], node: int, master_addr: str, master_port: int) -> List[str]:
-    """The command node ``node`` runs for the step (torchrun arguments filled in for distributed steps)."""
-    if step["distributed"] != "torchrun" or ranks(w) == 1:
-        return list(step["argv"])  # one rank: no torchrun needed
-    args = torchrun_head(w)
-    if w["nnodes"] == 1:
-        args.append("--standalone")
-    else:
-        args += [f"--node_rank={node}", f"--master_addr={master_addr}", f"--master_port={master_port}"]
-    return [step["argv"][0], *args, *step["argv"][1:]]
 
 
 def argv(step, cfg) -> List[str]:

@@ -24,7 +24,7 @@ from typing import Optional
 
 import submitit
 
-from finetune.config.derived import ranks
+from finetune.config.derived import node_argv, ranks
 from finetune.launchers.process import kill_group, run_process
 
 
@@ -59,8 +59,6 @@ class StepJob(submitit.helpers.Checkpointable):
         self.spec, self._child = state["spec"], None
 
     def __call__(self) -> dict:
-        from finetune.launchers.slurm import node_argv
-
         spec = self.spec
         jenv = submitit.JobEnvironment()
         node, hosts = jenv.node, list(jenv.hostnames) or [jenv.hostname]

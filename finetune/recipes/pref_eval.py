@@ -118,7 +118,7 @@ def write_samples(run_dir: Path, before: dict, after: dict) -> None:
 
 def add_history(run_dir: Path, before: dict, after: dict) -> None:
     """Two rows of history.jsonl: the scores before training at step 0, after it at the last logged step."""
-    from finetune.report.history import read_history, write_history
+    from finetune.history import read_history, write_history
 
     rows = read_history(run_dir)
     last = max((int(r["step"]) for r in rows if isinstance(r.get("step"), (int, float))), default=0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict
 
-from finetune.report.history import loss_series, read_history
+from finetune.history import loss_series, read_history
 from finetune.run_dir import atomic_write_json
 from finetune.run_files import METRICS
 

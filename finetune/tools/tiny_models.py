@@ -19,20 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-_LLAMA = "hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads vocab".split()
-
-
-def _llama(*values: int) -> dict:
-    return dict(zip(_LLAMA, values))
-
-
-SPECS = {
-    #                         hidden, intermediate, layers, heads, kv heads, vocab
-    "tiny_llama": _llama(64, 176, 2, 4, 2, 512),
-    "tiny_llama_30m": _llama(512, 1376, 8, 8, 4, 4096),
-    "small_llama_120m": _llama(1024, 2752, 10, 16, 8, 4096),  # bench/throughput.py --memory only
-    "tiny_bert": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab=1024),
-}
+from finetune.config.model_builds import SPECS, planned_config  # noqa: F401 - shapes known before a build
 
 
 def _corpus():
@@ -57,34 +44,6 @@ def _corpus():
     ]
     lines += ["0 1 2 3 4 5 6 7 8 9 10 11 12 20 30 40 50 60 70 80 90 98 99"] * 50
     return lines
-
-
-def planned_config(name: str):
-    """The config.json a builder will write (its shape, for planning before the model is built), or None."""
-    from finetune.tools.gguf_model import BUILDERS
-
-    if name in BUILDERS:
-        return dict(BUILDERS[name]["config"])
-    spec = SPECS.get(name)
-    if spec is None:
-        return None
-    common = dict(
-        hidden_size=spec["hidden_size"],
-        intermediate_size=spec["intermediate_size"],
-        num_hidden_layers=spec["num_hidden_layers"],
-        num_attention_heads=spec["num_attention_heads"],
-        vocab_size=spec["vocab"],
-    )
-    if "bert" in name:
-        return {"model_type": "bert", "architectures": ["BertModel"], "max_position_embeddings": 512, **common}
-    return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "tie_word_embeddings": False,
-        "num_key_value_heads": spec["num_key_value_heads"],
-        "max_position_embeddings": 2048,
-        **common,
-    }
 
 
 def build_llama(name: str, out: Path) -> None:

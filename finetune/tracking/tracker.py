@@ -436,7 +436,7 @@ class RunTracker:
     def _new_points(self) -> List[tuple]:
         """(key, value, step) of history rows not logged yet: one point per metric and logged step. A rewritten
         file (LLaMA-Factory writes it at the end, a resume truncates it) is read again; what was logged is skipped."""
-        from finetune.report.history import read_history
+        from finetune.history import read_history
 
         points = []
         for row in read_history(self.run_dir):

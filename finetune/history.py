@@ -29,7 +29,7 @@ def read_history(run_dir) -> List[Dict]:
 
 
 def write_history(run_dir, rows: List[Dict]) -> None:
-    from finetune.run_dir import atomic_write
+    from finetune.osutil import atomic_write
 
     atomic_write(Path(run_dir) / HISTORY, "".join(json.dumps(r) + "\n" for r in rows))
 
