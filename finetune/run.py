@@ -265,7 +265,10 @@ def write_run_folder(
         )
         atomic_write(run_dir / CONFIG_YAML, OmegaConf.to_yaml(OmegaConf.create(redact(resolved))))
         atomic_write(run_dir / OVERRIDES, OmegaConf.to_yaml(OmegaConf.create(redact(list(overrides)))))
-    atomic_write_json(run_dir / RESOLVED_CONFIG, redact({**resolved, RUN_DIR_KEY: str(run_dir), "_ctx": ctx.as_json()}))
+    from finetune.config.keys import schema_keys
+
+    worker_cfg = {**resolved, RUN_DIR_KEY: str(run_dir), "_ctx": ctx.as_json(), "_keys": schema_keys()}
+    atomic_write_json(run_dir / RESOLVED_CONFIG, redact(worker_cfg))
     for rel, text in plan.files.items():
         atomic_write(run_dir / rel, redact(text))
     manifest.update(

@@ -181,3 +181,29 @@ def test_every_key_has_help_and_finetune_keys_prints_it(capsys):
         "error: group='methods': one of backend, data, hardware, launcher, method, model, root, tracking "
         "(did you mean method?)"
     ] or (len(err) == 1 and "group='methods'" in err[0]), err
+
+
+def test_a_worker_reading_a_misspelt_key_fails_loudly(tmp_path):
+    """The workers read resolved_config.json through a ConfigView: a key that is neither in the file nor the schema
+    fails with the close matches, through [] and .get alike; a schema key the file lacks is the default; free-form
+    mappings (backend.extra, data.mix) and older run folders without the schema's keys read as plain dicts."""
+    import json
+
+    from finetune.config.keys import schema_keys
+    from finetune.recipes.common import ConfigView, read_config
+
+    data = {"lora_r": 8, "backend": {"name": "alpacalora", "extra": {"anything": 1}}, "data": {"mix": {"a": 1}}}
+    path = tmp_path / "resolved_config.json"
+    path.write_text(json.dumps({**data, "_keys": schema_keys()}))
+    cfg = read_config(str(path))
+    assert isinstance(cfg, ConfigView) and isinstance(cfg["backend"], ConfigView)
+    assert cfg.get("lora_r") == 8 and cfg.get("lora_alpha", 32) == 32  # in the schema, not in this file
+    with pytest.raises(KeyError, match=r"lora_rank: not a key of the run's config \(did you mean lora_r"):
+        cfg.get("lora_rank")
+    with pytest.raises(KeyError, match=r"backend.torch_thread: not a key .*did you mean torch_threads"):
+        cfg["backend"].get("torch_thread")
+    assert cfg["backend"]["extra"].get("whatever") is None and cfg["data"]["mix"].get("b") is None
+    cfg["backend"]["name"] = "x"  # the workers still set paths they are given on their command line
+    assert cfg["backend"]["name"] == "x" and json.loads(json.dumps(cfg))["backend"]["name"] == "x"
+    path.write_text(json.dumps(data))  # a run folder from before the keys were recorded
+    assert type(read_config(str(path))) is dict

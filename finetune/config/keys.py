@@ -91,3 +91,17 @@ def render(group: Optional[str] = None, width: int = 100) -> str:
             if k.help:
                 lines += textwrap.wrap(k.help, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines).lstrip("\n")
+
+
+def schema_keys() -> Dict[str, List[str]]:
+    """{path: the schema's keys there} for the root ("") and each group (union over its options) and tracking:
+    what a worker's ConfigView (finetune/recipes/common.py) accepts through .get besides the file's own keys."""
+    known: Dict[str, List[str]] = {
+        "": sorted({f.name for f in dataclasses.fields(schema.RootConfig)} | {"_run_dir", "_ctx", "_keys"}),
+        "tracking": [f.name for f in dataclasses.fields(schema.TrackingConfig)],
+        "tracking.mlflow": [f.name for f in dataclasses.fields(schema.MlflowTracking)],
+        "tracking.wandb": [f.name for f in dataclasses.fields(schema.WandbTracking)],
+    }
+    for group, options in schema.SCHEMAS.items():
+        known[group] = sorted({f.name for node in options.values() for f in dataclasses.fields(node)})
+    return known

@@ -33,12 +33,50 @@ def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+class ConfigView(dict):
+    """A worker's config: the resolved config as nested dicts, where a key that is neither in the file nor a key of
+    the schema fails loudly, with the close matches, also through ``.get`` (``cfg.get("lora_rank")`` would be None
+    in silence with a plain dict). The schema's keys come with the file (``_keys``, written by the driver:
+    finetune/config/keys.py schema_keys), so no schema is imported here (Collie's environment has no omegaconf).
+    Free-form mappings below the schema's groups (backend.extra, data.mix, ...) are plain."""
+
+    def __init__(self, data: dict, known: Dict[str, list], path: str = ""):
+        super().__init__(data)
+        self._path, self._known = path, known
+        for k, v in self.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if isinstance(v, dict) and not isinstance(v, ConfigView) and sub in known:
+                dict.__setitem__(self, k, ConfigView(v, known, sub))
+
+    def _unknown(self, key) -> KeyError:
+        import difflib
+
+        where = f"{self._path}.{key}" if self._path else str(key)
+        close = difflib.get_close_matches(str(key), [*self.keys(), *self._known[self._path]], n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        return KeyError(f"{where}: not a key of the run's config{hint}")
+
+    def __getitem__(self, key):
+        try:
+            return dict.__getitem__(self, key)
+        except KeyError:
+            raise self._unknown(key) from None
+
+    def get(self, key, default=None):
+        if key not in self and self._path in self._known and key not in self._known[self._path]:
+            raise self._unknown(key)
+        return dict.get(self, key, default)
+
+
 def read_config(path: str) -> dict:
     """The run's resolved_config.json (written by the driver, secrets redacted), with the secrets put back from
-    this process's environment (finetune/secrets.py)."""
+    this process's environment (finetune/secrets.py), as a ConfigView when the file names the schema's keys (a run
+    folder written before they were recorded reads as plain dicts)."""
     from finetune.secrets import merge_secrets
 
-    return merge_secrets(json.loads(Path(path).read_text(encoding="utf-8")))
+    data = merge_secrets(json.loads(Path(path).read_text(encoding="utf-8")))
+    known = data.get("_keys")
+    return ConfigView(data, known) if isinstance(known, dict) and "" in known else data
 
 
 def deepspeed_env() -> None:
