@@ -14,14 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from finetune.backends import gen_eval
-from finetune.config.derived import (
-    adapter_dir,
-    deepspeed_offload,
-    grad_accum,
-    hf_deepspeed_config,
-    merged_dir,
-    world_size,
-)
+from finetune.config import derived
 from finetune.config.schema import AlpacaloraBackend, choices
 from finetune.errors import ConfigError, one_of
 from finetune.plan import Plan, Step
@@ -94,9 +87,9 @@ def deepspeed_config(cfg) -> dict:
             stage3_param_persistence_threshold="auto",
             stage3_gather_16bit_weights_on_model_save=True,
         )
-    zero.update(deepspeed_offload(hw, pin_memory=hw.device != "cpu"))
+    zero.update(derived.deepspeed_offload(hw, pin_memory=hw.device != "cpu"))
     zero = {k: v for k, v in zero.items() if v is not None}
-    return hf_deepspeed_config(zero)
+    return derived.hf_deepspeed_config(zero)
 
 
 def plan(cfg, run_dir, ctx) -> Plan:
@@ -112,7 +105,7 @@ def plan(cfg, run_dir, ctx) -> Plan:
         files[DS_FILE] = json.dumps(deepspeed_config(cfg), indent=1) + "\n"
         env["FINETUNE_DEEPSPEED"] = DS_FILE
         notes.append(f"DeepSpeed ZeRO-{cfg.hardware.deepspeed_stage} config generated into {DS_FILE}")
-    ws, accum = world_size(cfg), grad_accum(cfg)
+    ws, accum = derived.world_size(cfg), derived.grad_accum(cfg)
     notes.append(
         f"method {cfg.method.name}; global batch {cfg.batch_size} = micro {cfg.micro_batch_size} x "
         f"accumulation {accum} x {ws} process(es)"
@@ -128,8 +121,8 @@ def plan(cfg, run_dir, ctx) -> Plan:
             preload=LORA_PRELOAD if _lora(cfg) else [],
         )
     ]
-    target = str(adapter_dir(cfg, run_dir))
-    merged = str(merged_dir(cfg, run_dir))
+    target = str(derived.adapter_dir(cfg, run_dir))
+    merged = str(derived.merged_dir(cfg, run_dir))
     outputs = {"history": str(run_dir / HISTORY), "tensorboard": str(run_dir / "tensorboard")}
     if _lora(cfg):
         outputs["adapter"] = target

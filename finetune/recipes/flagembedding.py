@@ -27,18 +27,14 @@ from pathlib import Path
 from finetune.compat.flagembedding import save_processing_class
 from finetune.compat.transformers import wrap_load_from_checkpoint, wrap_save
 from finetune.config.derived import CHECKPOINTS
+from finetune.recipes import common
 from finetune.recipes.common import (
     COMPLETE,
     PAUSED_EXIT,
     TokenMeter,
     atomic_write_text,
     checkpoint_marker,
-    deepspeed_env,
-    history_callback,
-    last_complete_checkpoint,
     log,
-    pause_callback,
-    peak_rss_mb,
     require_device,
     truncate_history,
 )
@@ -140,7 +136,7 @@ def main(argv=None) -> int:
 
     require_device({"device": args.device})  # GPU hardware: the job must see a GPU (not train on CPU)
     if "--deepspeed" in flags:
-        deepspeed_env()  # one process under DeepSpeed: no MPI discovery
+        common.deepspeed_env()  # one process under DeepSpeed: no MPI discovery
     runner_cls, model_args, data_args, training_args = _runner(args.task, flags)
     out = Path(training_args.output_dir)  # the trained model; checkpoints go where every backend's go
     ckpts = run_dir / CHECKPOINTS
@@ -148,7 +144,7 @@ def main(argv=None) -> int:
     resume_from = None
     # --resume (resume=true), or FINETUNE_RESUME=1: a Slurm job rerun after preemption (finetune/launchers/slurm_job.py)
     if (args.resume or os.environ.get("FINETUNE_RESUME") == "1") and ckpts.is_dir():
-        resume_from = last_complete_checkpoint(ckpts)
+        resume_from = common.last_complete_checkpoint(ckpts)
         for ckpt in ckpts.glob("checkpoint-*"):  # cut by a kill: never resumed from, this run's own
             if ckpt.is_dir() and ckpt != resume_from and not (ckpt / COMPLETE).exists():
                 shutil.rmtree(ckpt)
@@ -170,15 +166,15 @@ def main(argv=None) -> int:
     def log_with_throughput(logs, *a, **kw):
         if "loss" in logs:
             logs.update(meter.rates())
-            logs["peak_rss_mb"] = round(peak_rss_mb(), 1)
+            logs["peak_rss_mb"] = round(common.peak_rss_mb(), 1)
         return log_event(logs, *a, **kw)
 
     trainer.training_step, trainer.log = training_step, log_with_throughput
     _save_gathered_weights(trainer)
     _load_encoder_from_checkpoint(trainer)
-    trainer.add_callback(history_callback(run_dir))
+    trainer.add_callback(common.history_callback(run_dir))
     trainer.add_callback(checkpoint_marker())
-    pause = pause_callback()
+    pause = common.pause_callback()
     trainer.add_callback(pause)
     from transformers.trainer_callback import PrinterCallback
 
@@ -202,7 +198,7 @@ def main(argv=None) -> int:
             "train_loss_avg": final.get("train_loss"),
             "global_step": trainer.state.global_step,
             "resumed_from": str(resume_from) if resume_from else None,
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": common.peak_rss_mb(),
         }
         atomic_write_text(run_dir / "flagembedding_train.json", json.dumps(summary, indent=1))
         log(f"saved {out}; {summary['global_step']} steps, tokens/s={summary['tokens_per_s'] or 0:.1f}")
