@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 from omegaconf import MISSING
 
 from finetune.config import schema
+from finetune.run_files import RUN_DIR_KEY
 
 GROUPS = ("root", "tracking", "backend", "model", "method", "hardware", "data", "launcher")
 
@@ -97,7 +98,7 @@ def schema_keys() -> Dict[str, List[str]]:
     """{path: the schema's keys there} for the root ("") and each group (union over its options) and tracking:
     what a worker's ConfigView (finetune/recipes/common.py) accepts through .get besides the file's own keys."""
     known: Dict[str, List[str]] = {
-        "": sorted({f.name for f in dataclasses.fields(schema.RootConfig)} | {"_run_dir", "_ctx", "_keys"}),
+        "": sorted({f.name for f in dataclasses.fields(schema.RootConfig)} | {RUN_DIR_KEY, "_ctx", "_keys"}),
         "tracking": [f.name for f in dataclasses.fields(schema.TrackingConfig)],
         "tracking.mlflow": [f.name for f in dataclasses.fields(schema.MlflowTracking)],
         "tracking.wandb": [f.name for f in dataclasses.fields(schema.WandbTracking)],
