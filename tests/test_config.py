@@ -184,9 +184,10 @@ def test_every_key_has_help_and_finetune_keys_prints_it(capsys):
 
 
 def test_a_worker_reading_a_misspelt_key_fails_loudly(tmp_path):
-    """The workers read resolved_config.json through a ConfigView: a key that is neither in the file nor the schema
-    fails with the close matches, through [] and .get alike; a schema key the file lacks is the default; free-form
-    mappings (backend.extra, data.mix) and older run folders without the schema's keys read as plain dicts."""
+    """The workers read resolved_config.json through a read-only ConfigView: a key that is neither in the file nor
+    the schema fails with the close matches, through [] and .get alike; a schema key the file lacks is the default;
+    free-form mappings (backend.extra, data.mix) are plain; older run folders without the schema's keys read
+    unchecked; a worker given other paths takes a new view (with_values)."""
     import json
 
     from finetune.config.keys import schema_keys
@@ -203,7 +204,13 @@ def test_a_worker_reading_a_misspelt_key_fails_loudly(tmp_path):
     with pytest.raises(KeyError, match=r"backend.torch_thread: not a key .*did you mean torch_threads"):
         cfg["backend"].get("torch_thread")
     assert cfg["backend"]["extra"].get("whatever") is None and cfg["data"]["mix"].get("b") is None
-    cfg["backend"]["name"] = "x"  # the workers still set paths they are given on their command line
-    assert cfg["backend"]["name"] == "x" and json.loads(json.dumps(cfg))["backend"]["name"] == "x"
-    path.write_text(json.dumps(data))  # a run folder from before the keys were recorded
-    assert type(read_config(str(path))) is dict
+    with pytest.raises(TypeError, match="read-only"):
+        cfg["backend"]["name"] = "x"
+    other = cfg.with_values({"backend.name": "x", "lora_r": 4})  # paths a worker is given on its command line
+    assert other["backend"]["name"] == "x" and other["lora_r"] == 4 and cfg["backend"]["name"] == "alpacalora"
+    assert json.loads(json.dumps(other))["backend"]["name"] == "x"
+    with pytest.raises(KeyError, match="lora_rank"):
+        other.get("lora_rank")
+    path.write_text(json.dumps(data))  # a run folder from before the keys were recorded: read, unchecked
+    old = read_config(str(path))
+    assert old.get("anything") is None and old["backend"]["extra"]["anything"] == 1

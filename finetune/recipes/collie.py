@@ -586,8 +586,9 @@ def main() -> int:
     ap.add_argument("--merge", required=True, help="merged / full model folder (absolute)")
     args = ap.parse_args()
     cfg = read_config(args.config)
-    cfg["model"]["path"], cfg["data"]["path"] = args.model, args.data or None
-    cfg["target_path"], cfg["merge_path"] = args.target, args.merge
+    cfg = cfg.with_values(
+        {"model.path": args.model, "data.path": args.data or None, "target_path": args.target, "merge_path": args.merge}
+    )
     run_dir = Path(cfg[RUN_DIR_KEY])
     return prepare(cfg, run_dir) if args.action == "prepare" else train(cfg, run_dir)
 

@@ -32,7 +32,7 @@ def main() -> int:
         ap.add_argument(name, required=True)
     args = ap.parse_args()
     cfg = read_config(args.config)
-    cfg["model"]["path"], cfg["target_path"], cfg["merge_path"] = args.model, args.target, args.merge
+    cfg = cfg.with_values({"model.path": args.model, "target_path": args.target, "merge_path": args.merge})
     run_dir = Path(cfg[RUN_DIR_KEY])
 
     import torch

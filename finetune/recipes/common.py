@@ -15,7 +15,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 from finetune.osutil import atomic_write as atomic_write_text  # noqa: F401 - the workers' name for it
 from finetune.osutil import (
@@ -34,25 +34,43 @@ def log(msg: str) -> None:
 
 
 class ConfigView(dict):
-    """A worker's config: the resolved config as nested dicts, where a key that is neither in the file nor a key of
-    the schema fails loudly, with the close matches, also through ``.get`` (``cfg.get("lora_rank")`` would be None
-    in silence with a plain dict). The schema's keys come with the file (``_keys``, written by the driver:
-    finetune/config/keys.py schema_keys), so no schema is imported here (Collie's environment has no omegaconf).
-    Free-form mappings below the schema's groups (backend.extra, data.mix, ...) are plain."""
+    """A worker's config, read-only: the resolved config as nested dicts, where a key that is neither in the file
+    nor a key of the schema fails loudly, with the close matches, also through ``.get`` (``cfg.get("lora_rank")``
+    would be None in silence with a plain dict). The schema's keys come with the file (``_keys``, written by the
+    driver: finetune/config/keys.py schema_keys), so no schema is imported here (Collie's environment has no
+    omegaconf); a file without them (a run folder from before) is read unchecked. Free-form mappings below the
+    schema's groups (backend.extra, data.mix, ...) are plain dicts. A worker given other paths on its command line
+    takes a new view: ``cfg.with_values({"model.path": ...})``."""
 
-    def __init__(self, data: dict, known: Dict[str, list], path: str = ""):
+    def __init__(self, data: dict, known: Optional[Dict[str, list]] = None, path: str = ""):
         super().__init__(data)
-        self._path, self._known = path, known
+        self._path, self._known = path, known or {}
         for k, v in self.items():
             sub = f"{path}.{k}" if path else str(k)
-            if isinstance(v, dict) and not isinstance(v, ConfigView) and sub in known:
+            if isinstance(v, dict) and not isinstance(v, ConfigView) and (sub in self._known or not known):
                 dict.__setitem__(self, k, ConfigView(v, known, sub))
+
+    def _read_only(self, *a, **kw):
+        raise TypeError("the run's config is read-only in a worker; take a new view with cfg.with_values({...})")
+
+    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = _read_only
+
+    def with_values(self, values: Dict[str, object]) -> "ConfigView":
+        """A new view with the dotted keys set (``{"model.path": p, "target_path": t}``)."""
+        data = json.loads(json.dumps(self))
+        for dotted, value in values.items():
+            *parents, last = dotted.split(".")
+            node = data
+            for part in parents:
+                node = node[part]
+            node[last] = value
+        return ConfigView(data, self._known or None, self._path)
 
     def _unknown(self, key) -> KeyError:
         import difflib
 
         where = f"{self._path}.{key}" if self._path else str(key)
-        close = difflib.get_close_matches(str(key), [*self.keys(), *self._known[self._path]], n=3)
+        close = difflib.get_close_matches(str(key), [*self.keys(), *self._known.get(self._path, [])], n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         return KeyError(f"{where}: not a key of the run's config{hint}")
 
@@ -63,20 +81,20 @@ class ConfigView(dict):
             raise self._unknown(key) from None
 
     def get(self, key, default=None):
-        if key not in self and self._path in self._known and key not in self._known[self._path]:
+        if key not in self and self._known and self._path in self._known and key not in self._known[self._path]:
             raise self._unknown(key)
         return dict.get(self, key, default)
 
 
 def read_config(path: str) -> dict:
     """The run's resolved_config.json (written by the driver, secrets redacted), with the secrets put back from
-    this process's environment (finetune/secrets.py), as a ConfigView when the file names the schema's keys (a run
-    folder written before they were recorded reads as plain dicts)."""
+    this process's environment (finetune/secrets.py), as a read-only ConfigView (checked against the schema's keys
+    when the file names them)."""
     from finetune.secrets import merge_secrets
 
     data = merge_secrets(json.loads(Path(path).read_text(encoding="utf-8")))
     known = data.get("_keys")
-    return ConfigView(data, known) if isinstance(known, dict) and "" in known else data
+    return ConfigView(data, known if isinstance(known, dict) and "" in known else None)
 
 
 def deepspeed_env() -> None:
