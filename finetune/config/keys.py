@@ -96,13 +96,14 @@ def render(group: Optional[str] = None, width: int = 100) -> str:
 
 def schema_keys() -> Dict[str, List[str]]:
     """{path: the schema's keys there} for the root ("") and each group (union over its options) and tracking:
-    what a worker's ConfigView (finetune/recipes/common.py) accepts through .get besides the file's own keys."""
-    known: Dict[str, List[str]] = {
-        "": sorted({f.name for f in dataclasses.fields(schema.RootConfig)} | {RUN_DIR_KEY, "_ctx", "_keys"}),
-        "tracking": [f.name for f in dataclasses.fields(schema.TrackingConfig)],
-        "tracking.mlflow": [f.name for f in dataclasses.fields(schema.MlflowTracking)],
-        "tracking.wandb": [f.name for f in dataclasses.fields(schema.WandbTracking)],
+    what a worker's ConfigView (finetune/recipes/common.py) accepts through .get besides the file's own keys. The
+    same walk as ``keys``, grouped by the path above each key."""
+    known: Dict[str, set] = {
+        "": {f.name for f in dataclasses.fields(schema.RootConfig)} | {RUN_DIR_KEY, "_ctx", "_keys"}
     }
-    for group, options in schema.SCHEMAS.items():
-        known[group] = sorted({f.name for node in options.values() for f in dataclasses.fields(node)})
-    return known
+    for group in GROUPS[1:]:
+        for k in keys(group):
+            path, _, name = k.key.rpartition(".")
+            known.setdefault(path, set()).add(name)
+    known["tracking"] |= {"mlflow", "wandb"}  # the two sub-groups keys("tracking") spells out
+    return {path: sorted(names) for path, names in known.items()}
