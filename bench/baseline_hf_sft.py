@@ -56,7 +56,9 @@ def tokenize(row):
 
 
 split = data.train_test_split(test_size=a.val, shuffle=True, seed=42)
-train = split["train"].shuffle(seed=a.seed).map(tokenize, remove_columns=data.column_names)
+# the training rows in the split's order, as our recipe keeps them: the Trainer's sampler (seeded) shuffles both
+# sides the same way, so the two see the same batches and their losses compare (alpaca-lora shuffles once more here)
+train = split["train"].map(tokenize, remove_columns=data.column_names)
 val = split["test"].map(tokenize, remove_columns=data.column_names)
 
 model = AutoModelForCausalLM.from_pretrained(a.model)

@@ -41,6 +41,10 @@ CPU_TFLOPS_PER_CORE = 0.07  # fp32 GEMM, measured here: about 145 GFLOP/s on 2 c
 # 30M bench model) bf16 autocast 1.35x fp32; hidden 64 (tiny_llama) 0.73x. The matmul peak is 357 vs 127 GFLOP/s.
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CPU_BF16_MIN_HIDDEN = 256
+# the backends whose CPU runs take it: both keep the trainable weights fp32 under the Trainer's autocast. Measured
+# for LLaMA-Factory (SmolLM2 DPO showcase, 16 steps, 2 threads): training 64.3 s fp32 -> 46.8 s bf16, preference
+# accuracy 82.8% both, exact match 20/32 -> 22/32
+CPU_BF16_BACKENDS = ("alpacalora", "llamafactory")
 
 
 def cpu_bf16() -> bool:
@@ -163,7 +167,7 @@ def resolve_hardware(cfg) -> Optional[Dict]:
             caps = [x.get("compute_cap", 0.0) for x in (facts.get("gpus") or [])]
             hw.precision = "bf16" if (not caps or min(caps) >= 8.0) else "fp16"
         else:
-            hw.precision = cpu_precision(cfg.model) if cfg.backend.name == "alpacalora" else "fp32"
+            hw.precision = cpu_precision(cfg.model) if cfg.backend.name in CPU_BF16_BACKENDS else "fp32"
     if hw.device == "cuda" and not hw.gpu_tflops:
         hw.gpu_tflops = gpu_tflops(hw.gpu_type)
     return facts or None

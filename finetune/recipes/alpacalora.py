@@ -57,6 +57,8 @@ from finetune.recipes.common import (
     truncate_history,
 )
 from finetune.recipes.data import Collator, pack_examples, split_train_val, tokenized_data
+from finetune.recipes.lora_speed import describe as describe_lora_speed
+from finetune.recipes.lora_speed import speed_up_lora
 from finetune.run_files import RUN_DIR_KEY, TRAIN_SUMMARY
 
 EAGER_MAX_LEN = 256  # attention auto on CPU: eager for batches up to this length, SDPA above (measured)
@@ -673,12 +675,17 @@ def setup_model(cfg: dict, ds_config) -> tuple:
     else:  # full, GaLore, BAdam: every weight is a candidate
         for p in model.parameters():
             p.requires_grad_(True)
-    if dtype != torch.float32 and not ds_config and not quantized:
+    mixed = dtype != torch.float32 and not ds_config and not quantized
+    if mixed:
         # mixed precision as LLaMA-Factory does it: frozen weights stay 16-bit (half the memory, no cast per
         # matmul), the weights the optimizer updates are fp32, the Trainer's autocast runs the matmuls in 16 bits
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+    if m.get("uses_lora"):
+        changed = describe_lora_speed(speed_up_lora(model, mixed_precision=mixed))
+        if changed:
+            log(f"LoRA forward: {changed}")
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
         if m.get("uses_lora"):

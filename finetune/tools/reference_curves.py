@@ -59,12 +59,17 @@ def precision(run_dir: Path) -> str:
 
 
 def band(name: str, prec: str, reference: Path = REFERENCE):
-    """The recorded band of ``name`` for runs in precision ``prec`` (entries `name` and `name@<precision>`), or
-    None: a curve trained in bf16 is another computation than the fp32 one, not noise around it."""
+    """The recorded band of ``name`` for runs in precision ``prec`` (entries `name` and `name@<precision>`) on this
+    CPU's instruction sets, or None: a curve trained in bf16 is another computation than the fp32 one, not noise
+    around it, and another CPU's kernels (AMX instead of AVX-512 BF16, AVX2 instead of AVX-512) sum in another
+    order than the 1-vs-2-thread difference the tolerance was derived from (a band recorded before the CPU was
+    noted applies everywhere)."""
     data = json.loads(reference.read_text(encoding="utf-8"))
     for key in (name, f"{name}@{prec}"):
         if key in data and data[key].get("precision", "fp32") == prec:
-            return data[key]
+            cpu = data[key].get("cpu", "")
+            if cpu.startswith("not recorded") or cpu == _cpu():
+                return data[key]
     return None
 
 
@@ -78,7 +83,7 @@ def outside(run_dir: Path, name: str, reference: Path = REFERENCE) -> List[str]:
         import warnings
 
         warnings.warn(
-            f"reference_curves: no {name!r} band for precision {prec} (this CPU: "
+            f"reference_curves: no {name!r} band for precision {prec} on this CPU ("
             f"{_cpu()}); the run's losses were not compared. Record it here with: python -m "
             "finetune.tools.reference_curves update --only " + name + " --why ...",
             stacklevel=2,
