@@ -5,12 +5,13 @@ or on SmolLM2-135M.
     .venv/bin/python bench/throughput.py [--model 30m|smollm2] [--steps 30] [--micro 8] [--repeats 2] [--threads N]
 
 Both sides: the same model, data (data/samples/tiny_alpaca.json), LoRA (r 8, alpha 16, dropout 0.05, every linear
-layer of the decoder), micro-batch and batch, cutoff, learning rate, steps, held-out rows, seed, and the same
-OMP_NUM_THREADS (default: the CPUs this process may use). Runs are interleaved (baseline, ours, baseline, ours,
-...); the first pair warms the file cache and is not counted, so each figure is the second (or later) of
-back-to-back runs. Reported, median of the counted repeats: whole-process wall time, training-loop time (from the
-first step; evaluations and saves left out on both sides), supervised tokens/s, mean training loss, eval loss,
-and MFU against the bf16 (and fp32) matmul peak measured in the same run.
+layer of the decoder), micro-batch and batch, cutoff, learning rate, steps, held-out rows, seed, the same batches
+(the baseline keeps the held-out split's row order, as our recipe does, and both Trainers' samplers are seeded
+alike) and the same OMP_NUM_THREADS (default: the CPUs this process may use). Runs are interleaved (baseline, ours,
+baseline, ours, ...); the first pair warms the file cache and is not counted, so each figure is the second (or
+later) of back-to-back runs. Reported, median of the counted repeats: whole-process wall time, training-loop time
+(from the first step; evaluations and saves left out on both sides), supervised tokens/s, mean training loss, eval
+loss, and MFU against the bf16 (and fp32) matmul peak measured in the same run.
 
 Honest or nothing: the load average is printed at the start and the benchmark refuses to start when it is above
 --max-load (default 0.5); while it runs, CPU time used by processes other than the benchmark's own is measured

@@ -14,8 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # Collie's and the MLflow server's environments build side by side (mostly downloads and unpacking). Meanwhile, for
-# the whole suite, DeepSpeed's CPU Adam op is compiled into the torch extensions cache: the first ZeRO run that
-# offloads its optimizer would JIT-build it (g++, about 3 minutes on 2 cores) inside a test otherwise.
+# the whole suite, DeepSpeed's CPU ops are compiled into the torch extensions cache: the first ZeRO run that
+# offloads its optimizer would JIT-build CPU Adam (g++, about 3 minutes on 2 cores) inside a test otherwise, and the
+# first DeepSpeed run at all its shared-memory collectives (deepspeed_shm_comm: 48 CPU-s).
 pids=()
 if [ "${FINETUNE_SKIP_COLLIE:-0}" != 1 ]; then
   bash scripts/setup_collie_env.sh 2>&1 | sed -u 's/^/[collie env] /' &
@@ -33,9 +34,10 @@ if [ $# -eq 0 ]; then
   bash scripts/setup_llamacpp_env.sh > "$llamacpp_log" 2>&1 &
   llamacpp=$!
   (t0=$(date +%s)
-   if .venv/bin/python -c 'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()' >/dev/null 2>&1
-   then echo "test: DeepSpeed's CPU Adam op is built ($(( $(date +%s) - t0 )) s)"
-   else echo "test: could not pre-build DeepSpeed's CPU Adam op (the ZeRO offload test builds it)"; fi) &
+   if .venv/bin/python -c 'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()' >/dev/null 2>&1
+   then echo "test: DeepSpeed's CPU Adam and shared-memory ops are built ($(( $(date +%s) - t0 )) s)"
+   else echo "test: could not pre-build DeepSpeed's CPU ops (the first ZeRO test builds them)"; fi) &
   pids+=($!)
 fi
 for pid in "${pids[@]}"; do
