@@ -13,10 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# Collie's and the MLflow server's environments build side by side (mostly downloads and unpacking). Meanwhile, for
-# the whole suite, DeepSpeed's CPU ops are compiled into the torch extensions cache: the first ZeRO run that
-# offloads its optimizer would JIT-build CPU Adam (g++, about 3 minutes on 2 cores) inside a test otherwise, and the
-# first DeepSpeed run at all its shared-memory collectives (deepspeed_shm_comm: 48 CPU-s).
+# Collie's and the MLflow server's environments build side by side (mostly downloads and unpacking).
 pids=()
 if [ "${FINETUNE_SKIP_COLLIE:-0}" != 1 ]; then
   bash scripts/setup_collie_env.sh 2>&1 | sed -u 's/^/[collie env] /' &
@@ -33,12 +30,16 @@ llamacpp_log=outputs/setup_llamacpp.log
 if [ $# -eq 0 ]; then
   bash scripts/setup_llamacpp_env.sh > "$llamacpp_log" 2>&1 &
   llamacpp=$!
+  # DeepSpeed's CPU ops, compiled into the torch extensions cache beside the first tests too (not before them: 142 s
+  # of waiting when it was): CPU Adam, which the first ZeRO run that offloads its optimizer would JIT-build (g++,
+  # about 3 minutes on 2 cores), and the shared-memory collectives every DeepSpeed run loads (deepspeed_shm_comm,
+  # 48 CPU-s). A ZeRO test that starts first waits for the build's lock; the files that hold them start later.
   (t0=$(date +%s)
    if .venv/bin/python -c 'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()
 from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()' >/dev/null 2>&1
    then echo "test: DeepSpeed's CPU Adam and shared-memory ops are built ($(( $(date +%s) - t0 )) s)"
-   else echo "test: could not pre-build DeepSpeed's CPU ops (the first ZeRO test builds them)"; fi) &
-  pids+=($!)
+   else echo "test: could not pre-build DeepSpeed's CPU ops (the first ZeRO test builds them)"; fi) > outputs/prebuild_deepspeed.log &
+  prebuild=$!
 fi
 for pid in "${pids[@]}"; do
   wait "$pid"
@@ -55,6 +56,8 @@ PYTEST=(.venv/bin/python -m pytest -q -n "${FINETUNE_TEST_WORKERS:-2}" --dist lo
         --durations=20)
 llamacpp_done() {
   local rc=0
+  wait "$prebuild" || true
+  cat outputs/prebuild_deepspeed.log
   wait "$llamacpp" || rc=$?
   sed 's/^/[llama.cpp env] /' "$llamacpp_log"
   return $rc

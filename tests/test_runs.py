@@ -1,6 +1,6 @@
 """Runs that never collide, never restart silently and fail before they start (the run folder's life):
 
-- a run claims its folder before it plans (8 runs started in the same second, 2 sweeps likewise: each its own);
+- a run claims its folder before it plans (4 runs started in the same second, 2 sweeps likewise: each its own);
 - a second resume=true of a running run is refused; a crashed run's lock does not outlive it;
 - Ctrl-C pauses and resume continues (alpacalora: tests/test_alpacalora.py, beside the run it compares with;
   LLaMA-Factory and FlagEmbedding: here);
@@ -30,10 +30,10 @@ def _history(run: Path):
 
 @pytest.mark.slow
 def test_runs_started_in_the_same_second_each_get_their_own_folder(tmp_path):
-    """Eight runs started together with default folder names (the same name, the same second): eight folders, each
+    """Four runs started together with default folder names (the same name, the same second): four folders, each
     holding its own config, adapter and history; two sweeps started together: two sweep folders."""
     env = user_env(OMP_NUM_THREADS="1")
-    ranks = [2, 4, 6, 8, 10, 12, 14, 16]
+    ranks = [2, 4, 6, 8]
     procs = [start_train(*TINY, "max_steps=1", f"lora_r={r}", f"name=same-{tmp_path.name}", env=env) for r in ranks]
     sweeps = [
         subprocess.Popen(
@@ -51,7 +51,7 @@ def test_runs_started_in_the_same_second_each_get_their_own_folder(tmp_path):
         out, err = p.communicate(timeout=900)
         assert p.returncode == 0, err[-2000:]
         folders[r] = Path(re.search(r"run folder: (\S+)", out).group(1))
-    assert len(set(folders.values())) == 8
+    assert len(set(folders.values())) == len(ranks)
     for r, run in folders.items():
         assert read_json(run / "resolved_config.json")["lora_r"] == r
         assert json.loads((run / "lazyllm_lora" / "adapter_config.json").read_text())["r"] == r
