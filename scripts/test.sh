@@ -54,7 +54,7 @@ done
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PYTEST=(.venv/bin/python -m pytest -q -n "${FINETUNE_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder
         --durations=20)
-llamacpp_done() {
+background_builds_done() {
   local rc=0
   wait "$prebuild" || true
   cat outputs/prebuild_deepspeed.log
@@ -71,5 +71,5 @@ rc=0
 .venv/bin/python -m ruff check . || rc=1
 "${PYTEST[@]}" -m "not slurm" || rc=$?
 .venv/bin/python -m pytest -q -m slurm --durations=10 || { r=$?; [ $r -eq 5 ] || rc=$r; }
-llamacpp_done || rc=1
+background_builds_done || rc=1
 exit $rc

@@ -57,8 +57,7 @@ from finetune.recipes.common import (
     truncate_history,
 )
 from finetune.recipes.data import Collator, pack_examples, split_train_val, tokenized_data
-from finetune.recipes.lora_speed import describe as describe_lora_speed
-from finetune.recipes.lora_speed import speed_up_lora
+from finetune.recipes.lora_speed import apply as apply_lora_speed
 from finetune.run_files import RUN_DIR_KEY, TRAIN_SUMMARY
 
 EAGER_MAX_LEN = 256  # attention auto on CPU: eager for batches up to this length, SDPA above (measured)
@@ -683,9 +682,7 @@ def setup_model(cfg: dict, ds_config) -> tuple:
             if p.requires_grad:
                 p.data = p.data.float()
     if m.get("uses_lora"):
-        changed = describe_lora_speed(speed_up_lora(model, mixed_precision=mixed))
-        if changed:
-            log(f"LoRA forward: {changed}")
+        apply_lora_speed(model, mixed_precision=mixed)
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
         if m.get("uses_lora"):

@@ -25,18 +25,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from finetune.recipes.common import log
+
 RESOLUTION = 1 << 16
 
 
 class MaskDropout(nn.Module):
     """nn.Dropout(p) with p rounded to a multiple of 2^-16, from a quarter of the random draws (see the module)."""
 
+    @staticmethod
+    def drawable(p: float) -> bool:
+        """p is in (0, 1) at a resolution of 2^-16 (else torch's own dropout stays)."""
+        return 0 < round(float(p) * RESOLUTION) < RESOLUTION
+
     def __init__(self, p: float):
         super().__init__()
+        if not self.drawable(p):
+            raise ValueError(f"dropout p={p} is not in (0, 1) at a resolution of 2^-16")
         self.p = float(p)
         self.k = round(self.p * RESOLUTION)
-        if not 0 < self.k < RESOLUTION:
-            raise ValueError(f"dropout p={p} is not in (0, 1) at a resolution of 2^-16")
         self.threshold = self.k - RESOLUTION // 2  # the 16-bit words are signed: [-32768, 32767]
         self.scale = RESOLUTION / (RESOLUTION - self.k)
 
@@ -68,7 +75,7 @@ def speed_up_lora(model, *, mixed_precision: bool) -> dict:
     swapped, uncast, ps = 0, 0, set()
     for layer in lora_layers(model):
         for name, dropout in list(layer.lora_dropout.items()):
-            if type(dropout) is nn.Dropout and 0 < round(dropout.p * RESOLUTION) < RESOLUTION:
+            if type(dropout) is nn.Dropout and MaskDropout.drawable(dropout.p):
                 fast = MaskDropout(dropout.p)
                 fast.train(dropout.training)
                 layer.lora_dropout[name] = fast
@@ -91,20 +98,22 @@ def describe(changed: dict) -> str:
     return "; ".join(parts)
 
 
+def apply(model, *, mixed_precision: bool) -> None:
+    """speed_up_lora, and one log line saying what it changed (nothing when it changed nothing)."""
+    changed = describe(speed_up_lora(model, mixed_precision=mixed_precision))
+    if changed:
+        log(f"LoRA forward: {changed}")
+
+
 def lora_speed_callback():
     """A trainer callback that applies speed_up_lora once training begins (LLaMA-Factory builds its own model: the
     callback is how its run_exp lets us reach it). Mixed precision = the Trainer's bf16/fp16 autocast without
     DeepSpeed (LLaMA-Factory keeps the trainable weights fp32 there, as the alpacalora recipe does)."""
     from transformers import TrainerCallback
 
-    from finetune.recipes.common import log
-
     class LoraSpeed(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
             if model is not None:
-                mixed = bool(args.bf16 or args.fp16) and not args.deepspeed
-                changed = describe(speed_up_lora(model, mixed_precision=mixed))
-                if changed:
-                    log(f"LoRA forward: {changed}")
+                apply(model, mixed_precision=bool(args.bf16 or args.fp16) and not args.deepspeed)
 
     return LoraSpeed()
