@@ -496,13 +496,16 @@ def test_deepspeed_zero2_optimizer_offload(lora_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_attention_auto_matches_sdpa(lora_run, tmp_path):
-    """attn_implementation auto on CPU runs eager attention for short batches (faster, bench/throughput.py); the
-    training is the same as with SDPA throughout, within float tolerance."""
-    assert "attention: auto on CPU: eager for batches up to 256 tokens" in (lora_run / "logs" / "train.log").read_text()
-    out = tmp_path / "sdpa"
-    _train(out, "save_steps=4", "backend.attn_implementation=sdpa")
-    assert "attention: auto" not in (out / "logs" / "train.log").read_text()
+def test_padding_free_batches_train_as_padded_ones(lora_run, tmp_path):
+    """On CPU the batches are padding-free (each micro-batch one row, attention within each example); padded batches
+    (backend.padding_free=false, where attention auto runs eager attention for short batches and SDPA above) train
+    the same, within float tolerance."""
+    log = (lora_run / "logs" / "train.log").read_text()
+    assert "batches: padding-free" in log and "attention: auto" not in log
+    out = tmp_path / "padded"
+    _train(out, "save_steps=4", "backend.padding_free=false")
+    log = (out / "logs" / "train.log").read_text()
+    assert "attention: auto on CPU: eager for batches up to 256 tokens" in log and "padding-free" not in log
     a, b = _losses(lora_run), _losses(out)
     assert [s for s, _ in a] == [s for s, _ in b]
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-3

@@ -279,6 +279,11 @@ class AlpacaloraBackend(BackendBase):
     attn_implementation: str = arg(
         "auto", "auto: see finetune/recipes/alpacalora.py", choices=("auto", "eager", "sdpa", "flash_attention_2")
     )
+    padding_free: Optional[bool] = arg(
+        None,
+        "one row per micro-batch, no padding, attention within each example (finetune/recipes/padding_free.py); "
+        "null: on CPU for llama/mistral/qwen2/qwen3 models with attn_implementation auto and no packing",
+    )
 
 
 @dataclass

@@ -39,6 +39,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from finetune.compat.transformers import SaveCheckpointHook, attn_implementation, set_attn_implementation
 from finetune.config.derived import CHECKPOINTS, adapter_dir, grad_accum, merged_dir
+from finetune.recipes import padding_free
 from finetune.recipes.common import (
     COMPLETE,
     PAUSED_EXIT,
@@ -645,14 +646,39 @@ def attention_to_switch(cfg: dict, model):
     return model.config
 
 
+def use_padding_free(cfg: dict, model) -> bool:
+    """backend.padding_free: true/false as set; null (auto) on CPU, for the model types padding_free supports,
+    with attention auto and no packing. true on a model it cannot train is refused."""
+    b = cfg["backend"]
+    want = b.get("padding_free")
+    reason = padding_free.unsupported_reason(model.config, int(cfg["cutoff_len"]))
+    if want is None:
+        auto = cfg["hardware"]["device"] == "cpu" and (b.get("attn_implementation") or "auto") == "auto"
+        return auto and not b.get("packing") and reason is None
+    if want and reason:
+        raise ValueError(f"backend.padding_free=true: {reason}; allowed: false or null (auto)")
+    return bool(want) and not b.get("packing")
+
+
 def setup_model(cfg: dict, ds_config) -> tuple:
-    """(model with the method applied, the config whose attention switches per batch or None). Seeded BEFORE
-    loading and wrapping, so LoRA/PiSSA init and reruns are bitwise identical."""
+    """(model with the method applied, the config whose attention switches per batch or None, the attention to
+    restore after training when the batches are padding-free, else None). Seeded BEFORE loading and wrapping, so
+    LoRA/PiSSA init and reruns are bitwise identical."""
     m, hw = cfg["method"], cfg["hardware"]
     transformers.set_seed(int(cfg["seed"]))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hw["precision"], torch.float32)
     model = load_model(cfg, dtype)
-    attention_config = attention_to_switch(cfg, model)
+    restore_attention = None
+    if use_padding_free(cfg, model):
+        restore_attention = attn_implementation(model.config)
+        set_attn_implementation(model.config, padding_free.register())
+        log(
+            "batches: padding-free (each micro-batch one row without padding, attention within each example: "
+            f"{padding_free.ATTENTION}; backend.padding_free=false pads instead)"
+        )
+        attention_config = None
+    else:
+        attention_config = attention_to_switch(cfg, model)
     if dtype != torch.float32:
         log(f"precision: {hw['precision']} mixed (frozen weights {hw['precision']}, trainable weights fp32, autocast)")
     quantized = bool(m.get("quantization_bit"))
@@ -687,11 +713,21 @@ def setup_model(cfg: dict, ds_config) -> tuple:
         model.gradient_checkpointing_enable()
         if m.get("uses_lora"):
             model.enable_input_require_grads()
-    return model, attention_config
+    return model, attention_config, restore_attention
 
 
 def build_trainer(
-    cfg: dict, model, args, tokenizer, train_set, val_set, *, attention_config, run_state: RunState, world: int
+    cfg: dict,
+    model,
+    args,
+    tokenizer,
+    train_set,
+    val_set,
+    *,
+    attention_config,
+    run_state: RunState,
+    world: int,
+    flatten: bool = False,
 ):
     """The Trainer: batch = micro x accumulation x world, cosine with warmup, checkpoints, tensorboard, our history
     callback (one plain line per event, instead of HF's printer), BAdam's callback and gradient clipping."""
@@ -700,7 +736,7 @@ def build_trainer(
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set or None,
-        data_collator=Collator(tokenizer.pad_token_id),
+        data_collator=Collator(tokenizer.pad_token_id, flatten=flatten),
         callbacks=[history_callback(Path(cfg[RUN_DIR_KEY]))],
         method=cfg["method"],
         meter=TokenMeter(world, tokenizer.pad_token_id),
@@ -873,7 +909,7 @@ def main(argv=None) -> int:
         )
 
     # 4. model + method, 5. Trainer
-    model, attention_config = setup_model(cfg, ds_config)
+    model, attention_config, restore_attention = setup_model(cfg, ds_config)
     total = sum(numel(p) for p in model.parameters())
     run_state = RunState(trainable=sum(numel(p) for p in model.parameters() if p.requires_grad))
     trainer = build_trainer(
@@ -886,6 +922,7 @@ def main(argv=None) -> int:
         attention_config=attention_config,
         run_state=run_state,
         world=world,
+        flatten=restore_attention is not None,
     )
     log(
         f"parameters: {run_state.trainable:,} trainable of {total:,} ({100 * run_state.trainable / total:.3f}%), "
@@ -896,6 +933,8 @@ def main(argv=None) -> int:
     # 6. train (resumed from the last complete checkpoint of this run folder), evaluate, save, summarise
     resume_from = resume_point(trainer, run_dir)
     timing = train(trainer, run_state, resume_from, has_eval=bool(val_set))
+    if restore_attention is not None:  # the saved model and any later use attend as loaded
+        set_attn_implementation(model.config, restore_attention)
     if trainer.pause.paused_at is not None:
         log(f"paused: checkpoint-{trainer.pause.paused_at} saved in {args.output_dir}")
         return PAUSED_EXIT

@@ -170,7 +170,10 @@ class TokenMeter:
             self._mark = (time.perf_counter(), 0, 0)
         self.input += input_tokens(inputs, self.pad_id)
         labels = inputs.get("labels") if hasattr(inputs, "get") else None
-        if labels is not None:
+        shifted = inputs.get("shift_labels") if hasattr(inputs, "get") else None
+        if shifted is not None:  # a padding-free row: its targets (shifted per example, the masked ones left out)
+            self.target += int((shifted != IGNORE_INDEX).sum())
+        elif labels is not None:
             self.target += target_tokens(labels)
 
     def rates(self) -> Dict[str, float]:

@@ -209,14 +209,39 @@ class Collator:
     DataCollatorForSeq2Seq(pad_to_multiple_of=8)); right padding with an attention mask.
 
     Packed rows (with position_ids, see pack_examples) get no attention mask: the padding is a block of its own
-    (positions restart at 0), after every real token, so the causal block mask already keeps it out."""
+    (positions restart at 0), after every real token, so the causal block mask already keeps it out.
 
-    def __init__(self, pad_id: int, multiple: int = 8):
-        self.pad_id, self.multiple = pad_id, multiple
+    ``flatten=True`` (padding-free, finetune/recipes/padding_free.py): the batch's examples in one row (padded at
+    its end to a multiple of 8, the padding a block of its own), position_ids restarting at each example, each
+    example's own labels (the Trainer counts its items on them), ``logits_to_keep``: the positions that have a
+    target (each example's labels shifted by one; not its last position, nor a masked prompt token), where alone
+    the model computes logits, and ``shift_labels``: those targets, which the causal-LM loss takes as they are."""
+
+    def __init__(self, pad_id: int, multiple: int = 8, flatten: bool = False):
+        self.pad_id, self.multiple, self.flatten = pad_id, multiple, flatten
 
     def __call__(self, batch: List[dict]):
         import torch
 
+        if self.flatten and "position_ids" not in batch[0]:
+            ids, labels, shift, pos = [], [], [], []
+            for b in batch:
+                ids += b["input_ids"]
+                labels += b["labels"]
+                shift += list(b["labels"][1:]) + [IGNORE_INDEX]
+                pos += range(len(b["input_ids"]))
+            keep = [i for i, t in enumerate(shift) if t != IGNORE_INDEX]
+            # the row padded to a multiple of 8, the padding a block of its own: with an odd row length the
+            # backward's GEMMs summed in an order that depends on the thread count (measured: 1 vs 2 threads gave
+            # different gradients; a multiple of 8 gives the same)
+            pad = -len(ids) % self.multiple
+            ids += [self.pad_id] * pad
+            labels += [IGNORE_INDEX] * pad
+            pos += range(pad)
+            row = {"input_ids": ids, "labels": labels, "position_ids": pos, "shift_labels": [shift[i] for i in keep]}
+            out = {k: torch.tensor([v], dtype=torch.long) for k, v in row.items()}
+            out["logits_to_keep"] = torch.tensor(keep, dtype=torch.long)  # the output layer only where a target is
+            return out
         n = max(len(b["input_ids"]) for b in batch)
         n = -(-n // self.multiple) * self.multiple
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
