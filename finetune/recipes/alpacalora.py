@@ -61,7 +61,7 @@ from finetune.recipes.data import Collator, pack_examples, split_train_val, toke
 from finetune.recipes.lora_speed import apply as apply_lora_speed
 from finetune.run_files import RUN_DIR_KEY, TRAIN_SUMMARY
 
-EAGER_MAX_LEN = 256  # attention auto on CPU: eager for batches up to this length, SDPA above (measured)
+EAGER_MAX_LEN = padding_free.EAGER_MAX_LEN  # attention auto on CPU: eager up to this length, SDPA above (measured)
 
 
 # ---------------------------------------------------------------------------------------------- method set-up

@@ -28,7 +28,9 @@ from __future__ import annotations
 from typing import List, Optional
 
 ATTENTION = "finetune_varlen"
-EAGER_MAX_LEN = 256  # longest example up to which the examples' attention is one eager block (as alpacalora's auto)
+# eager attention up to this many tokens, SDPA above: padded batches with attention auto on CPU (alpacalora) and
+# the longest example of a padding-free row (measured on the 30M Llama: see alpacalora.attention_to_switch)
+EAGER_MAX_LEN = 256
 # model types whose decoder layers pass position_ids to the attention call (transformers 5.6, checked in the
 # modelling code) and whose attention is plain causal SDPA (no logit soft-capping); a sliding window only where
 # no example is longer than it
